@@ -1,0 +1,191 @@
+//! The canonical cache key.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::CacheScope;
+use crate::types::{CacheMode, ChatRequest, Document, GenerationParams, Message, Role};
+
+/// A 256-bit BLAKE3 digest of a request's canonical form.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheKey([u8; 32]);
+
+impl CacheKey {
+    /// The digest's bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// From digest bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        CacheKey(bytes)
+    }
+}
+
+impl fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CacheKey({self})")
+    }
+}
+
+/// Everything that changes an answer, in a fixed order. Field order is part of the
+/// key format: changing it changes every key (bump `v`).
+#[derive(Serialize)]
+struct KeyView<'a> {
+    v: u8,
+    part: &'a str,
+    partition: &'a str,
+    namespace: &'a str,
+    model: &'a str,
+    params: &'a GenerationParams,
+    documents: &'a [Document],
+    messages: &'a [Message],
+}
+
+fn digest(view: &KeyView<'_>) -> CacheKey {
+    let mut h = blake3::Hasher::new();
+    // Serializing plain data into a hasher cannot fail: no maps with non-string keys,
+    // no I/O errors from an in-memory writer.
+    if serde_json::to_writer(&mut h, view).is_err() {
+        h.update(b"\x00unserializable");
+    }
+    CacheKey(*h.finalize().as_bytes())
+}
+
+/// One request's view of the cache: its keys, partition, namespace, TTL and tags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheQuery {
+    /// The exact key: everything that changes the answer.
+    pub key: CacheKey,
+    /// The same minus the final user turn: entries with equal context keys differ only
+    /// in that turn, so a semantic match may compare just it.
+    pub context_key: CacheKey,
+    /// The final user turn, if the conversation ends with one.
+    pub final_user_text: Option<String>,
+    /// The namespace.
+    pub namespace: String,
+    /// The tenant partition (`""`, `org:<id>` or `user:<id>`); entries never cross it.
+    pub partition: String,
+    /// Time to live for an answer stored under this query, if the request set one.
+    pub ttl: Option<Duration>,
+    /// Tags for invalidation.
+    pub tags: Vec<String>,
+}
+
+impl CacheQuery {
+    /// The query for `request` under tenant `scope`, or `None` when the request may not
+    /// use the cache: its mode is `bypass`, or the scope is per user and the request
+    /// names no user (anonymous requests are never cached under a per-user scope).
+    /// Under the per-org scope, requests without an org share one partition of their own.
+    pub fn for_request(request: &ChatRequest, scope: CacheScope) -> Option<CacheQuery> {
+        let meta = &request.meta;
+        if meta.cache.mode == CacheMode::Bypass {
+            return None;
+        }
+        let partition = match scope {
+            CacheScope::Global => String::new(),
+            CacheScope::Org => match meta.org.as_deref() {
+                Some(org) => format!("org:{org}"),
+                None => "no-org".to_owned(),
+            },
+            CacheScope::User => format!("user:{}", meta.user.as_deref()?),
+        };
+        let namespace = meta.cache.namespace();
+        let model = request.model.as_deref().unwrap_or("auto");
+        let mut view = KeyView {
+            v: 1,
+            part: "exact",
+            partition: &partition,
+            namespace,
+            model,
+            params: &request.params,
+            documents: &request.documents,
+            messages: &request.messages,
+        };
+        let key = digest(&view);
+        let (context, final_user_text) = match request.messages.split_last() {
+            Some((last, rest)) if last.role == Role::User => (rest, Some(last.content.clone())),
+            _ => (&request.messages[..], None),
+        };
+        view.part = "context";
+        view.messages = context;
+        let context_key = digest(&view);
+        Some(CacheQuery {
+            key,
+            context_key,
+            final_user_text,
+            namespace: namespace.to_owned(),
+            partition,
+            ttl: meta.cache.ttl,
+            tags: meta.cache.tags.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::Message;
+
+    fn q(r: &ChatRequest) -> CacheQuery {
+        CacheQuery::for_request(r, CacheScope::Global).unwrap()
+    }
+
+    #[test]
+    fn key_covers_everything_that_changes_the_answer() {
+        let base = ChatRequest::new()
+            .model("gpt-4o-mini")
+            .message(Message::system("be brief"))
+            .message(Message::user("hi"));
+        let k = q(&base).key;
+        assert_eq!(k, q(&base.clone()).key);
+        // metadata that does not change the answer does not change the key
+        assert_eq!(k, q(&base.clone().user("bob").ip("1.2.3.4")).key);
+        for changed in [
+            base.clone().model("gpt-4o"),
+            base.clone().temperature(0.5),
+            base.clone().max_tokens(10),
+            base.clone().document(crate::types::Document::new("doc", 0.9)),
+            base.clone().cache_namespace("other"),
+            ChatRequest::new().model("gpt-4o-mini").message(Message::system("be long")).message(Message::user("hi")),
+            base.clone().message(Message::assistant("hello")).message(Message::user("hi")),
+        ] {
+            assert_ne!(k, q(&changed).key, "{changed:?}");
+        }
+    }
+
+    #[test]
+    fn context_key_ignores_only_the_final_user_turn() {
+        let a = ChatRequest::new().message(Message::user("first")).message(Message::assistant("ok")).message(Message::user("cancel it"));
+        let b = ChatRequest::new().message(Message::user("first")).message(Message::assistant("ok")).message(Message::user("cancel that"));
+        let c = ChatRequest::new().message(Message::user("second")).message(Message::assistant("ok")).message(Message::user("cancel it"));
+        assert_eq!(q(&a).context_key, q(&b).context_key);
+        assert_ne!(q(&a).key, q(&b).key);
+        assert_ne!(q(&a).context_key, q(&c).context_key);
+        assert_eq!(q(&a).final_user_text.as_deref(), Some("cancel it"));
+    }
+
+    #[test]
+    fn scopes_partition_and_bypass() {
+        let r = ChatRequest::user_text("hi").org("acme").user("ann");
+        let org = CacheQuery::for_request(&r, CacheScope::Org).unwrap();
+        let user = CacheQuery::for_request(&r, CacheScope::User).unwrap();
+        let other_user = CacheQuery::for_request(&r.clone().user("bob"), CacheScope::User).unwrap();
+        assert_ne!(org.key, user.key);
+        assert_ne!(user.key, other_user.key);
+        assert!(CacheQuery::for_request(&ChatRequest::user_text("hi"), CacheScope::User).is_none());
+        assert!(CacheQuery::for_request(&r.clone().cache_mode(CacheMode::Bypass), CacheScope::Global).is_none());
+    }
+}

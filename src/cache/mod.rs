@@ -1,0 +1,139 @@
+//! Answer caching: the [`Cache`] trait, the canonical [`CacheKey`], and the in-memory
+//! [`ExactCache`].
+//!
+//! The pipeline builds one [`CacheQuery`] per request. Its exact key covers everything
+//! that changes the answer: the model (or `auto` when the router chooses), every
+//! generation parameter, the system prompt, tools, documents, the whole history, the
+//! namespace and the tenant partition. Its context key covers the same minus the final
+//! user turn, so a semantic cache can compare final turns only among entries whose
+//! context is identical.
+//!
+//! What is never stored: errors (including 429s), refusals (content filter),
+//! truncated answers (`length`) and broken streams. See [`is_cacheable`].
+
+mod embed;
+mod key;
+mod layer;
+mod memory;
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub use embed::{Embedder, HashingEmbedder};
+pub use key::{CacheKey, CacheQuery};
+pub use layer::{CacheLayer, CacheService};
+pub use memory::{ExactCache, ExactCacheBuilder};
+
+use crate::Result;
+use crate::types::ChatResponse;
+
+/// How far a cached answer may travel between tenants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheScope {
+    /// Any request may be served any answer with the same key.
+    Global,
+    /// Answers stay within an organisation (the default). Requests without an org share
+    /// one partition of their own.
+    #[default]
+    Org,
+    /// Answers stay with one user. Requests without a user are not cached.
+    User,
+}
+
+/// An answer read from a cache.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct CachedAnswer {
+    /// The response as it was first served (its usage and cost are what the hit saves).
+    pub response: ChatResponse,
+    /// 1.0 for an exact match, the similarity for a semantic one.
+    pub similarity: f32,
+}
+
+impl CachedAnswer {
+    /// An exact-match answer.
+    pub fn exact(response: ChatResponse) -> Self {
+        CachedAnswer {
+            response,
+            similarity: 1.0,
+        }
+    }
+}
+
+/// What to remove from a cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Invalidation {
+    /// One entry.
+    Key(CacheKey),
+    /// Every entry of a namespace.
+    Namespace(String),
+    /// Every entry carrying a tag.
+    Tag(String),
+    /// Everything.
+    All,
+}
+
+/// Whether `response` may be stored: complete answers only (finish reason `stop` or
+/// `tool_calls`), never length-truncated or filtered ones, never an empty answer.
+pub fn is_cacheable(response: &ChatResponse) -> bool {
+    response.finish_reason.is_complete()
+        && (!response.content.is_empty() || !response.tool_calls.is_empty())
+}
+
+/// Stores and finds answers.
+///
+/// The pipeline calls [`get`](Self::get) before any budget is spent and
+/// [`put`](Self::put) only for answers that pass [`is_cacheable`]. Errors from a cache
+/// are logged and treated as a miss: a broken cache slows a pipeline, never stops it.
+///
+/// # Implementing
+///
+/// ```
+/// use std::collections::HashMap;
+/// use std::sync::Mutex;
+/// use async_trait::async_trait;
+/// use tokenwise::cache::{Cache, CacheKey, CacheQuery, CachedAnswer, Invalidation};
+/// use tokenwise::ChatResponse;
+///
+/// /// Unbounded and without TTL: fine for a test, not for production.
+/// #[derive(Debug, Default)]
+/// struct MapCache(Mutex<HashMap<CacheKey, ChatResponse>>);
+///
+/// #[async_trait]
+/// impl Cache for MapCache {
+///     async fn get(&self, q: &CacheQuery) -> tokenwise::Result<Option<CachedAnswer>> {
+///         Ok(self.0.lock().unwrap().get(&q.key).cloned().map(CachedAnswer::exact))
+///     }
+///     async fn put(&self, q: &CacheQuery, response: &ChatResponse) -> tokenwise::Result<()> {
+///         self.0.lock().unwrap().insert(q.key, response.clone());
+///         Ok(())
+///     }
+///     async fn invalidate(&self, what: &Invalidation) -> tokenwise::Result<u64> {
+///         let mut map = self.0.lock().unwrap();
+///         let n = map.len() as u64;
+///         match what {
+///             Invalidation::Key(k) => Ok(map.remove(k).map_or(0, |_| 1)),
+///             _ => { map.clear(); Ok(n) }
+///         }
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait Cache: Send + Sync + fmt::Debug {
+    /// The answer stored for `query`, if any and still fresh.
+    async fn get(&self, query: &CacheQuery) -> Result<Option<CachedAnswer>>;
+
+    /// Stores `response` for `query` (with the query's TTL and tags).
+    async fn put(&self, query: &CacheQuery, response: &ChatResponse) -> Result<()>;
+
+    /// Removes entries; returns how many.
+    async fn invalidate(&self, what: &Invalidation) -> Result<u64>;
+}
+
+/// Default time to live of a cached answer.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);

@@ -1,0 +1,349 @@
+//! Building a [`Pipeline`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use super::{Inner, Pipeline};
+use crate::budget::{Budget, BudgetWindow, MemoryBudget};
+use crate::cache::{Cache, CacheScope, ExactCache};
+use crate::clock::{Clock, default_clock};
+use crate::context::{TiktokenCounter, TokenCounter};
+use crate::limiter::{GcraLimiter, Limiter, Quota};
+use crate::observe::{MemoryUsage, UsageSink};
+use crate::provider::Provider;
+use crate::router::{CatalogRouter, Router, Validator};
+use crate::types::{Catalog, Cost, ScopeKind};
+use crate::{Error, Result};
+
+#[derive(Debug)]
+enum CacheChoice {
+    Default { capacity: usize, ttl: Duration },
+    Custom(Arc<dyn Cache>),
+    Off,
+}
+
+/// Builds a [`Pipeline`]. Every setter takes `self` and returns it; [`build`](Self::build)
+/// reports the first invalid setting.
+///
+/// Defaults: the built-in model catalogue, a [`CatalogRouter`] (with the default model
+/// and fallbacks set here), an in-memory [`ExactCache`] (10,000 entries, one hour, per-org
+/// scope), no rate limits, no spend caps, tiktoken counting, and the tokio clock. Rate
+/// limits and caps set here configure the in-memory [`GcraLimiter`] and
+/// [`MemoryBudget`]; [`limiter`](Self::limiter) and [`budget`](Self::budget) replace them.
+///
+/// ```
+/// # fn main() -> tokenwise::Result<()> {
+/// use std::time::Duration;
+/// use tokenwise::provider::SimulatedProvider;
+/// use tokenwise::budget::BudgetWindow;
+/// use tokenwise::{Cost, Pipeline, ScopeKind};
+///
+/// let pipeline = Pipeline::builder()
+///     .provider(SimulatedProvider::new())
+///     .default_model("gpt-4o-mini")
+///     .fallbacks("gpt-4o-mini", ["claude-haiku-4-5"])
+///     .rate_limit(ScopeKind::User, 60)
+///     .token_limit(ScopeKind::Org, 200_000)
+///     .spend_cap(ScopeKind::User, Cost::from_dollars(1), BudgetWindow::Day)
+///     .max_in_flight(256)
+///     .attempt_timeout(Duration::from_secs(30))
+///     .build()?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+#[must_use]
+pub struct PipelineBuilder {
+    catalog: Option<Catalog>,
+    router: Option<Arc<dyn Router>>,
+    default_model: Option<String>,
+    fallbacks: Vec<(String, Vec<String>)>,
+    escalations: Vec<(String, Vec<String>)>,
+    providers: HashMap<String, Arc<dyn Provider>>,
+    default_provider: Option<Arc<dyn Provider>>,
+    cache: CacheChoice,
+    cache_scope: CacheScope,
+    limiter: Option<Arc<dyn Limiter>>,
+    limits: Vec<(ScopeKind, bool, u64)>,
+    budget: Option<Arc<dyn Budget>>,
+    caps: Vec<(ScopeKind, Cost, BudgetWindow)>,
+    counter: Option<Arc<dyn TokenCounter>>,
+    validator: Option<Arc<dyn Validator>>,
+    sink: Option<Arc<dyn UsageSink>>,
+    clock: Option<Arc<dyn Clock>>,
+    max_in_flight: Option<usize>,
+    attempt_timeout: Option<Duration>,
+}
+
+impl Default for PipelineBuilder {
+    fn default() -> Self {
+        PipelineBuilder {
+            catalog: None,
+            router: None,
+            default_model: None,
+            fallbacks: Vec::new(),
+            escalations: Vec::new(),
+            providers: HashMap::new(),
+            default_provider: None,
+            cache: CacheChoice::Default { capacity: 10_000, ttl: crate::cache::DEFAULT_TTL },
+            cache_scope: CacheScope::default(),
+            limiter: None,
+            limits: Vec::new(),
+            budget: None,
+            caps: Vec::new(),
+            counter: None,
+            validator: None,
+            sink: None,
+            clock: None,
+            max_in_flight: None,
+            attempt_timeout: None,
+        }
+    }
+}
+
+impl PipelineBuilder {
+    /// The provider for every model whose provider has no provider of its own
+    /// (see [`provider_for`](Self::provider_for)).
+    pub fn provider(mut self, provider: impl Provider + 'static) -> Self {
+        self.default_provider = Some(Arc::new(provider));
+        self
+    }
+
+    /// Like [`provider`](Self::provider), for a shared provider.
+    pub fn provider_arc(mut self, provider: Arc<dyn Provider>) -> Self {
+        self.default_provider = Some(provider);
+        self
+    }
+
+    /// The provider for models whose catalogue entry names `name` as their provider.
+    pub fn provider_for(mut self, name: impl Into<String>, provider: Arc<dyn Provider>) -> Self {
+        self.providers.insert(name.into(), provider);
+        self
+    }
+
+    /// The model catalogue (default: [`Catalog::builtin`]).
+    pub fn catalog(mut self, catalog: Catalog) -> Self {
+        self.catalog = Some(catalog);
+        self
+    }
+
+    /// The model for requests that name none (for the default router).
+    pub fn default_model(mut self, model: impl Into<String>) -> Self {
+        self.default_model = Some(model.into());
+        self
+    }
+
+    /// When `model` fails, try `fallbacks` in order (for the default router).
+    pub fn fallbacks<I, S>(mut self, model: impl Into<String>, fallbacks: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.fallbacks.push((model.into(), fallbacks.into_iter().map(Into::into).collect()));
+        self
+    }
+
+    /// When the validator rejects `model`'s answer, ask `models` (for the default router).
+    pub fn escalate<I, S>(mut self, model: impl Into<String>, models: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.escalations.push((model.into(), models.into_iter().map(Into::into).collect()));
+        self
+    }
+
+    /// Replaces the default router.
+    pub fn router(mut self, router: Arc<dyn Router>) -> Self {
+        self.router = Some(router);
+        self
+    }
+
+    /// Replaces the default cache.
+    pub fn cache(mut self, cache: Arc<dyn Cache>) -> Self {
+        self.cache = CacheChoice::Custom(cache);
+        self
+    }
+
+    /// Sizes the default exact cache.
+    pub fn exact_cache(mut self, max_entries: usize, ttl: Duration) -> Self {
+        self.cache = CacheChoice::Default { capacity: max_entries, ttl };
+        self
+    }
+
+    /// Turns caching off.
+    pub fn no_cache(mut self) -> Self {
+        self.cache = CacheChoice::Off;
+        self
+    }
+
+    /// How far cached answers may travel between tenants (default: per org).
+    pub fn cache_scope(mut self, scope: CacheScope) -> Self {
+        self.cache_scope = scope;
+        self
+    }
+
+    /// Requests per minute on `scope` (each user, each org, everything, ...).
+    pub fn rate_limit(mut self, scope: ScopeKind, per_minute: u64) -> Self {
+        self.limits.push((scope, false, per_minute));
+        self
+    }
+
+    /// Tokens (prompt plus output allowance, reconciled to actual use) per minute on `scope`.
+    pub fn token_limit(mut self, scope: ScopeKind, per_minute: u64) -> Self {
+        self.limits.push((scope, true, per_minute));
+        self
+    }
+
+    /// Replaces the in-memory limiter (and the limits set with `rate_limit` / `token_limit`).
+    pub fn limiter(mut self, limiter: Arc<dyn Limiter>) -> Self {
+        self.limiter = Some(limiter);
+        self
+    }
+
+    /// Caps spend on `scope` at `limit` per `window`.
+    pub fn spend_cap(mut self, scope: ScopeKind, limit: Cost, window: BudgetWindow) -> Self {
+        self.caps.push((scope, limit, window));
+        self
+    }
+
+    /// Replaces the in-memory budget (and the caps set with `spend_cap`).
+    pub fn budget(mut self, budget: Arc<dyn Budget>) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Replaces the tiktoken counter.
+    pub fn token_counter(mut self, counter: Arc<dyn TokenCounter>) -> Self {
+        self.counter = Some(counter);
+        self
+    }
+
+    /// Judges answers; a rejected answer is escalated along the route's escalation tier.
+    pub fn validator(mut self, validator: Arc<dyn Validator>) -> Self {
+        self.validator = Some(validator);
+        self
+    }
+
+    /// Also sends every usage record to `sink` (the pipeline keeps its own report too).
+    pub fn usage_sink(mut self, sink: Arc<dyn UsageSink>) -> Self {
+        self.sink = Some(sink);
+        self
+    }
+
+    /// The clock for TTLs, limits and windows (default: [`TokioClock`](crate::TokioClock)).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// The most requests in flight (streams until they end); more are refused at once
+    /// with [`Error::Overloaded`].
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = Some(n);
+        self
+    }
+
+    /// The deadline of one provider call (for a stream: until its first event).
+    pub fn attempt_timeout(mut self, d: Duration) -> Self {
+        self.attempt_timeout = Some(d);
+        self
+    }
+
+    /// Builds the pipeline, or reports the first invalid setting.
+    pub fn build(self) -> Result<Pipeline> {
+        let clock = self.clock.unwrap_or_else(default_clock);
+        let catalog = self.catalog.unwrap_or_else(Catalog::builtin);
+        if self.default_provider.is_none() && self.providers.is_empty() {
+            return Err(Error::Config("a pipeline needs at least one provider".into()));
+        }
+        let router: Arc<dyn Router> = match self.router {
+            Some(r) => {
+                if self.default_model.is_some() || !self.fallbacks.is_empty() || !self.escalations.is_empty() {
+                    return Err(Error::Config(
+                        "default_model, fallbacks and escalate configure the default router; set them on your router instead".into(),
+                    ));
+                }
+                r
+            }
+            None => {
+                let mut b = CatalogRouter::builder();
+                if let Some(m) = self.default_model {
+                    b = b.default_model(m);
+                }
+                for (m, f) in self.fallbacks {
+                    b = b.fallbacks(m, f);
+                }
+                for (m, e) in self.escalations {
+                    b = b.escalate(m, e);
+                }
+                Arc::new(b.build(&catalog)?)
+            }
+        };
+        let cache: Option<Arc<dyn Cache>> = match self.cache {
+            CacheChoice::Off => None,
+            CacheChoice::Custom(c) => Some(c),
+            CacheChoice::Default { capacity, ttl } => Some(Arc::new(
+                ExactCache::builder().max_entries(capacity).ttl(ttl).clock(Arc::clone(&clock)).build()?,
+            )),
+        };
+        let limiter: Option<Arc<dyn Limiter>> = match (self.limiter, self.limits.is_empty()) {
+            (Some(_), false) => {
+                return Err(Error::Config("rate_limit/token_limit configure the in-memory limiter; set them on your limiter instead".into()));
+            }
+            (Some(l), true) => Some(l),
+            (None, true) => None,
+            (None, false) => {
+                let mut b = GcraLimiter::builder().clock(Arc::clone(&clock));
+                for (scope, tokens, n) in self.limits {
+                    let n = crate::limiter::nonzero(n, "a per-minute limit")?;
+                    b = if tokens { b.tokens(scope, Quota::per_minute(n)) } else { b.requests(scope, Quota::per_minute(n)) };
+                }
+                Some(Arc::new(b.build()?))
+            }
+        };
+        let budget: Option<Arc<dyn Budget>> = match (self.budget, self.caps.is_empty()) {
+            (Some(_), false) => {
+                return Err(Error::Config("spend_cap configures the in-memory budget; set caps on your budget instead".into()));
+            }
+            (Some(b), true) => Some(b),
+            (None, true) => None,
+            (None, false) => {
+                let mut b = MemoryBudget::builder().clock(Arc::clone(&clock));
+                for (scope, limit, window) in self.caps {
+                    b = b.cap(scope, limit, window);
+                }
+                Some(Arc::new(b.build()?))
+            }
+        };
+        let in_flight = match self.max_in_flight {
+            Some(0) => return Err(Error::Config("max_in_flight must be at least 1".into())),
+            Some(n) => Some(Arc::new(Semaphore::new(n.min(Semaphore::MAX_PERMITS)))),
+            None => None,
+        };
+        if self.attempt_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(Error::Config("attempt_timeout must be positive".into()));
+        }
+        Ok(Pipeline {
+            inner: Arc::new(Inner {
+                catalog,
+                router,
+                providers: self.providers,
+                default_provider: self.default_provider,
+                cache,
+                cache_scope: self.cache_scope,
+                limiter,
+                budget,
+                counter: self.counter.unwrap_or_else(|| Arc::new(TiktokenCounter::new())),
+                validator: self.validator,
+                usage: Arc::new(MemoryUsage::default()),
+                sink: self.sink,
+                clock,
+                in_flight,
+                attempt_timeout: self.attempt_timeout,
+            }),
+        })
+    }
+}

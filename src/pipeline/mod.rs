@@ -1,0 +1,599 @@
+//! The [`Pipeline`]: every request runs through one funnel, in this order.
+//!
+//! ```text
+//! request
+//!   │  observe   span + usage record around everything below (cache hits and refusals too)
+//!   │  plan      validate the request; the router names the candidate models (pure, no I/O)
+//!   │  admit     bounded concurrency (shed at once), then rate limits on every scope at once
+//!   │  cache     exact match; a hit returns here, spending no budget and no token quota
+//!   │  budget    reserve the worst-case cost over the candidates on every cap at once
+//!   │  dispatch  per target in order: provider resolved → context fits → call with deadline;
+//!   │            on a failure that another target may not share, the next target
+//!   │  validate  a validator may reject the answer → the escalation tier is asked
+//!   ▼
+//! settle: commit the actual cost, reconcile token quotas, store a complete answer, record usage
+//! ```
+//!
+//! The order is the contract and lives in one function, `Pipeline::funnel` (whole
+//! answers) and its streamed twin `Pipeline::open_stream`. Planning happens before
+//! admission because the worst-case cost and the token estimate depend on which models
+//! may answer; the router is a pure function, so no request is charged for it. A
+//! request refused at any stage consumes nothing of the stages after it, and a token
+//! charge made by admission is refunded when a later stage refuses.
+
+mod builder;
+mod service;
+mod stream;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
+
+pub use builder::PipelineBuilder;
+
+use crate::budget::{Budget, CapStatus, Reservation};
+use crate::cache::{Cache, CacheQuery, CacheScope, Invalidation, is_cacheable};
+use crate::clock::Clock;
+use crate::context::TokenCounter;
+use crate::error::{ProviderError, ProviderErrorKind};
+use crate::limiter::{Admission, Limiter};
+use crate::observe::{self, MemoryUsage, Outcome, UsageRecord, UsageReport, UsageSink};
+use crate::provider::{Provider, ProviderCall};
+use crate::router::{RoutePlan, Router, Validator, Verdict};
+use crate::types::{
+    CacheMode, Catalog, ChatRequest, ChatResponse, ChatStream, Cost, ModelSpec, RequestMeta, Served,
+    TokenizerKind, Usage,
+};
+use crate::{Error, Result};
+
+/// An LLM client that makes every call cheaper, faster, bounded and observable.
+///
+/// Build one with [`Pipeline::builder`], then call [`chat`](Self::chat) or
+/// [`stream`](Self::stream). A pipeline is cheap to clone (an `Arc` inside); clones
+/// share caches, limits, budgets and usage. It also implements
+/// `tower::Service<ChatRequest>`, so tower's own layers (timeouts, buffers, load
+/// shedding) can wrap it.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    catalog: Catalog,
+    router: Arc<dyn Router>,
+    providers: HashMap<String, Arc<dyn Provider>>,
+    default_provider: Option<Arc<dyn Provider>>,
+    cache: Option<Arc<dyn Cache>>,
+    cache_scope: CacheScope,
+    limiter: Option<Arc<dyn Limiter>>,
+    budget: Option<Arc<dyn Budget>>,
+    counter: Arc<dyn TokenCounter>,
+    validator: Option<Arc<dyn Validator>>,
+    usage: Arc<MemoryUsage>,
+    sink: Option<Arc<dyn UsageSink>>,
+    clock: Arc<dyn Clock>,
+    in_flight: Option<Arc<Semaphore>>,
+    attempt_timeout: Option<Duration>,
+}
+
+/// What the plan stage learns about a request, computed once.
+#[derive(Debug)]
+struct Plan {
+    route: RoutePlan,
+    /// Prompt tokens per tokenizer kind of the candidate models.
+    prompt_tokens: Vec<(TokenizerKind, u64)>,
+    /// The token charge for admission: prompt plus output allowance on the primary.
+    token_estimate: u64,
+    /// The most the request may cost on any candidate (plus escalation, if validated).
+    worst_case: Cost,
+    cache: Option<CacheQuery>,
+    /// False under `CacheMode::Refresh`: the answer is written, never read.
+    cache_read: bool,
+}
+
+impl Plan {
+    fn prompt_tokens(&self, kind: TokenizerKind) -> u64 {
+        self.prompt_tokens
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
+/// What admission granted: the slot and the token charge to reconcile.
+#[derive(Debug)]
+struct Admitted {
+    _slot: Option<OwnedSemaphorePermit>,
+    charged: u64,
+}
+
+/// A successful dispatch.
+#[derive(Debug)]
+struct Answer {
+    response: ChatResponse,
+    /// Usage and cost of every attempt that produced an answer (escalation included).
+    usage: Usage,
+    cost: Cost,
+}
+
+impl Pipeline {
+    /// A builder; see [`PipelineBuilder`].
+    pub fn builder() -> PipelineBuilder {
+        PipelineBuilder::default()
+    }
+
+    /// Asks for a whole answer.
+    pub async fn chat(&self, req: ChatRequest) -> Result<ChatResponse> {
+        let span = observe::request_span(&req, false);
+        let inner = &self.inner;
+        async move {
+            let mut rec = UsageRecord::new(inner.clock.now(), &req.meta, false);
+            let result = self.funnel(&req, &mut rec).await;
+            match &result {
+                Ok(r) => {
+                    rec.model = Some(r.model.clone());
+                    rec.provider = Some(r.provider.clone());
+                    rec.outcome = if r.served.is_cache_hit() { Outcome::CacheHit } else { Outcome::Provider };
+                }
+                Err(e) => rec.outcome = Outcome::Error(e.reason().to_owned()),
+            }
+            let finish = result.as_ref().ok().map(|r| r.finish_reason.to_string());
+            inner.record(rec, &tracing::Span::current(), finish.as_deref());
+            result
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The funnel for whole answers. The order of these lines is the contract.
+    async fn funnel(&self, req: &ChatRequest, rec: &mut UsageRecord) -> Result<ChatResponse> {
+        let inner = &self.inner;
+        let plan = inner.plan(req)?; // plan: validate, route, estimate
+        let admitted = inner.admit(&req.meta, &plan).await?; // admit: slot + rate limits
+        if let Some(hit) = inner.cache_get(&plan).await {
+            inner.refund(&req.meta, &admitted, 0).await; // cache: a hit spends no token quota
+            rec.saved = saved_cost(&hit);
+            return Ok(hit);
+        }
+        let reservation = match inner.reserve(&req.meta, &plan).await {
+            Ok(r) => r, // budget: worst case on every cap
+            Err(e) => {
+                inner.refund(&req.meta, &admitted, 0).await;
+                return Err(e);
+            }
+        };
+        let answered = inner.dispatch(req, &plan, rec).await; // dispatch + validate
+        let (cost, used) = answered.as_ref().map_or((Cost::ZERO, Usage::default()), |a| (a.cost, a.usage));
+        inner.commit(reservation, cost).await; // settle: actual cost,
+        inner.refund(&req.meta, &admitted, used.total()).await; // actual tokens,
+        let answer = answered?;
+        if let Some(q) = &plan.cache {
+            inner.cache_put(q, &answer.response).await; // and the answer, if complete
+        }
+        rec.usage = used;
+        rec.cost = cost;
+        Ok(answer.response)
+    }
+
+    /// Asks for a streamed answer.
+    ///
+    /// Refusals and failures before the first token come back as `Err` (after trying
+    /// every target); after it, a failure is an `Err` item in the stream, never a clean
+    /// end. A cache hit is replayed as a stream of chunks. When the stream ends, is cut,
+    /// or is dropped half way, what it used is committed to the budget and the limits.
+    pub async fn stream(&self, req: ChatRequest) -> Result<ChatStream> {
+        let span = observe::request_span(&req, true);
+        let inner = Arc::clone(&self.inner);
+        let span2 = span.clone();
+        async move {
+            let mut rec = UsageRecord::new(inner.clock.now(), &req.meta, true);
+            match self.open_stream(req, &mut rec, span2).await {
+                Ok(s) => Ok(s),
+                Err((e, rec)) => {
+                    let mut rec = *rec;
+                    rec.outcome = Outcome::Error(e.reason().to_owned());
+                    inner.record(rec, &tracing::Span::current(), None);
+                    Err(e)
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The funnel for streams: the same stages in the same order as `funnel`.
+    async fn open_stream(
+        &self,
+        req: ChatRequest,
+        rec: &mut UsageRecord,
+        span: tracing::Span,
+    ) -> std::result::Result<ChatStream, (Error, Box<UsageRecord>)> {
+        let inner = &self.inner;
+        let fail = |e: Error, rec: &UsageRecord| (e, Box::new(rec.clone()));
+        let plan = inner.plan(&req).map_err(|e| fail(e, rec))?; // plan
+        let admitted = inner.admit(&req.meta, &plan).await.map_err(|e| fail(e, rec))?; // admit
+        if let Some(hit) = inner.cache_get(&plan).await {
+            inner.refund(&req.meta, &admitted, 0).await; // cache: replay as chunks
+            let mut rec = rec.clone();
+            rec.saved = saved_cost(&hit);
+            rec.outcome = Outcome::CacheHit;
+            rec.model = Some(hit.model.clone());
+            rec.provider = Some(hit.provider.clone());
+            inner.record(rec, &span, Some(&hit.finish_reason.to_string()));
+            return Ok(stream::replay(&hit));
+        }
+        let reservation = match inner.reserve(&req.meta, &plan).await {
+            Ok(r) => r, // budget
+            Err(e) => {
+                inner.refund(&req.meta, &admitted, 0).await;
+                return Err(fail(e, rec));
+            }
+        };
+        match inner.dispatch_stream(&req, &plan, rec).await {
+            // dispatch: the first event came; settle happens as the stream ends
+            Ok((first, upstream, model, provider)) => Ok(stream::metered(stream::Settle {
+                inner: Arc::clone(inner),
+                meta: req.meta,
+                prompt_tokens: plan.prompt_tokens(model.tokenizer),
+                cache: plan.cache,
+                model,
+                provider,
+                charged: admitted.charged,
+                slot: admitted._slot,
+                reservation,
+                record: rec.clone(),
+                span,
+            }, first, upstream)),
+            Err(e) => {
+                inner.commit(reservation, Cost::ZERO).await;
+                inner.refund(&req.meta, &admitted, 0).await;
+                Err(fail(e, rec))
+            }
+        }
+    }
+
+    /// Removes cache entries; returns how many (0 without a cache).
+    pub async fn invalidate(&self, what: &Invalidation) -> Result<u64> {
+        match &self.inner.cache {
+            Some(c) => c.invalidate(what).await,
+            None => Ok(0),
+        }
+    }
+
+    /// Usage so far: totals by model and user, errors by reason.
+    pub fn usage(&self) -> UsageReport {
+        self.inner.usage.report()
+    }
+
+    /// The most recent usage records (up to 1,000), oldest first.
+    pub fn recent_usage(&self) -> Vec<UsageRecord> {
+        self.inner.usage.recent()
+    }
+
+    /// The standing of every spend cap that applies to `meta` (empty without a budget).
+    pub async fn budget_status(&self, meta: &RequestMeta) -> Result<Vec<CapStatus>> {
+        match &self.inner.budget {
+            Some(b) => b.status(meta).await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The model catalogue.
+    pub fn catalog(&self) -> &Catalog {
+        &self.inner.catalog
+    }
+}
+
+fn saved_cost(hit: &ChatResponse) -> Cost {
+    match hit.served {
+        Served::Cache { saved_cost, .. } => saved_cost,
+        _ => Cost::ZERO,
+    }
+}
+
+impl Inner {
+    fn plan(&self, req: &ChatRequest) -> Result<Plan> {
+        req.validate()?;
+        let route = self.router.route(req, &self.catalog)?;
+        let Some(primary) = route.targets.first() else {
+            return Err(Error::InvalidRequest("the router returned no target".into()));
+        };
+        let mut prompt_tokens: Vec<(TokenizerKind, u64)> = Vec::with_capacity(2);
+        let escalation: &[Arc<ModelSpec>] = if self.validator.is_some() { &route.escalation } else { &[] };
+        let mut worst = Cost::ZERO;
+        let mut worst_escalation = Cost::ZERO;
+        for (i, m) in route.targets.iter().chain(escalation).enumerate() {
+            let n = match prompt_tokens.iter().find(|(k, _)| *k == m.tokenizer) {
+                Some((_, n)) => *n,
+                None => {
+                    let n = self.counter.count_request(req, m.tokenizer);
+                    prompt_tokens.push((m.tokenizer, n));
+                    n
+                }
+            };
+            let c = m.worst_case_cost(n, req.params.max_tokens);
+            if i < route.targets.len() {
+                worst = worst.max(c);
+            } else {
+                worst_escalation = worst_escalation.max(c);
+            }
+        }
+        let primary_prompt = prompt_tokens
+            .iter()
+            .find(|(k, _)| *k == primary.tokenizer)
+            .map_or(0, |(_, n)| *n);
+        let token_estimate = primary_prompt + primary.output_allowance(req.params.max_tokens);
+        let cache = match &self.cache {
+            Some(_) => CacheQuery::for_request(req, self.cache_scope),
+            None => None,
+        };
+        Ok(Plan {
+            route,
+            prompt_tokens,
+            token_estimate,
+            worst_case: worst + worst_escalation,
+            cache,
+            cache_read: req.meta.cache.mode == CacheMode::Use,
+        })
+    }
+
+    async fn admit(&self, meta: &RequestMeta, plan: &Plan) -> Result<Admitted> {
+        let slot = match &self.in_flight {
+            Some(sem) => Some(
+                Arc::clone(sem)
+                    .try_acquire_owned()
+                    .map_err(|_| Error::Overloaded { retry_after: None })?,
+            ),
+            None => None,
+        };
+        let charged = match &self.limiter {
+            Some(l) => {
+                l.acquire(&Admission::new(meta, plan.token_estimate)).await?;
+                plan.token_estimate
+            }
+            None => 0,
+        };
+        Ok(Admitted { _slot: slot, charged })
+    }
+
+    /// Reconciles the admission's token charge to `actual`.
+    async fn refund(&self, meta: &RequestMeta, admitted: &Admitted, actual: u64) {
+        if let Some(l) = &self.limiter {
+            if admitted.charged != actual {
+                if let Err(e) = l.reconcile(meta, admitted.charged, actual).await {
+                    tracing::warn!(error = %e, "token reconciliation failed");
+                }
+            }
+        }
+    }
+
+    async fn cache_get(&self, plan: &Plan) -> Option<ChatResponse> {
+        let (cache, q) = (self.cache.as_ref()?, plan.cache.as_ref()?);
+        if !plan.cache_read {
+            return None; // `refresh`: skip the read, still write
+        }
+        match cache.get(q).await {
+            Ok(Some(hit)) => {
+                let mut r = hit.response;
+                let saved_cost = r.cost;
+                r.served = Served::Cache {
+                    similarity: hit.similarity,
+                    saved_tokens: r.usage.total(),
+                    saved_cost,
+                };
+                r.cost = Cost::ZERO;
+                Some(r)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cache read failed; treated as a miss");
+                None
+            }
+        }
+    }
+
+    async fn cache_put(&self, q: &CacheQuery, response: &ChatResponse) {
+        let Some(cache) = &self.cache else { return };
+        if !is_cacheable(response) {
+            return;
+        }
+        if let Err(e) = cache.put(q, response).await {
+            tracing::warn!(error = %e, "cache write failed");
+        }
+    }
+
+    async fn reserve(&self, meta: &RequestMeta, plan: &Plan) -> Result<Option<Reservation>> {
+        match &self.budget {
+            Some(b) => b.reserve(meta, plan.worst_case).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn commit(&self, reservation: Option<Reservation>, cost: Cost) {
+        if let (Some(b), Some(r)) = (&self.budget, reservation) {
+            if let Err(e) = b.commit(r, cost).await {
+                tracing::error!(error = %e, cost = %cost, "budget commit failed");
+            }
+        }
+    }
+
+    fn provider_for(&self, model: &ModelSpec) -> Result<&Arc<dyn Provider>> {
+        self.providers
+            .get(&model.provider)
+            .or(self.default_provider.as_ref())
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "no provider registered for `{}` (model {})",
+                    model.provider, model.name
+                ))
+            })
+    }
+
+    /// Whether the prompt and the output it asks for fit `model`'s window.
+    fn fits(&self, req: &ChatRequest, plan: &Plan, model: &ModelSpec) -> Result<()> {
+        let prompt = plan.prompt_tokens(model.tokenizer);
+        let out = req.params.max_tokens.map_or(1, u64::from);
+        if prompt + out > model.context_window {
+            return Err(Error::ContextTooLong {
+                model: model.name.clone(),
+                tokens: prompt + out,
+                limit: model.context_window,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether a failure on one target may not repeat on the next.
+    fn next_target_may_succeed(e: &Error) -> bool {
+        match e {
+            Error::Provider(p) => !matches!(p.kind, ProviderErrorKind::BadRequest | ProviderErrorKind::ContentFilter),
+            Error::ContextTooLong { .. } | Error::Config(_) | Error::StreamInterrupted { .. } => true,
+            _ => false,
+        }
+    }
+
+    async fn call(&self, provider: &Arc<dyn Provider>, req: &ChatRequest, model: &ModelSpec) -> Result<ChatResponse> {
+        let fut = provider.chat(ProviderCall::new(req, model));
+        match self.attempt_timeout {
+            Some(d) => tokio::time::timeout(d, fut).await.unwrap_or_else(|_| {
+                Err(ProviderError::new(ProviderErrorKind::Timeout, provider.name(), format!("no answer within {d:?}")).into())
+            }),
+            None => fut.await,
+        }
+    }
+
+    /// Tries `targets` in order; returns the first answer with its cost.
+    async fn try_targets(
+        &self,
+        req: &ChatRequest,
+        plan: &Plan,
+        targets: &[Arc<ModelSpec>],
+        rec: &mut UsageRecord,
+    ) -> Result<(ChatResponse, u32)> {
+        let mut last = None;
+        let mut calls = 0;
+        for (i, model) in targets.iter().enumerate() {
+            let outcome = match (self.provider_for(model), self.fits(req, plan, model)) {
+                (Err(e), _) | (_, Err(e)) => Err(e),
+                (Ok(p), Ok(())) => {
+                    calls += 1;
+                    rec.attempts += 1;
+                    self.call(p, req, model).await
+                }
+            };
+            match outcome {
+                Ok(mut r) => {
+                    r.cost = model.cost(&r.usage);
+                    return Ok((r, u32::try_from(i).unwrap_or(u32::MAX)));
+                }
+                Err(e) => {
+                    tracing::debug!(model = %model.name, error = %e, "target failed");
+                    let go_on = Self::next_target_may_succeed(&e);
+                    last = Some(e);
+                    if !go_on {
+                        break;
+                    }
+                }
+            }
+        }
+        let last = last.unwrap_or_else(|| Error::InvalidRequest("no target to try".into()));
+        Err(if calls > 1 {
+            Error::AllTargetsFailed { attempts: calls, last: Box::new(last) }
+        } else {
+            last
+        })
+    }
+
+    async fn dispatch(&self, req: &ChatRequest, plan: &Plan, rec: &mut UsageRecord) -> Result<Answer> {
+        let (first, fallbacks) = self.try_targets(req, plan, &plan.route.targets, rec).await?;
+        let mut answer = Answer { usage: first.usage, cost: first.cost, response: first };
+        let mut escalated = false;
+        if let (Some(v), false) = (&self.validator, plan.route.escalation.is_empty()) {
+            if let Verdict::Escalate(reason) = v.validate(req, &answer.response).await {
+                tracing::info!(reason = %reason, from = %answer.response.model, "escalating");
+                match self.try_targets(req, plan, &plan.route.escalation, rec).await {
+                    Ok((better, _)) => {
+                        answer.usage = add_usage(answer.usage, better.usage);
+                        answer.cost += better.cost;
+                        answer.response = better;
+                        escalated = true;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "escalation failed; keeping the first answer"),
+                }
+            }
+        }
+        answer.response.served = Served::Provider { attempts: rec.attempts, fallbacks, escalated };
+        Ok(answer)
+    }
+
+    /// Opens a stream on the first target that yields a first event.
+    async fn dispatch_stream(
+        &self,
+        req: &ChatRequest,
+        plan: &Plan,
+        rec: &mut UsageRecord,
+    ) -> Result<(crate::types::StreamEvent, ChatStream, Arc<ModelSpec>, String)> {
+        use futures_util::StreamExt;
+        let mut last = None;
+        let mut calls = 0;
+        for model in &plan.route.targets {
+            let provider = match (self.provider_for(model), self.fits(req, plan, model)) {
+                (Err(e), _) | (_, Err(e)) => {
+                    last = Some(e);
+                    continue;
+                }
+                (Ok(p), Ok(())) => p,
+            };
+            calls += 1;
+            rec.attempts += 1;
+            let open = async {
+                let mut s = provider.stream(ProviderCall::new(req, model)).await?;
+                match s.next().await {
+                    Some(Ok(first)) => Ok((first, s)),
+                    Some(Err(e)) => Err(e),
+                    None => Err(Error::StreamInterrupted { chunks: 0, reason: "the stream ended before its first event".into() }),
+                }
+            };
+            let opened = match self.attempt_timeout {
+                Some(d) => tokio::time::timeout(d, open).await.unwrap_or_else(|_| {
+                    Err(ProviderError::new(ProviderErrorKind::Timeout, provider.name(), format!("no first token within {d:?}")).into())
+                }),
+                None => open.await,
+            };
+            match opened {
+                Ok((first, s)) => return Ok((first, s, Arc::clone(model), provider.name().to_owned())),
+                Err(e) => {
+                    let go_on = Self::next_target_may_succeed(&e);
+                    last = Some(e);
+                    if !go_on {
+                        break;
+                    }
+                }
+            }
+        }
+        let last = last.unwrap_or_else(|| Error::InvalidRequest("no target to try".into()));
+        Err(if calls > 1 { Error::AllTargetsFailed { attempts: calls, last: Box::new(last) } } else { last })
+    }
+
+    fn record(&self, mut rec: UsageRecord, span: &tracing::Span, finish: Option<&str>) {
+        rec.latency = self.clock.now().saturating_since(rec.started_at);
+        observe::record_on_span(span, &rec, finish);
+        self.usage.record(&rec);
+        if let Some(s) = &self.sink {
+            s.record(&rec);
+        }
+    }
+}
+
+fn add_usage(a: Usage, b: Usage) -> Usage {
+    Usage {
+        input_tokens: a.input_tokens + b.input_tokens,
+        output_tokens: a.output_tokens + b.output_tokens,
+        cached_input_tokens: a.cached_input_tokens + b.cached_input_tokens,
+        estimated: a.estimated || b.estimated,
+    }
+}

@@ -1,0 +1,296 @@
+//! Streams through the pipeline: cached answers replayed as chunks, and provider
+//! streams metered so that what they use is settled however they end.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use futures_core::Stream;
+use futures_util::FutureExt;
+use futures_util::stream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::Inner;
+use crate::budget::Reservation;
+use crate::cache::CacheQuery;
+use crate::observe::{Outcome, UsageRecord};
+use crate::types::{
+    ChatResponse, ChatStream, FinishReason, ModelSpec, RequestMeta, Served, StreamEnd,
+    StreamEvent, ToolCall, Usage,
+};
+use crate::{Error, Result};
+
+/// Words per replayed chunk.
+const REPLAY_WORDS: usize = 4;
+
+/// A cached answer as a stream: text in chunks of a few words, tool calls, usage, done.
+pub(super) fn replay(hit: &ChatResponse) -> ChatStream {
+    let mut events: Vec<Result<StreamEvent>> = Vec::new();
+    let mut chunk = String::new();
+    let mut words = 0;
+    for piece in hit.content.split_inclusive(' ') {
+        chunk.push_str(piece);
+        words += 1;
+        if words == REPLAY_WORDS {
+            events.push(Ok(StreamEvent::text(std::mem::take(&mut chunk))));
+            words = 0;
+        }
+    }
+    if !chunk.is_empty() {
+        events.push(Ok(StreamEvent::text(chunk)));
+    }
+    for (i, call) in hit.tool_calls.iter().enumerate() {
+        let mut d = crate::types::ToolCallDelta::new(u32::try_from(i).unwrap_or(u32::MAX), call.arguments.clone());
+        d.id = Some(call.id.clone());
+        d.name = Some(call.name.clone());
+        events.push(Ok(StreamEvent::ToolCallDelta(d)));
+    }
+    events.push(Ok(StreamEvent::Usage(hit.usage)));
+    events.push(Ok(StreamEvent::Done(StreamEnd::of_response(hit))));
+    Box::pin(stream::iter(events))
+}
+
+/// Everything needed to settle a stream, owned, so it can be done from a destructor.
+#[derive(Debug)]
+pub(super) struct Settle {
+    pub(super) inner: Arc<Inner>,
+    pub(super) meta: RequestMeta,
+    pub(super) cache: Option<CacheQuery>,
+    pub(super) model: Arc<ModelSpec>,
+    pub(super) provider: String,
+    pub(super) prompt_tokens: u64,
+    pub(super) charged: u64,
+    pub(super) slot: Option<OwnedSemaphorePermit>,
+    pub(super) reservation: Option<Reservation>,
+    pub(super) record: UsageRecord,
+    pub(super) span: tracing::Span,
+}
+
+/// What a stream delivered before it ended, however it ended.
+#[derive(Debug, Default)]
+struct Delivered {
+    text: String,
+    tool_calls: Vec<ToolCall>,
+    chunks: u64,
+    usage: Option<Usage>,
+}
+
+impl Delivered {
+    fn push(&mut self, ev: &StreamEvent) {
+        match ev {
+            StreamEvent::TextDelta { text } => {
+                self.text.push_str(text);
+                self.chunks += 1;
+            }
+            StreamEvent::ToolCallDelta(d) => {
+                let i = d.index as usize;
+                if i < 128 {
+                    while self.tool_calls.len() <= i {
+                        self.tool_calls.push(ToolCall { id: String::new(), name: String::new(), arguments: String::new() });
+                    }
+                    let c = &mut self.tool_calls[i];
+                    if let Some(id) = &d.id {
+                        c.id.clone_from(id);
+                    }
+                    if let Some(n) = &d.name {
+                        c.name.push_str(n);
+                    }
+                    c.arguments.push_str(&d.arguments);
+                }
+                self.chunks += 1;
+            }
+            StreamEvent::Usage(u) => self.usage = Some(*u),
+            _ => {}
+        }
+    }
+}
+
+/// How the stream ended.
+#[derive(Debug)]
+enum Ending {
+    Done(StreamEnd),
+    Failed(String),
+    Dropped,
+}
+
+impl Settle {
+    /// Commits what the stream used, reconciles tokens, stores a complete answer and
+    /// records usage. Returns the final event for a completed stream.
+    async fn finish(mut self, delivered: Delivered, ending: Ending) -> Option<StreamEnd> {
+        let inner = Arc::clone(&self.inner);
+        let usage = delivered.usage.unwrap_or_else(|| {
+            // No usage from the provider: count what was delivered.
+            let out = inner.counter.count_text(&delivered.text, self.model.tokenizer)
+                + delivered
+                    .tool_calls
+                    .iter()
+                    .map(|c| inner.counter.count_text(&c.arguments, self.model.tokenizer))
+                    .sum::<u64>();
+            Usage::new(self.prompt_tokens, out).estimated()
+        });
+        let cost = self.model.cost(&usage);
+        inner.commit(self.reservation.take(), cost).await;
+        if let Some(l) = &inner.limiter {
+            if self.charged != usage.total() {
+                if let Err(e) = l.reconcile(&self.meta, self.charged, usage.total()).await {
+                    tracing::warn!(error = %e, "token reconciliation failed");
+                }
+            }
+        }
+        let started_at = self.record.started_at;
+        let mut rec = std::mem::replace(&mut self.record, UsageRecord::new(started_at, &self.meta, true));
+        rec.model = Some(self.model.name.clone());
+        rec.provider = Some(self.provider.clone());
+        rec.usage = usage;
+        rec.cost = cost;
+        let served = Served::Provider { attempts: rec.attempts, fallbacks: rec.attempts.saturating_sub(1), escalated: false };
+        let result = match ending {
+            Ending::Done(mut end) => {
+                if let (Some(q), true) = (&self.cache, end.finish_reason.is_complete()) {
+                    let mut resp = ChatResponse::new(
+                        delivered.text,
+                        &self.model.name,
+                        &self.provider,
+                        usage,
+                        end.finish_reason.clone(),
+                    )
+                    .with_tool_calls(delivered.tool_calls);
+                    resp.cost = cost;
+                    resp.served = served.clone();
+                    inner.cache_put(q, &resp).await;
+                }
+                end.usage = usage;
+                end.cost = cost;
+                end.served = served;
+                rec.outcome = Outcome::Provider;
+                inner.record(rec, &self.span, Some(&end.finish_reason.to_string()));
+                Some(end)
+            }
+            Ending::Failed(reason) => {
+                rec.outcome = Outcome::Error(reason);
+                inner.record(rec, &self.span, None);
+                None
+            }
+            Ending::Dropped => {
+                rec.outcome = Outcome::Error("stream_dropped".into());
+                inner.record(rec, &self.span, Some(&FinishReason::Other("dropped".into()).to_string()));
+                None
+            }
+        };
+        drop(self.slot.take());
+        result
+    }
+}
+
+type Finishing = Pin<Box<dyn Future<Output = Option<StreamEnd>> + Send>>;
+
+/// A provider stream with its settlement attached.
+struct Metered {
+    upstream: ChatStream,
+    first: Option<StreamEvent>,
+    delivered: Delivered,
+    settle: Option<Settle>,
+    /// Settlement in progress, and the error to yield once it is done (if any).
+    finishing: Option<(Finishing, Option<Error>)>,
+    done: bool,
+}
+
+pub(super) fn metered(settle: Settle, first: StreamEvent, upstream: ChatStream) -> ChatStream {
+    Box::pin(Metered {
+        upstream,
+        first: Some(first),
+        delivered: Delivered::default(),
+        settle: Some(settle),
+        finishing: None,
+        done: false,
+    })
+}
+
+impl Metered {
+    fn start_finish(&mut self, ending: Ending, error: Option<Error>) {
+        if let Some(settle) = self.settle.take() {
+            let delivered = std::mem::take(&mut self.delivered);
+            self.finishing = Some((Box::pin(settle.finish(delivered, ending)), error));
+        } else if let Some(e) = error {
+            self.finishing = Some((Box::pin(async { None }), Some(e)));
+        }
+    }
+}
+
+impl Stream for Metered {
+    type Item = Result<StreamEvent>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some((fut, _)) = &mut this.finishing {
+                let end = ready!(fut.as_mut().poll(cx));
+                let err = this.finishing.take().and_then(|(_, e)| e);
+                this.done = true;
+                return Poll::Ready(match (err, end) {
+                    (Some(e), _) => Some(Err(e)),
+                    (None, Some(end)) => Some(Ok(StreamEvent::Done(end))),
+                    (None, None) => None,
+                });
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            let next = match this.first.take() {
+                Some(ev) => Some(Ok(ev)),
+                None => ready!(this.upstream.as_mut().poll_next(cx)),
+            };
+            match next {
+                Some(Ok(StreamEvent::Done(end))) => {
+                    this.start_finish(Ending::Done(end), None);
+                }
+                Some(Ok(ev)) => {
+                    this.delivered.push(&ev);
+                    return Poll::Ready(Some(Ok(ev)));
+                }
+                Some(Err(e)) => {
+                    let e = match e {
+                        e @ Error::StreamInterrupted { .. } => e,
+                        other => Error::StreamInterrupted {
+                            chunks: this.delivered.chunks,
+                            reason: other.to_string(),
+                        },
+                    };
+                    this.start_finish(Ending::Failed(e.reason().to_owned()), Some(e));
+                }
+                None => {
+                    let e = Error::StreamInterrupted {
+                        chunks: this.delivered.chunks,
+                        reason: "the provider's stream ended without a final event".into(),
+                    };
+                    this.start_finish(Ending::Failed(e.reason().to_owned()), Some(e));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        // Dropped before its end: settle what was delivered. In-memory backends finish in
+        // one poll, here and now; others continue on the runtime.
+        let mut fut: Finishing = match (self.settle.take(), self.finishing.take()) {
+            (Some(settle), _) => {
+                let delivered = std::mem::take(&mut self.delivered);
+                Box::pin(settle.finish(delivered, Ending::Dropped))
+            }
+            // Dropped while its settlement was under way: let it complete.
+            (None, Some((fut, _))) => fut,
+            (None, None) => return,
+        };
+        if fut.as_mut().now_or_never().is_none() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) => {
+                    h.spawn(fut);
+                }
+                Err(_) => tracing::error!("a dropped stream could not be settled: no tokio runtime"),
+            }
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! Money as integers: [`Cost`] in nano-dollars and [`Price`] per million tokens.
+
+use std::fmt;
+use std::iter::Sum;
+use std::ops::{Add, AddAssign};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::Usage;
+
+const NANOS_PER_DOLLAR: u64 = 1_000_000_000;
+
+/// An amount of money in nano-dollars (10⁻⁹ USD). Integer arithmetic only, so budget
+/// sums are exact and never drift. `Cost::MAX` is about 18 billion dollars.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Cost(u64);
+
+impl Cost {
+    /// Nothing.
+    pub const ZERO: Cost = Cost(0);
+    /// The largest representable amount.
+    pub const MAX: Cost = Cost(u64::MAX);
+
+    /// From nano-dollars.
+    pub const fn from_nanos(nanos: u64) -> Self {
+        Cost(nanos)
+    }
+
+    /// From micro-dollars (10⁻⁶ USD).
+    pub const fn from_micros(micros: u64) -> Self {
+        Cost(micros.saturating_mul(1_000))
+    }
+
+    /// From cents.
+    pub const fn from_cents(cents: u64) -> Self {
+        Cost(cents.saturating_mul(10_000_000))
+    }
+
+    /// From whole dollars.
+    pub const fn from_dollars(dollars: u64) -> Self {
+        Cost(dollars.saturating_mul(NANOS_PER_DOLLAR))
+    }
+
+    /// From a decimal dollar amount such as `2.5`, rounded to the nearest nano-dollar.
+    /// Returns `None` for negative, infinite or NaN amounts.
+    pub fn try_from_dollars_f64(dollars: f64) -> Option<Self> {
+        if !dollars.is_finite() || dollars < 0.0 {
+            return None;
+        }
+        let nanos = (dollars * NANOS_PER_DOLLAR as f64).round();
+        if nanos >= u64::MAX as f64 {
+            return None;
+        }
+        Some(Cost(nanos as u64))
+    }
+
+    /// Nano-dollars.
+    pub const fn as_nanos(self) -> u64 {
+        self.0
+    }
+
+    /// Dollars as a float, for display and reports only.
+    pub fn as_dollars_f64(self) -> f64 {
+        self.0 as f64 / NANOS_PER_DOLLAR as f64
+    }
+
+    /// `self + other`, saturating at [`Cost::MAX`].
+    pub const fn saturating_add(self, other: Cost) -> Cost {
+        Cost(self.0.saturating_add(other.0))
+    }
+
+    /// `self - other`, saturating at zero.
+    pub const fn saturating_sub(self, other: Cost) -> Cost {
+        Cost(self.0.saturating_sub(other.0))
+    }
+
+    /// Whether this is zero.
+    pub const fn is_zero(self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl Add for Cost {
+    type Output = Cost;
+    fn add(self, rhs: Cost) -> Cost {
+        self.saturating_add(rhs)
+    }
+}
+
+impl AddAssign for Cost {
+    fn add_assign(&mut self, rhs: Cost) {
+        *self = self.saturating_add(rhs);
+    }
+}
+
+impl Sum for Cost {
+    fn sum<I: Iterator<Item = Cost>>(iter: I) -> Cost {
+        iter.fold(Cost::ZERO, Add::add)
+    }
+}
+
+impl fmt::Display for Cost {
+    /// Dollars with six decimals (micro-dollar precision), e.g. `$0.000150`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dollars = self.0 / NANOS_PER_DOLLAR;
+        let micros = (self.0 % NANOS_PER_DOLLAR) / 1_000;
+        write!(f, "${dollars}.{micros:06}")
+    }
+}
+
+impl Serialize for Cost {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cost {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        u64::deserialize(d).map(Cost)
+    }
+}
+
+/// A price per million tokens, held as nano-dollars per million tokens.
+///
+/// In configuration files a price is written in dollars per million tokens
+/// (`input_per_mtok = 2.5`); it is converted once, at load time, to an integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Price(u64);
+
+impl Price {
+    /// Free.
+    pub const ZERO: Price = Price(0);
+
+    /// From dollars per million tokens (`2.5` for $2.50 / 1M). `None` if negative or
+    /// not finite.
+    pub fn per_mtok(dollars: f64) -> Option<Self> {
+        Cost::try_from_dollars_f64(dollars).map(|c| Price(c.0))
+    }
+
+    /// From nano-dollars per million tokens.
+    pub const fn from_nanos_per_mtok(nanos: u64) -> Self {
+        Price(nanos)
+    }
+
+    /// Nano-dollars per million tokens.
+    pub const fn nanos_per_mtok(self) -> u64 {
+        self.0
+    }
+
+    /// Dollars per million tokens, for display.
+    pub fn dollars_per_mtok(self) -> f64 {
+        Cost(self.0).as_dollars_f64()
+    }
+
+    /// The cost of `tokens` tokens at this price, rounded up to the next nano-dollar
+    /// so that sums never under-count.
+    pub fn cost_of(self, tokens: u64) -> Cost {
+        let n = u128::from(tokens) * u128::from(self.0);
+        let c = n.div_ceil(1_000_000);
+        Cost(u64::try_from(c).unwrap_or(u64::MAX))
+    }
+}
+
+impl Serialize for Price {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(self.dollars_per_mtok())
+    }
+}
+
+impl<'de> Deserialize<'de> for Price {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = f64::deserialize(d)?;
+        Price::per_mtok(v).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "price must be a finite, non-negative number of dollars per million tokens, got {v}"
+            ))
+        })
+    }
+}
+
+/// The three prices of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Pricing {
+    /// Per million input tokens not read from the provider's prompt cache.
+    #[serde(rename = "input_per_mtok")]
+    pub input: Price,
+    /// Per million output tokens.
+    #[serde(rename = "output_per_mtok")]
+    pub output: Price,
+    /// Per million input tokens read from the provider's prompt cache.
+    #[serde(rename = "cached_input_per_mtok")]
+    pub cached_input: Price,
+}
+
+impl Pricing {
+    /// Prices in dollars per million tokens. `None` if any is negative or not finite.
+    pub fn per_mtok(input: f64, output: f64, cached_input: f64) -> Option<Self> {
+        Some(Pricing {
+            input: Price::per_mtok(input)?,
+            output: Price::per_mtok(output)?,
+            cached_input: Price::per_mtok(cached_input)?,
+        })
+    }
+
+    /// The cost of `usage`. `usage.input_tokens` includes the cached ones, which are
+    /// priced at the cached-input price.
+    pub fn cost(&self, usage: &Usage) -> Cost {
+        let cached = usage.cached_input_tokens.min(usage.input_tokens);
+        self.input.cost_of(usage.input_tokens - cached)
+            + self.cached_input.cost_of(cached)
+            + self.output.cost_of(usage.output_tokens)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prices_are_exact_integers() {
+        let p = Pricing::per_mtok(2.5, 10.0, 1.25).unwrap();
+        assert_eq!(p.input.nanos_per_mtok(), 2_500_000_000);
+        let u = Usage {
+            input_tokens: 1_000,
+            output_tokens: 500,
+            cached_input_tokens: 200,
+            estimated: false,
+        };
+        // 800 * 2.5/1M + 200 * 1.25/1M + 500 * 10/1M = 0.002 + 0.00025 + 0.005
+        assert_eq!(p.cost(&u), Cost::from_nanos(7_250_000));
+        assert_eq!(p.cost(&u).to_string(), "$0.007250");
+        // rounding is up, never down
+        assert_eq!(Price::per_mtok(0.15).unwrap().cost_of(1), Cost::from_nanos(150));
+        assert_eq!(Price::from_nanos_per_mtok(1).cost_of(1), Cost::from_nanos(1));
+        assert!(Price::per_mtok(-1.0).is_none());
+        assert!(Price::per_mtok(f64::NAN).is_none());
+    }
+}

@@ -1,0 +1,17 @@
+//! The data that flows through a pipeline: requests, responses, streams, money and
+//! the model catalogue.
+
+mod catalog;
+mod cost;
+mod request;
+mod response;
+mod stream;
+
+pub use catalog::{Catalog, ModelSpec, TokenizerKind};
+pub use cost::{Cost, Price, Pricing};
+pub use request::{
+    CacheMode, CachePolicy, ChatRequest, Document, GenerationParams, Message, Priority,
+    RequestMeta, ResponseFormat, Role, Scope, ScopeKind, Tier, Tool, ToolCall,
+};
+pub use response::{ChatResponse, FinishReason, Served, Usage};
+pub use stream::{ChatStream, StreamEnd, StreamEvent, ToolCallDelta};

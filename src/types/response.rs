@@ -1,0 +1,189 @@
+//! What comes out: [`ChatResponse`], [`Usage`] and how an answer was served.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Cost, ToolCall};
+
+/// Token counts of one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Usage {
+    /// Prompt tokens, including the cached ones.
+    pub input_tokens: u64,
+    /// Generated tokens.
+    pub output_tokens: u64,
+    /// Prompt tokens read from the provider's prompt cache (a subset of `input_tokens`).
+    #[serde(default)]
+    pub cached_input_tokens: u64,
+    /// True when tokenwise counted the tokens itself because the provider reported none.
+    #[serde(default)]
+    pub estimated: bool,
+}
+
+impl Usage {
+    /// Usage with `input` and `output` tokens.
+    pub fn new(input_tokens: u64, output_tokens: u64) -> Self {
+        Usage {
+            input_tokens,
+            output_tokens,
+            cached_input_tokens: 0,
+            estimated: false,
+        }
+    }
+
+    /// Sets the cached input tokens.
+    #[must_use]
+    pub fn with_cached_input(mut self, cached: u64) -> Self {
+        self.cached_input_tokens = cached;
+        self
+    }
+
+    /// Marks the counts as estimated by tokenwise.
+    #[must_use]
+    pub fn estimated(mut self) -> Self {
+        self.estimated = true;
+        self
+    }
+
+    /// Input plus output tokens.
+    pub fn total(&self) -> u64 {
+        self.input_tokens.saturating_add(self.output_tokens)
+    }
+}
+
+/// Why generation stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum FinishReason {
+    /// The model finished its answer.
+    #[default]
+    Stop,
+    /// The output token limit cut the answer.
+    Length,
+    /// The model called tools.
+    ToolCalls,
+    /// The provider's content filter stopped the answer.
+    ContentFilter,
+    /// A tokenwise limit (output tokens or cost) ended a stream early.
+    Truncated,
+    /// Anything else the provider reported.
+    Other(String),
+}
+
+impl FinishReason {
+    /// Whether the answer is complete, and so may be cached.
+    pub fn is_complete(&self) -> bool {
+        matches!(self, FinishReason::Stop | FinishReason::ToolCalls)
+    }
+}
+
+impl fmt::Display for FinishReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FinishReason::Stop => f.write_str("stop"),
+            FinishReason::Length => f.write_str("length"),
+            FinishReason::ToolCalls => f.write_str("tool_calls"),
+            FinishReason::ContentFilter => f.write_str("content_filter"),
+            FinishReason::Truncated => f.write_str("truncated"),
+            FinishReason::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+/// How an answer was served.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "by", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Served {
+    /// A provider answered.
+    Provider {
+        /// Provider calls made for this request, failures included.
+        attempts: u32,
+        /// Targets given up on before the one that answered.
+        fallbacks: u32,
+        /// Whether a validator escalated the request to a stronger model.
+        escalated: bool,
+    },
+    /// The cache answered; no model was called.
+    Cache {
+        /// 1.0 for an exact match; the similarity for a semantic match.
+        similarity: f32,
+        /// The tokens the original call used, which this hit did not spend.
+        saved_tokens: u64,
+        /// What the original call cost, which this hit did not spend.
+        saved_cost: Cost,
+    },
+}
+
+impl Served {
+    /// Whether the cache answered.
+    pub fn is_cache_hit(&self) -> bool {
+        matches!(self, Served::Cache { .. })
+    }
+}
+
+impl Default for Served {
+    fn default() -> Self {
+        Served::Provider {
+            attempts: 1,
+            fallbacks: 0,
+            escalated: false,
+        }
+    }
+}
+
+/// A complete answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ChatResponse {
+    /// The answer's text.
+    pub content: String,
+    /// Tool calls the model made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// The model that answered.
+    pub model: String,
+    /// The provider that answered (for a cache hit, the one that answered originally).
+    pub provider: String,
+    /// Tokens used. For a cache hit, the usage of the original call, which was not spent
+    /// again: the hit's `cost` is zero and [`Served::Cache`] reports what it saved.
+    pub usage: Usage,
+    /// Why generation stopped.
+    pub finish_reason: FinishReason,
+    /// What this call cost (zero for a cache hit).
+    pub cost: Cost,
+    /// How it was served.
+    pub served: Served,
+}
+
+impl ChatResponse {
+    /// A response as a provider returns it; the pipeline fills in cost and `served`.
+    pub fn new(
+        content: impl Into<String>,
+        model: impl Into<String>,
+        provider: impl Into<String>,
+        usage: Usage,
+        finish_reason: FinishReason,
+    ) -> Self {
+        ChatResponse {
+            content: content.into(),
+            tool_calls: Vec::new(),
+            model: model.into(),
+            provider: provider.into(),
+            usage,
+            finish_reason,
+            cost: Cost::ZERO,
+            served: Served::default(),
+        }
+    }
+
+    /// Adds tool calls.
+    #[must_use]
+    pub fn with_tool_calls(mut self, calls: Vec<ToolCall>) -> Self {
+        self.tool_calls = calls;
+        self
+    }
+}
