@@ -263,7 +263,7 @@ mod tests {
         let clock = ManualClock::new(Timestamp::from_secs(1_795_521_600)); // 2026-11-24 12:00 UTC
         let b = MemoryBudget::builder()
             .cap(ScopeKind::User, Cost::from_cents(10), BudgetWindow::Day)
-            .cap(ScopeKind::Org, Cost::from_cents(15), BudgetWindow::Month)
+            .cap(ScopeKind::Org, Cost::from_cents(12), BudgetWindow::Month)
             .clock(Arc::new(clock.clone()))
             .build()
             .unwrap();
@@ -285,14 +285,14 @@ mod tests {
         assert_eq!(st[0].spent, Cost::from_cents(2));
         assert_eq!(st[0].reserved, Cost::ZERO);
         b.reserve_now(&ann, Cost::from_cents(3)).map(|r| b.commit_now(&r, Cost::from_cents(3))).unwrap();
-        // bob is refused by the org cap (2 + 3 spent, 11 asked > 15) and reserves nothing on his own cap
+        // bob is refused by the org cap (2 + 3 spent, 9 asked > 12) and reserves nothing on his own cap
         let bob = meta("bob");
-        let e = b.reserve_now(&bob, Cost::from_cents(11)).unwrap_err();
+        let e = b.reserve_now(&bob, Cost::from_cents(9)).unwrap_err();
         assert!(matches!(e, Error::BudgetExceeded { scope: Scope::Org(_), .. }), "{e}");
         assert_eq!(b.status_now(&bob)[0].reserved, Cost::ZERO);
         // a new day resets the user cap
         clock.advance(Duration::from_secs(12 * 3600));
-        b.reserve_now(&ann, Cost::from_cents(9)).unwrap();
+        b.reserve_now(&ann, Cost::from_cents(7)).unwrap();
     }
 
     #[test]
