@@ -26,7 +26,12 @@ struct Step {
 }
 
 const fn ask(at_ms: u64, user: &'static str, text: &'static str) -> Step {
-    Step { at_ms, user, text, stream: false }
+    Step {
+        at_ms,
+        user,
+        text,
+        stream: false,
+    }
 }
 
 #[rustfmt::skip]
@@ -74,15 +79,24 @@ async fn main() -> tokenwise::Result<()> {
         .rate_limit(ScopeKind::User, 5)
         .token_limit(ScopeKind::Global, 200_000)
         .spend_cap(ScopeKind::User, Cost::from_micros(2_500), BudgetWindow::Day)
-        .spend_cap(ScopeKind::Global, Cost::from_dollars(10), BudgetWindow::Month)
+        .spend_cap(
+            ScopeKind::Global,
+            Cost::from_dollars(10),
+            BudgetWindow::Month,
+        )
         .max_in_flight(64)
         .build()?;
 
-    println!("tokenwise quickstart: {} requests on the simulated provider", WORKLOAD.len());
-    println!("(latencies are simulated provider time; tokio time is paused, so the run is instant)\n");
     println!(
-        "{:>3}  {:<6} {:<24} {:<17} {:>6} {:>10} {:>8}  {}",
-        "#", "user", "served by", "model", "tokens", "cost", "latency", "question"
+        "tokenwise quickstart: {} requests on the simulated provider",
+        WORKLOAD.len()
+    );
+    println!(
+        "(latencies are simulated provider time; tokio time is paused, so the run is instant)\n"
+    );
+    println!(
+        "{:>3}  {:<6} {:<24} {:<17} {:>6} {:>10} {:>8}  question",
+        "#", "user", "served by", "model", "tokens", "cost", "latency"
     );
 
     let start = tokio::time::Instant::now();
@@ -120,7 +134,12 @@ async fn main() -> tokenwise::Result<()> {
                         None => ("stream?".into(), "-".into(), "-".into(), "-".into()),
                     }
                 }
-                Err(e) => (format!("refused: {}", e.reason()), "-".into(), "-".into(), "-".into()),
+                Err(e) => (
+                    format!("refused: {}", e.reason()),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                ),
             }
         } else {
             match pipeline.chat(req).await {
@@ -133,7 +152,12 @@ async fn main() -> tokenwise::Result<()> {
                     };
                     (by, r.model, r.usage.total().to_string(), r.cost.to_string())
                 }
-                Err(e) => (format!("refused: {}", e.reason()), "-".into(), "-".into(), "-".into()),
+                Err(e) => (
+                    format!("refused: {}", e.reason()),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                ),
             }
         };
         let latency = t0.elapsed();
@@ -148,7 +172,10 @@ async fn main() -> tokenwise::Result<()> {
             latency.as_millis(),
             step.text
         );
-        rows.push(Row { latency, outcome: served_by });
+        rows.push(Row {
+            latency,
+            outcome: served_by,
+        });
     }
 
     let report = pipeline.usage();
@@ -171,16 +198,27 @@ async fn main() -> tokenwise::Result<()> {
     println!("  requests          {}", t.requests);
     println!("  provider calls    {}", provider.calls());
     println!("  cache hits        {}", t.cache_hits);
-    println!("  tokens            {} in, {} out", t.input_tokens, t.output_tokens);
+    println!(
+        "  tokens            {} in, {} out",
+        t.input_tokens, t.output_tokens
+    );
     println!("  cost              {}", t.cost);
     println!("  cost saved        {} (by cache hits)", t.saved);
-    println!("  latency (served)  p50 {} ms, p95 {} ms", pct(0.50), pct(0.95));
+    println!(
+        "  latency (served)  p50 {} ms, p95 {} ms",
+        pct(0.50),
+        pct(0.95)
+    );
     println!(
         "  refusals          {}",
         if refusals.is_empty() {
             "none".to_owned()
         } else {
-            refusals.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ")
+            refusals
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         }
     );
     Ok(())

@@ -65,7 +65,12 @@
 //! [`provider::ProviderService`]), and [`Pipeline`] implements `tower::Service`.
 
 #![forbid(unsafe_code)]
-#![warn(missing_docs, missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
 #![deny(rustdoc::broken_intra_doc_links)]
 
 pub mod budget;
@@ -97,16 +102,15 @@ pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 
 
 /// Every extension trait is object safe: this fails to compile otherwise.
 #[allow(dead_code)]
-fn _object_safety(
-    _: &dyn Provider,
-    _: &dyn cache::Cache,
-    _: &dyn cache::Embedder,
-    _: &dyn router::Router,
-    _: &dyn router::Validator,
-    _: &dyn limiter::Limiter,
-    _: &dyn budget::Budget,
-    _: &dyn TokenCounter,
-    _: &dyn Clock,
-    _: &dyn observe::UsageSink,
-) {
-}
+type _ObjectSafe = (
+    Box<dyn Provider>,
+    Box<dyn cache::Cache>,
+    Box<dyn cache::Embedder>,
+    Box<dyn router::Router>,
+    Box<dyn router::Validator>,
+    Box<dyn limiter::Limiter>,
+    Box<dyn budget::Budget>,
+    Box<dyn TokenCounter>,
+    Box<dyn Clock>,
+    Box<dyn observe::UsageSink>,
+);

@@ -23,7 +23,9 @@ fn sim() -> SimulatedProvider {
 }
 
 fn builder(p: &SimulatedProvider) -> PipelineBuilder {
-    Pipeline::builder().provider(p.clone()).default_model("gpt-4o-mini")
+    Pipeline::builder()
+        .provider(p.clone())
+        .default_model("gpt-4o-mini")
 }
 
 fn ask(text: &str, user: &str) -> ChatRequest {
@@ -52,14 +54,22 @@ async fn a_cache_hit_spends_no_budget_and_is_served_over_the_cap() {
     assert_eq!(hit.content, first.content);
     assert_eq!(hit.cost, Cost::ZERO);
     match hit.served {
-        Served::Cache { similarity, saved_tokens, saved_cost } => {
+        Served::Cache {
+            similarity,
+            saved_tokens,
+            saved_cost,
+        } => {
             assert_eq!(similarity, 1.0);
             assert_eq!(saved_tokens, first.usage.total());
             assert_eq!(saved_cost, first.cost);
         }
         other => panic!("expected a cache hit, got {other:?}"),
     }
-    assert_eq!(spent(&pipe, "ann").await.0, spent_after_miss, "a hit spends nothing");
+    assert_eq!(
+        spent(&pipe, "ann").await.0,
+        spent_after_miss,
+        "a hit spends nothing"
+    );
     assert_eq!(p.calls(), 1);
 
     // Exhaust the cap with distinct questions until one is refused...
@@ -74,7 +84,10 @@ async fn a_cache_hit_spends_no_budget_and_is_served_over_the_cap() {
         }
     }
     let e = refused.expect("the cap must refuse eventually");
-    assert!(matches!(e, Error::BudgetExceeded { scope: Scope::User(ref u), .. } if u == "ann"), "{e}");
+    assert!(
+        matches!(e, Error::BudgetExceeded { scope: Scope::User(ref u), .. } if u == "ann"),
+        "{e}"
+    );
     let calls = p.calls();
     // ...and the cached answer is still served, at no cost, without a provider call.
     let again = pipe.chat(ask("What is GCRA?", "ann")).await.unwrap();
@@ -104,7 +117,9 @@ async fn refused_requests_never_reach_the_provider_and_consume_nothing_elsewhere
             Error::RateLimited { scope, retry_after } => {
                 assert_eq!(scope, Scope::Global);
                 // 3 a minute: one every 20 s, less the virtual time the three calls took
-                assert!(retry_after <= Duration::from_secs(20) && retry_after > Duration::from_secs(15));
+                assert!(
+                    retry_after <= Duration::from_secs(20) && retry_after > Duration::from_secs(15)
+                );
                 wait = retry_after;
             }
             other => panic!("{other}"),
@@ -113,7 +128,10 @@ async fn refused_requests_never_reach_the_provider_and_consume_nothing_elsewhere
     assert_eq!(p.calls(), 3, "refused requests never reach the provider");
     // One nanosecond early is still too early; the exact retry_after is enough.
     tokio::time::advance(wait - Duration::from_nanos(1)).await;
-    assert!(matches!(pipe.chat(ask("one more", "d")).await, Err(Error::RateLimited { .. })));
+    assert!(matches!(
+        pipe.chat(ask("one more", "d")).await,
+        Err(Error::RateLimited { .. })
+    ));
     tokio::time::advance(Duration::from_nanos(1)).await;
     // "d" gets through: its refusals consumed nothing of its own user or token quota.
     pipe.chat(ask("one more", "d")).await.unwrap();
@@ -141,22 +159,74 @@ async fn a_budget_refusal_refunds_the_token_charge() {
 #[tokio::test(start_paused = true)]
 async fn cache_ttl_expires_on_paused_time() {
     let p = sim();
-    let pipe = builder(&p).exact_cache(100, Duration::from_secs(60)).build().unwrap();
+    let pipe = builder(&p)
+        .exact_cache(100, Duration::from_secs(60))
+        .build()
+        .unwrap();
     pipe.chat(ask("ttl?", "ann")).await.unwrap();
     tokio::time::advance(Duration::from_secs(59)).await;
-    assert!(pipe.chat(ask("ttl?", "ann")).await.unwrap().served.is_cache_hit());
+    assert!(
+        pipe.chat(ask("ttl?", "ann"))
+            .await
+            .unwrap()
+            .served
+            .is_cache_hit()
+    );
     tokio::time::advance(Duration::from_secs(2)).await;
-    assert!(!pipe.chat(ask("ttl?", "ann")).await.unwrap().served.is_cache_hit());
+    assert!(
+        !pipe
+            .chat(ask("ttl?", "ann"))
+            .await
+            .unwrap()
+            .served
+            .is_cache_hit()
+    );
     assert_eq!(p.calls(), 2);
     // per-request TTL, bypass and refresh
-    pipe.chat(ask("short", "ann").cache_ttl(Duration::from_secs(1))).await.unwrap();
+    pipe.chat(ask("short", "ann").cache_ttl(Duration::from_secs(1)))
+        .await
+        .unwrap();
     tokio::time::advance(Duration::from_secs(2)).await;
-    assert!(!pipe.chat(ask("short", "ann")).await.unwrap().served.is_cache_hit());
-    assert!(!pipe.chat(ask("short", "ann").cache_mode(CacheMode::Bypass)).await.unwrap().served.is_cache_hit());
-    assert!(!pipe.chat(ask("short", "ann").cache_mode(CacheMode::Refresh)).await.unwrap().served.is_cache_hit());
-    assert!(pipe.chat(ask("short", "ann")).await.unwrap().served.is_cache_hit());
+    assert!(
+        !pipe
+            .chat(ask("short", "ann"))
+            .await
+            .unwrap()
+            .served
+            .is_cache_hit()
+    );
+    assert!(
+        !pipe
+            .chat(ask("short", "ann").cache_mode(CacheMode::Bypass))
+            .await
+            .unwrap()
+            .served
+            .is_cache_hit()
+    );
+    assert!(
+        !pipe
+            .chat(ask("short", "ann").cache_mode(CacheMode::Refresh))
+            .await
+            .unwrap()
+            .served
+            .is_cache_hit()
+    );
+    assert!(
+        pipe.chat(ask("short", "ann"))
+            .await
+            .unwrap()
+            .served
+            .is_cache_hit()
+    );
     assert_eq!(pipe.invalidate(&Invalidation::All).await.unwrap(), 2);
-    assert!(!pipe.chat(ask("short", "ann")).await.unwrap().served.is_cache_hit());
+    assert!(
+        !pipe
+            .chat(ask("short", "ann"))
+            .await
+            .unwrap()
+            .served
+            .is_cache_hit()
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -175,20 +245,47 @@ async fn tenants_never_share_cached_answers() {
     let p = sim();
     let pipe = builder(&p).build().unwrap();
     pipe.chat(ask("shared?", "ann").org("acme")).await.unwrap();
-    assert!(!pipe.chat(ask("shared?", "bob").org("globex")).await.unwrap().served.is_cache_hit());
-    assert!(pipe.chat(ask("shared?", "cat").org("acme")).await.unwrap().served.is_cache_hit());
+    assert!(
+        !pipe
+            .chat(ask("shared?", "bob").org("globex"))
+            .await
+            .unwrap()
+            .served
+            .is_cache_hit()
+    );
+    assert!(
+        pipe.chat(ask("shared?", "cat").org("acme"))
+            .await
+            .unwrap()
+            .served
+            .is_cache_hit()
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn an_outage_falls_back_to_the_next_target() {
     let p = SimulatedProvider::builder()
-        .outage(Duration::ZERO, Duration::from_secs(600), Some("gpt-4o-mini"))
+        .outage(
+            Duration::ZERO,
+            Duration::from_secs(600),
+            Some("gpt-4o-mini"),
+        )
         .build()
         .unwrap();
-    let pipe = builder(&p).fallbacks("gpt-4o-mini", ["claude-haiku-4-5"]).build().unwrap();
+    let pipe = builder(&p)
+        .fallbacks("gpt-4o-mini", ["claude-haiku-4-5"])
+        .build()
+        .unwrap();
     let r = pipe.chat(ask("are you there?", "ann")).await.unwrap();
     assert_eq!(r.model, "claude-haiku-4-5");
-    assert_eq!(r.served, Served::Provider { attempts: 2, fallbacks: 1, escalated: false });
+    assert_eq!(
+        r.served,
+        Served::Provider {
+            attempts: 2,
+            fallbacks: 1,
+            escalated: false
+        }
+    );
     // priced at the model that answered
     let spec = pipe.catalog().require("claude-haiku-4-5").unwrap();
     assert_eq!(r.cost, spec.cost(&r.usage));
@@ -205,11 +302,27 @@ async fn oversized_prompts_get_a_typed_error_or_a_larger_model() {
     let p = sim();
     let huge = "word ".repeat(140_000);
     let pipe = builder(&p).build().unwrap();
-    let e = pipe.chat(ChatRequest::user_text(huge.clone()).model("gpt-4o-mini")).await.unwrap_err();
-    assert!(matches!(e, Error::ContextTooLong { limit: 128_000, .. }), "{e}");
+    let e = pipe
+        .chat(ChatRequest::user_text(huge.clone()).model("gpt-4o-mini"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::ContextTooLong { limit: 128_000, .. }),
+        "{e}"
+    );
     assert_eq!(p.calls(), 0);
-    let pipe = builder(&p).fallbacks("gpt-4o-mini", ["gpt-4.1-mini"]).build().unwrap();
-    let r = pipe.chat(ChatRequest::user_text(huge).model("gpt-4o-mini").max_tokens(10)).await.unwrap();
+    let pipe = builder(&p)
+        .fallbacks("gpt-4o-mini", ["gpt-4.1-mini"])
+        .build()
+        .unwrap();
+    let r = pipe
+        .chat(
+            ChatRequest::user_text(huge)
+                .model("gpt-4o-mini")
+                .max_tokens(10),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.model, "gpt-4.1-mini");
 }
 
@@ -239,18 +352,34 @@ async fn a_rejected_answer_escalates_once_and_both_costs_are_recorded() {
     let p = sim();
     let pipe = builder(&p)
         .escalate("gpt-4o-mini", ["gpt-4o"])
-        .validator(Arc::new(FnValidator(|_: &ChatRequest, r: &tokenwise::ChatResponse| {
-            if r.model == "gpt-4o-mini" { Verdict::Escalate("too small".into()) } else { Verdict::Accept }
-        })))
+        .validator(Arc::new(FnValidator(
+            |_: &ChatRequest, r: &tokenwise::ChatResponse| {
+                if r.model == "gpt-4o-mini" {
+                    Verdict::Escalate("too small".into())
+                } else {
+                    Verdict::Accept
+                }
+            },
+        )))
         .spend_cap(ScopeKind::User, Cost::from_dollars(1), BudgetWindow::Day)
         .build()
         .unwrap();
     let r = pipe.chat(ask("hard question", "ann")).await.unwrap();
     assert_eq!(r.model, "gpt-4o");
-    assert!(matches!(r.served, Served::Provider { attempts: 2, escalated: true, .. }));
+    assert!(matches!(
+        r.served,
+        Served::Provider {
+            attempts: 2,
+            escalated: true,
+            ..
+        }
+    ));
     let rec = pipe.recent_usage().pop().unwrap();
     let cat = pipe.catalog();
-    assert!(rec.cost > cat.require("gpt-4o").unwrap().cost(&r.usage), "both attempts are billed");
+    assert!(
+        rec.cost > cat.require("gpt-4o").unwrap().cost(&r.usage),
+        "both attempts are billed"
+    );
     assert_eq!(spent(&pipe, "ann").await.0, rec.cost);
     assert_eq!(p.calls(), 2);
 }
@@ -281,7 +410,9 @@ async fn streams_are_metered_cached_and_replayed() {
         .unwrap();
     let (text, events, err) = collect(pipe.stream(ask("stream me", "ann")).await.unwrap()).await;
     assert!(err.is_none());
-    let Some(StreamEvent::Done(end)) = events.last() else { panic!("no Done: {events:?}") };
+    let Some(StreamEvent::Done(end)) = events.last() else {
+        panic!("no Done: {events:?}")
+    };
     assert!(!end.cost.is_zero());
     assert_eq!(spent(&pipe, "ann").await, (end.cost, Cost::ZERO));
 
@@ -289,8 +420,16 @@ async fn streams_are_metered_cached_and_replayed() {
     let (again, events, err) = collect(pipe.stream(ask("stream me", "ann")).await.unwrap()).await;
     assert!(err.is_none());
     assert_eq!(again, text);
-    assert!(events.iter().filter(|e| matches!(e, StreamEvent::TextDelta { .. })).count() > 1);
-    let Some(StreamEvent::Done(end2)) = events.last() else { panic!() };
+    assert!(
+        events
+            .iter()
+            .filter(|e| matches!(e, StreamEvent::TextDelta { .. }))
+            .count()
+            > 1
+    );
+    let Some(StreamEvent::Done(end2)) = events.last() else {
+        panic!()
+    };
     assert!(end2.served.is_cache_hit());
     assert_eq!(end2.cost, Cost::ZERO);
     assert_eq!(p.calls(), 1);
@@ -302,13 +441,19 @@ async fn streams_are_metered_cached_and_replayed() {
 
 #[tokio::test(start_paused = true)]
 async fn a_cut_stream_is_an_error_commits_what_it_used_and_is_not_cached() {
-    let p = SimulatedProvider::builder().cut_stream_after(4).build().unwrap();
+    let p = SimulatedProvider::builder()
+        .cut_stream_after(4)
+        .build()
+        .unwrap();
     let pipe = builder(&p)
         .spend_cap(ScopeKind::User, Cost::from_dollars(1), BudgetWindow::Day)
         .build()
         .unwrap();
     let (text, events, err) = collect(pipe.stream(ask("cut me", "ann")).await.unwrap()).await;
-    assert!(matches!(err, Some(Error::StreamInterrupted { chunks: 4, .. })), "{err:?}");
+    assert!(
+        matches!(err, Some(Error::StreamInterrupted { chunks: 4, .. })),
+        "{err:?}"
+    );
     assert!(!events.iter().any(|e| matches!(e, StreamEvent::Done(_))));
     assert!(!text.is_empty());
     let (spent_now, reserved) = spent(&pipe, "ann").await;
@@ -332,14 +477,20 @@ async fn a_dropped_stream_commits_what_it_used() {
         .unwrap();
     let mut s = pipe.stream(ask("drop me", "ann")).await.unwrap();
     let (_, reserved) = spent(&pipe, "ann").await;
-    assert!(!reserved.is_zero(), "the worst case is reserved while streaming");
+    assert!(
+        !reserved.is_zero(),
+        "the worst case is reserved while streaming"
+    );
     let _ = s.next().await;
     let _ = s.next().await;
     drop(s);
     let (spent_now, reserved) = spent(&pipe, "ann").await;
     assert!(!spent_now.is_zero());
     assert_eq!(reserved, Cost::ZERO);
-    assert_eq!(pipe.recent_usage().pop().unwrap().outcome, Outcome::Error("stream_dropped".into()));
+    assert_eq!(
+        pipe.recent_usage().pop().unwrap().outcome,
+        Outcome::Error("stream_dropped".into())
+    );
     // the in-flight slot was released with it
     pipe.chat(ask("next", "ann")).await.unwrap();
 }
@@ -350,23 +501,34 @@ async fn a_stream_failing_before_its_first_token_falls_back() {
         .outage(Duration::ZERO, Duration::from_secs(60), Some("gpt-4o-mini"))
         .build()
         .unwrap();
-    let pipe = builder(&p).fallbacks("gpt-4o-mini", ["gpt-4.1-mini"]).build().unwrap();
+    let pipe = builder(&p)
+        .fallbacks("gpt-4o-mini", ["gpt-4.1-mini"])
+        .build()
+        .unwrap();
     let (_, events, err) = collect(pipe.stream(ask("fallback stream", "ann")).await.unwrap()).await;
     assert!(err.is_none());
-    let Some(StreamEvent::Done(end)) = events.last() else { panic!() };
+    let Some(StreamEvent::Done(end)) = events.last() else {
+        panic!()
+    };
     assert_eq!(end.model, "gpt-4.1-mini");
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_pipeline_is_a_tower_service_and_the_layers_compose() {
-    use tower::{Service, ServiceBuilder, ServiceExt};
     use tokenwise::budget::{BudgetLayer, MemoryBudget};
     use tokenwise::cache::{CacheLayer, CacheScope, ExactCache};
     use tokenwise::limiter::{GcraLimiter, RateLimitLayer};
+    use tower::{Service, ServiceBuilder, ServiceExt};
 
     let p = sim();
     let mut pipe = builder(&p).build().unwrap();
-    let r = pipe.ready().await.unwrap().call(ask("via tower", "ann")).await.unwrap();
+    let r = pipe
+        .ready()
+        .await
+        .unwrap()
+        .call(ask("via tower", "ann"))
+        .await
+        .unwrap();
     assert_eq!(r.model, "gpt-4o-mini");
 
     let cat = tokenwise::Catalog::builtin();
@@ -376,17 +538,29 @@ async fn the_pipeline_is_a_tower_service_and_the_layers_compose() {
             .build()
             .unwrap(),
     );
-    let limiter = GcraLimiter::builder().requests_per_minute(ScopeKind::User, 2).build().unwrap();
+    let limiter = GcraLimiter::builder()
+        .requests_per_minute(ScopeKind::User, 2)
+        .build()
+        .unwrap();
     let mut svc = ServiceBuilder::new()
         .layer(RateLimitLayer::new(Arc::new(limiter), cat.clone()))
-        .layer(CacheLayer::new(Arc::new(ExactCache::builder().build().unwrap()), CacheScope::Global))
+        .layer(CacheLayer::new(
+            Arc::new(ExactCache::builder().build().unwrap()),
+            CacheScope::Global,
+        ))
         .layer(BudgetLayer::new(budget.clone(), cat.clone()))
         .service(ProviderService::new(p.clone(), cat));
     let req = ask("layers", "ann").model("gpt-4o-mini");
     let first = svc.ready().await.unwrap().call(req.clone()).await.unwrap();
     let second = svc.ready().await.unwrap().call(req.clone()).await.unwrap();
     assert!(second.served.is_cache_hit());
-    let e = svc.ready().await.unwrap().call(req.clone()).await.unwrap_err();
+    let e = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(req.clone())
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::RateLimited { .. }));
     let st = budget.status_now(&req.meta);
     assert_eq!(st[0].spent, first.cost);
@@ -396,12 +570,31 @@ async fn the_pipeline_is_a_tower_service_and_the_layers_compose() {
 async fn invalid_configuration_and_requests_are_typed_errors() {
     let p = sim();
     assert!(matches!(Pipeline::builder().build(), Err(Error::Config(_))));
-    assert!(matches!(builder(&p).default_model("no-such-model").build(), Err(Error::Config(_))));
-    assert!(matches!(builder(&p).max_in_flight(0).build(), Err(Error::Config(_))));
-    assert!(matches!(builder(&p).rate_limit(ScopeKind::User, 0).build(), Err(Error::Config(_))));
+    assert!(matches!(
+        builder(&p).default_model("no-such-model").build(),
+        Err(Error::Config(_))
+    ));
+    assert!(matches!(
+        builder(&p).max_in_flight(0).build(),
+        Err(Error::Config(_))
+    ));
+    assert!(matches!(
+        builder(&p).rate_limit(ScopeKind::User, 0).build(),
+        Err(Error::Config(_))
+    ));
     let pipe = builder(&p).build().unwrap();
-    assert!(matches!(pipe.chat(ChatRequest::new()).await, Err(Error::InvalidRequest(_))));
-    assert!(matches!(pipe.chat(ChatRequest::user_text("x").temperature(9.0)).await, Err(Error::InvalidRequest(_))));
-    assert!(matches!(pipe.chat(ChatRequest::user_text("x").model("nope")).await, Err(Error::UnknownModel(_))));
+    assert!(matches!(
+        pipe.chat(ChatRequest::new()).await,
+        Err(Error::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        pipe.chat(ChatRequest::user_text("x").temperature(9.0))
+            .await,
+        Err(Error::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        pipe.chat(ChatRequest::user_text("x").model("nope")).await,
+        Err(Error::UnknownModel(_))
+    ));
     assert_eq!(p.calls(), 0);
 }

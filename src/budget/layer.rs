@@ -24,7 +24,11 @@ pub struct BudgetLayer {
 impl BudgetLayer {
     /// A layer spending from `budget` at the prices in `catalog`.
     pub fn new(budget: Arc<dyn Budget>, catalog: Catalog) -> Self {
-        BudgetLayer { budget, catalog, counter: Arc::new(TiktokenCounter::new()) }
+        BudgetLayer {
+            budget,
+            catalog,
+            counter: Arc::new(TiktokenCounter::new()),
+        }
     }
 }
 
@@ -32,7 +36,10 @@ impl<S> Layer<S> for BudgetLayer {
     type Service = BudgetService<S>;
 
     fn layer(&self, inner: S) -> BudgetService<S> {
-        BudgetService { inner, layer: self.clone() }
+        BudgetService {
+            inner,
+            layer: self.clone(),
+        }
     }
 }
 
@@ -74,7 +81,9 @@ where
         let layer = self.layer.clone();
         Box::pin(async move {
             let name = req.model.as_deref().ok_or_else(|| {
-                Error::InvalidRequest("the budget layer needs requests that name their model".into())
+                Error::InvalidRequest(
+                    "the budget layer needs requests that name their model".into(),
+                )
             })?;
             let model = Arc::clone(layer.catalog.require(name)?);
             let prompt = layer.counter.count_request(&req, model.tokenizer);

@@ -23,7 +23,11 @@ pub struct MemoryBudgetBuilder {
 impl MemoryBudgetBuilder {
     /// Caps spend on `scope` (each user, each org, everything, ...) at `limit` per `window`.
     pub fn cap(mut self, scope: ScopeKind, limit: Cost, window: BudgetWindow) -> Self {
-        self.caps.push(SpendCap { scope, limit, window });
+        self.caps.push(SpendCap {
+            scope,
+            limit,
+            window,
+        });
         self
     }
 
@@ -44,7 +48,9 @@ impl MemoryBudgetBuilder {
     /// Builds the budget.
     pub fn build(self) -> Result<MemoryBudget> {
         if self.max_accounts == 0 {
-            return Err(Error::Config("budget: max_accounts must be at least 1".into()));
+            return Err(Error::Config(
+                "budget: max_accounts must be at least 1".into(),
+            ));
         }
         Ok(MemoryBudget {
             inner: Arc::new(Inner {
@@ -126,7 +132,10 @@ impl MemoryBudget {
 
     fn lock(&self) -> MutexGuard<'_, HashMap<AccountKey, Account>> {
         // Every mutation is applied after all checks, so a poisoned map is consistent.
-        self.inner.accounts.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner
+            .accounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn keys_for(&self, meta: &RequestMeta) -> Vec<AccountKey> {
@@ -156,7 +165,10 @@ impl MemoryBudget {
             let committed = acc.spent.saturating_add(acc.reserved);
             if committed.saturating_add(amount) > cap.limit {
                 return Err(Error::BudgetExceeded {
-                    scope: cap.scope.scope_of(meta).unwrap_or(crate::types::Scope::Global),
+                    scope: cap
+                        .scope
+                        .scope_of(meta)
+                        .unwrap_or(crate::types::Scope::Global),
                     limit: cap.limit,
                     spent: committed,
                     retry_after: cap.window.until_reset(now),
@@ -194,7 +206,9 @@ impl MemoryBudget {
     pub fn commit_now(&self, reservation: &Reservation, actual: Cost) {
         let mut accounts = self.lock();
         for name in &reservation.accounts {
-            let Some(k) = AccountKey::parse(name) else { continue };
+            let Some(k) = AccountKey::parse(name) else {
+                continue;
+            };
             let acc = accounts.entry(k).or_default();
             acc.reserved = acc.reserved.saturating_sub(reservation.amount);
             acc.spent = acc.spent.saturating_add(actual);
@@ -255,7 +269,11 @@ mod tests {
     use std::time::Duration;
 
     fn meta(user: &str) -> RequestMeta {
-        RequestMeta { user: Some(user.into()), org: Some("acme".into()), ..Default::default() }
+        RequestMeta {
+            user: Some(user.into()),
+            org: Some("acme".into()),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -272,7 +290,12 @@ mod tests {
         // a second worst case does not fit while the first is reserved
         let e = b.reserve_now(&ann, Cost::from_cents(3)).unwrap_err();
         match e {
-            Error::BudgetExceeded { scope, spent, retry_after, .. } => {
+            Error::BudgetExceeded {
+                scope,
+                spent,
+                retry_after,
+                ..
+            } => {
                 assert_eq!(scope, Scope::User("ann".into()));
                 assert_eq!(spent, Cost::from_cents(8));
                 assert_eq!(retry_after, Some(Duration::from_secs(12 * 3600)));
@@ -284,11 +307,22 @@ mod tests {
         let st = b.status_now(&ann);
         assert_eq!(st[0].spent, Cost::from_cents(2));
         assert_eq!(st[0].reserved, Cost::ZERO);
-        b.reserve_now(&ann, Cost::from_cents(3)).map(|r| b.commit_now(&r, Cost::from_cents(3))).unwrap();
+        b.reserve_now(&ann, Cost::from_cents(3))
+            .map(|r| b.commit_now(&r, Cost::from_cents(3)))
+            .unwrap();
         // bob is refused by the org cap (2 + 3 spent, 9 asked > 12) and reserves nothing on his own cap
         let bob = meta("bob");
         let e = b.reserve_now(&bob, Cost::from_cents(9)).unwrap_err();
-        assert!(matches!(e, Error::BudgetExceeded { scope: Scope::Org(_), .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::BudgetExceeded {
+                    scope: Scope::Org(_),
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert_eq!(b.status_now(&bob)[0].reserved, Cost::ZERO);
         // a new day resets the user cap
         clock.advance(Duration::from_secs(12 * 3600));
@@ -308,7 +342,10 @@ mod tests {
             let r = b.reserve_now(&meta(u), Cost::from_cents(1)).unwrap();
             b.commit_now(&r, Cost::from_cents(1));
         }
-        assert!(matches!(b.reserve_now(&meta("c"), Cost::from_cents(1)), Err(Error::Overloaded { .. })));
+        assert!(matches!(
+            b.reserve_now(&meta("c"), Cost::from_cents(1)),
+            Err(Error::Overloaded { .. })
+        ));
         clock.advance(Duration::from_secs(86_400));
         b.reserve_now(&meta("c"), Cost::from_cents(1)).unwrap();
         assert_eq!(b.accounts(), 1);

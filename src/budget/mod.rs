@@ -126,7 +126,11 @@ pub struct Reservation {
 impl Reservation {
     /// A reservation of `amount` on `accounts`.
     pub fn new(id: u64, amount: Cost, accounts: Vec<String>) -> Self {
-        Reservation { id, amount, accounts }
+        Reservation {
+            id,
+            amount,
+            accounts,
+        }
     }
 }
 
@@ -207,12 +211,24 @@ mod tests {
         // 2026-11-24 12:00:00 UTC
         let t = Timestamp::from_secs(1_795_521_600);
         assert_eq!(civil_from_days(t.as_secs() / 86_400), (2026, 11, 24));
-        assert_eq!(BudgetWindow::Day.until_reset(t), Some(Duration::from_secs(12 * 3600)));
+        assert_eq!(
+            BudgetWindow::Day.until_reset(t),
+            Some(Duration::from_secs(12 * 3600))
+        );
         // to 2026-12-01 00:00
-        assert_eq!(BudgetWindow::Month.until_reset(t), Some(Duration::from_secs(6 * 86_400 + 12 * 3600)));
+        assert_eq!(
+            BudgetWindow::Month.until_reset(t),
+            Some(Duration::from_secs(6 * 86_400 + 12 * 3600))
+        );
         let dec31 = Timestamp::from_secs(days_from_civil(2026, 12, 31) * 86_400);
-        assert_eq!(BudgetWindow::Month.until_reset(dec31), Some(Duration::from_secs(86_400)));
-        assert_ne!(BudgetWindow::Month.index(dec31), BudgetWindow::Month.index(dec31.saturating_add(Duration::from_secs(86_400))));
+        assert_eq!(
+            BudgetWindow::Month.until_reset(dec31),
+            Some(Duration::from_secs(86_400))
+        );
+        assert_ne!(
+            BudgetWindow::Month.index(dec31),
+            BudgetWindow::Month.index(dec31.saturating_add(Duration::from_secs(86_400)))
+        );
         assert_eq!(BudgetWindow::Total.until_reset(t), None);
         for d in [0, 59, 60, 365, 10_000, 20_000, 30_000] {
             let (y, m, dd) = civil_from_days(d);

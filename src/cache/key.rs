@@ -157,10 +157,16 @@ mod tests {
             base.clone().model("gpt-4o"),
             base.clone().temperature(0.5),
             base.clone().max_tokens(10),
-            base.clone().document(crate::types::Document::new("doc", 0.9)),
+            base.clone()
+                .document(crate::types::Document::new("doc", 0.9)),
             base.clone().cache_namespace("other"),
-            ChatRequest::new().model("gpt-4o-mini").message(Message::system("be long")).message(Message::user("hi")),
-            base.clone().message(Message::assistant("hello")).message(Message::user("hi")),
+            ChatRequest::new()
+                .model("gpt-4o-mini")
+                .message(Message::system("be long"))
+                .message(Message::user("hi")),
+            base.clone()
+                .message(Message::assistant("hello"))
+                .message(Message::user("hi")),
         ] {
             assert_ne!(k, q(&changed).key, "{changed:?}");
         }
@@ -168,9 +174,18 @@ mod tests {
 
     #[test]
     fn context_key_ignores_only_the_final_user_turn() {
-        let a = ChatRequest::new().message(Message::user("first")).message(Message::assistant("ok")).message(Message::user("cancel it"));
-        let b = ChatRequest::new().message(Message::user("first")).message(Message::assistant("ok")).message(Message::user("cancel that"));
-        let c = ChatRequest::new().message(Message::user("second")).message(Message::assistant("ok")).message(Message::user("cancel it"));
+        let a = ChatRequest::new()
+            .message(Message::user("first"))
+            .message(Message::assistant("ok"))
+            .message(Message::user("cancel it"));
+        let b = ChatRequest::new()
+            .message(Message::user("first"))
+            .message(Message::assistant("ok"))
+            .message(Message::user("cancel that"));
+        let c = ChatRequest::new()
+            .message(Message::user("second"))
+            .message(Message::assistant("ok"))
+            .message(Message::user("cancel it"));
         assert_eq!(q(&a).context_key, q(&b).context_key);
         assert_ne!(q(&a).key, q(&b).key);
         assert_ne!(q(&a).context_key, q(&c).context_key);
@@ -186,6 +201,9 @@ mod tests {
         assert_ne!(org.key, user.key);
         assert_ne!(user.key, other_user.key);
         assert!(CacheQuery::for_request(&ChatRequest::user_text("hi"), CacheScope::User).is_none());
-        assert!(CacheQuery::for_request(&r.clone().cache_mode(CacheMode::Bypass), CacheScope::Global).is_none());
+        assert!(
+            CacheQuery::for_request(&r.clone().cache_mode(CacheMode::Bypass), CacheScope::Global)
+                .is_none()
+        );
     }
 }

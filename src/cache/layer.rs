@@ -29,7 +29,10 @@ impl<S> Layer<S> for CacheLayer {
     type Service = CacheService<S>;
 
     fn layer(&self, inner: S) -> CacheService<S> {
-        CacheService { inner, layer: self.clone() }
+        CacheService {
+            inner,
+            layer: self.clone(),
+        }
     }
 }
 

@@ -229,8 +229,16 @@ mod tests {
             .build()
             .unwrap();
         let q = query("a");
-        let long = CacheQuery::for_request(&ChatRequest::user_text("a").cache_namespace("long"), CacheScope::Global).unwrap();
-        let short = CacheQuery::for_request(&ChatRequest::user_text("b").cache_ttl(Duration::from_secs(5)), CacheScope::Global).unwrap();
+        let long = CacheQuery::for_request(
+            &ChatRequest::user_text("a").cache_namespace("long"),
+            CacheScope::Global,
+        )
+        .unwrap();
+        let short = CacheQuery::for_request(
+            &ChatRequest::user_text("b").cache_ttl(Duration::from_secs(5)),
+            CacheScope::Global,
+        )
+        .unwrap();
         cache.put_now(&q, &resp("A"));
         cache.put_now(&long, &resp("L"));
         cache.put_now(&short, &resp("S"));
@@ -259,13 +267,24 @@ mod tests {
     #[test]
     fn invalidation_by_key_namespace_and_tag() {
         let cache = ExactCache::builder().build().unwrap();
-        let tagged = CacheQuery::for_request(&ChatRequest::user_text("t").cache_tag("prices"), CacheScope::Global).unwrap();
-        let ns = CacheQuery::for_request(&ChatRequest::user_text("n").cache_namespace("faq"), CacheScope::Global).unwrap();
+        let tagged = CacheQuery::for_request(
+            &ChatRequest::user_text("t").cache_tag("prices"),
+            CacheScope::Global,
+        )
+        .unwrap();
+        let ns = CacheQuery::for_request(
+            &ChatRequest::user_text("n").cache_namespace("faq"),
+            CacheScope::Global,
+        )
+        .unwrap();
         cache.put_now(&tagged, &resp("T"));
         cache.put_now(&ns, &resp("N"));
         cache.put_now(&query("k"), &resp("K"));
         assert_eq!(cache.invalidate_now(&Invalidation::Tag("prices".into())), 1);
-        assert_eq!(cache.invalidate_now(&Invalidation::Namespace("faq".into())), 1);
+        assert_eq!(
+            cache.invalidate_now(&Invalidation::Namespace("faq".into())),
+            1
+        );
         assert_eq!(cache.invalidate_now(&Invalidation::Key(query("k").key)), 1);
         assert!(cache.is_empty());
         assert!(ExactCache::builder().max_entries(0).build().is_err());

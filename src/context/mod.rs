@@ -45,7 +45,8 @@ pub trait TokenCounter: Send + Sync + fmt::Debug {
     fn count_message(&self, message: &Message, tokenizer: TokenizerKind) -> u64 {
         let mut n = TOKENS_PER_MESSAGE + self.count_text(&message.content, tokenizer);
         for call in &message.tool_calls {
-            n += self.count_text(&call.name, tokenizer) + self.count_text(&call.arguments, tokenizer);
+            n += self.count_text(&call.name, tokenizer)
+                + self.count_text(&call.arguments, tokenizer);
         }
         n
     }
@@ -99,7 +100,9 @@ impl TiktokenCounter {
     pub fn preload(&self) -> crate::Result<()> {
         for enc in [o200k(), cl100k()] {
             if let Err(e) = enc {
-                return Err(crate::Error::Config(format!("tokenizer failed to load: {e}")));
+                return Err(crate::Error::Config(format!(
+                    "tokenizer failed to load: {e}"
+                )));
             }
         }
         Ok(())
@@ -126,6 +129,23 @@ impl TokenCounter for TiktokenCounter {
     }
 }
 
+/// The token charge of `request` before it runs: prompt tokens with its model's tokenizer
+/// plus its output allowance (`max_tokens`, else the model's maximum). For a request
+/// naming no known model: `o200k_base` and `max_tokens` (or nothing).
+pub fn token_estimate(
+    counter: &dyn TokenCounter,
+    catalog: &crate::types::Catalog,
+    request: &ChatRequest,
+) -> u64 {
+    let model = request.model.as_deref().and_then(|m| catalog.get(m));
+    let tokenizer = model.map_or(TokenizerKind::O200k, |m| m.tokenizer);
+    let allowance = match model {
+        Some(m) => m.output_allowance(request.params.max_tokens),
+        None => request.params.max_tokens.map_or(0, u64::from),
+    };
+    counter.count_request(request, tokenizer) + allowance
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,17 +163,4 @@ mod tests {
         // 3 (reply priming) + 3 (message) + 2 (content)
         assert_eq!(c.count_request(&req, TokenizerKind::O200k), 8);
     }
-}
-
-/// The token charge of `request` before it runs: prompt tokens with its model's tokenizer
-/// plus its output allowance (`max_tokens`, else the model's maximum). For a request
-/// naming no known model: `o200k_base` and `max_tokens` (or nothing).
-pub fn token_estimate(counter: &dyn TokenCounter, catalog: &crate::types::Catalog, request: &ChatRequest) -> u64 {
-    let model = request.model.as_deref().and_then(|m| catalog.get(m));
-    let tokenizer = model.map_or(TokenizerKind::O200k, |m| m.tokenizer);
-    let allowance = match model {
-        Some(m) => m.output_allowance(request.params.max_tokens),
-        None => request.params.max_tokens.map_or(0, u64::from),
-    };
-    counter.count_request(request, tokenizer) + allowance
 }

@@ -26,13 +26,21 @@ pub struct GcraLimiterBuilder {
 impl GcraLimiterBuilder {
     /// Limits requests on `scope` (each user, each org, ...) to `quota`.
     pub fn requests(mut self, scope: ScopeKind, quota: Quota) -> Self {
-        self.rules.push(LimitRule { scope, unit: Unit::Requests, quota });
+        self.rules.push(LimitRule {
+            scope,
+            unit: Unit::Requests,
+            quota,
+        });
         self
     }
 
     /// Limits tokens (prompt plus output) on `scope` to `quota`.
     pub fn tokens(mut self, scope: ScopeKind, quota: Quota) -> Self {
-        self.rules.push(LimitRule { scope, unit: Unit::Tokens, quota });
+        self.rules.push(LimitRule {
+            scope,
+            unit: Unit::Tokens,
+            quota,
+        });
         self
     }
 
@@ -68,16 +76,26 @@ impl GcraLimiterBuilder {
     /// How much more premium-tier requests get on every scope but global (default 2.0).
     pub fn premium_multiplier(self, m: f64) -> Self {
         match permille(m) {
-            Some(p) => Self { premium_permille: p, ..self },
-            None => self.fail(Error::Config(format!("premium multiplier must be positive and finite, got {m}"))),
+            Some(p) => Self {
+                premium_permille: p,
+                ..self
+            },
+            None => self.fail(Error::Config(format!(
+                "premium multiplier must be positive and finite, got {m}"
+            ))),
         }
     }
 
     /// How much free-tier requests get on every scope but global (default 1.0).
     pub fn free_multiplier(self, m: f64) -> Self {
         match permille(m) {
-            Some(p) => Self { free_permille: p, ..self },
-            None => self.fail(Error::Config(format!("free multiplier must be positive and finite, got {m}"))),
+            Some(p) => Self {
+                free_permille: p,
+                ..self
+            },
+            None => self.fail(Error::Config(format!(
+                "free multiplier must be positive and finite, got {m}"
+            ))),
         }
     }
 
@@ -239,7 +257,9 @@ impl GcraLimiter {
         let mut updates: Vec<(usize, &str, u64)> = Vec::with_capacity(self.inner.rules.len());
         let mut refusal: Option<(u128, usize)> = None;
         for (i, r) in self.inner.rules.iter().enumerate() {
-            let Some(key) = r.rule.scope.key_of(meta) else { continue };
+            let Some(key) = r.rule.scope.key_of(meta) else {
+                continue;
+            };
             let n = match r.rule.unit {
                 Unit::Requests => 1,
                 Unit::Tokens => u128::from(tokens),
@@ -259,7 +279,10 @@ impl GcraLimiter {
                 )));
             }
             let now128 = u128::from(now);
-            let tat = state.tats[i].get(key).copied().map_or(now128, |t| u128::from(t).max(now128));
+            let tat = state.tats[i]
+                .get(key)
+                .copied()
+                .map_or(now128, |t| u128::from(t).max(now128));
             let new_tat = tat + inc;
             let allow_at = new_tat - r.tau_ns;
             if allow_at > now128 {
@@ -331,7 +354,9 @@ impl GcraLimiter {
             if r.rule.unit != Unit::Tokens {
                 continue;
             }
-            let Some(key) = r.rule.scope.key_of(meta) else { continue };
+            let Some(key) = r.rule.scope.key_of(meta) else {
+                continue;
+            };
             let mult = self.multiplier(r.rule.scope, meta.tier);
             let delta = u128::from(charged.abs_diff(actual));
             let shift = (delta * r.period_ns * 1000).div_ceil(r.amount * mult);
@@ -371,7 +396,6 @@ impl Limiter for GcraLimiter {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,7 +404,11 @@ mod tests {
     use std::num::NonZeroU64;
 
     fn meta(user: &str) -> RequestMeta {
-        RequestMeta { user: Some(user.into()), org: Some("acme".into()), ..Default::default() }
+        RequestMeta {
+            user: Some(user.into()),
+            org: Some("acme".into()),
+            ..Default::default()
+        }
     }
 
     fn limiter(clock: &ManualClock, b: GcraLimiterBuilder) -> GcraLimiter {
@@ -391,7 +419,13 @@ mod tests {
     fn refill_with_exact_retry_after() {
         let clock = ManualClock::new(Timestamp::from_secs(1_000));
         let nz = |n| NonZeroU64::new(n).unwrap();
-        let l = limiter(&clock, GcraLimiter::builder().requests(ScopeKind::User, Quota::per_minute(nz(60)).allow_burst(nz(3))));
+        let l = limiter(
+            &clock,
+            GcraLimiter::builder().requests(
+                ScopeKind::User,
+                Quota::per_minute(nz(60)).allow_burst(nz(3)),
+            ),
+        );
         let m = meta("ann");
         for _ in 0..3 {
             l.check(&m, 0).unwrap();
@@ -405,7 +439,9 @@ mod tests {
         }
         clock.advance(Duration::from_millis(400));
         match l.check(&m, 0) {
-            Err(Error::RateLimited { retry_after, .. }) => assert_eq!(retry_after, Duration::from_millis(600)),
+            Err(Error::RateLimited { retry_after, .. }) => {
+                assert_eq!(retry_after, Duration::from_millis(600))
+            }
             other => panic!("expected a refusal, got {other:?}"),
         }
         clock.advance(Duration::from_millis(600));
@@ -427,7 +463,16 @@ mod tests {
         l.check(&meta("b"), 0).unwrap();
         for _ in 0..5 {
             let e = l.check(&meta("c"), 0).unwrap_err();
-            assert!(matches!(e, Error::RateLimited { scope: Scope::Global, .. }), "{e}");
+            assert!(
+                matches!(
+                    e,
+                    Error::RateLimited {
+                        scope: Scope::Global,
+                        ..
+                    }
+                ),
+                "{e}"
+            );
         }
         // "c" was refused by global five times: none of it counted against c's user limit.
         let state = l.lock();
@@ -437,7 +482,10 @@ mod tests {
     #[test]
     fn tokens_reconcile_and_premium_multiplier() {
         let clock = ManualClock::new(Timestamp::from_secs(1_000));
-        let l = limiter(&clock, GcraLimiter::builder().tokens_per_minute(ScopeKind::User, 1_000));
+        let l = limiter(
+            &clock,
+            GcraLimiter::builder().tokens_per_minute(ScopeKind::User, 1_000),
+        );
         let m = meta("ann");
         l.check(&m, 800).unwrap();
         assert!(l.check(&m, 300).is_err());
@@ -456,11 +504,19 @@ mod tests {
     #[test]
     fn idle_keys_are_evicted_and_the_bound_holds() {
         let clock = ManualClock::new(Timestamp::from_secs(1_000));
-        let l = limiter(&clock, GcraLimiter::builder().requests_per_minute(ScopeKind::User, 60).max_keys(3));
+        let l = limiter(
+            &clock,
+            GcraLimiter::builder()
+                .requests_per_minute(ScopeKind::User, 60)
+                .max_keys(3),
+        );
         for u in ["a", "b", "c"] {
             l.check(&meta(u), 0).unwrap();
         }
-        assert!(matches!(l.check(&meta("d"), 0), Err(Error::Overloaded { .. })));
+        assert!(matches!(
+            l.check(&meta("d"), 0),
+            Err(Error::Overloaded { .. })
+        ));
         assert_eq!(l.tracked_keys(), 3);
         clock.advance(Duration::from_secs(2));
         l.check(&meta("d"), 0).unwrap();

@@ -36,7 +36,11 @@ pub struct RateLimitLayer {
 impl RateLimitLayer {
     /// A layer admitting through `limiter`, estimating tokens with the models in `catalog`.
     pub fn new(limiter: Arc<dyn Limiter>, catalog: Catalog) -> Self {
-        RateLimitLayer { limiter, catalog, counter: Arc::new(TiktokenCounter::new()) }
+        RateLimitLayer {
+            limiter,
+            catalog,
+            counter: Arc::new(TiktokenCounter::new()),
+        }
     }
 }
 
@@ -44,7 +48,10 @@ impl<S> Layer<S> for RateLimitLayer {
     type Service = RateLimit<S>;
 
     fn layer(&self, inner: S) -> RateLimit<S> {
-        RateLimit { inner, layer: self.clone() }
+        RateLimit {
+            inner,
+            layer: self.clone(),
+        }
     }
 }
 
@@ -86,10 +93,19 @@ where
         let layer = self.layer.clone();
         Box::pin(async move {
             let charged = token_estimate(&*layer.counter, &layer.catalog, &req);
-            layer.limiter.acquire(&Admission::new(&req.meta, charged)).await?;
+            layer
+                .limiter
+                .acquire(&Admission::new(&req.meta, charged))
+                .await?;
             let meta = req.meta.clone();
             let result = inner.call(req).await;
-            let actual = result.as_ref().map_or(0, |r| if r.served.is_cache_hit() { 0 } else { r.usage.total() });
+            let actual = result.as_ref().map_or(0, |r| {
+                if r.served.is_cache_hit() {
+                    0
+                } else {
+                    r.usage.total()
+                }
+            });
             if actual != charged {
                 if let Err(e) = layer.limiter.reconcile(&meta, charged, actual).await {
                     tracing::warn!(error = %e, "token reconciliation failed");

@@ -51,22 +51,38 @@ impl Quota {
 
     /// `amount` per second.
     pub fn per_second(amount: NonZeroU64) -> Self {
-        Quota { amount, period: Duration::from_secs(1), burst: amount }
+        Quota {
+            amount,
+            period: Duration::from_secs(1),
+            burst: amount,
+        }
     }
 
     /// `amount` per minute.
     pub fn per_minute(amount: NonZeroU64) -> Self {
-        Quota { amount, period: Duration::from_secs(60), burst: amount }
+        Quota {
+            amount,
+            period: Duration::from_secs(60),
+            burst: amount,
+        }
     }
 
     /// `amount` per hour.
     pub fn per_hour(amount: NonZeroU64) -> Self {
-        Quota { amount, period: Duration::from_secs(3600), burst: amount }
+        Quota {
+            amount,
+            period: Duration::from_secs(3600),
+            burst: amount,
+        }
     }
 
     /// `amount` per day.
     pub fn per_day(amount: NonZeroU64) -> Self {
-        Quota { amount, period: Duration::from_secs(86_400), burst: amount }
+        Quota {
+            amount,
+            period: Duration::from_secs(86_400),
+            burst: amount,
+        }
     }
 
     /// Allows `burst` at once (default: the whole amount).

@@ -76,7 +76,11 @@ pub struct UsageRecord {
 }
 
 impl UsageRecord {
-    pub(crate) fn new(started_at: Timestamp, meta: &crate::types::RequestMeta, stream: bool) -> Self {
+    pub(crate) fn new(
+        started_at: Timestamp,
+        meta: &crate::types::RequestMeta,
+        stream: bool,
+    ) -> Self {
         UsageRecord {
             started_at,
             latency: Duration::ZERO,
@@ -220,7 +224,11 @@ impl MemoryUsage {
 }
 
 fn bucket<'a>(map: &'a mut HashMap<String, Totals>, key: &str, max: usize) -> &'a mut Totals {
-    let key = if map.contains_key(key) || map.len() < max { key } else { "(other)" };
+    let key = if map.contains_key(key) || map.len() < max {
+        key
+    } else {
+        "(other)"
+    };
     map.entry(key.to_owned()).or_default()
 }
 
@@ -229,10 +237,23 @@ impl UsageSink for MemoryUsage {
         let mut st = self.lock();
         let max = self.max_keys;
         st.report.totals.add(r);
-        bucket(&mut st.report.by_model, r.model.as_deref().unwrap_or("-"), max).add(r);
-        bucket(&mut st.report.by_user, r.user.as_deref().unwrap_or("-"), max).add(r);
+        bucket(
+            &mut st.report.by_model,
+            r.model.as_deref().unwrap_or("-"),
+            max,
+        )
+        .add(r);
+        bucket(
+            &mut st.report.by_user,
+            r.user.as_deref().unwrap_or("-"),
+            max,
+        )
+        .add(r);
         if let Outcome::Error(reason) = &r.outcome {
-            *st.report.errors_by_reason.entry(reason.clone()).or_default() += 1;
+            *st.report
+                .errors_by_reason
+                .entry(reason.clone())
+                .or_default() += 1;
         }
         if self.recent > 0 {
             if st.recent.len() == self.recent {
@@ -293,7 +314,10 @@ mod tests {
     fn memory_usage_is_bounded() {
         let sink = MemoryUsage::new(2, 3);
         for i in 0..5 {
-            let meta = RequestMeta { user: Some(format!("u{i}")), ..Default::default() };
+            let meta = RequestMeta {
+                user: Some(format!("u{i}")),
+                ..Default::default()
+            };
             let mut r = UsageRecord::new(Timestamp::from_secs(0), &meta, false);
             r.cost = Cost::from_nanos(10);
             if i == 4 {

@@ -87,7 +87,10 @@ impl Default for PipelineBuilder {
             escalations: Vec::new(),
             providers: HashMap::new(),
             default_provider: None,
-            cache: CacheChoice::Default { capacity: 10_000, ttl: crate::cache::DEFAULT_TTL },
+            cache: CacheChoice::Default {
+                capacity: 10_000,
+                ttl: crate::cache::DEFAULT_TTL,
+            },
             cache_scope: CacheScope::default(),
             limiter: None,
             limits: Vec::new(),
@@ -141,7 +144,10 @@ impl PipelineBuilder {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.fallbacks.push((model.into(), fallbacks.into_iter().map(Into::into).collect()));
+        self.fallbacks.push((
+            model.into(),
+            fallbacks.into_iter().map(Into::into).collect(),
+        ));
         self
     }
 
@@ -151,7 +157,8 @@ impl PipelineBuilder {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.escalations.push((model.into(), models.into_iter().map(Into::into).collect()));
+        self.escalations
+            .push((model.into(), models.into_iter().map(Into::into).collect()));
         self
     }
 
@@ -169,7 +176,10 @@ impl PipelineBuilder {
 
     /// Sizes the default exact cache.
     pub fn exact_cache(mut self, max_entries: usize, ttl: Duration) -> Self {
-        self.cache = CacheChoice::Default { capacity: max_entries, ttl };
+        self.cache = CacheChoice::Default {
+            capacity: max_entries,
+            ttl,
+        };
         self
     }
 
@@ -257,11 +267,16 @@ impl PipelineBuilder {
         let clock = self.clock.unwrap_or_else(default_clock);
         let catalog = self.catalog.unwrap_or_else(Catalog::builtin);
         if self.default_provider.is_none() && self.providers.is_empty() {
-            return Err(Error::Config("a pipeline needs at least one provider".into()));
+            return Err(Error::Config(
+                "a pipeline needs at least one provider".into(),
+            ));
         }
         let router: Arc<dyn Router> = match self.router {
             Some(r) => {
-                if self.default_model.is_some() || !self.fallbacks.is_empty() || !self.escalations.is_empty() {
+                if self.default_model.is_some()
+                    || !self.fallbacks.is_empty()
+                    || !self.escalations.is_empty()
+                {
                     return Err(Error::Config(
                         "default_model, fallbacks and escalate configure the default router; set them on your router instead".into(),
                     ));
@@ -286,7 +301,11 @@ impl PipelineBuilder {
             CacheChoice::Off => None,
             CacheChoice::Custom(c) => Some(c),
             CacheChoice::Default { capacity, ttl } => Some(Arc::new(
-                ExactCache::builder().max_entries(capacity).ttl(ttl).clock(Arc::clone(&clock)).build()?,
+                ExactCache::builder()
+                    .max_entries(capacity)
+                    .ttl(ttl)
+                    .clock(Arc::clone(&clock))
+                    .build()?,
             )),
         };
         let limiter: Option<Arc<dyn Limiter>> = match (self.limiter, self.limits.is_empty()) {
@@ -299,14 +318,21 @@ impl PipelineBuilder {
                 let mut b = GcraLimiter::builder().clock(Arc::clone(&clock));
                 for (scope, tokens, n) in self.limits {
                     let n = crate::limiter::nonzero(n, "a per-minute limit")?;
-                    b = if tokens { b.tokens(scope, Quota::per_minute(n)) } else { b.requests(scope, Quota::per_minute(n)) };
+                    b = if tokens {
+                        b.tokens(scope, Quota::per_minute(n))
+                    } else {
+                        b.requests(scope, Quota::per_minute(n))
+                    };
                 }
                 Some(Arc::new(b.build()?))
             }
         };
         let budget: Option<Arc<dyn Budget>> = match (self.budget, self.caps.is_empty()) {
             (Some(_), false) => {
-                return Err(Error::Config("spend_cap configures the in-memory budget; set caps on your budget instead".into()));
+                return Err(Error::Config(
+                    "spend_cap configures the in-memory budget; set caps on your budget instead"
+                        .into(),
+                ));
             }
             (Some(b), true) => Some(b),
             (None, true) => None,
@@ -336,7 +362,9 @@ impl PipelineBuilder {
                 cache_scope: self.cache_scope,
                 limiter,
                 budget,
-                counter: self.counter.unwrap_or_else(|| Arc::new(TiktokenCounter::new())),
+                counter: self
+                    .counter
+                    .unwrap_or_else(|| Arc::new(TiktokenCounter::new())),
                 validator: self.validator,
                 usage: Arc::new(MemoryUsage::default()),
                 sink: self.sink,

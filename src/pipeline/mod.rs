@@ -44,8 +44,8 @@ use crate::observe::{self, MemoryUsage, Outcome, UsageRecord, UsageReport, Usage
 use crate::provider::{Provider, ProviderCall};
 use crate::router::{RoutePlan, Router, Validator, Verdict};
 use crate::types::{
-    CacheMode, Catalog, ChatRequest, ChatResponse, ChatStream, Cost, ModelSpec, RequestMeta, Served,
-    TokenizerKind, Usage,
+    CacheMode, Catalog, ChatRequest, ChatResponse, ChatStream, Cost, ModelSpec, RequestMeta,
+    Served, TokenizerKind, Usage,
 };
 use crate::{Error, Result};
 
@@ -137,7 +137,11 @@ impl Pipeline {
                 Ok(r) => {
                     rec.model = Some(r.model.clone());
                     rec.provider = Some(r.provider.clone());
-                    rec.outcome = if r.served.is_cache_hit() { Outcome::CacheHit } else { Outcome::Provider };
+                    rec.outcome = if r.served.is_cache_hit() {
+                        Outcome::CacheHit
+                    } else {
+                        Outcome::Provider
+                    };
                 }
                 Err(e) => rec.outcome = Outcome::Error(e.reason().to_owned()),
             }
@@ -167,7 +171,9 @@ impl Pipeline {
             }
         };
         let answered = inner.dispatch(req, &plan, rec).await; // dispatch + validate
-        let (cost, used) = answered.as_ref().map_or((Cost::ZERO, Usage::default()), |a| (a.cost, a.usage));
+        let (cost, used) = answered
+            .as_ref()
+            .map_or((Cost::ZERO, Usage::default()), |a| (a.cost, a.usage));
         inner.commit(reservation, cost).await; // settle: actual cost,
         inner.refund(&req.meta, &admitted, used.total()).await; // actual tokens,
         let answer = answered?;
@@ -215,7 +221,10 @@ impl Pipeline {
         let inner = &self.inner;
         let fail = |e: Error, rec: &UsageRecord| (e, Box::new(rec.clone()));
         let plan = inner.plan(&req).map_err(|e| fail(e, rec))?; // plan
-        let admitted = inner.admit(&req.meta, &plan).await.map_err(|e| fail(e, rec))?; // admit
+        let admitted = inner
+            .admit(&req.meta, &plan)
+            .await
+            .map_err(|e| fail(e, rec))?; // admit
         if let Some(hit) = inner.cache_get(&plan).await {
             inner.refund(&req.meta, &admitted, 0).await; // cache: replay as chunks
             let mut rec = rec.clone();
@@ -235,19 +244,23 @@ impl Pipeline {
         };
         match inner.dispatch_stream(&req, &plan, rec).await {
             // dispatch: the first event came; settle happens as the stream ends
-            Ok((first, upstream, model, provider)) => Ok(stream::metered(stream::Settle {
-                inner: Arc::clone(inner),
-                meta: req.meta,
-                prompt_tokens: plan.prompt_tokens(model.tokenizer),
-                cache: plan.cache,
-                model,
-                provider,
-                charged: admitted.charged,
-                slot: admitted._slot,
-                reservation,
-                record: rec.clone(),
-                span,
-            }, first, upstream)),
+            Ok((first, upstream, model, provider)) => Ok(stream::metered(
+                stream::Settle {
+                    inner: Arc::clone(inner),
+                    meta: req.meta,
+                    prompt_tokens: plan.prompt_tokens(model.tokenizer),
+                    cache: plan.cache,
+                    model,
+                    provider,
+                    charged: admitted.charged,
+                    slot: admitted._slot,
+                    reservation,
+                    record: rec.clone(),
+                    span,
+                },
+                first,
+                upstream,
+            )),
             Err(e) => {
                 inner.commit(reservation, Cost::ZERO).await;
                 inner.refund(&req.meta, &admitted, 0).await;
@@ -300,10 +313,16 @@ impl Inner {
         req.validate()?;
         let route = self.router.route(req, &self.catalog)?;
         let Some(primary) = route.targets.first() else {
-            return Err(Error::InvalidRequest("the router returned no target".into()));
+            return Err(Error::InvalidRequest(
+                "the router returned no target".into(),
+            ));
         };
         let mut prompt_tokens: Vec<(TokenizerKind, u64)> = Vec::with_capacity(2);
-        let escalation: &[Arc<ModelSpec>] = if self.validator.is_some() { &route.escalation } else { &[] };
+        let escalation: &[Arc<ModelSpec>] = if self.validator.is_some() {
+            &route.escalation
+        } else {
+            &[]
+        };
         let mut worst = Cost::ZERO;
         let mut worst_escalation = Cost::ZERO;
         for (i, m) in route.targets.iter().chain(escalation).enumerate() {
@@ -352,12 +371,16 @@ impl Inner {
         };
         let charged = match &self.limiter {
             Some(l) => {
-                l.acquire(&Admission::new(meta, plan.token_estimate)).await?;
+                l.acquire(&Admission::new(meta, plan.token_estimate))
+                    .await?;
                 plan.token_estimate
             }
             None => 0,
         };
-        Ok(Admitted { _slot: slot, charged })
+        Ok(Admitted {
+            _slot: slot,
+            charged,
+        })
     }
 
     /// Reconciles the admission's token charge to `actual`.
@@ -450,17 +473,32 @@ impl Inner {
     /// Whether a failure on one target may not repeat on the next.
     fn next_target_may_succeed(e: &Error) -> bool {
         match e {
-            Error::Provider(p) => !matches!(p.kind, ProviderErrorKind::BadRequest | ProviderErrorKind::ContentFilter),
-            Error::ContextTooLong { .. } | Error::Config(_) | Error::StreamInterrupted { .. } => true,
+            Error::Provider(p) => !matches!(
+                p.kind,
+                ProviderErrorKind::BadRequest | ProviderErrorKind::ContentFilter
+            ),
+            Error::ContextTooLong { .. } | Error::Config(_) | Error::StreamInterrupted { .. } => {
+                true
+            }
             _ => false,
         }
     }
 
-    async fn call(&self, provider: &Arc<dyn Provider>, req: &ChatRequest, model: &ModelSpec) -> Result<ChatResponse> {
+    async fn call(
+        &self,
+        provider: &Arc<dyn Provider>,
+        req: &ChatRequest,
+        model: &ModelSpec,
+    ) -> Result<ChatResponse> {
         let fut = provider.chat(ProviderCall::new(req, model));
         match self.attempt_timeout {
             Some(d) => tokio::time::timeout(d, fut).await.unwrap_or_else(|_| {
-                Err(ProviderError::new(ProviderErrorKind::Timeout, provider.name(), format!("no answer within {d:?}")).into())
+                Err(ProviderError::new(
+                    ProviderErrorKind::Timeout,
+                    provider.name(),
+                    format!("no answer within {d:?}"),
+                )
+                .into())
             }),
             None => fut.await,
         }
@@ -502,31 +540,54 @@ impl Inner {
         }
         let last = last.unwrap_or_else(|| Error::InvalidRequest("no target to try".into()));
         Err(if calls > 1 {
-            Error::AllTargetsFailed { attempts: calls, last: Box::new(last) }
+            Error::AllTargetsFailed {
+                attempts: calls,
+                last: Box::new(last),
+            }
         } else {
             last
         })
     }
 
-    async fn dispatch(&self, req: &ChatRequest, plan: &Plan, rec: &mut UsageRecord) -> Result<Answer> {
-        let (first, fallbacks) = self.try_targets(req, plan, &plan.route.targets, rec).await?;
-        let mut answer = Answer { usage: first.usage, cost: first.cost, response: first };
+    async fn dispatch(
+        &self,
+        req: &ChatRequest,
+        plan: &Plan,
+        rec: &mut UsageRecord,
+    ) -> Result<Answer> {
+        let (first, fallbacks) = self
+            .try_targets(req, plan, &plan.route.targets, rec)
+            .await?;
+        let mut answer = Answer {
+            usage: first.usage,
+            cost: first.cost,
+            response: first,
+        };
         let mut escalated = false;
         if let (Some(v), false) = (&self.validator, plan.route.escalation.is_empty()) {
             if let Verdict::Escalate(reason) = v.validate(req, &answer.response).await {
                 tracing::info!(reason = %reason, from = %answer.response.model, "escalating");
-                match self.try_targets(req, plan, &plan.route.escalation, rec).await {
+                match self
+                    .try_targets(req, plan, &plan.route.escalation, rec)
+                    .await
+                {
                     Ok((better, _)) => {
                         answer.usage = add_usage(answer.usage, better.usage);
                         answer.cost += better.cost;
                         answer.response = better;
                         escalated = true;
                     }
-                    Err(e) => tracing::warn!(error = %e, "escalation failed; keeping the first answer"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "escalation failed; keeping the first answer")
+                    }
                 }
             }
         }
-        answer.response.served = Served::Provider { attempts: rec.attempts, fallbacks, escalated };
+        answer.response.served = Served::Provider {
+            attempts: rec.attempts,
+            fallbacks,
+            escalated,
+        };
         Ok(answer)
     }
 
@@ -536,7 +597,12 @@ impl Inner {
         req: &ChatRequest,
         plan: &Plan,
         rec: &mut UsageRecord,
-    ) -> Result<(crate::types::StreamEvent, ChatStream, Arc<ModelSpec>, String)> {
+    ) -> Result<(
+        crate::types::StreamEvent,
+        ChatStream,
+        Arc<ModelSpec>,
+        String,
+    )> {
         use futures_util::StreamExt;
         let mut last = None;
         let mut calls = 0;
@@ -555,17 +621,27 @@ impl Inner {
                 match s.next().await {
                     Some(Ok(first)) => Ok((first, s)),
                     Some(Err(e)) => Err(e),
-                    None => Err(Error::StreamInterrupted { chunks: 0, reason: "the stream ended before its first event".into() }),
+                    None => Err(Error::StreamInterrupted {
+                        chunks: 0,
+                        reason: "the stream ended before its first event".into(),
+                    }),
                 }
             };
             let opened = match self.attempt_timeout {
                 Some(d) => tokio::time::timeout(d, open).await.unwrap_or_else(|_| {
-                    Err(ProviderError::new(ProviderErrorKind::Timeout, provider.name(), format!("no first token within {d:?}")).into())
+                    Err(ProviderError::new(
+                        ProviderErrorKind::Timeout,
+                        provider.name(),
+                        format!("no first token within {d:?}"),
+                    )
+                    .into())
                 }),
                 None => open.await,
             };
             match opened {
-                Ok((first, s)) => return Ok((first, s, Arc::clone(model), provider.name().to_owned())),
+                Ok((first, s)) => {
+                    return Ok((first, s, Arc::clone(model), provider.name().to_owned()));
+                }
                 Err(e) => {
                     let go_on = Self::next_target_may_succeed(&e);
                     last = Some(e);
@@ -576,7 +652,14 @@ impl Inner {
             }
         }
         let last = last.unwrap_or_else(|| Error::InvalidRequest("no target to try".into()));
-        Err(if calls > 1 { Error::AllTargetsFailed { attempts: calls, last: Box::new(last) } } else { last })
+        Err(if calls > 1 {
+            Error::AllTargetsFailed {
+                attempts: calls,
+                last: Box::new(last),
+            }
+        } else {
+            last
+        })
     }
 
     fn record(&self, mut rec: UsageRecord, span: &tracing::Span, finish: Option<&str>) {

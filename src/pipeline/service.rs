@@ -7,8 +7,8 @@ use std::task::{Context, Poll};
 use tower_service::Service;
 
 use super::Pipeline;
-use crate::types::{ChatRequest, ChatResponse};
 use crate::Error;
+use crate::types::{ChatRequest, ChatResponse};
 
 impl Service<ChatRequest> for Pipeline {
     type Response = ChatResponse;

@@ -16,8 +16,8 @@ use crate::budget::Reservation;
 use crate::cache::CacheQuery;
 use crate::observe::{Outcome, UsageRecord};
 use crate::types::{
-    ChatResponse, ChatStream, FinishReason, ModelSpec, RequestMeta, Served, StreamEnd,
-    StreamEvent, ToolCall, Usage,
+    ChatResponse, ChatStream, FinishReason, ModelSpec, RequestMeta, Served, StreamEnd, StreamEvent,
+    ToolCall, Usage,
 };
 use crate::{Error, Result};
 
@@ -41,7 +41,10 @@ pub(super) fn replay(hit: &ChatResponse) -> ChatStream {
         events.push(Ok(StreamEvent::text(chunk)));
     }
     for (i, call) in hit.tool_calls.iter().enumerate() {
-        let mut d = crate::types::ToolCallDelta::new(u32::try_from(i).unwrap_or(u32::MAX), call.arguments.clone());
+        let mut d = crate::types::ToolCallDelta::new(
+            u32::try_from(i).unwrap_or(u32::MAX),
+            call.arguments.clone(),
+        );
         d.id = Some(call.id.clone());
         d.name = Some(call.name.clone());
         events.push(Ok(StreamEvent::ToolCallDelta(d)));
@@ -87,7 +90,11 @@ impl Delivered {
                 let i = d.index as usize;
                 if i < 128 {
                     while self.tool_calls.len() <= i {
-                        self.tool_calls.push(ToolCall { id: String::new(), name: String::new(), arguments: String::new() });
+                        self.tool_calls.push(ToolCall {
+                            id: String::new(),
+                            name: String::new(),
+                            arguments: String::new(),
+                        });
                     }
                     let c = &mut self.tool_calls[i];
                     if let Some(id) = &d.id {
@@ -121,7 +128,9 @@ impl Settle {
         let inner = Arc::clone(&self.inner);
         let usage = delivered.usage.unwrap_or_else(|| {
             // No usage from the provider: count what was delivered.
-            let out = inner.counter.count_text(&delivered.text, self.model.tokenizer)
+            let out = inner
+                .counter
+                .count_text(&delivered.text, self.model.tokenizer)
                 + delivered
                     .tool_calls
                     .iter()
@@ -139,12 +148,19 @@ impl Settle {
             }
         }
         let started_at = self.record.started_at;
-        let mut rec = std::mem::replace(&mut self.record, UsageRecord::new(started_at, &self.meta, true));
+        let mut rec = std::mem::replace(
+            &mut self.record,
+            UsageRecord::new(started_at, &self.meta, true),
+        );
         rec.model = Some(self.model.name.clone());
         rec.provider = Some(self.provider.clone());
         rec.usage = usage;
         rec.cost = cost;
-        let served = Served::Provider { attempts: rec.attempts, fallbacks: rec.attempts.saturating_sub(1), escalated: false };
+        let served = Served::Provider {
+            attempts: rec.attempts,
+            fallbacks: rec.attempts.saturating_sub(1),
+            escalated: false,
+        };
         let result = match ending {
             Ending::Done(mut end) => {
                 if let (Some(q), true) = (&self.cache, end.finish_reason.is_complete()) {
@@ -174,7 +190,11 @@ impl Settle {
             }
             Ending::Dropped => {
                 rec.outcome = Outcome::Error("stream_dropped".into());
-                inner.record(rec, &self.span, Some(&FinishReason::Other("dropped".into()).to_string()));
+                inner.record(
+                    rec,
+                    &self.span,
+                    Some(&FinishReason::Other("dropped".into()).to_string()),
+                );
                 None
             }
         };
@@ -289,7 +309,9 @@ impl Drop for Metered {
                 Ok(h) => {
                     h.spawn(fut);
                 }
-                Err(_) => tracing::error!("a dropped stream could not be settled: no tokio runtime"),
+                Err(_) => {
+                    tracing::error!("a dropped stream could not be settled: no tokio runtime")
+                }
             }
         }
     }

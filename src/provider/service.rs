@@ -20,7 +20,10 @@ pub struct ProviderService {
 impl ProviderService {
     /// A service calling `provider`, pricing with `catalog`.
     pub fn new(provider: impl Provider + 'static, catalog: Catalog) -> Self {
-        ProviderService { provider: Arc::new(provider), catalog }
+        ProviderService {
+            provider: Arc::new(provider),
+            catalog,
+        }
     }
 
     /// Like [`new`](Self::new), for a shared provider.

@@ -13,9 +13,7 @@ use super::{Provider, ProviderCall};
 use crate::clock::{Clock, Timestamp, TokioClock};
 use crate::context::{TiktokenCounter, TokenCounter};
 use crate::error::{ProviderError, ProviderErrorKind};
-use crate::types::{
-    ChatResponse, ChatStream, FinishReason, Role, StreamEnd, StreamEvent, Usage,
-};
+use crate::types::{ChatResponse, ChatStream, FinishReason, Role, StreamEnd, StreamEvent, Usage};
 use crate::{Error, Result};
 
 /// A window of virtual time, measured from the provider's creation, during which
@@ -91,7 +89,9 @@ impl SimulatedProviderBuilder {
     /// Answer length in words (default 12 to 40), chosen per prompt.
     pub fn answer_words(mut self, min: u32, max: u32) -> Self {
         if (min == 0 || min > max) && self.error.is_none() {
-            self.error = Some(format!("answer_words needs 1 <= min <= max, got {min}..{max}"));
+            self.error = Some(format!(
+                "answer_words needs 1 <= min <= max, got {min}..{max}"
+            ));
         }
         self.config.min_words = min;
         self.config.max_words = max;
@@ -138,7 +138,9 @@ impl SimulatedProviderBuilder {
     /// after the provider was built.
     pub fn outage(mut self, start: Duration, end: Duration, model: Option<&str>) -> Self {
         if start >= end && self.error.is_none() {
-            self.error = Some(format!("outage must end after it starts: {start:?}..{end:?}"));
+            self.error = Some(format!(
+                "outage must end after it starts: {start:?}..{end:?}"
+            ));
         }
         self.config.faults.outages.push(Outage {
             start,
@@ -343,7 +345,11 @@ impl Inner {
             // Cut at the last word that still fits.
             let mut cut = String::new();
             for w in text.split(' ') {
-                let candidate = if cut.is_empty() { w.to_owned() } else { format!("{cut} {w}") };
+                let candidate = if cut.is_empty() {
+                    w.to_owned()
+                } else {
+                    format!("{cut} {w}")
+                };
                 if self.counter.count_text(&candidate, tokenizer) > limit {
                     break;
                 }
@@ -363,8 +369,12 @@ impl Inner {
             let applies = o.model.as_deref().is_none_or(|m| m == model);
             if applies && since >= o.start && since < o.end {
                 return Fate::Fail(
-                    ProviderError::new(ProviderErrorKind::Server, &self.config.name, "service unavailable (simulated outage)")
-                        .with_status(503),
+                    ProviderError::new(
+                        ProviderErrorKind::Server,
+                        &self.config.name,
+                        "service unavailable (simulated outage)",
+                    )
+                    .with_status(503),
                 );
             }
         }
@@ -376,21 +386,35 @@ impl Inner {
         let mut edge = f.rate_limit_rate;
         if draw < edge {
             return Fate::Fail(
-                ProviderError::new(ProviderErrorKind::RateLimited, name, "rate limit reached (simulated)")
-                    .with_status(429)
-                    .with_retry_after(f.rate_limit_retry_after),
+                ProviderError::new(
+                    ProviderErrorKind::RateLimited,
+                    name,
+                    "rate limit reached (simulated)",
+                )
+                .with_status(429)
+                .with_retry_after(f.rate_limit_retry_after),
             );
         }
         edge += f.overloaded_rate;
         if draw < edge {
             return Fate::Fail(
-                ProviderError::new(ProviderErrorKind::Overloaded, name, "overloaded (simulated)").with_status(529),
+                ProviderError::new(
+                    ProviderErrorKind::Overloaded,
+                    name,
+                    "overloaded (simulated)",
+                )
+                .with_status(529),
             );
         }
         edge += f.server_error_rate;
         if draw < edge {
             return Fate::Fail(
-                ProviderError::new(ProviderErrorKind::Server, name, "internal server error (simulated)").with_status(500),
+                ProviderError::new(
+                    ProviderErrorKind::Server,
+                    name,
+                    "internal server error (simulated)",
+                )
+                .with_status(500),
             );
         }
         edge += f.timeout_rate;
@@ -411,7 +435,12 @@ impl Inner {
             }
             Fate::Hang(d) => {
                 tokio::time::sleep(d).await;
-                Err(ProviderError::new(ProviderErrorKind::Timeout, &self.config.name, "timed out (simulated)").into())
+                Err(ProviderError::new(
+                    ProviderErrorKind::Timeout,
+                    &self.config.name,
+                    "timed out (simulated)",
+                )
+                .into())
             }
         }
     }
@@ -428,9 +457,16 @@ impl Provider for SimulatedProvider {
         inner.start(&call.model.name).await?;
         let (text, usage, finish) = inner.answer(call);
         let latency = inner.config.time_to_first_token
-            + inner.config.per_token * u32::try_from(usage.output_tokens.saturating_sub(1)).unwrap_or(u32::MAX);
+            + inner.config.per_token
+                * u32::try_from(usage.output_tokens.saturating_sub(1)).unwrap_or(u32::MAX);
         tokio::time::sleep(latency).await;
-        Ok(ChatResponse::new(text, &call.model.name, &inner.config.name, usage, finish))
+        Ok(ChatResponse::new(
+            text,
+            &call.model.name,
+            &inner.config.name,
+            usage,
+            finish,
+        ))
     }
 
     async fn stream(&self, call: ProviderCall<'_>) -> Result<ChatStream> {
@@ -438,10 +474,7 @@ impl Provider for SimulatedProvider {
         inner.start(&call.model.name).await?;
         let (text, usage, finish) = inner.answer(call);
         let tokenizer = call.model.tokenizer;
-        let chunks: Vec<String> = text
-            .split_inclusive(' ')
-            .map(str::to_owned)
-            .collect();
+        let chunks: Vec<String> = text.split_inclusive(' ').map(str::to_owned).collect();
         let end = StreamEnd::new(finish, &call.model.name, &inner.config.name);
         struct State {
             inner: Arc<Inner>,
@@ -474,7 +507,10 @@ impl Provider for SimulatedProvider {
                         "connection reset mid-stream (simulated)",
                     );
                     return Some((
-                        Err(Error::StreamInterrupted { chunks: st.sent, reason: err.to_string() }),
+                        Err(Error::StreamInterrupted {
+                            chunks: st.sent,
+                            reason: err.to_string(),
+                        }),
                         st,
                     ));
                 }
@@ -515,8 +551,18 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         assert!(SimulatedProvider::builder().build().is_ok());
-        assert!(SimulatedProvider::builder().server_error_rate(1.5).build().is_err());
-        assert!(SimulatedProvider::builder().answer_words(5, 1).build().is_err());
+        assert!(
+            SimulatedProvider::builder()
+                .server_error_rate(1.5)
+                .build()
+                .is_err()
+        );
+        assert!(
+            SimulatedProvider::builder()
+                .answer_words(5, 1)
+                .build()
+                .is_err()
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -535,8 +581,14 @@ mod tests {
         let other = ChatRequest::user_text("What is a leaky bucket?");
         let c = sim.chat(ProviderCall::new(&other, m)).await.unwrap();
         assert_ne!(a.content, c.content);
-        assert_eq!(a.usage.input_tokens, TiktokenCounter.count_request(&req, m.tokenizer));
-        assert_eq!(a.usage.output_tokens, TiktokenCounter.count_text(&a.content, m.tokenizer));
+        assert_eq!(
+            a.usage.input_tokens,
+            TiktokenCounter.count_request(&req, m.tokenizer)
+        );
+        assert_eq!(
+            a.usage.output_tokens,
+            TiktokenCounter.count_text(&a.content, m.tokenizer)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -544,7 +596,10 @@ mod tests {
         let sim = fast().answer_words(30, 30).build().unwrap();
         let cat = Catalog::builtin();
         let req = ChatRequest::user_text("Tell me everything").max_tokens(5);
-        let r = sim.chat(ProviderCall::new(&req, cat.require("gpt-4o-mini").unwrap())).await.unwrap();
+        let r = sim
+            .chat(ProviderCall::new(&req, cat.require("gpt-4o-mini").unwrap()))
+            .await
+            .unwrap();
         assert_eq!(r.finish_reason, FinishReason::Length);
         assert!(r.usage.output_tokens <= 5);
     }
@@ -563,7 +618,11 @@ mod tests {
         assert_eq!(e.as_provider().unwrap().status, Some(429));
 
         let sim = fast()
-            .outage(Duration::from_secs(10), Duration::from_secs(20), Some("gpt-4o-mini"))
+            .outage(
+                Duration::from_secs(10),
+                Duration::from_secs(20),
+                Some("gpt-4o-mini"),
+            )
             .build()
             .unwrap();
         assert!(sim.chat(ProviderCall::new(&req, m)).await.is_ok());
@@ -571,11 +630,18 @@ mod tests {
         let e = sim.chat(ProviderCall::new(&req, m)).await.unwrap_err();
         assert_eq!(e.as_provider().unwrap().status, Some(503));
         // another model is unaffected
-        assert!(sim.chat(ProviderCall::new(&req, cat.require("gpt-4o").unwrap())).await.is_ok());
+        assert!(
+            sim.chat(ProviderCall::new(&req, cat.require("gpt-4o").unwrap()))
+                .await
+                .is_ok()
+        );
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(sim.chat(ProviderCall::new(&req, m)).await.is_ok());
 
-        let sim = fast().timeout_rate(1.0, Duration::from_secs(30)).build().unwrap();
+        let sim = fast()
+            .timeout_rate(1.0, Duration::from_secs(30))
+            .build()
+            .unwrap();
         let t0 = tokio::time::Instant::now();
         let e = sim.chat(ProviderCall::new(&req, m)).await.unwrap_err();
         assert_eq!(t0.elapsed(), Duration::from_secs(30));
@@ -619,6 +685,9 @@ mod tests {
             }
         }
         assert_eq!(n, 3);
-        assert!(matches!(err, Some(Error::StreamInterrupted { chunks: 3, .. })));
+        assert!(matches!(
+            err,
+            Some(Error::StreamInterrupted { chunks: 3, .. })
+        ));
     }
 }

@@ -29,8 +29,10 @@ impl CatalogRouterBuilder {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.fallbacks
-            .insert(model.into(), fallbacks.into_iter().map(Into::into).collect());
+        self.fallbacks.insert(
+            model.into(),
+            fallbacks.into_iter().map(Into::into).collect(),
+        );
         self
     }
 
@@ -134,7 +136,10 @@ impl Router for CatalogRouter {
         if let Some(e) = self.escalations.get(model) {
             Self::resolve(catalog, e, &mut escalation)?;
         }
-        Ok(RoutePlan { targets, escalation })
+        Ok(RoutePlan {
+            targets,
+            escalation,
+        })
     }
 }
 
@@ -145,9 +150,20 @@ mod tests {
     #[test]
     fn unknown_models_are_refused() {
         let c = Catalog::builtin();
-        assert!(CatalogRouter::builder().default_model("nope").build(&c).is_err());
+        assert!(
+            CatalogRouter::builder()
+                .default_model("nope")
+                .build(&c)
+                .is_err()
+        );
         let r = CatalogRouter::builder().build(&c).unwrap();
-        assert!(matches!(r.route(&ChatRequest::user_text("x").model("nope"), &c), Err(Error::UnknownModel(_))));
-        assert!(matches!(r.route(&ChatRequest::user_text("x"), &c), Err(Error::InvalidRequest(_))));
+        assert!(matches!(
+            r.route(&ChatRequest::user_text("x").model("nope"), &c),
+            Err(Error::UnknownModel(_))
+        ));
+        assert!(matches!(
+            r.route(&ChatRequest::user_text("x"), &c),
+            Err(Error::InvalidRequest(_))
+        ));
     }
 }

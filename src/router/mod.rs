@@ -32,7 +32,10 @@ pub struct RoutePlan {
 impl RoutePlan {
     /// A plan with `targets` and no escalation.
     pub fn new(targets: Vec<Arc<ModelSpec>>) -> Self {
-        RoutePlan { targets, escalation: Vec::new() }
+        RoutePlan {
+            targets,
+            escalation: Vec::new(),
+        }
     }
 
     /// Sets the escalation tier.

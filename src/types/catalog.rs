@@ -95,7 +95,11 @@ impl ModelSpec {
         let bad = |what: &str| {
             Err(Error::Config(format!(
                 "model `{}`: {what}",
-                if self.name.is_empty() { "<unnamed>" } else { &self.name }
+                if self.name.is_empty() {
+                    "<unnamed>"
+                } else {
+                    &self.name
+                }
             )))
         };
         if self.name.trim().is_empty() {
@@ -170,8 +174,9 @@ impl Catalog {
         const OPENAI: &str = "openai";
         const ANTHROPIC: &str = "anthropic";
         // (name, provider, context, max output, in, out, cached in, tier)
+        type Row = (&'static str, &'static str, u64, u64, f64, f64, f64, u8);
         #[rustfmt::skip]
-        const MODELS: &[(&str, &str, u64, u64, f64, f64, f64, u8)] = &[
+        const MODELS: &[Row] = &[
             ("gpt-6.2-sol",       OPENAI, 1_050_000, 128_000, 2.00, 10.00, 0.10, 4),
             ("gpt-6-luna",        OPENAI, 1_050_000, 128_000, 0.10,  0.50, 0.01, 1),
             ("gpt-5.1",           OPENAI,   400_000, 128_000, 1.25, 10.00, 0.125, 3),
@@ -316,7 +321,10 @@ mod tests {
         let c = Catalog::builtin();
         assert_eq!(c.prices_as_of(), Some(Catalog::BUILTIN_PRICES_AS_OF));
         let mini = c.require("gpt-4o-mini").unwrap();
-        assert_eq!(mini.pricing.input, crate::types::Price::per_mtok(0.15).unwrap());
+        assert_eq!(
+            mini.pricing.input,
+            crate::types::Price::per_mtok(0.15).unwrap()
+        );
         assert_eq!(c.require("claude-haiku-4-5").unwrap().provider, "anthropic");
         assert!(matches!(c.require("nope"), Err(Error::UnknownModel(_))));
         let text = c.to_toml().unwrap();

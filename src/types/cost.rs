@@ -230,8 +230,14 @@ mod tests {
         assert_eq!(p.cost(&u), Cost::from_nanos(7_250_000));
         assert_eq!(p.cost(&u).to_string(), "$0.007250");
         // rounding is up, never down
-        assert_eq!(Price::per_mtok(0.15).unwrap().cost_of(1), Cost::from_nanos(150));
-        assert_eq!(Price::from_nanos_per_mtok(1).cost_of(1), Cost::from_nanos(1));
+        assert_eq!(
+            Price::per_mtok(0.15).unwrap().cost_of(1),
+            Cost::from_nanos(150)
+        );
+        assert_eq!(
+            Price::from_nanos_per_mtok(1).cost_of(1),
+            Cost::from_nanos(1)
+        );
         assert!(Price::per_mtok(-1.0).is_none());
         assert!(Price::per_mtok(f64::NAN).is_none());
     }

@@ -190,7 +190,9 @@ pub enum Tier {
 }
 
 /// How urgent a request is; lower priorities are shed first under load.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     /// Background work.
@@ -226,7 +228,11 @@ pub struct CachePolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     /// Time to live for an answer stored by this request; overrides the cache's default.
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_duration_ms")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_duration_ms"
+    )]
     pub ttl: Option<Duration>,
     /// Tags for invalidation.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -251,7 +257,9 @@ mod opt_duration_ms {
         }
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
         Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
     }
 }
@@ -551,7 +559,9 @@ impl ChatRequest {
             return Err(Error::InvalidRequest("the request has no messages".into()));
         }
         if self.params.max_tokens == Some(0) {
-            return Err(Error::InvalidRequest("max_tokens must be at least 1".into()));
+            return Err(Error::InvalidRequest(
+                "max_tokens must be at least 1".into(),
+            ));
         }
         if let Some(t) = self.params.temperature {
             if !(0.0..=2.0).contains(&t) {

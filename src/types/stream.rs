@@ -56,7 +56,11 @@ pub struct StreamEnd {
 
 impl StreamEnd {
     /// An end as a provider emits it; the pipeline fills in usage, cost and `served`.
-    pub fn new(finish_reason: FinishReason, model: impl Into<String>, provider: impl Into<String>) -> Self {
+    pub fn new(
+        finish_reason: FinishReason,
+        model: impl Into<String>,
+        provider: impl Into<String>,
+    ) -> Self {
         StreamEnd {
             finish_reason,
             model: model.into(),
