@@ -97,6 +97,11 @@ pub use types::{
     Tool, ToolCall, ToolCallDelta, Usage,
 };
 
+/// The README's code compiles.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 /// A boxed, sendable future, as returned by the tower services.
 pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
 
