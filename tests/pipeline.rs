@@ -542,7 +542,9 @@ async fn the_pipeline_is_a_tower_service_and_the_layers_compose() {
         .requests_per_minute(ScopeKind::User, 2)
         .build()
         .unwrap();
+    let usage = Arc::new(tokenwise::observe::MemoryUsage::default());
     let mut svc = ServiceBuilder::new()
+        .layer(tokenwise::observe::ObserveLayer::new(usage.clone()))
         .layer(RateLimitLayer::new(Arc::new(limiter), cat.clone()))
         .layer(CacheLayer::new(
             Arc::new(ExactCache::builder().build().unwrap()),
@@ -564,6 +566,17 @@ async fn the_pipeline_is_a_tower_service_and_the_layers_compose() {
     assert!(matches!(e, Error::RateLimited { .. }));
     let st = budget.status_now(&req.meta);
     assert_eq!(st[0].spent, first.cost);
+    let report = usage.report();
+    assert_eq!(
+        (
+            report.totals.requests,
+            report.totals.cache_hits,
+            report.totals.errors
+        ),
+        (3, 1, 1)
+    );
+    assert_eq!(report.totals.cost, first.cost);
+    assert_eq!(report.totals.saved, first.cost);
 }
 
 #[tokio::test]
@@ -597,4 +610,25 @@ async fn invalid_configuration_and_requests_are_typed_errors() {
         Err(Error::UnknownModel(_))
     ));
     assert_eq!(p.calls(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_call_releases_its_reservation_and_pays_for_the_prompt() {
+    let p = sim();
+    let pipe = builder(&p)
+        .spend_cap(ScopeKind::User, Cost::from_dollars(1), BudgetWindow::Day)
+        .build()
+        .unwrap();
+    // The caller gives up 50 ms into a call that takes hundreds.
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(50), pipe.chat(ask("slow", "ann"))).await;
+    assert!(gave_up.is_err());
+    assert_eq!(p.calls(), 1);
+    let (spent_now, reserved) = spent(&pipe, "ann").await;
+    assert_eq!(reserved, Cost::ZERO, "nothing stays reserved");
+    let spec = pipe.catalog().require("gpt-4o-mini").unwrap();
+    let prompt = tokenwise::context::TiktokenCounter::new();
+    let prompt_tokens =
+        tokenwise::TokenCounter::count_request(&prompt, &ask("slow", "ann"), spec.tokenizer);
+    assert_eq!(spent_now, spec.pricing.input.cost_of(prompt_tokens));
 }

@@ -9,12 +9,16 @@
 //! `tokenwise.cost_usd`, `tokenwise.saved_usd`, `tokenwise.attempts`,
 //! `tokenwise.outcome`, `tokenwise.stream`).
 
+mod layer;
+
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+pub use layer::{Observe, ObserveLayer};
 
 use crate::clock::Timestamp;
 use crate::types::{Cost, Usage};

@@ -90,6 +90,9 @@ struct Plan {
     token_estimate: u64,
     /// The most the request may cost on any candidate (plus escalation, if validated).
     worst_case: Cost,
+    /// The prompt's cost on the primary target: what a call abandoned mid-flight is
+    /// charged, since the provider received the prompt.
+    prompt_cost: Cost,
     cache: Option<CacheQuery>,
     /// False under `CacheMode::Refresh`: the answer is written, never read.
     cache_read: bool,
@@ -109,6 +112,63 @@ impl Plan {
 struct Admitted {
     _slot: Option<OwnedSemaphorePermit>,
     charged: u64,
+}
+
+/// A budget reservation that settles itself if the request is abandoned (its future
+/// dropped) before the funnel settles it: the prompt's cost is committed.
+struct Held {
+    inner: Arc<Inner>,
+    reservation: Option<Reservation>,
+    on_drop: Cost,
+}
+
+impl Held {
+    fn new(inner: &Arc<Inner>, reservation: Option<Reservation>, on_drop: Cost) -> Self {
+        Held {
+            inner: Arc::clone(inner),
+            reservation,
+            on_drop,
+        }
+    }
+
+    fn take(&mut self) -> Option<Reservation> {
+        self.reservation.take()
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(r) = self.reservation.take() {
+            let inner = Arc::clone(&self.inner);
+            let cost = self.on_drop;
+            run_detached(Box::pin(async move { inner.commit(Some(r), cost).await }));
+        }
+    }
+}
+
+/// Runs settlement work from a destructor: in-memory backends finish in one poll, here
+/// and now; the rest continues on the tokio runtime.
+pub(crate) fn run_detached(
+    mut fut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+) {
+    use futures_util::FutureExt;
+    if fut.as_mut().now_or_never().is_none() {
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(fut);
+            }
+            Err(_) => tracing::error!("settlement abandoned: no tokio runtime to finish it on"),
+        }
+    }
+}
+
+/// A stream that produced its first event.
+struct Opened {
+    first: crate::types::StreamEvent,
+    upstream: ChatStream,
+    model: Arc<ModelSpec>,
+    provider: String,
+    fallbacks: u32,
 }
 
 /// A successful dispatch.
@@ -163,8 +223,8 @@ impl Pipeline {
             rec.saved = saved_cost(&hit);
             return Ok(hit);
         }
-        let reservation = match inner.reserve(&req.meta, &plan).await {
-            Ok(r) => r, // budget: worst case on every cap
+        let mut held = match inner.reserve(&req.meta, &plan).await {
+            Ok(r) => Held::new(inner, r, plan.prompt_cost), // budget: worst case on every cap
             Err(e) => {
                 inner.refund(&req.meta, &admitted, 0).await;
                 return Err(e);
@@ -174,7 +234,7 @@ impl Pipeline {
         let (cost, used) = answered
             .as_ref()
             .map_or((Cost::ZERO, Usage::default()), |a| (a.cost, a.usage));
-        inner.commit(reservation, cost).await; // settle: actual cost,
+        inner.commit(held.take(), cost).await; // settle: actual cost,
         inner.refund(&req.meta, &admitted, used.total()).await; // actual tokens,
         let answer = answered?;
         if let Some(q) = &plan.cache {
@@ -235,8 +295,8 @@ impl Pipeline {
             inner.record(rec, &span, Some(&hit.finish_reason.to_string()));
             return Ok(stream::replay(&hit));
         }
-        let reservation = match inner.reserve(&req.meta, &plan).await {
-            Ok(r) => r, // budget
+        let mut held = match inner.reserve(&req.meta, &plan).await {
+            Ok(r) => Held::new(inner, r, plan.prompt_cost), // budget
             Err(e) => {
                 inner.refund(&req.meta, &admitted, 0).await;
                 return Err(fail(e, rec));
@@ -244,8 +304,15 @@ impl Pipeline {
         };
         match inner.dispatch_stream(&req, &plan, rec).await {
             // dispatch: the first event came; settle happens as the stream ends
-            Ok((first, upstream, model, provider)) => Ok(stream::metered(
+            Ok(Opened {
+                first,
+                upstream,
+                model,
+                provider,
+                fallbacks,
+            }) => Ok(stream::metered(
                 stream::Settle {
+                    fallbacks,
                     inner: Arc::clone(inner),
                     meta: req.meta,
                     prompt_tokens: plan.prompt_tokens(model.tokenizer),
@@ -254,7 +321,7 @@ impl Pipeline {
                     provider,
                     charged: admitted.charged,
                     slot: admitted._slot,
-                    reservation,
+                    reservation: held.take(),
                     record: rec.clone(),
                     span,
                 },
@@ -262,7 +329,7 @@ impl Pipeline {
                 upstream,
             )),
             Err(e) => {
-                inner.commit(reservation, Cost::ZERO).await;
+                inner.commit(held.take(), Cost::ZERO).await;
                 inner.refund(&req.meta, &admitted, 0).await;
                 Err(fail(e, rec))
             }
@@ -346,6 +413,7 @@ impl Inner {
             .find(|(k, _)| *k == primary.tokenizer)
             .map_or(0, |(_, n)| *n);
         let token_estimate = primary_prompt + primary.output_allowance(req.params.max_tokens);
+        let prompt_cost = primary.pricing.input.cost_of(primary_prompt);
         let cache = match &self.cache {
             Some(_) => CacheQuery::for_request(req, self.cache_scope),
             None => None,
@@ -355,6 +423,7 @@ impl Inner {
             prompt_tokens,
             token_estimate,
             worst_case: worst + worst_escalation,
+            prompt_cost,
             cache,
             cache_read: req.meta.cache.mode == CacheMode::Use,
         })
@@ -597,16 +666,11 @@ impl Inner {
         req: &ChatRequest,
         plan: &Plan,
         rec: &mut UsageRecord,
-    ) -> Result<(
-        crate::types::StreamEvent,
-        ChatStream,
-        Arc<ModelSpec>,
-        String,
-    )> {
+    ) -> Result<Opened> {
         use futures_util::StreamExt;
         let mut last = None;
         let mut calls = 0;
-        for model in &plan.route.targets {
+        for (i, model) in plan.route.targets.iter().enumerate() {
             let provider = match (self.provider_for(model), self.fits(req, plan, model)) {
                 (Err(e), _) | (_, Err(e)) => {
                     last = Some(e);
@@ -639,8 +703,14 @@ impl Inner {
                 None => open.await,
             };
             match opened {
-                Ok((first, s)) => {
-                    return Ok((first, s, Arc::clone(model), provider.name().to_owned()));
+                Ok((first, upstream)) => {
+                    return Ok(Opened {
+                        first,
+                        upstream,
+                        model: Arc::clone(model),
+                        provider: provider.name().to_owned(),
+                        fallbacks: u32::try_from(i).unwrap_or(u32::MAX),
+                    });
                 }
                 Err(e) => {
                     let go_on = Self::next_target_may_succeed(&e);

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use futures_core::Stream;
-use futures_util::FutureExt;
 use futures_util::stream;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -63,6 +62,7 @@ pub(super) struct Settle {
     pub(super) model: Arc<ModelSpec>,
     pub(super) provider: String,
     pub(super) prompt_tokens: u64,
+    pub(super) fallbacks: u32,
     pub(super) charged: u64,
     pub(super) slot: Option<OwnedSemaphorePermit>,
     pub(super) reservation: Option<Reservation>,
@@ -158,7 +158,7 @@ impl Settle {
         rec.cost = cost;
         let served = Served::Provider {
             attempts: rec.attempts,
-            fallbacks: rec.attempts.saturating_sub(1),
+            fallbacks: self.fallbacks,
             escalated: false,
         };
         let result = match ending {
@@ -293,9 +293,8 @@ impl Stream for Metered {
 
 impl Drop for Metered {
     fn drop(&mut self) {
-        // Dropped before its end: settle what was delivered. In-memory backends finish in
-        // one poll, here and now; others continue on the runtime.
-        let mut fut: Finishing = match (self.settle.take(), self.finishing.take()) {
+        // Dropped before its end: settle what was delivered.
+        let fut: Finishing = match (self.settle.take(), self.finishing.take()) {
             (Some(settle), _) => {
                 let delivered = std::mem::take(&mut self.delivered);
                 Box::pin(settle.finish(delivered, Ending::Dropped))
@@ -304,15 +303,8 @@ impl Drop for Metered {
             (None, Some((fut, _))) => fut,
             (None, None) => return,
         };
-        if fut.as_mut().now_or_never().is_none() {
-            match tokio::runtime::Handle::try_current() {
-                Ok(h) => {
-                    h.spawn(fut);
-                }
-                Err(_) => {
-                    tracing::error!("a dropped stream could not be settled: no tokio runtime")
-                }
-            }
-        }
+        super::run_detached(Box::pin(async move {
+            fut.await;
+        }));
     }
 }
