@@ -6,8 +6,10 @@
 //! any other. Token quotas are charged an estimate up front (prompt tokens plus the
 //! output allowance) and reconciled to the actual usage afterwards.
 
+mod core;
 mod gcra;
 mod layer;
+mod target;
 
 use std::fmt;
 use std::num::NonZeroU64;
@@ -16,6 +18,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use gcra::{GcraLimiter, GcraLimiterBuilder};
+pub(crate) use gcra::wait_until_admitted;
+pub use target::{TargetLimits, TargetLimitsBuilder};
 pub use layer::{RateLimit, RateLimitLayer};
 
 use crate::types::{RequestMeta, ScopeKind};

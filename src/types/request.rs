@@ -377,6 +377,18 @@ impl ScopeKind {
         }
     }
 
+    /// The scope of this kind with `key` (ignored for global).
+    pub fn with_key(self, key: &str) -> Scope {
+        let key = key.to_owned();
+        match self {
+            ScopeKind::Global => Scope::Global,
+            ScopeKind::Org => Scope::Org(key),
+            ScopeKind::User => Scope::User(key),
+            ScopeKind::Ip => Scope::Ip(key),
+            ScopeKind::Feature => Scope::Feature(key),
+        }
+    }
+
     /// The scope of this kind for `meta`, if it applies.
     pub fn scope_of(self, meta: &RequestMeta) -> Option<Scope> {
         let key = self.key_of(meta)?.to_owned();
