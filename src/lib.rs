@@ -94,7 +94,7 @@ pub use types::{
     CacheMode, CachePolicy, Catalog, ChatRequest, ChatResponse, ChatStream, Cost, Document,
     FinishReason, GenerationParams, Message, ModelSpec, Price, Pricing, Priority, RequestMeta,
     ResponseFormat, Role, Scope, ScopeKind, Served, StreamEnd, StreamEvent, Tier, TokenizerKind,
-    Tool, ToolCall, ToolCallDelta, Usage,
+    Tool, ToolCall, ToolCallDelta, Truncation, Usage,
 };
 
 /// The README's code compiles.

@@ -43,7 +43,11 @@ pub struct MemoryBudgetBuilder {
 impl MemoryBudgetBuilder {
     /// Caps spend on `scope` (each user, each org, everything, ...) at `limit` per `window`.
     pub fn cap(mut self, scope: ScopeKind, limit: Cost, window: BudgetWindow) -> Self {
-        self.caps.push(SpendCap { scope, limit, window });
+        self.caps.push(SpendCap {
+            scope,
+            limit,
+            window,
+        });
         self
     }
 
@@ -77,7 +81,9 @@ impl MemoryBudgetBuilder {
     /// Builds the budget.
     pub fn build(mut self) -> Result<MemoryBudget> {
         if self.max_accounts == 0 {
-            return Err(Error::Config("budget: max_accounts must be at least 1".into()));
+            return Err(Error::Config(
+                "budget: max_accounts must be at least 1".into(),
+            ));
         }
         if self.caps.iter().any(|c| c.limit.is_zero()) {
             return Err(Error::Config("budget: a cap must be positive".into()));
@@ -88,7 +94,9 @@ impl MemoryBudgetBuilder {
         self.thresholds.sort_unstable();
         self.thresholds.dedup();
         if self.thresholds.len() > 8 || self.thresholds.iter().any(|t| *t == 0) {
-            return Err(Error::Config("budget: up to 8 alert thresholds, each at least 1 %".into()));
+            return Err(Error::Config(
+                "budget: up to 8 alert thresholds, each at least 1 %".into(),
+            ));
         }
         Ok(MemoryBudget {
             inner: Arc::new(Inner {
@@ -136,7 +144,11 @@ struct Ring {
 impl Ring {
     fn new(window: std::time::Duration, now: Timestamp) -> Self {
         let step_ns = (duration_nanos(window) / u64::from(ROLLING_STEPS)).max(1);
-        Ring { step_ns, head: now.as_nanos() / step_ns, steps: [0; ROLLING_STEPS as usize] }
+        Ring {
+            step_ns,
+            head: now.as_nanos() / step_ns,
+            steps: [0; ROLLING_STEPS as usize],
+        }
     }
 
     /// Moves the head to `now`, forgetting steps that left the window.
@@ -234,7 +246,10 @@ impl MemoryBudget {
 
     fn lock(&self) -> MutexGuard<'_, HashMap<AccountKey, Account>> {
         // Every mutation is applied after all checks, so a poisoned map is consistent.
-        self.inner.accounts.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner
+            .accounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn keys_for(&self, meta: &RequestMeta, now: Timestamp) -> Vec<AccountKey> {
@@ -243,7 +258,11 @@ impl MemoryBudget {
             .iter()
             .enumerate()
             .filter_map(|(cap, c)| {
-                Some(AccountKey { cap, key: c.scope.key_of(meta)?.into(), window: c.window.index(now) })
+                Some(AccountKey {
+                    cap,
+                    key: c.scope.key_of(meta)?.into(),
+                    window: c.window.index(now),
+                })
             })
             .collect()
     }
@@ -278,7 +297,10 @@ impl MemoryBudget {
                     retry_after: cap.window.until_reset(now),
                 });
             }
-            if tightest.as_ref().is_none_or(|t| status.used_percent() > t.used_percent()) {
+            if tightest
+                .as_ref()
+                .is_none_or(|t| status.used_percent() > t.used_percent())
+            {
                 tightest = Some(status);
             }
         }
@@ -327,8 +349,12 @@ impl MemoryBudget {
         {
             let mut accounts = self.lock();
             for name in &reservation.accounts {
-                let Some(k) = AccountKey::parse(name) else { continue };
-                let Some(cap) = self.inner.caps.get(k.cap).copied() else { continue };
+                let Some(k) = AccountKey::parse(name) else {
+                    continue;
+                };
+                let Some(cap) = self.inner.caps.get(k.cap).copied() else {
+                    continue;
+                };
                 let acc = accounts.entry(k.clone()).or_default();
                 acc.reserved = acc.reserved.saturating_sub(reservation.amount);
                 match &mut acc.ring {
@@ -336,7 +362,8 @@ impl MemoryBudget {
                     None => acc.spent = acc.spent.saturating_add(actual),
                 }
                 let spent = acc.spent(now);
-                let pct = u128::from(spent.as_nanos()) * 100 / u128::from(cap.limit.as_nanos()).max(1);
+                let pct =
+                    u128::from(spent.as_nanos()) * 100 / u128::from(cap.limit.as_nanos()).max(1);
                 for (i, t) in self.inner.thresholds.iter().enumerate() {
                     let bit = 1u8 << i;
                     if pct >= u128::from(*t) {
@@ -500,7 +527,11 @@ mod tests {
     fn rolling_windows_age_spend_out() {
         let clock = ManualClock::new(Timestamp::from_secs(1_795_521_600));
         let b = MemoryBudget::builder()
-            .cap(ScopeKind::User, Cost::from_cents(10), BudgetWindow::Rolling(Duration::from_secs(600)))
+            .cap(
+                ScopeKind::User,
+                Cost::from_cents(10),
+                BudgetWindow::Rolling(Duration::from_secs(600)),
+            )
             .clock(Arc::new(clock.clone()))
             .build()
             .unwrap();
@@ -511,7 +542,11 @@ mod tests {
         let r = b.reserve_now(&ann, Cost::from_cents(4)).unwrap();
         b.commit_now(&r, Cost::from_cents(4));
         let e = b.reserve_now(&ann, Cost::from_cents(1)).unwrap_err();
-        assert_eq!(e.retry_after(), Some(Duration::from_secs(10)), "one step of the window");
+        assert_eq!(
+            e.retry_after(),
+            Some(Duration::from_secs(10)),
+            "one step of the window"
+        );
         // 600 s after the first spend it has aged out; the second has not
         clock.advance(Duration::from_secs(300));
         assert_eq!(b.status_now(&ann)[0].spent, Cost::from_cents(4));
@@ -525,7 +560,11 @@ mod tests {
         let sink = Arc::clone(&seen);
         let b = MemoryBudget::builder()
             .cap(ScopeKind::User, Cost::from_cents(100), BudgetWindow::Day)
-            .on_alert(move |a| sink.lock().unwrap().push((a.scope.clone(), a.threshold_percent)))
+            .on_alert(move |a| {
+                sink.lock()
+                    .unwrap()
+                    .push((a.scope.clone(), a.threshold_percent))
+            })
             .clock(Arc::new(clock.clone()))
             .build()
             .unwrap();
@@ -563,6 +602,9 @@ mod tests {
         b.commit_now(&r, Cost::from_cents(8));
         let r = b.reserve_now(&ann, Cost::from_cents(1)).unwrap();
         assert_eq!(r.used_percent(), 80);
-        assert_eq!(r.tightest.as_ref().unwrap().scope, Scope::User("ann".into()));
+        assert_eq!(
+            r.tightest.as_ref().unwrap().scope,
+            Scope::User("ann".into())
+        );
     }
 }

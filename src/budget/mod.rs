@@ -63,7 +63,9 @@ impl BudgetWindow {
             }
             BudgetWindow::Total => return None,
             // The soonest any spend ages out: one step of the window.
-            BudgetWindow::Rolling(w) => return Some((w / ROLLING_STEPS).max(Duration::from_nanos(1))),
+            BudgetWindow::Rolling(w) => {
+                return Some((w / ROLLING_STEPS).max(Duration::from_nanos(1)));
+            }
         };
         Some(Timestamp::from_secs(next).saturating_since(at))
     }
@@ -182,6 +184,31 @@ impl CapStatus {
         let used = u128::from(self.spent.saturating_add(self.reserved).as_nanos());
         let limit = u128::from(self.limit.as_nanos()).max(1);
         u64::try_from(used * 100 / limit).unwrap_or(u64::MAX)
+    }
+}
+
+/// What a pipeline does once the tightest spend cap of a request is used beyond a
+/// threshold (see `PipelineBuilder::degrade_at`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Degrade {
+    /// Answer with this (cheaper) catalogue model instead of the routed ones.
+    CheaperModel(String),
+    /// Serve cache hits; refuse misses with [`Error::BudgetExceeded`](crate::Error::BudgetExceeded).
+    CacheOnly,
+    /// Refuse every request, cache hits included, with
+    /// [`Error::BudgetExceeded`](crate::Error::BudgetExceeded).
+    Refuse,
+}
+
+impl Degrade {
+    /// A stable lowercase name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Degrade::CheaperModel(_) => "cheaper_model",
+            Degrade::CacheOnly => "cache_only",
+            Degrade::Refuse => "refuse",
+        }
     }
 }
 

@@ -80,7 +80,11 @@ impl Core {
         let tats = quotas.iter().map(|_| Map::default()).collect();
         Core {
             quotas,
-            state: Mutex::new(State { tats, len: 0, next_sweep: 0 }),
+            state: Mutex::new(State {
+                tats,
+                len: 0,
+                next_sweep: 0,
+            }),
             max_keys,
         }
     }
@@ -111,7 +115,10 @@ impl Core {
             let inc = q.cost_ns(u128::from(it.units), u128::from(it.mult.max(1)));
             if inc > q.tau_ns {
                 let most = u128::from(q.burst) * u128::from(it.mult.max(1)) / 1000;
-                return Err(Refusal::TooLarge { index, most: u64::try_from(most).unwrap_or(u64::MAX) });
+                return Err(Refusal::TooLarge {
+                    index,
+                    most: u64::try_from(most).unwrap_or(u64::MAX),
+                });
             }
             let stored = state.tats[it.quota].get(it.key).copied();
             let tat = stored.map_or(now128, |t| u128::from(t).max(now128));
@@ -124,7 +131,11 @@ impl Core {
                 }
                 continue;
             }
-            updates.push((index, u64::try_from(new_tat).unwrap_or(u64::MAX), stored.is_none()));
+            updates.push((
+                index,
+                u64::try_from(new_tat).unwrap_or(u64::MAX),
+                stored.is_none(),
+            ));
         }
         if let Some((wait, index)) = refusal {
             let wait = Duration::from_nanos(u64::try_from(wait).unwrap_or(u64::MAX));

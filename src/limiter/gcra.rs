@@ -138,7 +138,10 @@ impl GcraLimiterBuilder {
         if self.max_keys == 0 {
             return Err(Error::Config("limiter: max_keys must be at least 1".into()));
         }
-        let core = Core::new(self.rules.iter().map(|r| Compiled::new(&r.quota)).collect(), self.max_keys);
+        let core = Core::new(
+            self.rules.iter().map(|r| Compiled::new(&r.quota)).collect(),
+            self.max_keys,
+        );
         Ok(GcraLimiter {
             inner: Arc::new(Inner {
                 rules: self.rules,
@@ -232,18 +235,30 @@ impl GcraLimiter {
     }
 
     /// The checks `meta` falls under, charging `tokens` to token rules.
-    fn items<'m>(&self, meta: &'m RequestMeta, tokens: u64, only_tokens: bool) -> SmallVec<[Item<'m>; 8]> {
+    fn items<'m>(
+        &self,
+        meta: &'m RequestMeta,
+        tokens: u64,
+        only_tokens: bool,
+    ) -> SmallVec<[Item<'m>; 8]> {
         let mut items = SmallVec::new();
         for (quota, r) in self.inner.rules.iter().enumerate() {
             if only_tokens && r.unit != Unit::Tokens {
                 continue;
             }
-            let Some(key) = r.scope.key_of(meta) else { continue };
+            let Some(key) = r.scope.key_of(meta) else {
+                continue;
+            };
             let units = match r.unit {
                 Unit::Requests => 1,
                 Unit::Tokens => tokens,
             };
-            items.push(Item { quota, key, units, mult: self.multiplier(r.scope, meta.tier) });
+            items.push(Item {
+                quota,
+                key,
+                units,
+                mult: self.multiplier(r.scope, meta.tier),
+            });
         }
         items
     }
@@ -283,7 +298,12 @@ impl GcraLimiter {
     /// Waits until the request is admitted, or until waiting longer would exceed
     /// `max_wait`; each wait is the limiter's exact `retry_after` plus up to 10 % jitter,
     /// so that refused clients do not return in lockstep. At most 16 waits.
-    pub async fn until_ready(&self, meta: &RequestMeta, tokens: u64, max_wait: Duration) -> Result<()> {
+    pub async fn until_ready(
+        &self,
+        meta: &RequestMeta,
+        tokens: u64,
+        max_wait: Duration,
+    ) -> Result<()> {
         wait_until_admitted(max_wait, || {
             let r = self.check(meta, tokens);
             async move { r }
@@ -306,7 +326,11 @@ where
         match attempt().await {
             Err(Error::RateLimited { scope, retry_after }) => {
                 let jitter_cap = u64::try_from((retry_after / 10).as_nanos()).unwrap_or(u64::MAX);
-                let jitter = if jitter_cap == 0 { 0 } else { rand::rng().random_range(0..=jitter_cap) };
+                let jitter = if jitter_cap == 0 {
+                    0
+                } else {
+                    rand::rng().random_range(0..=jitter_cap)
+                };
                 let pause = retry_after.saturating_add(Duration::from_nanos(jitter));
                 if waited.saturating_add(retry_after) > max_wait {
                     return Err(Error::RateLimited { scope, retry_after });

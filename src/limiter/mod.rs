@@ -17,10 +17,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-pub use gcra::{GcraLimiter, GcraLimiterBuilder};
 pub(crate) use gcra::wait_until_admitted;
-pub use target::{TargetLimits, TargetLimitsBuilder};
+pub use gcra::{GcraLimiter, GcraLimiterBuilder};
 pub use layer::{RateLimit, RateLimitLayer};
+pub use target::{TargetLimits, TargetLimitsBuilder};
 
 use crate::types::{RequestMeta, ScopeKind};
 use crate::{Error, Result};

@@ -26,7 +26,9 @@ impl TargetLimitsBuilder {
     /// At most `rpm` requests a minute to `model`.
     pub fn requests_per_minute(mut self, model: impl Into<String>, rpm: u64) -> Self {
         match nonzero(rpm, "requests per minute") {
-            Ok(n) => self.limits.push((model.into(), Unit::Requests, Quota::per_minute(n))),
+            Ok(n) => self
+                .limits
+                .push((model.into(), Unit::Requests, Quota::per_minute(n))),
             Err(e) => self.error = self.error.or(Some(e.to_string())),
         }
         self
@@ -35,7 +37,9 @@ impl TargetLimitsBuilder {
     /// At most `tpm` tokens (prompt plus output allowance) a minute to `model`.
     pub fn tokens_per_minute(mut self, model: impl Into<String>, tpm: u64) -> Self {
         match nonzero(tpm, "tokens per minute") {
-            Ok(n) => self.limits.push((model.into(), Unit::Tokens, Quota::per_minute(n))),
+            Ok(n) => self
+                .limits
+                .push((model.into(), Unit::Tokens, Quota::per_minute(n))),
             Err(e) => self.error = self.error.or(Some(e.to_string())),
         }
         self
@@ -111,7 +115,12 @@ impl TargetLimits {
                     Unit::Requests => 1,
                     Unit::Tokens => tokens,
                 };
-                items.push(Item { quota, key: "", units, mult: 1000 });
+                items.push(Item {
+                    quota,
+                    key: "",
+                    units,
+                    mult: 1000,
+                });
             }
         }
         items
@@ -127,11 +136,19 @@ impl TargetLimits {
         let now = self.inner.clock.now().as_nanos();
         self.inner.core.check(now, &items).map_err(|r| {
             let (msg, wait) = match r {
-                Refusal::Wait { wait, .. } => (format!("local quota for {model} is used up"), Some(wait)),
-                Refusal::TooLarge { most, .. } => {
-                    (format!("request needs more tokens than {model}'s quota allows at once ({most})"), None)
+                Refusal::Wait { wait, .. } => {
+                    (format!("local quota for {model} is used up"), Some(wait))
                 }
-                Refusal::Full => (format!("quota table for {model} is full"), Some(Duration::from_secs(1))),
+                Refusal::TooLarge { most, .. } => (
+                    format!(
+                        "request needs more tokens than {model}'s quota allows at once ({most})"
+                    ),
+                    None,
+                ),
+                Refusal::Full => (
+                    format!("quota table for {model} is full"),
+                    Some(Duration::from_secs(1)),
+                ),
             };
             let mut e = ProviderError::new(ProviderErrorKind::RateLimited, "tokenwise", msg);
             if let Some(w) = wait {
@@ -169,7 +186,10 @@ mod tests {
         l.check("m", 100).unwrap();
         l.check("m", 100).unwrap();
         let e = l.check("m", 100).unwrap_err();
-        assert_eq!(e.as_provider().map(|p| p.kind), Some(ProviderErrorKind::RateLimited));
+        assert_eq!(
+            e.as_provider().map(|p| p.kind),
+            Some(ProviderErrorKind::RateLimited)
+        );
         assert_eq!(e.retry_after(), Some(Duration::from_secs(30)));
         clock.advance(Duration::from_secs(30));
         l.check("m", 100).unwrap();

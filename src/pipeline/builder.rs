@@ -7,11 +7,11 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 
 use super::{Inner, Pipeline};
-use crate::budget::{Budget, BudgetWindow, MemoryBudget};
+use crate::budget::{Budget, BudgetWindow, Degrade, MemoryBudget};
 use crate::cache::{Cache, CacheScope, ExactCache};
 use crate::clock::{Clock, default_clock};
 use crate::context::{TiktokenCounter, TokenCounter};
-use crate::limiter::{GcraLimiter, Limiter, Quota};
+use crate::limiter::{GcraLimiter, LimitRule, Limiter, Quota, TargetLimits, Unit};
 use crate::observe::{MemoryUsage, UsageSink};
 use crate::provider::Provider;
 use crate::router::{CatalogRouter, Router, Validator};
@@ -66,7 +66,12 @@ pub struct PipelineBuilder {
     cache: CacheChoice,
     cache_scope: CacheScope,
     limiter: Option<Arc<dyn Limiter>>,
-    limits: Vec<(ScopeKind, bool, u64)>,
+    limits: Vec<LimitRule>,
+    wait_for_limits: Option<Duration>,
+    target_limits: Option<TargetLimits>,
+    degrade: Vec<(u8, Degrade)>,
+    max_cost: Option<Cost>,
+    error: Option<Error>,
     budget: Option<Arc<dyn Budget>>,
     caps: Vec<(ScopeKind, Cost, BudgetWindow)>,
     counter: Option<Arc<dyn TokenCounter>>,
@@ -94,6 +99,11 @@ impl Default for PipelineBuilder {
             cache_scope: CacheScope::default(),
             limiter: None,
             limits: Vec::new(),
+            wait_for_limits: None,
+            target_limits: None,
+            degrade: Vec::new(),
+            max_cost: None,
+            error: None,
             budget: None,
             caps: Vec::new(),
             counter: None,
@@ -195,15 +205,66 @@ impl PipelineBuilder {
         self
     }
 
-    /// Requests per minute on `scope` (each user, each org, everything, ...).
-    pub fn rate_limit(mut self, scope: ScopeKind, per_minute: u64) -> Self {
-        self.limits.push((scope, false, per_minute));
+    fn fail(mut self, e: Error) -> Self {
+        self.error.get_or_insert(e);
         self
     }
 
+    /// Requests per minute on `scope` (each user, each org, everything, ...).
+    pub fn rate_limit(self, scope: ScopeKind, per_minute: u64) -> Self {
+        match crate::limiter::nonzero(per_minute, "a per-minute limit") {
+            Ok(n) => self.limit(LimitRule {
+                scope,
+                unit: Unit::Requests,
+                quota: Quota::per_minute(n),
+            }),
+            Err(e) => self.fail(e),
+        }
+    }
+
     /// Tokens (prompt plus output allowance, reconciled to actual use) per minute on `scope`.
-    pub fn token_limit(mut self, scope: ScopeKind, per_minute: u64) -> Self {
-        self.limits.push((scope, true, per_minute));
+    pub fn token_limit(self, scope: ScopeKind, per_minute: u64) -> Self {
+        match crate::limiter::nonzero(per_minute, "a per-minute limit") {
+            Ok(n) => self.limit(LimitRule {
+                scope,
+                unit: Unit::Tokens,
+                quota: Quota::per_minute(n),
+            }),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// Any quota for the in-memory limiter: per day, per hour, with a burst, ...
+    pub fn limit(mut self, rule: LimitRule) -> Self {
+        self.limits.push(rule);
+        self
+    }
+
+    /// Instead of refusing a rate-limited request at once, waits for its `retry_after`
+    /// (plus up to 10 % jitter) while the total wait stays within `max_wait`.
+    pub fn wait_for_limits(mut self, max_wait: Duration) -> Self {
+        self.wait_for_limits = Some(max_wait);
+        self
+    }
+
+    /// Per-model request and token quotas checked before each provider call: a target
+    /// over its quota is skipped like one that answered 429.
+    pub fn target_limits(mut self, limits: TargetLimits) -> Self {
+        self.target_limits = Some(limits);
+        self
+    }
+
+    /// Once a request's tightest spend cap is used to `percent` % or more, `mode`
+    /// applies. Several thresholds may be set; the highest one reached wins.
+    pub fn degrade_at(mut self, percent: u8, mode: Degrade) -> Self {
+        self.degrade.push((percent, mode));
+        self
+    }
+
+    /// The most any request may cost unless it sets its own
+    /// ([`ChatRequest::max_cost`](crate::ChatRequest::max_cost)).
+    pub fn max_cost_per_request(mut self, cost: Cost) -> Self {
+        self.max_cost = Some(cost);
         self
     }
 
@@ -263,7 +324,10 @@ impl PipelineBuilder {
     }
 
     /// Builds the pipeline, or reports the first invalid setting.
-    pub fn build(self) -> Result<Pipeline> {
+    pub fn build(mut self) -> Result<Pipeline> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
         let clock = self.clock.unwrap_or_else(default_clock);
         let catalog = self.catalog.unwrap_or_else(Catalog::builtin);
         if self.default_provider.is_none() && self.providers.is_empty() {
@@ -316,13 +380,8 @@ impl PipelineBuilder {
             (None, true) => None,
             (None, false) => {
                 let mut b = GcraLimiter::builder().clock(Arc::clone(&clock));
-                for (scope, tokens, n) in self.limits {
-                    let n = crate::limiter::nonzero(n, "a per-minute limit")?;
-                    b = if tokens {
-                        b.tokens(scope, Quota::per_minute(n))
-                    } else {
-                        b.requests(scope, Quota::per_minute(n))
-                    };
+                for rule in self.limits {
+                    b = b.rule(rule);
                 }
                 Some(Arc::new(b.build()?))
             }
@@ -349,6 +408,26 @@ impl PipelineBuilder {
             Some(n) => Some(Arc::new(Semaphore::new(n.min(Semaphore::MAX_PERMITS)))),
             None => None,
         };
+        for (pct, mode) in &self.degrade {
+            if *pct == 0 {
+                return Err(Error::Config(
+                    "a degrade threshold must be at least 1 %".into(),
+                ));
+            }
+            if let Degrade::CheaperModel(m) = mode {
+                if catalog.get(m).is_none() {
+                    return Err(Error::Config(format!(
+                        "degrade model `{m}` is not in the catalogue"
+                    )));
+                }
+            }
+        }
+        if !self.degrade.is_empty() && budget.is_none() {
+            return Err(Error::Config(
+                "degrade_at needs spend caps or a budget".into(),
+            ));
+        }
+        self.degrade.sort_by_key(|(p, _)| *p);
         if self.attempt_timeout.is_some_and(|d| d.is_zero()) {
             return Err(Error::Config("attempt_timeout must be positive".into()));
         }
@@ -371,6 +450,10 @@ impl PipelineBuilder {
                 clock,
                 in_flight,
                 attempt_timeout: self.attempt_timeout,
+                wait_for_limits: self.wait_for_limits,
+                target_limits: self.target_limits,
+                degrade: self.degrade,
+                max_cost: self.max_cost,
             }),
         })
     }

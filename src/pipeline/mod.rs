@@ -34,12 +34,12 @@ use tracing::Instrument;
 
 pub use builder::PipelineBuilder;
 
-use crate::budget::{Budget, CapStatus, Reservation};
+use crate::budget::{Budget, CapStatus, Degrade, Reservation};
 use crate::cache::{Cache, CacheQuery, CacheScope, Invalidation, is_cacheable};
 use crate::clock::Clock;
 use crate::context::TokenCounter;
 use crate::error::{ProviderError, ProviderErrorKind};
-use crate::limiter::{Admission, Limiter};
+use crate::limiter::{Admission, Limiter, TargetLimits, wait_until_admitted};
 use crate::observe::{self, MemoryUsage, Outcome, UsageRecord, UsageReport, UsageSink};
 use crate::provider::{Provider, ProviderCall};
 use crate::router::{RoutePlan, Router, Validator, Verdict};
@@ -78,6 +78,11 @@ pub(crate) struct Inner {
     clock: Arc<dyn Clock>,
     in_flight: Option<Arc<Semaphore>>,
     attempt_timeout: Option<Duration>,
+    wait_for_limits: Option<Duration>,
+    target_limits: Option<TargetLimits>,
+    /// Degrade thresholds in per cent, ascending.
+    degrade: Vec<(u8, Degrade)>,
+    max_cost: Option<Cost>,
 }
 
 /// What the plan stage learns about a request, computed once.
@@ -164,6 +169,7 @@ pub(crate) fn run_detached(
 
 /// A stream that produced its first event.
 struct Opened {
+    target_charged: u64,
     first: crate::types::StreamEvent,
     upstream: ChatStream,
     model: Arc<ModelSpec>,
@@ -216,20 +222,15 @@ impl Pipeline {
     /// The funnel for whole answers. The order of these lines is the contract.
     async fn funnel(&self, req: &ChatRequest, rec: &mut UsageRecord) -> Result<ChatResponse> {
         let inner = &self.inner;
-        let plan = inner.plan(req)?; // plan: validate, route, estimate
+        let mut plan = inner.plan(req)?; // plan: validate, route, estimate
+        inner.check_max_cost(req, &plan)?; // a whole answer cannot be cut: refuse up front
         let admitted = inner.admit(&req.meta, &plan).await?; // admit: slot + rate limits
         if let Some(hit) = inner.cache_get(&plan).await {
             inner.refund(&req.meta, &admitted, 0).await; // cache: a hit spends no token quota
             rec.saved = saved_cost(&hit);
             return Ok(hit);
         }
-        let mut held = match inner.reserve(&req.meta, &plan).await {
-            Ok(r) => Held::new(inner, r, plan.prompt_cost), // budget: worst case on every cap
-            Err(e) => {
-                inner.refund(&req.meta, &admitted, 0).await;
-                return Err(e);
-            }
-        };
+        let mut held = inner.spend(req, &mut plan, &admitted).await?; // budget: reserve, degrade
         let answered = inner.dispatch(req, &plan, rec).await; // dispatch + validate
         let (cost, used) = answered
             .as_ref()
@@ -280,7 +281,7 @@ impl Pipeline {
     ) -> std::result::Result<ChatStream, (Error, Box<UsageRecord>)> {
         let inner = &self.inner;
         let fail = |e: Error, rec: &UsageRecord| (e, Box::new(rec.clone()));
-        let plan = inner.plan(&req).map_err(|e| fail(e, rec))?; // plan
+        let mut plan = inner.plan(&req).map_err(|e| fail(e, rec))?; // plan
         let admitted = inner
             .admit(&req.meta, &plan)
             .await
@@ -295,16 +296,14 @@ impl Pipeline {
             inner.record(rec, &span, Some(&hit.finish_reason.to_string()));
             return Ok(stream::replay(&hit));
         }
-        let mut held = match inner.reserve(&req.meta, &plan).await {
-            Ok(r) => Held::new(inner, r, plan.prompt_cost), // budget
-            Err(e) => {
-                inner.refund(&req.meta, &admitted, 0).await;
-                return Err(fail(e, rec));
-            }
-        };
+        let mut held = inner
+            .spend(&req, &mut plan, &admitted)
+            .await
+            .map_err(|e| fail(e, rec))?; // budget: reserve, degrade
         match inner.dispatch_stream(&req, &plan, rec).await {
             // dispatch: the first event came; settle happens as the stream ends
             Ok(Opened {
+                target_charged,
                 first,
                 upstream,
                 model,
@@ -314,11 +313,14 @@ impl Pipeline {
                 stream::Settle {
                     fallbacks,
                     inner: Arc::clone(inner),
+                    max_cost: req.meta.max_cost.or(inner.max_cost),
                     meta: req.meta,
                     prompt_tokens: plan.prompt_tokens(model.tokenizer),
                     cache: plan.cache,
                     model,
                     provider,
+                    target_charged,
+                    max_tokens: req.params.max_tokens.map(u64::from),
                     charged: admitted.charged,
                     slot: admitted._slot,
                     reservation: held.take(),
@@ -365,6 +367,16 @@ impl Pipeline {
     /// The model catalogue.
     pub fn catalog(&self) -> &Catalog {
         &self.inner.catalog
+    }
+}
+
+/// The refusal of a degrade mode: the cap's standing, as a spend-cap error.
+fn over_threshold(st: &CapStatus, now: crate::clock::Timestamp) -> Error {
+    Error::BudgetExceeded {
+        scope: st.scope.clone(),
+        limit: st.limit,
+        spent: st.spent.saturating_add(st.reserved),
+        retry_after: st.window.until_reset(now),
     }
 }
 
@@ -438,10 +450,16 @@ impl Inner {
             ),
             None => None,
         };
+        self.refuse_gate(meta).await?;
         let charged = match &self.limiter {
             Some(l) => {
-                l.acquire(&Admission::new(meta, plan.token_estimate))
-                    .await?;
+                let admission = Admission::new(meta, plan.token_estimate);
+                match self.wait_for_limits {
+                    Some(max_wait) => {
+                        wait_until_admitted(max_wait, || l.acquire(&admission)).await?
+                    }
+                    None => l.acquire(&admission).await?,
+                }
                 plan.token_estimate
             }
             None => 0,
@@ -498,6 +516,88 @@ impl Inner {
         }
     }
 
+    /// Refuses a whole request whose worst case exceeds its cost limit: unlike a stream,
+    /// it cannot be cut when it reaches the limit.
+    fn check_max_cost(&self, req: &ChatRequest, plan: &Plan) -> Result<()> {
+        match req.meta.max_cost.or(self.max_cost) {
+            Some(limit) if plan.worst_case > limit => Err(Error::InvalidRequest(format!(
+                "the request may cost up to {} but its limit is {limit}; lower max_tokens or stream it",
+                plan.worst_case
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The `Refuse` degrade mode: refuses before the cache once a cap of the request
+    /// is used beyond its threshold.
+    async fn refuse_gate(&self, meta: &RequestMeta) -> Result<()> {
+        let Some(threshold) = self
+            .degrade
+            .iter()
+            .find(|(_, m)| *m == Degrade::Refuse)
+            .map(|(p, _)| u64::from(*p))
+        else {
+            return Ok(());
+        };
+        let Some(budget) = &self.budget else {
+            return Ok(());
+        };
+        let now = self.clock.now();
+        for st in budget.status(meta).await? {
+            if st.used_percent() >= threshold {
+                tracing::info!(scope = %st.scope, used = st.used_percent(), "degrade: refuse");
+                return Err(over_threshold(&st, now));
+            }
+        }
+        Ok(())
+    }
+
+    /// The budget stage: reserves the worst case, then applies the degrade mode the
+    /// tightest cap calls for. A refusal refunds the admission's token charge.
+    async fn spend(
+        self: &Arc<Self>,
+        req: &ChatRequest,
+        plan: &mut Plan,
+        admitted: &Admitted,
+    ) -> Result<Held> {
+        let reservation = match self.reserve(&req.meta, plan).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.refund(&req.meta, admitted, 0).await;
+                return Err(e);
+            }
+        };
+        let used = reservation.as_ref().map_or(0, Reservation::used_percent);
+        let mode = self
+            .degrade
+            .iter()
+            .rev()
+            .find(|(p, _)| used >= u64::from(*p))
+            .map(|(_, m)| m);
+        let held = Held::new(self, reservation, plan.prompt_cost);
+        match mode {
+            None | Some(Degrade::Refuse) => Ok(held),
+            Some(Degrade::CheaperModel(name)) => {
+                tracing::info!(used, model = %name, "degrade: cheaper model");
+                let model = self.catalog.resolve(name)?;
+                plan.route = RoutePlan::new(vec![model]);
+                Ok(held)
+            }
+            Some(Degrade::CacheOnly) => {
+                let mut held = held;
+                let r = held.take();
+                let err = r
+                    .as_ref()
+                    .and_then(|r| r.tightest.as_ref())
+                    .map(|st| over_threshold(st, self.clock.now()));
+                self.commit(r, Cost::ZERO).await;
+                self.refund(&req.meta, admitted, 0).await;
+                tracing::info!(used, "degrade: cache only, and this was a miss");
+                Err(err.unwrap_or(Error::Overloaded { retry_after: None }))
+            }
+        }
+    }
+
     async fn reserve(&self, meta: &RequestMeta, plan: &Plan) -> Result<Option<Reservation>> {
         match &self.budget {
             Some(b) => b.reserve(meta, plan.worst_case).await.map(Some),
@@ -537,6 +637,24 @@ impl Inner {
             });
         }
         Ok(())
+    }
+
+    /// Charges `model`'s own quota (if any) for one call; returns the token charge.
+    fn target_admit(&self, req: &ChatRequest, plan: &Plan, model: &ModelSpec) -> Result<u64> {
+        let Some(limits) = &self.target_limits else {
+            return Ok(0);
+        };
+        let tokens =
+            plan.prompt_tokens(model.tokenizer) + model.output_allowance(req.params.max_tokens);
+        limits.check(&model.name, tokens)?;
+        Ok(tokens)
+    }
+
+    /// Reconciles `model`'s token charge to what the call used.
+    pub(crate) fn target_settle(&self, model: &ModelSpec, charged: u64, used: u64) {
+        if let Some(limits) = &self.target_limits {
+            limits.reconcile(&model.name, charged, used);
+        }
     }
 
     /// Whether a failure on one target may not repeat on the next.
@@ -586,11 +704,17 @@ impl Inner {
         for (i, model) in targets.iter().enumerate() {
             let outcome = match (self.provider_for(model), self.fits(req, plan, model)) {
                 (Err(e), _) | (_, Err(e)) => Err(e),
-                (Ok(p), Ok(())) => {
-                    calls += 1;
-                    rec.attempts += 1;
-                    self.call(p, req, model).await
-                }
+                (Ok(p), Ok(())) => match self.target_admit(req, plan, model) {
+                    Err(e) => Err(e),
+                    Ok(charged) => {
+                        calls += 1;
+                        rec.attempts += 1;
+                        let r = self.call(p, req, model).await;
+                        let used = r.as_ref().map_or(0, |r| r.usage.total());
+                        self.target_settle(model, charged, used);
+                        r
+                    }
+                },
             };
             match outcome {
                 Ok(mut r) => {
@@ -678,6 +802,13 @@ impl Inner {
                 }
                 (Ok(p), Ok(())) => p,
             };
+            let target_charged = match self.target_admit(req, plan, model) {
+                Ok(c) => c,
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
             calls += 1;
             rec.attempts += 1;
             let open = async {
@@ -705,6 +836,7 @@ impl Inner {
             match opened {
                 Ok((first, upstream)) => {
                     return Ok(Opened {
+                        target_charged,
                         first,
                         upstream,
                         model: Arc::clone(model),
@@ -713,6 +845,7 @@ impl Inner {
                     });
                 }
                 Err(e) => {
+                    self.target_settle(model, target_charged, 0);
                     let go_on = Self::next_target_may_succeed(&e);
                     last = Some(e);
                     if !go_on {

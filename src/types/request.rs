@@ -289,6 +289,10 @@ pub struct RequestMeta {
     /// The cache policy.
     #[serde(default)]
     pub cache: CachePolicy,
+    /// The most this request may cost. A stream is ended early when it reaches it; a
+    /// whole request whose worst case exceeds it is refused before any call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost: Option<crate::types::Cost>,
 }
 
 /// A scope that limits and caps apply to.
@@ -524,6 +528,13 @@ impl ChatRequest {
     #[must_use]
     pub fn priority(mut self, priority: Priority) -> Self {
         self.meta.priority = priority;
+        self
+    }
+
+    /// Sets the most this request may cost (see [`RequestMeta::max_cost`]).
+    #[must_use]
+    pub fn max_cost(mut self, cost: crate::types::Cost) -> Self {
+        self.meta.max_cost = Some(cost);
         self
     }
 
