@@ -123,7 +123,7 @@ impl Core {
             let stored = state.tats[it.quota].get(it.key).copied();
             let tat = stored.map_or(now128, |t| u128::from(t).max(now128));
             let new_tat = tat + inc;
-            let allow_at = new_tat - q.tau_ns;
+            let allow_at = new_tat.saturating_sub(q.tau_ns);
             if allow_at > now128 {
                 let wait = allow_at - now128;
                 if refusal.is_none_or(|(w, _)| wait > w) {

@@ -469,6 +469,17 @@ mod tests {
     }
 
     #[test]
+    fn a_clock_near_the_epoch_does_not_underflow() {
+        // Regression: a burst tolerance longer than the time since the epoch.
+        let clock = ManualClock::new(Timestamp::from_secs(1));
+        let l = limiter(&clock, GcraLimiter::builder().requests_per_minute(ScopeKind::User, 60));
+        for _ in 0..60 {
+            l.check(&meta("ann"), 0).unwrap();
+        }
+        assert!(matches!(l.check(&meta("ann"), 0), Err(Error::RateLimited { .. })));
+    }
+
+    #[test]
     fn idle_keys_are_evicted_and_the_bound_holds() {
         let clock = ManualClock::new(Timestamp::from_secs(1_000));
         let l = limiter(
