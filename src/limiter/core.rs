@@ -1,7 +1,6 @@
 //! The GCRA table shared by the keyed limiters: one theoretical arrival time (TAT) per
 //! quota and key, all checks of one request decided under one lock.
 
-use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -10,13 +9,33 @@ use smallvec::SmallVec;
 use super::Quota;
 use crate::clock::duration_nanos;
 
-type Map = HashMap<Box<str>, u64, foldhash::fast::RandomState>;
+use hashbrown::hash_map::EntryRef;
+
+type Map = hashbrown::HashMap<String, u64>;
+
+/// Where a checked item's new TAT goes once every item passed.
+enum Slot<'m> {
+    Existing(&'m mut u64),
+    New(&'m mut Map),
+}
+
+/// The result of the one-pass check.
+enum Fast {
+    Done(Result<(), Refusal>),
+    /// New keys would pass the bound: sweep and check again.
+    NeedsRoom,
+}
 
 /// One quota, precomputed.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Compiled {
     period_ns: u128,
     amount: u128,
+    /// The same in `u64`, for the fast path (128-bit division is slow).
+    period_ns64: u64,
+    amount64: u64,
+    /// Time one unit consumes at the base rate, rounded up.
+    unit_ns: u64,
     burst: u64,
     /// Burst tolerance: how far ahead of now the TAT may run.
     tau_ns: u128,
@@ -26,21 +45,35 @@ impl Compiled {
     pub(crate) fn new(q: &Quota) -> Self {
         let period_ns = u128::from(duration_nanos(q.period()));
         let amount = u128::from(q.amount().get());
+        let period_ns64 = duration_nanos(q.period());
+        let amount64 = q.amount().get();
         Compiled {
             period_ns,
             amount,
+            period_ns64,
+            amount64,
+            unit_ns: period_ns64.div_ceil(amount64),
             burst: q.burst().get(),
             tau_ns: period_ns * u128::from(q.burst().get()) / amount,
         }
     }
 
-    /// Time `units` consume at `mult` (per mille) times the quota's rate.
-    fn cost_ns(&self, units: u128, mult: u128) -> u128 {
-        (units * self.period_ns * 1000).div_ceil(self.amount * mult)
+    /// Time `units` consume at `mult` (per mille) times the quota's rate, rounded up.
+    fn cost_ns(&self, units: u64, mult: u64) -> u128 {
+        if mult == 1000 {
+            if units == 1 {
+                return u128::from(self.unit_ns);
+            }
+            if let Some(p) = units.checked_mul(self.period_ns64) {
+                return u128::from(p.div_ceil(self.amount64));
+            }
+        }
+        (u128::from(units) * self.period_ns * 1000).div_ceil(self.amount * u128::from(mult.max(1)))
     }
 }
 
 /// One check of a request: quota `quota` for `key`, `units` at rate multiplier `mult`.
+/// Keys should not be empty: an empty key compares slowly on some C libraries.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Item<'a> {
     pub(crate) quota: usize,
@@ -103,16 +136,98 @@ impl Core {
     /// Admits all items at `now` (ns since epoch) and consumes them, or none.
     /// On refusal, reports the item with the longest wait.
     pub(crate) fn check(&self, now: u64, items: &[Item<'_>]) -> Result<(), Refusal> {
-        let now128 = u128::from(now);
         let mut state = self.lock();
-        let mut updates: SmallVec<[(usize, u64, bool); 8]> = SmallVec::new();
+        // Items of distinct quotas in ascending order (every caller builds them so) are
+        // decided in one pass with one hash lookup each.
+        if items.windows(2).all(|w| w[0].quota < w[1].quota) {
+            if let Fast::Done(r) = self.check_fast(&mut state, now, items) {
+                return r;
+            }
+        }
+        self.check_slow(&mut state, now, items)
+    }
+
+    fn check_fast(&self, state: &mut State, now: u64, items: &[Item<'_>]) -> Fast {
+        let now128 = u128::from(now);
+        let State { tats, len, .. } = state;
+        let mut maps = tats.iter_mut().enumerate();
+        let mut slots: SmallVec<[(Slot<'_>, u64, usize); 4]> = SmallVec::new();
+        let mut refusal: Option<(u128, usize)> = None;
+        for (index, it) in items.iter().enumerate() {
+            if it.units == 0 {
+                continue;
+            }
+            let map = loop {
+                match maps.next() {
+                    Some((i, m)) if i == it.quota => break m,
+                    Some(_) => {}
+                    None => return Fast::NeedsRoom,
+                }
+            };
+            let q = &self.quotas[it.quota];
+            let inc = q.cost_ns(it.units, it.mult);
+            if inc > q.tau_ns {
+                let most = u128::from(q.burst) * u128::from(it.mult.max(1)) / 1000;
+                return Fast::Done(Err(Refusal::TooLarge {
+                    index,
+                    most: u64::try_from(most).unwrap_or(u64::MAX),
+                }));
+            }
+            let (slot, stored) = match map.entry_ref(it.key) {
+                EntryRef::Occupied(o) => {
+                    let t = o.into_mut();
+                    let stored = *t;
+                    (Slot::Existing(t), Some(stored))
+                }
+                // A new key: inserted (hashed again) only if the request is admitted.
+                EntryRef::Vacant(v) => (Slot::New(v.into_map()), None),
+            };
+            let tat = stored.map_or(now128, |t| u128::from(t).max(now128));
+            let new_tat = tat + inc;
+            let allow_at = new_tat.saturating_sub(q.tau_ns);
+            if allow_at > now128 {
+                let wait = allow_at - now128;
+                if refusal.is_none_or(|(w, _)| wait > w) {
+                    refusal = Some((wait, index));
+                }
+                continue;
+            }
+            slots.push((slot, u64::try_from(new_tat).unwrap_or(u64::MAX), index));
+        }
+        if let Some((wait, index)) = refusal {
+            let wait = Duration::from_nanos(u64::try_from(wait).unwrap_or(u64::MAX));
+            return Fast::Done(Err(Refusal::Wait { index, wait }));
+        }
+        let new_keys = slots
+            .iter()
+            .filter(|(s, _, _)| matches!(s, Slot::New(_)))
+            .count();
+        if *len + new_keys > self.max_keys {
+            return Fast::NeedsRoom;
+        }
+        for (slot, tat, index) in slots {
+            match slot {
+                Slot::Existing(t) => *t = tat,
+                Slot::New(map) => {
+                    map.insert(items[index].key.to_owned(), tat);
+                    *len += 1;
+                }
+            }
+        }
+        Fast::Done(Ok(()))
+    }
+
+    /// The general path: any item order, sweeping when the key bound is reached.
+    fn check_slow(&self, state: &mut State, now: u64, items: &[Item<'_>]) -> Result<(), Refusal> {
+        let now128 = u128::from(now);
+        let mut updates: SmallVec<[(usize, u64, bool); 4]> = SmallVec::new();
         let mut refusal: Option<(u128, usize)> = None;
         for (index, it) in items.iter().enumerate() {
             if it.units == 0 {
                 continue;
             }
             let q = &self.quotas[it.quota];
-            let inc = q.cost_ns(u128::from(it.units), u128::from(it.mult.max(1)));
+            let inc = q.cost_ns(it.units, it.mult);
             if inc > q.tau_ns {
                 let most = u128::from(q.burst) * u128::from(it.mult.max(1)) / 1000;
                 return Err(Refusal::TooLarge {
@@ -143,7 +258,7 @@ impl Core {
         }
         let new_keys = updates.iter().filter(|u| u.2).count();
         if state.len + new_keys > self.max_keys {
-            Self::sweep(&mut state, now);
+            Self::sweep(state, now);
             if state.len + new_keys > self.max_keys {
                 return Err(Refusal::Full);
             }
@@ -185,7 +300,7 @@ impl Core {
                 continue;
             }
             let q = &self.quotas[it.quota];
-            let shift = q.cost_ns(u128::from(it.units), u128::from(it.mult.max(1)));
+            let shift = q.cost_ns(it.units, it.mult);
             let shift = u64::try_from(shift).unwrap_or(u64::MAX);
             let map = &mut state.tats[it.quota];
             if add {

@@ -240,7 +240,7 @@ impl GcraLimiter {
         meta: &'m RequestMeta,
         tokens: u64,
         only_tokens: bool,
-    ) -> SmallVec<[Item<'m>; 8]> {
+    ) -> SmallVec<[Item<'m>; 4]> {
         let mut items = SmallVec::new();
         for (quota, r) in self.inner.rules.iter().enumerate() {
             if only_tokens && r.unit != Unit::Tokens {
@@ -472,11 +472,17 @@ mod tests {
     fn a_clock_near_the_epoch_does_not_underflow() {
         // Regression: a burst tolerance longer than the time since the epoch.
         let clock = ManualClock::new(Timestamp::from_secs(1));
-        let l = limiter(&clock, GcraLimiter::builder().requests_per_minute(ScopeKind::User, 60));
+        let l = limiter(
+            &clock,
+            GcraLimiter::builder().requests_per_minute(ScopeKind::User, 60),
+        );
         for _ in 0..60 {
             l.check(&meta("ann"), 0).unwrap();
         }
-        assert!(matches!(l.check(&meta("ann"), 0), Err(Error::RateLimited { .. })));
+        assert!(matches!(
+            l.check(&meta("ann"), 0),
+            Err(Error::RateLimited { .. })
+        ));
     }
 
     #[test]

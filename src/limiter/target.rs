@@ -117,7 +117,7 @@ impl TargetLimits {
                 };
                 items.push(Item {
                     quota,
-                    key: "",
+                    key: "*",
                     units,
                     mult: 1000,
                 });

@@ -323,10 +323,10 @@ impl Scope {
         }
     }
 
-    /// The key within its kind (`""` for global).
+    /// The key within its kind (`"*"` for global).
     pub fn key(&self) -> &str {
         match self {
-            Scope::Global => "",
+            Scope::Global => "*",
             Scope::Org(k) | Scope::User(k) | Scope::Ip(k) | Scope::Feature(k) => k,
         }
     }
@@ -369,11 +369,11 @@ impl ScopeKind {
         }
     }
 
-    /// The key of this kind in `meta`: `Some("")` for global, `None` when the request
+    /// The key of this kind in `meta`: `Some("*")` for global, `None` when the request
     /// does not carry that identity (the scope then does not apply).
     pub fn key_of(self, meta: &RequestMeta) -> Option<&str> {
         match self {
-            ScopeKind::Global => Some(""),
+            ScopeKind::Global => Some("*"),
             ScopeKind::Org => meta.org.as_deref(),
             ScopeKind::User => meta.user.as_deref(),
             ScopeKind::Ip => meta.ip.as_deref(),
