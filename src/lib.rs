@@ -82,6 +82,7 @@ pub mod limiter;
 pub mod observe;
 pub mod pipeline;
 pub mod provider;
+pub mod resilience;
 pub mod router;
 pub mod types;
 
