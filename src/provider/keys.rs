@@ -215,6 +215,13 @@ impl KeyPool {
                 continue;
             };
             if *at <= now {
+                if i > 0 {
+                    // Keys were skipped: the turn continues after this one, so the
+                    // ready keys keep sharing the load evenly.
+                    self.inner
+                        .next
+                        .store(index.wrapping_add(1), Ordering::Relaxed);
+                }
                 return Ok(KeyLease {
                     index,
                     key: key.clone(),
