@@ -813,3 +813,71 @@ async fn through_a_pipeline_whole_and_streamed() {
     assert_eq!(end.usage, Usage::new(20, 2));
     assert!(!end.cost.is_zero());
 }
+
+#[tokio::test]
+async fn huge_deadlines_do_not_overflow() {
+    let pieces = [
+        chunk(r#"{"content":"ok"}"#, None),
+        chunk("{}", Some("stop")),
+        "data: [DONE]\n\n".to_owned(),
+    ];
+    let server = Server::start(vec![Reply::json(200, WHOLE), Reply::sse(pieces)]).await;
+    let forever = Duration::MAX;
+    let http = tokenwise::provider::http_client_builder()
+        .unwrap()
+        .no_proxy()
+        .connect_timeout(forever)
+        .build()
+        .unwrap();
+    let p = OpenAiCompatible::builder()
+        .base_url(server.url("/v1"))
+        .http_client(http)
+        .deadlines(
+            Deadlines::default()
+                .connect(forever)
+                .first_byte(forever)
+                .idle(forever)
+                .total(forever),
+        )
+        .build()
+        .unwrap();
+    assert!(chat(&p, &request()).await.is_ok());
+    let (events, err) = drain(stream(&p, &request()).await.unwrap()).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(text_of(&events), "ok");
+}
+
+#[tokio::test]
+async fn invalid_settings_are_configuration_errors() {
+    let bad = [
+        OpenAiCompatible::builder().base_url("not a url").build(),
+        OpenAiCompatible::builder().base_url("ftp://x/v1").build(),
+        OpenAiCompatible::builder().name(" ").build(),
+        OpenAiCompatible::builder().api_key("").build(),
+        OpenAiCompatible::builder().api_key("sk-bad\nkey").build(),
+        OpenAiCompatible::builder()
+            .header("bad header", "v")
+            .build(),
+        OpenAiCompatible::builder()
+            .api_key_header("bad header")
+            .build(),
+        OpenAiCompatible::builder().max_body_bytes(0).build(),
+        OpenAiCompatible::builder()
+            .api_keys((0..=tokenwise::provider::MAX_KEYS).map(|i| format!("sk-{i}")))
+            .build(),
+    ];
+    for (i, b) in bad.into_iter().enumerate() {
+        match b {
+            Err(Error::Config(m)) => assert!(!m.contains("sk-bad"), "{i}: {m}"),
+            other => panic!("{i}: expected a configuration error, got {other:?}"),
+        }
+    }
+    let p = OpenAiCompatible::builder()
+        .base_url("http://localhost:11434/v1/")
+        .name("ollama")
+        .build()
+        .unwrap();
+    assert_eq!(p.base_url(), "http://localhost:11434/v1");
+    assert_eq!(p.name(), "ollama");
+    assert!(p.key_pool().is_none());
+}

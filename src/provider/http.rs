@@ -222,6 +222,15 @@ impl HttpSettings {
         if self.max_body_bytes == 0 || self.max_event_bytes == 0 || self.max_stream_bytes == 0 {
             return Err(cfg("size limits must be positive".into()));
         }
+        if self
+            .keys
+            .iter()
+            .any(|k| HeaderValue::from_str(k.expose_secret()).is_err())
+        {
+            return Err(cfg(
+                "an API key holds characters a header cannot carry".into()
+            ));
+        }
         let keys = if self.keys.is_empty() {
             if required_key {
                 return Err(cfg("an API key is required".into()));
@@ -418,7 +427,7 @@ impl HttpCore {
     }
 
     fn total_deadline(&self, start: Instant) -> Option<Instant> {
-        self.deadlines.total.map(|d| start + d)
+        after(start, self.deadlines.total)
     }
 
     /// Posts `body` (JSON) to `path` and returns the response if its status is a success.
@@ -481,7 +490,7 @@ impl HttpCore {
             req = req.header(name, value.clone());
         }
         let req = req.body(body);
-        let first = self.deadlines.first_byte.map(|d| start + d);
+        let first = after(start, self.deadlines.first_byte);
         let deadline = earliest(first, self.total_deadline(start));
         let resp = match deadline {
             Some(at) => match tokio::time::timeout_at(at, req.send()).await {
@@ -566,7 +575,7 @@ impl HttpCore {
         sent: &Sent,
         extra: Option<Instant>,
     ) -> std::result::Result<Option<Bytes>, ProviderError> {
-        let idle = self.deadlines.idle.map(|d| Instant::now() + d);
+        let idle = after(Instant::now(), self.deadlines.idle);
         let total = self.total_deadline(sent.start);
         let deadline = earliest(earliest(idle, total), extra);
         match deadline {
@@ -684,6 +693,12 @@ impl HttpCore {
     }
 }
 
+/// `d` after `t`; none when there is no deadline, or it lies beyond what an `Instant`
+/// can hold.
+fn after(t: Instant, d: Option<Duration>) -> Option<Instant> {
+    d.and_then(|d| t.checked_add(d))
+}
+
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -779,7 +794,13 @@ fn capped(d: Duration) -> Duration {
 
 fn secs_f64(s: &str) -> Option<Duration> {
     let v: f64 = s.parse().ok()?;
-    (v.is_finite() && v >= 0.0).then(|| capped(Duration::from_secs_f64(v.min(1e9))))
+    if !v.is_finite() || v < 0.0 {
+        return None;
+    }
+    if v <= 0.0 {
+        return Some(Duration::ZERO);
+    }
+    Some(capped(Duration::from_secs_f64(v.min(1e9))))
 }
 
 /// When to retry, from `retry-after-ms`, `retry-after` (seconds or an HTTP date, read
@@ -1064,7 +1085,7 @@ impl<T: Translate> StreamState<T> {
     /// Reads until at least one SSE event is decoded; `Ok(false)` at the end of the body.
     async fn fill(&mut self) -> std::result::Result<bool, ProviderError> {
         let first_token = if self.chunks == 0 {
-            self.core.deadlines.first_byte.map(|d| self.sent.start + d)
+            after(self.sent.start, self.core.deadlines.first_byte)
         } else {
             None
         };
@@ -1246,6 +1267,10 @@ mod tests {
             Some(MAX_RETRY_AFTER)
         );
         assert_eq!(retry_after(&headers(&[("retry-after", "soon")]), now), None);
+        for odd in ["-0", "-5", "NaN", "inf", "1e999"] {
+            let r = retry_after(&headers(&[("retry-after", odd)]), now);
+            assert!(r.is_none() || r == Some(Duration::ZERO), "{odd}: {r:?}");
+        }
         assert_eq!(
             retry_after(
                 &headers(&[

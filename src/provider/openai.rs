@@ -315,7 +315,7 @@ impl OpenAiCompatible {
                 }
             })
             .collect();
-        let usage = match w.usage.and_then(WireUsage::to_usage) {
+        let usage = match w.usage.and_then(WireUsage::into_usage) {
             Some(u) => u,
             None => {
                 let mut out = content.clone();
@@ -633,7 +633,7 @@ struct WireUsageDetails {
 }
 
 impl WireUsage {
-    fn to_usage(self) -> Option<Usage> {
+    fn into_usage(self) -> Option<Usage> {
         if self.prompt_tokens.is_none() && self.completion_tokens.is_none() {
             return None;
         }
@@ -806,7 +806,7 @@ impl Translate for OpenAiStream {
                 self.finish = Some(finish_reason(&r));
             }
         }
-        if let Some(u) = chunk.usage.and_then(WireUsage::to_usage) {
+        if let Some(u) = chunk.usage.and_then(WireUsage::into_usage) {
             self.usage = Some(u);
         }
         Ok(false)
