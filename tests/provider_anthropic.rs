@@ -456,11 +456,7 @@ async fn over_the_cap_reset_and_silent_servers() {
         Reply::silent(),
     ])
     .await;
-    let p = builder(&server)
-        .max_body_bytes(8_192)
-        .deadlines(Deadlines::default().first_byte(Duration::from_millis(40)))
-        .build()
-        .unwrap();
+    let p = builder(&server).max_body_bytes(8_192).build().unwrap();
     let e = chat(&p, &request()).await.unwrap_err();
     assert_eq!(kind(&e), ProviderErrorKind::InvalidResponse);
     assert!(e.to_string().contains("exceeds the cap"));
@@ -470,6 +466,10 @@ async fn over_the_cap_reset_and_silent_servers() {
         matches!(err, Some(Error::StreamInterrupted { chunks: 1, .. })),
         "{err:?}"
     );
+    let p = builder(&server)
+        .deadlines(Deadlines::default().first_byte(Duration::from_millis(40)))
+        .build()
+        .unwrap();
     let e = stream(&p, &request()).await.err().unwrap();
     assert_eq!(kind(&e), ProviderErrorKind::Timeout);
 }
