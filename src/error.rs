@@ -255,6 +255,8 @@ pub struct ProviderError {
     pub message: String,
     /// When the provider said to retry.
     pub retry_after: Option<Duration>,
+    /// What the provider's rate-limit headers said was left, if it sent any.
+    pub rate_limits: Option<RateLimits>,
     /// The underlying error, if any.
     #[source]
     pub source: Option<BoxError>,
@@ -273,6 +275,7 @@ impl ProviderError {
             status: None,
             message: message.into(),
             retry_after: None,
+            rate_limits: None,
             source: None,
         }
     }
@@ -291,11 +294,44 @@ impl ProviderError {
         self
     }
 
+    /// Sets what the provider's rate-limit headers said was left.
+    #[must_use]
+    pub fn with_rate_limits(mut self, limits: RateLimits) -> Self {
+        self.rate_limits = Some(limits);
+        self
+    }
+
     /// Sets the underlying error.
     #[must_use]
     pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
         self.source = Some(source.into());
         self
+    }
+}
+
+/// What a provider's rate-limit headers said was left of its quotas
+/// (`x-ratelimit-remaining-*` for OpenAI, `anthropic-ratelimit-*-remaining` for Anthropic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct RateLimits {
+    /// Requests left in the current window.
+    pub remaining_requests: Option<u64>,
+    /// Tokens left in the current window.
+    pub remaining_tokens: Option<u64>,
+}
+
+impl RateLimits {
+    /// Limits with these remaining counts.
+    pub fn new(remaining_requests: Option<u64>, remaining_tokens: Option<u64>) -> Self {
+        RateLimits {
+            remaining_requests,
+            remaining_tokens,
+        }
+    }
+
+    /// Whether the headers said anything.
+    pub fn is_empty(&self) -> bool {
+        self.remaining_requests.is_none() && self.remaining_tokens.is_none()
     }
 }
 

@@ -88,7 +88,7 @@ pub mod types;
 
 pub use clock::{Clock, ManualClock, Timestamp, TokioClock};
 pub use context::TokenCounter;
-pub use error::{BoxError, Error, ProviderError, ProviderErrorKind, Result};
+pub use error::{BoxError, Error, ProviderError, ProviderErrorKind, RateLimits, Result};
 pub use pipeline::{Pipeline, PipelineBuilder};
 pub use provider::Provider;
 pub use types::{
