@@ -51,7 +51,7 @@
 //!
 //! | module | concern | in-memory default |
 //! | --- | --- | --- |
-//! | [`provider`] | calling a model API | [`SimulatedProvider`](provider::SimulatedProvider) |
+//! | [`provider`] | calling a model API | [`SimulatedProvider`](provider::SimulatedProvider); HTTP: [`OpenAiCompatible`](provider::OpenAiCompatible), [`Anthropic`](provider::Anthropic) |
 //! | [`cache`] | reusing answers | [`ExactCache`](cache::ExactCache) |
 //! | [`router`] | choosing models, validating answers | [`CatalogRouter`](router::CatalogRouter) |
 //! | [`limiter`] | rate limits on requests and tokens | [`GcraLimiter`](limiter::GcraLimiter) |
