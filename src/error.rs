@@ -49,6 +49,13 @@ pub enum Error {
     /// A model provider failed; see [`ProviderError::kind`].
     #[error(transparent)]
     Provider(Box<ProviderError>),
+    /// No target can be tried now: every circuit breaker of the route is open (and no
+    /// cached answer could stand in). Retry after `retry_after`.
+    #[error("temporarily unavailable: every target's circuit is open; retry after {retry_after:?}")]
+    Unavailable {
+        /// When the first breaker lets a probe through.
+        retry_after: Option<Duration>,
+    },
     /// Every target of the route failed; the last failure is the source.
     #[error("all {attempts} attempt(s) failed; last error: {last}")]
     AllTargetsFailed {
@@ -109,7 +116,7 @@ impl Error {
         match self {
             Error::RateLimited { retry_after, .. } => Some(*retry_after),
             Error::BudgetExceeded { retry_after, .. } => *retry_after,
-            Error::Overloaded { retry_after } => *retry_after,
+            Error::Overloaded { retry_after } | Error::Unavailable { retry_after } => *retry_after,
             Error::Provider(p) => p.retry_after,
             Error::AllTargetsFailed { last, .. } => last.retry_after(),
             _ => None,
@@ -122,7 +129,9 @@ impl Error {
     /// auth, context length, unknown model, configuration) and spend caps are not.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::RateLimited { .. } | Error::Overloaded { .. } => true,
+            Error::RateLimited { .. } | Error::Overloaded { .. } | Error::Unavailable { .. } => {
+                true
+            }
             Error::StreamInterrupted { .. } => true,
             Error::Provider(p) => p.kind.is_retryable(),
             Error::AllTargetsFailed { last, .. } => last.is_retryable(),
@@ -145,6 +154,7 @@ impl Error {
             Error::RateLimited { .. } => "rate_limited",
             Error::BudgetExceeded { .. } => "budget_exceeded",
             Error::Overloaded { .. } => "overloaded",
+            Error::Unavailable { .. } => "unavailable",
             Error::Provider(p) => p.kind.as_str(),
             Error::AllTargetsFailed { .. } => "all_targets_failed",
             Error::ContextTooLong { .. } => "context_too_long",

@@ -4,8 +4,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
-
 use super::{Inner, Pipeline};
 use crate::budget::{Budget, BudgetWindow, Degrade, MemoryBudget};
 use crate::cache::{Cache, CacheScope, ExactCache};
@@ -14,6 +12,10 @@ use crate::context::{TiktokenCounter, TokenCounter};
 use crate::limiter::{GcraLimiter, LimitRule, Limiter, Quota, TargetLimits, Unit};
 use crate::observe::{MemoryUsage, UsageSink};
 use crate::provider::Provider;
+use crate::resilience::{
+    BreakerConfig, Breakers, Concurrency, ConcurrencyConfig, Hedge, Latencies, RetryBudget,
+    RetryPolicy,
+};
 use crate::router::{CatalogRouter, Router, Validator};
 use crate::types::{Catalog, Cost, ScopeKind};
 use crate::{Error, Result};
@@ -78,8 +80,15 @@ pub struct PipelineBuilder {
     validator: Option<Arc<dyn Validator>>,
     sink: Option<Arc<dyn UsageSink>>,
     clock: Option<Arc<dyn Clock>>,
-    max_in_flight: Option<usize>,
+    concurrency: Option<ConcurrencyConfig>,
     attempt_timeout: Option<Duration>,
+    first_token_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    request_timeout: Option<Duration>,
+    retry: RetryPolicy,
+    breaker: Option<BreakerConfig>,
+    hedge: Option<Hedge>,
+    serve_stale: Option<Duration>,
 }
 
 impl Default for PipelineBuilder {
@@ -110,8 +119,15 @@ impl Default for PipelineBuilder {
             validator: None,
             sink: None,
             clock: None,
-            max_in_flight: None,
+            concurrency: None,
             attempt_timeout: None,
+            first_token_timeout: None,
+            idle_timeout: None,
+            request_timeout: None,
+            retry: RetryPolicy::default(),
+            breaker: Some(BreakerConfig::default()),
+            hedge: None,
+            serve_stale: None,
         }
     }
 }
@@ -311,15 +327,74 @@ impl PipelineBuilder {
     }
 
     /// The most requests in flight (streams until they end); more are refused at once
-    /// with [`Error::Overloaded`].
+    /// with [`Error::Overloaded`]. Shorthand for a fixed [`concurrency`](Self::concurrency)
+    /// limit with no queue.
     pub fn max_in_flight(mut self, n: usize) -> Self {
-        self.max_in_flight = Some(n);
+        self.concurrency = Some(ConcurrencyConfig::fixed(n));
         self
     }
 
-    /// The deadline of one provider call (for a stream: until its first event).
+    /// Bounded, optionally adaptive concurrency with a priority queue and per-key caps.
+    pub fn concurrency(mut self, cfg: ConcurrencyConfig) -> Self {
+        self.concurrency = Some(cfg);
+        self
+    }
+
+    /// The deadline of one provider call (default: none).
     pub fn attempt_timeout(mut self, d: Duration) -> Self {
         self.attempt_timeout = Some(d);
+        self
+    }
+
+    /// The deadline to a stream's first event (default: the attempt timeout). A stream
+    /// that misses it falls back like a failed call.
+    pub fn first_token_timeout(mut self, d: Duration) -> Self {
+        self.first_token_timeout = Some(d);
+        self
+    }
+
+    /// The longest silence between two events of a stream; then the stream ends with an
+    /// error (default: none).
+    pub fn idle_timeout(mut self, d: Duration) -> Self {
+        self.idle_timeout = Some(d);
+        self
+    }
+
+    /// One deadline for all of a request's calls, retries and backoff (default: none).
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.request_timeout = Some(d);
+        self
+    }
+
+    /// How each target is retried (default: [`RetryPolicy::default`], 3 attempts within a
+    /// retry budget of 20 % of calls plus 1 a second).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Circuit breaker settings (default: [`BreakerConfig::default`]).
+    pub fn breaker(mut self, cfg: BreakerConfig) -> Self {
+        self.breaker = Some(cfg);
+        self
+    }
+
+    /// Turns circuit breakers off.
+    pub fn no_breaker(mut self) -> Self {
+        self.breaker = None;
+        self
+    }
+
+    /// Races a slow first target against the next one (default: off).
+    pub fn hedge(mut self, hedge: Hedge) -> Self {
+        self.hedge = Some(hedge);
+        self
+    }
+
+    /// When every target fails, serves a cached answer that expired at most `d` ago
+    /// (the default exact cache keeps expired entries that long).
+    pub fn serve_stale_for(mut self, d: Duration) -> Self {
+        self.serve_stale = Some(d);
         self
     }
 
@@ -368,6 +443,7 @@ impl PipelineBuilder {
                 ExactCache::builder()
                     .max_entries(capacity)
                     .ttl(ttl)
+                    .keep_stale_for(self.serve_stale.unwrap_or_default())
                     .clock(Arc::clone(&clock))
                     .build()?,
             )),
@@ -403,11 +479,20 @@ impl PipelineBuilder {
                 Some(Arc::new(b.build()?))
             }
         };
-        let in_flight = match self.max_in_flight {
-            Some(0) => return Err(Error::Config("max_in_flight must be at least 1".into())),
-            Some(n) => Some(Arc::new(Semaphore::new(n.min(Semaphore::MAX_PERMITS)))),
-            None => None,
-        };
+        let concurrency = self.concurrency.map(Concurrency::new).transpose()?;
+        self.retry.validate()?;
+        if let Some(h) = &self.hedge {
+            h.validate()?;
+        }
+        let breakers = self
+            .breaker
+            .map(|cfg| Breakers::new(cfg, Arc::clone(&clock)))
+            .transpose()?;
+        let retry_budget = RetryBudget::new(
+            self.retry.budget_ratio,
+            self.retry.budget_floor_per_sec,
+            Arc::clone(&clock),
+        );
         for (pct, mode) in &self.degrade {
             if *pct == 0 {
                 return Err(Error::Config(
@@ -428,8 +513,15 @@ impl PipelineBuilder {
             ));
         }
         self.degrade.sort_by_key(|(p, _)| *p);
-        if self.attempt_timeout.is_some_and(|d| d.is_zero()) {
-            return Err(Error::Config("attempt_timeout must be positive".into()));
+        for (name, d) in [
+            ("attempt_timeout", self.attempt_timeout),
+            ("first_token_timeout", self.first_token_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("request_timeout", self.request_timeout),
+        ] {
+            if d.is_some_and(|d| d.is_zero()) {
+                return Err(Error::Config(format!("{name} must be positive")));
+            }
         }
         Ok(Pipeline {
             inner: Arc::new(Inner {
@@ -448,8 +540,17 @@ impl PipelineBuilder {
                 usage: Arc::new(MemoryUsage::default()),
                 sink: self.sink,
                 clock,
-                in_flight,
+                concurrency,
                 attempt_timeout: self.attempt_timeout,
+                first_token_timeout: self.first_token_timeout,
+                idle_timeout: self.idle_timeout,
+                request_timeout: self.request_timeout,
+                retry: self.retry,
+                retry_budget,
+                breakers,
+                hedge: self.hedge,
+                latencies: Latencies::default(),
+                serve_stale: self.serve_stale,
                 wait_for_limits: self.wait_for_limits,
                 target_limits: self.target_limits,
                 degrade: self.degrade,

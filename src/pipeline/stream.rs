@@ -8,7 +8,6 @@ use std::task::{Context, Poll, ready};
 
 use futures_core::Stream;
 use futures_util::stream;
-use tokio::sync::OwnedSemaphorePermit;
 
 use super::Inner;
 use crate::budget::Reservation;
@@ -70,7 +69,9 @@ pub(super) struct Settle {
     /// ...or at this cost.
     pub(super) max_cost: Option<Cost>,
     pub(super) charged: u64,
-    pub(super) slot: Option<OwnedSemaphorePermit>,
+    pub(super) slot: Option<crate::resilience::Slot>,
+    /// The longest wait between two events.
+    pub(super) idle_timeout: Option<std::time::Duration>,
     pub(super) reservation: Option<Reservation>,
     pub(super) record: UsageRecord,
     pub(super) span: tracing::Span,
@@ -223,10 +224,16 @@ struct Metered {
     /// Settlement in progress, and the error to yield once it is done (if any).
     finishing: Option<(Finishing, Option<Error>)>,
     done: bool,
+    /// Fires when the upstream is silent for the idle timeout.
+    idle: Option<(std::time::Duration, Pin<Box<tokio::time::Sleep>>)>,
 }
 
 pub(super) fn metered(settle: Settle, first: StreamEvent, upstream: ChatStream) -> ChatStream {
+    let idle = settle
+        .idle_timeout
+        .map(|d| (d, Box::pin(tokio::time::sleep(d))));
     Box::pin(Metered {
+        idle,
         upstream,
         first: Some(first),
         delivered: Delivered::default(),
@@ -303,7 +310,29 @@ impl Stream for Metered {
             }
             let next = match this.first.take() {
                 Some(ev) => Some(Ok(ev)),
-                None => ready!(this.upstream.as_mut().poll_next(cx)),
+                None => match this.upstream.as_mut().poll_next(cx) {
+                    Poll::Ready(next) => {
+                        if let Some((d, sleep)) = &mut this.idle {
+                            sleep.as_mut().reset(tokio::time::Instant::now() + *d);
+                        }
+                        next
+                    }
+                    Poll::Pending => {
+                        let timed_out = match &mut this.idle {
+                            Some((_, sleep)) => sleep.as_mut().poll(cx).is_ready(),
+                            None => false,
+                        };
+                        if !timed_out {
+                            return Poll::Pending;
+                        }
+                        let d = this.idle.as_ref().map(|(d, _)| *d).unwrap_or_default();
+                        this.upstream = Box::pin(stream::empty());
+                        Some(Err(Error::StreamInterrupted {
+                            chunks: this.delivered.chunks,
+                            reason: format!("no event within the idle timeout of {d:?}"),
+                        }))
+                    }
+                },
             };
             match next {
                 Some(Ok(StreamEvent::Done(end))) => {

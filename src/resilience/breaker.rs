@@ -283,6 +283,20 @@ impl Breakers {
         }
     }
 
+    /// Gives back a probe whose call was abandoned before it had an outcome, so the
+    /// breaker does not wait forever for its verdict.
+    pub fn cancel(&self, target: &str, admit: Admit) {
+        if admit != Admit::Probe {
+            return;
+        }
+        let mut map = self.lock();
+        if let Some(b) = map.get_mut(target) {
+            if b.state == BreakerState::HalfOpen {
+                b.probes_out = b.probes_out.saturating_sub(1);
+            }
+        }
+    }
+
     /// The soonest any of `targets` half-opens, if all are open.
     pub fn soonest_retry(&self, targets: &[&str]) -> Option<Duration> {
         let now = self.clock.now();
