@@ -48,7 +48,6 @@ impl BreakerState {
 
 /// When a breaker opens and how it recovers.
 #[derive(Debug, Clone, Copy, PartialEq)]
-#[non_exhaustive]
 pub struct BreakerConfig {
     /// Opens after this many target failures in a row (default 5).
     pub consecutive_failures: u32,

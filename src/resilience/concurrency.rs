@@ -12,7 +12,6 @@ use crate::{Error, Result};
 
 /// How many requests may run at once, and what waits.
 #[derive(Debug, Clone, Copy, PartialEq)]
-#[non_exhaustive]
 pub struct ConcurrencyConfig {
     /// The starting limit on requests in flight (default 64).
     pub initial: usize,

@@ -11,7 +11,6 @@ use crate::{Error, Result};
 
 /// How a pipeline retries one target before it falls back to the next.
 #[derive(Debug, Clone, Copy, PartialEq)]
-#[non_exhaustive]
 pub struct RetryPolicy {
     /// Calls per target, the first included (default 3; 1 disables retries).
     pub max_attempts: u32,
