@@ -1,11 +1,15 @@
-//! Token counting (and, as it grows, context-window budgeting).
+//! Token counting and context-window budgeting.
 //!
 //! [`TokenCounter`] turns text into a token count for a model's tokenizer. The default,
 //! [`TiktokenCounter`], uses tiktoken-rs's `o200k_base` and `cl100k_base` encodings,
 //! each loaded once per process on first use.
 
+mod fit;
+
 use std::fmt;
 use std::sync::OnceLock;
+
+pub use fit::{ContextBudget, CountCache, Fitted, Summarizer};
 
 use tiktoken_rs::CoreBPE;
 

@@ -1,0 +1,446 @@
+//! Fitting a request into a model's context window, by rules a user can predict.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::hash::BuildHasher;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+
+use super::TokenCounter;
+use crate::types::{ChatRequest, Document, Message, ModelSpec, Role, TokenizerKind};
+use crate::{Error, Result};
+
+/// Turns the conversation turns a fit drops into one message that stands in for them
+/// (a summary). Called only when turns are dropped; keep it quick or precomputed.
+///
+/// # Implementing
+///
+/// ```
+/// use tokenwise::context::Summarizer;
+/// use tokenwise::Message;
+///
+/// /// Notes how many turns were left out.
+/// #[derive(Debug)]
+/// struct CountDropped;
+///
+/// impl Summarizer for CountDropped {
+///     fn summarize(&self, dropped: &[Message]) -> Option<Message> {
+///         Some(Message::system(format!("({} earlier messages omitted)", dropped.len())))
+///     }
+/// }
+/// ```
+pub trait Summarizer: Send + Sync + fmt::Debug {
+    /// A message standing in for `dropped` (oldest first), or `None` to leave them out.
+    fn summarize(&self, dropped: &[Message]) -> Option<Message>;
+}
+
+/// How a request is fitted into a window.
+///
+/// The sections, in order of precedence:
+/// 1. **system** messages and tool definitions: never cut; if they alone overflow the
+///    window, the request is refused with [`Error::ContextTooLong`];
+/// 2. the **current turn** (the final user message and anything after the last
+///    assistant reply): never cut either;
+/// 3. **documents**, most relevant first, within `documents_share` of what is left;
+///    the first one that does not fit whole is trimmed to the rest of the share;
+/// 4. **history**, newest first, whole turns while they fit (a tool call and its results
+///    stay together); dropped turns may be replaced by a [`Summarizer`]'s message.
+///
+/// Kept documents and turns stay in their original order, so the prompt's prefix
+/// (system, tools, documents) is stable from one turn to the next and provider-side
+/// prompt caches keep hitting. When the request sets no `max_tokens`, it is set to what
+/// the window leaves (at most the model's maximum output).
+#[derive(Clone)]
+pub struct ContextBudget {
+    /// Output tokens to keep free when the request sets no `max_tokens` (default 1,024,
+    /// at most the model's maximum output).
+    pub output_reserve: u64,
+    /// The share of the room left after system and current turn that documents may take
+    /// (default 0.4).
+    pub documents_share: f64,
+    /// Replaces dropped history (default: none).
+    pub summarizer: Option<Arc<dyn Summarizer>>,
+}
+
+impl fmt::Debug for ContextBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ContextBudget")
+            .field("output_reserve", &self.output_reserve)
+            .field("documents_share", &self.documents_share)
+            .field("summarizer", &self.summarizer.is_some())
+            .finish()
+    }
+}
+
+impl Default for ContextBudget {
+    fn default() -> Self {
+        ContextBudget { output_reserve: 1_024, documents_share: 0.4, summarizer: None }
+    }
+}
+
+/// What a fit kept and dropped.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Fitted<'a> {
+    /// The request to send: the original when nothing had to change.
+    pub request: Cow<'a, ChatRequest>,
+    /// Prompt tokens of the fitted request.
+    pub prompt_tokens: u64,
+    /// History messages dropped.
+    pub dropped_messages: usize,
+    /// Documents dropped or trimmed.
+    pub trimmed_documents: usize,
+}
+
+/// Token counts of recent texts, so that re-fitting a long conversation after one new
+/// turn counts only the new turn. Bounded (least recently used out).
+#[derive(Debug, Clone)]
+pub struct CountCache {
+    map: Arc<Mutex<lru::LruCache<(u64, usize, TokenizerKind), u64>>>,
+    hasher: hashbrown::DefaultHashBuilder,
+}
+
+impl CountCache {
+    /// A cache of up to `capacity` counts.
+    pub fn new(capacity: usize) -> Self {
+        let cap = NonZeroUsize::new(capacity.max(1)).unwrap_or(NonZeroUsize::MIN);
+        CountCache { map: Arc::new(Mutex::new(lru::LruCache::new(cap))), hasher: Default::default() }
+    }
+
+    /// Tokens in `text`, counted once per text and tokenizer.
+    pub fn count(&self, counter: &dyn TokenCounter, text: &str, kind: TokenizerKind) -> u64 {
+        if text.is_empty() {
+            return 0;
+        }
+        let key = (self.hasher.hash_one(text), text.len(), kind);
+        if let Some(n) = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return *n;
+        }
+        let n = counter.count_text(text, kind);
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).put(key, n);
+        n
+    }
+
+    fn message(&self, counter: &dyn TokenCounter, m: &Message, kind: TokenizerKind) -> u64 {
+        let mut n = super::TOKENS_PER_MESSAGE + self.count(counter, &m.content, kind);
+        for c in &m.tool_calls {
+            n += self.count(counter, &c.name, kind) + self.count(counter, &c.arguments, kind);
+        }
+        n
+    }
+}
+
+impl Default for CountCache {
+    fn default() -> Self {
+        Self::new(65_536)
+    }
+}
+
+/// Where the current turn starts: after the last assistant message (with that message
+/// when its tool calls are answered in the turn); the last message at the latest.
+fn current_turn_start(msgs: &[Message]) -> usize {
+    let mut start = msgs.iter().rposition(|m| m.role == Role::Assistant).map_or(0, |i| i + 1);
+    if start > 0 && start < msgs.len() && !msgs[start - 1].tool_calls.is_empty() {
+        start -= 1;
+    }
+    start.min(msgs.len().saturating_sub(1))
+}
+
+/// Groups history into units that stay together: an assistant message with tool calls
+/// and the tool results that follow it.
+fn history_units(history: &[(usize, &Message)]) -> Vec<(usize, usize)> {
+    let mut units = Vec::new();
+    let mut i = 0;
+    while i < history.len() {
+        let start = i;
+        i += 1;
+        if !history[start].1.tool_calls.is_empty() {
+            while i < history.len() && history[i].1.role == Role::Tool {
+                i += 1;
+            }
+        }
+        units.push((start, i));
+    }
+    units
+}
+
+impl ContextBudget {
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.documents_share) {
+            return Err(Error::Config("context budget: documents_share must be in [0, 1]".into()));
+        }
+        Ok(())
+    }
+
+    /// Fits `req` into `model`'s window.
+    pub fn fit<'a>(
+        &self,
+        req: &'a ChatRequest,
+        model: &ModelSpec,
+        counter: &dyn TokenCounter,
+        cache: &CountCache,
+    ) -> Result<Fitted<'a>> {
+        let kind = model.tokenizer;
+        let window = model.context_window;
+        let output = match req.params.max_tokens {
+            Some(n) => u64::from(n).min(model.max_output),
+            None => self.output_reserve.min(model.max_output),
+        };
+        let too_long = |tokens: u64, what: &str| Error::ContextTooLong {
+            model: format!("{} ({what})", model.name),
+            tokens,
+            limit: window,
+        };
+        let room = window.saturating_sub(output);
+
+        // 1. system and tools: never cut
+        let mut fixed = super::TOKENS_PER_REPLY;
+        for t in &req.params.tools {
+            fixed += cache.count(counter, &t.name, kind)
+                + cache.count(counter, &t.description, kind)
+                + cache.count(counter, &t.parameters.to_string(), kind);
+        }
+        let msgs = &req.messages;
+        let turn = current_turn_start(msgs);
+        let mut system_idx = Vec::new();
+        let mut history: Vec<(usize, &Message)> = Vec::new();
+        for (i, m) in msgs.iter().enumerate() {
+            if m.role == Role::System {
+                system_idx.push(i);
+                fixed += cache.message(counter, m, kind);
+            } else if i < turn {
+                history.push((i, m));
+            }
+        }
+        if fixed + output > window {
+            return Err(too_long(fixed + output, "the system prompt and tools alone"));
+        }
+        // 2. the current turn: never cut
+        for m in msgs[turn..].iter().filter(|m| m.role != Role::System) {
+            fixed += cache.message(counter, m, kind);
+        }
+        if fixed + output > window {
+            return Err(too_long(fixed + output, "the system prompt and the current turn"));
+        }
+        let mut left = room - fixed;
+
+        // 3. documents, by relevance, within their share
+        let mut doc_tokens: Vec<u64> = req
+            .documents
+            .iter()
+            .map(|d| super::TOKENS_PER_MESSAGE + cache.count(counter, &d.text, kind))
+            .collect();
+        let all_docs: u64 = doc_tokens.iter().sum();
+        let mut keep_docs: Vec<Option<Cow<'a, Document>>> = vec![None; req.documents.len()];
+        let mut trimmed_documents = 0;
+        if all_docs <= (left as f64 * self.documents_share) as u64 {
+            for (slot, d) in keep_docs.iter_mut().zip(&req.documents) {
+                *slot = Some(Cow::Borrowed(d));
+            }
+            left -= all_docs;
+        } else {
+            let mut share = (left as f64 * self.documents_share) as u64;
+            let mut order: Vec<usize> = (0..req.documents.len()).collect();
+            order.sort_by(|a, b| req.documents[*b].score.total_cmp(&req.documents[*a].score));
+            for i in order {
+                let d = &req.documents[i];
+                if doc_tokens[i] <= share {
+                    share -= doc_tokens[i];
+                    left -= doc_tokens[i];
+                    keep_docs[i] = Some(Cow::Borrowed(d));
+                    continue;
+                }
+                trimmed_documents += 1;
+                if share > super::TOKENS_PER_MESSAGE + 16 {
+                    let budget = share - super::TOKENS_PER_MESSAGE;
+                    let text = trim_to(&d.text, budget, |t| counter.count_text(t, kind));
+                    let n = super::TOKENS_PER_MESSAGE + counter.count_text(&text, kind);
+                    if !text.is_empty() && n <= share {
+                        share -= n;
+                        left -= n;
+                        doc_tokens[i] = n;
+                        keep_docs[i] = Some(Cow::Owned(Document { id: d.id.clone(), text, score: d.score }));
+                    }
+                }
+            }
+        }
+
+        // 4. history, newest first, whole units
+        let units = history_units(&history);
+        let mut keep_from = units.len();
+        for (u, (a, b)) in units.iter().enumerate().rev() {
+            let n: u64 = history[*a..*b].iter().map(|(_, m)| cache.message(counter, m, kind)).sum();
+            if n > left {
+                break;
+            }
+            left -= n;
+            keep_from = u;
+        }
+        let first_kept = units.get(keep_from).map_or(history.len(), |(a, _)| *a);
+        let dropped: Vec<Message> = history[..first_kept].iter().map(|(_, m)| (*m).clone()).collect();
+        let summary = match (&self.summarizer, dropped.is_empty()) {
+            (Some(s), false) => s.summarize(&dropped).filter(|m| {
+                let n = cache.message(counter, m, kind);
+                n <= left && {
+                    left -= n;
+                    true
+                }
+            }),
+            _ => None,
+        };
+
+        let changed = !dropped.is_empty() || trimmed_documents > 0 || req.params.max_tokens.is_none();
+        let prompt_tokens = room - left;
+        if !changed {
+            return Ok(Fitted { request: Cow::Borrowed(req), prompt_tokens, dropped_messages: 0, trimmed_documents: 0 });
+        }
+        let mut out = req.clone();
+        let kept_history: std::collections::HashSet<usize> = history[first_kept..].iter().map(|(i, _)| *i).collect();
+        let mut messages = Vec::with_capacity(msgs.len() - dropped.len() + 1);
+        let last_system = system_idx.last().copied();
+        if last_system.is_none() {
+            messages.extend(summary.clone());
+        }
+        for (i, m) in msgs.iter().enumerate() {
+            if m.role == Role::System || i >= turn || kept_history.contains(&i) {
+                messages.push(m.clone());
+            }
+            if Some(i) == last_system {
+                messages.extend(summary.clone());
+            }
+        }
+        out.messages = messages;
+        out.documents = keep_docs.into_iter().flatten().map(Cow::into_owned).collect();
+        if out.params.max_tokens.is_none() {
+            let fill = window.saturating_sub(prompt_tokens).min(model.max_output);
+            out.params.max_tokens = Some(u32::try_from(fill.max(1)).unwrap_or(u32::MAX));
+        }
+        Ok(Fitted { request: Cow::Owned(out), prompt_tokens, dropped_messages: dropped.len(), trimmed_documents })
+    }
+}
+
+/// The longest prefix of `text` (at a word boundary where possible) of at most
+/// `budget` tokens, found by binary search over character boundaries.
+fn trim_to(text: &str, budget: u64, count: impl Fn(&str) -> u64) -> String {
+    let bounds: Vec<usize> = text.char_indices().map(|(i, _)| i).chain(std::iter::once(text.len())).collect();
+    let (mut lo, mut hi) = (0usize, bounds.len() - 1);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if count(&text[..bounds[mid]]) <= budget {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let cut = &text[..bounds[lo]];
+    match cut.rfind(char::is_whitespace) {
+        Some(i) if bounds[lo] < text.len() && i > cut.len() / 2 => cut[..i].to_owned(),
+        _ => cut.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::TiktokenCounter;
+    use crate::types::{Catalog, Pricing};
+
+    fn model(window: u64) -> ModelSpec {
+        ModelSpec::new("m", "p", window, 1_000, Pricing::per_mtok(1.0, 1.0, 1.0).unwrap(), 2)
+    }
+
+    fn fit<'a>(b: &ContextBudget, req: &'a ChatRequest, m: &ModelSpec) -> Result<Fitted<'a>> {
+        b.fit(req, m, &TiktokenCounter::new(), &CountCache::default())
+    }
+
+    #[test]
+    fn a_500_turn_conversation_fits_8k_with_the_system_prompt_and_newest_turns() {
+        let mut req = ChatRequest::new().message(Message::system("You are a careful support agent. Never reveal internal notes."));
+        for i in 0..500 {
+            req = req
+                .message(Message::user(format!("Question {i}: what about order {i} and its delivery status today?")))
+                .message(Message::assistant(format!("Answer {i}: order {i} ships tomorrow from the north warehouse.")));
+        }
+        req = req.message(Message::user("And the last one?")).max_tokens(500);
+        let m = model(8_192);
+        let f = fit(&ContextBudget::default(), &req, &m).unwrap();
+        let out = &f.request;
+        assert!(f.prompt_tokens + 500 <= 8_192);
+        assert_eq!(TiktokenCounter::new().count_request(out, m.tokenizer), f.prompt_tokens, "the estimate is exact");
+        assert_eq!(out.messages[0], req.messages[0], "system prompt intact");
+        assert_eq!(out.messages.last(), req.messages.last(), "current turn intact");
+        let n = out.messages.len();
+        assert_eq!(out.messages[n - 2], req.messages[req.messages.len() - 2], "newest turns kept");
+        assert!(f.dropped_messages > 500, "{}", f.dropped_messages);
+        // kept history is a contiguous newest suffix
+        let kept = &out.messages[1..n - 1];
+        let orig = &req.messages[req.messages.len() - 1 - kept.len()..req.messages.len() - 1];
+        assert_eq!(kept, orig);
+    }
+
+    #[test]
+    fn an_overflowing_system_prompt_is_a_clear_error() {
+        let req = ChatRequest::new().message(Message::system("word ".repeat(5_000))).message(Message::user("hi"));
+        let e = fit(&ContextBudget::default(), &req, &model(4_096)).unwrap_err();
+        assert!(e.to_string().contains("system prompt"), "{e}");
+        let req = ChatRequest::new().message(Message::system("be brief")).message(Message::user("word ".repeat(5_000)));
+        let e = fit(&ContextBudget::default(), &req, &model(4_096)).unwrap_err();
+        assert!(e.to_string().contains("current turn"), "{e}");
+    }
+
+    #[test]
+    fn documents_by_relevance_within_their_share_in_original_order() {
+        let doc = |t: &str, s| Document { id: Some(t.into()), text: format!("{t} ").repeat(300), score: s };
+        let mut req = ChatRequest::user_text("summarise").max_tokens(100);
+        req.documents = vec![doc("low", 0.1), doc("high", 0.9), doc("mid", 0.5)];
+        let f = fit(&ContextBudget::default(), &req, &model(2_000)).unwrap();
+        let ids: Vec<&str> = f.request.documents.iter().filter_map(|d| d.id.as_deref()).collect();
+        // share is 40 % of ~1,890: "high" whole (~303), "mid" whole, "low" trimmed
+        assert_eq!(ids, ["low", "high", "mid"], "original order kept");
+        assert!(f.request.documents[0].text.len() < req.documents[0].text.len(), "the least relevant is trimmed");
+        assert_eq!(f.trimmed_documents, 1);
+        let small = fit(&ContextBudget::default(), &req, &model(800)).unwrap();
+        let ids: Vec<&str> = small.request.documents.iter().filter_map(|d| d.id.as_deref()).collect();
+        assert_eq!(ids.first(), Some(&"high"), "{ids:?}");
+    }
+
+    #[test]
+    fn tool_calls_stay_with_their_results_and_max_tokens_is_set() {
+        use crate::types::ToolCall;
+        let call = ToolCall { id: "c1".into(), name: "lookup".into(), arguments: "{}".into() };
+        let req = ChatRequest::new()
+            .message(Message::user("old ".repeat(3_000)))
+            .message(Message::assistant("").with_tool_calls(vec![call]))
+            .message(Message::tool("c1", "result ".repeat(10)))
+            .message(Message::assistant("done"))
+            .message(Message::user("next?"));
+        let m = model(1_500);
+        let f = fit(&ContextBudget::default(), &req, &m).unwrap();
+        let roles: Vec<Role> = f.request.messages.iter().map(|m| m.role).collect();
+        assert_eq!(roles, [Role::Assistant, Role::Tool, Role::Assistant, Role::User]);
+        let max = u64::from(f.request.params.max_tokens.unwrap());
+        assert_eq!(max, (1_500 - f.prompt_tokens).min(1_000));
+    }
+
+    #[test]
+    fn a_summarizer_stands_in_for_dropped_turns() {
+        #[derive(Debug)]
+        struct Note;
+        impl Summarizer for Note {
+            fn summarize(&self, dropped: &[Message]) -> Option<Message> {
+                Some(Message::system(format!("{} earlier messages omitted", dropped.len())))
+            }
+        }
+        let mut req = ChatRequest::new().message(Message::system("sys"));
+        for i in 0..200 {
+            req = req.message(Message::user(format!("q{i} ").repeat(20))).message(Message::assistant("a"));
+        }
+        req = req.message(Message::user("now")).max_tokens(100);
+        let budget = ContextBudget { summarizer: Some(Arc::new(Note)), ..ContextBudget::default() };
+        let f = fit(&budget, &req, &model(2_000)).unwrap();
+        assert_eq!(f.request.messages[0].content, "sys");
+        assert!(f.request.messages[1].content.ends_with("earlier messages omitted"));
+        let _ = Catalog::builtin();
+    }
+}
