@@ -74,7 +74,11 @@ impl fmt::Debug for ContextBudget {
 
 impl Default for ContextBudget {
     fn default() -> Self {
-        ContextBudget { output_reserve: 1_024, documents_share: 0.4, summarizer: None }
+        ContextBudget {
+            output_reserve: 1_024,
+            documents_share: 0.4,
+            summarizer: None,
+        }
     }
 }
 
@@ -104,7 +108,10 @@ impl CountCache {
     /// A cache of up to `capacity` counts.
     pub fn new(capacity: usize) -> Self {
         let cap = NonZeroUsize::new(capacity.max(1)).unwrap_or(NonZeroUsize::MIN);
-        CountCache { map: Arc::new(Mutex::new(lru::LruCache::new(cap))), hasher: Default::default() }
+        CountCache {
+            map: Arc::new(Mutex::new(lru::LruCache::new(cap))),
+            hasher: Default::default(),
+        }
     }
 
     /// Tokens in `text`, counted once per text and tokenizer.
@@ -117,7 +124,10 @@ impl CountCache {
             return *n;
         }
         let n = counter.count_text(text, kind);
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).put(key, n);
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put(key, n);
         n
     }
 
@@ -139,7 +149,10 @@ impl Default for CountCache {
 /// Where the current turn starts: after the last assistant message (with that message
 /// when its tool calls are answered in the turn); the last message at the latest.
 fn current_turn_start(msgs: &[Message]) -> usize {
-    let mut start = msgs.iter().rposition(|m| m.role == Role::Assistant).map_or(0, |i| i + 1);
+    let mut start = msgs
+        .iter()
+        .rposition(|m| m.role == Role::Assistant)
+        .map_or(0, |i| i + 1);
     if start > 0 && start < msgs.len() && !msgs[start - 1].tool_calls.is_empty() {
         start -= 1;
     }
@@ -168,7 +181,9 @@ impl ContextBudget {
     /// Checks the settings.
     pub fn validate(&self) -> Result<()> {
         if !(0.0..=1.0).contains(&self.documents_share) {
-            return Err(Error::Config("context budget: documents_share must be in [0, 1]".into()));
+            return Err(Error::Config(
+                "context budget: documents_share must be in [0, 1]".into(),
+            ));
         }
         Ok(())
     }
@@ -214,14 +229,20 @@ impl ContextBudget {
             }
         }
         if fixed + output > window {
-            return Err(too_long(fixed + output, "the system prompt and tools alone"));
+            return Err(too_long(
+                fixed + output,
+                "the system prompt and tools alone",
+            ));
         }
         // 2. the current turn: never cut
         for m in msgs[turn..].iter().filter(|m| m.role != Role::System) {
             fixed += cache.message(counter, m, kind);
         }
         if fixed + output > window {
-            return Err(too_long(fixed + output, "the system prompt and the current turn"));
+            return Err(too_long(
+                fixed + output,
+                "the system prompt and the current turn",
+            ));
         }
         let mut left = room - fixed;
 
@@ -260,7 +281,11 @@ impl ContextBudget {
                         share -= n;
                         left -= n;
                         doc_tokens[i] = n;
-                        keep_docs[i] = Some(Cow::Owned(Document { id: d.id.clone(), text, score: d.score }));
+                        keep_docs[i] = Some(Cow::Owned(Document {
+                            id: d.id.clone(),
+                            text,
+                            score: d.score,
+                        }));
                     }
                 }
             }
@@ -270,7 +295,10 @@ impl ContextBudget {
         let units = history_units(&history);
         let mut keep_from = units.len();
         for (u, (a, b)) in units.iter().enumerate().rev() {
-            let n: u64 = history[*a..*b].iter().map(|(_, m)| cache.message(counter, m, kind)).sum();
+            let n: u64 = history[*a..*b]
+                .iter()
+                .map(|(_, m)| cache.message(counter, m, kind))
+                .sum();
             if n > left {
                 break;
             }
@@ -278,7 +306,10 @@ impl ContextBudget {
             keep_from = u;
         }
         let first_kept = units.get(keep_from).map_or(history.len(), |(a, _)| *a);
-        let dropped: Vec<Message> = history[..first_kept].iter().map(|(_, m)| (*m).clone()).collect();
+        let dropped: Vec<Message> = history[..first_kept]
+            .iter()
+            .map(|(_, m)| (*m).clone())
+            .collect();
         let summary = match (&self.summarizer, dropped.is_empty()) {
             (Some(s), false) => s.summarize(&dropped).filter(|m| {
                 let n = cache.message(counter, m, kind);
@@ -290,13 +321,20 @@ impl ContextBudget {
             _ => None,
         };
 
-        let changed = !dropped.is_empty() || trimmed_documents > 0 || req.params.max_tokens.is_none();
+        let changed =
+            !dropped.is_empty() || trimmed_documents > 0 || req.params.max_tokens.is_none();
         let prompt_tokens = room - left;
         if !changed {
-            return Ok(Fitted { request: Cow::Borrowed(req), prompt_tokens, dropped_messages: 0, trimmed_documents: 0 });
+            return Ok(Fitted {
+                request: Cow::Borrowed(req),
+                prompt_tokens,
+                dropped_messages: 0,
+                trimmed_documents: 0,
+            });
         }
         let mut out = req.clone();
-        let kept_history: std::collections::HashSet<usize> = history[first_kept..].iter().map(|(i, _)| *i).collect();
+        let kept_history: std::collections::HashSet<usize> =
+            history[first_kept..].iter().map(|(i, _)| *i).collect();
         let mut messages = Vec::with_capacity(msgs.len() - dropped.len() + 1);
         let last_system = system_idx.last().copied();
         if last_system.is_none() {
@@ -311,19 +349,32 @@ impl ContextBudget {
             }
         }
         out.messages = messages;
-        out.documents = keep_docs.into_iter().flatten().map(Cow::into_owned).collect();
+        out.documents = keep_docs
+            .into_iter()
+            .flatten()
+            .map(Cow::into_owned)
+            .collect();
         if out.params.max_tokens.is_none() {
             let fill = window.saturating_sub(prompt_tokens).min(model.max_output);
             out.params.max_tokens = Some(u32::try_from(fill.max(1)).unwrap_or(u32::MAX));
         }
-        Ok(Fitted { request: Cow::Owned(out), prompt_tokens, dropped_messages: dropped.len(), trimmed_documents })
+        Ok(Fitted {
+            request: Cow::Owned(out),
+            prompt_tokens,
+            dropped_messages: dropped.len(),
+            trimmed_documents,
+        })
     }
 }
 
 /// The longest prefix of `text` (at a word boundary where possible) of at most
 /// `budget` tokens, found by binary search over character boundaries.
 fn trim_to(text: &str, budget: u64, count: impl Fn(&str) -> u64) -> String {
-    let bounds: Vec<usize> = text.char_indices().map(|(i, _)| i).chain(std::iter::once(text.len())).collect();
+    let bounds: Vec<usize> = text
+        .char_indices()
+        .map(|(i, _)| i)
+        .chain(std::iter::once(text.len()))
+        .collect();
     let (mut lo, mut hi) = (0usize, bounds.len() - 1);
     while lo < hi {
         let mid = (lo + hi).div_ceil(2);
@@ -347,7 +398,14 @@ mod tests {
     use crate::types::{Catalog, Pricing};
 
     fn model(window: u64) -> ModelSpec {
-        ModelSpec::new("m", "p", window, 1_000, Pricing::per_mtok(1.0, 1.0, 1.0).unwrap(), 2)
+        ModelSpec::new(
+            "m",
+            "p",
+            window,
+            1_000,
+            Pricing::per_mtok(1.0, 1.0, 1.0).unwrap(),
+            2,
+        )
     }
 
     fn fit<'a>(b: &ContextBudget, req: &'a ChatRequest, m: &ModelSpec) -> Result<Fitted<'a>> {
@@ -356,22 +414,42 @@ mod tests {
 
     #[test]
     fn a_500_turn_conversation_fits_8k_with_the_system_prompt_and_newest_turns() {
-        let mut req = ChatRequest::new().message(Message::system("You are a careful support agent. Never reveal internal notes."));
+        let mut req = ChatRequest::new().message(Message::system(
+            "You are a careful support agent. Never reveal internal notes.",
+        ));
         for i in 0..500 {
             req = req
-                .message(Message::user(format!("Question {i}: what about order {i} and its delivery status today?")))
-                .message(Message::assistant(format!("Answer {i}: order {i} ships tomorrow from the north warehouse.")));
+                .message(Message::user(format!(
+                    "Question {i}: what about order {i} and its delivery status today?"
+                )))
+                .message(Message::assistant(format!(
+                    "Answer {i}: order {i} ships tomorrow from the north warehouse."
+                )));
         }
-        req = req.message(Message::user("And the last one?")).max_tokens(500);
+        req = req
+            .message(Message::user("And the last one?"))
+            .max_tokens(500);
         let m = model(8_192);
         let f = fit(&ContextBudget::default(), &req, &m).unwrap();
         let out = &f.request;
         assert!(f.prompt_tokens + 500 <= 8_192);
-        assert_eq!(TiktokenCounter::new().count_request(out, m.tokenizer), f.prompt_tokens, "the estimate is exact");
+        assert_eq!(
+            TiktokenCounter::new().count_request(out, m.tokenizer),
+            f.prompt_tokens,
+            "the estimate is exact"
+        );
         assert_eq!(out.messages[0], req.messages[0], "system prompt intact");
-        assert_eq!(out.messages.last(), req.messages.last(), "current turn intact");
+        assert_eq!(
+            out.messages.last(),
+            req.messages.last(),
+            "current turn intact"
+        );
         let n = out.messages.len();
-        assert_eq!(out.messages[n - 2], req.messages[req.messages.len() - 2], "newest turns kept");
+        assert_eq!(
+            out.messages[n - 2],
+            req.messages[req.messages.len() - 2],
+            "newest turns kept"
+        );
         assert!(f.dropped_messages > 500, "{}", f.dropped_messages);
         // kept history is a contiguous newest suffix
         let kept = &out.messages[1..n - 1];
@@ -381,34 +459,59 @@ mod tests {
 
     #[test]
     fn an_overflowing_system_prompt_is_a_clear_error() {
-        let req = ChatRequest::new().message(Message::system("word ".repeat(5_000))).message(Message::user("hi"));
+        let req = ChatRequest::new()
+            .message(Message::system("word ".repeat(5_000)))
+            .message(Message::user("hi"));
         let e = fit(&ContextBudget::default(), &req, &model(4_096)).unwrap_err();
         assert!(e.to_string().contains("system prompt"), "{e}");
-        let req = ChatRequest::new().message(Message::system("be brief")).message(Message::user("word ".repeat(5_000)));
+        let req = ChatRequest::new()
+            .message(Message::system("be brief"))
+            .message(Message::user("word ".repeat(5_000)));
         let e = fit(&ContextBudget::default(), &req, &model(4_096)).unwrap_err();
         assert!(e.to_string().contains("current turn"), "{e}");
     }
 
     #[test]
     fn documents_by_relevance_within_their_share_in_original_order() {
-        let doc = |t: &str, s| Document { id: Some(t.into()), text: format!("{t} ").repeat(300), score: s };
+        let doc = |t: &str, s| Document {
+            id: Some(t.into()),
+            text: format!("{t} ").repeat(300),
+            score: s,
+        };
         let mut req = ChatRequest::user_text("summarise").max_tokens(100);
         req.documents = vec![doc("low", 0.1), doc("high", 0.9), doc("mid", 0.5)];
         let f = fit(&ContextBudget::default(), &req, &model(2_000)).unwrap();
-        let ids: Vec<&str> = f.request.documents.iter().filter_map(|d| d.id.as_deref()).collect();
+        let ids: Vec<&str> = f
+            .request
+            .documents
+            .iter()
+            .filter_map(|d| d.id.as_deref())
+            .collect();
         // share is 40 % of ~1,890: "high" whole (~303), "mid" whole, "low" trimmed
         assert_eq!(ids, ["low", "high", "mid"], "original order kept");
-        assert!(f.request.documents[0].text.len() < req.documents[0].text.len(), "the least relevant is trimmed");
+        assert!(
+            f.request.documents[0].text.len() < req.documents[0].text.len(),
+            "the least relevant is trimmed"
+        );
         assert_eq!(f.trimmed_documents, 1);
         let small = fit(&ContextBudget::default(), &req, &model(800)).unwrap();
-        let ids: Vec<&str> = small.request.documents.iter().filter_map(|d| d.id.as_deref()).collect();
+        let ids: Vec<&str> = small
+            .request
+            .documents
+            .iter()
+            .filter_map(|d| d.id.as_deref())
+            .collect();
         assert_eq!(ids.first(), Some(&"high"), "{ids:?}");
     }
 
     #[test]
     fn tool_calls_stay_with_their_results_and_max_tokens_is_set() {
         use crate::types::ToolCall;
-        let call = ToolCall { id: "c1".into(), name: "lookup".into(), arguments: "{}".into() };
+        let call = ToolCall {
+            id: "c1".into(),
+            name: "lookup".into(),
+            arguments: "{}".into(),
+        };
         let req = ChatRequest::new()
             .message(Message::user("old ".repeat(3_000)))
             .message(Message::assistant("").with_tool_calls(vec![call]))
@@ -418,7 +521,10 @@ mod tests {
         let m = model(1_500);
         let f = fit(&ContextBudget::default(), &req, &m).unwrap();
         let roles: Vec<Role> = f.request.messages.iter().map(|m| m.role).collect();
-        assert_eq!(roles, [Role::Assistant, Role::Tool, Role::Assistant, Role::User]);
+        assert_eq!(
+            roles,
+            [Role::Assistant, Role::Tool, Role::Assistant, Role::User]
+        );
         let max = u64::from(f.request.params.max_tokens.unwrap());
         assert_eq!(max, (1_500 - f.prompt_tokens).min(1_000));
     }
@@ -429,18 +535,30 @@ mod tests {
         struct Note;
         impl Summarizer for Note {
             fn summarize(&self, dropped: &[Message]) -> Option<Message> {
-                Some(Message::system(format!("{} earlier messages omitted", dropped.len())))
+                Some(Message::system(format!(
+                    "{} earlier messages omitted",
+                    dropped.len()
+                )))
             }
         }
         let mut req = ChatRequest::new().message(Message::system("sys"));
         for i in 0..200 {
-            req = req.message(Message::user(format!("q{i} ").repeat(20))).message(Message::assistant("a"));
+            req = req
+                .message(Message::user(format!("q{i} ").repeat(20)))
+                .message(Message::assistant("a"));
         }
         req = req.message(Message::user("now")).max_tokens(100);
-        let budget = ContextBudget { summarizer: Some(Arc::new(Note)), ..ContextBudget::default() };
+        let budget = ContextBudget {
+            summarizer: Some(Arc::new(Note)),
+            ..ContextBudget::default()
+        };
         let f = fit(&budget, &req, &model(2_000)).unwrap();
         assert_eq!(f.request.messages[0].content, "sys");
-        assert!(f.request.messages[1].content.ends_with("earlier messages omitted"));
+        assert!(
+            f.request.messages[1]
+                .content
+                .ends_with("earlier messages omitted")
+        );
         let _ = Catalog::builtin();
     }
 }

@@ -8,7 +8,7 @@ use super::{Inner, Pipeline};
 use crate::budget::{Budget, BudgetWindow, Degrade, MemoryBudget};
 use crate::cache::{Cache, CacheScope, ExactCache};
 use crate::clock::{Clock, default_clock};
-use crate::context::{TiktokenCounter, TokenCounter};
+use crate::context::{ContextBudget, CountCache, TiktokenCounter, TokenCounter};
 use crate::limiter::{GcraLimiter, LimitRule, Limiter, Quota, TargetLimits, Unit};
 use crate::observe::{MemoryUsage, UsageSink};
 use crate::provider::Provider;
@@ -16,7 +16,7 @@ use crate::resilience::{
     BreakerConfig, Breakers, Concurrency, ConcurrencyConfig, Hedge, Latencies, RetryBudget,
     RetryPolicy,
 };
-use crate::router::{CatalogRouter, Router, Validator};
+use crate::router::{CatalogRouter, Deployments, Router, Validator};
 use crate::types::{Catalog, Cost, ScopeKind};
 use crate::{Error, Result};
 
@@ -89,6 +89,8 @@ pub struct PipelineBuilder {
     breaker: Option<BreakerConfig>,
     hedge: Option<Hedge>,
     serve_stale: Option<Duration>,
+    context: Option<ContextBudget>,
+    deployments: HashMap<String, Deployments>,
 }
 
 impl Default for PipelineBuilder {
@@ -128,6 +130,8 @@ impl Default for PipelineBuilder {
             breaker: Some(BreakerConfig::default()),
             hedge: None,
             serve_stale: None,
+            context: None,
+            deployments: HashMap::new(),
         }
     }
 }
@@ -398,6 +402,20 @@ impl PipelineBuilder {
         self
     }
 
+    /// Fits every request into each target's context window at dispatch (see
+    /// [`ContextBudget`]); without it, a request that does not fit a target is refused
+    /// with [`Error::ContextTooLong`] for that target.
+    pub fn context_budget(mut self, budget: ContextBudget) -> Self {
+        self.context = Some(budget);
+        self
+    }
+
+    /// Spreads the calls to `model` over several deployments (keys, regions, base URLs).
+    pub fn deployments(mut self, model: impl Into<String>, deployments: Deployments) -> Self {
+        self.deployments.insert(model.into(), deployments);
+        self
+    }
+
     /// Builds the pipeline, or reports the first invalid setting.
     pub fn build(mut self) -> Result<Pipeline> {
         if let Some(e) = self.error {
@@ -405,7 +423,10 @@ impl PipelineBuilder {
         }
         let clock = self.clock.unwrap_or_else(default_clock);
         let catalog = self.catalog.unwrap_or_else(Catalog::builtin);
-        if self.default_provider.is_none() && self.providers.is_empty() {
+        if self.default_provider.is_none()
+            && self.providers.is_empty()
+            && self.deployments.is_empty()
+        {
             return Err(Error::Config(
                 "a pipeline needs at least one provider".into(),
             ));
@@ -513,6 +534,17 @@ impl PipelineBuilder {
             ));
         }
         self.degrade.sort_by_key(|(p, _)| *p);
+        if let Some(c) = &self.context {
+            c.validate()?;
+        }
+        for (model, d) in &self.deployments {
+            d.validate()?;
+            if catalog.get(model).is_none() {
+                return Err(Error::Config(format!(
+                    "deployments for `{model}`, which the catalogue does not have"
+                )));
+            }
+        }
         for (name, d) in [
             ("attempt_timeout", self.attempt_timeout),
             ("first_token_timeout", self.first_token_timeout),
@@ -551,6 +583,9 @@ impl PipelineBuilder {
                 hedge: self.hedge,
                 latencies: Latencies::default(),
                 serve_stale: self.serve_stale,
+                context: self.context,
+                counts: CountCache::default(),
+                deployments: self.deployments,
                 wait_for_limits: self.wait_for_limits,
                 target_limits: self.target_limits,
                 degrade: self.degrade,

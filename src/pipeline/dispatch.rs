@@ -1,6 +1,7 @@
 //! The dispatch stage: targets in order, each behind its circuit breaker and quota,
 //! called with deadlines, retried within the retry budget, optionally hedged.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -13,6 +14,7 @@ use crate::error::{ProviderError, ProviderErrorKind};
 use crate::provider::{Provider, ProviderCall};
 use crate::resilience::{Admit, Breakers, Hedge};
 use crate::router::Verdict;
+use crate::router::balance::Picked;
 use crate::types::{ChatRequest, ChatResponse, Cost, ModelSpec, Served, Usage};
 use crate::{Error, Result};
 
@@ -56,6 +58,27 @@ fn is_overload(e: &Error) -> bool {
     })
 }
 
+/// The provider chosen for one call, with its deployment's in-flight slot.
+pub(super) enum Chosen<'a> {
+    Direct(&'a Arc<dyn Provider>),
+    Deployment(Picked<'a>),
+}
+
+impl Chosen<'_> {
+    fn provider(&self) -> &Arc<dyn Provider> {
+        match self {
+            Chosen::Direct(p) => p,
+            Chosen::Deployment(p) => p.provider(),
+        }
+    }
+
+    fn record(&self, latency: Duration, ok: bool) {
+        if let Chosen::Deployment(p) = self {
+            p.record(latency, ok);
+        }
+    }
+}
+
 /// Gives a half-open probe back if its call is abandoned before it has an outcome.
 struct ProbeGuard<'a> {
     breakers: Option<&'a Breakers>,
@@ -78,10 +101,16 @@ impl Drop for ProbeGuard<'_> {
 }
 
 impl Inner {
-    pub(super) fn provider_for(&self, model: &ModelSpec) -> Result<&Arc<dyn Provider>> {
+    /// The provider for one call to `model`: one of its deployments (balanced), else the
+    /// provider registered for its provider name, else the default provider.
+    pub(super) fn choose(&self, model: &ModelSpec) -> Result<Chosen<'_>> {
+        if let Some(picked) = self.deployments.get(&model.name).and_then(|d| d.pick()) {
+            return Ok(Chosen::Deployment(picked));
+        }
         self.providers
             .get(&model.provider)
             .or(self.default_provider.as_ref())
+            .map(Chosen::Direct)
             .ok_or_else(|| {
                 Error::Config(format!(
                     "no provider registered for `{}` (model {})",
@@ -90,8 +119,22 @@ impl Inner {
             })
     }
 
-    /// Whether the prompt and the output it asks for fit `model`'s window.
-    pub(super) fn fits(&self, req: &ChatRequest, plan: &Plan, model: &ModelSpec) -> Result<()> {
+    /// The request as sent to `model`: fitted into its window by the context budget, or,
+    /// without one, checked to fit.
+    pub(super) fn fit<'r>(
+        &self,
+        req: &'r ChatRequest,
+        plan: &Plan,
+        model: &ModelSpec,
+    ) -> Result<Cow<'r, ChatRequest>> {
+        if let Some(budget) = &self.context {
+            let fitted = budget.fit(req, model, &*self.counter, &self.counts)?;
+            if fitted.dropped_messages > 0 || fitted.trimmed_documents > 0 {
+                tracing::debug!(model = %model.name, dropped = fitted.dropped_messages,
+                    trimmed_documents = fitted.trimmed_documents, "context fitted");
+            }
+            return Ok(fitted.request);
+        }
         let prompt = plan.prompt_tokens(model.tokenizer);
         let out = req.params.max_tokens.map_or(1, u64::from);
         if prompt + out > model.context_window {
@@ -101,7 +144,7 @@ impl Inner {
                 limit: model.context_window,
             });
         }
-        Ok(())
+        Ok(Cow::Borrowed(req))
     }
 
     /// Charges `model`'s own quota (if any) for one call; returns the token charge.
@@ -213,10 +256,12 @@ impl Inner {
         attempts: &AtomicU32,
         deadline: Option<Instant>,
     ) -> Result<ChatResponse> {
-        let provider = self.provider_for(model)?;
-        self.fits(req, plan, model)?;
+        let fitted = self.fit(req, plan, model)?;
+        let req = fitted.as_ref();
         let mut retry = 0;
         loop {
+            let chosen = self.choose(model)?;
+            let provider = chosen.provider();
             let charged = self.target_admit(req, plan, model)?;
             let admit = match self.breaker_admit(model) {
                 Ok(a) => a,
@@ -456,15 +501,21 @@ impl Inner {
         let mut calls = 0;
         let mut open_waits = 0;
         for (i, model) in plan.route.targets.iter().enumerate() {
-            let provider = match (self.provider_for(model), self.fits(req, plan, model)) {
-                (Err(e), _) | (_, Err(e)) => {
+            let fitted = match self.fit(req, plan, model) {
+                Ok(f) => f,
+                Err(e) => {
                     last = Some(e);
                     continue;
                 }
-                (Ok(p), Ok(())) => p,
             };
+            let req = fitted.as_ref();
             let mut retry = 0;
             let failure = loop {
+                let chosen = match self.choose(model) {
+                    Ok(c) => c,
+                    Err(e) => break e,
+                };
+                let provider = chosen.provider();
                 let target_charged = match self.target_admit(req, plan, model) {
                     Ok(c) => c,
                     Err(e) => break e,
@@ -511,6 +562,7 @@ impl Inner {
                     None => open.await,
                 };
                 self.observe_call(model, admit, opened.as_ref().err(), t0.elapsed());
+                chosen.record(t0.elapsed(), opened.is_ok());
                 guard.disarm();
                 match opened {
                     Ok((first, upstream)) => {

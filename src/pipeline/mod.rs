@@ -37,14 +37,14 @@ pub use builder::PipelineBuilder;
 use crate::budget::{Budget, CapStatus, Degrade, Reservation};
 use crate::cache::{Cache, CacheQuery, CacheScope, Invalidation, is_cacheable};
 use crate::clock::Clock;
-use crate::context::TokenCounter;
+use crate::context::{ContextBudget, CountCache, TokenCounter};
 use crate::limiter::{Admission, Limiter, TargetLimits, wait_until_admitted};
 use crate::observe::{self, MemoryUsage, Outcome, UsageRecord, UsageReport, UsageSink};
 use crate::provider::Provider;
 use crate::resilience::{
     BreakerState, Breakers, Concurrency, Hedge, Latencies, RetryBudget, RetryPolicy, Slot,
 };
-use crate::router::{RoutePlan, Router, Validator};
+use crate::router::{Deployments, RoutePlan, Router, Validator};
 use crate::types::{
     CacheMode, Catalog, ChatRequest, ChatResponse, ChatStream, Cost, ModelSpec, RequestMeta,
     Served, TokenizerKind, Usage,
@@ -89,6 +89,9 @@ pub(crate) struct Inner {
     hedge: Option<Hedge>,
     latencies: Latencies,
     serve_stale: Option<Duration>,
+    context: Option<ContextBudget>,
+    counts: CountCache,
+    deployments: HashMap<String, Deployments>,
     wait_for_limits: Option<Duration>,
     target_limits: Option<TargetLimits>,
     /// Degrade thresholds in per cent, ascending.

@@ -4,14 +4,20 @@
 //! then fallbacks tried when it fails) and an escalation tier tried when a
 //! [`Validator`] finds the answer weak. [`CatalogRouter`] is the default.
 
+pub(crate) mod balance;
 mod catalog;
+mod complexity;
+mod validators;
 
 use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub use balance::{Balance, Deployments};
 pub use catalog::{CatalogRouter, CatalogRouterBuilder};
+pub use complexity::{CascadeRouter, ComplexityRouter, ComplexityRules, Estimate};
+pub use validators::{AllOf, CitesSource, JsonAnswer, WeakAnswer};
 
 use crate::Result;
 use crate::types::{Catalog, ChatRequest, ChatResponse, ModelSpec};
