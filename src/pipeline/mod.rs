@@ -191,6 +191,7 @@ impl Pipeline {
         let span = observe::request_span(&req, false);
         let inner = &self.inner;
         async move {
+            let _in_flight = observe::InFlight::start();
             let mut rec = UsageRecord::new(inner.clock.now(), &req.meta, false);
             let result = self.funnel(&req, &mut rec).await;
             match &result {
@@ -202,8 +203,9 @@ impl Pipeline {
                     } else {
                         Outcome::Provider
                     };
+                    rec.set_served(&r.served);
                 }
-                Err(e) => rec.outcome = Outcome::Error(e.reason().to_owned()),
+                Err(e) => rec.set_error(e),
             }
             let finish = result.as_ref().ok().map(|r| r.finish_reason.to_string());
             inner.record(rec, &tracing::Span::current(), finish.as_deref());
@@ -217,6 +219,7 @@ impl Pipeline {
     async fn funnel(&self, req: &ChatRequest, rec: &mut UsageRecord) -> Result<ChatResponse> {
         let inner = &self.inner;
         let plan = inner.plan(req)?; // plan: validate, route, estimate
+        rec.set_route(&plan.route);
         let admitted = inner.admit(&req.meta, &plan).await?; // admit: slot + rate limits
         if let Some(hit) = inner.cache_get(&plan).await {
             inner.refund(&req.meta, &admitted, 0).await; // cache: a hit spends no token quota
@@ -256,12 +259,13 @@ impl Pipeline {
         let inner = Arc::clone(&self.inner);
         let span2 = span.clone();
         async move {
+            let in_flight = observe::InFlight::start();
             let mut rec = UsageRecord::new(inner.clock.now(), &req.meta, true);
             match self.open_stream(req, &mut rec, span2).await {
-                Ok(s) => Ok(s),
+                Ok(s) => Ok(observe::track_stream(s, in_flight)),
                 Err((e, rec)) => {
                     let mut rec = *rec;
-                    rec.outcome = Outcome::Error(e.reason().to_owned());
+                    rec.set_error(&e);
                     inner.record(rec, &tracing::Span::current(), None);
                     Err(e)
                 }
@@ -281,6 +285,7 @@ impl Pipeline {
         let inner = &self.inner;
         let fail = |e: Error, rec: &UsageRecord| (e, Box::new(rec.clone()));
         let plan = inner.plan(&req).map_err(|e| fail(e, rec))?; // plan
+        rec.set_route(&plan.route);
         let admitted = inner
             .admit(&req.meta, &plan)
             .await
@@ -290,6 +295,7 @@ impl Pipeline {
             let mut rec = rec.clone();
             rec.saved = saved_cost(&hit);
             rec.outcome = Outcome::CacheHit;
+            rec.set_served(&hit.served);
             rec.model = Some(hit.model.clone());
             rec.provider = Some(hit.provider.clone());
             inner.record(rec, &span, Some(&hit.finish_reason.to_string()));
@@ -589,7 +595,10 @@ impl Inner {
                 (Ok(p), Ok(())) => {
                     calls += 1;
                     rec.attempts += 1;
-                    self.call(p, req, model).await
+                    let attempt = observe::Attempt::start(rec, &self.clock, p.name(), model, i);
+                    let r = self.call(p, req, model).instrument(attempt.span()).await;
+                    attempt.finish(rec, &r);
+                    r
                 }
             };
             match outcome {
@@ -680,6 +689,7 @@ impl Inner {
             };
             calls += 1;
             rec.attempts += 1;
+            let attempt = observe::Attempt::start(rec, &self.clock, provider.name(), model, i);
             let open = async {
                 let mut s = provider.stream(ProviderCall::new(req, model)).await?;
                 match s.next().await {
@@ -690,7 +700,8 @@ impl Inner {
                         reason: "the stream ended before its first event".into(),
                     }),
                 }
-            };
+            }
+            .instrument(attempt.span());
             let opened = match self.attempt_timeout {
                 Some(d) => tokio::time::timeout(d, open).await.unwrap_or_else(|_| {
                     Err(ProviderError::new(
@@ -702,6 +713,7 @@ impl Inner {
                 }),
                 None => open.await,
             };
+            attempt.finish_stream(rec, &opened);
             match opened {
                 Ok((first, upstream)) => {
                     return Ok(Opened {
@@ -734,7 +746,7 @@ impl Inner {
 
     fn record(&self, mut rec: UsageRecord, span: &tracing::Span, finish: Option<&str>) {
         rec.latency = self.clock.now().saturating_since(rec.started_at);
-        observe::record_on_span(span, &rec, finish);
+        observe::finish(span, &mut rec, finish);
         self.usage.record(&rec);
         if let Some(s) = &self.sink {
             s.record(&rec);
