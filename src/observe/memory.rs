@@ -97,7 +97,7 @@ fn table(f: &mut fmt::Formatter<'_>, title: &str, map: &HashMap<String, Totals>)
     });
     writeln!(
         f,
-        "\nby {title:<22} {:>8} {:>6} {:>6} {:>10} {:>10} {:>12} {:>12}",
+        "\nby {title:<25} {:>8} {:>6} {:>6} {:>10} {:>10} {:>12} {:>12}",
         "requests", "hits", "errors", "in tok", "out tok", "cost", "saved"
     )?;
     let line = |f: &mut fmt::Formatter<'_>, name: &str, t: &Totals| {
@@ -179,11 +179,11 @@ struct MemoryState {
 ///
 /// ```
 /// use tokenwise::observe::{MemoryUsage, UsageRecord, UsageSink};
-/// use tokenwise::{Cost, RequestMeta, Timestamp};
+/// use tokenwise::{ChatRequest, Cost, Timestamp};
 ///
 /// let usage = MemoryUsage::new(100, 10);
-/// let meta = RequestMeta { org: Some("acme".into()), feature: Some("search".into()), ..Default::default() };
-/// let mut r = UsageRecord::new(Timestamp::from_secs(0), &meta, false);
+/// let req = ChatRequest::user_text("hi").org("acme").feature("search");
+/// let mut r = UsageRecord::new(Timestamp::from_secs(0), &req.meta, false);
 /// r.cost = Cost::from_micros(30);
 /// usage.record(&r);
 /// let report = usage.report();

@@ -488,14 +488,14 @@ pub const MAX_SAMPLED_SCOPES: usize = 1_000;
 /// use tokenwise::budget::BudgetWindow;
 /// use tokenwise::observe::BudgetSampler;
 /// use tokenwise::provider::SimulatedProvider;
-/// use tokenwise::{Cost, Pipeline, RequestMeta, ScopeKind};
+/// use tokenwise::{ChatRequest, Cost, Pipeline, RequestMeta, ScopeKind};
 ///
 /// let pipeline = Pipeline::builder()
 ///     .provider(SimulatedProvider::new())
 ///     .default_model("gpt-4o-mini")
 ///     .spend_cap(ScopeKind::Global, Cost::from_dollars(50), BudgetWindow::Day)
 ///     .build()?;
-/// let acme = RequestMeta { org: Some("acme".into()), ..Default::default() };
+/// let acme = ChatRequest::new().org("acme").meta; // the caps that apply to acme
 /// let _sampler = BudgetSampler::spawn(
 ///     pipeline.clone(),
 ///     vec![RequestMeta::default(), acme],
