@@ -399,15 +399,15 @@ impl fmt::Display for EvalReport {
             };
             let id: String = r.id.chars().take(28).collect();
             let model: String = r.model.as_deref().unwrap_or("-").chars().take(20).collect();
-            writeln!(
-                f,
+            let line = format!(
                 "{:<6} {:<28} {:<20} {:>12} {:>10}  {note}",
                 if r.passed { "pass" } else { "FAIL" },
                 id,
                 model,
                 r.cost.to_string(),
                 ms(r.latency)
-            )?;
+            );
+            writeln!(f, "{}", line.trim_end())?;
         }
         let usage = self.usage();
         writeln!(
