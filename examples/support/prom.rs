@@ -131,6 +131,9 @@ pub async fn fetch(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
     })
 }
 
+/// A series: a sample name and its labels, sorted.
+pub type SeriesKey = (String, BTreeMap<String, String>);
+
 /// What a valid exposition holds.
 #[derive(Debug, Default)]
 pub struct Exposition {
@@ -139,7 +142,7 @@ pub struct Exposition {
     /// Families with a HELP line.
     pub helped: HashSet<String>,
     /// Every sample: (name, sorted labels) to value.
-    pub samples: HashMap<(String, BTreeMap<String, String>), f64>,
+    pub samples: HashMap<SeriesKey, f64>,
 }
 
 impl Exposition {
@@ -265,7 +268,7 @@ pub fn validate(text: &str) -> Result<Exposition, String> {
     let mut ex = Exposition::default();
     let mut seen_families: HashSet<String> = HashSet::new();
     let mut current: Option<String> = None;
-    let mut buckets: HashMap<(String, BTreeMap<String, String>), Vec<(f64, f64)>> = HashMap::new();
+    let mut buckets: HashMap<SeriesKey, Vec<(f64, f64)>> = HashMap::new();
     for (i, line) in text.lines().enumerate() {
         let at = |e: String| format!("line {}: {e}: {line:?}", i + 1);
         if line.is_empty() {
