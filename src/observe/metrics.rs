@@ -1,4 +1,4 @@
-//! Metrics through the [`metrics`](::metrics) facade.
+//! Metrics through the [`metrics`] facade.
 //!
 //! A pipeline emits these whether or not a recorder is installed; install one (for
 //! example `metrics-exporter-prometheus`, see `examples/prometheus.rs`) to collect them.

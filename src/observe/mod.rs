@@ -17,7 +17,7 @@
 //!   cache, latency and time-to-first-token histograms, tokens, cost and cost saved,
 //!   requests in flight, refusals by scope. Install any `metrics` recorder (for example
 //!   `metrics-exporter-prometheus`) and they appear; without one they cost next to
-//!   nothing. Names and labels are in [`metrics`](self::metrics).
+//!   nothing. Names and labels are in [`metrics`].
 //! - **One [`UsageRecord`]** for the pipeline's built-in [`MemoryUsage`] report and for an
 //!   optional [`UsageSink`] such as [`JsonlSink`].
 //!
