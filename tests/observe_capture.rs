@@ -2,7 +2,7 @@
 //! capturing tracing subscriber and a capturing metrics recorder: a miss, a hit, an
 //! error, refusals, a fallback, an escalation and streams.
 
-mod support;
+mod observe_support;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use tokenwise::provider::SimulatedProvider;
 use tokenwise::router::{FnValidator, Verdict};
 use tokenwise::{ChatRequest, ChatResponse, Cost, Pipeline, PipelineBuilder, ScopeKind};
 
-use support::{Capture, snapshot};
+use observe_support::{Capture, snapshot};
 
 const MINI: &str = "gpt-4o-mini";
 const HAIKU: &str = "claude-haiku-4-5";

@@ -2,7 +2,7 @@
 //! span fields, Prometheus text, JSON Lines usage records, reports, Debug output) never
 //! shows the provider's API key, and never shows prompt text.
 
-mod support;
+mod observe_support;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -98,7 +98,7 @@ impl Buf {
 async fn a_full_run_never_shows_the_api_key_or_the_prompts() {
     // every output captured
     let logs = Buf::default();
-    let capture = support::Capture::default();
+    let capture = observe_support::Capture::default();
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer({
             let logs = logs.clone();

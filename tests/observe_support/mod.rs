@@ -1,5 +1,6 @@
-//! Shared helpers for the observability tests: a tracing layer that captures spans and
-//! events with their fields, and a reader over a `metrics-util` debugging snapshot.
+//! Shared helpers for the observability tests (`tests/observe_*.rs`): a tracing layer
+//! that captures spans and events with their fields, and a reader over a `metrics-util`
+//! debugging snapshot.
 
 #![allow(dead_code)]
 
