@@ -49,6 +49,13 @@ pub enum Error {
     /// A model provider failed; see [`ProviderError::kind`].
     #[error(transparent)]
     Provider(Box<ProviderError>),
+    /// No target can be tried now: every circuit breaker of the route is open (and no
+    /// cached answer could stand in). Retry after `retry_after`.
+    #[error("temporarily unavailable: every target's circuit is open; retry after {retry_after:?}")]
+    Unavailable {
+        /// When the first breaker lets a probe through.
+        retry_after: Option<Duration>,
+    },
     /// Every target of the route failed; the last failure is the source.
     #[error("all {attempts} attempt(s) failed; last error: {last}")]
     AllTargetsFailed {
@@ -109,7 +116,7 @@ impl Error {
         match self {
             Error::RateLimited { retry_after, .. } => Some(*retry_after),
             Error::BudgetExceeded { retry_after, .. } => *retry_after,
-            Error::Overloaded { retry_after } => *retry_after,
+            Error::Overloaded { retry_after } | Error::Unavailable { retry_after } => *retry_after,
             Error::Provider(p) => p.retry_after,
             Error::AllTargetsFailed { last, .. } => last.retry_after(),
             _ => None,
@@ -122,7 +129,9 @@ impl Error {
     /// auth, context length, unknown model, configuration) and spend caps are not.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::RateLimited { .. } | Error::Overloaded { .. } => true,
+            Error::RateLimited { .. } | Error::Overloaded { .. } | Error::Unavailable { .. } => {
+                true
+            }
             Error::StreamInterrupted { .. } => true,
             Error::Provider(p) => p.kind.is_retryable(),
             Error::AllTargetsFailed { last, .. } => last.is_retryable(),
@@ -145,6 +154,7 @@ impl Error {
             Error::RateLimited { .. } => "rate_limited",
             Error::BudgetExceeded { .. } => "budget_exceeded",
             Error::Overloaded { .. } => "overloaded",
+            Error::Unavailable { .. } => "unavailable",
             Error::Provider(p) => p.kind.as_str(),
             Error::AllTargetsFailed { .. } => "all_targets_failed",
             Error::ContextTooLong { .. } => "context_too_long",
@@ -255,6 +265,8 @@ pub struct ProviderError {
     pub message: String,
     /// When the provider said to retry.
     pub retry_after: Option<Duration>,
+    /// What the provider's rate-limit headers said was left, if it sent any.
+    pub rate_limits: Option<RateLimits>,
     /// The underlying error, if any.
     #[source]
     pub source: Option<BoxError>,
@@ -273,6 +285,7 @@ impl ProviderError {
             status: None,
             message: message.into(),
             retry_after: None,
+            rate_limits: None,
             source: None,
         }
     }
@@ -291,11 +304,44 @@ impl ProviderError {
         self
     }
 
+    /// Sets what the provider's rate-limit headers said was left.
+    #[must_use]
+    pub fn with_rate_limits(mut self, limits: RateLimits) -> Self {
+        self.rate_limits = Some(limits);
+        self
+    }
+
     /// Sets the underlying error.
     #[must_use]
     pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
         self.source = Some(source.into());
         self
+    }
+}
+
+/// What a provider's rate-limit headers said was left of its quotas
+/// (`x-ratelimit-remaining-*` for OpenAI, `anthropic-ratelimit-*-remaining` for Anthropic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct RateLimits {
+    /// Requests left in the current window.
+    pub remaining_requests: Option<u64>,
+    /// Tokens left in the current window.
+    pub remaining_tokens: Option<u64>,
+}
+
+impl RateLimits {
+    /// Limits with these remaining counts.
+    pub fn new(remaining_requests: Option<u64>, remaining_tokens: Option<u64>) -> Self {
+        RateLimits {
+            remaining_requests,
+            remaining_tokens,
+        }
+    }
+
+    /// Whether the headers said anything.
+    pub fn is_empty(&self) -> bool {
+        self.remaining_requests.is_none() && self.remaining_tokens.is_none()
     }
 }
 

@@ -51,7 +51,7 @@
 //!
 //! | module | concern | in-memory default |
 //! | --- | --- | --- |
-//! | [`provider`] | calling a model API | [`SimulatedProvider`](provider::SimulatedProvider) |
+//! | [`provider`] | calling a model API | [`SimulatedProvider`](provider::SimulatedProvider); HTTP: [`OpenAiCompatible`](provider::OpenAiCompatible), [`Anthropic`](provider::Anthropic) |
 //! | [`cache`] | reusing answers | [`ExactCache`](cache::ExactCache) |
 //! | [`router`] | choosing models, validating answers | [`CatalogRouter`](router::CatalogRouter) |
 //! | [`limiter`] | rate limits on requests and tokens | [`GcraLimiter`](limiter::GcraLimiter) |
@@ -82,19 +82,20 @@ pub mod limiter;
 pub mod observe;
 pub mod pipeline;
 pub mod provider;
+pub mod resilience;
 pub mod router;
 pub mod types;
 
 pub use clock::{Clock, ManualClock, Timestamp, TokioClock};
 pub use context::TokenCounter;
-pub use error::{BoxError, Error, ProviderError, ProviderErrorKind, Result};
+pub use error::{BoxError, Error, ProviderError, ProviderErrorKind, RateLimits, Result};
 pub use pipeline::{Pipeline, PipelineBuilder};
 pub use provider::Provider;
 pub use types::{
     CacheMode, CachePolicy, Catalog, ChatRequest, ChatResponse, ChatStream, Cost, Document,
     FinishReason, GenerationParams, Message, ModelSpec, Price, Pricing, Priority, RequestMeta,
     ResponseFormat, Role, Scope, ScopeKind, Served, StreamEnd, StreamEvent, Tier, TokenizerKind,
-    Tool, ToolCall, ToolCallDelta, Usage,
+    Tool, ToolCall, ToolCallDelta, Truncation, Usage,
 };
 
 /// The README's code compiles.

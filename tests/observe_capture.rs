@@ -10,8 +10,10 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use metrics_util::debugging::DebuggingRecorder;
 use tokenwise::budget::BudgetWindow;
-use tokenwise::observe::metrics::{self as m, BreakerState};
+use tokenwise::budget::Degrade;
+use tokenwise::observe::metrics as m;
 use tokenwise::provider::SimulatedProvider;
+use tokenwise::resilience::{BreakerConfig, BreakerState, RetryPolicy};
 use tokenwise::router::{FnValidator, Verdict};
 use tokenwise::{ChatRequest, ChatResponse, Cost, Pipeline, PipelineBuilder, ScopeKind};
 
@@ -28,8 +30,13 @@ fn sim() -> SimulatedProvider {
         .unwrap()
 }
 
+/// No retries, so that every scenario makes a known number of calls (retries have
+/// their own test).
 fn builder(p: &SimulatedProvider) -> PipelineBuilder {
-    Pipeline::builder().provider(p.clone()).default_model(MINI)
+    Pipeline::builder()
+        .provider(p.clone())
+        .default_model(MINI)
+        .retry(RetryPolicy::none())
 }
 
 fn ask(text: &str) -> ChatRequest {
@@ -204,7 +211,8 @@ async fn a_miss_then_a_hit() {
         miss.usage.output_tokens.to_string()
     );
     assert_eq!(a.get("tokenwise.attempt"), "1");
-    assert_eq!(a.get("tokenwise.fallback"), "false");
+    assert_eq!(a.get("tokenwise.retry"), "0");
+    assert_eq!(a.get("tokenwise.stream"), "false");
     assert!(!a.has("error.type"));
 
     // usage records carry the same story
@@ -257,19 +265,16 @@ async fn an_error_and_refusals() {
             ]
         ),
         1,
-        "a failure is attributed to the model it last tried"
+        "a failure is attributed to the model it was routed to"
     );
     assert_eq!(
-        mx.counter(
-            m::REQUESTS,
-            &[("model", "none"), ("status", "rate_limited")]
-        ),
+        mx.counter(m::REQUESTS, &[("model", MINI), ("status", "rate_limited")]),
         1
     );
     assert_eq!(
         mx.counter(
             m::REQUESTS,
-            &[("model", "none"), ("status", "budget_exceeded")]
+            &[("model", MINI), ("status", "budget_exceeded")]
         ),
         1
     );
@@ -403,16 +408,9 @@ async fn a_fallback_and_an_escalation() {
     assert!(!fb.has("error.type"), "the request succeeded");
     let attempts = cap.closed("gen_ai.attempt");
     assert_eq!(attempts.len(), 4);
-    assert_eq!(
-        (
-            attempts[0].get("gen_ai.request.model"),
-            attempts[0].get("tokenwise.target")
-        ),
-        (MINI, "0")
-    );
+    assert_eq!(attempts[0].get("gen_ai.request.model"), MINI);
     assert_eq!(attempts[0].get("error.type"), "provider_server_error");
     assert_eq!(attempts[1].get("gen_ai.request.model"), HAIKU);
-    assert_eq!(attempts[1].get("tokenwise.fallback"), "true");
     assert_eq!(attempts[1].get("tokenwise.attempt"), "2");
     assert!(!attempts[1].has("error.type"));
     let escalated = &chats[1];
@@ -683,5 +681,114 @@ async fn the_budget_sampler_tracks_spend() {
     assert!(
         tokenwise::observe::BudgetSampler::spawn(pipe, vec![], Duration::ZERO).is_err(),
         "a zero period is refused"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_an_open_breaker_and_a_degrade_mode() {
+    let recorder = DebuggingRecorder::new();
+    let snap = recorder.snapshotter();
+    let _metrics = metrics::set_default_local_recorder(&recorder);
+    let cap = Capture::default();
+    let _tracing = cap.install();
+
+    // the primary is down: one retry, then the breaker opens and the fallback answers
+    let p = SimulatedProvider::builder()
+        .outage(Duration::ZERO, Duration::from_secs(600), Some(MINI))
+        .build()
+        .unwrap();
+    let pipe = builder(&p)
+        .fallbacks(MINI, [HAIKU])
+        .retry(RetryPolicy {
+            max_attempts: 2,
+            ..RetryPolicy::default()
+        })
+        .breaker(BreakerConfig {
+            consecutive_failures: 2,
+            ..BreakerConfig::default()
+        })
+        .build()
+        .unwrap();
+    assert_eq!(pipe.chat(ask("first")).await.unwrap().model, HAIKU);
+    assert_eq!(pipe.breaker_state(MINI), BreakerState::Open);
+    assert_eq!(pipe.chat(ask("second")).await.unwrap().model, HAIKU);
+
+    let mx = snapshot(&snap);
+    // the catalogue names the provider of each model; the breaker gauge uses it
+    assert_eq!(
+        mx.gauge(m::BREAKER_STATE, &[("provider", "openai"), ("model", MINI)]),
+        Some(2.0)
+    );
+    assert_eq!(
+        mx.gauge(
+            m::BREAKER_STATE,
+            &[("provider", "anthropic"), ("model", HAIKU)]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        mx.counter(
+            m::ATTEMPTS,
+            &[("model", MINI), ("status", "provider_server_error")]
+        ),
+        2,
+        "a call and its retry; the second request found the breaker open"
+    );
+
+    // a spend cap 10 % used sends requests for gpt-4o to the cheaper model
+    let thrifty = builder(&sim())
+        .spend_cap(ScopeKind::Global, Cost::from_cents(1), BudgetWindow::Day)
+        .degrade_at(10, Degrade::CheaperModel(MINI.into()))
+        .build()
+        .unwrap();
+    let mut degraded_at = None;
+    for i in 0..20 {
+        let r = thrifty
+            .chat(ask(&format!("expensive {i}")).model("gpt-4o"))
+            .await
+            .unwrap();
+        if r.model == MINI {
+            degraded_at = Some(i);
+            break;
+        }
+    }
+    let degraded_at = degraded_at.expect("the cap degrades requests once 10 % is spent");
+    assert!(degraded_at > 0, "the first request was not degraded");
+
+    let mx = snapshot(&snap);
+    assert_eq!(mx.counter(m::DEGRADED, &[("mode", "cheaper_model")]), 1);
+    assert_eq!(
+        mx.counter(m::REQUESTS, &[("model", MINI), ("status", "ok")]),
+        1
+    );
+    assert_eq!(
+        mx.counter(m::REQUESTS, &[("model", "gpt-4o"), ("status", "ok")]),
+        degraded_at as u64
+    );
+
+    let attempts = cap.closed("gen_ai.attempt");
+    let retries: Vec<_> = attempts
+        .iter()
+        .map(|a| (a.get("gen_ai.request.model"), a.get("tokenwise.retry")))
+        .collect();
+    assert_eq!(retries[..3], [(MINI, "0"), (MINI, "1"), (HAIKU, "0")]);
+    assert_eq!(
+        retries[3],
+        (HAIKU, "0"),
+        "the open breaker skipped the primary"
+    );
+    let chats = cap.closed("gen_ai.chat");
+    assert_eq!(chats[0].get("tokenwise.attempts"), "3");
+    assert_eq!(chats[1].get("tokenwise.attempts"), "1");
+    assert!(!chats[2].has("tokenwise.degrade_mode"));
+    let last = chats.last().unwrap();
+    assert_eq!(last.get("tokenwise.degrade_mode"), "cheaper_model");
+    assert_eq!(last.get("gen_ai.request.model"), "gpt-4o");
+    assert_eq!(last.get("gen_ai.response.model"), MINI);
+    let recs = thrifty.recent_usage();
+    assert_eq!(recs[0].degrade_mode, None);
+    assert_eq!(
+        recs.last().unwrap().degrade_mode.as_deref(),
+        Some("cheaper_model")
     );
 }

@@ -10,8 +10,9 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tokenwise::budget::BudgetWindow;
-use tokenwise::observe::metrics::{self as m, BreakerState};
+use tokenwise::observe::metrics as m;
 use tokenwise::provider::SimulatedProvider;
+use tokenwise::resilience::{BreakerState, RetryPolicy};
 use tokenwise::{ChatRequest, Cost, Pipeline, RequestMeta, ScopeKind};
 
 #[tokio::test(start_paused = true)]
@@ -33,6 +34,7 @@ async fn metrics_endpoint_serves_valid_prometheus_text() {
         .provider(p)
         .default_model("gpt-4o-mini")
         .fallbacks("gpt-4o-mini", ["claude-haiku-4-5"])
+        .retry(RetryPolicy::none())
         .rate_limit(ScopeKind::User, 3)
         .spend_cap(ScopeKind::Global, Cost::from_dollars(1), BudgetWindow::Day)
         .build()
@@ -107,13 +109,20 @@ async fn metrics_endpoint_serves_valid_prometheus_text() {
             m::REQUESTS,
             &[
                 ("cache", "miss"),
-                ("model", "none"),
+                ("model", "gpt-4o-mini"),
                 ("status", "rate_limited")
             ]
         ),
         Some(1.0)
     );
-    assert_eq!(ex.sum(m::REQUESTS, &[("status", "unknown_model")]), 1.0);
+    assert_eq!(
+        ex.sum(
+            m::REQUESTS,
+            &[("model", "none"), ("status", "unknown_model")]
+        ),
+        1.0,
+        "a request never routed has no model"
+    );
     assert_eq!(ex.get(m::LIMITER_REFUSALS, &[("scope", "user")]), Some(1.0));
     assert_eq!(
         ex.get(m::FALLBACKS, &[("model", "claude-haiku-4-5")]),

@@ -278,10 +278,11 @@ async fn an_outage_falls_back_to_the_next_target() {
         .unwrap();
     let r = pipe.chat(ask("are you there?", "ann")).await.unwrap();
     assert_eq!(r.model, "claude-haiku-4-5");
+    // three calls to the primary (the first and two retries), then the fallback
     assert_eq!(
         r.served,
         Served::Provider {
-            attempts: 2,
+            attempts: 4,
             fallbacks: 1,
             escalated: false
         }

@@ -1,15 +1,33 @@
 //! The in-memory spend-cap budget.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
-use super::{Budget, BudgetWindow, CapStatus, Reservation, SpendCap};
-use crate::clock::{Clock, default_clock};
+use super::{Budget, BudgetAlert, BudgetWindow, CapStatus, ROLLING_STEPS, Reservation, SpendCap};
+use crate::clock::{Clock, Timestamp, default_clock, duration_nanos};
 use crate::types::{Cost, RequestMeta, ScopeKind};
 use crate::{Error, Result};
+
+/// A callback for [`BudgetAlert`]s. Called outside the budget's lock; keep it quick.
+#[derive(Clone)]
+pub struct AlertHook(Arc<dyn Fn(&BudgetAlert) + Send + Sync>);
+
+impl AlertHook {
+    /// Wraps `f`.
+    pub fn new(f: impl Fn(&BudgetAlert) + Send + Sync + 'static) -> Self {
+        AlertHook(Arc::new(f))
+    }
+}
+
+impl fmt::Debug for AlertHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AlertHook")
+    }
+}
 
 /// Builds a [`MemoryBudget`].
 #[derive(Debug, Clone)]
@@ -17,6 +35,8 @@ use crate::{Error, Result};
 pub struct MemoryBudgetBuilder {
     caps: Vec<SpendCap>,
     max_accounts: usize,
+    thresholds: Vec<u8>,
+    hook: Option<AlertHook>,
     clock: Option<Arc<dyn Clock>>,
 }
 
@@ -39,6 +59,19 @@ impl MemoryBudgetBuilder {
         self
     }
 
+    /// Alert thresholds in per cent of each cap (default 50, 80 and 100). Each fires
+    /// once per cap, key and window, when committed spend reaches it.
+    pub fn alert_thresholds(mut self, percents: impl IntoIterator<Item = u8>) -> Self {
+        self.thresholds = percents.into_iter().collect();
+        self
+    }
+
+    /// Calls `hook` for every alert (alerts are also logged with `tracing` at warn level).
+    pub fn on_alert(mut self, hook: impl Fn(&BudgetAlert) + Send + Sync + 'static) -> Self {
+        self.hook = Some(AlertHook::new(hook));
+        self
+    }
+
     /// The clock windows are read from (default: [`TokioClock`](crate::TokioClock)).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = Some(clock);
@@ -46,10 +79,23 @@ impl MemoryBudgetBuilder {
     }
 
     /// Builds the budget.
-    pub fn build(self) -> Result<MemoryBudget> {
+    pub fn build(mut self) -> Result<MemoryBudget> {
         if self.max_accounts == 0 {
             return Err(Error::Config(
                 "budget: max_accounts must be at least 1".into(),
+            ));
+        }
+        if self.caps.iter().any(|c| c.limit.is_zero()) {
+            return Err(Error::Config("budget: a cap must be positive".into()));
+        }
+        if self.caps.iter().any(|c| matches!(c.window, BudgetWindow::Rolling(w) if w < std::time::Duration::from_secs(1))) {
+            return Err(Error::Config("budget: a rolling window must be at least one second".into()));
+        }
+        self.thresholds.sort_unstable();
+        self.thresholds.dedup();
+        if self.thresholds.len() > 8 || self.thresholds.iter().any(|t| *t == 0) {
+            return Err(Error::Config(
+                "budget: up to 8 alert thresholds, each at least 1 %".into(),
             ));
         }
         Ok(MemoryBudget {
@@ -57,6 +103,8 @@ impl MemoryBudgetBuilder {
                 caps: self.caps,
                 accounts: Mutex::new(HashMap::new()),
                 max_accounts: self.max_accounts,
+                thresholds: self.thresholds,
+                hook: self.hook,
                 next_id: AtomicU64::new(1),
                 clock: self.clock.unwrap_or_else(default_clock),
             }),
@@ -85,10 +133,68 @@ impl AccountKey {
     }
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+/// Spend of a rolling window in steps; `head` is the index of the newest step.
+#[derive(Debug, Clone)]
+struct Ring {
+    step_ns: u64,
+    head: u64,
+    steps: [u64; ROLLING_STEPS as usize],
+}
+
+impl Ring {
+    fn new(window: std::time::Duration, now: Timestamp) -> Self {
+        let step_ns = (duration_nanos(window) / u64::from(ROLLING_STEPS)).max(1);
+        Ring {
+            step_ns,
+            head: now.as_nanos() / step_ns,
+            steps: [0; ROLLING_STEPS as usize],
+        }
+    }
+
+    /// Moves the head to `now`, forgetting steps that left the window.
+    fn advance(&mut self, now: Timestamp) {
+        let step = now.as_nanos() / self.step_ns;
+        if step <= self.head {
+            return;
+        }
+        let n = u64::from(ROLLING_STEPS);
+        let gap = (step - self.head).min(n);
+        for i in 1..=gap {
+            self.steps[((self.head + i) % n) as usize] = 0;
+        }
+        self.head = step;
+    }
+
+    fn total(&self) -> Cost {
+        Cost::from_nanos(self.steps.iter().fold(0u64, |a, b| a.saturating_add(*b)))
+    }
+
+    fn add(&mut self, now: Timestamp, c: Cost) {
+        self.advance(now);
+        let slot = &mut self.steps[(self.head % u64::from(ROLLING_STEPS)) as usize];
+        *slot = slot.saturating_add(c.as_nanos());
+    }
+}
+
+#[derive(Debug, Default, Clone)]
 struct Account {
     spent: Cost,
     reserved: Cost,
+    ring: Option<Box<Ring>>,
+    /// Bit i set: threshold i has fired in this window.
+    alerted: u8,
+}
+
+impl Account {
+    fn spent(&mut self, now: Timestamp) -> Cost {
+        match &mut self.ring {
+            Some(r) => {
+                r.advance(now);
+                r.total()
+            }
+            None => self.spent,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -96,22 +202,28 @@ struct Inner {
     caps: Vec<SpendCap>,
     accounts: Mutex<HashMap<AccountKey, Account>>,
     max_accounts: usize,
+    thresholds: Vec<u8>,
+    hook: Option<AlertHook>,
     next_id: AtomicU64,
     clock: Arc<dyn Clock>,
 }
 
-/// Spend caps in memory, per scope and calendar window (UTC), with reserve / commit.
+/// Spend caps in memory, per scope and window (UTC day, UTC month, forever, or
+/// rolling), with reserve / commit and threshold alerts.
 ///
 /// All caps of a request are checked and reserved under one lock: a refused request
 /// reserves nothing anywhere. A commit lands in the window the reservation was made
 /// in, so a call that straddles midnight is charged to the day it started.
 ///
 /// ```
+/// use std::time::Duration;
 /// use tokenwise::budget::{BudgetWindow, MemoryBudget};
 /// use tokenwise::{Cost, ScopeKind};
 /// let budget = MemoryBudget::builder()
 ///     .cap(ScopeKind::User, Cost::from_dollars(2), BudgetWindow::Day)
 ///     .cap(ScopeKind::Org, Cost::from_dollars(500), BudgetWindow::Month)
+///     .cap(ScopeKind::Feature, Cost::from_dollars(20), BudgetWindow::Rolling(Duration::from_secs(3600)))
+///     .on_alert(|a| eprintln!("{} at {} %", a.scope, a.threshold_percent))
 ///     .build()
 ///     .unwrap();
 /// ```
@@ -121,11 +233,13 @@ pub struct MemoryBudget {
 }
 
 impl MemoryBudget {
-    /// A builder with no caps.
+    /// A builder with no caps and alerts at 50, 80 and 100 %.
     pub fn builder() -> MemoryBudgetBuilder {
         MemoryBudgetBuilder {
             caps: Vec::new(),
             max_accounts: 100_000,
+            thresholds: vec![50, 80, 100],
+            hook: None,
             clock: None,
         }
     }
@@ -138,8 +252,7 @@ impl MemoryBudget {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    fn keys_for(&self, meta: &RequestMeta) -> Vec<AccountKey> {
-        let now = self.inner.clock.now();
+    fn keys_for(&self, meta: &RequestMeta, now: Timestamp) -> Vec<AccountKey> {
         self.inner
             .caps
             .iter()
@@ -154,25 +267,41 @@ impl MemoryBudget {
             .collect()
     }
 
+    fn status_of(&self, k: &AccountKey, acc: &mut Account, now: Timestamp) -> CapStatus {
+        let cap = &self.inner.caps[k.cap];
+        CapStatus {
+            scope: cap.scope.with_key(&k.key),
+            window: cap.window,
+            limit: cap.limit,
+            spent: acc.spent(now),
+            reserved: acc.reserved,
+        }
+    }
+
     /// Synchronous reserve: what [`Budget::reserve`] does, without a future.
     pub fn reserve_now(&self, meta: &RequestMeta, amount: Cost) -> Result<Reservation> {
-        let keys = self.keys_for(meta);
         let now = self.inner.clock.now();
+        let keys = self.keys_for(meta, now);
         let mut accounts = self.lock();
+        let mut tightest: Option<CapStatus> = None;
         for k in &keys {
-            let cap = &self.inner.caps[k.cap];
-            let acc = accounts.get(k).copied().unwrap_or_default();
-            let committed = acc.spent.saturating_add(acc.reserved);
+            let cap = self.inner.caps[k.cap];
+            let mut acc = accounts.get(k).cloned().unwrap_or_default();
+            let status = self.status_of(k, &mut acc, now);
+            let committed = status.spent.saturating_add(status.reserved);
             if committed.saturating_add(amount) > cap.limit {
                 return Err(Error::BudgetExceeded {
-                    scope: cap
-                        .scope
-                        .scope_of(meta)
-                        .unwrap_or(crate::types::Scope::Global),
+                    scope: status.scope,
                     limit: cap.limit,
                     spent: committed,
                     retry_after: cap.window.until_reset(now),
                 });
+            }
+            if tightest
+                .as_ref()
+                .is_none_or(|t| status.used_percent() > t.used_percent())
+            {
+                tightest = Some(status);
             }
         }
         let new = keys.iter().filter(|k| !accounts.contains_key(*k)).count();
@@ -183,53 +312,96 @@ impl MemoryBudget {
             }
         }
         for k in &keys {
-            let acc = accounts.entry(k.clone()).or_default();
+            let window = self.inner.caps[k.cap].window;
+            let acc = accounts.entry(k.clone()).or_insert_with(|| Account {
+                ring: match window {
+                    BudgetWindow::Rolling(w) => Some(Box::new(Ring::new(w, now))),
+                    _ => None,
+                },
+                ..Account::default()
+            });
             acc.reserved = acc.reserved.saturating_add(amount);
         }
-        Ok(Reservation::new(
+        let r = Reservation::new(
             self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             amount,
             keys.iter().map(AccountKey::name).collect(),
-        ))
+        );
+        Ok(match tightest {
+            Some(t) => r.with_tightest(t),
+            None => r,
+        })
     }
 
     /// Drops accounts of past windows and accounts with nothing spent or reserved.
-    fn evict(&self, accounts: &mut HashMap<AccountKey, Account>, now: crate::clock::Timestamp) {
+    fn evict(&self, accounts: &mut HashMap<AccountKey, Account>, now: Timestamp) {
         let caps = &self.inner.caps;
         accounts.retain(|k, a| {
             let current = caps[k.cap].window.index(now) == k.window;
-            !a.reserved.is_zero() || (current && !a.spent.is_zero())
+            !a.reserved.is_zero() || (current && !a.spent(now).is_zero())
         });
     }
 
     /// Synchronous commit: what [`Budget::commit`] does, without a future.
     pub fn commit_now(&self, reservation: &Reservation, actual: Cost) {
-        let mut accounts = self.lock();
-        for name in &reservation.accounts {
-            let Some(k) = AccountKey::parse(name) else {
-                continue;
-            };
-            let acc = accounts.entry(k).or_default();
-            acc.reserved = acc.reserved.saturating_sub(reservation.amount);
-            acc.spent = acc.spent.saturating_add(actual);
+        let now = self.inner.clock.now();
+        let mut alerts = Vec::new();
+        {
+            let mut accounts = self.lock();
+            for name in &reservation.accounts {
+                let Some(k) = AccountKey::parse(name) else {
+                    continue;
+                };
+                let Some(cap) = self.inner.caps.get(k.cap).copied() else {
+                    continue;
+                };
+                let acc = accounts.entry(k.clone()).or_default();
+                acc.reserved = acc.reserved.saturating_sub(reservation.amount);
+                match &mut acc.ring {
+                    Some(r) => r.add(now, actual),
+                    None => acc.spent = acc.spent.saturating_add(actual),
+                }
+                let spent = acc.spent(now);
+                let pct =
+                    u128::from(spent.as_nanos()) * 100 / u128::from(cap.limit.as_nanos()).max(1);
+                for (i, t) in self.inner.thresholds.iter().enumerate() {
+                    let bit = 1u8 << i;
+                    if pct >= u128::from(*t) {
+                        if acc.alerted & bit == 0 {
+                            acc.alerted |= bit;
+                            alerts.push(BudgetAlert {
+                                scope: cap.scope.with_key(&k.key),
+                                window: cap.window,
+                                limit: cap.limit,
+                                spent,
+                                threshold_percent: *t,
+                            });
+                        }
+                    } else if acc.ring.is_some() {
+                        // A rolling window re-arms once spend falls back below.
+                        acc.alerted &= !bit;
+                    }
+                }
+            }
+        }
+        for a in &alerts {
+            tracing::warn!(scope = %a.scope, window = a.window.as_str(), threshold = a.threshold_percent,
+                spent = %a.spent, limit = %a.limit, "spend threshold reached");
+            if let Some(h) = &self.inner.hook {
+                (h.0)(a);
+            }
         }
     }
 
     /// The standing of every cap that applies to `meta`, synchronously.
     pub fn status_now(&self, meta: &RequestMeta) -> Vec<CapStatus> {
-        let keys = self.keys_for(meta);
-        let accounts = self.lock();
+        let now = self.inner.clock.now();
+        let keys = self.keys_for(meta, now);
+        let mut accounts = self.lock();
         keys.iter()
-            .filter_map(|k| {
-                let cap = &self.inner.caps[k.cap];
-                let acc = accounts.get(k).copied().unwrap_or_default();
-                Some(CapStatus {
-                    scope: cap.scope.scope_of(meta)?,
-                    window: cap.window,
-                    limit: cap.limit,
-                    spent: acc.spent,
-                    reserved: acc.reserved,
-                })
+            .map(|k| match accounts.get_mut(k) {
+                Some(acc) => self.status_of(k, acc, now),
+                None => self.status_of(k, &mut Account::default(), now),
             })
             .collect()
     }
@@ -349,5 +521,90 @@ mod tests {
         clock.advance(Duration::from_secs(86_400));
         b.reserve_now(&meta("c"), Cost::from_cents(1)).unwrap();
         assert_eq!(b.accounts(), 1);
+    }
+
+    #[test]
+    fn rolling_windows_age_spend_out() {
+        let clock = ManualClock::new(Timestamp::from_secs(1_795_521_600));
+        let b = MemoryBudget::builder()
+            .cap(
+                ScopeKind::User,
+                Cost::from_cents(10),
+                BudgetWindow::Rolling(Duration::from_secs(600)),
+            )
+            .clock(Arc::new(clock.clone()))
+            .build()
+            .unwrap();
+        let ann = meta("ann");
+        let r = b.reserve_now(&ann, Cost::from_cents(6)).unwrap();
+        b.commit_now(&r, Cost::from_cents(6));
+        clock.advance(Duration::from_secs(300));
+        let r = b.reserve_now(&ann, Cost::from_cents(4)).unwrap();
+        b.commit_now(&r, Cost::from_cents(4));
+        let e = b.reserve_now(&ann, Cost::from_cents(1)).unwrap_err();
+        assert_eq!(
+            e.retry_after(),
+            Some(Duration::from_secs(10)),
+            "one step of the window"
+        );
+        // 600 s after the first spend it has aged out; the second has not
+        clock.advance(Duration::from_secs(300));
+        assert_eq!(b.status_now(&ann)[0].spent, Cost::from_cents(4));
+        b.reserve_now(&ann, Cost::from_cents(6)).unwrap();
+    }
+
+    #[test]
+    fn alerts_fire_once_per_threshold_and_window() {
+        let clock = ManualClock::new(Timestamp::from_secs(1_795_521_600));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&seen);
+        let b = MemoryBudget::builder()
+            .cap(ScopeKind::User, Cost::from_cents(100), BudgetWindow::Day)
+            .on_alert(move |a| {
+                sink.lock()
+                    .unwrap()
+                    .push((a.scope.clone(), a.threshold_percent))
+            })
+            .clock(Arc::new(clock.clone()))
+            .build()
+            .unwrap();
+        let ann = meta("ann");
+        let spend = |c: u64| {
+            let r = b.reserve_now(&ann, Cost::from_cents(c)).unwrap();
+            b.commit_now(&r, Cost::from_cents(c));
+        };
+        spend(30);
+        assert!(seen.lock().unwrap().is_empty());
+        spend(25); // 55 %
+        spend(10); // 65 %: no second 50 % alert
+        spend(20); // 85 %
+        spend(15); // 100 %
+        let got: Vec<u8> = seen.lock().unwrap().iter().map(|(_, t)| *t).collect();
+        assert_eq!(got, [50, 80, 100]);
+        assert_eq!(seen.lock().unwrap()[0].0, Scope::User("ann".into()));
+        // a new day: the thresholds fire again
+        clock.advance(Duration::from_secs(86_400));
+        spend(60);
+        let got: Vec<u8> = seen.lock().unwrap().iter().map(|(_, t)| *t).collect();
+        assert_eq!(got, [50, 80, 100, 50]);
+    }
+
+    #[test]
+    fn reservations_report_the_tightest_cap() {
+        let b = MemoryBudget::builder()
+            .cap(ScopeKind::User, Cost::from_cents(10), BudgetWindow::Day)
+            .cap(ScopeKind::Org, Cost::from_cents(100), BudgetWindow::Day)
+            .build()
+            .unwrap();
+        let ann = meta("ann");
+        let r = b.reserve_now(&ann, Cost::from_cents(8)).unwrap();
+        assert_eq!(r.used_percent(), 0);
+        b.commit_now(&r, Cost::from_cents(8));
+        let r = b.reserve_now(&ann, Cost::from_cents(1)).unwrap();
+        assert_eq!(r.used_percent(), 80);
+        assert_eq!(
+            r.tightest.as_ref().unwrap().scope,
+            Scope::User("ann".into())
+        );
     }
 }

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use layer::{BudgetLayer, BudgetService};
-pub use memory::{MemoryBudget, MemoryBudgetBuilder};
+pub use memory::{AlertHook, MemoryBudget, MemoryBudgetBuilder};
 
 use crate::Result;
 use crate::clock::Timestamp;
@@ -34,6 +34,8 @@ pub enum BudgetWindow {
     Month,
     /// Forever: the cap never resets.
     Total,
+    /// A sliding window of this length: spend ages out in 60 steps of one sixtieth of it.
+    Rolling(Duration),
 }
 
 impl BudgetWindow {
@@ -45,7 +47,7 @@ impl BudgetWindow {
                 let (y, m, _) = civil_from_days(at.as_secs() / 86_400);
                 y * 12 + (m - 1)
             }
-            BudgetWindow::Total => 0,
+            BudgetWindow::Total | BudgetWindow::Rolling(_) => 0,
         }
     }
 
@@ -60,6 +62,10 @@ impl BudgetWindow {
                 days_from_civil(ny, nm, 1) * 86_400
             }
             BudgetWindow::Total => return None,
+            // The soonest any spend ages out: one step of the window.
+            BudgetWindow::Rolling(w) => {
+                return Some((w / ROLLING_STEPS).max(Duration::from_nanos(1)));
+            }
         };
         Some(Timestamp::from_secs(next).saturating_since(at))
     }
@@ -70,9 +76,13 @@ impl BudgetWindow {
             BudgetWindow::Day => "day",
             BudgetWindow::Month => "month",
             BudgetWindow::Total => "total",
+            BudgetWindow::Rolling(_) => "rolling",
         }
     }
 }
+
+/// Steps a rolling window is divided into.
+pub(crate) const ROLLING_STEPS: u32 = 60;
 
 /// Days since 1970-01-01 to (year, month, day); Howard Hinnant's algorithm.
 fn civil_from_days(days: u64) -> (u64, u64, u64) {
@@ -121,6 +131,9 @@ pub struct Reservation {
     pub amount: Cost,
     /// The accounts it was reserved on, in the issuing budget's own naming.
     pub accounts: Vec<String>,
+    /// The standing of the cap closest to its limit, before this reservation, if the
+    /// budget reports it. Degrade modes read it.
+    pub tightest: Option<CapStatus>,
 }
 
 impl Reservation {
@@ -130,7 +143,21 @@ impl Reservation {
             id,
             amount,
             accounts,
+            tightest: None,
         }
+    }
+
+    /// Records the cap closest to its limit, for degrade decisions.
+    #[must_use]
+    pub fn with_tightest(mut self, tightest: CapStatus) -> Self {
+        self.tightest = Some(tightest);
+        self
+    }
+
+    /// How much of the tightest cap was used, in per cent, before this reservation
+    /// (spent plus reserved by others). `0` when the budget does not say.
+    pub fn used_percent(&self) -> u64 {
+        self.tightest.as_ref().map_or(0, CapStatus::used_percent)
     }
 }
 
@@ -148,6 +175,57 @@ pub struct CapStatus {
     pub spent: Cost,
     /// Reserved by calls in flight.
     pub reserved: Cost,
+}
+
+impl CapStatus {
+    /// Spent plus reserved, in per cent of the limit (rounded down; 100 and more at or
+    /// over the cap).
+    pub fn used_percent(&self) -> u64 {
+        let used = u128::from(self.spent.saturating_add(self.reserved).as_nanos());
+        let limit = u128::from(self.limit.as_nanos()).max(1);
+        u64::try_from(used * 100 / limit).unwrap_or(u64::MAX)
+    }
+}
+
+/// What a pipeline does once the tightest spend cap of a request is used beyond a
+/// threshold (see `PipelineBuilder::degrade_at`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Degrade {
+    /// Answer with this (cheaper) catalogue model instead of the routed ones.
+    CheaperModel(String),
+    /// Serve cache hits; refuse misses with [`Error::BudgetExceeded`](crate::Error::BudgetExceeded).
+    CacheOnly,
+    /// Refuse every request, cache hits included, with
+    /// [`Error::BudgetExceeded`](crate::Error::BudgetExceeded).
+    Refuse,
+}
+
+impl Degrade {
+    /// A stable lowercase name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Degrade::CheaperModel(_) => "cheaper_model",
+            Degrade::CacheOnly => "cache_only",
+            Degrade::Refuse => "refuse",
+        }
+    }
+}
+
+/// A spend threshold crossed, reported once per threshold and window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BudgetAlert {
+    /// The scope.
+    pub scope: Scope,
+    /// The cap's window.
+    pub window: BudgetWindow,
+    /// The cap.
+    pub limit: Cost,
+    /// Committed spend in the window when the threshold was crossed.
+    pub spent: Cost,
+    /// The threshold crossed, in per cent of the cap.
+    pub threshold_percent: u8,
 }
 
 /// Decides whether money may be spent.

@@ -28,10 +28,18 @@ pub struct ExactCacheBuilder {
     capacity: usize,
     ttl: Duration,
     namespace_ttl: HashMap<String, Duration>,
+    keep_stale: Duration,
     clock: Option<Arc<dyn Clock>>,
 }
 
 impl ExactCacheBuilder {
+    /// Keeps expired entries this long (while capacity allows) so that
+    /// [`Cache::get_stale`] can serve them when every provider is down (default: none).
+    pub fn keep_stale_for(mut self, d: Duration) -> Self {
+        self.keep_stale = d;
+        self
+    }
+
     /// The most entries kept (default 10,000); the least recently used is evicted first.
     pub fn max_entries(mut self, n: usize) -> Self {
         self.capacity = n;
@@ -67,6 +75,7 @@ impl ExactCacheBuilder {
             entries: Arc::new(Mutex::new(LruCache::new(cap))),
             ttl: self.ttl,
             namespace_ttl: Arc::new(self.namespace_ttl),
+            keep_stale: self.keep_stale,
             clock: self.clock.unwrap_or_else(default_clock),
         })
     }
@@ -94,6 +103,7 @@ pub struct ExactCache {
     entries: Arc<Mutex<LruCache<CacheKey, Entry>>>,
     ttl: Duration,
     namespace_ttl: Arc<HashMap<String, Duration>>,
+    keep_stale: Duration,
     clock: Arc<dyn Clock>,
 }
 
@@ -104,6 +114,7 @@ impl ExactCache {
             capacity: 10_000,
             ttl: DEFAULT_TTL,
             namespace_ttl: HashMap::new(),
+            keep_stale: Duration::ZERO,
             clock: None,
         }
     }
@@ -137,12 +148,25 @@ impl ExactCache {
         let mut map = self.lock();
         match map.get(&query.key) {
             Some(e) if e.expires_at > now => Some(CachedAnswer::exact(e.response.clone())),
-            Some(_) => {
-                map.pop(&query.key);
+            Some(e) => {
+                // Expired: kept a while for stale serving, then dropped on read.
+                if e.expires_at.saturating_add(self.keep_stale) <= now {
+                    map.pop(&query.key);
+                }
                 None
             }
             None => None,
         }
+    }
+
+    /// Synchronous stale lookup: an entry that expired at most `max_stale` ago (and is
+    /// still kept; see [`ExactCacheBuilder::keep_stale_for`]).
+    pub fn get_stale_now(&self, query: &CacheQuery, max_stale: Duration) -> Option<CachedAnswer> {
+        let now = self.clock.now();
+        let mut map = self.lock();
+        let e = map.get(&query.key)?;
+        (e.expires_at.saturating_add(max_stale.min(self.keep_stale)) > now || e.expires_at > now)
+            .then(|| CachedAnswer::exact(e.response.clone()))
     }
 
     /// Synchronous insert.
@@ -201,6 +225,14 @@ impl Cache for ExactCache {
 
     async fn invalidate(&self, what: &Invalidation) -> Result<u64> {
         Ok(self.invalidate_now(what))
+    }
+
+    async fn get_stale(
+        &self,
+        query: &CacheQuery,
+        max_stale: Duration,
+    ) -> Result<Option<CachedAnswer>> {
+        Ok(self.get_stale_now(query, max_stale))
     }
 }
 

@@ -133,6 +133,17 @@ pub trait Cache: Send + Sync + fmt::Debug {
 
     /// Removes entries; returns how many.
     async fn invalidate(&self, what: &Invalidation) -> Result<u64>;
+
+    /// An answer for `query` that expired at most `max_stale` ago, for when every
+    /// provider is down. The default keeps no stale entries and finds none.
+    async fn get_stale(
+        &self,
+        query: &CacheQuery,
+        max_stale: Duration,
+    ) -> Result<Option<CachedAnswer>> {
+        let _ = (query, max_stale);
+        Ok(None)
+    }
 }
 
 /// Default time to live of a cached answer.

@@ -1,14 +1,15 @@
 //! The in-memory keyed GCRA limiter.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use smallvec::SmallVec;
 
+use super::core::{Compiled, Core, Item, Refusal};
 use super::{Admission, LimitRule, Limiter, Quota, Unit, nonzero};
-use crate::clock::{Clock, default_clock, duration_nanos};
-use crate::types::{RequestMeta, ScopeKind, Tier};
+use crate::clock::{Clock, default_clock};
+use crate::types::{RequestMeta, Scope, ScopeKind, Tier};
 use crate::{Error, Result};
 
 /// Builds a [`GcraLimiter`].
@@ -62,6 +63,22 @@ impl GcraLimiterBuilder {
     pub fn tokens_per_minute(self, scope: ScopeKind, n: u64) -> Self {
         match nonzero(n, "tokens per minute") {
             Ok(n) => self.tokens(scope, Quota::per_minute(n)),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// Requests per day on `scope`, with a burst of the whole day's amount.
+    pub fn requests_per_day(self, scope: ScopeKind, n: u64) -> Self {
+        match nonzero(n, "requests per day") {
+            Ok(n) => self.requests(scope, Quota::per_day(n)),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// Tokens per day on `scope`, with a burst of the whole day's amount.
+    pub fn tokens_per_day(self, scope: ScopeKind, n: u64) -> Self {
+        match nonzero(n, "tokens per day") {
+            Ok(n) => self.tokens(scope, Quota::per_day(n)),
             Err(e) => self.fail(e),
         }
     }
@@ -121,27 +138,14 @@ impl GcraLimiterBuilder {
         if self.max_keys == 0 {
             return Err(Error::Config("limiter: max_keys must be at least 1".into()));
         }
-        let rules = self
-            .rules
-            .iter()
-            .map(|r| CompiledRule {
-                rule: *r,
-                period_ns: u128::from(duration_nanos(r.quota.period)),
-                amount: u128::from(r.quota.amount.get()),
-                tau_ns: u128::from(duration_nanos(r.quota.period))
-                    * u128::from(r.quota.burst.get())
-                    / u128::from(r.quota.amount.get()),
-            })
-            .collect::<Vec<_>>();
+        let core = Core::new(
+            self.rules.iter().map(|r| Compiled::new(&r.quota)).collect(),
+            self.max_keys,
+        );
         Ok(GcraLimiter {
             inner: Arc::new(Inner {
-                state: Mutex::new(State {
-                    tats: rules.iter().map(|_| HashMap::new()).collect(),
-                    len: 0,
-                    next_sweep: 0,
-                }),
-                rules,
-                max_keys: self.max_keys,
+                rules: self.rules,
+                core,
                 premium_permille: self.premium_permille,
                 free_permille: self.free_permille,
                 clock: self.clock.unwrap_or_else(default_clock),
@@ -159,28 +163,9 @@ fn permille(m: f64) -> Option<u64> {
 }
 
 #[derive(Debug)]
-struct CompiledRule {
-    rule: LimitRule,
-    period_ns: u128,
-    amount: u128,
-    /// Burst tolerance: how far ahead of now the theoretical arrival time may run.
-    tau_ns: u128,
-}
-
-#[derive(Debug)]
-struct State {
-    /// Per rule: key → theoretical arrival time (ns since epoch). A key whose TAT is not
-    /// after now is fully refilled and equivalent to an absent key.
-    tats: Vec<HashMap<Box<str>, u64>>,
-    len: usize,
-    next_sweep: u64,
-}
-
-#[derive(Debug)]
 struct Inner {
-    rules: Vec<CompiledRule>,
-    state: Mutex<State>,
-    max_keys: usize,
+    rules: Vec<LimitRule>,
+    core: Core,
     premium_permille: u64,
     free_permille: u64,
     clock: Arc<dyn Clock>,
@@ -202,6 +187,7 @@ struct Inner {
 /// let limiter = GcraLimiter::builder()
 ///     .requests_per_minute(ScopeKind::User, 60)
 ///     .tokens_per_minute(ScopeKind::Org, 100_000)
+///     .requests_per_day(ScopeKind::User, 2_000)
 ///     .requests_per_minute(ScopeKind::Global, 10_000)
 ///     .build()
 ///     .unwrap();
@@ -227,120 +213,76 @@ impl GcraLimiter {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // Updates are applied only after every rule was checked, so a panic cannot leave
-        // a half-applied request behind: a poisoned state is still consistent.
-        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Keys currently tracked.
     pub fn tracked_keys(&self) -> usize {
-        self.lock().len
+        self.inner.core.len()
     }
 
-    fn multiplier(&self, scope: ScopeKind, tier: Tier) -> u128 {
+    /// The rules.
+    pub fn rules(&self) -> &[LimitRule] {
+        &self.inner.rules
+    }
+
+    fn multiplier(&self, scope: ScopeKind, tier: Tier) -> u64 {
         if scope == ScopeKind::Global {
             return 1000;
         }
-        u128::from(match tier {
+        match tier {
             Tier::Premium => self.inner.premium_permille,
             Tier::Free => self.inner.free_permille,
             Tier::Standard => 1000,
-        })
+        }
+    }
+
+    /// The checks `meta` falls under, charging `tokens` to token rules.
+    fn items<'m>(
+        &self,
+        meta: &'m RequestMeta,
+        tokens: u64,
+        only_tokens: bool,
+    ) -> SmallVec<[Item<'m>; 4]> {
+        let mut items = SmallVec::new();
+        for (quota, r) in self.inner.rules.iter().enumerate() {
+            if only_tokens && r.unit != Unit::Tokens {
+                continue;
+            }
+            let Some(key) = r.scope.key_of(meta) else {
+                continue;
+            };
+            let units = match r.unit {
+                Unit::Requests => 1,
+                Unit::Tokens => tokens,
+            };
+            items.push(Item {
+                quota,
+                key,
+                units,
+                mult: self.multiplier(r.scope, meta.tier),
+            });
+        }
+        items
     }
 
     /// Synchronous check-and-consume: what [`Limiter::acquire`] does, without a future.
     pub fn check(&self, meta: &RequestMeta, tokens: u64) -> Result<()> {
+        let items = self.items(meta, tokens, false);
         let now = self.inner.clock.now().as_nanos();
-        let mut state = self.lock();
-        // (rule index, key, new TAT) for every rule that applies.
-        let mut updates: Vec<(usize, &str, u64)> = Vec::with_capacity(self.inner.rules.len());
-        let mut refusal: Option<(u128, usize)> = None;
-        for (i, r) in self.inner.rules.iter().enumerate() {
-            let Some(key) = r.rule.scope.key_of(meta) else {
-                continue;
-            };
-            let n = match r.rule.unit {
-                Unit::Requests => 1,
-                Unit::Tokens => u128::from(tokens),
-            };
-            if n == 0 {
-                continue;
+        self.inner.core.check(now, &items).map_err(|refusal| {
+            let rule = |index: usize| &self.inner.rules[items[index].quota];
+            match refusal {
+                Refusal::Wait { index, wait } => Error::RateLimited {
+                    scope: rule(index).scope.scope_of(meta).unwrap_or(Scope::Global),
+                    retry_after: wait,
+                },
+                Refusal::TooLarge { index, most } => Error::InvalidRequest(format!(
+                    "request needs {} {} but the {} limit allows at most {most} at once; lower max_tokens or the prompt",
+                    items[index].units,
+                    unit_name(rule(index).unit),
+                    rule(index).scope,
+                )),
+                Refusal::Full => Error::Overloaded { retry_after: Some(Duration::from_secs(1)) },
             }
-            let mult = self.multiplier(r.rule.scope, meta.tier);
-            // Time one request consumes: n units at amount*mult per period.
-            let inc = (n * r.period_ns * 1000).div_ceil(r.amount * mult);
-            if inc > r.tau_ns {
-                let most = r.rule.quota.burst().get() as u128 * mult / 1000;
-                return Err(Error::InvalidRequest(format!(
-                    "request needs {n} {} but the {} limit allows at most {most} at once; lower max_tokens or the prompt",
-                    unit_name(r.rule.unit),
-                    r.rule.scope,
-                )));
-            }
-            let now128 = u128::from(now);
-            let tat = state.tats[i]
-                .get(key)
-                .copied()
-                .map_or(now128, |t| u128::from(t).max(now128));
-            let new_tat = tat + inc;
-            let allow_at = new_tat - r.tau_ns;
-            if allow_at > now128 {
-                let wait = allow_at - now128;
-                if refusal.is_none_or(|(w, _)| wait > w) {
-                    refusal = Some((wait, i));
-                }
-                continue;
-            }
-            updates.push((i, key, u64::try_from(new_tat).unwrap_or(u64::MAX)));
-        }
-        if let Some((wait, i)) = refusal {
-            let scope = self.inner.rules[i]
-                .rule
-                .scope
-                .scope_of(meta)
-                .unwrap_or(crate::types::Scope::Global);
-            return Err(Error::RateLimited {
-                scope,
-                retry_after: Duration::from_nanos(u64::try_from(wait).unwrap_or(u64::MAX)),
-            });
-        }
-        let new_keys = updates
-            .iter()
-            .filter(|(i, k, _)| !state.tats[*i].contains_key(*k))
-            .count();
-        if state.len + new_keys > self.inner.max_keys {
-            self.sweep(&mut state, now);
-            if state.len + new_keys > self.inner.max_keys {
-                return Err(Error::Overloaded {
-                    retry_after: Some(Duration::from_secs(1)),
-                });
-            }
-        }
-        for (i, key, tat) in updates {
-            match state.tats[i].get_mut(key) {
-                Some(t) => *t = tat,
-                None => {
-                    state.tats[i].insert(key.into(), tat);
-                    state.len += 1;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Removes fully refilled keys; at most once a second of clock time.
-    fn sweep(&self, state: &mut State, now: u64) {
-        if now < state.next_sweep {
-            return;
-        }
-        state.next_sweep = now.saturating_add(1_000_000_000);
-        let mut len = 0;
-        for map in &mut state.tats {
-            map.retain(|_, tat| *tat > now);
-            len += map.len();
-        }
-        state.len = len;
+        })
     }
 
     /// Synchronous reconciliation: what [`Limiter::reconcile`] does, without a future.
@@ -348,33 +290,59 @@ impl GcraLimiter {
         if charged == actual {
             return;
         }
+        let items = self.items(meta, charged.abs_diff(actual), true);
         let now = self.inner.clock.now().as_nanos();
-        let mut state = self.lock();
-        for (i, r) in self.inner.rules.iter().enumerate() {
-            if r.rule.unit != Unit::Tokens {
-                continue;
-            }
-            let Some(key) = r.rule.scope.key_of(meta) else {
-                continue;
-            };
-            let mult = self.multiplier(r.rule.scope, meta.tier);
-            let delta = u128::from(charged.abs_diff(actual));
-            let shift = (delta * r.period_ns * 1000).div_ceil(r.amount * mult);
-            let shift = u64::try_from(shift).unwrap_or(u64::MAX);
-            if actual > charged {
-                // More was used than charged: the debt counts even if it overshoots.
-                match state.tats[i].get_mut(key) {
-                    Some(t) => *t = (*t).max(now).saturating_add(shift),
-                    None => {
-                        state.tats[i].insert(key.into(), now.saturating_add(shift));
-                        state.len += 1;
-                    }
+        self.inner.core.adjust(now, &items, actual > charged);
+    }
+
+    /// Waits until the request is admitted, or until waiting longer would exceed
+    /// `max_wait`; each wait is the limiter's exact `retry_after` plus up to 10 % jitter,
+    /// so that refused clients do not return in lockstep. At most 16 waits.
+    pub async fn until_ready(
+        &self,
+        meta: &RequestMeta,
+        tokens: u64,
+        max_wait: Duration,
+    ) -> Result<()> {
+        wait_until_admitted(max_wait, || {
+            let r = self.check(meta, tokens);
+            async move { r }
+        })
+        .await
+    }
+}
+
+/// Calls `attempt` until it succeeds, sleeping (on tokio time) through each
+/// `RateLimited { retry_after }` plus up to 10 % jitter, as long as the total stays
+/// within `max_wait` and at most 16 times. Any other error returns at once.
+pub(crate) async fn wait_until_admitted<F, Fut>(max_wait: Duration, mut attempt: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    use rand::Rng;
+    let mut waited = Duration::ZERO;
+    for _ in 0..16 {
+        match attempt().await {
+            Err(Error::RateLimited { scope, retry_after }) => {
+                let jitter_cap = u64::try_from((retry_after / 10).as_nanos()).unwrap_or(u64::MAX);
+                let jitter = if jitter_cap == 0 {
+                    0
+                } else {
+                    rand::rng().random_range(0..=jitter_cap)
+                };
+                let pause = retry_after.saturating_add(Duration::from_nanos(jitter));
+                if waited.saturating_add(retry_after) > max_wait {
+                    return Err(Error::RateLimited { scope, retry_after });
                 }
-            } else if let Some(t) = state.tats[i].get_mut(key) {
-                *t = t.saturating_sub(shift).max(now);
+                let pause = pause.min(max_wait.saturating_sub(waited).max(retry_after));
+                tokio::time::sleep(pause).await;
+                waited = waited.saturating_add(pause);
             }
+            other => return other,
         }
     }
+    attempt().await
 }
 
 fn unit_name(u: Unit) -> &'static str {
@@ -475,8 +443,7 @@ mod tests {
             );
         }
         // "c" was refused by global five times: none of it counted against c's user limit.
-        let state = l.lock();
-        assert!(!state.tats[0].contains_key("c"));
+        assert_eq!(l.tracked_keys(), 3, "a, b and global; nothing for c");
     }
 
     #[test]
@@ -499,6 +466,23 @@ mod tests {
         l.check(&p, 1_500).unwrap();
         l.check(&p, 500).unwrap();
         assert!(l.check(&p, 100).is_err());
+    }
+
+    #[test]
+    fn a_clock_near_the_epoch_does_not_underflow() {
+        // Regression: a burst tolerance longer than the time since the epoch.
+        let clock = ManualClock::new(Timestamp::from_secs(1));
+        let l = limiter(
+            &clock,
+            GcraLimiter::builder().requests_per_minute(ScopeKind::User, 60),
+        );
+        for _ in 0..60 {
+            l.check(&meta("ann"), 0).unwrap();
+        }
+        assert!(matches!(
+            l.check(&meta("ann"), 0),
+            Err(Error::RateLimited { .. })
+        ));
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! any other. Token quotas are charged an estimate up front (prompt tokens plus the
 //! output allowance) and reconciled to the actual usage afterwards.
 
+mod core;
 mod gcra;
 mod layer;
+mod target;
 
 use std::fmt;
 use std::num::NonZeroU64;
@@ -15,8 +17,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub(crate) use gcra::wait_until_admitted;
 pub use gcra::{GcraLimiter, GcraLimiterBuilder};
 pub use layer::{RateLimit, RateLimitLayer};
+pub use target::{TargetLimits, TargetLimitsBuilder};
 
 use crate::types::{RequestMeta, ScopeKind};
 use crate::{Error, Result};

@@ -6,7 +6,7 @@
 //!
 //! | name | kind | labels | what |
 //! | --- | --- | --- | --- |
-//! | `tokenwise_requests_total` | counter | `model`, `status`, `cache` | requests; `status` is `ok` or the error's [`reason`](crate::Error::reason); `cache` is `hit` or `miss` |
+//! | `tokenwise_requests_total` | counter | `model`, `status`, `cache` | requests; `status` is `ok` or the error's [`reason`](crate::Error::reason); `cache` is `hit` or `miss`; `model` is the model that answered, the one a failure was routed to, or `none` |
 //! | `tokenwise_request_duration_seconds` | histogram | `model`, `cache`, `result` | request latency (a stream: to its end); `result` is `ok` or `error` |
 //! | `tokenwise_time_to_first_token_seconds` | histogram | `model`, `cache` | streams: request start to first event |
 //! | `tokenwise_tokens_total` | counter | `model`, `type` | tokens billed; `type` is `input` or `output` |
@@ -23,9 +23,9 @@
 //! | `tokenwise_budget_spent_usd` | gauge | `scope`, `window` | spent in the cap's window |
 //! | `tokenwise_budget_reserved_usd` | gauge | `scope`, `window` | reserved by calls in flight |
 //! | `tokenwise_budget_limit_usd` | gauge | `scope`, `window` | the cap |
-//! | `tokenwise_breaker_state` | gauge | `provider`, `model` | 0 closed, 1 half-open, 2 open, from [`record_breaker_state`] |
+//! | `tokenwise_breaker_state` | gauge | `provider`, `model` | 0 closed, 1 half-open, 2 open, after every call through a breaker ([`record_breaker_state`]) |
 //! | `tokenwise_cache_guard_rejections_total` | counter | — | semantic-cache candidates the near-miss guard rejected |
-//! | `tokenwise_degraded_requests_total` | counter | `mode` | requests served in a degrade mode |
+//! | `tokenwise_degraded_requests_total` | counter | `mode` | requests served in a degrade mode (`cheaper_model`, `cache_only`) |
 //! | `tokenwise_usage_records_dropped_total` | counter | `sink`, `reason` | usage records a sink could not keep |
 //!
 //! Cardinality is bounded: no label carries a user, organisation or request id; model,
@@ -34,11 +34,11 @@
 //! are labelled with the scopes *you* sample (see [`BudgetSampler`]), bounded the same
 //! way.
 //!
-//! The circuit-breaker gauge, guard rejections and degrade modes are defined here so
-//! that dashboards and alerts can be written against them; they are emitted once the
-//! circuit breaker, the semantic cache's guard and degrade modes report through
-//! [`record_breaker_state`] and the [`UsageRecord`] fields `guard_rejections` and
-//! `degrade_mode`.
+//! The circuit-breaker gauge is set after every call through a breaker (pipelines built
+//! with circuit breakers); degrade modes come from the usage record's `degrade_mode`.
+//! The guard-rejection counter is defined so that dashboards and alerts can be written
+//! against it; it is emitted once the semantic cache's near-miss guard reports through
+//! the [`UsageRecord`] field `guard_rejections`.
 
 use std::collections::HashSet;
 use std::pin::Pin;
@@ -53,6 +53,7 @@ use futures_core::Stream;
 
 use super::{Outcome, UsageRecord};
 use crate::budget::CapStatus;
+use crate::resilience::BreakerState;
 use crate::types::{ChatStream, RequestMeta, StreamEvent};
 use crate::{Error, Pipeline, Result};
 
@@ -401,43 +402,12 @@ pub(crate) fn track_stream(stream: ChatStream, in_flight: InFlight) -> ChatStrea
     })
 }
 
-/// A circuit breaker's state, for [`record_breaker_state`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum BreakerState {
-    /// Calls go through.
-    Closed,
-    /// A few trial calls go through.
-    HalfOpen,
-    /// Calls fail fast.
-    Open,
-}
-
-impl BreakerState {
-    /// The gauge value: 0 closed, 1 half-open, 2 open.
-    pub fn value(self) -> f64 {
-        match self {
-            BreakerState::Closed => 0.0,
-            BreakerState::HalfOpen => 1.0,
-            BreakerState::Open => 2.0,
-        }
-    }
-
-    /// A stable lowercase name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BreakerState::Closed => "closed",
-            BreakerState::HalfOpen => "half_open",
-            BreakerState::Open => "open",
-        }
-    }
-}
-
-/// Sets `tokenwise_breaker_state{provider, model}`. A circuit breaker calls this on
-/// every transition.
+/// Sets `tokenwise_breaker_state{provider, model}` (0 closed, 1 half-open, 2 open). A
+/// pipeline with circuit breakers calls this after every call through a breaker; a
+/// breaker of your own can call it too.
 pub fn record_breaker_state(provider: &str, model: &str, state: BreakerState) {
     gauge!(BREAKER_STATE, "provider" => PROVIDERS.get(provider), "model" => MODELS.get(model))
-        .set(state.value());
+        .set(state.as_gauge());
 }
 
 /// Sets the budget gauges (`tokenwise_budget_utilization_ratio`, `_spent_usd`,
@@ -571,11 +541,5 @@ mod tests {
         let long = "é".repeat(100);
         assert!(truncate(&long).len() <= MAX_LABEL_LEN);
         assert!(long.starts_with(truncate(&long)));
-    }
-
-    #[test]
-    fn breaker_values() {
-        assert_eq!(BreakerState::Open.value(), 2.0);
-        assert_eq!(BreakerState::HalfOpen.as_str(), "half_open");
     }
 }

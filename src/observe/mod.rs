@@ -49,6 +49,7 @@ pub(crate) use metrics::{InFlight, track_stream};
 pub(crate) use span::{Attempt, finish, request_span};
 
 use crate::Error;
+use crate::budget::Degrade;
 use crate::clock::Timestamp;
 use crate::router::RoutePlan;
 use crate::types::{Cost, RequestMeta, ScopeKind, Served, Usage};
@@ -112,7 +113,7 @@ pub struct UsageRecord {
     pub org: Option<String>,
     /// The feature.
     pub feature: Option<String>,
-    /// The model that answered; for a failure, the last model tried, if any.
+    /// The model that answered; for a failure, the model it was routed to, if any.
     pub model: Option<String>,
     /// The provider that answered, if any.
     pub provider: Option<String>,
@@ -137,11 +138,11 @@ pub struct UsageRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub similarity: Option<f32>,
     /// Semantic-cache candidates that the near-miss guard rejected (numbers, negation,
-    /// named entities). Zero until the semantic cache reports it.
+    /// named entities). Zero until the semantic cache's guard reports it.
     #[serde(default)]
     pub guard_rejections: u32,
-    /// The degrade mode a spend cap put the request in (cheaper model, cache only), if
-    /// any. `None` until degrade modes report it.
+    /// The degrade mode a spend cap put the request in (`cheaper_model`, `cache_only`),
+    /// if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub degrade_mode: Option<String>,
     /// For a refusal by a rate limit or a spend cap: the kind of scope that refused.
@@ -225,6 +226,14 @@ impl UsageRecord {
             }
             _ => None,
         };
+    }
+
+    /// Notes the degrade mode a spend cap put the request in, if it changed how the
+    /// request is served (a cheaper model, or the cache only).
+    pub(crate) fn set_degrade(&mut self, mode: Option<&Degrade>) {
+        if let Some(m @ (Degrade::CheaperModel(_) | Degrade::CacheOnly)) = mode {
+            self.degrade_mode = Some(m.as_str().to_owned());
+        }
     }
 
     /// Notes the router's choice.

@@ -14,10 +14,11 @@ use crate::types::{ChatRequest, ChatResponse, ModelSpec};
 /// later. Fields never hold prompt or answer text.
 pub(crate) fn request_span(req: &ChatRequest, stream: bool) -> tracing::Span {
     let model = req.model.as_deref().unwrap_or("auto");
+    let name = format!("chat {model}");
     let p = &req.params;
     tracing::info_span!(
         "gen_ai.chat",
-        "otel.name" = format_args!("chat {model}"),
+        "otel.name" = name.as_str(),
         "otel.status_code" = Empty,
         "gen_ai.operation.name" = "chat",
         "gen_ai.request.model" = model,
@@ -71,6 +72,10 @@ fn millis(d: Duration) -> f64 {
 pub(crate) fn finish(span: &tracing::Span, rec: &mut UsageRecord, finish: Option<&str>) {
     if rec.finish_reason.is_none() {
         rec.finish_reason = finish.map(str::to_owned);
+    }
+    if rec.model.is_none() && rec.outcome.is_error() {
+        // A failure is attributed to the model it was routed to.
+        rec.model = rec.route.first().cloned();
     }
     if rec.stream && rec.is_cache_hit() && rec.time_to_first_token.is_none() {
         // A cached answer is replayed at once: its first chunk is ready when the
@@ -136,33 +141,33 @@ pub(crate) fn record_on_span(span: &tracing::Span, r: &UsageRecord) {
 }
 
 /// One provider call: its `gen_ai.attempt` span (a child of the request span) and its
-/// metrics. Start it before the call, enter its span around the call, and
-/// [`finish`](Self::finish) it with the result. An attempt dropped unfinished (its
-/// request abandoned) is recorded as `cancelled`.
+/// metrics. Start it before the call, instrument the call with its span, and finish it
+/// with the result. An attempt dropped unfinished (its request abandoned, or a hedged
+/// call that lost the race) is recorded as `cancelled`.
 #[derive(Debug)]
 pub(crate) struct Attempt {
     span: tracing::Span,
     clock: Arc<dyn Clock>,
     started: Timestamp,
-    request_started: Timestamp,
     provider: String,
     model: String,
     done: bool,
 }
 
 impl Attempt {
-    /// Starts attempt number `rec.attempts` of the request, on target `target` of its
-    /// route (0 for the primary).
+    /// Starts provider call number `number` of the request (1 for the first), retry
+    /// number `retry` of this target (0 for its first call).
     pub(crate) fn start(
-        rec: &UsageRecord,
         clock: &Arc<dyn Clock>,
         provider: &str,
         model: &ModelSpec,
-        target: usize,
+        number: u32,
+        retry: u32,
     ) -> Self {
+        let name = format!("chat {}", model.name);
         let span = tracing::info_span!(
             "gen_ai.attempt",
-            "otel.name" = format_args!("chat {}", model.name),
+            "otel.name" = name.as_str(),
             "otel.kind" = "client",
             "otel.status_code" = Empty,
             "gen_ai.operation.name" = "chat",
@@ -173,17 +178,15 @@ impl Attempt {
             "gen_ai.usage.output_tokens" = Empty,
             "gen_ai.response.finish_reasons" = Empty,
             "error.type" = Empty,
-            "tokenwise.attempt" = rec.attempts,
-            "tokenwise.target" = target,
-            "tokenwise.fallback" = target > 0,
-            "tokenwise.stream" = rec.stream,
+            "tokenwise.attempt" = number,
+            "tokenwise.retry" = retry,
+            "tokenwise.stream" = Empty,
             "tokenwise.latency_ms" = Empty,
         );
         Attempt {
             span,
             clock: Arc::clone(clock),
             started: clock.now(),
-            request_started: rec.started_at,
             provider: provider.to_owned(),
             model: model.name.clone(),
             done: false,
@@ -195,8 +198,9 @@ impl Attempt {
         self.span.clone()
     }
 
-    /// Records a whole answer's attempt.
-    pub(crate) fn finish(mut self, rec: &mut UsageRecord, result: &Result<ChatResponse, Error>) {
+    /// Records a whole answer's call.
+    pub(crate) fn finish(mut self, result: &Result<ChatResponse, Error>) {
+        self.span.record("tokenwise.stream", false);
         let status = match result {
             Ok(r) => {
                 self.span.record("gen_ai.response.model", r.model.as_str());
@@ -212,30 +216,26 @@ impl Attempt {
             }
             Err(e) => e.reason(),
         };
-        self.end(rec, status);
+        self.close(status);
     }
 
-    /// Records a stream's attempt, which ends with its first event (or its failure);
-    /// on success the request's time to first token is noted.
+    /// Records a stream's call, which ends with its first event (or its failure); on
+    /// success the request's time to first token is noted on `rec`.
     pub(crate) fn finish_stream<T>(mut self, rec: &mut UsageRecord, result: &Result<T, Error>) {
+        self.span.record("tokenwise.stream", true);
         let status = match result {
             Ok(_) => {
                 let now = self.clock.now();
-                rec.time_to_first_token = Some(now.saturating_since(self.request_started));
+                rec.time_to_first_token = Some(now.saturating_since(rec.started_at));
                 "ok"
             }
             Err(e) => e.reason(),
         };
-        self.end(rec, status);
-    }
-
-    fn end(&mut self, rec: &mut UsageRecord, status: &str) {
-        self.done = true;
-        rec.model = Some(self.model.clone());
         self.close(status);
     }
 
-    fn close(&self, status: &str) {
+    fn close(&mut self, status: &str) {
+        self.done = true;
         let took = self.clock.now().saturating_since(self.started);
         self.span.record("tokenwise.latency_ms", millis(took));
         if status != "ok" {

@@ -4,16 +4,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
-
 use super::{Inner, Pipeline};
-use crate::budget::{Budget, BudgetWindow, MemoryBudget};
+use crate::budget::{Budget, BudgetWindow, Degrade, MemoryBudget};
 use crate::cache::{Cache, CacheScope, ExactCache};
 use crate::clock::{Clock, default_clock};
 use crate::context::{TiktokenCounter, TokenCounter};
-use crate::limiter::{GcraLimiter, Limiter, Quota};
+use crate::limiter::{GcraLimiter, LimitRule, Limiter, Quota, TargetLimits, Unit};
 use crate::observe::{MemoryUsage, UsageSink};
 use crate::provider::Provider;
+use crate::resilience::{
+    BreakerConfig, Breakers, Concurrency, ConcurrencyConfig, Hedge, Latencies, RetryBudget,
+    RetryPolicy,
+};
 use crate::router::{CatalogRouter, Router, Validator};
 use crate::types::{Catalog, Cost, ScopeKind};
 use crate::{Error, Result};
@@ -66,15 +68,27 @@ pub struct PipelineBuilder {
     cache: CacheChoice,
     cache_scope: CacheScope,
     limiter: Option<Arc<dyn Limiter>>,
-    limits: Vec<(ScopeKind, bool, u64)>,
+    limits: Vec<LimitRule>,
+    wait_for_limits: Option<Duration>,
+    target_limits: Option<TargetLimits>,
+    degrade: Vec<(u8, Degrade)>,
+    max_cost: Option<Cost>,
+    error: Option<Error>,
     budget: Option<Arc<dyn Budget>>,
     caps: Vec<(ScopeKind, Cost, BudgetWindow)>,
     counter: Option<Arc<dyn TokenCounter>>,
     validator: Option<Arc<dyn Validator>>,
     sink: Option<Arc<dyn UsageSink>>,
     clock: Option<Arc<dyn Clock>>,
-    max_in_flight: Option<usize>,
+    concurrency: Option<ConcurrencyConfig>,
     attempt_timeout: Option<Duration>,
+    first_token_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    request_timeout: Option<Duration>,
+    retry: RetryPolicy,
+    breaker: Option<BreakerConfig>,
+    hedge: Option<Hedge>,
+    serve_stale: Option<Duration>,
 }
 
 impl Default for PipelineBuilder {
@@ -94,14 +108,26 @@ impl Default for PipelineBuilder {
             cache_scope: CacheScope::default(),
             limiter: None,
             limits: Vec::new(),
+            wait_for_limits: None,
+            target_limits: None,
+            degrade: Vec::new(),
+            max_cost: None,
+            error: None,
             budget: None,
             caps: Vec::new(),
             counter: None,
             validator: None,
             sink: None,
             clock: None,
-            max_in_flight: None,
+            concurrency: None,
             attempt_timeout: None,
+            first_token_timeout: None,
+            idle_timeout: None,
+            request_timeout: None,
+            retry: RetryPolicy::default(),
+            breaker: Some(BreakerConfig::default()),
+            hedge: None,
+            serve_stale: None,
         }
     }
 }
@@ -195,15 +221,66 @@ impl PipelineBuilder {
         self
     }
 
-    /// Requests per minute on `scope` (each user, each org, everything, ...).
-    pub fn rate_limit(mut self, scope: ScopeKind, per_minute: u64) -> Self {
-        self.limits.push((scope, false, per_minute));
+    fn fail(mut self, e: Error) -> Self {
+        self.error.get_or_insert(e);
         self
     }
 
+    /// Requests per minute on `scope` (each user, each org, everything, ...).
+    pub fn rate_limit(self, scope: ScopeKind, per_minute: u64) -> Self {
+        match crate::limiter::nonzero(per_minute, "a per-minute limit") {
+            Ok(n) => self.limit(LimitRule {
+                scope,
+                unit: Unit::Requests,
+                quota: Quota::per_minute(n),
+            }),
+            Err(e) => self.fail(e),
+        }
+    }
+
     /// Tokens (prompt plus output allowance, reconciled to actual use) per minute on `scope`.
-    pub fn token_limit(mut self, scope: ScopeKind, per_minute: u64) -> Self {
-        self.limits.push((scope, true, per_minute));
+    pub fn token_limit(self, scope: ScopeKind, per_minute: u64) -> Self {
+        match crate::limiter::nonzero(per_minute, "a per-minute limit") {
+            Ok(n) => self.limit(LimitRule {
+                scope,
+                unit: Unit::Tokens,
+                quota: Quota::per_minute(n),
+            }),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// Any quota for the in-memory limiter: per day, per hour, with a burst, ...
+    pub fn limit(mut self, rule: LimitRule) -> Self {
+        self.limits.push(rule);
+        self
+    }
+
+    /// Instead of refusing a rate-limited request at once, waits for its `retry_after`
+    /// (plus up to 10 % jitter) while the total wait stays within `max_wait`.
+    pub fn wait_for_limits(mut self, max_wait: Duration) -> Self {
+        self.wait_for_limits = Some(max_wait);
+        self
+    }
+
+    /// Per-model request and token quotas checked before each provider call: a target
+    /// over its quota is skipped like one that answered 429.
+    pub fn target_limits(mut self, limits: TargetLimits) -> Self {
+        self.target_limits = Some(limits);
+        self
+    }
+
+    /// Once a request's tightest spend cap is used to `percent` % or more, `mode`
+    /// applies. Several thresholds may be set; the highest one reached wins.
+    pub fn degrade_at(mut self, percent: u8, mode: Degrade) -> Self {
+        self.degrade.push((percent, mode));
+        self
+    }
+
+    /// The most any request may cost unless it sets its own
+    /// ([`ChatRequest::max_cost`](crate::ChatRequest::max_cost)).
+    pub fn max_cost_per_request(mut self, cost: Cost) -> Self {
+        self.max_cost = Some(cost);
         self
     }
 
@@ -250,20 +327,82 @@ impl PipelineBuilder {
     }
 
     /// The most requests in flight (streams until they end); more are refused at once
-    /// with [`Error::Overloaded`].
+    /// with [`Error::Overloaded`]. Shorthand for a fixed [`concurrency`](Self::concurrency)
+    /// limit with no queue.
     pub fn max_in_flight(mut self, n: usize) -> Self {
-        self.max_in_flight = Some(n);
+        self.concurrency = Some(ConcurrencyConfig::fixed(n));
         self
     }
 
-    /// The deadline of one provider call (for a stream: until its first event).
+    /// Bounded, optionally adaptive concurrency with a priority queue and per-key caps.
+    pub fn concurrency(mut self, cfg: ConcurrencyConfig) -> Self {
+        self.concurrency = Some(cfg);
+        self
+    }
+
+    /// The deadline of one provider call (default: none).
     pub fn attempt_timeout(mut self, d: Duration) -> Self {
         self.attempt_timeout = Some(d);
         self
     }
 
+    /// The deadline to a stream's first event (default: the attempt timeout). A stream
+    /// that misses it falls back like a failed call.
+    pub fn first_token_timeout(mut self, d: Duration) -> Self {
+        self.first_token_timeout = Some(d);
+        self
+    }
+
+    /// The longest silence between two events of a stream; then the stream ends with an
+    /// error (default: none).
+    pub fn idle_timeout(mut self, d: Duration) -> Self {
+        self.idle_timeout = Some(d);
+        self
+    }
+
+    /// One deadline for all of a request's calls, retries and backoff (default: none).
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.request_timeout = Some(d);
+        self
+    }
+
+    /// How each target is retried (default: [`RetryPolicy::default`], 3 attempts within a
+    /// retry budget of 20 % of calls plus 1 a second).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Circuit breaker settings (default: [`BreakerConfig::default`]).
+    pub fn breaker(mut self, cfg: BreakerConfig) -> Self {
+        self.breaker = Some(cfg);
+        self
+    }
+
+    /// Turns circuit breakers off.
+    pub fn no_breaker(mut self) -> Self {
+        self.breaker = None;
+        self
+    }
+
+    /// Races a slow first target against the next one (default: off).
+    pub fn hedge(mut self, hedge: Hedge) -> Self {
+        self.hedge = Some(hedge);
+        self
+    }
+
+    /// When every target fails, serves a cached answer that expired at most `d` ago
+    /// (the default exact cache keeps expired entries that long).
+    pub fn serve_stale_for(mut self, d: Duration) -> Self {
+        self.serve_stale = Some(d);
+        self
+    }
+
     /// Builds the pipeline, or reports the first invalid setting.
-    pub fn build(self) -> Result<Pipeline> {
+    pub fn build(mut self) -> Result<Pipeline> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
         let clock = self.clock.unwrap_or_else(default_clock);
         let catalog = self.catalog.unwrap_or_else(Catalog::builtin);
         if self.default_provider.is_none() && self.providers.is_empty() {
@@ -304,6 +443,7 @@ impl PipelineBuilder {
                 ExactCache::builder()
                     .max_entries(capacity)
                     .ttl(ttl)
+                    .keep_stale_for(self.serve_stale.unwrap_or_default())
                     .clock(Arc::clone(&clock))
                     .build()?,
             )),
@@ -316,13 +456,8 @@ impl PipelineBuilder {
             (None, true) => None,
             (None, false) => {
                 let mut b = GcraLimiter::builder().clock(Arc::clone(&clock));
-                for (scope, tokens, n) in self.limits {
-                    let n = crate::limiter::nonzero(n, "a per-minute limit")?;
-                    b = if tokens {
-                        b.tokens(scope, Quota::per_minute(n))
-                    } else {
-                        b.requests(scope, Quota::per_minute(n))
-                    };
+                for rule in self.limits {
+                    b = b.rule(rule);
                 }
                 Some(Arc::new(b.build()?))
             }
@@ -344,13 +479,49 @@ impl PipelineBuilder {
                 Some(Arc::new(b.build()?))
             }
         };
-        let in_flight = match self.max_in_flight {
-            Some(0) => return Err(Error::Config("max_in_flight must be at least 1".into())),
-            Some(n) => Some(Arc::new(Semaphore::new(n.min(Semaphore::MAX_PERMITS)))),
-            None => None,
-        };
-        if self.attempt_timeout.is_some_and(|d| d.is_zero()) {
-            return Err(Error::Config("attempt_timeout must be positive".into()));
+        let concurrency = self.concurrency.map(Concurrency::new).transpose()?;
+        self.retry.validate()?;
+        if let Some(h) = &self.hedge {
+            h.validate()?;
+        }
+        let breakers = self
+            .breaker
+            .map(|cfg| Breakers::new(cfg, Arc::clone(&clock)))
+            .transpose()?;
+        let retry_budget = RetryBudget::new(
+            self.retry.budget_ratio,
+            self.retry.budget_floor_per_sec,
+            Arc::clone(&clock),
+        );
+        for (pct, mode) in &self.degrade {
+            if *pct == 0 {
+                return Err(Error::Config(
+                    "a degrade threshold must be at least 1 %".into(),
+                ));
+            }
+            if let Degrade::CheaperModel(m) = mode {
+                if catalog.get(m).is_none() {
+                    return Err(Error::Config(format!(
+                        "degrade model `{m}` is not in the catalogue"
+                    )));
+                }
+            }
+        }
+        if !self.degrade.is_empty() && budget.is_none() {
+            return Err(Error::Config(
+                "degrade_at needs spend caps or a budget".into(),
+            ));
+        }
+        self.degrade.sort_by_key(|(p, _)| *p);
+        for (name, d) in [
+            ("attempt_timeout", self.attempt_timeout),
+            ("first_token_timeout", self.first_token_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("request_timeout", self.request_timeout),
+        ] {
+            if d.is_some_and(|d| d.is_zero()) {
+                return Err(Error::Config(format!("{name} must be positive")));
+            }
         }
         Ok(Pipeline {
             inner: Arc::new(Inner {
@@ -369,8 +540,21 @@ impl PipelineBuilder {
                 usage: Arc::new(MemoryUsage::default()),
                 sink: self.sink,
                 clock,
-                in_flight,
+                concurrency,
                 attempt_timeout: self.attempt_timeout,
+                first_token_timeout: self.first_token_timeout,
+                idle_timeout: self.idle_timeout,
+                request_timeout: self.request_timeout,
+                retry: self.retry,
+                retry_budget,
+                breakers,
+                hedge: self.hedge,
+                latencies: Latencies::default(),
+                serve_stale: self.serve_stale,
+                wait_for_limits: self.wait_for_limits,
+                target_limits: self.target_limits,
+                degrade: self.degrade,
+                max_cost: self.max_cost,
             }),
         })
     }

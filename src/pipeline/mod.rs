@@ -22,6 +22,7 @@
 //! charge made by admission is refunded when a later stage refuses.
 
 mod builder;
+mod dispatch;
 mod service;
 mod stream;
 
@@ -29,20 +30,21 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 pub use builder::PipelineBuilder;
 
-use crate::budget::{Budget, CapStatus, Reservation};
+use crate::budget::{Budget, CapStatus, Degrade, Reservation};
 use crate::cache::{Cache, CacheQuery, CacheScope, Invalidation, is_cacheable};
 use crate::clock::Clock;
 use crate::context::TokenCounter;
-use crate::error::{ProviderError, ProviderErrorKind};
-use crate::limiter::{Admission, Limiter};
+use crate::limiter::{Admission, Limiter, TargetLimits, wait_until_admitted};
 use crate::observe::{self, MemoryUsage, Outcome, UsageRecord, UsageReport, UsageSink};
-use crate::provider::{Provider, ProviderCall};
-use crate::router::{RoutePlan, Router, Validator, Verdict};
+use crate::provider::Provider;
+use crate::resilience::{
+    BreakerState, Breakers, Concurrency, Hedge, Latencies, RetryBudget, RetryPolicy, Slot,
+};
+use crate::router::{RoutePlan, Router, Validator};
 use crate::types::{
     CacheMode, Catalog, ChatRequest, ChatResponse, ChatStream, Cost, ModelSpec, RequestMeta,
     Served, TokenizerKind, Usage,
@@ -76,8 +78,22 @@ pub(crate) struct Inner {
     usage: Arc<MemoryUsage>,
     sink: Option<Arc<dyn UsageSink>>,
     clock: Arc<dyn Clock>,
-    in_flight: Option<Arc<Semaphore>>,
+    concurrency: Option<Concurrency>,
     attempt_timeout: Option<Duration>,
+    first_token_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    request_timeout: Option<Duration>,
+    retry: RetryPolicy,
+    retry_budget: RetryBudget,
+    breakers: Option<Breakers>,
+    hedge: Option<Hedge>,
+    latencies: Latencies,
+    serve_stale: Option<Duration>,
+    wait_for_limits: Option<Duration>,
+    target_limits: Option<TargetLimits>,
+    /// Degrade thresholds in per cent, ascending.
+    degrade: Vec<(u8, Degrade)>,
+    max_cost: Option<Cost>,
 }
 
 /// What the plan stage learns about a request, computed once.
@@ -110,7 +126,7 @@ impl Plan {
 /// What admission granted: the slot and the token charge to reconcile.
 #[derive(Debug)]
 struct Admitted {
-    _slot: Option<OwnedSemaphorePermit>,
+    _slot: Option<Slot>,
     charged: u64,
 }
 
@@ -164,6 +180,7 @@ pub(crate) fn run_detached(
 
 /// A stream that produced its first event.
 struct Opened {
+    target_charged: u64,
     first: crate::types::StreamEvent,
     upstream: ChatStream,
     model: Arc<ModelSpec>,
@@ -218,28 +235,27 @@ impl Pipeline {
     /// The funnel for whole answers. The order of these lines is the contract.
     async fn funnel(&self, req: &ChatRequest, rec: &mut UsageRecord) -> Result<ChatResponse> {
         let inner = &self.inner;
-        let plan = inner.plan(req)?; // plan: validate, route, estimate
+        let mut plan = inner.plan(req)?; // plan: validate, route, estimate
         rec.set_route(&plan.route);
+        inner.check_max_cost(req, &plan)?; // a whole answer cannot be cut: refuse up front
         let admitted = inner.admit(&req.meta, &plan).await?; // admit: slot + rate limits
         if let Some(hit) = inner.cache_get(&plan).await {
             inner.refund(&req.meta, &admitted, 0).await; // cache: a hit spends no token quota
             rec.saved = saved_cost(&hit);
             return Ok(hit);
         }
-        let mut held = match inner.reserve(&req.meta, &plan).await {
-            Ok(r) => Held::new(inner, r, plan.prompt_cost), // budget: worst case on every cap
-            Err(e) => {
-                inner.refund(&req.meta, &admitted, 0).await;
-                return Err(e);
-            }
-        };
-        let answered = inner.dispatch(req, &plan, rec).await; // dispatch + validate
+        let mut held = inner.spend(req, &mut plan, &admitted, rec).await?; // budget: reserve, degrade
+        let deadline = inner.deadline();
+        let answered = inner.dispatch(req, &plan, rec, deadline).await; // dispatch + validate
         let (cost, used) = answered
             .as_ref()
             .map_or((Cost::ZERO, Usage::default()), |a| (a.cost, a.usage));
         inner.commit(held.take(), cost).await; // settle: actual cost,
         inner.refund(&req.meta, &admitted, used.total()).await; // actual tokens,
-        let answer = answered?;
+        let answer = match answered {
+            Ok(a) => a,
+            Err(e) => return inner.stale_or(&plan, e, rec).await, // every target down: stale cache
+        };
         if let Some(q) = &plan.cache {
             inner.cache_put(q, &answer.response).await; // and the answer, if complete
         }
@@ -284,7 +300,7 @@ impl Pipeline {
     ) -> std::result::Result<ChatStream, (Error, Box<UsageRecord>)> {
         let inner = &self.inner;
         let fail = |e: Error, rec: &UsageRecord| (e, Box::new(rec.clone()));
-        let plan = inner.plan(&req).map_err(|e| fail(e, rec))?; // plan
+        let mut plan = inner.plan(&req).map_err(|e| fail(e, rec))?; // plan
         rec.set_route(&plan.route);
         let admitted = inner
             .admit(&req.meta, &plan)
@@ -301,16 +317,15 @@ impl Pipeline {
             inner.record(rec, &span, Some(&hit.finish_reason.to_string()));
             return Ok(stream::replay(&hit));
         }
-        let mut held = match inner.reserve(&req.meta, &plan).await {
-            Ok(r) => Held::new(inner, r, plan.prompt_cost), // budget
-            Err(e) => {
-                inner.refund(&req.meta, &admitted, 0).await;
-                return Err(fail(e, rec));
-            }
-        };
-        match inner.dispatch_stream(&req, &plan, rec).await {
+        let mut held = inner
+            .spend(&req, &mut plan, &admitted, rec)
+            .await
+            .map_err(|e| fail(e, rec))?; // budget: reserve, degrade
+        let deadline = inner.deadline();
+        match inner.dispatch_stream(&req, &plan, rec, deadline).await {
             // dispatch: the first event came; settle happens as the stream ends
             Ok(Opened {
+                target_charged,
                 first,
                 upstream,
                 model,
@@ -320,13 +335,17 @@ impl Pipeline {
                 stream::Settle {
                     fallbacks,
                     inner: Arc::clone(inner),
+                    max_cost: req.meta.max_cost.or(inner.max_cost),
                     meta: req.meta,
                     prompt_tokens: plan.prompt_tokens(model.tokenizer),
                     cache: plan.cache,
                     model,
                     provider,
+                    target_charged,
+                    max_tokens: req.params.max_tokens.map(u64::from),
                     charged: admitted.charged,
                     slot: admitted._slot,
+                    idle_timeout: inner.idle_timeout,
                     reservation: held.take(),
                     record: rec.clone(),
                     span,
@@ -337,7 +356,19 @@ impl Pipeline {
             Err(e) => {
                 inner.commit(held.take(), Cost::ZERO).await;
                 inner.refund(&req.meta, &admitted, 0).await;
-                Err(fail(e, rec))
+                match inner.stale_or(&plan, e, rec).await {
+                    Ok(hit) => {
+                        let mut rec = rec.clone();
+                        rec.saved = saved_cost(&hit);
+                        rec.outcome = Outcome::CacheHit;
+                        rec.set_served(&hit.served);
+                        rec.model = Some(hit.model.clone());
+                        rec.provider = Some(hit.provider.clone());
+                        inner.record(rec, &span, Some(&hit.finish_reason.to_string()));
+                        Ok(stream::replay(&hit))
+                    }
+                    Err(e) => Err(fail(e, rec)),
+                }
             }
         }
     }
@@ -372,6 +403,42 @@ impl Pipeline {
     pub fn catalog(&self) -> &Catalog {
         &self.inner.catalog
     }
+
+    /// The circuit breaker state of `model` (closed when breakers are off or it was
+    /// never called).
+    pub fn breaker_state(&self, model: &str) -> BreakerState {
+        self.inner
+            .breakers
+            .as_ref()
+            .map_or(BreakerState::Closed, |b| b.state(model))
+    }
+
+    /// Every called model's circuit breaker state.
+    pub fn breaker_states(&self) -> Vec<(String, BreakerState)> {
+        self.inner
+            .breakers
+            .as_ref()
+            .map(Breakers::states)
+            .unwrap_or_default()
+    }
+
+    /// Requests in flight and waiting for a slot (zero without a concurrency limit).
+    pub fn load(&self) -> (usize, usize) {
+        self.inner
+            .concurrency
+            .as_ref()
+            .map_or((0, 0), |c| (c.in_flight(), c.queued()))
+    }
+}
+
+/// The refusal of a degrade mode: the cap's standing, as a spend-cap error.
+fn over_threshold(st: &CapStatus, now: crate::clock::Timestamp) -> Error {
+    Error::BudgetExceeded {
+        scope: st.scope.clone(),
+        limit: st.limit,
+        spent: st.spent.saturating_add(st.reserved),
+        retry_after: st.window.until_reset(now),
+    }
 }
 
 fn saved_cost(hit: &ChatResponse) -> Cost {
@@ -397,6 +464,8 @@ impl Inner {
             &[]
         };
         let mut worst = Cost::ZERO;
+        // With hedging two targets may run at once: reserve for both.
+        let mut second = Cost::ZERO;
         let mut worst_escalation = Cost::ZERO;
         for (i, m) in route.targets.iter().chain(escalation).enumerate() {
             let n = match prompt_tokens.iter().find(|(k, _)| *k == m.tokenizer) {
@@ -409,7 +478,12 @@ impl Inner {
             };
             let c = m.worst_case_cost(n, req.params.max_tokens);
             if i < route.targets.len() {
-                worst = worst.max(c);
+                if c > worst {
+                    second = worst;
+                    worst = c;
+                } else {
+                    second = second.max(c);
+                }
             } else {
                 worst_escalation = worst_escalation.max(c);
             }
@@ -428,7 +502,13 @@ impl Inner {
             route,
             prompt_tokens,
             token_estimate,
-            worst_case: worst + worst_escalation,
+            worst_case: worst
+                + worst_escalation
+                + if self.hedge.is_some() {
+                    second
+                } else {
+                    Cost::ZERO
+                },
             prompt_cost,
             cache,
             cache_read: req.meta.cache.mode == CacheMode::Use,
@@ -436,18 +516,20 @@ impl Inner {
     }
 
     async fn admit(&self, meta: &RequestMeta, plan: &Plan) -> Result<Admitted> {
-        let slot = match &self.in_flight {
-            Some(sem) => Some(
-                Arc::clone(sem)
-                    .try_acquire_owned()
-                    .map_err(|_| Error::Overloaded { retry_after: None })?,
-            ),
+        let slot = match &self.concurrency {
+            Some(c) => Some(c.acquire(meta).await?),
             None => None,
         };
+        self.refuse_gate(meta).await?;
         let charged = match &self.limiter {
             Some(l) => {
-                l.acquire(&Admission::new(meta, plan.token_estimate))
-                    .await?;
+                let admission = Admission::new(meta, plan.token_estimate);
+                match self.wait_for_limits {
+                    Some(max_wait) => {
+                        wait_until_admitted(max_wait, || l.acquire(&admission)).await?
+                    }
+                    None => l.acquire(&admission).await?,
+                }
                 plan.token_estimate
             }
             None => 0,
@@ -504,10 +586,128 @@ impl Inner {
         }
     }
 
+    /// Refuses a whole request whose worst case exceeds its cost limit: unlike a stream,
+    /// it cannot be cut when it reaches the limit.
+    fn check_max_cost(&self, req: &ChatRequest, plan: &Plan) -> Result<()> {
+        match req.meta.max_cost.or(self.max_cost) {
+            Some(limit) if plan.worst_case > limit => Err(Error::InvalidRequest(format!(
+                "the request may cost up to {} but its limit is {limit}; lower max_tokens or stream it",
+                plan.worst_case
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The `Refuse` degrade mode: refuses before the cache once a cap of the request
+    /// is used beyond its threshold.
+    async fn refuse_gate(&self, meta: &RequestMeta) -> Result<()> {
+        let Some(threshold) = self
+            .degrade
+            .iter()
+            .find(|(_, m)| *m == Degrade::Refuse)
+            .map(|(p, _)| u64::from(*p))
+        else {
+            return Ok(());
+        };
+        let Some(budget) = &self.budget else {
+            return Ok(());
+        };
+        let now = self.clock.now();
+        for st in budget.status(meta).await? {
+            if st.used_percent() >= threshold {
+                tracing::info!(scope = %st.scope, used = st.used_percent(), "degrade: refuse");
+                return Err(over_threshold(&st, now));
+            }
+        }
+        Ok(())
+    }
+
+    /// The budget stage: reserves the worst case, then applies the degrade mode the
+    /// tightest cap calls for. A refusal refunds the admission's token charge.
+    async fn spend(
+        self: &Arc<Self>,
+        req: &ChatRequest,
+        plan: &mut Plan,
+        admitted: &Admitted,
+        rec: &mut UsageRecord,
+    ) -> Result<Held> {
+        let reservation = match self.reserve(&req.meta, plan).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.refund(&req.meta, admitted, 0).await;
+                return Err(e);
+            }
+        };
+        let used = reservation.as_ref().map_or(0, Reservation::used_percent);
+        let mode = self
+            .degrade
+            .iter()
+            .rev()
+            .find(|(p, _)| used >= u64::from(*p))
+            .map(|(_, m)| m);
+        rec.set_degrade(mode);
+        let held = Held::new(self, reservation, plan.prompt_cost);
+        match mode {
+            None | Some(Degrade::Refuse) => Ok(held),
+            Some(Degrade::CheaperModel(name)) => {
+                tracing::info!(used, model = %name, "degrade: cheaper model");
+                let model = self.catalog.resolve(name)?;
+                plan.route = RoutePlan::new(vec![model]);
+                Ok(held)
+            }
+            Some(Degrade::CacheOnly) => {
+                let mut held = held;
+                let r = held.take();
+                let err = r
+                    .as_ref()
+                    .and_then(|r| r.tightest.as_ref())
+                    .map(|st| over_threshold(st, self.clock.now()));
+                self.commit(r, Cost::ZERO).await;
+                self.refund(&req.meta, admitted, 0).await;
+                tracing::info!(used, "degrade: cache only, and this was a miss");
+                Err(err.unwrap_or(Error::Overloaded { retry_after: None }))
+            }
+        }
+    }
+
     async fn reserve(&self, meta: &RequestMeta, plan: &Plan) -> Result<Option<Reservation>> {
         match &self.budget {
             Some(b) => b.reserve(meta, plan.worst_case).await.map(Some),
             None => Ok(None),
+        }
+    }
+
+    /// The request's overall deadline, if one is set.
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.request_timeout
+            .map(|d| tokio::time::Instant::now() + d)
+    }
+
+    /// When every target failed with a retryable error: a stale cached answer if the
+    /// policy allows one, else the error.
+    async fn stale_or(&self, plan: &Plan, e: Error, rec: &mut UsageRecord) -> Result<ChatResponse> {
+        let (Some(max_stale), Some(cache), Some(q)) = (self.serve_stale, &self.cache, &plan.cache)
+        else {
+            return Err(e);
+        };
+        if !e.is_retryable() {
+            return Err(e);
+        }
+        match cache.get_stale(q, max_stale).await {
+            Ok(Some(hit)) => {
+                tracing::warn!(error = %e, "every target failed; serving a stale cached answer");
+                let mut r = hit.response;
+                let saved_cost = r.cost;
+                r.served = Served::Cache {
+                    similarity: hit.similarity,
+                    saved_tokens: r.usage.total(),
+                    saved_cost,
+                };
+                r.cost = Cost::ZERO;
+                rec.saved = saved_cost;
+                Ok(r)
+            }
+            _ => Err(e),
         }
     }
 
@@ -519,231 +719,6 @@ impl Inner {
         }
     }
 
-    fn provider_for(&self, model: &ModelSpec) -> Result<&Arc<dyn Provider>> {
-        self.providers
-            .get(&model.provider)
-            .or(self.default_provider.as_ref())
-            .ok_or_else(|| {
-                Error::Config(format!(
-                    "no provider registered for `{}` (model {})",
-                    model.provider, model.name
-                ))
-            })
-    }
-
-    /// Whether the prompt and the output it asks for fit `model`'s window.
-    fn fits(&self, req: &ChatRequest, plan: &Plan, model: &ModelSpec) -> Result<()> {
-        let prompt = plan.prompt_tokens(model.tokenizer);
-        let out = req.params.max_tokens.map_or(1, u64::from);
-        if prompt + out > model.context_window {
-            return Err(Error::ContextTooLong {
-                model: model.name.clone(),
-                tokens: prompt + out,
-                limit: model.context_window,
-            });
-        }
-        Ok(())
-    }
-
-    /// Whether a failure on one target may not repeat on the next.
-    fn next_target_may_succeed(e: &Error) -> bool {
-        match e {
-            Error::Provider(p) => !matches!(
-                p.kind,
-                ProviderErrorKind::BadRequest | ProviderErrorKind::ContentFilter
-            ),
-            Error::ContextTooLong { .. } | Error::Config(_) | Error::StreamInterrupted { .. } => {
-                true
-            }
-            _ => false,
-        }
-    }
-
-    async fn call(
-        &self,
-        provider: &Arc<dyn Provider>,
-        req: &ChatRequest,
-        model: &ModelSpec,
-    ) -> Result<ChatResponse> {
-        let fut = provider.chat(ProviderCall::new(req, model));
-        match self.attempt_timeout {
-            Some(d) => tokio::time::timeout(d, fut).await.unwrap_or_else(|_| {
-                Err(ProviderError::new(
-                    ProviderErrorKind::Timeout,
-                    provider.name(),
-                    format!("no answer within {d:?}"),
-                )
-                .into())
-            }),
-            None => fut.await,
-        }
-    }
-
-    /// Tries `targets` in order; returns the first answer with its cost.
-    async fn try_targets(
-        &self,
-        req: &ChatRequest,
-        plan: &Plan,
-        targets: &[Arc<ModelSpec>],
-        rec: &mut UsageRecord,
-    ) -> Result<(ChatResponse, u32)> {
-        let mut last = None;
-        let mut calls = 0;
-        for (i, model) in targets.iter().enumerate() {
-            let outcome = match (self.provider_for(model), self.fits(req, plan, model)) {
-                (Err(e), _) | (_, Err(e)) => Err(e),
-                (Ok(p), Ok(())) => {
-                    calls += 1;
-                    rec.attempts += 1;
-                    let attempt = observe::Attempt::start(rec, &self.clock, p.name(), model, i);
-                    let r = self.call(p, req, model).instrument(attempt.span()).await;
-                    attempt.finish(rec, &r);
-                    r
-                }
-            };
-            match outcome {
-                Ok(mut r) => {
-                    r.cost = model.cost(&r.usage);
-                    return Ok((r, u32::try_from(i).unwrap_or(u32::MAX)));
-                }
-                Err(e) => {
-                    tracing::debug!(model = %model.name, error = %e, "target failed");
-                    let go_on = Self::next_target_may_succeed(&e);
-                    last = Some(e);
-                    if !go_on {
-                        break;
-                    }
-                }
-            }
-        }
-        let last = last.unwrap_or_else(|| Error::InvalidRequest("no target to try".into()));
-        Err(if calls > 1 {
-            Error::AllTargetsFailed {
-                attempts: calls,
-                last: Box::new(last),
-            }
-        } else {
-            last
-        })
-    }
-
-    async fn dispatch(
-        &self,
-        req: &ChatRequest,
-        plan: &Plan,
-        rec: &mut UsageRecord,
-    ) -> Result<Answer> {
-        let (first, fallbacks) = self
-            .try_targets(req, plan, &plan.route.targets, rec)
-            .await?;
-        let mut answer = Answer {
-            usage: first.usage,
-            cost: first.cost,
-            response: first,
-        };
-        let mut escalated = false;
-        if let (Some(v), false) = (&self.validator, plan.route.escalation.is_empty()) {
-            if let Verdict::Escalate(reason) = v.validate(req, &answer.response).await {
-                tracing::info!(reason = %reason, from = %answer.response.model, "escalating");
-                match self
-                    .try_targets(req, plan, &plan.route.escalation, rec)
-                    .await
-                {
-                    Ok((better, _)) => {
-                        answer.usage = add_usage(answer.usage, better.usage);
-                        answer.cost += better.cost;
-                        answer.response = better;
-                        escalated = true;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "escalation failed; keeping the first answer")
-                    }
-                }
-            }
-        }
-        answer.response.served = Served::Provider {
-            attempts: rec.attempts,
-            fallbacks,
-            escalated,
-        };
-        Ok(answer)
-    }
-
-    /// Opens a stream on the first target that yields a first event.
-    async fn dispatch_stream(
-        &self,
-        req: &ChatRequest,
-        plan: &Plan,
-        rec: &mut UsageRecord,
-    ) -> Result<Opened> {
-        use futures_util::StreamExt;
-        let mut last = None;
-        let mut calls = 0;
-        for (i, model) in plan.route.targets.iter().enumerate() {
-            let provider = match (self.provider_for(model), self.fits(req, plan, model)) {
-                (Err(e), _) | (_, Err(e)) => {
-                    last = Some(e);
-                    continue;
-                }
-                (Ok(p), Ok(())) => p,
-            };
-            calls += 1;
-            rec.attempts += 1;
-            let attempt = observe::Attempt::start(rec, &self.clock, provider.name(), model, i);
-            let open = async {
-                let mut s = provider.stream(ProviderCall::new(req, model)).await?;
-                match s.next().await {
-                    Some(Ok(first)) => Ok((first, s)),
-                    Some(Err(e)) => Err(e),
-                    None => Err(Error::StreamInterrupted {
-                        chunks: 0,
-                        reason: "the stream ended before its first event".into(),
-                    }),
-                }
-            }
-            .instrument(attempt.span());
-            let opened = match self.attempt_timeout {
-                Some(d) => tokio::time::timeout(d, open).await.unwrap_or_else(|_| {
-                    Err(ProviderError::new(
-                        ProviderErrorKind::Timeout,
-                        provider.name(),
-                        format!("no first token within {d:?}"),
-                    )
-                    .into())
-                }),
-                None => open.await,
-            };
-            attempt.finish_stream(rec, &opened);
-            match opened {
-                Ok((first, upstream)) => {
-                    return Ok(Opened {
-                        first,
-                        upstream,
-                        model: Arc::clone(model),
-                        provider: provider.name().to_owned(),
-                        fallbacks: u32::try_from(i).unwrap_or(u32::MAX),
-                    });
-                }
-                Err(e) => {
-                    let go_on = Self::next_target_may_succeed(&e);
-                    last = Some(e);
-                    if !go_on {
-                        break;
-                    }
-                }
-            }
-        }
-        let last = last.unwrap_or_else(|| Error::InvalidRequest("no target to try".into()));
-        Err(if calls > 1 {
-            Error::AllTargetsFailed {
-                attempts: calls,
-                last: Box::new(last),
-            }
-        } else {
-            last
-        })
-    }
-
     fn record(&self, mut rec: UsageRecord, span: &tracing::Span, finish: Option<&str>) {
         rec.latency = self.clock.now().saturating_since(rec.started_at);
         observe::finish(span, &mut rec, finish);
@@ -751,14 +726,5 @@ impl Inner {
         if let Some(s) = &self.sink {
             s.record(&rec);
         }
-    }
-}
-
-fn add_usage(a: Usage, b: Usage) -> Usage {
-    Usage {
-        input_tokens: a.input_tokens + b.input_tokens,
-        output_tokens: a.output_tokens + b.output_tokens,
-        cached_input_tokens: a.cached_input_tokens + b.cached_input_tokens,
-        estimated: a.estimated || b.estimated,
     }
 }

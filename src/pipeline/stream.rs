@@ -8,15 +8,14 @@ use std::task::{Context, Poll, ready};
 
 use futures_core::Stream;
 use futures_util::stream;
-use tokio::sync::OwnedSemaphorePermit;
 
 use super::Inner;
 use crate::budget::Reservation;
 use crate::cache::CacheQuery;
 use crate::observe::{Outcome, UsageRecord};
 use crate::types::{
-    ChatResponse, ChatStream, FinishReason, ModelSpec, RequestMeta, Served, StreamEnd, StreamEvent,
-    ToolCall, Usage,
+    ChatResponse, ChatStream, Cost, FinishReason, ModelSpec, RequestMeta, Served, StreamEnd,
+    StreamEvent, ToolCall, Truncation, Usage,
 };
 use crate::{Error, Result};
 
@@ -63,8 +62,16 @@ pub(super) struct Settle {
     pub(super) provider: String,
     pub(super) prompt_tokens: u64,
     pub(super) fallbacks: u32,
+    /// The token charge on the model's own quota, reconciled at the end.
+    pub(super) target_charged: u64,
+    /// The kill switch: end the stream at this many output tokens...
+    pub(super) max_tokens: Option<u64>,
+    /// ...or at this cost.
+    pub(super) max_cost: Option<Cost>,
     pub(super) charged: u64,
-    pub(super) slot: Option<OwnedSemaphorePermit>,
+    pub(super) slot: Option<crate::resilience::Slot>,
+    /// The longest wait between two events.
+    pub(super) idle_timeout: Option<std::time::Duration>,
     pub(super) reservation: Option<Reservation>,
     pub(super) record: UsageRecord,
     pub(super) span: tracing::Span,
@@ -77,6 +84,8 @@ struct Delivered {
     tool_calls: Vec<ToolCall>,
     chunks: u64,
     usage: Option<Usage>,
+    /// Output tokens counted so far, delta by delta.
+    out_tokens: u64,
 }
 
 impl Delivered {
@@ -140,6 +149,7 @@ impl Settle {
         });
         let cost = self.model.cost(&usage);
         inner.commit(self.reservation.take(), cost).await;
+        inner.target_settle(&self.model, self.target_charged, usage.total());
         if let Some(l) = &inner.limiter {
             if self.charged != usage.total() {
                 if let Err(e) = l.reconcile(&self.meta, self.charged, usage.total()).await {
@@ -215,10 +225,16 @@ struct Metered {
     /// Settlement in progress, and the error to yield once it is done (if any).
     finishing: Option<(Finishing, Option<Error>)>,
     done: bool,
+    /// Fires when the upstream is silent for the idle timeout.
+    idle: Option<(std::time::Duration, Pin<Box<tokio::time::Sleep>>)>,
 }
 
 pub(super) fn metered(settle: Settle, first: StreamEvent, upstream: ChatStream) -> ChatStream {
+    let idle = settle
+        .idle_timeout
+        .map(|d| (d, Box::pin(tokio::time::sleep(d))));
     Box::pin(Metered {
+        idle,
         upstream,
         first: Some(first),
         delivered: Delivered::default(),
@@ -229,6 +245,41 @@ pub(super) fn metered(settle: Settle, first: StreamEvent, upstream: ChatStream) 
 }
 
 impl Metered {
+    /// Counts `ev`'s output tokens and reports the limit it crosses, if any.
+    fn over_limit(&mut self, ev: &StreamEvent) -> Option<Truncation> {
+        let settle = self.settle.as_ref()?;
+        if settle.max_tokens.is_none() && settle.max_cost.is_none() {
+            return None;
+        }
+        let text = match ev {
+            StreamEvent::TextDelta { text } => text.as_str(),
+            StreamEvent::ToolCallDelta(d) => d.arguments.as_str(),
+            _ => return None,
+        };
+        let counter = &settle.inner.counter;
+        self.delivered.out_tokens += counter.count_text(text, settle.model.tokenizer);
+        let out = self.delivered.out_tokens;
+        if let Some(max) = settle.max_tokens.filter(|m| out > *m) {
+            return Some(Truncation::OutputTokens { max_tokens: max });
+        }
+        let cost = settle.model.cost(&Usage::new(settle.prompt_tokens, out));
+        settle
+            .max_cost
+            .filter(|m| cost > *m)
+            .map(|max_cost| Truncation::Cost { max_cost })
+    }
+
+    fn truncated_end(&self, t: Truncation) -> StreamEnd {
+        let (model, provider) = self
+            .settle
+            .as_ref()
+            .map(|s| (s.model.name.clone(), s.provider.clone()))
+            .unwrap_or_default();
+        let mut end = StreamEnd::new(FinishReason::Truncated, model, provider);
+        end.truncated = Some(t);
+        end
+    }
+
     fn start_finish(&mut self, ending: Ending, error: Option<Error>) {
         if let Some(settle) = self.settle.take() {
             let delivered = std::mem::take(&mut self.delivered);
@@ -260,7 +311,29 @@ impl Stream for Metered {
             }
             let next = match this.first.take() {
                 Some(ev) => Some(Ok(ev)),
-                None => ready!(this.upstream.as_mut().poll_next(cx)),
+                None => match this.upstream.as_mut().poll_next(cx) {
+                    Poll::Ready(next) => {
+                        if let Some((d, sleep)) = &mut this.idle {
+                            sleep.as_mut().reset(tokio::time::Instant::now() + *d);
+                        }
+                        next
+                    }
+                    Poll::Pending => {
+                        let timed_out = match &mut this.idle {
+                            Some((_, sleep)) => sleep.as_mut().poll(cx).is_ready(),
+                            None => false,
+                        };
+                        if !timed_out {
+                            return Poll::Pending;
+                        }
+                        let d = this.idle.as_ref().map(|(d, _)| *d).unwrap_or_default();
+                        this.upstream = Box::pin(stream::empty());
+                        Some(Err(Error::StreamInterrupted {
+                            chunks: this.delivered.chunks,
+                            reason: format!("no event within the idle timeout of {d:?}"),
+                        }))
+                    }
+                },
             };
             match next {
                 Some(Ok(StreamEvent::Done(end))) => {
@@ -268,6 +341,13 @@ impl Stream for Metered {
                 }
                 Some(Ok(ev)) => {
                     this.delivered.push(&ev);
+                    if let Some(t) = this.over_limit(&ev) {
+                        // The kill switch: stop reading, bill what was generated, say why.
+                        this.upstream = Box::pin(stream::empty());
+                        let end = this.truncated_end(t);
+                        this.start_finish(Ending::Done(end), None);
+                        continue;
+                    }
                     return Poll::Ready(Some(Ok(ev)));
                 }
                 Some(Err(e)) => {

@@ -1,16 +1,54 @@
-//! Model providers: the [`Provider`] trait and the [`SimulatedProvider`].
+//! Model providers: the [`Provider`] trait, the HTTP providers [`OpenAiCompatible`] and
+//! [`Anthropic`], and the [`SimulatedProvider`].
 //!
 //! A provider calls one model API, whole ([`Provider::chat`]) or streamed
 //! ([`Provider::stream`]), and reports failures as [`ProviderError`](crate::ProviderError)s
 //! whose kind decides retries, breakers and fallbacks.
+//!
+//! # Errors
+//!
+//! The HTTP providers read the status, the headers and the body of every failure:
+//!
+//! | kind | from | retry? |
+//! | --- | --- | --- |
+//! | [`RateLimited`](crate::ProviderErrorKind::RateLimited) | 429; every key of the pool cooling down | yes, after `retry_after` |
+//! | [`Overloaded`](crate::ProviderErrorKind::Overloaded) | 529, `overloaded_error`, a 503 saying "overloaded" | yes, with backoff |
+//! | [`Server`](crate::ProviderErrorKind::Server) | other 5xx; an error event inside a stream | yes |
+//! | [`Timeout`](crate::ProviderErrorKind::Timeout) | a missed [`Deadlines`] deadline; 408, 504 | yes |
+//! | [`Connection`](crate::ProviderErrorKind::Connection) | refused, reset or closed connections; a stream cut before its end marker | yes |
+//! | [`InvalidResponse`](crate::ProviderErrorKind::InvalidResponse) | invalid JSON, no choices, a body over the cap | yes |
+//! | [`Auth`](crate::ProviderErrorKind::Auth) | 401, 403; exhausted quota or billing | no |
+//! | [`ContextLength`](crate::ProviderErrorKind::ContextLength) | a 4xx saying the prompt exceeds the context window | no, not as is |
+//! | [`ContentFilter`](crate::ProviderErrorKind::ContentFilter) | a 4xx from the content filter | no |
+//! | [`BadRequest`](crate::ProviderErrorKind::BadRequest) | other 4xx | no |
+//!
+//! `retry_after` comes from `retry-after-ms`, `retry-after` (seconds or an HTTP date),
+//! or OpenAI's `x-ratelimit-reset-*` for an exhausted quota, capped at a day;
+//! [`ProviderError::rate_limits`](crate::ProviderError::rate_limits) holds the remaining
+//! requests and tokens the rate-limit headers reported. A failure after a stream has
+//! delivered content is an [`Error::StreamInterrupted`](crate::Error::StreamInterrupted);
+//! before, it is the provider error itself, so the pipeline can fall back. Error
+//! messages never contain the API key.
 
+mod anthropic;
+mod http;
+mod keys;
+mod openai;
 mod service;
 mod simulated;
+pub mod sse;
 
 use std::fmt;
 
 use async_trait::async_trait;
 
+pub use anthropic::{ANTHROPIC_BASE_URL, ANTHROPIC_VERSION, Anthropic, AnthropicBuilder};
+pub use http::{DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_STREAM_BYTES, Deadlines, http_client_builder};
+pub use keys::{ApiKey, KeyLease, KeyPool, MAX_KEYS};
+pub use openai::{
+    Embeddings, MaxTokensField, OPENAI_BASE_URL, OpenAiCompatible, OpenAiCompatibleBuilder,
+    OpenAiEmbedder,
+};
 pub use service::ProviderService;
 pub use simulated::{Outage, SimulatedProvider, SimulatedProviderBuilder};
 

@@ -107,9 +107,9 @@ impl CatalogRouter {
             if out.len() >= MAX_TARGETS {
                 break;
             }
-            let spec = catalog.require(name)?;
+            let spec = catalog.resolve(name)?;
             if !out.iter().any(|m| m.name == spec.name) {
-                out.push(Arc::clone(spec));
+                out.push(spec);
             }
         }
         Ok(())

@@ -158,6 +158,7 @@ struct CatalogFile {
 pub struct Catalog {
     models: Arc<HashMap<String, Arc<ModelSpec>>>,
     prices_as_of: Option<String>,
+    unknown: Option<Arc<ModelSpec>>,
 }
 
 impl Catalog {
@@ -216,6 +217,7 @@ impl Catalog {
         Catalog {
             models: Arc::new(map),
             prices_as_of: Some(Self::BUILTIN_PRICES_AS_OF.to_owned()),
+            unknown: None,
         }
     }
 
@@ -260,12 +262,54 @@ impl Catalog {
         Ok(Catalog {
             models: Arc::new(map),
             prices_as_of: file.prices_as_of.or(self.prices_as_of),
+            unknown: self.unknown,
         })
     }
 
     /// The model called `name`.
     pub fn get(&self, name: &str) -> Option<&Arc<ModelSpec>> {
         self.models.get(name)
+    }
+
+    /// Serves models the catalogue does not list, with `template`'s provider, limits,
+    /// tier and prices (its name is ignored). Without this, requests naming an unknown
+    /// model are refused with [`Error::UnknownModel`]. The template's input and output
+    /// prices must be positive: an unknown model is never free.
+    ///
+    /// ```
+    /// use tokenwise::{Catalog, ModelSpec, Pricing};
+    /// let template = ModelSpec::new("*", "openai", 128_000, 16_384, Pricing::per_mtok(5.0, 15.0, 5.0).unwrap(), 3);
+    /// let catalog = Catalog::builtin().with_unknown_models(template).unwrap();
+    /// let m = catalog.resolve("my-new-model").unwrap();
+    /// assert_eq!((m.name.as_str(), m.provider.as_str()), ("my-new-model", "openai"));
+    /// ```
+    pub fn with_unknown_models(mut self, template: ModelSpec) -> Result<Self> {
+        template.check()?;
+        if template.pricing.input == super::Price::ZERO
+            || template.pricing.output == super::Price::ZERO
+        {
+            return Err(Error::Config(
+                "the price for unknown models must be positive: an unknown model is never free"
+                    .into(),
+            ));
+        }
+        self.unknown = Some(Arc::new(template));
+        Ok(self)
+    }
+
+    /// The model called `name`: listed, or made from the unknown-model template (see
+    /// [`with_unknown_models`](Self::with_unknown_models)), or [`Error::UnknownModel`].
+    pub fn resolve(&self, name: &str) -> Result<Arc<ModelSpec>> {
+        if let Some(m) = self.models.get(name) {
+            return Ok(Arc::clone(m));
+        }
+        match &self.unknown {
+            Some(t) => Ok(Arc::new(ModelSpec {
+                name: name.to_owned(),
+                ..(**t).clone()
+            })),
+            None => Err(Error::UnknownModel(name.to_owned())),
+        }
     }
 
     /// The model called `name`, or [`Error::UnknownModel`].

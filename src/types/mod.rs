@@ -14,4 +14,4 @@ pub use request::{
     RequestMeta, ResponseFormat, Role, Scope, ScopeKind, Tier, Tool, ToolCall,
 };
 pub use response::{ChatResponse, FinishReason, Served, Usage};
-pub use stream::{ChatStream, StreamEnd, StreamEvent, ToolCallDelta};
+pub use stream::{ChatStream, StreamEnd, StreamEvent, ToolCallDelta, Truncation};

@@ -289,6 +289,10 @@ pub struct RequestMeta {
     /// The cache policy.
     #[serde(default)]
     pub cache: CachePolicy,
+    /// The most this request may cost. A stream is ended early when it reaches it; a
+    /// whole request whose worst case exceeds it is refused before any call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost: Option<crate::types::Cost>,
 }
 
 /// A scope that limits and caps apply to.
@@ -319,10 +323,10 @@ impl Scope {
         }
     }
 
-    /// The key within its kind (`""` for global).
+    /// The key within its kind (`"*"` for global).
     pub fn key(&self) -> &str {
         match self {
-            Scope::Global => "",
+            Scope::Global => "*",
             Scope::Org(k) | Scope::User(k) | Scope::Ip(k) | Scope::Feature(k) => k,
         }
     }
@@ -365,15 +369,27 @@ impl ScopeKind {
         }
     }
 
-    /// The key of this kind in `meta`: `Some("")` for global, `None` when the request
+    /// The key of this kind in `meta`: `Some("*")` for global, `None` when the request
     /// does not carry that identity (the scope then does not apply).
     pub fn key_of(self, meta: &RequestMeta) -> Option<&str> {
         match self {
-            ScopeKind::Global => Some(""),
+            ScopeKind::Global => Some("*"),
             ScopeKind::Org => meta.org.as_deref(),
             ScopeKind::User => meta.user.as_deref(),
             ScopeKind::Ip => meta.ip.as_deref(),
             ScopeKind::Feature => meta.feature.as_deref(),
+        }
+    }
+
+    /// The scope of this kind with `key` (ignored for global).
+    pub fn with_key(self, key: &str) -> Scope {
+        let key = key.to_owned();
+        match self {
+            ScopeKind::Global => Scope::Global,
+            ScopeKind::Org => Scope::Org(key),
+            ScopeKind::User => Scope::User(key),
+            ScopeKind::Ip => Scope::Ip(key),
+            ScopeKind::Feature => Scope::Feature(key),
         }
     }
 
@@ -512,6 +528,13 @@ impl ChatRequest {
     #[must_use]
     pub fn priority(mut self, priority: Priority) -> Self {
         self.meta.priority = priority;
+        self
+    }
+
+    /// Sets the most this request may cost (see [`RequestMeta::max_cost`]).
+    #[must_use]
+    pub fn max_cost(mut self, cost: crate::types::Cost) -> Self {
+        self.meta.max_cost = Some(cost);
         self
     }
 

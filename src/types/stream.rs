@@ -52,6 +52,27 @@ pub struct StreamEnd {
     pub cost: Cost,
     /// How it was served.
     pub served: Served,
+    /// Set when a tokenwise limit ended the stream early (`finish_reason` is then
+    /// [`FinishReason::Truncated`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncated: Option<Truncation>,
+}
+
+/// Which limit ended a stream early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "limit", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Truncation {
+    /// The request's `max_tokens` was reached (the provider did not stop on its own).
+    OutputTokens {
+        /// The limit.
+        max_tokens: u64,
+    },
+    /// The request's cost limit was reached.
+    Cost {
+        /// The limit.
+        max_cost: Cost,
+    },
 }
 
 impl StreamEnd {
@@ -68,6 +89,7 @@ impl StreamEnd {
             usage: Usage::default(),
             cost: Cost::ZERO,
             served: Served::default(),
+            truncated: None,
         }
     }
 
@@ -80,6 +102,7 @@ impl StreamEnd {
             usage: r.usage,
             cost: r.cost,
             served: r.served.clone(),
+            truncated: None,
         }
     }
 }

@@ -1,0 +1,585 @@
+//! The dispatch stage: targets in order, each behind its circuit breaker and quota,
+//! called with deadlines, retried within the retry budget, optionally hedged.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::{Answer, Inner, Opened, Plan};
+use crate::error::{ProviderError, ProviderErrorKind};
+use crate::observe;
+use crate::provider::{Provider, ProviderCall};
+use crate::resilience::{Admit, Breakers, Hedge};
+use crate::router::Verdict;
+use crate::types::{ChatRequest, ChatResponse, Cost, ModelSpec, Served, Usage};
+use crate::{Error, Result};
+
+/// Marks errors that mean "this target's breaker is open" (no call was made).
+const BREAKER_OPEN: &str = "circuit open";
+
+fn breaker_open(model: &ModelSpec, wait: Duration) -> Error {
+    ProviderError::new(
+        ProviderErrorKind::Overloaded,
+        "tokenwise",
+        format!("{BREAKER_OPEN} for {}", model.name),
+    )
+    .with_retry_after(wait)
+    .into()
+}
+
+fn is_breaker_open(e: &Error) -> bool {
+    e.as_provider()
+        .is_some_and(|p| p.provider == "tokenwise" && p.message.starts_with(BREAKER_OPEN))
+}
+
+/// Whether `e` says the target is unhealthy (as opposed to the request being wrong).
+fn is_target_failure(e: &Error) -> bool {
+    match e {
+        Error::Provider(p) => p.kind.is_target_failure(),
+        Error::StreamInterrupted { .. } => true,
+        _ => false,
+    }
+}
+
+/// Whether `e` says the target is overloaded (for the adaptive concurrency limit).
+fn is_overload(e: &Error) -> bool {
+    e.as_provider().is_some_and(|p| {
+        matches!(
+            p.kind,
+            ProviderErrorKind::RateLimited
+                | ProviderErrorKind::Overloaded
+                | ProviderErrorKind::Timeout
+                | ProviderErrorKind::Server
+        )
+    })
+}
+
+/// Gives a half-open probe back if its call is abandoned before it has an outcome.
+struct ProbeGuard<'a> {
+    breakers: Option<&'a Breakers>,
+    target: &'a str,
+    admit: Admit,
+}
+
+impl ProbeGuard<'_> {
+    fn disarm(mut self) {
+        self.breakers = None;
+    }
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.breakers {
+            b.cancel(self.target, self.admit);
+        }
+    }
+}
+
+impl Inner {
+    pub(super) fn provider_for(&self, model: &ModelSpec) -> Result<&Arc<dyn Provider>> {
+        self.providers
+            .get(&model.provider)
+            .or(self.default_provider.as_ref())
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "no provider registered for `{}` (model {})",
+                    model.provider, model.name
+                ))
+            })
+    }
+
+    /// Whether the prompt and the output it asks for fit `model`'s window.
+    pub(super) fn fits(&self, req: &ChatRequest, plan: &Plan, model: &ModelSpec) -> Result<()> {
+        let prompt = plan.prompt_tokens(model.tokenizer);
+        let out = req.params.max_tokens.map_or(1, u64::from);
+        if prompt + out > model.context_window {
+            return Err(Error::ContextTooLong {
+                model: model.name.clone(),
+                tokens: prompt + out,
+                limit: model.context_window,
+            });
+        }
+        Ok(())
+    }
+
+    /// Charges `model`'s own quota (if any) for one call; returns the token charge.
+    fn target_admit(&self, req: &ChatRequest, plan: &Plan, model: &ModelSpec) -> Result<u64> {
+        let Some(limits) = &self.target_limits else {
+            return Ok(0);
+        };
+        let tokens =
+            plan.prompt_tokens(model.tokenizer) + model.output_allowance(req.params.max_tokens);
+        limits.check(&model.name, tokens)?;
+        Ok(tokens)
+    }
+
+    /// Reconciles `model`'s token charge to what the call used.
+    pub(crate) fn target_settle(&self, model: &ModelSpec, charged: u64, used: u64) {
+        if let Some(limits) = &self.target_limits {
+            limits.reconcile(&model.name, charged, used);
+        }
+    }
+
+    /// Whether a failure on one target may not repeat on the next.
+    fn next_target_may_succeed(e: &Error) -> bool {
+        match e {
+            Error::Provider(p) => !matches!(
+                p.kind,
+                ProviderErrorKind::BadRequest | ProviderErrorKind::ContentFilter
+            ),
+            Error::ContextTooLong { .. } | Error::Config(_) | Error::StreamInterrupted { .. } => {
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The time left for one attempt: the attempt deadline, cut to the request's.
+    fn attempt_limit(&self, first_token: bool, deadline: Option<Instant>) -> Option<Duration> {
+        let per_attempt = if first_token {
+            self.first_token_timeout.or(self.attempt_timeout)
+        } else {
+            self.attempt_timeout
+        };
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        match (per_attempt, left) {
+            (Some(a), Some(l)) => Some(a.min(l)),
+            (a, l) => a.or(l),
+        }
+    }
+
+    fn breaker_admit(&self, model: &ModelSpec) -> Result<Admit> {
+        match &self.breakers {
+            None => Ok(Admit::Call),
+            Some(b) => b
+                .admit(&model.name)
+                .map_err(|wait| breaker_open(model, wait)),
+        }
+    }
+
+    /// Feeds one call's outcome to the breaker, the latency tracker and the adaptive limit.
+    fn observe_call(
+        &self,
+        model: &ModelSpec,
+        admit: Admit,
+        error: Option<&Error>,
+        latency: Duration,
+    ) {
+        if let Some(b) = &self.breakers {
+            b.record(&model.name, admit, error.is_some_and(is_target_failure));
+            observe::metrics::record_breaker_state(
+                &model.provider,
+                &model.name,
+                b.state(&model.name),
+            );
+        }
+        if error.is_none() {
+            self.latencies.record(&model.name, latency);
+        }
+        if let Some(c) = &self.concurrency {
+            c.feedback(error.is_some_and(is_overload), latency);
+        }
+    }
+
+    /// Waits before retry number `retry` after `e`, if the policy, the budget and the
+    /// deadline allow one more call to `model`.
+    async fn retry_wait(
+        &self,
+        model: &ModelSpec,
+        e: &Error,
+        retry: u32,
+        deadline: Option<Instant>,
+    ) -> bool {
+        if !e.is_retryable() || retry + 1 >= self.retry.max_attempts || is_breaker_open(e) {
+            return false;
+        }
+        let Some(wait) = self.retry.wait_for(e, retry) else {
+            return false;
+        };
+        if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+            return false;
+        }
+        if !self.retry_budget.withdraw(&model.name) {
+            tracing::debug!(model = %model.name, "retry budget exhausted");
+            return false;
+        }
+        tokio::time::sleep(wait).await;
+        true
+    }
+
+    /// One target: breaker, quota, call with deadline, retries.
+    async fn try_target(
+        &self,
+        req: &ChatRequest,
+        plan: &Plan,
+        model: &ModelSpec,
+        attempts: &AtomicU32,
+        deadline: Option<Instant>,
+    ) -> Result<ChatResponse> {
+        let provider = self.provider_for(model)?;
+        self.fits(req, plan, model)?;
+        let mut retry = 0;
+        loop {
+            let charged = self.target_admit(req, plan, model)?;
+            let admit = match self.breaker_admit(model) {
+                Ok(a) => a,
+                Err(e) => {
+                    self.target_settle(model, charged, 0);
+                    return Err(e);
+                }
+            };
+            let guard = ProbeGuard {
+                breakers: self.breakers.as_ref(),
+                target: &model.name,
+                admit,
+            };
+            if retry == 0 {
+                self.retry_budget.deposit(&model.name);
+            }
+            let n = attempts.fetch_add(1, Ordering::Relaxed) + 1;
+            let attempt = observe::Attempt::start(&self.clock, provider.name(), model, n, retry);
+            let t0 = Instant::now();
+            let fut = provider
+                .chat(ProviderCall::new(req, model))
+                .instrument(attempt.span());
+            let result = match self.attempt_limit(false, deadline) {
+                Some(d) => tokio::time::timeout(d, fut).await.unwrap_or_else(|_| {
+                    Err(ProviderError::new(
+                        ProviderErrorKind::Timeout,
+                        provider.name(),
+                        format!("no answer within {d:?}"),
+                    )
+                    .into())
+                }),
+                None => fut.await,
+            };
+            self.target_settle(
+                model,
+                charged,
+                result.as_ref().map_or(0, |r| r.usage.total()),
+            );
+            self.observe_call(model, admit, result.as_ref().err(), t0.elapsed());
+            attempt.finish(&result);
+            guard.disarm();
+            match result {
+                Ok(mut r) => {
+                    r.cost = model.cost(&r.usage);
+                    return Ok(r);
+                }
+                Err(e) => {
+                    if !self.retry_wait(model, &e, retry, deadline).await {
+                        return Err(e);
+                    }
+                    retry += 1;
+                }
+            }
+        }
+    }
+
+    /// Races `first` against `second` once `first` has been slow for the hedge delay.
+    /// Returns the winner, whether `second` won, and the cost of a loser cancelled in
+    /// flight (its prompt, which the provider received).
+    async fn hedged(
+        &self,
+        req: &ChatRequest,
+        plan: &Plan,
+        (first, second): (&ModelSpec, &ModelSpec),
+        hedge: Hedge,
+        attempts: &AtomicU32,
+        deadline: Option<Instant>,
+    ) -> Result<(ChatResponse, bool, Cost)> {
+        let delay = self.latencies.delay(hedge, &first.name);
+        let a = self.try_target(req, plan, first, attempts, deadline);
+        tokio::pin!(a);
+        tokio::select! {
+            r = &mut a => {
+                return match r {
+                    Ok(r) => Ok((r, false, Cost::ZERO)),
+                    // failed before the hedge was due: plain fallback
+                    Err(_) => self.try_target(req, plan, second, attempts, deadline).await.map(|r| (r, true, Cost::ZERO)),
+                };
+            }
+            () = tokio::time::sleep(delay) => {}
+        }
+        tracing::debug!(first = %first.name, second = %second.name, "hedging");
+        let b = self.try_target(req, plan, second, attempts, deadline);
+        tokio::pin!(b);
+        let prompt_cost = |m: &ModelSpec| m.pricing.input.cost_of(plan.prompt_tokens(m.tokenizer));
+        let (mut a_err, mut b_err): (Option<Error>, Option<Error>) = (None, None);
+        loop {
+            tokio::select! {
+                r = &mut a, if a_err.is_none() => match r {
+                    Ok(r) => {
+                        let loser = if b_err.is_none() { prompt_cost(second) } else { Cost::ZERO };
+                        return Ok((r, false, loser));
+                    }
+                    Err(e) => a_err = Some(e),
+                },
+                r = &mut b, if b_err.is_none() => match r {
+                    Ok(r) => {
+                        let loser = if a_err.is_none() { prompt_cost(first) } else { Cost::ZERO };
+                        return Ok((r, true, loser));
+                    }
+                    Err(e) => b_err = Some(e),
+                },
+            }
+            if let (Some(_), Some(e)) = (&a_err, &mut b_err) {
+                return Err(std::mem::replace(
+                    e,
+                    Error::Overloaded { retry_after: None },
+                ));
+            }
+        }
+    }
+
+    /// Tries `targets` in order (hedging if configured); returns the answer, the index of
+    /// the target that gave it, and the cost of hedged calls that lost.
+    async fn try_targets(
+        &self,
+        req: &ChatRequest,
+        plan: &Plan,
+        targets: &[Arc<ModelSpec>],
+        attempts: &AtomicU32,
+        deadline: Option<Instant>,
+    ) -> Result<(ChatResponse, u32, Cost)> {
+        let before = attempts.load(Ordering::Relaxed);
+        let mut last = None;
+        let mut open_waits = Vec::new();
+        let mut i = 0;
+        while i < targets.len() {
+            let hedge = self.hedge.filter(|_| i + 1 < targets.len());
+            let outcome = match hedge {
+                Some(h) => {
+                    let r = self
+                        .hedged(
+                            req,
+                            plan,
+                            (&targets[i], &targets[i + 1]),
+                            h,
+                            attempts,
+                            deadline,
+                        )
+                        .await;
+                    let at = i;
+                    i += 1; // both were tried
+                    r.map(|(resp, second, extra)| (resp, at + usize::from(second), extra))
+                }
+                None => self
+                    .try_target(req, plan, &targets[i], attempts, deadline)
+                    .await
+                    .map(|r| (r, i, Cost::ZERO)),
+            };
+            match outcome {
+                Ok((r, at, extra)) => return Ok((r, u32::try_from(at).unwrap_or(u32::MAX), extra)),
+                Err(e) => {
+                    tracing::debug!(model = %targets[i.min(targets.len() - 1)].name, error = %e, "target failed");
+                    if is_breaker_open(&e) {
+                        open_waits.push(e.retry_after().unwrap_or_default());
+                    }
+                    let go_on = Self::next_target_may_succeed(&e);
+                    last = Some(e);
+                    if !go_on {
+                        break;
+                    }
+                }
+            }
+            i += 1;
+        }
+        let calls = attempts.load(Ordering::Relaxed) - before;
+        if calls == 0 && !open_waits.is_empty() && open_waits.len() == targets.len() {
+            return Err(Error::Unavailable {
+                retry_after: open_waits.into_iter().min(),
+            });
+        }
+        let last = last.unwrap_or_else(|| Error::InvalidRequest("no target to try".into()));
+        Err(if calls > 1 {
+            Error::AllTargetsFailed {
+                attempts: calls,
+                last: Box::new(last),
+            }
+        } else {
+            last
+        })
+    }
+
+    /// The dispatch and validate stages for a whole answer.
+    pub(super) async fn dispatch(
+        &self,
+        req: &ChatRequest,
+        plan: &Plan,
+        rec: &mut crate::observe::UsageRecord,
+        deadline: Option<Instant>,
+    ) -> Result<Answer> {
+        let attempts = AtomicU32::new(0);
+        let outcome = self
+            .try_targets(req, plan, &plan.route.targets, &attempts, deadline)
+            .await;
+        rec.attempts = attempts.load(Ordering::Relaxed);
+        let (first, fallbacks, hedge_cost) = outcome?;
+        let mut answer = Answer {
+            usage: first.usage,
+            cost: first.cost + hedge_cost,
+            response: first,
+        };
+        let mut escalated = false;
+        if let (Some(v), false) = (&self.validator, plan.route.escalation.is_empty()) {
+            if let Verdict::Escalate(reason) = v.validate(req, &answer.response).await {
+                tracing::info!(reason = %reason, from = %answer.response.model, "escalating");
+                let outcome = self
+                    .try_targets(req, plan, &plan.route.escalation, &attempts, deadline)
+                    .await;
+                match outcome {
+                    Ok((better, _, extra)) => {
+                        answer.usage = add_usage(answer.usage, better.usage);
+                        answer.cost += better.cost + extra;
+                        answer.response = better;
+                        escalated = true;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "escalation failed; keeping the first answer")
+                    }
+                }
+            }
+        }
+        rec.attempts = attempts.load(Ordering::Relaxed);
+        answer.response.served = Served::Provider {
+            attempts: rec.attempts,
+            fallbacks,
+            escalated,
+        };
+        Ok(answer)
+    }
+
+    /// Opens a stream on the first target that yields a first event, retrying a target
+    /// (within the policy and budget) while nothing has been streamed yet.
+    pub(super) async fn dispatch_stream(
+        &self,
+        req: &ChatRequest,
+        plan: &Plan,
+        rec: &mut crate::observe::UsageRecord,
+        deadline: Option<Instant>,
+    ) -> Result<Opened> {
+        let mut last = None;
+        let mut calls = 0;
+        let mut open_waits = 0;
+        for (i, model) in plan.route.targets.iter().enumerate() {
+            let provider = match (self.provider_for(model), self.fits(req, plan, model)) {
+                (Err(e), _) | (_, Err(e)) => {
+                    last = Some(e);
+                    continue;
+                }
+                (Ok(p), Ok(())) => p,
+            };
+            let mut retry = 0;
+            let failure = loop {
+                let target_charged = match self.target_admit(req, plan, model) {
+                    Ok(c) => c,
+                    Err(e) => break e,
+                };
+                let admit = match self.breaker_admit(model) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        self.target_settle(model, target_charged, 0);
+                        open_waits += 1;
+                        break e;
+                    }
+                };
+                let guard = ProbeGuard {
+                    breakers: self.breakers.as_ref(),
+                    target: &model.name,
+                    admit,
+                };
+                if retry == 0 {
+                    self.retry_budget.deposit(&model.name);
+                }
+                calls += 1;
+                rec.attempts += 1;
+                let attempt = observe::Attempt::start(
+                    &self.clock,
+                    provider.name(),
+                    model,
+                    rec.attempts,
+                    retry,
+                );
+                let t0 = Instant::now();
+                let open = async {
+                    let mut s = provider.stream(ProviderCall::new(req, model)).await?;
+                    match s.next().await {
+                        Some(Ok(first)) => Ok((first, s)),
+                        Some(Err(e)) => Err(e),
+                        None => Err(Error::StreamInterrupted {
+                            chunks: 0,
+                            reason: "the stream ended before its first event".into(),
+                        }),
+                    }
+                }
+                .instrument(attempt.span());
+                let opened = match self.attempt_limit(true, deadline) {
+                    Some(d) => tokio::time::timeout(d, open).await.unwrap_or_else(|_| {
+                        Err(ProviderError::new(
+                            ProviderErrorKind::Timeout,
+                            provider.name(),
+                            format!("no first token within {d:?}"),
+                        )
+                        .into())
+                    }),
+                    None => open.await,
+                };
+                self.observe_call(model, admit, opened.as_ref().err(), t0.elapsed());
+                attempt.finish_stream(rec, &opened);
+                guard.disarm();
+                match opened {
+                    Ok((first, upstream)) => {
+                        return Ok(Opened {
+                            target_charged,
+                            first,
+                            upstream,
+                            model: Arc::clone(model),
+                            provider: provider.name().to_owned(),
+                            fallbacks: u32::try_from(i).unwrap_or(u32::MAX),
+                        });
+                    }
+                    Err(e) => {
+                        self.target_settle(model, target_charged, 0);
+                        if !self.retry_wait(model, &e, retry, deadline).await {
+                            break e;
+                        }
+                        retry += 1;
+                    }
+                }
+            };
+            let go_on = Self::next_target_may_succeed(&failure);
+            last = Some(failure);
+            if !go_on {
+                break;
+            }
+        }
+        if calls == 0 && open_waits > 0 && open_waits == plan.route.targets.len() {
+            let names: Vec<&str> = plan.route.targets.iter().map(|m| m.name.as_str()).collect();
+            let retry_after = self.breakers.as_ref().and_then(|b| b.soonest_retry(&names));
+            return Err(Error::Unavailable { retry_after });
+        }
+        let last = last.unwrap_or_else(|| Error::InvalidRequest("no target to try".into()));
+        Err(if calls > 1 {
+            Error::AllTargetsFailed {
+                attempts: calls,
+                last: Box::new(last),
+            }
+        } else {
+            last
+        })
+    }
+}
+
+fn add_usage(a: Usage, b: Usage) -> Usage {
+    Usage {
+        input_tokens: a.input_tokens + b.input_tokens,
+        output_tokens: a.output_tokens + b.output_tokens,
+        cached_input_tokens: a.cached_input_tokens + b.cached_input_tokens,
+        estimated: a.estimated || b.estimated,
+    }
+}

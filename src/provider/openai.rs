@@ -1,0 +1,895 @@
+//! The OpenAI chat completions API, and the many servers that speak it.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::http::{
+    Auth, HttpCore, HttpSettings, Translate, classify_payload, documents_text,
+    http_builder_methods, replay, sse_stream,
+};
+use super::keys::{ApiKey, KeyPool};
+use super::sse::SseEvent;
+use super::{Provider, ProviderCall};
+use crate::cache::Embedder;
+use crate::error::{ProviderError, ProviderErrorKind, RateLimits};
+use crate::types::{
+    ChatRequest, ChatResponse, ChatStream, FinishReason, ResponseFormat, Role, StreamEnd,
+    StreamEvent, TokenizerKind, ToolCall, ToolCallDelta, Usage,
+};
+use crate::{Error, Result};
+
+/// OpenAI's API base URL.
+pub const OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
+
+/// Which request field carries the output token limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum MaxTokensField {
+    /// `max_completion_tokens`: OpenAI's current field, required by its reasoning models,
+    /// and understood by recent vLLM, Groq, OpenRouter and LiteLLM.
+    #[default]
+    MaxCompletionTokens,
+    /// `max_tokens`: the older field, for servers that know only it.
+    MaxTokens,
+}
+
+/// Builds an [`OpenAiCompatible`] provider.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct OpenAiCompatibleBuilder {
+    http: HttpSettings,
+    max_tokens_field: MaxTokensField,
+    stream_usage: bool,
+}
+
+impl OpenAiCompatibleBuilder {
+    http_builder_methods!();
+
+    /// Which field carries `max_tokens` (default `max_completion_tokens`).
+    pub fn max_tokens_field(mut self, field: MaxTokensField) -> Self {
+        self.max_tokens_field = field;
+        self
+    }
+
+    /// Whether streamed requests ask for usage with `stream_options.include_usage`
+    /// (default on). Turn it off for a server that rejects the option; usage is then
+    /// counted with the tokenizer and marked estimated.
+    pub fn stream_usage(mut self, on: bool) -> Self {
+        self.stream_usage = on;
+        self
+    }
+
+    /// Sends the key as the raw value of header `name` (Azure OpenAI's `api-key`, say)
+    /// instead of `Authorization: Bearer`.
+    pub fn api_key_header(mut self, name: &str) -> Self {
+        match reqwest::header::HeaderName::from_bytes(name.as_bytes()) {
+            Ok(n) => self.http.auth = Auth::Header(n),
+            Err(_) => self.http.fail(format!("invalid header name `{name}`")),
+        }
+        self
+    }
+
+    /// Builds the provider, or reports the first invalid setting. No key is required:
+    /// local servers (Ollama, llama.cpp, vLLM) usually need none.
+    pub fn build(self) -> Result<OpenAiCompatible> {
+        let core = self.http.build(false)?;
+        Ok(OpenAiCompatible {
+            inner: Arc::new(Inner {
+                core: Arc::new(core),
+                max_tokens_field: self.max_tokens_field,
+                stream_usage: self.stream_usage,
+            }),
+        })
+    }
+}
+
+struct Inner {
+    core: Arc<HttpCore>,
+    max_tokens_field: MaxTokensField,
+    stream_usage: bool,
+}
+
+/// A provider for the OpenAI chat completions API and every server that speaks it:
+/// OpenAI itself, vLLM, Ollama, llama.cpp's server, LiteLLM, OpenRouter, Groq and the
+/// like. Point [`base_url`](OpenAiCompatibleBuilder::base_url) at the server (up to and
+/// including `/v1`); requests go to `{base_url}/chat/completions` and
+/// `{base_url}/embeddings`.
+///
+/// - Whole and streamed answers (SSE, with `stream_options.include_usage`), tool calls
+///   and their deltas, response formats (JSON object, JSON schema), `/v1/embeddings`.
+/// - Every failure is a [`ProviderError`] of the right kind: see the
+///   [provider docs](crate::provider#errors).
+/// - Keys in a [`KeyPool`]: requests take turns over the ready keys; a key that gets a
+///   429 rests until its Retry-After.
+/// - [`Deadlines`](super::Deadlines) for connect, first byte / first token, idle and
+///   total; caps on body, event and stream sizes.
+///
+/// Cheap to clone; clones share the connection pool and the key pool.
+///
+/// ```no_run
+/// # async fn demo() -> tokenwise::Result<()> {
+/// use tokenwise::provider::OpenAiCompatible;
+/// use tokenwise::{ChatRequest, Pipeline};
+///
+/// let openai = OpenAiCompatible::builder()
+///     .api_key(std::env::var("OPENAI_API_KEY").unwrap_or_default())
+///     .build()?;
+/// let pipeline = Pipeline::builder().provider(openai).default_model("gpt-4o-mini").build()?;
+/// let answer = pipeline.chat(ChatRequest::user_text("Say hi")).await?;
+/// println!("{}", answer.content);
+///
+/// // A local server speaking the same API, under its own name:
+/// let ollama = OpenAiCompatible::builder()
+///     .name("ollama")
+///     .base_url("http://localhost:11434/v1")
+///     .build()?;
+/// # let _ = ollama; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct OpenAiCompatible {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for OpenAiCompatible {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenAiCompatible")
+            .field("core", &self.inner.core)
+            .field("max_tokens_field", &self.inner.max_tokens_field)
+            .field("stream_usage", &self.inner.stream_usage)
+            .finish()
+    }
+}
+
+impl OpenAiCompatible {
+    /// A builder named `openai`, for [`OPENAI_BASE_URL`], with default deadlines and
+    /// limits and no key.
+    pub fn builder() -> OpenAiCompatibleBuilder {
+        OpenAiCompatibleBuilder {
+            http: HttpSettings::new("openai", OPENAI_BASE_URL, Auth::Bearer),
+            max_tokens_field: MaxTokensField::default(),
+            stream_usage: true,
+        }
+    }
+
+    /// A builder from the environment: the key from `OPENAI_API_KEY` (required) and the
+    /// base URL from `OPENAI_BASE_URL` (optional).
+    pub fn from_env() -> Result<OpenAiCompatibleBuilder> {
+        let key = ApiKey::from_env("OPENAI_API_KEY")
+            .ok_or_else(|| Error::Config("OPENAI_API_KEY is not set".into()))?;
+        let mut b = Self::builder().api_key(key);
+        if let Ok(url) = std::env::var("OPENAI_BASE_URL") {
+            if !url.trim().is_empty() {
+                b = b.base_url(url);
+            }
+        }
+        Ok(b)
+    }
+
+    /// The base URL requests go to.
+    pub fn base_url(&self) -> &str {
+        self.inner.core.base_url()
+    }
+
+    /// The provider's keys, if it has any.
+    pub fn key_pool(&self) -> Option<&KeyPool> {
+        self.inner.core.keys()
+    }
+
+    /// What the last response's rate-limit headers said was left, if any said anything.
+    pub fn last_rate_limits(&self) -> Option<RateLimits> {
+        self.inner.core.last_rate_limits()
+    }
+
+    fn body(&self, call: &ProviderCall<'_>, streaming: bool) -> Result<Vec<u8>> {
+        let req = call.request;
+        let p = &req.params;
+        let mut messages: Vec<Value> = Vec::with_capacity(req.messages.len() + 1);
+        let docs = documents_text(&req.documents);
+        let mut docs_placed = docs.is_none();
+        for m in &req.messages {
+            if !docs_placed && m.role != Role::System {
+                messages.push(json!({"role": "system", "content": docs}));
+                docs_placed = true;
+            }
+            messages.push(wire_message(m));
+        }
+        if !docs_placed {
+            messages.push(json!({"role": "system", "content": docs}));
+        }
+        let mut body = json!({
+            "model": call.model.name,
+            "messages": messages,
+        });
+        let obj = match body.as_object_mut() {
+            Some(o) => o,
+            None => return Err(Error::InvalidRequest("request body".into())),
+        };
+        if let Some(n) = p.max_tokens {
+            let field = match self.inner.max_tokens_field {
+                MaxTokensField::MaxCompletionTokens => "max_completion_tokens",
+                MaxTokensField::MaxTokens => "max_tokens",
+            };
+            obj.insert(field.into(), n.into());
+        }
+        if let Some(t) = p.temperature {
+            obj.insert("temperature".into(), json!(t));
+        }
+        if let Some(t) = p.top_p {
+            obj.insert("top_p".into(), json!(t));
+        }
+        if !p.stop.is_empty() {
+            obj.insert("stop".into(), json!(p.stop));
+        }
+        if let Some(s) = p.seed {
+            obj.insert("seed".into(), s.into());
+        }
+        if let Some(f) = &p.response_format {
+            let v = match f {
+                ResponseFormat::Text => json!({"type": "text"}),
+                ResponseFormat::JsonObject => json!({"type": "json_object"}),
+                ResponseFormat::JsonSchema { name, schema } => json!({
+                    "type": "json_schema",
+                    "json_schema": {"name": name, "schema": schema, "strict": true},
+                }),
+            };
+            obj.insert("response_format".into(), v);
+        }
+        if !p.tools.is_empty() {
+            let tools: Vec<Value> = p
+                .tools
+                .iter()
+                .map(|t| {
+                    let mut f = json!({"name": t.name, "parameters": parameters(&t.parameters)});
+                    if !t.description.is_empty() {
+                        f["description"] = json!(t.description);
+                    }
+                    json!({"type": "function", "function": f})
+                })
+                .collect();
+            obj.insert("tools".into(), tools.into());
+        }
+        if let Some(choice) = &p.tool_choice {
+            let v = match choice.as_str() {
+                "auto" | "none" | "required" => json!(choice),
+                name => json!({"type": "function", "function": {"name": name}}),
+            };
+            obj.insert("tool_choice".into(), v);
+        }
+        if streaming {
+            obj.insert("stream".into(), true.into());
+            if self.inner.stream_usage {
+                obj.insert("stream_options".into(), json!({"include_usage": true}));
+            }
+        }
+        serde_json::to_vec(&body)
+            .map_err(|e| Error::InvalidRequest(format!("the request cannot be encoded: {e}")))
+    }
+
+    fn parse_response(
+        &self,
+        call: &ProviderCall<'_>,
+        v: Value,
+        status: u16,
+    ) -> std::result::Result<ChatResponse, ProviderError> {
+        let core = &self.inner.core;
+        let invalid = |m: String| {
+            core.error(ProviderErrorKind::InvalidResponse, m)
+                .with_status(status)
+        };
+        let w: WireResponse = serde_json::from_value(v)
+            .map_err(|e| invalid(format!("unexpected response shape: {e}")))?;
+        let choice = w
+            .choices
+            .into_iter()
+            .next()
+            .ok_or_else(|| invalid("the response has no choices".into()))?;
+        let msg = choice
+            .message
+            .ok_or_else(|| invalid("the response's choice has no message".into()))?;
+        let mut content = msg.content.unwrap_or_default();
+        let mut finish = choice
+            .finish_reason
+            .as_deref()
+            .map_or(FinishReason::Other("unknown".into()), finish_reason);
+        if let Some(r) = msg.refusal.filter(|r| !r.is_empty()) {
+            if content.is_empty() {
+                content = r;
+            }
+            finish = FinishReason::ContentFilter;
+        }
+        let calls: Vec<ToolCall> = msg
+            .tool_calls
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let f = c.function.unwrap_or_default();
+                ToolCall {
+                    id: c.id.unwrap_or_else(|| format!("call_{i}")),
+                    name: f.name.unwrap_or_default(),
+                    arguments: arguments_text(f.arguments),
+                }
+            })
+            .collect();
+        let usage = match w.usage.and_then(WireUsage::into_usage) {
+            Some(u) => u,
+            None => {
+                let mut out = content.clone();
+                for c in &calls {
+                    out.push_str(&c.arguments);
+                }
+                core.estimate(call.request, call.model, &out)
+            }
+        };
+        Ok(
+            ChatResponse::new(content, &call.model.name, &core.name, usage, finish)
+                .with_tool_calls(calls),
+        )
+    }
+
+    async fn chat_inner(&self, call: ProviderCall<'_>) -> std::result::Result<ChatResponse, Error> {
+        let body = self.body(&call, false)?;
+        let core = &self.inner.core;
+        let (mut resp, sent) = core.post("/chat/completions", body, false).await?;
+        let status = resp.status().as_u16();
+        let bytes = core.read_body(&mut resp, &sent).await?;
+        let v = core.parse_json(status, &bytes)?;
+        Ok(self.parse_response(&call, v, status)?)
+    }
+
+    /// Embeds `texts` with `model` through `{base_url}/embeddings`, one vector per text,
+    /// in order, as the API returns them (not normalised).
+    pub async fn embed(&self, model: &str, texts: &[&str]) -> Result<Embeddings> {
+        self.embed_with(model, texts, None).await
+    }
+
+    async fn embed_with(
+        &self,
+        model: &str,
+        texts: &[&str],
+        dimensions: Option<usize>,
+    ) -> Result<Embeddings> {
+        if texts.is_empty() {
+            return Ok(Embeddings {
+                vectors: Vec::new(),
+                input_tokens: Some(0),
+            });
+        }
+        let core = &self.inner.core;
+        let mut body = json!({"model": model, "input": texts, "encoding_format": "float"});
+        if let Some(d) = dimensions {
+            body["dimensions"] = d.into();
+        }
+        let body = serde_json::to_vec(&body)
+            .map_err(|e| Error::InvalidRequest(format!("the request cannot be encoded: {e}")))?;
+        let (mut resp, sent) = core.post("/embeddings", body, false).await?;
+        let status = resp.status().as_u16();
+        let bytes = core.read_body(&mut resp, &sent).await?;
+        let v = core.parse_json(status, &bytes)?;
+        let invalid = |m: String| -> Error {
+            core.error(ProviderErrorKind::InvalidResponse, m)
+                .with_status(status)
+                .into()
+        };
+        let w: WireEmbeddings = serde_json::from_value(v)
+            .map_err(|e| invalid(format!("unexpected embeddings shape: {e}")))?;
+        let mut vectors: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
+        for (pos, item) in w.data.into_iter().enumerate() {
+            let i = item.index.unwrap_or(pos);
+            match vectors.get_mut(i) {
+                Some(slot @ None) => *slot = Some(item.embedding),
+                _ => {
+                    return Err(invalid(format!(
+                        "embedding index {i} is out of range or repeated"
+                    )));
+                }
+            }
+        }
+        let vectors = vectors
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| invalid(format!("expected {} embeddings", texts.len())))?;
+        Ok(Embeddings {
+            vectors,
+            input_tokens: w.usage.and_then(|u| u.prompt_tokens),
+        })
+    }
+
+    /// An [`Embedder`] over this provider's `/embeddings` with `model`, returning unit
+    /// vectors of `dimensions` (checked on every answer).
+    pub fn embedder(&self, model: impl Into<String>, dimensions: usize) -> OpenAiEmbedder {
+        OpenAiEmbedder {
+            provider: self.clone(),
+            model: model.into(),
+            dimensions,
+            send_dimensions: false,
+        }
+    }
+}
+
+/// Vectors from [`OpenAiCompatible::embed`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Embeddings {
+    /// One vector per input text, in order.
+    pub vectors: Vec<Vec<f32>>,
+    /// The input tokens the API reported, if it did.
+    pub input_tokens: Option<u64>,
+}
+
+/// Texts per embeddings request.
+const EMBED_BATCH: usize = 256;
+
+/// An [`Embedder`] backed by an OpenAI-compatible `/embeddings` endpoint. Built by
+/// [`OpenAiCompatible::embedder`].
+#[derive(Debug, Clone)]
+pub struct OpenAiEmbedder {
+    provider: OpenAiCompatible,
+    model: String,
+    dimensions: usize,
+    send_dimensions: bool,
+}
+
+impl OpenAiEmbedder {
+    /// Asks the API for vectors of exactly [`dimensions`](Embedder::dimensions) (the
+    /// `dimensions` parameter of OpenAI's `text-embedding-3` models). Off by default.
+    #[must_use]
+    pub fn send_dimensions(mut self, on: bool) -> Self {
+        self.send_dimensions = on;
+        self
+    }
+}
+
+#[async_trait]
+impl Embedder for OpenAiEmbedder {
+    fn dimensions(&self) -> usize {
+        self.dimensions
+    }
+
+    async fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(texts.len());
+        let dims = self.send_dimensions.then_some(self.dimensions);
+        for batch in texts.chunks(EMBED_BATCH) {
+            let e = self.provider.embed_with(&self.model, batch, dims).await?;
+            for mut v in e.vectors {
+                if v.len() != self.dimensions {
+                    return Err(ProviderError::new(
+                        ProviderErrorKind::InvalidResponse,
+                        self.provider.name(),
+                        format!(
+                            "embedding has {} dimensions, expected {}",
+                            v.len(),
+                            self.dimensions
+                        ),
+                    )
+                    .into());
+                }
+                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                if norm.is_finite() && norm > 0.0 {
+                    v.iter_mut().for_each(|x| *x /= norm);
+                }
+                out.push(v);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Provider for OpenAiCompatible {
+    fn name(&self) -> &str {
+        &self.inner.core.name
+    }
+
+    async fn chat(&self, call: ProviderCall<'_>) -> Result<ChatResponse> {
+        self.chat_inner(call).await
+    }
+
+    async fn stream(&self, call: ProviderCall<'_>) -> Result<ChatStream> {
+        let body = self.body(&call, true)?;
+        let core = &self.inner.core;
+        let (mut resp, sent) = core.post("/chat/completions", body, true).await?;
+        if HttpCore::is_json(&resp) {
+            // The server answered whole: replay it as a stream.
+            let status = resp.status().as_u16();
+            let bytes = core.read_body(&mut resp, &sent).await?;
+            let v = core.parse_json(status, &bytes)?;
+            return Ok(replay(self.parse_response(&call, v, status)?));
+        }
+        let translator = OpenAiStream {
+            request: call.request.clone(),
+            model: call.model.name.clone(),
+            tokenizer: call.model.tokenizer,
+            delivered: String::new(),
+            finish: None,
+            refused: false,
+            usage: None,
+        };
+        Ok(sse_stream(Arc::clone(core), resp, sent, translator))
+    }
+}
+
+fn wire_message(m: &crate::types::Message) -> Value {
+    let role = match m.role {
+        Role::System => "system",
+        Role::User => "user",
+        Role::Assistant => "assistant",
+        Role::Tool => "tool",
+    };
+    let mut v = json!({"role": role, "content": m.content});
+    if !m.tool_calls.is_empty() {
+        let calls: Vec<Value> = m
+            .tool_calls
+            .iter()
+            .map(|c| {
+                json!({
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                })
+            })
+            .collect();
+        v["tool_calls"] = calls.into();
+        if m.content.is_empty() {
+            v["content"] = Value::Null;
+        }
+    }
+    if let Some(id) = &m.tool_call_id {
+        v["tool_call_id"] = json!(id);
+    }
+    v
+}
+
+/// A tool's parameters, defaulting to an object with no properties.
+pub(crate) fn parameters(p: &Value) -> Value {
+    if p.is_null() {
+        json!({"type": "object", "properties": {}})
+    } else {
+        p.clone()
+    }
+}
+
+fn arguments_text(v: Option<Value>) -> String {
+    match v {
+        Some(Value::String(s)) => s,
+        Some(Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// Maps an OpenAI-style `finish_reason`.
+fn finish_reason(s: &str) -> FinishReason {
+    match s {
+        "stop" | "eos" | "eos_token" | "stop_sequence" => FinishReason::Stop,
+        "length" | "max_tokens" => FinishReason::Length,
+        "tool_calls" | "function_call" => FinishReason::ToolCalls,
+        "content_filter" => FinishReason::ContentFilter,
+        other => FinishReason::Other(other.to_owned()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct WireResponse {
+    #[serde(default)]
+    choices: Vec<WireChoice>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireChoice {
+    #[serde(default)]
+    message: Option<WireMessage>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct WireMessage {
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    refusal: Option<String>,
+    #[serde(default, deserialize_with = "null_as_empty")]
+    tool_calls: Vec<WireToolCall>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireToolCall {
+    #[serde(default)]
+    index: Option<u32>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    function: Option<WireFunction>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct WireFunction {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireUsage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens_details: Option<WireUsageDetails>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireUsageDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+impl WireUsage {
+    fn into_usage(self) -> Option<Usage> {
+        if self.prompt_tokens.is_none() && self.completion_tokens.is_none() {
+            return None;
+        }
+        let input = self.prompt_tokens.unwrap_or(0);
+        let cached = self
+            .prompt_tokens_details
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0)
+            .min(input);
+        Some(Usage::new(input, self.completion_tokens.unwrap_or(0)).with_cached_input(cached))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct WireChunk {
+    #[serde(default, deserialize_with = "null_as_empty")]
+    choices: Vec<WireChunkChoice>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireChunkChoice {
+    #[serde(default)]
+    index: Option<u32>,
+    #[serde(default)]
+    delta: Option<WireDelta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireDelta {
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    refusal: Option<String>,
+    #[serde(default, deserialize_with = "null_as_empty")]
+    tool_calls: Vec<WireToolCall>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireEmbeddings {
+    data: Vec<WireEmbedding>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireEmbedding {
+    #[serde(default)]
+    index: Option<usize>,
+    embedding: Vec<f32>,
+}
+
+fn null_as_empty<'de, D, T>(d: D) -> std::result::Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+}
+
+/// Turns chat completion chunks into stream events.
+struct OpenAiStream {
+    request: ChatRequest,
+    model: String,
+    tokenizer: TokenizerKind,
+    /// Text and tool arguments delivered, for counting when no usage comes.
+    delivered: String,
+    finish: Option<FinishReason>,
+    refused: bool,
+    usage: Option<Usage>,
+}
+
+impl OpenAiStream {
+    fn finish(&mut self, core: &HttpCore, out: &mut VecDeque<StreamEvent>) {
+        let usage = match self.usage {
+            Some(u) => u,
+            None => Usage::new(
+                core.counter.count_request(&self.request, self.tokenizer),
+                core.counter.count_text(&self.delivered, self.tokenizer),
+            )
+            .estimated(),
+        };
+        let finish = if self.refused {
+            FinishReason::ContentFilter
+        } else {
+            self.finish
+                .take()
+                .unwrap_or_else(|| FinishReason::Other("unknown".into()))
+        };
+        out.push_back(StreamEvent::Usage(usage));
+        let mut end = StreamEnd::new(finish, &self.model, &core.name);
+        end.usage = usage;
+        out.push_back(StreamEvent::Done(end));
+    }
+}
+
+impl Translate for OpenAiStream {
+    fn event(
+        &mut self,
+        core: &HttpCore,
+        ev: SseEvent,
+        out: &mut VecDeque<StreamEvent>,
+    ) -> std::result::Result<bool, ProviderError> {
+        let data = ev.data.trim();
+        if data == "[DONE]" {
+            self.finish(core, out);
+            return Ok(true);
+        }
+        if data.is_empty() {
+            return Ok(false);
+        }
+        let v: Value = match serde_json::from_str(data) {
+            Ok(v) => v,
+            Err(_) if ev.event == "error" => {
+                return Err(core.error(
+                    ProviderErrorKind::Server,
+                    format!("error in the stream: {data}"),
+                ));
+            }
+            Err(e) => {
+                return Err(core.error(
+                    ProviderErrorKind::InvalidResponse,
+                    format!("a stream chunk is not valid JSON ({e})"),
+                ));
+            }
+        };
+        if ev.event == "error" || v.get("error").is_some_and(|e| !e.is_null()) {
+            return Err(classify_payload(&core.name, &v));
+        }
+        let chunk: WireChunk = serde_json::from_value(v).map_err(|e| {
+            core.error(
+                ProviderErrorKind::InvalidResponse,
+                format!("unexpected stream chunk shape: {e}"),
+            )
+        })?;
+        for choice in chunk.choices {
+            if choice.index.unwrap_or(0) != 0 {
+                continue;
+            }
+            if let Some(delta) = choice.delta {
+                if let Some(text) = delta.content.filter(|t| !t.is_empty()) {
+                    self.delivered.push_str(&text);
+                    out.push_back(StreamEvent::text(text));
+                }
+                if let Some(text) = delta.refusal.filter(|t| !t.is_empty()) {
+                    self.refused = true;
+                    self.delivered.push_str(&text);
+                    out.push_back(StreamEvent::text(text));
+                }
+                for (pos, call) in delta.tool_calls.into_iter().enumerate() {
+                    let f = call.function.unwrap_or_default();
+                    let args = arguments_text(f.arguments);
+                    if call.id.is_none() && f.name.is_none() && args.is_empty() {
+                        continue;
+                    }
+                    self.delivered.push_str(&args);
+                    let index = call
+                        .index
+                        .unwrap_or_else(|| u32::try_from(pos).unwrap_or(u32::MAX));
+                    let mut d = ToolCallDelta::new(index, args);
+                    d.id = call.id;
+                    d.name = f.name;
+                    out.push_back(StreamEvent::ToolCallDelta(d));
+                }
+            }
+            if let Some(r) = choice.finish_reason {
+                self.finish = Some(finish_reason(&r));
+            }
+        }
+        if let Some(u) = chunk.usage.and_then(WireUsage::into_usage) {
+            self.usage = Some(u);
+        }
+        Ok(false)
+    }
+
+    fn missing_end(&self) -> &'static str {
+        "`data: [DONE]`"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{Catalog, Message, Tool};
+
+    #[test]
+    fn request_body_maps_every_parameter() {
+        let p = OpenAiCompatible::builder()
+            .max_tokens_field(MaxTokensField::MaxTokens)
+            .build()
+            .unwrap();
+        let cat = Catalog::builtin();
+        let mut req = ChatRequest::new()
+            .message(Message::system("Be brief."))
+            .message(Message::user("Weather in Paris?"))
+            .message(Message::assistant("").with_tool_calls(vec![ToolCall {
+                id: "call_1".into(),
+                name: "weather".into(),
+                arguments: r#"{"city":"Paris"}"#.into(),
+            }]))
+            .message(Message::tool("call_1", "18C"))
+            .max_tokens(50)
+            .temperature(0.5)
+            .document(crate::types::Document::new("Paris is in France.", 1.0));
+        req.params.stop = vec!["END".into()];
+        req.params.seed = Some(7);
+        req.params.response_format = Some(ResponseFormat::JsonSchema {
+            name: "w".into(),
+            schema: json!({"type": "object"}),
+        });
+        req.params.tools = vec![Tool {
+            name: "weather".into(),
+            description: "Gets the weather".into(),
+            parameters: Value::Null,
+        }];
+        req.params.tool_choice = Some("weather".into());
+        let m = cat.require("gpt-4o-mini").unwrap();
+        let body: Value =
+            serde_json::from_slice(&p.body(&ProviderCall::new(&req, m), true).unwrap()).unwrap();
+        assert_eq!(body["model"], "gpt-4o-mini");
+        assert_eq!(body["max_tokens"], 50);
+        assert!(body.get("max_completion_tokens").is_none());
+        assert_eq!(body["stop"], json!(["END"]));
+        assert_eq!(body["seed"], 7);
+        assert_eq!(body["stream"], true);
+        assert_eq!(body["stream_options"]["include_usage"], true);
+        assert_eq!(body["response_format"]["type"], "json_schema");
+        assert_eq!(body["response_format"]["json_schema"]["name"], "w");
+        assert_eq!(body["tools"][0]["function"]["parameters"]["type"], "object");
+        assert_eq!(body["tool_choice"]["function"]["name"], "weather");
+        let msgs = body["messages"].as_array().unwrap();
+        assert_eq!(msgs.len(), 5);
+        assert_eq!(msgs[0]["role"], "system");
+        assert!(msgs[1]["content"].as_str().unwrap().contains("<document>"));
+        assert_eq!(msgs[3]["content"], Value::Null);
+        assert_eq!(
+            msgs[3]["tool_calls"][0]["function"]["arguments"],
+            r#"{"city":"Paris"}"#
+        );
+        assert_eq!(msgs[4]["role"], "tool");
+        assert_eq!(msgs[4]["tool_call_id"], "call_1");
+        let whole: Value =
+            serde_json::from_slice(&p.body(&ProviderCall::new(&req, m), false).unwrap()).unwrap();
+        assert!(whole.get("stream").is_none());
+        assert!(whole.get("stream_options").is_none());
+    }
+
+    #[test]
+    fn finish_reasons() {
+        assert_eq!(finish_reason("stop"), FinishReason::Stop);
+        assert_eq!(finish_reason("length"), FinishReason::Length);
+        assert_eq!(finish_reason("tool_calls"), FinishReason::ToolCalls);
+        assert_eq!(finish_reason("content_filter"), FinishReason::ContentFilter);
+        assert_eq!(finish_reason("weird"), FinishReason::Other("weird".into()));
+    }
+}
