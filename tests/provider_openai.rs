@@ -882,3 +882,41 @@ async fn invalid_settings_are_configuration_errors() {
     assert_eq!(p.name(), "ollama");
     assert!(p.key_pool().is_none());
 }
+
+#[tokio::test]
+async fn per_key_limits_spread_requests_and_refuse_without_sending() {
+    let clock = Arc::new(ManualClock::new(Timestamp::from_secs(1_000)));
+    let server = Server::start(vec![Reply::json(200, WHOLE), Reply::json(200, WHOLE)]).await;
+    let p = builder(&server)
+        .api_key("sk-second-key-abcdef0123")
+        .key_limits(Some(1), None)
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    chat(&p, &request()).await.unwrap();
+    chat(&p, &request()).await.unwrap();
+    // both keys used their one request a minute: refused at once, nothing sent
+    let e = chat(&p, &request()).await.unwrap_err();
+    assert_eq!(kind(&e), ProviderErrorKind::RateLimited);
+    assert_eq!(e.retry_after(), Some(Duration::from_secs(60)));
+    let got = server.received();
+    assert_eq!(got.len(), 2);
+    let auth: Vec<String> = got
+        .iter()
+        .map(|r| {
+            r.head
+                .lines()
+                .find(|l| l.to_ascii_lowercase().starts_with("authorization:"))
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_ne!(auth[0], auth[1], "one request per key");
+    assert!(
+        OpenAiCompatible::builder()
+            .key_limits(Some(1), None)
+            .build()
+            .is_err(),
+        "limits need keys"
+    );
+}

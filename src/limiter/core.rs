@@ -128,6 +128,11 @@ impl Core {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The quotas.
+    pub(crate) fn quotas(&self) -> &[Compiled] {
+        &self.quotas
+    }
+
     /// Keys tracked.
     pub(crate) fn len(&self) -> usize {
         self.lock().len

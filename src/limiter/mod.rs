@@ -6,7 +6,7 @@
 //! any other. Token quotas are charged an estimate up front (prompt tokens plus the
 //! output allowance) and reconciled to the actual usage afterwards.
 
-mod core;
+pub(crate) mod core;
 mod gcra;
 mod layer;
 mod target;

@@ -356,7 +356,9 @@ impl Provider for Anthropic {
     async fn chat(&self, call: ProviderCall<'_>) -> Result<ChatResponse> {
         let body = self.body(&call, false)?;
         let core = &self.core;
-        let (mut resp, sent) = core.post("/v1/messages", body, false).await?;
+        let (mut resp, sent) = core
+            .post("/v1/messages", body, false, super::token_estimate(&call))
+            .await?;
         let status = resp.status().as_u16();
         let bytes = core.read_body(&mut resp, &sent).await?;
         let v = core.parse_json(status, &bytes)?;
@@ -366,7 +368,9 @@ impl Provider for Anthropic {
     async fn stream(&self, call: ProviderCall<'_>) -> Result<ChatStream> {
         let body = self.body(&call, true)?;
         let core = &self.core;
-        let (mut resp, sent) = core.post("/v1/messages", body, true).await?;
+        let (mut resp, sent) = core
+            .post("/v1/messages", body, true, super::token_estimate(&call))
+            .await?;
         if HttpCore::is_json(&resp) {
             let status = resp.status().as_u16();
             let bytes = core.read_body(&mut resp, &sent).await?;

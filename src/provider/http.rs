@@ -164,6 +164,8 @@ pub(crate) struct HttpSettings {
     pub(crate) client: Option<reqwest::Client>,
     pub(crate) counter: Option<Arc<dyn TokenCounter>>,
     pub(crate) clock: Option<Arc<dyn Clock>>,
+    /// Per-key requests and tokens a minute.
+    pub(crate) key_limits: (Option<u64>, Option<u64>),
     pub(crate) error: Option<String>,
 }
 
@@ -182,6 +184,7 @@ impl HttpSettings {
             client: None,
             counter: None,
             clock: None,
+            key_limits: (None, None),
             error: None,
         }
     }
@@ -241,6 +244,15 @@ impl HttpSettings {
         };
         let clock: Arc<dyn Clock> = self.clock.unwrap_or_else(|| Arc::new(TokioClock::new()));
         let keys = keys.map(|k| k.with_clock(Arc::clone(&clock)));
+        let keys = match (keys, self.key_limits) {
+            (Some(k), (None, None)) => Some(k),
+            (Some(k), (rpm, tpm)) => Some(
+                k.with_key_limits(rpm, tpm)
+                    .map_err(|e| cfg(e.to_string()))?,
+            ),
+            (None, (None, None)) => None,
+            (None, _) => return Err(cfg("per-key limits need API keys".into())),
+        };
         let client = match self.client {
             Some(c) => c,
             None => {
@@ -301,6 +313,15 @@ macro_rules! http_builder_methods {
             keys: impl IntoIterator<Item = K>,
         ) -> Self {
             self.http.keys.extend(keys.into_iter().map(Into::into));
+            self
+        }
+
+        /// Keeps each key under `rpm` requests and `tpm` tokens (prompt plus output
+        /// allowance) a minute, the provider's per-key limits: a key at its limit is
+        /// skipped, and when every key is, the call fails at once as rate limited with
+        /// the exact wait, without a request.
+        pub fn key_limits(mut self, rpm: Option<u64>, tpm: Option<u64>) -> Self {
+            self.http.key_limits = (rpm, tpm);
             self
         }
 
@@ -431,22 +452,24 @@ impl HttpCore {
     }
 
     /// Posts `body` (JSON) to `path` and returns the response if its status is a success.
+    /// `tokens` is the request's token estimate, charged to the key's per-key quota.
     pub(crate) async fn post(
         &self,
         path: &str,
         body: Vec<u8>,
         streaming: bool,
+        tokens: u64,
     ) -> std::result::Result<(reqwest::Response, Sent), ProviderError> {
         let start = Instant::now();
         let lease = match &self.keys {
-            Some(pool) => match pool.acquire() {
+            Some(pool) => match pool.acquire_for(tokens) {
                 Ok(lease) => Some(lease),
                 Err(wait) => {
                     return Err(self
                         .error(
                             ProviderErrorKind::RateLimited,
                             format!(
-                                "all {} API key(s) are cooling down after rate limits",
+                                "all {} API key(s) are cooling down or at their per-key limits",
                                 pool.len()
                             ),
                         )

@@ -7,7 +7,38 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::clock::{Clock, Timestamp, TokioClock};
+use crate::limiter::core::{Compiled, Core, Item, Refusal};
+use crate::limiter::{Quota, Unit};
 use crate::{Error, Result};
+
+impl KeyQuotas {
+    /// Charges key `index` one request and `tokens` tokens, or says how long to wait.
+    fn admit(&self, index: usize, tokens: u64, now: u64) -> std::result::Result<(), Duration> {
+        let Some(name) = self.names.get(index) else {
+            return Ok(());
+        };
+        let items: Vec<Item<'_>> = self
+            .units
+            .iter()
+            .map(|(quota, unit)| Item {
+                quota: *quota,
+                key: name,
+                units: if *unit == Unit::Requests { 1 } else { tokens },
+                mult: 1000,
+            })
+            .collect();
+        match self.core.check(now, &items) {
+            Ok(()) => Ok(()),
+            Err(Refusal::Wait { wait, .. }) => Err(wait),
+            // A request larger than the per-key burst, or a full table: never ready.
+            Err(_) => Err(Duration::from_secs(60)),
+        }
+    }
+
+    fn core_quotas(&self) -> Vec<Compiled> {
+        self.core.quotas().to_vec()
+    }
+}
 
 /// An API key. Its `Debug` output shows only a short fingerprint; it has no `Display`
 /// and no `Serialize`, so it cannot end up in logs, errors or serialized configuration
@@ -127,6 +158,15 @@ struct PoolInner {
     ready_at: Mutex<Vec<Timestamp>>,
     next: AtomicUsize,
     clock: Arc<dyn Clock>,
+    /// Per-key quotas: requests and/or tokens per minute, one GCRA key per pool index.
+    quotas: Option<KeyQuotas>,
+}
+
+struct KeyQuotas {
+    core: Core,
+    /// (quota index, unit) of the per-key quotas.
+    units: Vec<(usize, Unit)>,
+    names: Box<[String]>,
 }
 
 impl fmt::Debug for KeyPool {
@@ -160,6 +200,40 @@ impl KeyPool {
                 ready_at: Mutex::new(vec![Timestamp::default(); n]),
                 next: AtomicUsize::new(0),
                 clock: Arc::new(TokioClock::new()),
+                quotas: None,
+            }),
+        })
+    }
+
+    /// The same keys, each held under `rpm` requests and `tpm` tokens a minute (either
+    /// may be `None`): a key whose quota is used up is skipped like one cooling down, so
+    /// the pool stays under the provider's per-key limits instead of waiting for 429s.
+    /// Tokens are charged as the caller estimates them (prompt plus output allowance).
+    pub fn with_key_limits(self, rpm: Option<u64>, tpm: Option<u64>) -> Result<Self> {
+        let mut quotas = Vec::new();
+        let mut units = Vec::new();
+        for (n, unit) in [(rpm, Unit::Requests), (tpm, Unit::Tokens)] {
+            if let Some(n) = n {
+                let n = crate::limiter::nonzero(n, "a per-key limit")?;
+                units.push((quotas.len(), unit));
+                quotas.push(Compiled::new(&Quota::per_minute(n)));
+            }
+        }
+        let names = (0..self.inner.keys.len())
+            .map(|i| format!("key{i}"))
+            .collect();
+        let quotas = (!units.is_empty()).then(|| KeyQuotas {
+            core: Core::new(quotas, MAX_KEYS * 2),
+            units,
+            names,
+        });
+        Ok(KeyPool {
+            inner: Arc::new(PoolInner {
+                keys: self.inner.keys.clone(),
+                ready_at: Mutex::new(self.lock().clone()),
+                next: AtomicUsize::new(self.inner.next.load(Ordering::Relaxed)),
+                clock: Arc::clone(&self.inner.clock),
+                quotas,
             }),
         })
     }
@@ -174,7 +248,33 @@ impl KeyPool {
                 ready_at: Mutex::new(ready_at),
                 next: AtomicUsize::new(self.inner.next.load(Ordering::Relaxed)),
                 clock,
+                quotas: None,
             }),
+        }
+        .with_quotas_of(&self)
+    }
+
+    /// Carries `other`'s quota settings over (used when the clock changes).
+    fn with_quotas_of(self, other: &KeyPool) -> Self {
+        match &other.inner.quotas {
+            None => self,
+            Some(q) => {
+                // Quota state is timed on the old clock; start afresh on the new one.
+                let inner = PoolInner {
+                    keys: self.inner.keys.clone(),
+                    ready_at: Mutex::new(self.lock().clone()),
+                    next: AtomicUsize::new(0),
+                    clock: Arc::clone(&self.inner.clock),
+                    quotas: Some(KeyQuotas {
+                        core: Core::new(q.core_quotas(), MAX_KEYS * 2),
+                        units: q.units.clone(),
+                        names: q.names.clone(),
+                    }),
+                };
+                KeyPool {
+                    inner: Arc::new(inner),
+                }
+            }
         }
     }
 
@@ -204,6 +304,12 @@ impl KeyPool {
     /// The next ready key, taking turns; or, when every key is cooling down, how long
     /// until the first is ready.
     pub fn acquire(&self) -> std::result::Result<KeyLease, Duration> {
+        self.acquire_for(0)
+    }
+
+    /// Like [`acquire`](Self::acquire), charging the key's quotas (see
+    /// [`with_key_limits`](Self::with_key_limits)) one request and `tokens` tokens.
+    pub fn acquire_for(&self, tokens: u64) -> std::result::Result<KeyLease, Duration> {
         let now = self.inner.clock.now();
         let n = self.inner.keys.len();
         let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
@@ -215,6 +321,12 @@ impl KeyPool {
                 continue;
             };
             if *at <= now {
+                if let Some(q) = &self.inner.quotas {
+                    if let Err(wait) = q.admit(index, tokens, now.as_nanos()) {
+                        soonest = soonest.min(now.saturating_add(wait));
+                        continue;
+                    }
+                }
                 if i > 0 {
                     // Keys were skipped: the turn continues after this one, so the
                     // ready keys keep sharing the load evenly.

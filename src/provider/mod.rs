@@ -75,6 +75,13 @@ impl<'a> ProviderCall<'a> {
     }
 }
 
+/// The token charge of `call` for per-key quotas: prompt tokens plus output allowance.
+pub(crate) fn token_estimate(call: &ProviderCall<'_>) -> u64 {
+    use crate::context::{TiktokenCounter, TokenCounter};
+    TiktokenCounter::new().count_request(call.request, call.model.tokenizer)
+        + call.model.output_allowance(call.request.params.max_tokens)
+}
+
 /// Calls one model API.
 ///
 /// Implementations report usage as the API returned it (or counted, marked

@@ -334,7 +334,14 @@ impl OpenAiCompatible {
     async fn chat_inner(&self, call: ProviderCall<'_>) -> std::result::Result<ChatResponse, Error> {
         let body = self.body(&call, false)?;
         let core = &self.inner.core;
-        let (mut resp, sent) = core.post("/chat/completions", body, false).await?;
+        let (mut resp, sent) = core
+            .post(
+                "/chat/completions",
+                body,
+                false,
+                super::token_estimate(&call),
+            )
+            .await?;
         let status = resp.status().as_u16();
         let bytes = core.read_body(&mut resp, &sent).await?;
         let v = core.parse_json(status, &bytes)?;
@@ -366,7 +373,14 @@ impl OpenAiCompatible {
         }
         let body = serde_json::to_vec(&body)
             .map_err(|e| Error::InvalidRequest(format!("the request cannot be encoded: {e}")))?;
-        let (mut resp, sent) = core.post("/embeddings", body, false).await?;
+        let (mut resp, sent) = core
+            .post(
+                "/embeddings",
+                body,
+                false,
+                texts.iter().map(|t| (t.len() as u64).div_ceil(3)).sum(),
+            )
+            .await?;
         let status = resp.status().as_u16();
         let bytes = core.read_body(&mut resp, &sent).await?;
         let v = core.parse_json(status, &bytes)?;
@@ -492,7 +506,14 @@ impl Provider for OpenAiCompatible {
     async fn stream(&self, call: ProviderCall<'_>) -> Result<ChatStream> {
         let body = self.body(&call, true)?;
         let core = &self.inner.core;
-        let (mut resp, sent) = core.post("/chat/completions", body, true).await?;
+        let (mut resp, sent) = core
+            .post(
+                "/chat/completions",
+                body,
+                true,
+                super::token_estimate(&call),
+            )
+            .await?;
         if HttpCore::is_json(&resp) {
             // The server answered whole: replay it as a stream.
             let status = resp.status().as_u16();
