@@ -16,6 +16,7 @@ use tokenwise::budget::BudgetWindow;
 use tokenwise::observe::eval::{Evaluator, GoldenQuery, GoldenSet};
 use tokenwise::observe::{JsonlSink, metrics as m};
 use tokenwise::provider::{Provider, ProviderCall, SimulatedProvider};
+use tokenwise::resilience::RetryPolicy;
 use tokenwise::{
     ChatRequest, ChatResponse, ChatStream, Cost, Pipeline, ProviderError, ProviderErrorKind,
     ScopeKind,
@@ -132,6 +133,7 @@ async fn a_full_run_never_shows_the_api_key_or_the_prompts() {
         .provider_arc(provider.clone())
         .default_model("gpt-4o-mini")
         .fallbacks("gpt-4o-mini", ["claude-haiku-4-5"])
+        .retry(RetryPolicy::none())
         .rate_limit(ScopeKind::User, 8)
         .spend_cap(ScopeKind::Org, Cost::from_micros(1_000), BudgetWindow::Day)
         .usage_sink(sink.clone())
