@@ -13,8 +13,9 @@
 //!
 //! The traffic: fifty users and a batch job in three organisations, half of them repeating one of thirty
 //! questions (so the cache answers), some streamed, some asking a model by name; a
-//! provider that fails 8 % of calls and has a short outage on the primary model (so
-//! requests fall back, or fail where there is nothing to fall back to); a per-user rate
+//! provider that fails 8 % of calls and has a two-second outage on the primary model
+//! (so calls are retried, its circuit breaker opens and requests fall back, or fail
+//! where there is nothing to fall back to); a per-user rate
 //! limit that the batch job runs into; a validator that escalates short answers; and daily spend caps, sampled into
 //! the budget gauges every second. When the traffic is done the example fetches its own
 //! `/metrics` over loopback, checks that it is valid Prometheus text, prints a summary,
@@ -140,7 +141,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .rate_limit_rate(0.03, Duration::from_secs(1))
         .outage(
             Duration::from_millis(500),
-            Duration::from_millis(900),
+            Duration::from_millis(2_500),
             Some("gpt-4o-mini"),
         )
         .seed(7)
@@ -248,6 +249,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ex.sum(m::COST, &[]) / 1e9,
         ex.sum(m::COST_SAVED, &[]) / 1e9,
     );
+    let mut breakers: Vec<_> = ex
+        .samples
+        .iter()
+        .filter(|((name, _), _)| name == m::BREAKER_STATE)
+        .map(|((_, labels), v)| {
+            let state = match *v as u8 {
+                0 => "closed",
+                1 => "half-open",
+                _ => "open",
+            };
+            format!(
+                "{} {state}",
+                labels.get("model").map_or("?", String::as_str)
+            )
+        })
+        .collect();
+    breakers.sort();
+    println!("circuit breakers: {}", breakers.join(", "));
     if let Some(u) = ex.get(
         m::BUDGET_UTILIZATION,
         &[("scope", "global"), ("window", "day")],
