@@ -96,11 +96,14 @@ pub struct Fitted<'a> {
     pub trimmed_documents: usize,
 }
 
+/// A text's hash and length, and the tokenizer.
+type CountKey = (u64, usize, TokenizerKind);
+
 /// Token counts of recent texts, so that re-fitting a long conversation after one new
 /// turn counts only the new turn. Bounded (least recently used out).
 #[derive(Debug, Clone)]
 pub struct CountCache {
-    map: Arc<Mutex<lru::LruCache<(u64, usize, TokenizerKind), u64>>>,
+    map: Arc<Mutex<lru::LruCache<CountKey, u64>>>,
     hasher: hashbrown::DefaultHashBuilder,
 }
 

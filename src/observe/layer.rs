@@ -7,14 +7,15 @@ use tower_layer::Layer;
 use tower_service::Service;
 use tracing::Instrument;
 
-use super::{Outcome, UsageRecord, UsageSink, record_on_span, request_span};
+use super::{InFlight, Outcome, UsageRecord, UsageSink, finish, request_span};
 use crate::clock::{Clock, TokioClock};
 use crate::types::{ChatRequest, ChatResponse, Cost, Served};
 use crate::{BoxFuture, Error};
 
-/// Runs the inner service inside a `gen_ai.chat` span and sends one [`UsageRecord`]
-/// per request to a [`UsageSink`]: the same span and record a [`Pipeline`](crate::Pipeline)
-/// produces, for hand-built tower stacks.
+/// Runs the inner service inside a `gen_ai.chat` span, emits the request metrics and
+/// sends one [`UsageRecord`] per request to a [`UsageSink`]: the same span, metrics and
+/// record a [`Pipeline`](crate::Pipeline) produces, for hand-built tower stacks. (The
+/// inner services make no `gen_ai.attempt` spans and know nothing of routes.)
 #[derive(Debug, Clone)]
 pub struct ObserveLayer {
     sink: Arc<dyn UsageSink>,
@@ -88,21 +89,19 @@ where
         let span = request_span(&req, false);
         Box::pin(
             async move {
+                let _in_flight = InFlight::start();
                 let mut rec = UsageRecord::new(layer.clock.now(), &req.meta, false);
                 let result = inner.call(req).await;
                 rec.latency = layer.clock.now().saturating_since(rec.started_at);
-                let mut finish = None;
+                let mut finish_reason = None;
                 match &result {
                     Ok(r) => {
                         rec.model = Some(r.model.clone());
                         rec.provider = Some(r.provider.clone());
-                        finish = Some(r.finish_reason.to_string());
+                        finish_reason = Some(r.finish_reason.to_string());
+                        rec.set_served(&r.served);
                         match &r.served {
-                            Served::Cache { saved_cost, .. } => {
-                                rec.outcome = Outcome::CacheHit;
-                                rec.saved = *saved_cost;
-                                rec.cost = Cost::ZERO;
-                            }
+                            Served::Cache { .. } => rec.cost = Cost::ZERO,
                             Served::Provider { attempts, .. } => {
                                 rec.outcome = Outcome::Provider;
                                 rec.usage = r.usage;
@@ -111,9 +110,13 @@ where
                             }
                         }
                     }
-                    Err(e) => rec.outcome = Outcome::Error(e.reason().to_owned()),
+                    Err(e) => rec.set_error(e),
                 }
-                record_on_span(&tracing::Span::current(), &rec, finish.as_deref());
+                finish(
+                    &tracing::Span::current(),
+                    &mut rec,
+                    finish_reason.as_deref(),
+                );
                 layer.sink.record(&rec);
                 result
             }

@@ -1,27 +1,58 @@
-//! Observability: per-request usage records and the request span.
+//! Observability: tracing spans, metrics, usage records and golden-query evaluation.
 //!
-//! Every request through a pipeline, cache hits and refusals included, produces one
-//! [`UsageRecord`] for the configured [`UsageSink`] and runs inside a `tracing` span
-//! named `gen_ai.chat` carrying OpenTelemetry GenAI attributes
-//! (`gen_ai.operation.name`, `gen_ai.provider.name`, `gen_ai.request.model`,
-//! `gen_ai.response.model`, `gen_ai.usage.input_tokens`, `gen_ai.usage.output_tokens`,
-//! `gen_ai.response.finish_reasons`) and tokenwise's own (`tokenwise.cache_hit`,
-//! `tokenwise.cost_usd`, `tokenwise.saved_usd`, `tokenwise.attempts`,
-//! `tokenwise.outcome`, `tokenwise.stream`).
+//! Every request through a [`Pipeline`](crate::Pipeline), cache hits, refusals and
+//! failures included, produces three things:
+//!
+//! - **A span.** The request runs inside a `tracing` span named `gen_ai.chat`, and each
+//!   provider call inside it gets a child span named `gen_ai.attempt`. Both carry
+//!   OpenTelemetry GenAI semantic-convention attributes (`gen_ai.operation.name`,
+//!   `gen_ai.provider.name`, `gen_ai.request.model`, `gen_ai.response.model`,
+//!   `gen_ai.usage.input_tokens`, `gen_ai.usage.output_tokens`,
+//!   `gen_ai.response.finish_reasons`, `error.type`) plus tokenwise's own
+//!   (`tokenwise.cache_hit`, `tokenwise.cost_usd`, `tokenwise.attempts`, `tokenwise.route`,
+//!   ...). `otel.name`, `otel.kind` and `otel.status_code` are set for
+//!   `tracing-opentelemetry`, so exported spans are named `chat {model}` as the
+//!   conventions ask. The full list is in `docs/observability.md`.
+//! - **Metrics** through the [`metrics`](::metrics) facade: requests by model, status and
+//!   cache, latency and time-to-first-token histograms, tokens, cost and cost saved,
+//!   requests in flight, refusals by scope. Install any `metrics` recorder (for example
+//!   `metrics-exporter-prometheus`) and they appear; without one they cost next to
+//!   nothing. Names and labels are in [`metrics`].
+//! - **One [`UsageRecord`]** for the pipeline's built-in [`MemoryUsage`] report and for an
+//!   optional [`UsageSink`] such as [`JsonlSink`].
+//!
+//! No span, metric label, log line or usage record carries prompt or answer text, and
+//! none carries credentials: spans describe a request by its model, parameters, sizes and
+//! outcome; errors are reported by their stable [`reason`](crate::Error::reason).
+//!
+//! [`eval`] runs a set of golden queries through a pipeline and scores the answers, for
+//! a check in CI before a deployment.
 
+pub mod eval;
+mod jsonl;
 mod layer;
+mod memory;
+pub mod metrics;
+mod span;
 
-use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use jsonl::{JsonlSink, JsonlStats, read_jsonl};
 pub use layer::{Observe, ObserveLayer};
+pub use memory::{MemoryUsage, Totals, UsageReport};
+pub use metrics::BudgetSampler;
 
+pub(crate) use metrics::{InFlight, track_stream};
+pub(crate) use span::{Attempt, finish, request_span};
+
+use crate::Error;
+use crate::budget::Degrade;
 use crate::clock::Timestamp;
-use crate::types::{Cost, Usage};
+use crate::router::RoutePlan;
+use crate::types::{Cost, RequestMeta, ScopeKind, Served, Usage};
 
 /// How a request ended.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -32,7 +63,8 @@ pub enum Outcome {
     Provider,
     /// The cache answered.
     CacheHit,
-    /// The request failed or was refused; the error's [`reason`](crate::Error::reason).
+    /// The request failed or was refused; the error's [`reason`](crate::Error::reason)
+    /// (or `stream_dropped` for a stream its caller dropped before the end).
     Error(String),
 }
 
@@ -45,26 +77,49 @@ impl Outcome {
             Outcome::Error(r) => r,
         }
     }
+
+    /// Whether the request failed or was refused.
+    pub fn is_error(&self) -> bool {
+        matches!(self, Outcome::Error(_))
+    }
 }
 
 /// One record per request, for cost attribution.
+///
+/// Serialized (for [`JsonlSink`]) with durations in nanoseconds (`latency_ns`,
+/// `ttft_ns`), money in nano-dollars (`cost`, `saved`) and times in nanoseconds since
+/// the Unix epoch (`started_at`). Fields added later deserialize to their defaults, so
+/// old files stay readable.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct UsageRecord {
     /// When the request started.
     pub started_at: Timestamp,
     /// How long it took (for a stream: until its end or drop).
+    #[serde(rename = "latency_ns", with = "duration_ns")]
     pub latency: Duration,
+    /// For a stream: how long until its first event reached the pipeline (a cached
+    /// answer's replay starts at once). `None` for whole answers and failed streams.
+    #[serde(
+        rename = "ttft_ns",
+        default,
+        with = "opt_duration_ns",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub time_to_first_token: Option<Duration>,
     /// The user.
     pub user: Option<String>,
     /// The organisation.
     pub org: Option<String>,
     /// The feature.
     pub feature: Option<String>,
-    /// The model that answered (or was asked), if any.
+    /// The model that answered; for a failure, the model it was routed to, if any.
     pub model: Option<String>,
     /// The provider that answered, if any.
     pub provider: Option<String>,
+    /// The models the router chose, in the order they would be tried.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub route: Vec<String>,
     /// Tokens billed (zero for a cache hit).
     pub usage: Usage,
     /// What it cost.
@@ -73,6 +128,29 @@ pub struct UsageRecord {
     pub saved: Cost,
     /// Provider calls made.
     pub attempts: u32,
+    /// Targets given up on before the one that answered.
+    #[serde(default)]
+    pub fallbacks: u32,
+    /// Whether a validator escalated the request to a stronger model.
+    #[serde(default)]
+    pub escalated: bool,
+    /// For a cache hit: 1.0 for an exact match, the similarity for a semantic one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub similarity: Option<f32>,
+    /// Semantic-cache candidates that the near-miss guard rejected (numbers, negation,
+    /// named entities). Zero until the semantic cache's guard reports it.
+    #[serde(default)]
+    pub guard_rejections: u32,
+    /// The degrade mode a spend cap put the request in (`cheaper_model`, `cache_only`),
+    /// if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degrade_mode: Option<String>,
+    /// For a refusal by a rate limit or a spend cap: the kind of scope that refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal_scope: Option<ScopeKind>,
+    /// Why generation stopped, if it finished (`stop`, `length`, `tool_calls`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
     /// Whether it was streamed.
     pub stream: bool,
     /// How it ended.
@@ -80,26 +158,87 @@ pub struct UsageRecord {
 }
 
 impl UsageRecord {
-    pub(crate) fn new(
-        started_at: Timestamp,
-        meta: &crate::types::RequestMeta,
-        stream: bool,
-    ) -> Self {
+    /// A record for a request that starts at `started_at`, attributed to `meta`'s user,
+    /// organisation and feature. The pipeline fills in the rest as the request runs; a
+    /// custom tower stack or a test can do the same.
+    pub fn new(started_at: Timestamp, meta: &RequestMeta, stream: bool) -> Self {
         UsageRecord {
             started_at,
             latency: Duration::ZERO,
+            time_to_first_token: None,
             user: meta.user.clone(),
             org: meta.org.clone(),
             feature: meta.feature.clone(),
             model: None,
             provider: None,
+            route: Vec::new(),
             usage: Usage::default(),
             cost: Cost::ZERO,
             saved: Cost::ZERO,
             attempts: 0,
+            fallbacks: 0,
+            escalated: false,
+            similarity: None,
+            guard_rejections: 0,
+            degrade_mode: None,
+            refusal_scope: None,
+            finish_reason: None,
             stream,
             outcome: Outcome::Provider,
         }
+    }
+
+    /// Whether the cache answered.
+    pub fn is_cache_hit(&self) -> bool {
+        self.outcome == Outcome::CacheHit
+    }
+
+    /// Notes how an answer was served: fallbacks and escalation for a provider answer,
+    /// similarity and savings for a cache hit.
+    pub(crate) fn set_served(&mut self, served: &Served) {
+        match served {
+            Served::Provider {
+                fallbacks,
+                escalated,
+                ..
+            } => {
+                self.fallbacks = *fallbacks;
+                self.escalated = *escalated;
+            }
+            Served::Cache {
+                similarity,
+                saved_cost,
+                ..
+            } => {
+                self.outcome = Outcome::CacheHit;
+                self.similarity = Some(*similarity);
+                self.saved = *saved_cost;
+            }
+        }
+    }
+
+    /// Notes a failure or refusal: its reason, and the scope that refused, if any.
+    pub(crate) fn set_error(&mut self, e: &Error) {
+        self.outcome = Outcome::Error(e.reason().to_owned());
+        self.refusal_scope = match e {
+            Error::RateLimited { scope, .. } | Error::BudgetExceeded { scope, .. } => {
+                Some(scope.kind())
+            }
+            _ => None,
+        };
+    }
+
+    /// Notes the degrade mode a spend cap put the request in, if it changed how the
+    /// request is served (a cheaper model, or the cache only).
+    pub(crate) fn set_degrade(&mut self, mode: Option<&Degrade>) {
+        if let Some(m @ (Degrade::CheaperModel(_) | Degrade::CacheOnly)) = mode {
+            self.degrade_mode = Some(m.as_str().to_owned());
+        }
+    }
+
+    /// Notes the router's choice.
+    pub(crate) fn set_route(&mut self, route: &RoutePlan) {
+        self.route = route.targets.iter().map(|m| m.name.clone()).collect();
     }
 }
 
@@ -107,7 +246,7 @@ impl UsageRecord {
 ///
 /// `record` is called on the request's path (and from a dropped stream's destructor),
 /// so it must not block: sinks that write to I/O should hand records to a bounded
-/// channel and drop (and count) what does not fit.
+/// channel and drop (and count) what does not fit, as [`JsonlSink`] does.
 ///
 /// # Implementing
 ///
@@ -130,211 +269,69 @@ pub trait UsageSink: Send + Sync + fmt::Debug {
     fn record(&self, record: &UsageRecord);
 }
 
-/// Running totals.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct Totals {
-    /// Requests recorded.
-    pub requests: u64,
-    /// Answered by the cache.
-    pub cache_hits: u64,
-    /// Failed or refused.
-    pub errors: u64,
-    /// Input tokens billed.
-    pub input_tokens: u64,
-    /// Output tokens billed.
-    pub output_tokens: u64,
-    /// Spent.
-    pub cost: Cost,
-    /// Saved by cache hits.
-    pub saved: Cost,
-}
+mod duration_ns {
+    use std::time::Duration;
 
-impl Totals {
-    fn add(&mut self, r: &UsageRecord) {
-        self.requests += 1;
-        match r.outcome {
-            Outcome::CacheHit => self.cache_hits += 1,
-            Outcome::Error(_) => self.errors += 1,
-            Outcome::Provider => {}
-        }
-        self.input_tokens += r.usage.input_tokens;
-        self.output_tokens += r.usage.output_tokens;
-        self.cost += r.cost;
-        self.saved += r.saved;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(crate::clock::duration_nanos(*d))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_nanos)
     }
 }
 
-/// A report from [`MemoryUsage`].
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct UsageReport {
-    /// Everything.
-    pub totals: Totals,
-    /// By model (`-` when no model was reached).
-    pub by_model: HashMap<String, Totals>,
-    /// By user (`-` for anonymous requests).
-    pub by_user: HashMap<String, Totals>,
-    /// By refusal or error reason.
-    pub errors_by_reason: HashMap<String, u64>,
-}
+mod opt_duration_ns {
+    use std::time::Duration;
 
-#[derive(Debug, Default)]
-struct MemoryState {
-    report: UsageReport,
-    recent: VecDeque<UsageRecord>,
-}
+    use serde::{Deserialize, Deserializer, Serializer};
 
-/// An in-memory sink: totals by model and user, errors by reason, and the most recent
-/// records. Bounded: at most `max_keys` distinct users and models are tracked apart
-/// (the rest add up under `(other)`), and at most `recent` records are kept.
-#[derive(Debug)]
-pub struct MemoryUsage {
-    state: Mutex<MemoryState>,
-    max_keys: usize,
-    recent: usize,
-}
-
-impl Default for MemoryUsage {
-    fn default() -> Self {
-        Self::new(10_000, 1_000)
-    }
-}
-
-impl MemoryUsage {
-    /// A sink tracking up to `max_keys` users and models apart and keeping the last
-    /// `recent` records.
-    pub fn new(max_keys: usize, recent: usize) -> Self {
-        MemoryUsage {
-            state: Mutex::new(MemoryState::default()),
-            max_keys,
-            recent,
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&crate::clock::duration_nanos(*d)),
+            None => s.serialize_none(),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, MemoryState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        Option::<u64>::deserialize(d).map(|n| n.map(Duration::from_nanos))
     }
-
-    /// The report so far.
-    pub fn report(&self) -> UsageReport {
-        self.lock().report.clone()
-    }
-
-    /// The most recent records, oldest first.
-    pub fn recent(&self) -> Vec<UsageRecord> {
-        self.lock().recent.iter().cloned().collect()
-    }
-}
-
-fn bucket<'a>(map: &'a mut HashMap<String, Totals>, key: &str, max: usize) -> &'a mut Totals {
-    let key = if map.contains_key(key) || map.len() < max {
-        key
-    } else {
-        "(other)"
-    };
-    map.entry(key.to_owned()).or_default()
-}
-
-impl UsageSink for MemoryUsage {
-    fn record(&self, r: &UsageRecord) {
-        let mut st = self.lock();
-        let max = self.max_keys;
-        st.report.totals.add(r);
-        bucket(
-            &mut st.report.by_model,
-            r.model.as_deref().unwrap_or("-"),
-            max,
-        )
-        .add(r);
-        bucket(
-            &mut st.report.by_user,
-            r.user.as_deref().unwrap_or("-"),
-            max,
-        )
-        .add(r);
-        if let Outcome::Error(reason) = &r.outcome {
-            *st.report
-                .errors_by_reason
-                .entry(reason.clone())
-                .or_default() += 1;
-        }
-        if self.recent > 0 {
-            if st.recent.len() == self.recent {
-                st.recent.pop_front();
-            }
-            st.recent.push_back(r.clone());
-        }
-    }
-}
-
-/// The request span, with every field declared so it can be recorded later.
-pub(crate) fn request_span(req: &crate::types::ChatRequest, stream: bool) -> tracing::Span {
-    tracing::info_span!(
-        "gen_ai.chat",
-        "gen_ai.operation.name" = "chat",
-        "gen_ai.request.model" = req.model.as_deref().unwrap_or("auto"),
-        "gen_ai.provider.name" = tracing::field::Empty,
-        "gen_ai.response.model" = tracing::field::Empty,
-        "gen_ai.usage.input_tokens" = tracing::field::Empty,
-        "gen_ai.usage.output_tokens" = tracing::field::Empty,
-        "gen_ai.response.finish_reasons" = tracing::field::Empty,
-        "tokenwise.user" = req.meta.user.as_deref(),
-        "tokenwise.cache_hit" = tracing::field::Empty,
-        "tokenwise.cost_usd" = tracing::field::Empty,
-        "tokenwise.saved_usd" = tracing::field::Empty,
-        "tokenwise.attempts" = tracing::field::Empty,
-        "tokenwise.outcome" = tracing::field::Empty,
-        "tokenwise.stream" = stream,
-    )
-}
-
-/// Records a finished request on its span.
-pub(crate) fn record_on_span(span: &tracing::Span, r: &UsageRecord, finish: Option<&str>) {
-    if let Some(p) = &r.provider {
-        span.record("gen_ai.provider.name", p.as_str());
-    }
-    if let Some(m) = &r.model {
-        span.record("gen_ai.response.model", m.as_str());
-    }
-    span.record("gen_ai.usage.input_tokens", r.usage.input_tokens);
-    span.record("gen_ai.usage.output_tokens", r.usage.output_tokens);
-    if let Some(f) = finish {
-        span.record("gen_ai.response.finish_reasons", f);
-    }
-    span.record("tokenwise.cache_hit", r.outcome == Outcome::CacheHit);
-    span.record("tokenwise.cost_usd", r.cost.as_dollars_f64());
-    span.record("tokenwise.saved_usd", r.saved.as_dollars_f64());
-    span.record("tokenwise.attempts", r.attempts);
-    span.record("tokenwise.outcome", r.outcome.label());
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::RequestMeta;
 
     #[test]
-    fn memory_usage_is_bounded() {
-        let sink = MemoryUsage::new(2, 3);
-        for i in 0..5 {
-            let meta = RequestMeta {
-                user: Some(format!("u{i}")),
-                ..Default::default()
-            };
-            let mut r = UsageRecord::new(Timestamp::from_secs(0), &meta, false);
-            r.cost = Cost::from_nanos(10);
-            if i == 4 {
-                r.outcome = Outcome::Error("rate_limited".into());
-            }
-            sink.record(&r);
-        }
-        let rep = sink.report();
-        assert_eq!(rep.totals.requests, 5);
-        assert_eq!(rep.totals.cost, Cost::from_nanos(50));
-        assert_eq!(rep.by_user.len(), 3); // u0, u1, (other)
-        assert_eq!(rep.by_user["(other)"].requests, 3);
-        assert_eq!(rep.errors_by_reason["rate_limited"], 1);
-        assert_eq!(sink.recent().len(), 3);
+    fn records_round_trip_through_json() {
+        let meta = RequestMeta {
+            user: Some("ann".into()),
+            org: Some("acme".into()),
+            ..Default::default()
+        };
+        let mut r = UsageRecord::new(Timestamp::from_secs(1_800_000_000), &meta, true);
+        r.latency = Duration::from_nanos(1_234_567);
+        r.time_to_first_token = Some(Duration::from_millis(120));
+        r.cost = Cost::from_nanos(42);
+        r.set_error(&Error::RateLimited {
+            scope: crate::types::Scope::User("ann".into()),
+            retry_after: Duration::from_secs(1),
+        });
+        let line = serde_json::to_string(&r).unwrap();
+        assert!(line.contains("\"latency_ns\":1234567"), "{line}");
+        assert!(line.contains("\"refusal_scope\":\"user\""), "{line}");
+        let back: UsageRecord = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, r);
+        // a record written before the optional fields existed still reads
+        let old = r#"{"started_at":1,"latency_ns":2,"user":null,"org":null,"feature":null,
+            "model":"m","provider":"p","usage":{"input_tokens":1,"output_tokens":2},
+            "cost":3,"saved":0,"attempts":1,"stream":false,"outcome":"provider"}"#;
+        let old: UsageRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(old.fallbacks, 0);
+        assert_eq!(old.time_to_first_token, None);
     }
 }

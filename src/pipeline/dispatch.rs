@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::{Answer, Inner, Opened, Plan};
 use crate::error::{ProviderError, ProviderErrorKind};
+use crate::observe;
 use crate::provider::{Provider, ProviderCall};
 use crate::resilience::{Admit, Breakers, Hedge};
 use crate::router::Verdict;
@@ -212,6 +214,11 @@ impl Inner {
     ) {
         if let Some(b) = &self.breakers {
             b.record(&model.name, admit, error.is_some_and(is_target_failure));
+            observe::metrics::record_breaker_state(
+                &model.provider,
+                &model.name,
+                b.state(&model.name),
+            );
         }
         if error.is_none() {
             self.latencies.record(&model.name, latency);
@@ -278,9 +285,12 @@ impl Inner {
             if retry == 0 {
                 self.retry_budget.deposit(&model.name);
             }
-            attempts.fetch_add(1, Ordering::Relaxed);
+            let n = attempts.fetch_add(1, Ordering::Relaxed) + 1;
+            let attempt = observe::Attempt::start(&self.clock, provider.name(), model, n, retry);
             let t0 = Instant::now();
-            let fut = provider.chat(ProviderCall::new(req, model));
+            let fut = provider
+                .chat(ProviderCall::new(req, model))
+                .instrument(attempt.span());
             let result = match self.attempt_limit(false, deadline) {
                 Some(d) => tokio::time::timeout(d, fut).await.unwrap_or_else(|_| {
                     Err(ProviderError::new(
@@ -298,6 +308,7 @@ impl Inner {
                 result.as_ref().map_or(0, |r| r.usage.total()),
             );
             self.observe_call(model, admit, result.as_ref().err(), t0.elapsed());
+            attempt.finish(&result);
             guard.disarm();
             match result {
                 Ok(mut r) => {
@@ -538,6 +549,13 @@ impl Inner {
                 }
                 calls += 1;
                 rec.attempts += 1;
+                let attempt = observe::Attempt::start(
+                    &self.clock,
+                    provider.name(),
+                    model,
+                    rec.attempts,
+                    retry,
+                );
                 let t0 = Instant::now();
                 let open = async {
                     let mut s = provider.stream(ProviderCall::new(req, model)).await?;
@@ -549,7 +567,8 @@ impl Inner {
                             reason: "the stream ended before its first event".into(),
                         }),
                     }
-                };
+                }
+                .instrument(attempt.span());
                 let opened = match self.attempt_limit(true, deadline) {
                     Some(d) => tokio::time::timeout(d, open).await.unwrap_or_else(|_| {
                         Err(ProviderError::new(
@@ -563,6 +582,7 @@ impl Inner {
                 };
                 self.observe_call(model, admit, opened.as_ref().err(), t0.elapsed());
                 chosen.record(t0.elapsed(), opened.is_ok());
+                attempt.finish_stream(rec, &opened);
                 guard.disarm();
                 match opened {
                     Ok((first, upstream)) => {

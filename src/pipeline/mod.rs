@@ -211,6 +211,7 @@ impl Pipeline {
         let span = observe::request_span(&req, false);
         let inner = &self.inner;
         async move {
+            let _in_flight = observe::InFlight::start();
             let mut rec = UsageRecord::new(inner.clock.now(), &req.meta, false);
             let result = self.funnel(&req, &mut rec).await;
             match &result {
@@ -222,8 +223,9 @@ impl Pipeline {
                     } else {
                         Outcome::Provider
                     };
+                    rec.set_served(&r.served);
                 }
-                Err(e) => rec.outcome = Outcome::Error(e.reason().to_owned()),
+                Err(e) => rec.set_error(e),
             }
             let finish = result.as_ref().ok().map(|r| r.finish_reason.to_string());
             inner.record(rec, &tracing::Span::current(), finish.as_deref());
@@ -237,6 +239,7 @@ impl Pipeline {
     async fn funnel(&self, req: &ChatRequest, rec: &mut UsageRecord) -> Result<ChatResponse> {
         let inner = &self.inner;
         let mut plan = inner.plan(req)?; // plan: validate, route, estimate
+        rec.set_route(&plan.route);
         inner.check_max_cost(req, &plan)?; // a whole answer cannot be cut: refuse up front
         let admitted = inner.admit(&req.meta, &plan).await?; // admit: slot + rate limits
         if let Some(hit) = inner.cache_get(&plan).await {
@@ -244,7 +247,7 @@ impl Pipeline {
             rec.saved = saved_cost(&hit);
             return Ok(hit);
         }
-        let mut held = inner.spend(req, &mut plan, &admitted).await?; // budget: reserve, degrade
+        let mut held = inner.spend(req, &mut plan, &admitted, rec).await?; // budget: reserve, degrade
         let deadline = inner.deadline();
         let answered = inner.dispatch(req, &plan, rec, deadline).await; // dispatch + validate
         let (cost, used) = answered
@@ -275,12 +278,13 @@ impl Pipeline {
         let inner = Arc::clone(&self.inner);
         let span2 = span.clone();
         async move {
+            let in_flight = observe::InFlight::start();
             let mut rec = UsageRecord::new(inner.clock.now(), &req.meta, true);
             match self.open_stream(req, &mut rec, span2).await {
-                Ok(s) => Ok(s),
+                Ok(s) => Ok(observe::track_stream(s, in_flight)),
                 Err((e, rec)) => {
                     let mut rec = *rec;
-                    rec.outcome = Outcome::Error(e.reason().to_owned());
+                    rec.set_error(&e);
                     inner.record(rec, &tracing::Span::current(), None);
                     Err(e)
                 }
@@ -300,6 +304,7 @@ impl Pipeline {
         let inner = &self.inner;
         let fail = |e: Error, rec: &UsageRecord| (e, Box::new(rec.clone()));
         let mut plan = inner.plan(&req).map_err(|e| fail(e, rec))?; // plan
+        rec.set_route(&plan.route);
         let admitted = inner
             .admit(&req.meta, &plan)
             .await
@@ -309,13 +314,14 @@ impl Pipeline {
             let mut rec = rec.clone();
             rec.saved = saved_cost(&hit);
             rec.outcome = Outcome::CacheHit;
+            rec.set_served(&hit.served);
             rec.model = Some(hit.model.clone());
             rec.provider = Some(hit.provider.clone());
             inner.record(rec, &span, Some(&hit.finish_reason.to_string()));
             return Ok(stream::replay(&hit));
         }
         let mut held = inner
-            .spend(&req, &mut plan, &admitted)
+            .spend(&req, &mut plan, &admitted, rec)
             .await
             .map_err(|e| fail(e, rec))?; // budget: reserve, degrade
         let deadline = inner.deadline();
@@ -358,6 +364,7 @@ impl Pipeline {
                         let mut rec = rec.clone();
                         rec.saved = saved_cost(&hit);
                         rec.outcome = Outcome::CacheHit;
+                        rec.set_served(&hit.served);
                         rec.model = Some(hit.model.clone());
                         rec.provider = Some(hit.provider.clone());
                         inner.record(rec, &span, Some(&hit.finish_reason.to_string()));
@@ -625,6 +632,7 @@ impl Inner {
         req: &ChatRequest,
         plan: &mut Plan,
         admitted: &Admitted,
+        rec: &mut UsageRecord,
     ) -> Result<Held> {
         let reservation = match self.reserve(&req.meta, plan).await {
             Ok(r) => r,
@@ -640,6 +648,7 @@ impl Inner {
             .rev()
             .find(|(p, _)| used >= u64::from(*p))
             .map(|(_, m)| m);
+        rec.set_degrade(mode);
         let held = Held::new(self, reservation, plan.prompt_cost);
         match mode {
             None | Some(Degrade::Refuse) => Ok(held),
@@ -715,7 +724,7 @@ impl Inner {
 
     fn record(&self, mut rec: UsageRecord, span: &tracing::Span, finish: Option<&str>) {
         rec.latency = self.clock.now().saturating_since(rec.started_at);
-        observe::record_on_span(span, &rec, finish);
+        observe::finish(span, &mut rec, finish);
         self.usage.record(&rec);
         if let Some(s) = &self.sink {
             s.record(&rec);

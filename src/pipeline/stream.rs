@@ -171,6 +171,7 @@ impl Settle {
             fallbacks: self.fallbacks,
             escalated: false,
         };
+        rec.set_served(&served);
         let result = match ending {
             Ending::Done(mut end) => {
                 if let (Some(q), true) = (&self.cache, end.finish_reason.is_complete()) {

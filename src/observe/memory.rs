@@ -1,0 +1,327 @@
+//! The in-memory usage report.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Outcome, UsageRecord, UsageSink};
+use crate::types::Cost;
+
+/// The key under which entries past a report's bound add up.
+pub(crate) const OTHER: &str = "(other)";
+/// The key for records without a user, org, feature or model.
+pub(crate) const NONE: &str = "-";
+
+/// Running totals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Totals {
+    /// Requests recorded.
+    pub requests: u64,
+    /// Answered by the cache.
+    pub cache_hits: u64,
+    /// Failed or refused.
+    pub errors: u64,
+    /// Input tokens billed.
+    pub input_tokens: u64,
+    /// Output tokens billed.
+    pub output_tokens: u64,
+    /// Spent.
+    pub cost: Cost,
+    /// Saved by cache hits.
+    pub saved: Cost,
+}
+
+impl Totals {
+    /// Adds one record.
+    pub fn add(&mut self, r: &UsageRecord) {
+        self.requests += 1;
+        match r.outcome {
+            Outcome::CacheHit => self.cache_hits += 1,
+            Outcome::Error(_) => self.errors += 1,
+            Outcome::Provider => {}
+        }
+        self.input_tokens = self.input_tokens.saturating_add(r.usage.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(r.usage.output_tokens);
+        self.cost += r.cost;
+        self.saved += r.saved;
+    }
+
+    /// The share of requests the cache answered (0 when there were none).
+    pub fn cache_hit_rate(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.cache_hits as f64 / self.requests as f64
+        }
+    }
+}
+
+/// A report from [`MemoryUsage`]: totals overall and by model, user, organisation and
+/// feature, and errors by reason. `Display` prints it as text tables, biggest spenders
+/// first.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct UsageReport {
+    /// Everything.
+    pub totals: Totals,
+    /// By model (`-` when no model was reached).
+    pub by_model: HashMap<String, Totals>,
+    /// By user (`-` for anonymous requests).
+    pub by_user: HashMap<String, Totals>,
+    /// By organisation (`-` for requests without one).
+    #[serde(default)]
+    pub by_org: HashMap<String, Totals>,
+    /// By feature (`-` for requests without one).
+    #[serde(default)]
+    pub by_feature: HashMap<String, Totals>,
+    /// By refusal or error reason.
+    pub errors_by_reason: HashMap<String, u64>,
+}
+
+/// Rows shown per table by `Display`; the rest are summed into one line.
+const SHOWN: usize = 10;
+
+fn table(f: &mut fmt::Formatter<'_>, title: &str, map: &HashMap<String, Totals>) -> fmt::Result {
+    if map.is_empty() {
+        return Ok(());
+    }
+    let mut rows: Vec<(&String, &Totals)> = map.iter().collect();
+    rows.sort_by(|a, b| {
+        b.1.cost
+            .cmp(&a.1.cost)
+            .then(b.1.requests.cmp(&a.1.requests))
+            .then(a.0.cmp(b.0))
+    });
+    writeln!(
+        f,
+        "\nby {title:<25} {:>8} {:>6} {:>6} {:>10} {:>10} {:>12} {:>12}",
+        "requests", "hits", "errors", "in tok", "out tok", "cost", "saved"
+    )?;
+    let line = |f: &mut fmt::Formatter<'_>, name: &str, t: &Totals| {
+        let name: String = name.chars().take(25).collect();
+        writeln!(
+            f,
+            "   {name:<25} {:>8} {:>6} {:>6} {:>10} {:>10} {:>12} {:>12}",
+            t.requests,
+            t.cache_hits,
+            t.errors,
+            t.input_tokens,
+            t.output_tokens,
+            t.cost.to_string(),
+            t.saved.to_string()
+        )
+    };
+    for (name, t) in rows.iter().take(SHOWN) {
+        line(f, name, t)?;
+    }
+    if rows.len() > SHOWN {
+        let mut rest = Totals::default();
+        for (_, t) in &rows[SHOWN..] {
+            rest.requests += t.requests;
+            rest.cache_hits += t.cache_hits;
+            rest.errors += t.errors;
+            rest.input_tokens += t.input_tokens;
+            rest.output_tokens += t.output_tokens;
+            rest.cost += t.cost;
+            rest.saved += t.saved;
+        }
+        line(f, &format!("({} more)", rows.len() - SHOWN), &rest)?;
+    }
+    Ok(())
+}
+
+impl fmt::Display for UsageReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = &self.totals;
+        writeln!(
+            f,
+            "{} requests, {} cache hits ({:.1} %), {} errors; {} input and {} output tokens; spent {}, saved {}",
+            t.requests,
+            t.cache_hits,
+            t.cache_hit_rate() * 100.0,
+            t.errors,
+            t.input_tokens,
+            t.output_tokens,
+            t.cost,
+            t.saved
+        )?;
+        table(f, "model", &self.by_model)?;
+        table(f, "user", &self.by_user)?;
+        table(f, "org", &self.by_org)?;
+        table(f, "feature", &self.by_feature)?;
+        if !self.errors_by_reason.is_empty() {
+            let mut reasons: Vec<_> = self.errors_by_reason.iter().collect();
+            reasons.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            writeln!(f, "\nerrors by reason")?;
+            for (reason, n) in reasons {
+                writeln!(f, "   {reason:<25} {n:>8}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default)]
+struct MemoryState {
+    report: UsageReport,
+    recent: VecDeque<UsageRecord>,
+}
+
+/// An in-memory sink: totals by model, user, organisation and feature, errors by
+/// reason, and the most recent records.
+///
+/// Bounded: each breakdown tracks at most `max_keys` distinct keys apart (later keys
+/// add up under `(other)`), error reasons are bounded the same way, and at most
+/// `recent` records are kept.
+///
+/// ```
+/// use tokenwise::observe::{MemoryUsage, UsageRecord, UsageSink};
+/// use tokenwise::{ChatRequest, Cost, Timestamp};
+///
+/// let usage = MemoryUsage::new(100, 10);
+/// let req = ChatRequest::user_text("hi").org("acme").feature("search");
+/// let mut r = UsageRecord::new(Timestamp::from_secs(0), &req.meta, false);
+/// r.cost = Cost::from_micros(30);
+/// usage.record(&r);
+/// let report = usage.report();
+/// assert_eq!(report.by_org["acme"].cost, Cost::from_micros(30));
+/// assert_eq!(report.by_feature["search"].requests, 1);
+/// println!("{report}");
+/// ```
+#[derive(Debug)]
+pub struct MemoryUsage {
+    state: Mutex<MemoryState>,
+    max_keys: usize,
+    recent: usize,
+}
+
+impl Default for MemoryUsage {
+    fn default() -> Self {
+        Self::new(10_000, 1_000)
+    }
+}
+
+impl MemoryUsage {
+    /// A sink tracking up to `max_keys` models, users, organisations and features apart
+    /// (each) and keeping the last `recent` records.
+    pub fn new(max_keys: usize, recent: usize) -> Self {
+        MemoryUsage {
+            state: Mutex::new(MemoryState::default()),
+            max_keys,
+            recent,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, MemoryState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The report so far.
+    pub fn report(&self) -> UsageReport {
+        self.lock().report.clone()
+    }
+
+    /// The most recent records, oldest first.
+    pub fn recent(&self) -> Vec<UsageRecord> {
+        self.lock().recent.iter().cloned().collect()
+    }
+}
+
+fn bucket<'a, T: Default>(map: &'a mut HashMap<String, T>, key: &str, max: usize) -> &'a mut T {
+    let key = if map.contains_key(key) || map.len() < max {
+        key
+    } else {
+        OTHER
+    };
+    map.entry(key.to_owned()).or_default()
+}
+
+impl UsageSink for MemoryUsage {
+    fn record(&self, r: &UsageRecord) {
+        let mut st = self.lock();
+        let max = self.max_keys;
+        let rep = &mut st.report;
+        rep.totals.add(r);
+        bucket(&mut rep.by_model, r.model.as_deref().unwrap_or(NONE), max).add(r);
+        bucket(&mut rep.by_user, r.user.as_deref().unwrap_or(NONE), max).add(r);
+        bucket(&mut rep.by_org, r.org.as_deref().unwrap_or(NONE), max).add(r);
+        bucket(
+            &mut rep.by_feature,
+            r.feature.as_deref().unwrap_or(NONE),
+            max,
+        )
+        .add(r);
+        if let Outcome::Error(reason) = &r.outcome {
+            *bucket(&mut rep.errors_by_reason, reason, max) += 1;
+        }
+        if self.recent > 0 {
+            if st.recent.len() >= self.recent {
+                st.recent.pop_front();
+            }
+            st.recent.push_back(r.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Timestamp;
+    use crate::types::RequestMeta;
+
+    #[test]
+    fn memory_usage_is_bounded() {
+        let sink = MemoryUsage::new(2, 3);
+        for i in 0..5 {
+            let meta = RequestMeta {
+                user: Some(format!("u{i}")),
+                org: Some(format!("o{}", i % 2)),
+                feature: Some(format!("f{i}")),
+                ..Default::default()
+            };
+            let mut r = UsageRecord::new(Timestamp::from_secs(0), &meta, false);
+            r.cost = Cost::from_nanos(10);
+            if i == 4 {
+                r.outcome = Outcome::Error("rate_limited".into());
+            }
+            sink.record(&r);
+        }
+        let rep = sink.report();
+        assert_eq!(rep.totals.requests, 5);
+        assert_eq!(rep.totals.cost, Cost::from_nanos(50));
+        assert_eq!(rep.by_user.len(), 3); // u0, u1, (other)
+        assert_eq!(rep.by_user[OTHER].requests, 3);
+        assert_eq!(rep.by_org.len(), 2);
+        assert_eq!(rep.by_org["o0"].requests, 3);
+        assert_eq!(rep.by_feature[OTHER].cost, Cost::from_nanos(30));
+        assert_eq!(rep.errors_by_reason["rate_limited"], 1);
+        assert_eq!(sink.recent().len(), 3);
+        let text = rep.to_string();
+        assert!(text.starts_with("5 requests, 0 cache hits"), "{text}");
+        assert!(text.contains("by org"), "{text}");
+    }
+
+    #[test]
+    fn display_sums_the_long_tail() {
+        let sink = MemoryUsage::new(100, 0);
+        for i in 0..15u64 {
+            let meta = RequestMeta {
+                user: Some(format!("user{i:02}")),
+                ..Default::default()
+            };
+            let mut r = UsageRecord::new(Timestamp::from_secs(0), &meta, false);
+            r.cost = Cost::from_nanos(1_000 * (i + 1));
+            sink.record(&r);
+        }
+        let text = sink.report().to_string();
+        assert!(text.contains("(5 more)"), "{text}");
+        // biggest spender first
+        let first = text.find("user14").unwrap();
+        let second = text.find("user13").unwrap();
+        assert!(first < second);
+        assert!(!text.contains("user00"));
+    }
+}

@@ -1,0 +1,545 @@
+//! Metrics through the [`metrics`] facade.
+//!
+//! A pipeline emits these whether or not a recorder is installed; install one (for
+//! example `metrics-exporter-prometheus`, see `examples/prometheus.rs`) to collect them.
+//! Call [`describe`] once after installing it to attach units and help texts.
+//!
+//! | name | kind | labels | what |
+//! | --- | --- | --- | --- |
+//! | `tokenwise_requests_total` | counter | `model`, `status`, `cache` | requests; `status` is `ok` or the error's [`reason`](crate::Error::reason); `cache` is `hit` or `miss`; `model` is the model that answered, the one a failure was routed to, or `none` |
+//! | `tokenwise_request_duration_seconds` | histogram | `model`, `cache`, `result` | request latency (a stream: to its end); `result` is `ok` or `error` |
+//! | `tokenwise_time_to_first_token_seconds` | histogram | `model`, `cache` | streams: request start to first event |
+//! | `tokenwise_tokens_total` | counter | `model`, `type` | tokens billed; `type` is `input` or `output` |
+//! | `tokenwise_cost_nanodollars_total` | counter | `model` | money spent, in nano-dollars (divide by 1e9 for dollars) |
+//! | `tokenwise_cost_saved_nanodollars_total` | counter | `model` | money cache hits saved, in nano-dollars |
+//! | `tokenwise_attempts_total` | counter | `provider`, `model`, `status` | provider calls; `status` is `ok`, an error reason, or `cancelled` |
+//! | `tokenwise_attempt_duration_seconds` | histogram | `provider`, `model` | provider call latency (a stream: to its first event) |
+//! | `tokenwise_fallbacks_total` | counter | `model` | answers that came from a fallback target (`model` answered) |
+//! | `tokenwise_escalations_total` | counter | `model` | answers a validator escalated (`model` answered) |
+//! | `tokenwise_in_flight_requests` | gauge | — | requests inside the pipeline, open streams included |
+//! | `tokenwise_limiter_refusals_total` | counter | `scope` | requests a rate limit refused, by scope kind (`user`, `org`, `ip`, `feature`, `global`) |
+//! | `tokenwise_budget_refusals_total` | counter | `scope` | requests a spend cap refused, by scope kind |
+//! | `tokenwise_budget_utilization_ratio` | gauge | `scope`, `window` | (spent + reserved) / cap, from [`record_budget_status`] |
+//! | `tokenwise_budget_spent_usd` | gauge | `scope`, `window` | spent in the cap's window |
+//! | `tokenwise_budget_reserved_usd` | gauge | `scope`, `window` | reserved by calls in flight |
+//! | `tokenwise_budget_limit_usd` | gauge | `scope`, `window` | the cap |
+//! | `tokenwise_breaker_state` | gauge | `provider`, `model` | 0 closed, 1 half-open, 2 open, after every call through a breaker ([`record_breaker_state`]) |
+//! | `tokenwise_cache_guard_rejections_total` | counter | — | semantic-cache candidates the near-miss guard rejected |
+//! | `tokenwise_degraded_requests_total` | counter | `mode` | requests served in a degrade mode (`cheaper_model`, `cache_only`) |
+//! | `tokenwise_usage_records_dropped_total` | counter | `sink`, `reason` | usage records a sink could not keep |
+//!
+//! Cardinality is bounded: no label carries a user, organisation or request id; model,
+//! provider, status and mode labels each keep at most [`MAX_LABEL_VALUES`] distinct
+//! values (later ones are reported as `other`) of at most 64 bytes. The budget gauges
+//! are labelled with the scopes *you* sample (see [`BudgetSampler`]), bounded the same
+//! way.
+//!
+//! The circuit-breaker gauge is set after every call through a breaker (pipelines built
+//! with circuit breakers); degrade modes come from the usage record's `degrade_mode`.
+//! The guard-rejection counter is defined so that dashboards and alerts can be written
+//! against it; it is emitted once the semantic cache's near-miss guard reports through
+//! the [`UsageRecord`] field `guard_rejections`.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::{LazyLock, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use ::metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use futures_core::Stream;
+
+use super::{Outcome, UsageRecord};
+use crate::budget::CapStatus;
+use crate::resilience::BreakerState;
+use crate::types::{ChatStream, RequestMeta, StreamEvent};
+use crate::{Error, Pipeline, Result};
+
+/// `tokenwise_requests_total`: requests by `model`, `status` and `cache`.
+pub const REQUESTS: &str = "tokenwise_requests_total";
+/// `tokenwise_request_duration_seconds`: request latency by `model`, `cache`, `result`.
+pub const REQUEST_DURATION: &str = "tokenwise_request_duration_seconds";
+/// `tokenwise_time_to_first_token_seconds`: streams' time to first event by `model`, `cache`.
+pub const TIME_TO_FIRST_TOKEN: &str = "tokenwise_time_to_first_token_seconds";
+/// `tokenwise_tokens_total`: tokens billed by `model` and `type` (`input`, `output`).
+pub const TOKENS: &str = "tokenwise_tokens_total";
+/// `tokenwise_cost_nanodollars_total`: spend by `model`, in nano-dollars.
+pub const COST: &str = "tokenwise_cost_nanodollars_total";
+/// `tokenwise_cost_saved_nanodollars_total`: what cache hits saved by `model`, in nano-dollars.
+pub const COST_SAVED: &str = "tokenwise_cost_saved_nanodollars_total";
+/// `tokenwise_attempts_total`: provider calls by `provider`, `model`, `status`.
+pub const ATTEMPTS: &str = "tokenwise_attempts_total";
+/// `tokenwise_attempt_duration_seconds`: provider call latency by `provider`, `model`.
+pub const ATTEMPT_DURATION: &str = "tokenwise_attempt_duration_seconds";
+/// `tokenwise_fallbacks_total`: answers from a fallback target, by the `model` that answered.
+pub const FALLBACKS: &str = "tokenwise_fallbacks_total";
+/// `tokenwise_escalations_total`: escalated answers, by the `model` that answered.
+pub const ESCALATIONS: &str = "tokenwise_escalations_total";
+/// `tokenwise_in_flight_requests`: requests inside the pipeline now.
+pub const IN_FLIGHT: &str = "tokenwise_in_flight_requests";
+/// `tokenwise_limiter_refusals_total`: rate-limit refusals by `scope` kind.
+pub const LIMITER_REFUSALS: &str = "tokenwise_limiter_refusals_total";
+/// `tokenwise_budget_refusals_total`: spend-cap refusals by `scope` kind.
+pub const BUDGET_REFUSALS: &str = "tokenwise_budget_refusals_total";
+/// `tokenwise_budget_utilization_ratio`: (spent + reserved) / cap by `scope`, `window`.
+pub const BUDGET_UTILIZATION: &str = "tokenwise_budget_utilization_ratio";
+/// `tokenwise_budget_spent_usd`: spent in the window by `scope`, `window`.
+pub const BUDGET_SPENT: &str = "tokenwise_budget_spent_usd";
+/// `tokenwise_budget_reserved_usd`: reserved by calls in flight by `scope`, `window`.
+pub const BUDGET_RESERVED: &str = "tokenwise_budget_reserved_usd";
+/// `tokenwise_budget_limit_usd`: the cap by `scope`, `window`.
+pub const BUDGET_LIMIT: &str = "tokenwise_budget_limit_usd";
+/// `tokenwise_breaker_state`: 0 closed, 1 half-open, 2 open, by `provider`, `model`.
+pub const BREAKER_STATE: &str = "tokenwise_breaker_state";
+/// `tokenwise_cache_guard_rejections_total`: near-miss semantic candidates rejected.
+pub const CACHE_GUARD_REJECTIONS: &str = "tokenwise_cache_guard_rejections_total";
+/// `tokenwise_degraded_requests_total`: requests served in a degrade `mode`.
+pub const DEGRADED: &str = "tokenwise_degraded_requests_total";
+/// `tokenwise_usage_records_dropped_total`: usage records lost by `sink` and `reason`.
+pub const USAGE_RECORDS_DROPPED: &str = "tokenwise_usage_records_dropped_total";
+
+/// Every metric name above.
+pub const ALL: &[&str] = &[
+    REQUESTS,
+    REQUEST_DURATION,
+    TIME_TO_FIRST_TOKEN,
+    TOKENS,
+    COST,
+    COST_SAVED,
+    ATTEMPTS,
+    ATTEMPT_DURATION,
+    FALLBACKS,
+    ESCALATIONS,
+    IN_FLIGHT,
+    LIMITER_REFUSALS,
+    BUDGET_REFUSALS,
+    BUDGET_UTILIZATION,
+    BUDGET_SPENT,
+    BUDGET_RESERVED,
+    BUDGET_LIMIT,
+    BREAKER_STATE,
+    CACHE_GUARD_REJECTIONS,
+    DEGRADED,
+    USAGE_RECORDS_DROPPED,
+];
+
+/// Bucket bounds (seconds) for the latency histograms: the ones the OpenTelemetry GenAI
+/// conventions recommend for `gen_ai.client.operation.duration`. Pass them to your
+/// exporter (the Prometheus exporter renders histograms as summaries without buckets).
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+];
+
+/// The most distinct values one label keeps apart; later values are reported as `other`.
+pub const MAX_LABEL_VALUES: usize = 200;
+const MAX_LABEL_LEN: usize = 64;
+const OTHER: &str = "other";
+
+/// A bounded set of label values.
+struct Labels(LazyLock<RwLock<HashSet<String>>>);
+
+impl Labels {
+    const fn new() -> Self {
+        Labels(LazyLock::new(|| RwLock::new(HashSet::new())))
+    }
+
+    fn get(&self, value: &str) -> String {
+        let value = truncate(value);
+        {
+            let seen = self.0.read().unwrap_or_else(|p| p.into_inner());
+            if seen.contains(value) {
+                return value.to_owned();
+            }
+            if seen.len() >= MAX_LABEL_VALUES {
+                return OTHER.to_owned();
+            }
+        }
+        let mut seen = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if seen.len() < MAX_LABEL_VALUES || seen.contains(value) {
+            seen.insert(value.to_owned());
+            value.to_owned()
+        } else {
+            OTHER.to_owned()
+        }
+    }
+}
+
+fn truncate(s: &str) -> &str {
+    if s.len() <= MAX_LABEL_LEN {
+        return s;
+    }
+    let mut end = MAX_LABEL_LEN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+static MODELS: Labels = Labels::new();
+static PROVIDERS: Labels = Labels::new();
+static STATUSES: Labels = Labels::new();
+static MODES: Labels = Labels::new();
+static SCOPES: Labels = Labels::new();
+
+fn model_label(model: Option<&str>) -> String {
+    MODELS.get(model.unwrap_or("none"))
+}
+
+/// Attaches units and help texts to every metric, on the recorder installed now.
+/// Call it once, after installing your recorder.
+pub fn describe() {
+    describe_counter!(
+        REQUESTS,
+        Unit::Count,
+        "Requests through the pipeline, by model, status (ok or error reason) and cache (hit or miss)."
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Request latency (streams: until their end), by model, cache and result."
+    );
+    describe_histogram!(
+        TIME_TO_FIRST_TOKEN,
+        Unit::Seconds,
+        "Streams: time from the request to its first event, by model and cache."
+    );
+    describe_counter!(
+        TOKENS,
+        Unit::Count,
+        "Tokens billed, by model and type (input or output)."
+    );
+    describe_counter!(COST, Unit::Count, "Money spent, in nano-dollars, by model.");
+    describe_counter!(
+        COST_SAVED,
+        Unit::Count,
+        "Money cache hits saved, in nano-dollars, by model."
+    );
+    describe_counter!(
+        ATTEMPTS,
+        Unit::Count,
+        "Provider calls, by provider, model and status."
+    );
+    describe_histogram!(
+        ATTEMPT_DURATION,
+        Unit::Seconds,
+        "Provider call latency (streams: to the first event), by provider and model."
+    );
+    describe_counter!(
+        FALLBACKS,
+        Unit::Count,
+        "Answers that came from a fallback target, by the model that answered."
+    );
+    describe_counter!(
+        ESCALATIONS,
+        Unit::Count,
+        "Answers a validator escalated, by the model that answered."
+    );
+    describe_gauge!(
+        IN_FLIGHT,
+        Unit::Count,
+        "Requests inside the pipeline, open streams included."
+    );
+    describe_counter!(
+        LIMITER_REFUSALS,
+        Unit::Count,
+        "Requests refused by a rate limit, by scope kind."
+    );
+    describe_counter!(
+        BUDGET_REFUSALS,
+        Unit::Count,
+        "Requests refused by a spend cap, by scope kind."
+    );
+    describe_gauge!(
+        BUDGET_UTILIZATION,
+        Unit::Count,
+        "Spend cap use: (spent + reserved) / cap, by scope and window."
+    );
+    describe_gauge!(
+        BUDGET_SPENT,
+        Unit::Count,
+        "Dollars spent in the cap's current window, by scope and window."
+    );
+    describe_gauge!(
+        BUDGET_RESERVED,
+        Unit::Count,
+        "Dollars reserved by calls in flight, by scope and window."
+    );
+    describe_gauge!(
+        BUDGET_LIMIT,
+        Unit::Count,
+        "The spend cap in dollars, by scope and window."
+    );
+    describe_gauge!(
+        BREAKER_STATE,
+        Unit::Count,
+        "Circuit breaker state per target: 0 closed, 1 half-open, 2 open."
+    );
+    describe_counter!(
+        CACHE_GUARD_REJECTIONS,
+        Unit::Count,
+        "Semantic-cache candidates rejected by the near-miss guard."
+    );
+    describe_counter!(
+        DEGRADED,
+        Unit::Count,
+        "Requests served in a degrade mode, by mode."
+    );
+    describe_counter!(
+        USAGE_RECORDS_DROPPED,
+        Unit::Count,
+        "Usage records a sink could not keep, by sink and reason."
+    );
+}
+
+/// Emits the metrics of one finished request.
+pub(crate) fn record_request(r: &UsageRecord) {
+    let model = model_label(r.model.as_deref());
+    let cache = if r.is_cache_hit() { "hit" } else { "miss" };
+    let (status, result) = match &r.outcome {
+        Outcome::Error(reason) => (STATUSES.get(reason), "error"),
+        _ => ("ok".to_owned(), "ok"),
+    };
+    counter!(REQUESTS, "model" => model.clone(), "status" => status, "cache" => cache).increment(1);
+    histogram!(REQUEST_DURATION, "model" => model.clone(), "cache" => cache, "result" => result)
+        .record(r.latency.as_secs_f64());
+    if let Some(t) = r.time_to_first_token {
+        histogram!(TIME_TO_FIRST_TOKEN, "model" => model.clone(), "cache" => cache)
+            .record(t.as_secs_f64());
+    }
+    if r.usage.input_tokens > 0 {
+        counter!(TOKENS, "model" => model.clone(), "type" => "input")
+            .increment(r.usage.input_tokens);
+    }
+    if r.usage.output_tokens > 0 {
+        counter!(TOKENS, "model" => model.clone(), "type" => "output")
+            .increment(r.usage.output_tokens);
+    }
+    if !r.cost.is_zero() {
+        counter!(COST, "model" => model.clone()).increment(r.cost.as_nanos());
+    }
+    if !r.saved.is_zero() {
+        counter!(COST_SAVED, "model" => model.clone()).increment(r.saved.as_nanos());
+    }
+    if r.fallbacks > 0 {
+        counter!(FALLBACKS, "model" => model.clone()).increment(1);
+    }
+    if r.escalated {
+        counter!(ESCALATIONS, "model" => model).increment(1);
+    }
+    if let (Outcome::Error(reason), Some(scope)) = (&r.outcome, r.refusal_scope) {
+        match reason.as_str() {
+            "rate_limited" => counter!(LIMITER_REFUSALS, "scope" => scope.as_str()).increment(1),
+            "budget_exceeded" => counter!(BUDGET_REFUSALS, "scope" => scope.as_str()).increment(1),
+            _ => {}
+        }
+    }
+    if r.guard_rejections > 0 {
+        counter!(CACHE_GUARD_REJECTIONS).increment(u64::from(r.guard_rejections));
+    }
+    if let Some(mode) = &r.degrade_mode {
+        counter!(DEGRADED, "mode" => MODES.get(mode)).increment(1);
+    }
+}
+
+/// Emits the metrics of one provider call.
+pub(crate) fn record_attempt(provider: &str, model: &str, status: &str, took: Duration) {
+    let provider = PROVIDERS.get(provider);
+    let model = MODELS.get(model);
+    counter!(ATTEMPTS, "provider" => provider.clone(), "model" => model.clone(), "status" => STATUSES.get(status))
+        .increment(1);
+    histogram!(ATTEMPT_DURATION, "provider" => provider, "model" => model)
+        .record(took.as_secs_f64());
+}
+
+/// Counts usage records a sink could not keep.
+pub(crate) fn record_dropped(sink: &'static str, reason: &'static str, n: u64) {
+    counter!(USAGE_RECORDS_DROPPED, "sink" => sink, "reason" => reason).increment(n);
+}
+
+/// A request in flight: counted in `tokenwise_in_flight_requests` until dropped.
+#[derive(Debug)]
+pub(crate) struct InFlight(());
+
+impl InFlight {
+    pub(crate) fn start() -> Self {
+        gauge!(IN_FLIGHT).increment(1.0);
+        InFlight(())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        gauge!(IN_FLIGHT).decrement(1.0);
+    }
+}
+
+/// A stream that counts as in flight until it ends (done, failed or dropped).
+struct Tracked {
+    inner: ChatStream,
+    in_flight: Option<InFlight>,
+}
+
+impl Stream for Tracked {
+    type Item = Result<StreamEvent>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let next = this.inner.as_mut().poll_next(cx);
+        if let Poll::Ready(None | Some(Err(_)) | Some(Ok(StreamEvent::Done(_)))) = &next {
+            this.in_flight = None;
+        }
+        next
+    }
+}
+
+/// Keeps `in_flight` counted for as long as `stream` runs.
+pub(crate) fn track_stream(stream: ChatStream, in_flight: InFlight) -> ChatStream {
+    Box::pin(Tracked {
+        inner: stream,
+        in_flight: Some(in_flight),
+    })
+}
+
+/// Sets `tokenwise_breaker_state{provider, model}` (0 closed, 1 half-open, 2 open). A
+/// pipeline with circuit breakers calls this after every call through a breaker; a
+/// breaker of your own can call it too.
+pub fn record_breaker_state(provider: &str, model: &str, state: BreakerState) {
+    gauge!(BREAKER_STATE, "provider" => PROVIDERS.get(provider), "model" => MODELS.get(model))
+        .set(state.as_gauge());
+}
+
+/// Sets the budget gauges (`tokenwise_budget_utilization_ratio`, `_spent_usd`,
+/// `_reserved_usd`, `_limit_usd`) for each cap, labelled with the cap's scope as
+/// displayed (`global`, `org:acme`, ...) and its window. The scopes are the ones you
+/// pass, so you decide the cardinality; past [`MAX_LABEL_VALUES`] distinct scopes the
+/// rest are labelled `other`.
+///
+/// ```
+/// use tokenwise::observe::metrics::record_budget_status;
+/// # async fn f(pipeline: tokenwise::Pipeline) -> tokenwise::Result<()> {
+/// let global = pipeline.budget_status(&tokenwise::RequestMeta::default()).await?;
+/// record_budget_status(&global);
+/// # Ok(()) }
+/// ```
+pub fn record_budget_status(caps: &[CapStatus]) {
+    for cap in caps {
+        let scope = SCOPES.get(&cap.scope.to_string());
+        let window = cap.window.as_str();
+        let used = cap.spent + cap.reserved;
+        let ratio = if cap.limit.is_zero() {
+            if used.is_zero() { 0.0 } else { 1.0 }
+        } else {
+            used.as_nanos() as f64 / cap.limit.as_nanos() as f64
+        };
+        gauge!(BUDGET_UTILIZATION, "scope" => scope.clone(), "window" => window).set(ratio);
+        gauge!(BUDGET_SPENT, "scope" => scope.clone(), "window" => window)
+            .set(cap.spent.as_dollars_f64());
+        gauge!(BUDGET_RESERVED, "scope" => scope.clone(), "window" => window)
+            .set(cap.reserved.as_dollars_f64());
+        gauge!(BUDGET_LIMIT, "scope" => scope, "window" => window).set(cap.limit.as_dollars_f64());
+    }
+}
+
+/// The most scopes one [`BudgetSampler`] watches.
+pub const MAX_SAMPLED_SCOPES: usize = 1_000;
+
+/// Samples spend caps into the budget gauges on a timer, off the request path.
+///
+/// Each tick asks the pipeline's budget for the standing of every cap that applies to
+/// each of the given request metadata (a default [`RequestMeta`] covers the global
+/// caps; one with `org` set adds that organisation's) and calls
+/// [`record_budget_status`]. The task stops when the sampler is dropped.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> tokenwise::Result<()> {
+/// use std::time::Duration;
+/// use tokenwise::budget::BudgetWindow;
+/// use tokenwise::observe::BudgetSampler;
+/// use tokenwise::provider::SimulatedProvider;
+/// use tokenwise::{ChatRequest, Cost, Pipeline, RequestMeta, ScopeKind};
+///
+/// let pipeline = Pipeline::builder()
+///     .provider(SimulatedProvider::new())
+///     .default_model("gpt-4o-mini")
+///     .spend_cap(ScopeKind::Global, Cost::from_dollars(50), BudgetWindow::Day)
+///     .build()?;
+/// let acme = ChatRequest::new().org("acme").meta; // the caps that apply to acme
+/// let _sampler = BudgetSampler::spawn(
+///     pipeline.clone(),
+///     vec![RequestMeta::default(), acme],
+///     Duration::from_secs(15),
+/// )?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct BudgetSampler {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BudgetSampler {
+    /// Samples the caps that apply to each of `scopes` every `every`, starting now, on
+    /// the current tokio runtime. Fails with [`Error::Config`] outside a runtime, for a
+    /// zero period, or for more than [`MAX_SAMPLED_SCOPES`] scopes.
+    pub fn spawn(pipeline: Pipeline, scopes: Vec<RequestMeta>, every: Duration) -> Result<Self> {
+        if every.is_zero() {
+            return Err(Error::Config(
+                "the budget sampling period must be positive".into(),
+            ));
+        }
+        if scopes.len() > MAX_SAMPLED_SCOPES {
+            return Err(Error::Config(format!(
+                "a budget sampler watches at most {MAX_SAMPLED_SCOPES} scopes, got {}",
+                scopes.len()
+            )));
+        }
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::Config("a budget sampler needs a tokio runtime to run on".into())
+        })?;
+        let task = handle.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                Self::sample(&pipeline, &scopes).await;
+            }
+        });
+        Ok(BudgetSampler { task })
+    }
+
+    /// Samples once: records the standing of every cap that applies to each of
+    /// `scopes`. A budget backend that fails is logged and skipped.
+    pub async fn sample(pipeline: &Pipeline, scopes: &[RequestMeta]) {
+        for meta in scopes {
+            match pipeline.budget_status(meta).await {
+                Ok(caps) => record_budget_status(&caps),
+                Err(e) => tracing::warn!(error = %e, "budget sampling failed"),
+            }
+        }
+    }
+}
+
+impl Drop for BudgetSampler {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_bounded_and_truncated() {
+        let labels = Labels::new();
+        for i in 0..MAX_LABEL_VALUES {
+            assert_eq!(labels.get(&format!("m{i}")), format!("m{i}"));
+        }
+        assert_eq!(labels.get("one-too-many"), OTHER);
+        assert_eq!(labels.get("m3"), "m3");
+        let long = "é".repeat(100);
+        assert!(truncate(&long).len() <= MAX_LABEL_LEN);
+        assert!(long.starts_with(truncate(&long)));
+    }
+}
