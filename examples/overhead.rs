@@ -1,0 +1,187 @@
+//! What tokenwise adds to every call: a bare provider call against the same call through
+//! the full pipeline, in one run, on an instant in-process provider (so only tokenwise's
+//! own work is measured).
+//!
+//! ```text
+//! cargo run --release --example overhead
+//! ```
+//!
+//! The pipeline has everything on: per-user and global rate limits on requests and
+//! tokens, per-user and global spend caps, the exact cache, circuit breakers, retries,
+//! the usage report. Misses are unique questions (cache misses that reach the
+//! provider); hits repeat one question. The last line:
+//! `miss_p50_us=… miss_p99_us=… hit_p99_us=… throughput_rps=…`, where the latencies are
+//! the time added over the bare call, and throughput is misses per second through the
+//! pipeline with 64 concurrent callers on a two-thread runtime.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokenwise::budget::BudgetWindow;
+use tokenwise::provider::{Provider, ProviderCall};
+use tokenwise::{
+    Catalog, ChatRequest, ChatResponse, ChatStream, Cost, FinishReason, Pipeline, ScopeKind, Usage,
+};
+
+/// Answers at once, with fixed usage: no tokenizer, no sleep.
+#[derive(Debug)]
+struct Instant0;
+
+#[async_trait]
+impl Provider for Instant0 {
+    fn name(&self) -> &str {
+        "openai"
+    }
+
+    async fn chat(&self, call: ProviderCall<'_>) -> tokenwise::Result<ChatResponse> {
+        Ok(ChatResponse::new(
+            "A short answer of about twenty tokens, the kind a support bot gives.",
+            &call.model.name,
+            "openai",
+            Usage::new(40, 20),
+            FinishReason::Stop,
+        ))
+    }
+
+    async fn stream(&self, _call: ProviderCall<'_>) -> tokenwise::Result<ChatStream> {
+        Err(tokenwise::Error::InvalidRequest("not used".into()))
+    }
+}
+
+fn question(i: usize) -> ChatRequest {
+    ChatRequest::user_text(format!(
+        "Where is my order number {i}? It was due on Monday."
+    ))
+    .user(format!("user-{}", i % 1_000))
+    .org("acme")
+    .max_tokens(200)
+}
+
+fn percentile(v: &mut [Duration], p: f64) -> Duration {
+    v.sort_unstable();
+    let idx = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
+    v[idx]
+}
+
+fn pipeline() -> tokenwise::Result<Pipeline> {
+    Pipeline::builder()
+        .provider(Instant0)
+        .default_model("gpt-4o-mini")
+        .rate_limit(ScopeKind::User, 1_000_000)
+        .rate_limit(ScopeKind::Global, 1_000_000_000)
+        .token_limit(ScopeKind::User, 1_000_000_000)
+        .spend_cap(
+            ScopeKind::User,
+            Cost::from_dollars(1_000),
+            BudgetWindow::Day,
+        )
+        .spend_cap(
+            ScopeKind::Global,
+            Cost::from_dollars(1_000_000),
+            BudgetWindow::Month,
+        )
+        .exact_cache(200_000, Duration::from_secs(3_600))
+        .build()
+}
+
+fn main() -> tokenwise::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| tokenwise::Error::Config(e.to_string()))?;
+    rt.block_on(run())
+}
+
+async fn run() -> tokenwise::Result<()> {
+    const N: usize = 20_000;
+    let catalog = Catalog::builtin();
+    let model = catalog.require("gpt-4o-mini")?.clone();
+    let provider = Instant0;
+    let pipe = pipeline()?;
+
+    // warm up: tokenizer tables, allocator, caches
+    for i in 0..2_000 {
+        let req = question(1_000_000 + i);
+        provider.chat(ProviderCall::new(&req, &model)).await?;
+        pipe.chat(req).await?;
+    }
+
+    // bare provider calls
+    let mut bare = Vec::with_capacity(N);
+    for i in 0..N {
+        let req = question(i);
+        let t0 = Instant::now();
+        std::hint::black_box(provider.chat(ProviderCall::new(&req, &model)).await?);
+        bare.push(t0.elapsed());
+    }
+    // misses through the pipeline (unique questions)
+    let mut miss = Vec::with_capacity(N);
+    for i in 0..N {
+        let req = question(2_000_000 + i);
+        let t0 = Instant::now();
+        let r = pipe.chat(req).await?;
+        miss.push(t0.elapsed());
+        assert!(!r.served.is_cache_hit());
+    }
+    // hits (one repeated question)
+    let hot = question(7);
+    pipe.chat(hot.clone()).await?;
+    let mut hit = Vec::with_capacity(N);
+    for _ in 0..N {
+        let req = hot.clone();
+        let t0 = Instant::now();
+        let r = pipe.chat(req).await?;
+        hit.push(t0.elapsed());
+        assert!(r.served.is_cache_hit());
+    }
+
+    let bare_p50 = percentile(&mut bare, 0.50);
+    let bare_p99 = percentile(&mut bare, 0.99);
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let added = |d: Duration, base: Duration| (us(d) - us(base)).max(0.0);
+    let miss_p50 = added(percentile(&mut miss, 0.50), bare_p50);
+    let miss_p99 = added(percentile(&mut miss, 0.99), bare_p99);
+    let hit_p50 = added(percentile(&mut hit, 0.50), bare_p50);
+    let hit_p99 = added(percentile(&mut hit, 0.99), bare_p99);
+
+    // throughput: 64 concurrent callers sending misses for about a second
+    let pipe = Arc::new(pipeline()?);
+    let total = 200_000usize;
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..64 {
+        let pipe = Arc::clone(&pipe);
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0usize;
+            for i in (w..total).step_by(64) {
+                if pipe.chat(question(10_000_000 + i)).await.is_ok() {
+                    ok += 1;
+                }
+            }
+            ok
+        }));
+    }
+    let mut served = 0;
+    for t in tasks {
+        served += t.await.unwrap_or(0);
+    }
+    let rps = served as f64 / t0.elapsed().as_secs_f64();
+
+    println!(
+        "bare provider call: p50 {:.2} µs, p99 {:.2} µs",
+        us(bare_p50),
+        us(bare_p99)
+    );
+    println!("added by the pipeline, miss: p50 {miss_p50:.2} µs, p99 {miss_p99:.2} µs");
+    println!("added by the pipeline, hit:  p50 {hit_p50:.2} µs, p99 {hit_p99:.2} µs");
+    println!(
+        "throughput: {served} misses in {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
+    println!(
+        "miss_p50_us={miss_p50:.2} miss_p99_us={miss_p99:.2} hit_p99_us={hit_p99:.2} throughput_rps={rps:.0}"
+    );
+    Ok(())
+}
