@@ -1,0 +1,536 @@
+//! Before and after: one workload replayed through a naive setup (the provider called
+//! directly, every request on the large model) and through a full tokenwise pipeline,
+//! on the simulated provider with realistic latency, failures, an outage and real prices.
+//! Virtual time: a 20-minute workload replays in seconds, with no key and no server.
+//!
+//! ```text
+//! cargo run --release --example replay                          # generate and replay
+//! cargo run --release --example replay -- --html report.html    # also write a report
+//! cargo run --release --example replay -- --generate 5000 --write-workload w.jsonl
+//! cargo run --release --example replay -- --workload w.jsonl
+//! ```
+//!
+//! A workload is JSON Lines of `{"t_ms": 1200, "user": "u7", "tier": "free", "text": "..."}`.
+//! The generator mixes frequently asked questions with Zipf-distributed popularity (so
+//! they repeat exactly; a tenth are rewritten as paraphrases), questions about one order
+//! (mostly unique), hard analytical and coding questions, and bursts from a few heavy
+//! users. The provider fails 2 % of calls with a 500 and 1 % with a 429, and the large
+//! model is down from minute 11 to minute 14.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use tokenwise::budget::BudgetWindow;
+use tokenwise::provider::{Provider, ProviderCall, SimulatedProvider};
+use tokenwise::router::{ComplexityRouter, WeakAnswer};
+use tokenwise::{Catalog, ChatRequest, Cost, Pipeline, ScopeKind, Served, Tier};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Item {
+    t_ms: u64,
+    user: String,
+    tier: Tier,
+    text: String,
+}
+
+const EASY: &[&str] = &[
+    "How do I reset my password?",
+    "What are your opening hours on weekends?",
+    "Can I change my delivery address after ordering?",
+    "Do you ship to Norway?",
+    "How long does a refund take?",
+    "Where can I download my invoice?",
+    "Is there a student discount?",
+    "How do I cancel my subscription?",
+    "What payment methods do you accept?",
+    "Can I return an item without the box?",
+    "How do I contact support by phone?",
+    "Do gift cards expire?",
+];
+
+const HARD: &[&str] = &[
+    "Compare the annual and monthly plans for a team of 40 and explain the trade-offs step by step.",
+    "Analyze why our checkout conversion dropped after the last release and propose a plan.",
+    "Debug this function: ```python\ndef total(items):\n    return sum(i.price for i in items if i.qty)\n```",
+    "Design a migration plan from our legacy billing system with no downtime.",
+];
+
+fn paraphrase(text: &str, rng: &mut SmallRng) -> String {
+    match rng.random_range(0..3) {
+        0 => text.to_lowercase(),
+        1 => format!("Quick question: {}", text.to_lowercase()),
+        _ => text.trim_end_matches('?').to_owned() + ", please?",
+    }
+}
+
+fn generate(n: usize, seed: u64) -> Vec<Item> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    // Zipf(1.1) over the easy questions
+    let weights: Vec<f64> = (1..=EASY.len())
+        .map(|k| 1.0 / (k as f64).powf(1.1))
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut items = Vec::with_capacity(n);
+    let span_ms = 20 * 60 * 1_000u64;
+    for i in 0..n {
+        let t_ms = i as u64 * span_ms / n as u64;
+        let user = rng.random_range(0..200);
+        let tier = match user % 10 {
+            0..=5 => Tier::Free,
+            6..=8 => Tier::Standard,
+            _ => Tier::Premium,
+        };
+        let pick: f64 = rng.random();
+        let text = if pick < 0.15 {
+            // hard questions, about one of many teams or releases: rarely repeated
+            format!(
+                "{} (context: team {})",
+                HARD[rng.random_range(0..HARD.len())],
+                rng.random_range(1..400)
+            )
+        } else if pick < 0.60 {
+            // questions about one order: mostly unique
+            let order = rng.random_range(10_000..30_000);
+            match rng.random_range(0..3) {
+                0 => format!("Where is my order {order}?"),
+                1 => format!("Can I change the delivery address of order {order}?"),
+                _ => format!("Why was order {order} charged twice?"),
+            }
+        } else {
+            let mut x = rng.random_range(0.0..total);
+            let mut k = 0;
+            while k + 1 < weights.len() && x >= weights[k] {
+                x -= weights[k];
+                k += 1;
+            }
+            if rng.random_bool(0.1) {
+                paraphrase(EASY[k], &mut rng)
+            } else {
+                EASY[k].to_owned()
+            }
+        };
+        items.push(Item {
+            t_ms,
+            user: format!("u{user}"),
+            tier,
+            text,
+        });
+    }
+    // bursts: three heavy users fire 40 requests each within two seconds
+    for (b, at) in [(0u64, 4 * 60_000u64), (1, 9 * 60_000), (2, 15 * 60_000)] {
+        for j in 0..40 {
+            items.push(Item {
+                t_ms: at + j * 50,
+                user: format!("burst{b}"),
+                tier: Tier::Standard,
+                text: format!("Summarise ticket {} for me", 1_000 * b + j),
+            });
+        }
+    }
+    items.sort_by_key(|i| i.t_ms);
+    items
+}
+
+fn provider() -> tokenwise::Result<SimulatedProvider> {
+    SimulatedProvider::builder()
+        .name("openai")
+        .time_to_first_token(Duration::from_millis(450))
+        .per_token(Duration::from_millis(12))
+        .answer_words(15, 60)
+        .server_error_rate(0.02)
+        .rate_limit_rate(0.01, Duration::from_secs(2))
+        .outage(
+            Duration::from_secs(11 * 60),
+            Duration::from_secs(14 * 60),
+            Some("gpt-4o"),
+        )
+        .seed(7)
+        .build()
+}
+
+#[derive(Debug, Default, Clone)]
+struct Outcome {
+    latency: Duration,
+    ok: bool,
+    cost: Cost,
+    model: Option<String>,
+    cache_hit: bool,
+    escalated: bool,
+}
+
+#[derive(Debug, Default)]
+struct Summary {
+    name: &'static str,
+    n: usize,
+    p50_ms: f64,
+    p95_ms: f64,
+    error_rate: f64,
+    cost_per_1k: f64,
+    hit_rate: f64,
+    escalations: usize,
+    routing: BTreeMap<String, usize>,
+}
+
+fn summarize(name: &'static str, outcomes: &[Outcome]) -> Summary {
+    let mut lat: Vec<Duration> = outcomes
+        .iter()
+        .filter(|o| o.ok)
+        .map(|o| o.latency)
+        .collect();
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        if lat.is_empty() {
+            return 0.0;
+        }
+        let idx = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+        lat[idx].as_secs_f64() * 1e3
+    };
+    let n = outcomes.len().max(1);
+    let cost: Cost = outcomes.iter().map(|o| o.cost).sum();
+    let mut routing = BTreeMap::new();
+    for o in outcomes.iter().filter(|o| o.ok && !o.cache_hit) {
+        *routing
+            .entry(o.model.clone().unwrap_or_default())
+            .or_insert(0) += 1;
+    }
+    if outcomes.iter().any(|o| o.cache_hit) {
+        routing.insert(
+            "(cache)".to_owned(),
+            outcomes.iter().filter(|o| o.cache_hit).count(),
+        );
+    }
+    Summary {
+        name,
+        n: outcomes.len(),
+        p50_ms: pct(0.50),
+        p95_ms: pct(0.95),
+        error_rate: outcomes.iter().filter(|o| !o.ok).count() as f64 / n as f64,
+        cost_per_1k: cost.as_dollars_f64() * 1_000.0 / n as f64,
+        hit_rate: outcomes.iter().filter(|o| o.cache_hit).count() as f64 / n as f64,
+        escalations: outcomes.iter().filter(|o| o.escalated).count(),
+        routing,
+    }
+}
+
+struct Progress {
+    total: usize,
+    shown: usize,
+    label: &'static str,
+}
+
+impl Progress {
+    fn tick(&mut self, done: usize) {
+        let pct = done * 100 / self.total.max(1);
+        if pct >= self.shown + 5 || done == self.total {
+            self.shown = pct;
+            let bar = "#".repeat(pct / 5) + &".".repeat(20 - pct / 5);
+            eprint!("\r{:<9} [{bar}] {pct:>3}%", self.label);
+            if done == self.total {
+                eprintln!();
+            }
+        }
+    }
+}
+
+async fn replay_naive(items: &[Item]) -> tokenwise::Result<Vec<Outcome>> {
+    let sim = provider()?;
+    let catalog = Catalog::builtin();
+    let model = catalog.require("gpt-4o")?.clone();
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(items.len());
+    let mut progress = Progress {
+        total: items.len(),
+        shown: 0,
+        label: "naive",
+    };
+    for (i, it) in items.iter().enumerate() {
+        tokio::time::sleep_until(start + Duration::from_millis(it.t_ms)).await;
+        let (sim, model, text) = (sim.clone(), model.clone(), it.text.clone());
+        tasks.push(tokio::spawn(async move {
+            let req = ChatRequest::user_text(text);
+            let t0 = tokio::time::Instant::now();
+            match sim.chat(ProviderCall::new(&req, &model)).await {
+                Ok(r) => Outcome {
+                    latency: t0.elapsed(),
+                    ok: true,
+                    cost: model.cost(&r.usage),
+                    model: Some(r.model),
+                    ..Outcome::default()
+                },
+                Err(_) => Outcome {
+                    latency: t0.elapsed(),
+                    ..Outcome::default()
+                },
+            }
+        }));
+        progress.tick(i + 1);
+    }
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.unwrap_or_default());
+    }
+    Ok(out)
+}
+
+async fn replay_pipeline(items: &[Item]) -> tokenwise::Result<Vec<Outcome>> {
+    let catalog = Catalog::builtin();
+    let router = ComplexityRouter::new(
+        &catalog,
+        ["gpt-4o-mini", "gpt-4.1-mini", "gpt-4o", "claude-sonnet-4-5"],
+    )?;
+    let pipe = Pipeline::builder()
+        .provider(provider()?)
+        .router(Arc::new(router))
+        .validator(Arc::new(WeakAnswer::default()))
+        .rate_limit(ScopeKind::User, 20)
+        .wait_for_limits(Duration::from_secs(5))
+        .spend_cap(
+            ScopeKind::Global,
+            Cost::from_dollars(100),
+            BudgetWindow::Day,
+        )
+        .build()?;
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(items.len());
+    let mut progress = Progress {
+        total: items.len(),
+        shown: 0,
+        label: "pipeline",
+    };
+    for (i, it) in items.iter().enumerate() {
+        tokio::time::sleep_until(start + Duration::from_millis(it.t_ms)).await;
+        let pipe = pipe.clone();
+        let req = ChatRequest::user_text(it.text.clone())
+            .user(it.user.clone())
+            .tier(it.tier)
+            .org("acme");
+        tasks.push(tokio::spawn(async move {
+            let t0 = tokio::time::Instant::now();
+            match pipe.chat(req).await {
+                Ok(r) => Outcome {
+                    latency: t0.elapsed(),
+                    ok: true,
+                    cost: r.cost,
+                    cache_hit: r.served.is_cache_hit(),
+                    escalated: matches!(
+                        r.served,
+                        Served::Provider {
+                            escalated: true,
+                            ..
+                        }
+                    ),
+                    model: Some(r.model),
+                },
+                Err(_) => Outcome {
+                    latency: t0.elapsed(),
+                    ..Outcome::default()
+                },
+            }
+        }));
+        progress.tick(i + 1);
+    }
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.unwrap_or_default());
+    }
+    let report = pipe.usage();
+    // usage records carry the full cost, escalations and hedges included
+    let total = report.totals.cost;
+    let counted: Cost = out.iter().map(|o| o.cost).sum();
+    if total > counted {
+        if let Some(first) = out.iter_mut().find(|o| o.ok && !o.cache_hit) {
+            first.cost += total.saturating_sub(counted);
+        }
+    }
+    Ok(out)
+}
+
+fn table(before: &Summary, after: &Summary) -> String {
+    let mut s = String::new();
+    let row = |s: &mut String, name: &str, a: String, b: String| {
+        s.push_str(&format!("{name:<22} {a:>14} {b:>14}\n"));
+    };
+    row(&mut s, "", before.name.to_owned(), after.name.to_owned());
+    row(
+        &mut s,
+        "requests",
+        before.n.to_string(),
+        after.n.to_string(),
+    );
+    row(
+        &mut s,
+        "p50 latency",
+        format!("{:.0} ms", before.p50_ms),
+        format!("{:.0} ms", after.p50_ms),
+    );
+    row(
+        &mut s,
+        "p95 latency",
+        format!("{:.0} ms", before.p95_ms),
+        format!("{:.0} ms", after.p95_ms),
+    );
+    row(
+        &mut s,
+        "error rate",
+        format!("{:.2} %", before.error_rate * 100.0),
+        format!("{:.2} %", after.error_rate * 100.0),
+    );
+    row(
+        &mut s,
+        "cost per 1K requests",
+        format!("${:.3}", before.cost_per_1k),
+        format!("${:.3}", after.cost_per_1k),
+    );
+    row(
+        &mut s,
+        "cache hit rate",
+        format!("{:.1} %", before.hit_rate * 100.0),
+        format!("{:.1} %", after.hit_rate * 100.0),
+    );
+    row(
+        &mut s,
+        "escalations",
+        before.escalations.to_string(),
+        after.escalations.to_string(),
+    );
+    for sum in [before, after] {
+        s.push_str(&format!("routing ({}): ", sum.name));
+        let n = sum.n.max(1) as f64;
+        let parts: Vec<String> = sum
+            .routing
+            .iter()
+            .map(|(m, c)| format!("{m} {:.1} %", *c as f64 * 100.0 / n))
+            .collect();
+        s.push_str(&parts.join(", "));
+        s.push('\n');
+    }
+    s
+}
+
+fn bars(title: &str, unit: &str, values: &[(&str, f64)]) -> String {
+    let max = values.iter().map(|v| v.1).fold(0.0, f64::max).max(1e-9);
+    let mut svg = format!(
+        "<h3>{title}</h3><svg width=\"560\" height=\"{}\">",
+        values.len() * 34 + 10
+    );
+    for (i, (label, v)) in values.iter().enumerate() {
+        let w = v / max * 360.0;
+        let y = i * 34 + 5;
+        svg.push_str(&format!(
+            "<text x=\"0\" y=\"{}\" font-size=\"13\">{label}</text><rect x=\"130\" y=\"{y}\" width=\"{w:.1}\" height=\"24\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{}\" font-size=\"13\">{v:.2} {unit}</text>",
+            y + 17,
+            if i % 2 == 0 { "#9aa5b1" } else { "#2f80ed" },
+            136.0 + w,
+            y + 17
+        ));
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+fn html(before: &Summary, after: &Summary) -> String {
+    let mut h = String::from(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>tokenwise replay</title><style>body{font-family:sans-serif;max-width:720px;margin:2em auto}pre{background:#f4f5f7;padding:1em}</style></head><body><h1>tokenwise replay: before and after</h1>",
+    );
+    h.push_str(&format!(
+        "<pre>{}</pre>",
+        table(before, after).replace('<', "&lt;")
+    ));
+    h.push_str(&bars(
+        "p50 latency",
+        "ms",
+        &[(before.name, before.p50_ms), (after.name, after.p50_ms)],
+    ));
+    h.push_str(&bars(
+        "p95 latency",
+        "ms",
+        &[(before.name, before.p95_ms), (after.name, after.p95_ms)],
+    ));
+    h.push_str(&bars(
+        "cost per 1K requests",
+        "$",
+        &[
+            (before.name, before.cost_per_1k),
+            (after.name, after.cost_per_1k),
+        ],
+    ));
+    h.push_str(&bars(
+        "error rate",
+        "%",
+        &[
+            (before.name, before.error_rate * 100.0),
+            (after.name, after.error_rate * 100.0),
+        ],
+    ));
+    let routing: Vec<(&str, f64)> = after
+        .routing
+        .iter()
+        .map(|(m, c)| (m.as_str(), *c as f64 * 100.0 / after.n.max(1) as f64))
+        .collect();
+    h.push_str(&bars("routing split with tokenwise", "%", &routing));
+    h.push_str("</body></html>\n");
+    h
+}
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+#[tokio::main(flavor = "current_thread", start_paused = true)]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let items = match arg(&args, "--workload") {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)?;
+            let mut items = Vec::new();
+            for (n, line) in text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
+                items.push(
+                    serde_json::from_str::<Item>(line)
+                        .map_err(|e| format!("{path}:{}: {e}", n + 1))?,
+                );
+            }
+            items.sort_by_key(|i| i.t_ms);
+            items
+        }
+        None => {
+            let n: usize = arg(&args, "--generate")
+                .map(|s| s.parse())
+                .transpose()?
+                .unwrap_or(3_000);
+            generate(
+                n.clamp(1, 200_000),
+                arg(&args, "--seed")
+                    .map(|s| s.parse())
+                    .transpose()?
+                    .unwrap_or(42),
+            )
+        }
+    };
+    if let Some(path) = arg(&args, "--write-workload") {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
+        for it in &items {
+            writeln!(f, "{}", serde_json::to_string(it)?)?;
+        }
+        eprintln!("wrote {} requests to {path}", items.len());
+    }
+    let before = summarize("naive", &replay_naive(&items).await?);
+    let after = summarize("tokenwise", &replay_pipeline(&items).await?);
+    print!("{}", table(&before, &after));
+    if let Some(path) = arg(&args, "--html") {
+        std::fs::write(&path, html(&before, &after))?;
+        println!("report written to {path}");
+    }
+    Ok(())
+}
