@@ -125,14 +125,14 @@ impl Error {
 
     /// Whether the same request can succeed if tried again (possibly after
     /// [`retry_after`](Self::retry_after)): rate limits, overload, server errors,
-    /// timeouts, connection failures and broken streams. Client errors (bad request,
+    /// timeouts, connection failures, broken streams and unreachable backends. Client errors (bad request,
     /// auth, context length, unknown model, configuration) and spend caps are not.
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::RateLimited { .. } | Error::Overloaded { .. } | Error::Unavailable { .. } => {
                 true
             }
-            Error::StreamInterrupted { .. } => true,
+            Error::StreamInterrupted { .. } | Error::Backend { .. } => true,
             Error::Provider(p) => p.kind.is_retryable(),
             Error::AllTargetsFailed { last, .. } => last.is_retryable(),
             _ => false,

@@ -82,6 +82,8 @@ pub mod limiter;
 pub mod observe;
 pub mod pipeline;
 pub mod provider;
+#[cfg(feature = "redis")]
+mod redis_conn;
 pub mod resilience;
 pub mod router;
 pub mod types;
@@ -91,6 +93,8 @@ pub use context::TokenCounter;
 pub use error::{BoxError, Error, ProviderError, ProviderErrorKind, RateLimits, Result};
 pub use pipeline::{Pipeline, PipelineBuilder};
 pub use provider::Provider;
+#[cfg(feature = "redis")]
+pub use redis_conn::{OnRedisError, RedisConnection};
 pub use types::{
     CacheMode, CachePolicy, Catalog, ChatRequest, ChatResponse, ChatStream, Cost, Document,
     FinishReason, GenerationParams, Message, ModelSpec, Price, Pricing, Priority, RequestMeta,

@@ -14,7 +14,7 @@ use crate::{Error, Result};
 
 /// A callback for [`BudgetAlert`]s. Called outside the budget's lock; keep it quick.
 #[derive(Clone)]
-pub struct AlertHook(Arc<dyn Fn(&BudgetAlert) + Send + Sync>);
+pub struct AlertHook(pub(crate) Arc<dyn Fn(&BudgetAlert) + Send + Sync>);
 
 impl AlertHook {
     /// Wraps `f`.

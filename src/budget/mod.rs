@@ -9,6 +9,8 @@
 
 mod layer;
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
 use std::fmt;
 use std::time::Duration;
@@ -18,6 +20,8 @@ use serde::{Deserialize, Serialize};
 
 pub use layer::{BudgetLayer, BudgetService};
 pub use memory::{AlertHook, MemoryBudget, MemoryBudgetBuilder};
+#[cfg(feature = "redis")]
+pub use redis::RedisBudget;
 
 use crate::Result;
 use crate::clock::Timestamp;

@@ -9,6 +9,8 @@
 pub(crate) mod core;
 mod gcra;
 mod layer;
+#[cfg(feature = "redis")]
+mod redis;
 mod target;
 
 use std::fmt;
@@ -20,6 +22,8 @@ use async_trait::async_trait;
 pub(crate) use gcra::wait_until_admitted;
 pub use gcra::{GcraLimiter, GcraLimiterBuilder};
 pub use layer::{RateLimit, RateLimitLayer};
+#[cfg(feature = "redis")]
+pub use redis::RedisLimiter;
 pub use target::{TargetLimits, TargetLimitsBuilder};
 
 use crate::types::{RequestMeta, ScopeKind};
