@@ -134,6 +134,24 @@ impl CountCache {
         n
     }
 
+    /// Prompt tokens of a whole request, as [`TokenCounter::count_request`] counts them,
+    /// with every text's count cached.
+    pub fn count_request(&self, counter: &dyn TokenCounter, req: &ChatRequest, kind: TokenizerKind) -> u64 {
+        let mut n = super::TOKENS_PER_REPLY;
+        for m in &req.messages {
+            n += self.message(counter, m, kind);
+        }
+        for d in &req.documents {
+            n += super::TOKENS_PER_MESSAGE + self.count(counter, &d.text, kind);
+        }
+        for t in &req.params.tools {
+            n += self.count(counter, &t.name, kind)
+                + self.count(counter, &t.description, kind)
+                + self.count(counter, &t.parameters.to_string(), kind);
+        }
+        n
+    }
+
     fn message(&self, counter: &dyn TokenCounter, m: &Message, kind: TokenizerKind) -> u64 {
         let mut n = super::TOKENS_PER_MESSAGE + self.count(counter, &m.content, kind);
         for c in &m.tool_calls {
@@ -530,6 +548,20 @@ mod tests {
         );
         let max = u64::from(f.request.params.max_tokens.unwrap());
         assert_eq!(max, (1_500 - f.prompt_tokens).min(1_000));
+    }
+
+    #[test]
+    fn cached_counts_match_the_counter() {
+        let req = ChatRequest::new()
+            .message(Message::system("be brief"))
+            .message(Message::user("What is the capital of Norway?"))
+            .document(Document::new("Oslo is the capital.", 1.0));
+        let c = TiktokenCounter::new();
+        let cache = CountCache::new(16);
+        for kind in [TokenizerKind::O200k, TokenizerKind::Cl100k, TokenizerKind::ClaudeApprox] {
+            assert_eq!(cache.count_request(&c, &req, kind), c.count_request(&req, kind));
+            assert_eq!(cache.count_request(&c, &req, kind), c.count_request(&req, kind), "from the cache");
+        }
     }
 
     #[test]

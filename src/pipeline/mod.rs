@@ -474,7 +474,7 @@ impl Inner {
             let n = match prompt_tokens.iter().find(|(k, _)| *k == m.tokenizer) {
                 Some((_, n)) => *n,
                 None => {
-                    let n = self.counter.count_request(req, m.tokenizer);
+                    let n = self.counts.count_request(&*self.counter, req, m.tokenizer);
                     prompt_tokens.push((m.tokenizer, n));
                     n
                 }
