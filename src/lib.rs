@@ -53,12 +53,16 @@
 //! | --- | --- | --- |
 //! | [`provider`] | calling a model API | [`SimulatedProvider`](provider::SimulatedProvider); HTTP: [`OpenAiCompatible`](provider::OpenAiCompatible), [`Anthropic`](provider::Anthropic) |
 //! | [`cache`] | reusing answers | [`ExactCache`](cache::ExactCache) |
-//! | [`router`] | choosing models, validating answers | [`CatalogRouter`](router::CatalogRouter) |
+//! | [`router`] | choosing models, validating answers, balancing deployments | [`CatalogRouter`](router::CatalogRouter), [`ComplexityRouter`](router::ComplexityRouter), [`CascadeRouter`](router::CascadeRouter) |
 //! | [`limiter`] | rate limits on requests and tokens | [`GcraLimiter`](limiter::GcraLimiter) |
 //! | [`budget`] | spend caps | [`MemoryBudget`](budget::MemoryBudget) |
-//! | [`context`] | token counting | [`TiktokenCounter`](context::TiktokenCounter) |
+//! | [`context`] | token counting, context budgets | [`TiktokenCounter`](context::TiktokenCounter), [`ContextBudget`](context::ContextBudget) |
+//! | [`resilience`] | retries, breakers, hedging, concurrency | [`RetryPolicy`](resilience::RetryPolicy), [`Breakers`](resilience::Breakers), [`Concurrency`](resilience::Concurrency) |
 //! | [`observe`] | spans and usage records | [`MemoryUsage`](observe::MemoryUsage) |
 //! | [`clock`] | time | [`TokioClock`] |
+//!
+//! With the cargo feature `redis`, `RedisLimiter` and `RedisBudget` share limits and
+//! caps across every replica of a service.
 //!
 //! Each concern is also a tower layer ([`limiter::RateLimitLayer`],
 //! [`cache::CacheLayer`], [`budget::BudgetLayer`] over a
