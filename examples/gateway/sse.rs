@@ -17,9 +17,10 @@ use tokio::sync::mpsc;
 use super::error::ApiError;
 use super::wire::{self, Chunks};
 
-/// Events read ahead, before the response starts, to tell a cached replay (whose
-/// events are all ready at once) from a live answer.
-const PEEK: usize = 4096;
+/// How far to read ahead, before the response starts, to tell a cached replay (whose
+/// events are all ready at once) from a live answer: events, and bytes of text.
+const PEEK_EVENTS: usize = 4096;
+const PEEK_BYTES: usize = 256 * 1024;
 
 /// What the body reads.
 #[derive(Debug)]
@@ -54,17 +55,27 @@ pub struct Writer {
 
 /// Starts streaming `stream` to the client.
 pub fn start(mut stream: ChatStream, w: Writer) -> Started {
-    // Read ahead whatever is ready now: a cache hit is replayed entirely from memory,
-    // so its `Done` (which says how it was served) is among these.
+    // Read ahead whatever is ready now, within bounds: a cache hit is replayed from
+    // memory, so its `Done` (which says how it was served) is among these; a stream that
+    // has to wait is a live answer; past the bounds, it cannot be told up front.
     let mut ready = Vec::new();
+    let mut bytes = 0;
     let mut cache_hit = None;
-    while ready.len() < PEEK {
+    while ready.len() < PEEK_EVENTS && bytes < PEEK_BYTES {
         match stream.next().now_or_never() {
             Some(Some(item)) => {
                 let last = match &item {
                     Ok(StreamEvent::Done(end)) => {
                         cache_hit = Some(end.served.is_cache_hit());
                         true
+                    }
+                    Ok(StreamEvent::TextDelta { text }) => {
+                        bytes += text.len();
+                        false
+                    }
+                    Ok(StreamEvent::ToolCallDelta(d)) => {
+                        bytes += d.arguments.len();
+                        false
                     }
                     Err(_) => true,
                     Ok(_) => false,
@@ -74,11 +85,12 @@ pub fn start(mut stream: ChatStream, w: Writer) -> Started {
                     break;
                 }
             }
-            Some(None) | None => break,
+            Some(None) => break,
+            None => {
+                cache_hit = Some(false); // a replay never waits
+                break;
+            }
         }
-    }
-    if cache_hit.is_none() && ready.len() < PEEK {
-        cache_hit = Some(false); // a replay would have been ready whole
     }
     let (tx, rx) = mpsc::channel(w.buffer.max(1));
     tokio::spawn(pump(stream, ready, tx, w));
