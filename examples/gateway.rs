@@ -36,6 +36,7 @@ use gateway::{Gateway, KeyTable, Limits, keys};
 use tokenwise::budget::BudgetWindow;
 use tokenwise::limiter::GcraLimiter;
 use tokenwise::provider::{OpenAiCompatible, SimulatedProvider};
+use tokenwise::resilience::ConcurrencyConfig;
 use tokenwise::{Catalog, Cost, Pipeline, ScopeKind};
 
 struct Options {
@@ -81,17 +82,18 @@ fn options() -> Result<Options, String> {
     Ok(o)
 }
 
-fn key_table(o: &Options) -> Result<(KeyTable, String), String> {
+/// The key table, what to say about it, and whether it is the demo table.
+fn key_table(o: &Options) -> Result<(KeyTable, String, bool), String> {
     if let Some(path) = &o.keys {
         let t = KeyTable::load(path)?;
         let n = t.len();
-        return Ok((t, format!("{n} keys from {path}")));
+        return Ok((t, format!("{n} keys from {path}"), false));
     }
     if let Ok(json) = std::env::var(keys::KEYS_ENV) {
         if !json.trim().is_empty() {
             let t = KeyTable::from_json(&json).map_err(|e| format!("{}: {e}", keys::KEYS_ENV))?;
             let n = t.len();
-            return Ok((t, format!("{n} keys from ${}", keys::KEYS_ENV)));
+            return Ok((t, format!("{n} keys from ${}", keys::KEYS_ENV), false));
         }
     }
     let demo: Vec<String> = keys::DEMO_KEYS
@@ -101,6 +103,7 @@ fn key_table(o: &Options) -> Result<(KeyTable, String), String> {
     Ok((
         KeyTable::demo(),
         format!("built-in demo keys: {}", demo.join(", ")),
+        true,
     ))
 }
 
@@ -124,7 +127,18 @@ fn pipeline(o: &Options) -> Result<(Pipeline, Option<String>), Box<dyn std::erro
         .limiter(Arc::new(limiter))
         .spend_cap(ScopeKind::User, Cost::from_dollars(1), BudgetWindow::Day)
         .spend_cap(ScopeKind::Org, Cost::from_dollars(20), BudgetWindow::Day)
-        .max_in_flight(256)
+        // 256 in flight, 16 per user; when full, requests wait up to 2 s in a queue per
+        // priority (premium keys first, free keys last), then get 503.
+        .concurrency(ConcurrencyConfig {
+            initial: 256,
+            min: 256,
+            max: 256,
+            adaptive: false,
+            queue_per_priority: 64,
+            max_queue_wait: Duration::from_secs(2),
+            per_key: Some((ScopeKind::User, 16)),
+            ..ConcurrencyConfig::default()
+        })
         .attempt_timeout(Duration::from_secs(120))
         .first_token_timeout(Duration::from_secs(30))
         .idle_timeout(Duration::from_secs(30));
@@ -173,7 +187,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_target(false)
         .init();
 
-    let (keys, keys_said) = key_table(&opts)?;
+    let (keys, keys_said, demo_keys) = key_table(&opts)?;
     let (pipeline, secret) = pipeline(&opts)?;
     let mut gw = Gateway::new(pipeline, keys, &opts.model).limits(Limits::default());
     if let Some(s) = secret {
@@ -199,12 +213,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or("the simulated provider (offline)");
     println!("tokenwise gateway on http://{addr}/v1, upstream: {upstream}");
     println!("keys: {keys_said}");
-    let key = if opts.keys.is_some()
-        || std::env::var(keys::KEYS_ENV).is_ok_and(|v| !v.trim().is_empty())
-    {
-        "$GATEWAY_KEY"
-    } else {
+    let key = if demo_keys {
         keys::DEMO_KEYS[0].0
+    } else {
+        "$GATEWAY_KEY"
     };
     println!("\ntry it:\n");
     println!(
@@ -223,7 +235,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut failed = false;
     if opts.self_check {
-        match self_check(addr, keys::DEMO_KEYS[0].0, opts.keys.is_some()).await {
+        match self_check(addr, keys::DEMO_KEYS[0].0, !demo_keys).await {
             Ok(summary) => println!("self-check passed: {summary}"),
             Err(e) => {
                 eprintln!("self-check FAILED: {e}");
@@ -257,7 +269,10 @@ async fn self_check(
     custom_keys: bool,
 ) -> Result<String, String> {
     if custom_keys {
-        return Err("--self-check uses the demo keys; run it without --keys".into());
+        return Err(format!(
+            "--self-check uses the demo keys; run it without --keys and ${}",
+            keys::KEYS_ENV
+        ));
     }
     let client = tokenwise::provider::http_client_builder()
         .map_err(|e| e.to_string())?
