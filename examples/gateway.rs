@@ -13,7 +13,7 @@
 //! - `--upstream URL`: an OpenAI-compatible base URL (up to and including `/v1`) instead
 //!   of the offline simulated provider; the key comes from `OPENAI_API_KEY`, if set, and
 //!   never leaves the gateway.
-//! - `--model NAME`: the model for requests that name none, or `auto` (default
+//! - `--model NAME`: the model for requests that name none or `auto` (default
 //!   `gpt-4o-mini`).
 //! - `--catalog FILE`: TOML model entries merged into the built-in catalogue (for an
 //!   upstream serving models the catalogue does not list, with their prices).
@@ -124,6 +124,7 @@ fn pipeline(o: &Options) -> Result<(Pipeline, Option<String>), Box<dyn std::erro
         .build()?;
     let mut b = Pipeline::builder()
         .catalog(catalog)
+        .default_model(&o.model)
         .limiter(Arc::new(limiter))
         .spend_cap(ScopeKind::User, Cost::from_dollars(1), BudgetWindow::Day)
         .spend_cap(ScopeKind::Org, Cost::from_dollars(20), BudgetWindow::Day)
@@ -142,9 +143,6 @@ fn pipeline(o: &Options) -> Result<(Pipeline, Option<String>), Box<dyn std::erro
         .attempt_timeout(Duration::from_secs(120))
         .first_token_timeout(Duration::from_secs(30))
         .idle_timeout(Duration::from_secs(30));
-    if o.model != "auto" {
-        b = b.default_model(&o.model);
-    }
     let mut secret = None;
     match &o.upstream {
         Some(url) => {
@@ -207,10 +205,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = listener.local_addr()?;
     let app = gateway::router(Arc::clone(&gw));
 
-    let upstream = opts
-        .upstream
-        .as_deref()
-        .unwrap_or("the simulated provider (offline)");
+    let upstream = match &opts.upstream {
+        // Never print credentials someone put in the URL.
+        Some(url) => match reqwest::Url::parse(url) {
+            Ok(mut u) => {
+                let _ = u.set_username("");
+                let _ = u.set_password(None);
+                u.to_string()
+            }
+            Err(_) => "an unparsable URL".to_owned(),
+        },
+        None => "the simulated provider (offline)".to_owned(),
+    };
     println!("tokenwise gateway on http://{addr}/v1, upstream: {upstream}");
     println!("keys: {keys_said}");
     let key = if demo_keys {

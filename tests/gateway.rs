@@ -1035,3 +1035,47 @@ async fn a_client_that_stops_reading_is_dropped_after_the_write_stall_timeout() 
     assert!(!records[0].cost.is_zero(), "what it used was committed");
     drop(s);
 }
+
+#[test]
+fn key_tables_load_from_toml_and_json_and_are_checked() {
+    let toml = r#"
+        [[keys]]
+        key = "gw-3f9c1d7a5e2b4c68"
+        user = "alice"
+        org = "acme"
+        tier = "premium"
+
+        [[keys]]
+        key = "gw-77aa01bc93de4f12"
+        user = "bob"
+    "#;
+    let t = KeyTable::from_toml(toml).unwrap();
+    assert_eq!(t.len(), 2);
+    let alice = t.lookup("gw-3f9c1d7a5e2b4c68").unwrap();
+    assert_eq!(
+        (alice.user.as_str(), alice.org.as_deref(), alice.tier),
+        ("alice", Some("acme"), Tier::Premium)
+    );
+    let bob = t.lookup("gw-77aa01bc93de4f12").unwrap();
+    assert_eq!((bob.org.as_deref(), bob.tier), (None, Tier::Standard));
+    assert!(t.lookup("gw-3f9c1d7a5e2b4c6").is_none());
+    assert!(!format!("{t:?}").contains("gw-"), "Debug never shows keys");
+
+    let json = r#"{"keys": [{"key": "gw-3f9c1d7a5e2b4c68", "user": "alice", "tier": "free"}]}"#;
+    assert_eq!(KeyTable::from_json(json).unwrap().len(), 1);
+    for bad in [
+        r#"{"keys": [{"key": "short", "user": "alice"}]}"#,
+        r#"{"keys": [{"key": "gw-3f9c1d7a5e2b4c68", "user": " "}]}"#,
+        r#"{"keys": [{"key": "gw-3f9c1d7a5e2b4c68", "user": "a"}, {"key": "gw-3f9c1d7a5e2b4c68", "user": "b"}]}"#,
+        r#"{"keys": [{"key": "gw-3f9c1d7a5e2b4c68", "user": "a", "teir": "free"}]}"#,
+        r#"{"keys": [{"key": "gw-3f9c1d7a5e2b4c68", "user": "a", "tier": "gold"}]}"#,
+        r#"{"keys": []}"#,
+    ] {
+        let e = KeyTable::from_json(bad).unwrap_err();
+        assert!(!e.contains("gw-3f9c"), "errors never show keys: {e}");
+    }
+    let e =
+        KeyTable::from_toml("[[keys]]\nkey = \"gw-3f9c1d7a5e2b4c68\"\nuser = alice\n").unwrap_err();
+    assert!(e.contains("line 3"), "{e}");
+    assert!(!e.contains("gw-3f9c"), "errors never show keys: {e}");
+}

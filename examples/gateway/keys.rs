@@ -134,7 +134,16 @@ impl KeyTable {
 
     /// A table from TOML text: `[[keys]]` tables with `key`, `user`, `org`, `tier`.
     pub fn from_toml(text: &str) -> Result<Self, String> {
-        let f: KeyFile = toml::from_str(text).map_err(|e| format!("key table TOML: {e}"))?;
+        // The message only: the full error quotes the offending line, which may hold a key.
+        let f: KeyFile = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            match line {
+                Some(n) => format!("key table TOML, line {n}: {}", e.message()),
+                None => format!("key table TOML: {}", e.message()),
+            }
+        })?;
         Self::from_entries(f.keys)
     }
 

@@ -326,11 +326,13 @@ async fn chat_completions(State(gw): State<Arc<Gateway>>, req: Request) -> Respo
     let mut res = match handle_chat(&gw, &id, &parts.headers, peer, body).await {
         Ok(res) => res,
         Err((e, who)) => {
-            let log_message = gw.redact(&e.message);
+            let user = who.as_deref().unwrap_or("-");
+            let (status, code) = (e.status.as_u16(), e.code.unwrap_or("-"));
             if e.status.is_server_error() {
-                tracing::warn!(request_id = %id, status = e.status.as_u16(), user = who.as_deref().unwrap_or("-"), code = e.code.unwrap_or("-"), message = %log_message, "request failed");
+                let message = gw.redact(&e.message);
+                tracing::warn!(request_id = %id, status, user, code, message, "request failed");
             } else {
-                tracing::info!(request_id = %id, status = e.status.as_u16(), user = who.as_deref().unwrap_or("-"), code = e.code.unwrap_or("-"), "request refused");
+                tracing::info!(request_id = %id, status, user, code, "request refused");
             }
             e.into_response()
         }
@@ -419,7 +421,12 @@ async fn handle_chat(
                 );
             }
         }
-        tracing::info!(request_id = %id, user = %who.user, stream = true, cache = ?started.cache_hit, "stream started");
+        let cache = match started.cache_hit {
+            Some(true) => "hit",
+            Some(false) => "miss",
+            None => "unknown",
+        };
+        tracing::info!(request_id = %id, user = %who.user, cache, "stream started");
         return Ok(res);
     }
     let answer = gw

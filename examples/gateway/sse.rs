@@ -151,6 +151,14 @@ async fn pump(
             Some(Ok(StreamEvent::TextDelta { text })) => send(c.text(&text)).await,
             Some(Ok(StreamEvent::ToolCallDelta(d))) => send(c.tool_call(&d)).await,
             Some(Ok(StreamEvent::Done(end))) => {
+                tracing::info!(
+                    request_id = %w.request_id,
+                    model = %end.model,
+                    cache = end.served.is_cache_hit(),
+                    tokens = end.usage.total(),
+                    cost = %end.cost,
+                    "stream finished"
+                );
                 let mut ok = send(c.finish(&end.finish_reason, &end.model)).await;
                 if ok && c.include_usage {
                     ok = send(c.usage(&end.usage, &end.model)).await;
