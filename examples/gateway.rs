@@ -1,0 +1,371 @@
+//! An OpenAI-compatible gateway: any OpenAI client (curl, the official SDKs, LangChain,
+//! ...) talks to tokenwise as if it were OpenAI, and every call goes through a pipeline
+//! with caching, per-user rate limits, spend caps, load shedding and fallbacks.
+//!
+//! ```text
+//! cargo run --example gateway                                # simulated upstream, port 8080
+//! cargo run --example gateway -- --port 0 --self-check       # drive itself once and exit (CI)
+//! OPENAI_API_KEY=sk-... cargo run --example gateway -- --upstream https://api.openai.com/v1
+//! ```
+//!
+//! Options:
+//! - `--port N`: the port on 127.0.0.1 (default 8080; 0 for any free port).
+//! - `--upstream URL`: an OpenAI-compatible base URL (up to and including `/v1`) instead
+//!   of the offline simulated provider; the key comes from `OPENAI_API_KEY`, if set, and
+//!   never leaves the gateway.
+//! - `--model NAME`: the model for requests that name none or `auto` (default
+//!   `gpt-4o-mini`).
+//! - `--catalog FILE`: TOML model entries merged into the built-in catalogue (for an
+//!   upstream serving models the catalogue does not list, with their prices).
+//! - `--keys FILE`: the gateway's API keys, TOML (`.toml`) or JSON; else JSON from
+//!   `TOKENWISE_GATEWAY_KEYS`; else the built-in demo keys.
+//! - `--serve-for SECS`: stop by itself after SECS seconds.
+//! - `--self-check`: once serving, send a whole request, a streamed one and a model
+//!   list to itself over loopback, check the answers' shapes, and exit (non-zero on a
+//!   failure) unless `--serve-for` says to keep serving.
+//!
+//! See `docs/gateway.md` for the status codes, headers and limits.
+
+#[path = "gateway/mod.rs"]
+mod gateway;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway::{Gateway, KeyTable, Limits, keys};
+use tokenwise::budget::BudgetWindow;
+use tokenwise::limiter::GcraLimiter;
+use tokenwise::provider::{OpenAiCompatible, SimulatedProvider};
+use tokenwise::resilience::ConcurrencyConfig;
+use tokenwise::{Catalog, Cost, Pipeline, ScopeKind};
+
+struct Options {
+    port: u16,
+    upstream: Option<String>,
+    model: String,
+    catalog: Option<String>,
+    keys: Option<String>,
+    serve_for: Option<Duration>,
+    self_check: bool,
+}
+
+const USAGE: &str = "usage: gateway [--port N] [--upstream URL] [--model NAME] [--catalog FILE] [--keys FILE] [--serve-for SECS] [--self-check]";
+
+fn options() -> Result<Options, String> {
+    let mut o = Options {
+        port: 8080,
+        upstream: None,
+        model: "gpt-4o-mini".into(),
+        catalog: None,
+        keys: None,
+        serve_for: None,
+        self_check: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--port" => o.port = value()?.parse().map_err(|e| format!("--port: {e}"))?,
+            "--upstream" => o.upstream = Some(value()?),
+            "--model" => o.model = value()?,
+            "--catalog" => o.catalog = Some(value()?),
+            "--keys" => o.keys = Some(value()?),
+            "--serve-for" => {
+                let s: u64 = value()?.parse().map_err(|e| format!("--serve-for: {e}"))?;
+                o.serve_for = Some(Duration::from_secs(s));
+            }
+            "--self-check" => o.self_check = true,
+            "--help" | "-h" => return Err(String::new()),
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    Ok(o)
+}
+
+/// The key table, what to say about it, and whether it is the demo table.
+fn key_table(o: &Options) -> Result<(KeyTable, String, bool), String> {
+    if let Some(path) = &o.keys {
+        let t = KeyTable::load(path)?;
+        let n = t.len();
+        return Ok((t, format!("{n} keys from {path}"), false));
+    }
+    if let Ok(json) = std::env::var(keys::KEYS_ENV) {
+        if !json.trim().is_empty() {
+            let t = KeyTable::from_json(&json).map_err(|e| format!("{}: {e}", keys::KEYS_ENV))?;
+            let n = t.len();
+            return Ok((t, format!("{n} keys from ${}", keys::KEYS_ENV), false));
+        }
+    }
+    let demo: Vec<String> = keys::DEMO_KEYS
+        .iter()
+        .map(|(k, user, org, tier)| format!("{k} ({user}@{org}, {tier:?})"))
+        .collect();
+    Ok((
+        KeyTable::demo(),
+        format!("built-in demo keys: {}", demo.join(", ")),
+        true,
+    ))
+}
+
+/// The pipeline behind the gateway, and the upstream key to keep out of every answer.
+fn pipeline(o: &Options) -> Result<(Pipeline, Option<String>), Box<dyn std::error::Error>> {
+    let mut catalog = Catalog::builtin();
+    if let Some(path) = &o.catalog {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+        catalog = catalog.merge_toml(&text)?;
+    }
+    // Per-user and per-org quotas; free keys get half, premium keys twice as much.
+    let limiter = GcraLimiter::builder()
+        .requests_per_minute(ScopeKind::User, 60)
+        .tokens_per_minute(ScopeKind::Org, 400_000)
+        .requests_per_minute(ScopeKind::Global, 6_000)
+        .free_multiplier(0.5)
+        .premium_multiplier(2.0)
+        .build()?;
+    let mut b = Pipeline::builder()
+        .catalog(catalog)
+        .default_model(&o.model)
+        .limiter(Arc::new(limiter))
+        .spend_cap(ScopeKind::User, Cost::from_dollars(1), BudgetWindow::Day)
+        .spend_cap(ScopeKind::Org, Cost::from_dollars(20), BudgetWindow::Day)
+        // 256 in flight, 16 per user; when full, requests wait up to 2 s in a queue per
+        // priority (premium keys first, free keys last), then get 503.
+        .concurrency(ConcurrencyConfig {
+            initial: 256,
+            min: 256,
+            max: 256,
+            adaptive: false,
+            queue_per_priority: 64,
+            max_queue_wait: Duration::from_secs(2),
+            per_key: Some((ScopeKind::User, 16)),
+            ..ConcurrencyConfig::default()
+        })
+        .attempt_timeout(Duration::from_secs(120))
+        .first_token_timeout(Duration::from_secs(30))
+        .idle_timeout(Duration::from_secs(30));
+    let mut secret = None;
+    match &o.upstream {
+        Some(url) => {
+            let mut up = OpenAiCompatible::builder().base_url(url.as_str());
+            if let Ok(key) = std::env::var("OPENAI_API_KEY") {
+                if !key.trim().is_empty() {
+                    up = up.api_key(key.trim());
+                    secret = Some(key.trim().to_owned());
+                }
+            }
+            b = b.provider(up.build()?);
+        }
+        None => {
+            let sim = SimulatedProvider::builder()
+                .time_to_first_token(Duration::from_millis(150))
+                .per_token(Duration::from_millis(15))
+                .build()?;
+            b = b
+                .provider(sim)
+                .fallbacks("gpt-4o-mini", ["claude-haiku-4-5"]);
+        }
+    }
+    Ok((b.build()?, secret))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let opts = match options() {
+        Ok(o) => o,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("{e}");
+            }
+            eprintln!("{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+
+    let (keys, keys_said, demo_keys) = key_table(&opts)?;
+    let (pipeline, secret) = pipeline(&opts)?;
+    let mut gw = Gateway::new(pipeline, keys, &opts.model).limits(Limits::default());
+    if let Some(s) = secret {
+        gw = gw.secret(s);
+    }
+    let gw = Arc::new(gw);
+    let listener = match tokio::net::TcpListener::bind(("127.0.0.1", opts.port)).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "cannot listen on 127.0.0.1:{}: {e} (try --port 0 for any free port)",
+                opts.port
+            );
+            std::process::exit(1);
+        }
+    };
+    let addr = listener.local_addr()?;
+    let app = gateway::router(Arc::clone(&gw));
+
+    let upstream = match &opts.upstream {
+        // Never print credentials someone put in the URL.
+        Some(url) => match reqwest::Url::parse(url) {
+            Ok(mut u) => {
+                let _ = u.set_username("");
+                let _ = u.set_password(None);
+                u.to_string()
+            }
+            Err(_) => "an unparsable URL".to_owned(),
+        },
+        None => "the simulated provider (offline)".to_owned(),
+    };
+    println!("tokenwise gateway on http://{addr}/v1, upstream: {upstream}");
+    println!("keys: {keys_said}");
+    let key = if demo_keys {
+        keys::DEMO_KEYS[0].0
+    } else {
+        "$GATEWAY_KEY"
+    };
+    println!("\ntry it:\n");
+    println!(
+        "  curl http://{addr}/v1/chat/completions \\\n    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"gpt-4o-mini\", \"messages\": [{{\"role\": \"user\", \"content\": \"What does a circuit breaker do?\"}}]}}'\n"
+    );
+    println!(
+        "  curl -N http://{addr}/v1/chat/completions \\\n    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"gpt-4o-mini\", \"stream\": true, \"stream_options\": {{\"include_usage\": true}}, \"messages\": [{{\"role\": \"user\", \"content\": \"Explain rate limiting\"}}]}}'\n"
+    );
+    println!("  curl http://{addr}/v1/models -H 'Authorization: Bearer {key}'\n");
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let limits = gw.limits_ref().clone();
+    let server = tokio::spawn(gateway::serve(listener, app, limits, async {
+        let _ = stop_rx.await;
+    }));
+
+    let mut failed = false;
+    if opts.self_check {
+        match self_check(addr, keys::DEMO_KEYS[0].0, !demo_keys).await {
+            Ok(summary) => println!("self-check passed: {summary}"),
+            Err(e) => {
+                eprintln!("self-check FAILED: {e}");
+                failed = true;
+            }
+        }
+    }
+    match opts.serve_for {
+        Some(d) => {
+            if !d.is_zero() {
+                println!("serving for {} s", d.as_secs());
+            }
+            tokio::time::sleep(d).await;
+        }
+        None if opts.self_check => {}
+        None => std::future::pending::<()>().await,
+    }
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    println!("usage:\n{}", gw.pipeline().usage());
+    if failed {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// Drives the gateway once over loopback, as a client would.
+async fn self_check(
+    addr: std::net::SocketAddr,
+    demo_key: &str,
+    custom_keys: bool,
+) -> Result<String, String> {
+    if custom_keys {
+        return Err(format!(
+            "--self-check uses the demo keys; run it without --keys and ${}",
+            keys::KEYS_ENV
+        ));
+    }
+    let client = tokenwise::provider::http_client_builder()
+        .map_err(|e| e.to_string())?
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let url = format!("http://{addr}/v1/chat/completions");
+    let ask = |stream: bool| {
+        let body = serde_json::json!({
+            "model": "gpt-4o-mini",
+            "stream": stream,
+            "stream_options": if stream { serde_json::json!({"include_usage": true}) } else { serde_json::Value::Null },
+            "messages": [{"role": "user", "content": "What does a circuit breaker do?"}],
+        });
+        client
+            .post(&url)
+            .bearer_auth(demo_key)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    // Whole.
+    let res = ask(false).await.map_err(|e| e.to_string())?;
+    let status = res.status();
+    let cache = res
+        .headers()
+        .get("x-tokenwise-cache")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
+    let text = res.text().await.map_err(|e| e.to_string())?;
+    if status != 200 {
+        return Err(format!("whole answer: HTTP {status}: {text}"));
+    }
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let content = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    if v["object"] != "chat.completion"
+        || content.is_empty()
+        || !v["usage"]["total_tokens"].is_u64()
+    {
+        return Err(format!("whole answer has the wrong shape: {text}"));
+    }
+    // Streamed (the same question, so the cache replays it).
+    let res = ask(true).await.map_err(|e| e.to_string())?;
+    if res.status() != 200 {
+        return Err(format!("stream: HTTP {}", res.status()));
+    }
+    let sse = res.text().await.map_err(|e| e.to_string())?;
+    let datas: Vec<&str> = sse
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .collect();
+    let mut streamed = String::new();
+    let mut usage = false;
+    for d in &datas {
+        if *d == "[DONE]" {
+            continue;
+        }
+        let c: serde_json::Value =
+            serde_json::from_str(d).map_err(|e| format!("bad chunk {d}: {e}"))?;
+        if let Some(t) = c["choices"][0]["delta"]["content"].as_str() {
+            streamed.push_str(t);
+        }
+        usage |= c["usage"]["total_tokens"].is_u64();
+    }
+    if datas.last() != Some(&"[DONE]") || !usage || streamed != content {
+        return Err(format!("the stream has the wrong shape:\n{sse}"));
+    }
+    // Models.
+    let res = client
+        .get(format!("http://{addr}/v1/models"))
+        .bearer_auth(demo_key)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let v: serde_json::Value = serde_json::from_str(&res.text().await.map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    let models = v["data"].as_array().map_or(0, Vec::len);
+    if v["object"] != "list" || models == 0 {
+        return Err("GET /v1/models has the wrong shape".into());
+    }
+    Ok(format!(
+        "whole answer ({} chars, cache {cache}), stream of {} events ending in [DONE], {models} models",
+        content.len(),
+        datas.len()
+    ))
+}

@@ -1,0 +1,708 @@
+//! OpenAI's chat completions wire format: the request JSON into a [`ChatRequest`], and
+//! answers out as `chat.completion` objects or `chat.completion.chunk` events.
+//!
+//! Parsing walks the JSON by hand so that every refusal names the parameter at fault
+//! (`messages[1].content`, `stop`, ...). Unknown top-level fields are refused, as OpenAI
+//! does: a misspelt `max_token` must not silently lift a cost limit.
+
+use bytes::Bytes;
+use serde_json::{Map, Value, json};
+use tokenwise::{
+    ChatRequest, ChatResponse, FinishReason, Message, ResponseFormat, Role, Tool, ToolCall,
+    ToolCallDelta, Usage,
+};
+
+use super::error::ApiError;
+
+/// A parsed `POST /v1/chat/completions` body.
+#[derive(Debug)]
+pub struct Parsed {
+    /// The request for the pipeline (its `meta` is filled in by the caller).
+    pub request: ChatRequest,
+    /// `stream: true`.
+    pub stream: bool,
+    /// `stream_options.include_usage: true`.
+    pub include_usage: bool,
+}
+
+/// Fields accepted and ignored whatever their value: they change nothing the gateway
+/// sends upstream. `user` in particular: identity comes from the API key only, so a
+/// client cannot step around its per-user limits by changing it.
+const IGNORED: &[&str] = &[
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+    "parallel_tool_calls",
+];
+
+/// Fields accepted only at their neutral value (what clients send by default), since
+/// the gateway cannot honour anything else.
+fn neutral(name: &str, v: &Value) -> Option<bool> {
+    let zero = |v: &Value| v.as_f64() == Some(0.0);
+    Some(match name {
+        "n" => v.as_u64() == Some(1),
+        "frequency_penalty" | "presence_penalty" => zero(v),
+        "logprobs" => v.as_bool() == Some(false),
+        "top_logprobs" => v.as_u64() == Some(0),
+        "logit_bias" => v.as_object().is_some_and(Map::is_empty),
+        "functions" | "function_call" | "reasoning_effort" | "modalities" | "audio"
+        | "prediction" | "web_search_options" | "verbosity" => false,
+        _ => return None,
+    })
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn wrong_type(param: &str, expected: &str, got: &Value) -> ApiError {
+    ApiError::invalid(
+        "invalid_type",
+        param,
+        format!(
+            "Invalid type for `{param}`: expected {expected}, got {}.",
+            kind_of(got)
+        ),
+    )
+}
+
+fn missing(param: &str) -> ApiError {
+    ApiError::invalid(
+        "missing_required_parameter",
+        param,
+        format!("Missing required parameter: `{param}`."),
+    )
+}
+
+fn unknown(param: &str) -> ApiError {
+    ApiError::invalid(
+        "unknown_parameter",
+        param,
+        format!("Unrecognized request argument supplied: `{param}`."),
+    )
+}
+
+fn unsupported(param: &str, message: impl Into<String>) -> ApiError {
+    ApiError::invalid("unsupported_parameter", param, message)
+}
+
+/// A field, treating `null` as absent.
+fn get<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    obj.get(name).filter(|v| !v.is_null())
+}
+
+fn string<'a>(v: &'a Value, param: &str) -> Result<&'a str, ApiError> {
+    v.as_str().ok_or_else(|| wrong_type(param, "a string", v))
+}
+
+fn object<'a>(v: &'a Value, param: &str) -> Result<&'a Map<String, Value>, ApiError> {
+    v.as_object()
+        .ok_or_else(|| wrong_type(param, "an object", v))
+}
+
+fn array<'a>(v: &'a Value, param: &str) -> Result<&'a Vec<Value>, ApiError> {
+    v.as_array().ok_or_else(|| wrong_type(param, "an array", v))
+}
+
+/// Refuses keys of `obj` outside `allowed`, naming the first one found.
+fn only(obj: &Map<String, Value>, allowed: &[&str], prefix: &str) -> Result<(), ApiError> {
+    match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(unknown(&format!("{prefix}.{k}"))),
+        None => Ok(()),
+    }
+}
+
+fn number(v: &Value, param: &str, lo: f64, hi: f64) -> Result<f32, ApiError> {
+    let x = v.as_f64().ok_or_else(|| wrong_type(param, "a number", v))?;
+    if !(lo..=hi).contains(&x) {
+        return Err(ApiError::invalid(
+            "invalid_value",
+            param,
+            format!("`{param}` must be between {lo} and {hi}, got {x}."),
+        ));
+    }
+    Ok(x as f32)
+}
+
+fn positive_u32(v: &Value, param: &str) -> Result<u32, ApiError> {
+    match v.as_u64().map(u32::try_from) {
+        Some(Ok(n)) if n > 0 => Ok(n),
+        _ if v.is_number() => Err(ApiError::invalid(
+            "invalid_value",
+            param,
+            format!("`{param}` must be a whole number from 1 to {}.", u32::MAX),
+        )),
+        _ => Err(wrong_type(param, "an integer", v)),
+    }
+}
+
+/// Parses a chat completions request body.
+pub fn parse_chat(body: &[u8]) -> Result<Parsed, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::invalid(
+            "invalid_json",
+            "",
+            "The request body is empty: expected a JSON object.",
+        ));
+    }
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid(
+            "invalid_json",
+            "",
+            format!("The request body is not valid JSON: {e}."),
+        )
+    })?;
+    let obj = v.as_object().ok_or_else(|| {
+        ApiError::invalid(
+            "invalid_json",
+            "",
+            format!(
+                "The request body must be a JSON object, got {}.",
+                kind_of(&v)
+            ),
+        )
+    })?;
+
+    let mut req = ChatRequest::new();
+    let mut stream = false;
+    let mut include_usage = false;
+    let mut max_tokens = None;
+    let mut max_completion_tokens = None;
+    for (name, value) in obj {
+        let name = name.as_str();
+        if value.is_null() || IGNORED.contains(&name) {
+            continue;
+        }
+        match name {
+            "model" => {
+                let m = string(value, name)?.trim();
+                if m.is_empty() {
+                    return Err(ApiError::invalid(
+                        "invalid_value",
+                        name,
+                        "`model` is empty.",
+                    ));
+                }
+                // "auto" lets the gateway's router choose, like leaving it out.
+                if m != "auto" {
+                    req.model = Some(m.to_owned());
+                }
+            }
+            "messages" => {
+                for (i, m) in array(value, name)?.iter().enumerate() {
+                    req.messages.push(message(m, &format!("messages[{i}]"))?);
+                }
+            }
+            "max_tokens" => max_tokens = Some(positive_u32(value, name)?),
+            "max_completion_tokens" => max_completion_tokens = Some(positive_u32(value, name)?),
+            "temperature" => req.params.temperature = Some(number(value, name, 0.0, 2.0)?),
+            "top_p" => req.params.top_p = Some(number(value, name, 0.0, 1.0)?),
+            "stop" => req.params.stop = stop(value)?,
+            "seed" => {
+                req.params.seed = Some(value.as_u64().ok_or_else(|| {
+                    if value.is_number() {
+                        ApiError::invalid(
+                            "invalid_value",
+                            name,
+                            "`seed` must be a non-negative integer.",
+                        )
+                    } else {
+                        wrong_type(name, "an integer", value)
+                    }
+                })?);
+            }
+            "response_format" => req.params.response_format = Some(response_format(value)?),
+            "tools" => {
+                for (i, t) in array(value, name)?.iter().enumerate() {
+                    req.params.tools.push(tool(t, &format!("tools[{i}]"))?);
+                }
+            }
+            "tool_choice" => req.params.tool_choice = Some(tool_choice(value)?),
+            "stream" => {
+                stream = value
+                    .as_bool()
+                    .ok_or_else(|| wrong_type(name, "a boolean", value))?;
+            }
+            "stream_options" => {
+                let o = object(value, name)?;
+                only(o, &["include_usage", "include_obfuscation"], name)?;
+                if let Some(u) = get(o, "include_usage") {
+                    include_usage = u.as_bool().ok_or_else(|| {
+                        wrong_type("stream_options.include_usage", "a boolean", u)
+                    })?;
+                }
+            }
+            other => match neutral(other, value) {
+                Some(true) => {}
+                Some(false) => {
+                    return Err(unsupported(
+                        other,
+                        format!(
+                            "`{other}` is not supported by this gateway (only its default value is accepted)."
+                        ),
+                    ));
+                }
+                None => return Err(unknown(other)),
+            },
+        }
+    }
+    if !obj.contains_key("messages") || obj.get("messages").is_some_and(Value::is_null) {
+        return Err(missing("messages"));
+    }
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid(
+            "invalid_value",
+            "messages",
+            "`messages` must contain at least one message.",
+        ));
+    }
+    // `max_completion_tokens` is OpenAI's current name; it wins when both are sent.
+    req.params.max_tokens = max_completion_tokens.or(max_tokens);
+    Ok(Parsed {
+        request: req,
+        stream,
+        include_usage: stream && include_usage,
+    })
+}
+
+/// Text content: a string, or an array of text parts joined by newlines.
+fn content(v: Option<&Value>, param: &str) -> Result<Option<String>, ApiError> {
+    let Some(v) = v else { return Ok(None) };
+    match v {
+        Value::String(s) => Ok(Some(s.clone())),
+        Value::Array(parts) => {
+            let mut text = Vec::with_capacity(parts.len());
+            for (i, p) in parts.iter().enumerate() {
+                let at = format!("{param}[{i}]");
+                let o = object(p, &at)?;
+                let ty = get(o, "type").ok_or_else(|| missing(&format!("{at}.type")))?;
+                match string(ty, &format!("{at}.type"))? {
+                    "text" => {
+                        only(o, &["type", "text"], &at)?;
+                        let t = get(o, "text").ok_or_else(|| missing(&format!("{at}.text")))?;
+                        text.push(string(t, &format!("{at}.text"))?);
+                    }
+                    "refusal" => {
+                        only(o, &["type", "refusal"], &at)?;
+                        let t =
+                            get(o, "refusal").ok_or_else(|| missing(&format!("{at}.refusal")))?;
+                        text.push(string(t, &format!("{at}.refusal"))?);
+                    }
+                    other => {
+                        return Err(unsupported(
+                            &format!("{at}.type"),
+                            format!(
+                                "Content parts of type `{other}` are not supported: this gateway takes text only."
+                            ),
+                        ));
+                    }
+                }
+            }
+            Ok(Some(text.join("\n")))
+        }
+        other => Err(wrong_type(
+            param,
+            "a string or an array of content parts",
+            other,
+        )),
+    }
+}
+
+fn message(v: &Value, at: &str) -> Result<Message, ApiError> {
+    let o = object(v, at)?;
+    // Fields a client echoes back from a response are tolerated; anything else is a typo.
+    only(
+        o,
+        &[
+            "role",
+            "content",
+            "name",
+            "tool_calls",
+            "tool_call_id",
+            "refusal",
+            "annotations",
+            "audio",
+            "function_call",
+        ],
+        at,
+    )?;
+    for f in ["audio", "function_call"] {
+        if get(o, f).is_some() {
+            return Err(unsupported(
+                &format!("{at}.{f}"),
+                format!("`{f}` in messages is not supported by this gateway."),
+            ));
+        }
+    }
+    let role_at = format!("{at}.role");
+    let role = match string(get(o, "role").ok_or_else(|| missing(&role_at))?, &role_at)? {
+        "system" | "developer" => Role::System,
+        "user" => Role::User,
+        "assistant" => Role::Assistant,
+        "tool" => Role::Tool,
+        other => {
+            return Err(ApiError::invalid(
+                "invalid_value",
+                role_at,
+                format!(
+                    "Invalid role `{other}`: expected system, developer, user, assistant or tool."
+                ),
+            ));
+        }
+    };
+    let content_at = format!("{at}.content");
+    let text = content(get(o, "content"), &content_at)?;
+    match role {
+        Role::Assistant => {
+            let mut calls = Vec::new();
+            if let Some(tc) = get(o, "tool_calls") {
+                for (i, c) in array(tc, &format!("{at}.tool_calls"))?.iter().enumerate() {
+                    calls.push(tool_call(c, &format!("{at}.tool_calls[{i}]"))?);
+                }
+            }
+            if text.is_none() && calls.is_empty() {
+                return Err(missing(&content_at));
+            }
+            Ok(Message::assistant(text.unwrap_or_default()).with_tool_calls(calls))
+        }
+        Role::Tool => {
+            let id_at = format!("{at}.tool_call_id");
+            let id = string(
+                get(o, "tool_call_id").ok_or_else(|| missing(&id_at))?,
+                &id_at,
+            )?;
+            Ok(Message::tool(id, text.ok_or_else(|| missing(&content_at))?))
+        }
+        _ => {
+            for f in ["tool_calls", "tool_call_id"] {
+                if get(o, f).is_some() {
+                    return Err(ApiError::invalid(
+                        "invalid_value",
+                        format!("{at}.{f}"),
+                        format!("`{f}` is only allowed on assistant and tool messages."),
+                    ));
+                }
+            }
+            let text = text.ok_or_else(|| missing(&content_at))?;
+            Ok(Message::new(role, text))
+        }
+    }
+}
+
+fn tool_call(v: &Value, at: &str) -> Result<ToolCall, ApiError> {
+    let o = object(v, at)?;
+    only(o, &["id", "type", "function", "index"], at)?;
+    if let Some(t) = get(o, "type") {
+        if string(t, &format!("{at}.type"))? != "function" {
+            return Err(unsupported(
+                &format!("{at}.type"),
+                "Only `function` tool calls are supported.",
+            ));
+        }
+    }
+    let id_at = format!("{at}.id");
+    let id = string(get(o, "id").ok_or_else(|| missing(&id_at))?, &id_at)?;
+    let f_at = format!("{at}.function");
+    let f = object(get(o, "function").ok_or_else(|| missing(&f_at))?, &f_at)?;
+    only(f, &["name", "arguments"], &f_at)?;
+    let name_at = format!("{f_at}.name");
+    let name = string(get(f, "name").ok_or_else(|| missing(&name_at))?, &name_at)?;
+    let arguments = match get(f, "arguments") {
+        None => String::new(),
+        Some(a) => string(a, &format!("{f_at}.arguments"))?.to_owned(),
+    };
+    Ok(ToolCall {
+        id: id.to_owned(),
+        name: name.to_owned(),
+        arguments,
+    })
+}
+
+fn tool(v: &Value, at: &str) -> Result<Tool, ApiError> {
+    let o = object(v, at)?;
+    only(o, &["type", "function"], at)?;
+    let ty_at = format!("{at}.type");
+    if string(get(o, "type").ok_or_else(|| missing(&ty_at))?, &ty_at)? != "function" {
+        return Err(unsupported(&ty_at, "Only `function` tools are supported."));
+    }
+    let f_at = format!("{at}.function");
+    let f = object(get(o, "function").ok_or_else(|| missing(&f_at))?, &f_at)?;
+    only(f, &["name", "description", "parameters", "strict"], &f_at)?;
+    let name_at = format!("{f_at}.name");
+    let name = string(get(f, "name").ok_or_else(|| missing(&name_at))?, &name_at)?;
+    let description = match get(f, "description") {
+        Some(d) => string(d, &format!("{f_at}.description"))?.to_owned(),
+        None => String::new(),
+    };
+    let parameters = match get(f, "parameters") {
+        Some(p) => Value::Object(object(p, &format!("{f_at}.parameters"))?.clone()),
+        None => Value::Null,
+    };
+    Ok(Tool {
+        name: name.to_owned(),
+        description,
+        parameters,
+    })
+}
+
+fn tool_choice(v: &Value) -> Result<String, ApiError> {
+    const AT: &str = "tool_choice";
+    match v {
+        Value::String(s) if matches!(s.as_str(), "auto" | "none" | "required") => Ok(s.clone()),
+        Value::String(s) => Err(ApiError::invalid(
+            "invalid_value",
+            AT,
+            format!("Invalid `tool_choice` `{s}`: expected auto, none, required or a function."),
+        )),
+        Value::Object(o) => {
+            only(o, &["type", "function"], AT)?;
+            let ty = get(o, "type").ok_or_else(|| missing("tool_choice.type"))?;
+            if string(ty, "tool_choice.type")? != "function" {
+                return Err(unsupported(
+                    "tool_choice.type",
+                    "Only `function` tool choices are supported.",
+                ));
+            }
+            let f = object(
+                get(o, "function").ok_or_else(|| missing("tool_choice.function"))?,
+                "tool_choice.function",
+            )?;
+            only(f, &["name"], "tool_choice.function")?;
+            let name = get(f, "name").ok_or_else(|| missing("tool_choice.function.name"))?;
+            Ok(string(name, "tool_choice.function.name")?.to_owned())
+        }
+        other => Err(wrong_type(AT, "a string or an object", other)),
+    }
+}
+
+fn stop(v: &Value) -> Result<Vec<String>, ApiError> {
+    const MAX_STOP: usize = 4;
+    let list: Vec<String> = match v {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, s)| string(s, &format!("stop[{i}]")).map(str::to_owned))
+            .collect::<Result<_, _>>()?,
+        other => return Err(wrong_type("stop", "a string or an array of strings", other)),
+    };
+    if list.len() > MAX_STOP {
+        return Err(ApiError::invalid(
+            "invalid_value",
+            "stop",
+            format!(
+                "`stop` takes at most {MAX_STOP} sequences, got {}.",
+                list.len()
+            ),
+        ));
+    }
+    Ok(list)
+}
+
+fn response_format(v: &Value) -> Result<ResponseFormat, ApiError> {
+    const AT: &str = "response_format";
+    let o = object(v, AT)?;
+    let ty = string(
+        get(o, "type").ok_or_else(|| missing("response_format.type"))?,
+        "response_format.type",
+    )?;
+    match ty {
+        "text" => {
+            only(o, &["type"], AT)?;
+            Ok(ResponseFormat::Text)
+        }
+        "json_object" => {
+            only(o, &["type"], AT)?;
+            Ok(ResponseFormat::JsonObject)
+        }
+        "json_schema" => {
+            only(o, &["type", "json_schema"], AT)?;
+            let s = object(
+                get(o, "json_schema").ok_or_else(|| missing("response_format.json_schema"))?,
+                "response_format.json_schema",
+            )?;
+            only(
+                s,
+                &["name", "schema", "strict", "description"],
+                "response_format.json_schema",
+            )?;
+            let name = string(
+                get(s, "name").ok_or_else(|| missing("response_format.json_schema.name"))?,
+                "response_format.json_schema.name",
+            )?;
+            let schema = match get(s, "schema") {
+                Some(x) => Value::Object(object(x, "response_format.json_schema.schema")?.clone()),
+                None => json!({}),
+            };
+            Ok(ResponseFormat::JsonSchema {
+                name: name.to_owned(),
+                schema,
+            })
+        }
+        other => Err(ApiError::invalid(
+            "invalid_value",
+            "response_format.type",
+            format!(
+                "Invalid `response_format.type` `{other}`: expected text, json_object or json_schema."
+            ),
+        )),
+    }
+}
+
+/// OpenAI's name for why generation stopped. tokenwise's own cut (`truncated`, a cost
+/// or output limit) is reported as `length`; anything unknown as `stop`.
+pub fn finish_reason(f: &FinishReason) -> &'static str {
+    match f {
+        FinishReason::Length | FinishReason::Truncated => "length",
+        FinishReason::ToolCalls => "tool_calls",
+        FinishReason::ContentFilter => "content_filter",
+        _ => "stop",
+    }
+}
+
+/// OpenAI's `usage` object.
+pub fn usage(u: &Usage) -> Value {
+    json!({
+        "prompt_tokens": u.input_tokens,
+        "completion_tokens": u.output_tokens,
+        "total_tokens": u.total(),
+        "prompt_tokens_details": {"cached_tokens": u.cached_input_tokens},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    })
+}
+
+fn tool_calls(calls: &[ToolCall]) -> Value {
+    calls
+        .iter()
+        .map(|c| {
+            json!({
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            })
+        })
+        .collect()
+}
+
+/// A whole answer as a `chat.completion` object.
+pub fn completion(id: &str, created: u64, r: &ChatResponse) -> Value {
+    let mut message = json!({
+        "role": "assistant",
+        "content": r.content,
+        "refusal": null,
+        "annotations": [],
+    });
+    if !r.tool_calls.is_empty() {
+        message["tool_calls"] = tool_calls(&r.tool_calls);
+        if r.content.is_empty() {
+            message["content"] = Value::Null;
+        }
+    }
+    json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": r.model,
+        "choices": [{
+            "index": 0,
+            "message": message,
+            "logprobs": null,
+            "finish_reason": finish_reason(&r.finish_reason),
+        }],
+        "usage": usage(&r.usage),
+        "system_fingerprint": null,
+    })
+}
+
+/// Writes `chat.completion.chunk` events for one streamed answer.
+#[derive(Debug, Clone)]
+pub struct Chunks {
+    /// The completion id, shared by every chunk.
+    pub id: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The model named in chunks until the stream says which one answered.
+    pub model: String,
+    /// Whether the client asked for a usage chunk (then every chunk carries `usage`).
+    pub include_usage: bool,
+}
+
+impl Chunks {
+    fn chunk(&self, model: &str, choices: Value, usage: Option<Value>) -> Bytes {
+        let mut c = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": model,
+            "system_fingerprint": null,
+            "choices": choices,
+        });
+        if self.include_usage {
+            c["usage"] = usage.unwrap_or(Value::Null);
+        }
+        event(&c)
+    }
+
+    fn delta(&self, delta: Value) -> Bytes {
+        self.chunk(
+            &self.model,
+            json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]),
+            None,
+        )
+    }
+
+    /// The first chunk: the role.
+    pub fn role(&self) -> Bytes {
+        self.delta(json!({"role": "assistant", "content": ""}))
+    }
+
+    /// More text.
+    pub fn text(&self, text: &str) -> Bytes {
+        self.delta(json!({"content": text}))
+    }
+
+    /// More of a tool call.
+    pub fn tool_call(&self, d: &ToolCallDelta) -> Bytes {
+        let mut call = json!({"index": d.index, "function": {"arguments": d.arguments}});
+        if let Some(id) = &d.id {
+            call["id"] = json!(id);
+            call["type"] = json!("function");
+        }
+        if let Some(name) = &d.name {
+            call["function"]["name"] = json!(name);
+        }
+        self.delta(json!({"tool_calls": [call]}))
+    }
+
+    /// The last chunk with a choice: the finish reason, and the model that answered.
+    pub fn finish(&self, reason: &FinishReason, model: &str) -> Bytes {
+        self.chunk(
+            model,
+            json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason(reason)}]),
+            None,
+        )
+    }
+
+    /// The usage chunk: no choices, the usage of the whole request.
+    pub fn usage(&self, u: &Usage, model: &str) -> Bytes {
+        self.chunk(model, json!([]), Some(usage(u)))
+    }
+}
+
+/// One SSE event carrying `v`.
+pub fn event(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+/// The end of a complete stream.
+pub const DONE: &[u8] = b"data: [DONE]\n\n";
