@@ -254,6 +254,82 @@ impl SemanticCacheBuilder {
     }
 }
 
+/// The form of a question that is embedded: lowercased, sentence punctuation dropped
+/// (kept between digits: "3.5", "10:30"), whitespace collapsed. Small models weigh a
+/// question mark heavily in a short text; the guards still read the text as written.
+pub(crate) fn embedding_text(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    for (i, &c) in chars.iter().enumerate() {
+        let between_digits = i > 0
+            && chars[i - 1].is_ascii_digit()
+            && chars.get(i + 1).is_some_and(char::is_ascii_digit);
+        let drop = matches!(
+            c,
+            '?' | '!'
+                | '.'
+                | ','
+                | ';'
+                | ':'
+                | '"'
+                | '('
+                | ')'
+                | '['
+                | ']'
+                | '{'
+                | '}'
+                | '¿'
+                | '¡'
+                | '…'
+                | '“'
+                | '”'
+        ) && !between_digits;
+        if drop || c.is_whitespace() {
+            if !out.ends_with(' ') && !out.is_empty() {
+                out.push(' ');
+            }
+        } else {
+            out.extend(c.to_lowercase());
+        }
+    }
+    // Courtesies at either end do not change an answer.
+    const COURTESY: &[&str] = &[
+        "please",
+        "thanks",
+        "thank you",
+        "hi",
+        "hello",
+        "hey",
+        "kindly",
+    ];
+    let mut t = out.trim();
+    loop {
+        let before = t.len();
+        for c in COURTESY {
+            if let Some(rest) = t
+                .strip_prefix(c)
+                .filter(|r| r.is_empty() || r.starts_with(' '))
+            {
+                t = rest.trim_start();
+            }
+            if let Some(rest) = t
+                .strip_suffix(c)
+                .filter(|r| r.is_empty() || r.ends_with(' '))
+            {
+                t = rest.trim_end();
+            }
+        }
+        if t.len() == before {
+            break;
+        }
+    }
+    if t.is_empty() {
+        out.trim().to_owned()
+    } else {
+        t.to_owned()
+    }
+}
+
 /// What the index knows of one stored question.
 #[derive(Debug)]
 struct Meta {
@@ -484,7 +560,7 @@ impl SemanticCache {
     }
 
     async fn embed(&self, text: &str) -> Option<Arc<[f32]>> {
-        match self.inner.embedder.embed_one(text).await {
+        match self.inner.embedder.embed_one(&embedding_text(text)).await {
             Ok(v) if v.len() == self.inner.dims => Some(v),
             Ok(_) => None,
             Err(e) => {
@@ -677,6 +753,28 @@ impl SemanticCache {
             Invalidation::All => *state = State::default(),
         }
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::embedding_text;
+
+    #[test]
+    fn embedded_text_drops_case_and_sentence_punctuation_only() {
+        assert_eq!(
+            embedding_text("  What is the capital of Australia?! "),
+            "what is the capital of australia"
+        );
+        assert_eq!(
+            embedding_text("It's 3.5, not 1,000 (at 10:30)."),
+            "it's 3.5 not 1,000 at 10:30"
+        );
+        assert_eq!(embedding_text("50% off $20 + tax"), "50% off $20 + tax");
+        assert_eq!(embedding_text("Hi, how do I pay? Thanks!"), "how do i pay");
+        assert_eq!(embedding_text("Another one please"), "another one");
+        assert_eq!(embedding_text("Hello!"), "hello", "never empty");
+        assert_eq!(embedding_text("this is history"), "this is history");
     }
 }
 
