@@ -1,11 +1,13 @@
 //! Nearest-neighbour search over unit vectors: a flat scan while a set is small, an HNSW
 //! graph ([hnsw_rs]) once it is large; removal by tombstones, compaction by rebuild.
 
-use std::collections::HashMap;
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
+use std::sync::Arc;
 
 use anndists::dist::Distance;
-use hnsw_rs::hnsw::Hnsw;
+use hnsw_rs::hnsw::{Hnsw, Point};
 
 use crate::{Error, Result};
 
@@ -177,8 +179,216 @@ enum Store {
 }
 
 enum Graph {
-    F32(Hnsw<'static, f32, DotF32>),
-    I8(Hnsw<'static, i8, DotI8>),
+    F32(Hnsw<'static, f32, DotF32>, Option<Frozen<f32>>),
+    I8(Hnsw<'static, i8, DotI8>, Option<Frozen<i8>>),
+}
+
+/// Vectors inserted into the graph since its snapshot was taken, at most this many;
+/// they are scanned exactly on every search.
+const MAX_DELTA: usize = 2_048;
+
+/// A vector component the index can store.
+trait Elem: Copy + Send + Sync + 'static {
+    fn sim(a: &[Self], b: &[Self]) -> f32;
+}
+
+impl Elem for f32 {
+    fn sim(a: &[f32], b: &[f32]) -> f32 {
+        dot(a, b)
+    }
+}
+
+impl Elem for i8 {
+    fn sim(a: &[i8], b: &[i8]) -> f32 {
+        dot_i8(a, b)
+    }
+}
+
+/// `f32` ordered by `total_cmp`, for the search heaps.
+#[derive(Clone, Copy, PartialEq)]
+struct Sim(f32);
+
+impl Eq for Sim {}
+
+impl PartialOrd for Sim {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Sim {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+/// A compact, read-only copy of the graph's links: hnsw_rs builds and extends the
+/// graph; searches walk this copy (flat arrays, a bitset of visited nodes, no locks or
+/// per-node allocations), which is several times faster than hnsw_rs's own search.
+/// Points inserted after the copy was taken are scanned exactly until the next copy.
+struct Frozen<T: Elem> {
+    dims: usize,
+    /// Vectors by dense index, contiguous (a copy: pointer-chasing into the graph's
+    /// own points costs a cache miss or two per visited node).
+    vectors: Vec<T>,
+    /// Slot by dense index.
+    slots: Vec<u32>,
+    /// Layer-0 links of dense index `i`: `links[offsets[i]..offsets[i + 1]]`.
+    offsets: Vec<u32>,
+    links: Vec<u32>,
+    /// Links on layers 1.. of the few points that reach them.
+    upper: HashMap<u32, Vec<Vec<u32>>>,
+    entry: u32,
+    top: usize,
+    /// Slots below this are in the copy; slots from it on are the delta.
+    upto: usize,
+}
+
+impl<T: Elem> Frozen<T> {
+    fn take<D: Distance<T> + Send + Sync>(g: &Hnsw<'static, T, D>, slots: usize) -> Option<Self> {
+        let points: Vec<Arc<Point<'static, T>>> = g.get_point_indexation().into_iter().collect();
+        let dims = points.first().map_or(0, |p| p.get_v().len());
+        let mut vectors = Vec::with_capacity(points.len() * dims);
+        let mut slot_of = Vec::with_capacity(points.len());
+        for p in &points {
+            if p.get_v().len() != dims {
+                return None;
+            }
+            vectors.extend_from_slice(p.get_v());
+            slot_of.push(u32::try_from(p.get_origin_id()).ok()?);
+        }
+        let mut dense = vec![u32::MAX; slots];
+        for (i, p) in points.iter().enumerate() {
+            let d = dense.get_mut(p.get_origin_id())?;
+            *d = u32::try_from(i).ok()?;
+        }
+        let id = |slot: usize| dense.get(slot).copied().filter(|d| *d != u32::MAX);
+        let mut offsets = Vec::with_capacity(points.len() + 1);
+        let mut links = Vec::new();
+        let mut upper = HashMap::new();
+        let (mut entry, mut top) = (0u32, 0usize);
+        for (i, p) in points.iter().enumerate() {
+            offsets.push(u32::try_from(links.len()).ok()?);
+            let hood = p.get_neighborhood_id();
+            if let Some(l0) = hood.first() {
+                links.extend(l0.iter().filter_map(|n| id(n.d_id)));
+            }
+            let level = usize::from(p.get_point_id().0);
+            if level > 0 {
+                let layers: Vec<Vec<u32>> = (1..=level)
+                    .map(|l| {
+                        hood.get(l)
+                            .map(|ns| ns.iter().filter_map(|n| id(n.d_id)).collect())
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                upper.insert(u32::try_from(i).ok()?, layers);
+            }
+            if level > top || i == 0 {
+                top = level;
+                entry = u32::try_from(i).ok()?;
+            }
+        }
+        offsets.push(u32::try_from(links.len()).ok()?);
+        Some(Frozen {
+            dims,
+            vectors,
+            slots: slot_of,
+            offsets,
+            links,
+            upper,
+            entry,
+            top,
+            upto: slots,
+        })
+    }
+
+    fn vector(&self, i: u32) -> &[T] {
+        let at = i as usize * self.dims;
+        &self.vectors[at..at + self.dims]
+    }
+
+    fn slot(&self, i: u32) -> usize {
+        self.slots[i as usize] as usize
+    }
+
+    fn layer0(&self, i: u32) -> &[u32] {
+        let (a, b) = (self.offsets[i as usize], self.offsets[i as usize + 1]);
+        &self.links[a as usize..b as usize]
+    }
+
+    /// The `ef`-wide HNSW search; dead slots are walked through but never returned.
+    fn search(&self, q: &[T], ef: usize, dead: &[bool]) -> Vec<(usize, f32)> {
+        if self.slots.is_empty() {
+            return Vec::new();
+        }
+        let is_dead = |i: u32| dead.get(self.slot(i)).copied().unwrap_or(true);
+        // Greedy descent through the upper layers.
+        let mut cur = self.entry;
+        let mut cur_sim = T::sim(q, self.vector(cur));
+        for layer in (1..=self.top).rev() {
+            loop {
+                let mut moved = false;
+                let next = self
+                    .upper
+                    .get(&cur)
+                    .and_then(|ls| ls.get(layer - 1))
+                    .map_or(&[][..], Vec::as_slice);
+                for &n in next {
+                    let s = T::sim(q, self.vector(n));
+                    if s > cur_sim {
+                        (cur, cur_sim, moved) = (n, s, true);
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+        // Beam search on layer 0.
+        let mut visited = vec![0u64; self.slots.len().div_ceil(64)];
+        let mut seen = |i: u32| {
+            let (w, b) = ((i / 64) as usize, i % 64);
+            let was = visited[w] >> b & 1 == 1;
+            visited[w] |= 1 << b;
+            was
+        };
+        seen(cur);
+        let mut candidates: BinaryHeap<(Sim, u32)> = BinaryHeap::with_capacity(ef * 4);
+        let mut best: BinaryHeap<Reverse<(Sim, u32)>> = BinaryHeap::with_capacity(ef + 1);
+        candidates.push((Sim(cur_sim), cur));
+        if !is_dead(cur) {
+            best.push(Reverse((Sim(cur_sim), cur)));
+        }
+        while let Some((Sim(s), c)) = candidates.pop() {
+            let worst = best.peek().map_or(f32::MIN, |Reverse((Sim(w), _))| *w);
+            if best.len() >= ef && s < worst {
+                break;
+            }
+            for &n in self.layer0(c) {
+                if seen(n) {
+                    continue;
+                }
+                let sn = T::sim(q, self.vector(n));
+                let worst = best.peek().map_or(f32::MIN, |Reverse((Sim(w), _))| *w);
+                if best.len() < ef || sn > worst {
+                    candidates.push((Sim(sn), n));
+                    if !is_dead(n) {
+                        best.push(Reverse((Sim(sn), n)));
+                        if best.len() > ef {
+                            best.pop();
+                        }
+                    }
+                }
+            }
+        }
+        let mut out: Vec<(usize, f32)> = best
+            .into_iter()
+            .map(|Reverse((Sim(s), i))| (self.slot(i), s))
+            .collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1));
+        out
+    }
 }
 
 /// Layers of the graph (hnsw_rs's maximum).
@@ -215,6 +425,8 @@ pub struct VectorIndex {
     live: usize,
     /// Slots below this are all dead (the eviction cursor).
     oldest: usize,
+    /// Flat mode: every vector by slot. Graph mode: the delta, vectors of slots from
+    /// the snapshot's `upto` on.
     store: Store,
     graph: Option<Graph>,
 }
@@ -326,18 +538,109 @@ impl VectorIndex {
         self.by_id.insert(id, slot);
         self.live += 1;
         match &self.graph {
-            Some(Graph::F32(g)) => g.insert_slice((v, slot)),
-            Some(Graph::I8(g)) => g.insert_slice((&quantize(v), slot)),
-            None => {
-                match &mut self.store {
-                    Store::F32(s) => s.extend_from_slice(v),
-                    Store::I8(s) => s.extend(quantize(v)),
-                }
-                if self.ids.len() >= self.config.graph_from {
-                    self.rebuild();
+            Some(Graph::F32(g, _)) => g.insert_slice((v, slot)),
+            Some(Graph::I8(g, _)) => g.insert_slice((&quantize(v), slot)),
+            None => {}
+        }
+        self.push_store(v);
+        self.after_insert();
+        Ok(evicted)
+    }
+
+    fn push_store(&mut self, v: &[f32]) {
+        match &mut self.store {
+            Store::F32(s) => s.extend_from_slice(v),
+            Store::I8(s) => s.extend(quantize(v)),
+        }
+    }
+
+    /// Moves to the graph once large enough; refreshes the graph's snapshot once the
+    /// delta is full.
+    fn after_insert(&mut self) {
+        let slots = self.ids.len();
+        match &mut self.graph {
+            None if slots >= self.config.graph_from => self.rebuild(),
+            None => {}
+            Some(graph) => {
+                let upto = match graph {
+                    Graph::F32(_, f) => f.as_ref().map_or(0, |f| f.upto),
+                    Graph::I8(_, f) => f.as_ref().map_or(0, |f| f.upto),
+                };
+                if slots - upto >= MAX_DELTA {
+                    let taken = match graph {
+                        Graph::F32(g, f) => Frozen::take(g, slots).map(|new| *f = Some(new)),
+                        Graph::I8(g, f) => Frozen::take(g, slots).map(|new| *f = Some(new)),
+                    };
+                    if taken.is_some() {
+                        self.store = Self::empty_store(self.config.quantization);
+                    }
                 }
             }
         }
+    }
+
+    /// Adds many vectors at once (ids already present are replaced); a graph is
+    /// extended on rayon's threads. Returns the ids evicted to make room.
+    pub fn insert_batch(&mut self, items: &[(u64, &[f32])]) -> Result<Vec<u64>> {
+        for (_, v) in items {
+            self.check(v)?;
+        }
+        let mut evicted = Vec::new();
+        let cap = self.config.capacity;
+        let items = match items.len().checked_sub(cap) {
+            Some(skip) if skip > 0 => {
+                // More than fit: the oldest of the batch go first.
+                evicted.extend(items[..skip].iter().map(|(id, _)| *id));
+                &items[skip..]
+            }
+            _ => items,
+        };
+        for (id, _) in items {
+            self.remove(*id);
+        }
+        // Make room before adding anything: eviction may rebuild the index.
+        while self.live + items.len() > cap {
+            match self.evict_oldest() {
+                Some(id) => evicted.push(id),
+                None => break,
+            }
+        }
+        let first = self.ids.len();
+        for (id, _) in items {
+            let slot = self.ids.len();
+            self.ids.push(*id);
+            self.dead.push(false);
+            self.live += 1;
+            if let Some(old) = self.by_id.insert(*id, slot) {
+                // The same id twice in the batch: the later one wins.
+                self.dead[old] = true;
+                self.live -= 1;
+            }
+        }
+        match &self.graph {
+            Some(Graph::F32(g, _)) => {
+                let data: Vec<(&[f32], usize)> = items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, v))| (*v, first + i))
+                    .collect();
+                g.parallel_insert_slice(&data);
+            }
+            Some(Graph::I8(g, _)) => {
+                let q: Vec<Vec<i8>> = items.iter().map(|(_, v)| quantize(v)).collect();
+                let data: Vec<(&[i8], usize)> = q
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (v.as_slice(), first + i))
+                    .collect();
+                g.parallel_insert_slice(&data);
+            }
+            None => {}
+        }
+        for (_, v) in items {
+            self.push_store(v);
+        }
+        self.after_insert();
         Ok(evicted)
     }
 
@@ -382,49 +685,62 @@ impl VectorIndex {
         self.graph = None;
     }
 
-    /// Live vectors by id, in the stored precision (dequantized).
+    /// The first slot held in `store` (0 in flat mode; the snapshot's end in graph mode).
+    fn store_from(&self) -> usize {
+        match &self.graph {
+            None => 0,
+            Some(Graph::F32(_, f)) => f.as_ref().map_or(0, |f| f.upto),
+            Some(Graph::I8(_, f)) => f.as_ref().map_or(0, |f| f.upto),
+        }
+    }
+
+    /// Live vectors by id, in the stored precision (dequantized), oldest first.
     fn live_vectors(&self) -> Vec<(u64, Vec<f32>)> {
         let mut out = Vec::with_capacity(self.live);
         let live = |slot: usize| !self.dead.get(slot).copied().unwrap_or(true);
-        match (&self.graph, &self.store) {
-            (Some(Graph::F32(g)), _) => {
+        let from = self.store_from();
+        match &self.graph {
+            Some(Graph::F32(g, _)) => {
                 for p in g.get_point_indexation() {
                     let slot = p.get_origin_id();
                     if live(slot) {
-                        out.push((self.ids[slot], p.get_v().to_vec()));
+                        out.push((slot, p.get_v().to_vec()));
                     }
                 }
             }
-            (Some(Graph::I8(g)), _) => {
+            Some(Graph::I8(g, _)) => {
                 for p in g.get_point_indexation() {
                     let slot = p.get_origin_id();
                     if live(slot) {
                         let v = p.get_v().iter().map(|x| f32::from(*x) / I8_SCALE);
-                        out.push((self.ids[slot], v.collect()));
+                        out.push((slot, v.collect()));
                     }
                 }
             }
-            (None, Store::F32(s)) => {
-                for (slot, v) in s.chunks_exact(self.dims).enumerate() {
-                    if live(slot) {
-                        out.push((self.ids[slot], v.to_vec()));
+            None => match &self.store {
+                Store::F32(s) => {
+                    for (i, v) in s.chunks_exact(self.dims).enumerate() {
+                        if live(from + i) {
+                            out.push((from + i, v.to_vec()));
+                        }
                     }
                 }
-            }
-            (None, Store::I8(s)) => {
-                for (slot, v) in s.chunks_exact(self.dims).enumerate() {
-                    if live(slot) {
-                        let v = v.iter().map(|x| f32::from(*x) / I8_SCALE);
-                        out.push((self.ids[slot], v.collect()));
+                Store::I8(s) => {
+                    for (i, v) in s.chunks_exact(self.dims).enumerate() {
+                        if live(from + i) {
+                            let v = v.iter().map(|x| f32::from(*x) / I8_SCALE);
+                            out.push((from + i, v.collect()));
+                        }
                     }
                 }
-            }
+            },
         }
         // The graph yields its points layer by layer: restore insertion order, so that
         // eviction stays oldest-first.
-        let pos: HashMap<u64, usize> = self.by_id.clone();
-        out.sort_by_key(|(id, _)| pos.get(id).copied().unwrap_or(usize::MAX));
-        out
+        out.sort_unstable_by_key(|(slot, _)| *slot);
+        out.into_iter()
+            .map(|(slot, v)| (self.ids[slot], v))
+            .collect()
     }
 
     /// Rebuilds from the live vectors: drops tombstones, and moves to (or from) the
@@ -442,10 +758,7 @@ impl VectorIndex {
         self.live = n;
         if n < self.config.graph_from {
             for (_, v) in &live {
-                match &mut self.store {
-                    Store::F32(s) => s.extend_from_slice(v),
-                    Store::I8(s) => s.extend(quantize(v)),
-                }
+                self.push_store(v);
             }
             return;
         }
@@ -466,7 +779,8 @@ impl VectorIndex {
                     .map(|(slot, (_, v))| (v.as_slice(), slot))
                     .collect();
                 g.parallel_insert_slice(&data);
-                Graph::F32(g)
+                let f = Frozen::take(&g, n);
+                Graph::F32(g, f)
             }
             Quantization::Int8 => {
                 let g = Hnsw::new(
@@ -483,7 +797,8 @@ impl VectorIndex {
                     .map(|(slot, v)| (v.as_slice(), slot))
                     .collect();
                 g.parallel_insert_slice(&data);
-                Graph::I8(g)
+                let f = Frozen::take(&g, n);
+                Graph::I8(g, f)
             }
         });
     }
@@ -496,26 +811,22 @@ impl VectorIndex {
             return Vec::new();
         }
         let ef = self.config.ef_search.max(k);
-        let dead = &self.dead;
-        let skip_dead = |id: &usize| !dead.get(*id).copied().unwrap_or(true);
-        let filter: Option<&dyn hnsw_rs::filter::FilterT> = if self.live < self.ids.len() {
-            Some(&skip_dead)
-        } else {
-            None
-        };
         let found = match &self.graph {
-            Some(Graph::F32(g)) => g.search_filter(query, k, ef, filter),
-            Some(Graph::I8(g)) => g.search_filter(&quantize(query), k, ef, filter),
             None => return self.scan(query, k),
+            Some(Graph::F32(_, Some(f))) => f.search(query, ef, &self.dead),
+            Some(Graph::I8(_, Some(f))) => f.search(&quantize(query), ef, &self.dead),
+            // No snapshot (it could not be taken): everything is in the delta.
+            Some(_) => Vec::new(),
         };
-        found
-            .into_iter()
-            .filter_map(|n| {
-                let slot = n.get_origin_id();
-                let live = !self.dead.get(slot).copied().unwrap_or(true);
-                live.then(|| (self.ids[slot], 1.0 - n.get_distance()))
-            })
-            .collect()
+        let mut top = TopK::new(k);
+        for (slot, sim) in found {
+            top.offer(self.ids[slot], sim);
+        }
+        // The delta: inserted since the snapshot, scanned exactly.
+        for (id, sim) in self.scan(query, k) {
+            top.offer(id, sim);
+        }
+        top.into_vec()
     }
 
     /// Like [`search`](Self::search), by scanning every live vector: exact, and the
@@ -534,21 +845,24 @@ impl VectorIndex {
         top.into_vec()
     }
 
+    /// Scans `store` (every vector in flat mode, the delta in graph mode).
     fn scan(&self, query: &[f32], k: usize) -> Vec<(u64, f32)> {
+        let from = self.store_from();
+        let live = |i: usize| !self.dead.get(from + i).copied().unwrap_or(true);
         let mut top = TopK::new(k);
         match &self.store {
             Store::F32(s) => {
-                for (slot, v) in s.chunks_exact(self.dims).enumerate() {
-                    if !self.dead[slot] {
-                        top.offer(self.ids[slot], dot(query, v));
+                for (i, v) in s.chunks_exact(self.dims).enumerate() {
+                    if live(i) {
+                        top.offer(self.ids[from + i], dot(query, v));
                     }
                 }
             }
             Store::I8(s) => {
                 let q = quantize(query);
-                for (slot, v) in s.chunks_exact(self.dims).enumerate() {
-                    if !self.dead[slot] {
-                        top.offer(self.ids[slot], dot_i8(&q, v));
+                for (i, v) in s.chunks_exact(self.dims).enumerate() {
+                    if live(i) {
+                        top.offer(self.ids[from + i], dot_i8(&q, v));
                     }
                 }
             }
@@ -632,6 +946,33 @@ mod tests {
     }
 
     #[test]
+    fn inserts_after_the_snapshot_are_found_until_the_next_one() {
+        let mut index = VectorIndex::new(8, IndexConfig::default().graph_from(64)).unwrap();
+        for i in 0..64 {
+            index.insert(i, &unit(i, 8)).unwrap();
+        }
+        assert!(index.is_graph());
+        assert_eq!(index.store_from(), 64, "snapshot taken with the graph");
+        // single inserts land in the delta, searched exactly, until it is full
+        for i in 64..(64 + MAX_DELTA as u64 - 1) {
+            index.insert(i, &unit(i, 8)).unwrap();
+        }
+        assert_eq!(index.store_from(), 64);
+        assert_eq!(index.search(&unit(100, 8), 1)[0].0, 100);
+        index.remove(100);
+        assert_ne!(
+            index.search(&unit(100, 8), 1)[0].0,
+            100,
+            "dead in the delta"
+        );
+        index.insert(5_000, &unit(5_000, 8)).unwrap();
+        assert_eq!(index.store_from(), 64 + MAX_DELTA, "a new snapshot");
+        assert_eq!(index.search(&unit(5_000, 8), 1)[0].0, 5_000);
+        assert_eq!(index.search(&unit(7, 8), 1)[0].0, 7);
+        assert_eq!(index.exact_search(&unit(9, 8), 1)[0].0, 9);
+    }
+
+    #[test]
     fn tombstones_hide_removed_vectors_and_rebuild_drops_them() {
         let mut index = VectorIndex::new(16, IndexConfig::default().graph_from(100)).unwrap();
         for i in 0..300 {
@@ -655,6 +996,23 @@ mod tests {
         assert!(index.is_empty());
         assert!(!index.is_graph(), "small again: back to a flat scan");
         assert!(index.search(&unit(1, 16), 1).is_empty());
+    }
+
+    #[test]
+    fn batches_build_the_graph_and_evict_past_capacity() {
+        let config = IndexConfig::default().graph_from(100).capacity(500);
+        let mut index = VectorIndex::new(16, config).unwrap();
+        let data: Vec<(u64, Vec<f32>)> = (0..600).map(|i| (i, unit(i, 16))).collect();
+        let batch: Vec<(u64, &[f32])> = data.iter().map(|(i, v)| (*i, v.as_slice())).collect();
+        let evicted = index.insert_batch(&batch[..50]).unwrap();
+        assert!(evicted.is_empty() && !index.is_graph());
+        index.insert_batch(&batch[50..300]).unwrap();
+        assert!(index.is_graph());
+        let evicted = index.insert_batch(&batch[300..]).unwrap();
+        assert_eq!(evicted, (0..100).collect::<Vec<u64>>());
+        assert_eq!(index.len(), 500);
+        assert_eq!(index.search(&unit(599, 16), 1)[0].0, 599);
+        assert!(index.insert_batch(&[(1, &[0.0; 3][..])]).is_err());
     }
 
     #[test]
