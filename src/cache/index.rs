@@ -482,6 +482,12 @@ impl VectorIndex {
         &self.config
     }
 
+    /// Changes how many candidates a search considers (at least 1): higher is slower
+    /// and finds the true nearest vector more often.
+    pub fn set_ef_search(&mut self, ef: usize) {
+        self.config.ef_search = ef.max(1);
+    }
+
     /// Live vectors.
     pub fn len(&self) -> usize {
         self.live
