@@ -79,7 +79,7 @@ async fn paraphrases_are_served_with_their_similarity_and_saved_cost() {
             saved_tokens,
             saved_cost,
         } => {
-            assert!(similarity >= 0.7 && similarity < 1.0, "{similarity}");
+            assert!((0.7..1.0).contains(&similarity), "{similarity}");
             assert_eq!(saved_tokens, first.usage.total());
             assert_eq!(saved_cost, first.cost);
         }

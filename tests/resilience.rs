@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::{StreamExt, stream};
 use tokenwise::provider::{Provider, ProviderCall, SimulatedProvider};
-use tokenwise::resilience::{BreakerConfig, BreakerState, ConcurrencyConfig, Hedge, RetryPolicy};
+use tokenwise::resilience::{BreakerState, ConcurrencyConfig, Hedge, RetryPolicy};
 use tokenwise::{
     ChatRequest, ChatResponse, ChatStream, Error, FinishReason, Pipeline, Priority,
     ProviderErrorKind, StreamEnd, StreamEvent, Usage,

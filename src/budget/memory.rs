@@ -93,7 +93,7 @@ impl MemoryBudgetBuilder {
         }
         self.thresholds.sort_unstable();
         self.thresholds.dedup();
-        if self.thresholds.len() > 8 || self.thresholds.iter().any(|t| *t == 0) {
+        if self.thresholds.len() > 8 || self.thresholds.contains(&0) {
             return Err(Error::Config(
                 "budget: up to 8 alert thresholds, each at least 1 %".into(),
             ));

@@ -230,11 +230,10 @@ impl<V> Follower<V> {
     /// Like [`wait`](Self::wait), applying `f` to the value while still counted as a
     /// waiter (so a shared stream cannot end for lack of readers in between).
     pub async fn wait_with<R>(mut self, f: impl FnOnce(&V) -> R) -> Option<R> {
-        let r = match self.rx.wait_for(Option::is_some).await {
+        match self.rx.wait_for(Option::is_some).await {
             Ok(v) => v.as_ref().map(f),
             Err(_) => None,
-        };
-        r
+        }
     }
 }
 

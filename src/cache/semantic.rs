@@ -756,28 +756,6 @@ impl SemanticCache {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::embedding_text;
-
-    #[test]
-    fn embedded_text_drops_case_and_sentence_punctuation_only() {
-        assert_eq!(
-            embedding_text("  What is the capital of Australia?! "),
-            "what is the capital of australia"
-        );
-        assert_eq!(
-            embedding_text("It's 3.5, not 1,000 (at 10:30)."),
-            "it's 3.5 not 1,000 at 10:30"
-        );
-        assert_eq!(embedding_text("50% off $20 + tax"), "50% off $20 + tax");
-        assert_eq!(embedding_text("Hi, how do I pay? Thanks!"), "how do i pay");
-        assert_eq!(embedding_text("Another one please"), "another one");
-        assert_eq!(embedding_text("Hello!"), "hello", "never empty");
-        assert_eq!(embedding_text("this is history"), "this is history");
-    }
-}
-
 #[async_trait]
 impl Cache for SemanticCache {
     async fn get(&self, query: &CacheQuery) -> Result<Option<CachedAnswer>> {
@@ -803,5 +781,27 @@ impl Cache for SemanticCache {
         max_stale: Duration,
     ) -> Result<Option<CachedAnswer>> {
         Ok(self.inner.exact.get_stale_now(query, max_stale))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::embedding_text;
+
+    #[test]
+    fn embedded_text_drops_case_and_sentence_punctuation_only() {
+        assert_eq!(
+            embedding_text("  What is the capital of Australia?! "),
+            "what is the capital of australia"
+        );
+        assert_eq!(
+            embedding_text("It's 3.5, not 1,000 (at 10:30)."),
+            "it's 3.5 not 1,000 at 10:30"
+        );
+        assert_eq!(embedding_text("50% off $20 + tax"), "50% off $20 + tax");
+        assert_eq!(embedding_text("Hi, how do I pay? Thanks!"), "how do i pay");
+        assert_eq!(embedding_text("Another one please"), "another one");
+        assert_eq!(embedding_text("Hello!"), "hello", "never empty");
+        assert_eq!(embedding_text("this is history"), "this is history");
     }
 }

@@ -131,7 +131,7 @@ impl RetryBudget {
         self.targets.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn step<'a>(steps: &'a mut [Step; STEPS], now: u64) -> &'a mut Step {
+    fn step(steps: &mut [Step; STEPS], now: u64) -> &mut Step {
         let width = duration_nanos(WINDOW) / STEPS as u64;
         let start = now / width * width;
         let s = &mut steps[((now / width) % STEPS as u64) as usize];
