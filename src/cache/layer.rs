@@ -76,23 +76,28 @@ where
             let Some(q) = CacheQuery::for_request(&req, layer.scope) else {
                 return inner.call(req).await;
             };
+            let mut rejected = None;
             if req.meta.cache.mode == CacheMode::Use {
-                match layer.cache.get(&q).await {
-                    Ok(Some(hit)) => {
-                        let mut r = hit.response;
-                        r.served = Served::Cache {
-                            similarity: hit.similarity,
-                            saved_tokens: r.usage.total(),
-                            saved_cost: r.cost,
-                        };
-                        r.cost = Cost::ZERO;
-                        return Ok(r);
+                match layer.cache.lookup(&q).await {
+                    Ok(found) => {
+                        rejected = found.rejected;
+                        if let Some(hit) = found.answer {
+                            let mut r = hit.response;
+                            r.served = Served::Cache {
+                                similarity: hit.similarity,
+                                saved_tokens: r.usage.total(),
+                                saved_cost: r.cost,
+                            };
+                            r.cost = Cost::ZERO;
+                            r.guard_rejected = rejected;
+                            return Ok(r);
+                        }
                     }
-                    Ok(None) => {}
                     Err(e) => tracing::warn!(error = %e, "cache read failed; treated as a miss"),
                 }
             }
-            let resp = inner.call(req).await?;
+            let mut resp = inner.call(req).await?;
+            resp.guard_rejected = rejected;
             if is_cacheable(&resp) && !resp.served.is_cache_hit() {
                 if let Err(e) = layer.cache.put(&q, &resp).await {
                     tracing::warn!(error = %e, "cache write failed");

@@ -169,10 +169,26 @@ impl ExactCache {
             .then(|| CachedAnswer::exact(e.response.clone()))
     }
 
-    /// Synchronous insert.
+    /// The fresh answer stored under `key`, marking it recently used.
+    pub(crate) fn get_key(&self, key: &CacheKey) -> Option<ChatResponse> {
+        let now = self.clock.now();
+        let mut map = self.lock();
+        map.get(key)
+            .filter(|e| e.expires_at > now)
+            .map(|e| e.response.clone())
+    }
+
+    /// Whether a fresh answer is stored under `key` (without marking it used).
+    pub(crate) fn is_live(&self, key: &CacheKey) -> bool {
+        let now = self.clock.now();
+        self.lock().peek(key).is_some_and(|e| e.expires_at > now)
+    }
+
+    /// Synchronous insert. Answers that fail [`is_cacheable`](super::is_cacheable)
+    /// (errors never reach here; truncated, filtered or empty answers do) are ignored.
     pub fn put_now(&self, query: &CacheQuery, response: &ChatResponse) {
         let ttl = self.ttl_for(query);
-        if ttl.is_zero() {
+        if ttl.is_zero() || !super::is_cacheable(response) {
             return;
         }
         let entry = Entry {

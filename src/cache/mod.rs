@@ -1,5 +1,10 @@
-//! Answer caching: the [`Cache`] trait, the canonical [`CacheKey`], and the in-memory
-//! [`ExactCache`].
+//! Answer caching: the [`Cache`] trait, the canonical [`CacheKey`], the in-memory
+//! [`ExactCache`], the [`SemanticCache`] with its [`Guards`], embedders and
+//! [`VectorIndex`], and the [`SingleFlight`] that makes concurrent identical misses
+//! share one provider call.
+//!
+//! The guide is `docs/caching.md`; the figures it quotes come from
+//! `examples/cache_eval.rs` and `benches/cache_index.rs`.
 //!
 //! The pipeline builds one [`CacheQuery`] per request. Its exact key covers everything
 //! that changes the answer: the model (or `auto` when the router chooses), every
@@ -12,9 +17,13 @@
 //! truncated answers (`length`) and broken streams. See [`is_cacheable`].
 
 mod embed;
+mod flight;
+mod guards;
+mod index;
 mod key;
 mod layer;
 mod memory;
+mod semantic;
 
 use std::fmt;
 use std::time::Duration;
@@ -22,10 +31,25 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-pub use embed::{Embedder, HashingEmbedder};
+#[cfg(feature = "local-embeddings")]
+pub use embed::MiniLmEmbedder;
+pub use embed::{CachedEmbedder, Embedder, HashingEmbedder};
+pub use flight::{
+    Follower, Join, Leader, MAX_SHARED_STREAM_BYTES, MAX_SHARED_STREAM_EVENTS, OnEnd, SharedStream,
+    SingleFlight, share_stream,
+};
+pub use guards::{GuardKind, GuardRejection, Guards};
+pub use index::{IndexConfig, Quantization, VectorIndex};
 pub use key::{CacheKey, CacheQuery};
 pub use layer::{CacheLayer, CacheService};
 pub use memory::{ExactCache, ExactCacheBuilder};
+pub use semantic::{
+    CacheEvent, CacheHook, CacheStats, DEFAULT_THRESHOLD, SemanticCache, SemanticCacheBuilder,
+};
+
+/// The embedder over an OpenAI-compatible `/v1/embeddings` endpoint (defined with the
+/// provider it calls).
+pub use crate::provider::OpenAiEmbedder;
 
 use crate::Result;
 use crate::types::ChatResponse;
@@ -60,6 +84,27 @@ impl CachedAnswer {
         CachedAnswer {
             response,
             similarity: 1.0,
+        }
+    }
+}
+
+/// What a lookup found: an answer, and the best candidate a guard refused, if any.
+#[derive(Debug, Clone, PartialEq, Default)]
+#[non_exhaustive]
+pub struct CacheLookup {
+    /// The answer to serve.
+    pub answer: Option<CachedAnswer>,
+    /// A semantic candidate above the threshold that a guard refused (reported even
+    /// when a later candidate was served).
+    pub rejected: Option<GuardRejection>,
+}
+
+impl CacheLookup {
+    /// A lookup that found `answer` and refused nothing.
+    pub fn found(answer: Option<CachedAnswer>) -> Self {
+        CacheLookup {
+            answer,
+            rejected: None,
         }
     }
 }
@@ -127,6 +172,12 @@ pub fn is_cacheable(response: &ChatResponse) -> bool {
 pub trait Cache: Send + Sync + fmt::Debug {
     /// The answer stored for `query`, if any and still fresh.
     async fn get(&self, query: &CacheQuery) -> Result<Option<CachedAnswer>>;
+
+    /// Like [`get`](Self::get), also reporting a semantic candidate that a guard
+    /// refused. The pipeline calls this one; the default wraps `get`.
+    async fn lookup(&self, query: &CacheQuery) -> Result<CacheLookup> {
+        Ok(CacheLookup::found(self.get(query).await?))
+    }
 
     /// Stores `response` for `query` (with the query's TTL and tags).
     async fn put(&self, query: &CacheQuery, response: &ChatResponse) -> Result<()>;

@@ -136,7 +136,12 @@ impl CountCache {
 
     /// Prompt tokens of a whole request, as [`TokenCounter::count_request`] counts them,
     /// with every text's count cached.
-    pub fn count_request(&self, counter: &dyn TokenCounter, req: &ChatRequest, kind: TokenizerKind) -> u64 {
+    pub fn count_request(
+        &self,
+        counter: &dyn TokenCounter,
+        req: &ChatRequest,
+        kind: TokenizerKind,
+    ) -> u64 {
         let mut n = super::TOKENS_PER_REPLY;
         for m in &req.messages {
             n += self.message(counter, m, kind);
@@ -558,9 +563,20 @@ mod tests {
             .document(Document::new("Oslo is the capital.", 1.0));
         let c = TiktokenCounter::new();
         let cache = CountCache::new(16);
-        for kind in [TokenizerKind::O200k, TokenizerKind::Cl100k, TokenizerKind::ClaudeApprox] {
-            assert_eq!(cache.count_request(&c, &req, kind), c.count_request(&req, kind));
-            assert_eq!(cache.count_request(&c, &req, kind), c.count_request(&req, kind), "from the cache");
+        for kind in [
+            TokenizerKind::O200k,
+            TokenizerKind::Cl100k,
+            TokenizerKind::ClaudeApprox,
+        ] {
+            assert_eq!(
+                cache.count_request(&c, &req, kind),
+                c.count_request(&req, kind)
+            );
+            assert_eq!(
+                cache.count_request(&c, &req, kind),
+                c.count_request(&req, kind),
+                "from the cache"
+            );
         }
     }
 

@@ -563,6 +563,8 @@ impl PipelineBuilder {
                 default_provider: self.default_provider,
                 cache,
                 cache_scope: self.cache_scope,
+                flights: crate::cache::SingleFlight::default(),
+                stream_flights: crate::cache::SingleFlight::default(),
                 limiter,
                 budget,
                 counter: self

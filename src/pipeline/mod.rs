@@ -35,7 +35,10 @@ use tracing::Instrument;
 pub use builder::PipelineBuilder;
 
 use crate::budget::{Budget, CapStatus, Degrade, Reservation};
-use crate::cache::{Cache, CacheQuery, CacheScope, Invalidation, is_cacheable};
+use crate::cache::{
+    Cache, CacheQuery, CacheScope, GuardRejection, Invalidation, Join, Leader, SharedStream,
+    SingleFlight, is_cacheable,
+};
 use crate::clock::Clock;
 use crate::context::{ContextBudget, CountCache, TokenCounter};
 use crate::limiter::{Admission, Limiter, TargetLimits, wait_until_admitted};
@@ -71,6 +74,9 @@ pub(crate) struct Inner {
     default_provider: Option<Arc<dyn Provider>>,
     cache: Option<Arc<dyn Cache>>,
     cache_scope: CacheScope,
+    /// Concurrent identical misses share one call (whole answers, streams).
+    flights: SingleFlight<ChatResponse>,
+    stream_flights: SingleFlight<Arc<SharedStream>>,
     limiter: Option<Arc<dyn Limiter>>,
     budget: Option<Arc<dyn Budget>>,
     counter: Arc<dyn TokenCounter>,
@@ -115,6 +121,8 @@ struct Plan {
     cache: Option<CacheQuery>,
     /// False under `CacheMode::Refresh`: the answer is written, never read.
     cache_read: bool,
+    /// A semantic match a cache guard refused, reported on the answer.
+    guard_rejected: Option<GuardRejection>,
 }
 
 impl Plan {
@@ -242,8 +250,14 @@ impl Pipeline {
         rec.set_route(&plan.route);
         inner.check_max_cost(req, &plan)?; // a whole answer cannot be cut: refuse up front
         let admitted = inner.admit(&req.meta, &plan).await?; // admit: slot + rate limits
-        if let Some(hit) = inner.cache_get(&plan).await {
+        if let Some(hit) = inner.cache_get(&mut plan).await {
             inner.refund(&req.meta, &admitted, 0).await; // cache: a hit spends no token quota
+            rec.saved = saved_cost(&hit);
+            return Ok(hit);
+        }
+        let (shared, leader) = inner.join_flight(&plan).await; // an identical miss in flight answers
+        if let Some(hit) = shared {
+            inner.refund(&req.meta, &admitted, 0).await;
             rec.saved = saved_cost(&hit);
             return Ok(hit);
         }
@@ -255,13 +269,17 @@ impl Pipeline {
             .map_or((Cost::ZERO, Usage::default()), |a| (a.cost, a.usage));
         inner.commit(held.take(), cost).await; // settle: actual cost,
         inner.refund(&req.meta, &admitted, used.total()).await; // actual tokens,
-        let answer = match answered {
+        let mut answer = match answered {
             Ok(a) => a,
             Err(e) => return inner.stale_or(&plan, e, rec).await, // every target down: stale cache
         };
         if let Some(q) = &plan.cache {
             inner.cache_put(q, &answer.response).await; // and the answer, if complete
         }
+        if let Some(l) = leader.filter(|_| is_cacheable(&answer.response)) {
+            l.publish(answer.response.clone()); // to the identical requests that waited
+        }
+        answer.response.guard_rejected = plan.guard_rejected.take();
         rec.usage = used;
         rec.cost = cost;
         Ok(answer.response)
@@ -309,7 +327,7 @@ impl Pipeline {
             .admit(&req.meta, &plan)
             .await
             .map_err(|e| fail(e, rec))?; // admit
-        if let Some(hit) = inner.cache_get(&plan).await {
+        if let Some(hit) = inner.cache_get(&mut plan).await {
             inner.refund(&req.meta, &admitted, 0).await; // cache: replay as chunks
             let mut rec = rec.clone();
             rec.saved = saved_cost(&hit);
@@ -319,6 +337,11 @@ impl Pipeline {
             rec.provider = Some(hit.provider.clone());
             inner.record(rec, &span, Some(&hit.finish_reason.to_string()));
             return Ok(stream::replay(&hit));
+        }
+        let (shared, leader) = inner.join_stream_flight(&plan, rec, &span).await; // one upstream for identical misses
+        if let Some(s) = shared {
+            inner.refund(&req.meta, &admitted, 0).await;
+            return Ok(s);
         }
         let mut held = inner
             .spend(&req, &mut plan, &admitted, rec)
@@ -334,27 +357,31 @@ impl Pipeline {
                 model,
                 provider,
                 fallbacks,
-            }) => Ok(stream::metered(
-                stream::Settle {
-                    fallbacks,
-                    inner: Arc::clone(inner),
-                    max_cost: req.meta.max_cost.or(inner.max_cost),
-                    meta: req.meta,
-                    prompt_tokens: plan.prompt_tokens(model.tokenizer),
-                    cache: plan.cache,
-                    model,
-                    provider,
-                    target_charged,
-                    max_tokens: req.params.max_tokens.map(u64::from),
-                    charged: admitted.charged,
-                    slot: admitted._slot,
-                    idle_timeout: inner.idle_timeout,
-                    reservation: held.take(),
-                    record: rec.clone(),
-                    span,
-                },
-                first,
-                upstream,
+            }) => Ok(share(
+                leader,
+                stream::metered(
+                    stream::Settle {
+                        fallbacks,
+                        inner: Arc::clone(inner),
+                        max_cost: req.meta.max_cost.or(inner.max_cost),
+                        meta: req.meta,
+                        prompt_tokens: plan.prompt_tokens(model.tokenizer),
+                        cache: plan.cache,
+                        model,
+                        provider,
+                        target_charged,
+                        max_tokens: req.params.max_tokens.map(u64::from),
+                        charged: admitted.charged,
+                        slot: admitted._slot,
+                        idle_timeout: inner.idle_timeout,
+                        reservation: held.take(),
+                        record: rec.clone(),
+                        span,
+                        guard_rejected: plan.guard_rejected.take(),
+                    },
+                    first,
+                    upstream,
+                ),
             )),
             Err(e) => {
                 inner.commit(held.take(), Cost::ZERO).await;
@@ -444,6 +471,14 @@ fn over_threshold(st: &CapStatus, now: crate::clock::Timestamp) -> Error {
     }
 }
 
+/// The leader's stream, shared with the identical requests that follow it.
+fn share(leader: Option<Leader<Arc<SharedStream>>>, s: ChatStream) -> ChatStream {
+    match leader {
+        Some(l) => crate::cache::share_stream(s, l),
+        None => s,
+    }
+}
+
 fn saved_cost(hit: &ChatResponse) -> Cost {
     match hit.served {
         Served::Cache { saved_cost, .. } => saved_cost,
@@ -515,6 +550,7 @@ impl Inner {
             prompt_cost,
             cache,
             cache_read: req.meta.cache.mode == CacheMode::Use,
+            guard_rejected: None,
         })
     }
 
@@ -554,12 +590,16 @@ impl Inner {
         }
     }
 
-    async fn cache_get(&self, plan: &Plan) -> Option<ChatResponse> {
+    async fn cache_get(&self, plan: &mut Plan) -> Option<ChatResponse> {
         let (cache, q) = (self.cache.as_ref()?, plan.cache.as_ref()?);
         if !plan.cache_read {
             return None; // `refresh`: skip the read, still write
         }
-        match cache.get(q).await {
+        let found = cache.lookup(q).await.map(|l| {
+            plan.guard_rejected = l.rejected;
+            l.answer
+        });
+        match found {
             Ok(Some(hit)) => {
                 let mut r = hit.response;
                 let saved_cost = r.cost;
@@ -569,12 +609,73 @@ impl Inner {
                     saved_cost,
                 };
                 r.cost = Cost::ZERO;
+                r.guard_rejected = plan.guard_rejected.take();
                 Some(r)
             }
             Ok(None) => None,
             Err(e) => {
                 tracing::warn!(error = %e, "cache read failed; treated as a miss");
                 None
+            }
+        }
+    }
+
+    /// Single-flight for a whole answer that missed the cache: the answer of an
+    /// identical request in flight (as a cache hit), or the leadership of the flight.
+    async fn join_flight(
+        &self,
+        plan: &Plan,
+    ) -> (Option<ChatResponse>, Option<Leader<ChatResponse>>) {
+        let Some(q) = plan.cache.as_ref().filter(|_| plan.cache_read) else {
+            return (None, None);
+        };
+        match self.flights.join(q.key) {
+            Join::Leader(l) => (None, Some(l)),
+            Join::Alone => (None, None),
+            Join::Follower(f) => {
+                let shared = f.wait().await.map(|mut r| {
+                    r.served = Served::Cache {
+                        similarity: 1.0,
+                        saved_tokens: r.usage.total(),
+                        saved_cost: r.cost,
+                    };
+                    r.cost = Cost::ZERO;
+                    r.guard_rejected = None;
+                    r
+                });
+                (shared, None)
+            }
+        }
+    }
+
+    /// Single-flight for a stream that missed the cache: a reader of the identical
+    /// stream in flight (its usage recorded as a cache hit when it ends), or the
+    /// leadership of the flight.
+    async fn join_stream_flight(
+        self: &Arc<Self>,
+        plan: &Plan,
+        rec: &UsageRecord,
+        span: &tracing::Span,
+    ) -> (Option<ChatStream>, Option<Leader<Arc<SharedStream>>>) {
+        let Some(q) = plan.cache.as_ref().filter(|_| plan.cache_read) else {
+            return (None, None);
+        };
+        match self.stream_flights.join(q.key) {
+            Join::Leader(l) => (None, Some(l)),
+            Join::Alone => (None, None),
+            Join::Follower(f) => {
+                let (inner, span) = (Arc::clone(self), span.clone());
+                let mut rec = rec.clone();
+                let on_end: crate::cache::OnEnd = Box::new(move |end| {
+                    if let Served::Cache { saved_cost, .. } = end.served {
+                        rec.saved = saved_cost;
+                    }
+                    rec.outcome = Outcome::CacheHit;
+                    rec.model = Some(end.model.clone());
+                    rec.provider = Some(end.provider.clone());
+                    inner.record(rec, &span, Some(&end.finish_reason.to_string()));
+                });
+                (f.wait_with(|s| s.subscribe(Some(on_end))).await, None)
             }
         }
     }

@@ -75,6 +75,8 @@ pub(super) struct Settle {
     pub(super) reservation: Option<Reservation>,
     pub(super) record: UsageRecord,
     pub(super) span: tracing::Span,
+    /// A semantic match a cache guard refused, reported on the final event.
+    pub(super) guard_rejected: Option<crate::cache::GuardRejection>,
 }
 
 /// What a stream delivered before it ended, however it ended.
@@ -190,6 +192,7 @@ impl Settle {
                 end.usage = usage;
                 end.cost = cost;
                 end.served = served;
+                end.guard_rejected = self.guard_rejected.take();
                 rec.outcome = Outcome::Provider;
                 inner.record(rec, &self.span, Some(&end.finish_reason.to_string()));
                 Some(end)

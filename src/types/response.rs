@@ -157,6 +157,10 @@ pub struct ChatResponse {
     pub cost: Cost,
     /// How it was served.
     pub served: Served,
+    /// A cached answer to a similar question that a semantic cache guard refused to
+    /// serve for this one (so it was asked of a provider, or a lesser match was served).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard_rejected: Option<crate::cache::GuardRejection>,
 }
 
 impl ChatResponse {
@@ -177,6 +181,7 @@ impl ChatResponse {
             finish_reason,
             cost: Cost::ZERO,
             served: Served::default(),
+            guard_rejected: None,
         }
     }
 

@@ -56,6 +56,10 @@ pub struct StreamEnd {
     /// [`FinishReason::Truncated`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub truncated: Option<Truncation>,
+    /// A cached answer to a similar question that a semantic cache guard refused to
+    /// serve for this one (see [`ChatResponse::guard_rejected`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard_rejected: Option<crate::cache::GuardRejection>,
 }
 
 /// Which limit ended a stream early.
@@ -90,6 +94,7 @@ impl StreamEnd {
             cost: Cost::ZERO,
             served: Served::default(),
             truncated: None,
+            guard_rejected: None,
         }
     }
 
@@ -103,6 +108,7 @@ impl StreamEnd {
             cost: r.cost,
             served: r.served.clone(),
             truncated: None,
+            guard_rejected: r.guard_rejected.clone(),
         }
     }
 }

@@ -1,10 +1,28 @@
-//! Text embeddings for semantic matching.
+//! Text embeddings for semantic matching: the [`Embedder`] trait and its
+//! implementations.
+//!
+//! | embedder | where | needs |
+//! | --- | --- | --- |
+//! | [`HashingEmbedder`] | here, the offline default | nothing; catches rewording, not synonyms |
+//! | [`OpenAiEmbedder`](crate::provider::OpenAiEmbedder) | `/v1/embeddings` of any OpenAI-compatible server | a server and a key |
+//! | `MiniLmEmbedder` | a local sentence-transformers model run with candle | the `local-embeddings` feature and a model folder |
+//!
+//! [`CachedEmbedder`] wraps any of them with a bounded cache of recent embeddings, so a
+//! question is embedded once per request even though the cache reads and then writes it.
+
+mod cached;
+#[cfg(feature = "local-embeddings")]
+mod minilm;
 
 use std::fmt;
 
 use async_trait::async_trait;
 
 use crate::{Error, Result};
+
+pub use cached::CachedEmbedder;
+#[cfg(feature = "local-embeddings")]
+pub use minilm::MiniLmEmbedder;
 
 /// Turns texts into vectors whose cosine similarity tracks meaning.
 ///

@@ -1,0 +1,275 @@
+//! How often the semantic cache serves a stored answer to a second question, for pairs
+//! that need the same answer and pairs that do not.
+//!
+//! ```text
+//! cargo run --release --example cache_eval -- --pairs tests/data/cache_pairs.jsonl
+//! cargo run --release --example cache_eval --features local-embeddings -- \
+//!     --pairs tests/data/cache_pairs.jsonl --embedder minilm:/path/to/all-MiniLM-L6-v2
+//! ```
+//!
+//! Each line of the pairs file is `{"a": Q, "b": Q, "same_answer": bool, "category": "…"}`
+//! where a question `Q` is a text or a conversation (`[{"role": "user", "content": "…"}, …]`).
+//! For every pair, `a` is stored with a marker answer and `b` is asked (with its own
+//! history, for a conversation); `b` is served when the marker comes back. Pairs are
+//! isolated from one another (one namespace each). The last line is
+//! `same_answer_served=0.xx different_answer_served=0.xx`.
+//!
+//! Options: `--threshold T` (default 0.95), `--no-guards`, `--show` (print every pair
+//! whose outcome is wrong: a same-answer pair not served, a different-answer one served).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use tokenwise::cache::{
+    Cache, CacheQuery, CacheScope, Embedder, Guards, HashingEmbedder, SemanticCache,
+};
+use tokenwise::{ChatRequest, ChatResponse, FinishReason, Message, Role, Usage};
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Question {
+    Text(String),
+    Conversation(Vec<Turn>),
+}
+
+#[derive(Deserialize)]
+struct Turn {
+    role: String,
+    content: String,
+}
+
+#[derive(Deserialize)]
+struct Pair {
+    a: Question,
+    b: Question,
+    same_answer: bool,
+    #[serde(default)]
+    category: Option<String>,
+}
+
+fn request(q: &Question, namespace: &str) -> Result<ChatRequest, String> {
+    let req = match q {
+        Question::Text(t) => ChatRequest::user_text(t.clone()),
+        Question::Conversation(turns) => {
+            let mut r = ChatRequest::new();
+            for t in turns {
+                let role = match t.role.as_str() {
+                    "system" => Role::System,
+                    "user" => Role::User,
+                    "assistant" => Role::Assistant,
+                    other => return Err(format!("unknown role `{other}`")),
+                };
+                r = r.message(Message::new(role, t.content.clone()));
+            }
+            r
+        }
+    };
+    Ok(req.cache_namespace(namespace))
+}
+
+fn text_of(q: &Question) -> String {
+    match q {
+        Question::Text(t) => t.clone(),
+        Question::Conversation(turns) => turns
+            .iter()
+            .map(|t| format!("{}: {}", t.role, t.content))
+            .collect::<Vec<_>>()
+            .join(" | "),
+    }
+}
+
+struct Args {
+    pairs: String,
+    embedder: String,
+    threshold: f32,
+    guards: bool,
+    show: bool,
+}
+
+fn args() -> Result<Args, String> {
+    let mut a = Args {
+        pairs: String::new(),
+        embedder: "hashing".into(),
+        threshold: tokenwise::cache::DEFAULT_THRESHOLD,
+        guards: true,
+        show: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--pairs" => a.pairs = it.next().ok_or("--pairs needs a file")?,
+            "--embedder" => a.embedder = it.next().ok_or("--embedder needs a value")?,
+            "--threshold" => {
+                a.threshold = it
+                    .next()
+                    .ok_or("--threshold needs a value")?
+                    .parse()
+                    .map_err(|e| format!("--threshold: {e}"))?;
+            }
+            "--no-guards" => a.guards = false,
+            "--show" => a.show = true,
+            other => return Err(format!("unknown argument `{other}`")),
+        }
+    }
+    if a.pairs.is_empty() {
+        return Err("usage: cache_eval --pairs FILE [--embedder hashing|minilm:DIR] [--threshold T] [--no-guards] [--show]".into());
+    }
+    Ok(a)
+}
+
+fn embedder(spec: &str) -> Result<Arc<dyn Embedder>, String> {
+    if spec == "hashing" {
+        return Ok(Arc::new(HashingEmbedder::default()));
+    }
+    if let Some(dir) = spec.strip_prefix("minilm:") {
+        #[cfg(feature = "local-embeddings")]
+        {
+            let m = tokenwise::cache::MiniLmEmbedder::load(dir).map_err(|e| e.to_string())?;
+            return Ok(Arc::new(m));
+        }
+        #[cfg(not(feature = "local-embeddings"))]
+        {
+            return Err(format!(
+                "minilm:{dir} needs the example built with --features local-embeddings"
+            ));
+        }
+    }
+    Err(format!("unknown embedder `{spec}` (hashing or minilm:DIR)"))
+}
+
+#[derive(Default)]
+struct Tally {
+    same: u32,
+    same_served: u32,
+    different: u32,
+    different_served: u32,
+    rejected: u32,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if let Err(e) = run().await {
+        eprintln!("cache_eval: {e}");
+        std::process::exit(2);
+    }
+}
+
+async fn run() -> Result<(), String> {
+    let args = args()?;
+    let text = std::fs::read_to_string(&args.pairs)
+        .map_err(|e| format!("cannot read {}: {e}", args.pairs))?;
+    let pairs: Vec<Pair> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("line {}: {e}", i + 1)))
+        .collect::<Result<_, _>>()?;
+    let cache = SemanticCache::builder()
+        .embedder(embedder(&args.embedder)?)
+        .threshold(args.threshold)
+        .guards(if args.guards {
+            Guards::all()
+        } else {
+            Guards::none()
+        })
+        .max_entries(pairs.len().max(1) * 2)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut by_category: BTreeMap<String, Tally> = BTreeMap::new();
+    let mut total = Tally::default();
+    let started = std::time::Instant::now();
+    for (i, pair) in pairs.iter().enumerate() {
+        let ns = format!("pair-{i}");
+        let query = |q: &Question| -> Result<CacheQuery, String> {
+            let req = request(q, &ns)?;
+            CacheQuery::for_request(&req, CacheScope::Global)
+                .ok_or_else(|| "the request may not use the cache".to_owned())
+        };
+        let (qa, qb) = (query(&pair.a)?, query(&pair.b)?);
+        let marker = format!("marker answer {i}");
+        let answer = ChatResponse::new(&marker, "m", "p", Usage::new(10, 10), FinishReason::Stop);
+        cache.put(&qa, &answer).await.map_err(|e| e.to_string())?;
+        let found = cache.lookup(&qb).await.map_err(|e| e.to_string())?;
+        let served = found
+            .answer
+            .as_ref()
+            .is_some_and(|a| a.response.content == marker);
+        let category = pair.category.clone().unwrap_or_else(|| "(none)".into());
+        for t in [by_category.entry(category.clone()).or_default(), &mut total] {
+            if pair.same_answer {
+                t.same += 1;
+                t.same_served += u32::from(served);
+            } else {
+                t.different += 1;
+                t.different_served += u32::from(served);
+            }
+            t.rejected += u32::from(found.rejected.is_some());
+        }
+        if args.show && served != pair.same_answer {
+            let why = match (&found.answer, &found.rejected) {
+                (Some(a), _) => format!("served at {:.3}", a.similarity),
+                (None, Some(r)) => {
+                    format!("{} guard at {:.3}: {}", r.guard, r.similarity, r.detail)
+                }
+                (None, None) => "below the threshold".into(),
+            };
+            println!(
+                "  [{category}] same_answer={} {why}\n    a: {}\n    b: {}",
+                pair.same_answer,
+                text_of(&pair.a),
+                text_of(&pair.b)
+            );
+        }
+    }
+    let rate = |n: u32, d: u32| {
+        if d == 0 {
+            "   -".to_owned()
+        } else {
+            format!("{:.2}", f64::from(n) / f64::from(d))
+        }
+    };
+    println!(
+        "pairs={} embedder={} threshold={} guards={} seconds={:.1}",
+        pairs.len(),
+        args.embedder.split(':').next().unwrap_or("?"),
+        args.threshold,
+        if args.guards { "on" } else { "off" },
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "{:<30} {:>5} {:>11} {:>11} {:>9}",
+        "category", "pairs", "same:served", "diff:served", "rejected"
+    );
+    for (name, t) in &by_category {
+        println!(
+            "{:<30} {:>5} {:>11} {:>11} {:>9}",
+            name,
+            t.same + t.different,
+            format!("{}:{}", t.same, rate(t.same_served, t.same)),
+            format!("{}:{}", t.different, rate(t.different_served, t.different)),
+            t.rejected
+        );
+    }
+    let stats = cache.stats();
+    println!(
+        "guard rejections: numbers={} entities={} negation={} scope={}",
+        stats.rejected_numbers,
+        stats.rejected_entities,
+        stats.rejected_negation,
+        stats.rejected_scope
+    );
+    let frac = |n: u32, d: u32| {
+        if d == 0 {
+            0.0
+        } else {
+            f64::from(n) / f64::from(d)
+        }
+    };
+    println!(
+        "same_answer_served={:.2} different_answer_served={:.2}",
+        frac(total.same_served, total.same),
+        frac(total.different_served, total.different)
+    );
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! A bounded cache of recent embeddings.
+
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use lru::LruCache;
+
+use super::Embedder;
+use crate::{Error, Result};
+
+type Digest = [u8; 32];
+
+/// An [`Embedder`] that remembers the vectors of the most recent texts (an LRU keyed by
+/// the text's BLAKE3 digest), so that a text asked about again, or read and then written
+/// by the same request, is embedded once.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> tokenwise::Result<()> {
+/// use std::sync::Arc;
+/// use tokenwise::cache::{CachedEmbedder, Embedder, HashingEmbedder};
+///
+/// let e = CachedEmbedder::new(Arc::new(HashingEmbedder::default()), 1_000)?;
+/// let a = e.embed_one("How do I reset my password?").await?;
+/// let b = e.embed_one("How do I reset my password?").await?;
+/// assert_eq!(a, b);
+/// assert_eq!(e.computed(), 1); // the second came from the cache
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct CachedEmbedder {
+    inner: Arc<dyn Embedder>,
+    recent: Mutex<LruCache<Digest, Arc<[f32]>>>,
+    computed: AtomicU64,
+}
+
+impl CachedEmbedder {
+    /// Wraps `inner`, remembering up to `capacity` (at least 1) embeddings.
+    pub fn new(inner: Arc<dyn Embedder>, capacity: usize) -> Result<Self> {
+        let cap = NonZeroUsize::new(capacity)
+            .ok_or_else(|| Error::Config("embedding cache: capacity must be at least 1".into()))?;
+        Ok(CachedEmbedder {
+            inner,
+            recent: Mutex::new(LruCache::new(cap)),
+            computed: AtomicU64::new(0),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LruCache<Digest, Arc<[f32]>>> {
+        // Every mutation is one LruCache call: a poisoned map is still consistent.
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The wrapped embedder.
+    pub fn inner(&self) -> &Arc<dyn Embedder> {
+        &self.inner
+    }
+
+    /// How many texts the wrapped embedder was asked to embed so far.
+    pub fn computed(&self) -> u64 {
+        self.computed.load(Ordering::Relaxed)
+    }
+
+    /// Embeddings held.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The vector of one text, from the cache or the wrapped embedder.
+    pub async fn embed_one(&self, text: &str) -> Result<Arc<[f32]>> {
+        let key = *blake3::hash(text.as_bytes()).as_bytes();
+        if let Some(v) = self.lock().get(&key) {
+            return Ok(Arc::clone(v));
+        }
+        self.computed.fetch_add(1, Ordering::Relaxed);
+        let mut out = self.inner.embed(&[text]).await?;
+        let v: Arc<[f32]> = match out.pop() {
+            Some(v) if out.is_empty() && v.len() == self.inner.dimensions() => v.into(),
+            _ => {
+                return Err(Error::Config(format!(
+                    "embedder returned a malformed answer (expected one vector of {} dimensions)",
+                    self.inner.dimensions()
+                )));
+            }
+        };
+        self.lock().put(key, Arc::clone(&v));
+        Ok(v)
+    }
+}
+
+#[async_trait]
+impl Embedder for CachedEmbedder {
+    fn dimensions(&self) -> usize {
+        self.inner.dimensions()
+    }
+
+    async fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(texts.len());
+        for t in texts {
+            out.push(self.embed_one(t).await?.to_vec());
+        }
+        Ok(out)
+    }
+}

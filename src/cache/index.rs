@@ -1,0 +1,1042 @@
+//! Nearest-neighbour search over unit vectors: a flat scan while a set is small, an HNSW
+//! graph ([hnsw_rs]) once it is large; removal by tombstones, compaction by rebuild.
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BinaryHeap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+use anndists::dist::Distance;
+use hnsw_rs::hnsw::{Hnsw, Point};
+
+use crate::{Error, Result};
+
+/// How vectors are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Quantization {
+    /// 32-bit floats (4 bytes a dimension), exact similarities.
+    #[default]
+    None,
+    /// 8-bit integers (1 byte a dimension): each component of a unit vector scaled by
+    /// 127 and rounded. Similarities are off by about 0.002; a quarter of the memory.
+    Int8,
+}
+
+/// Settings of a [`VectorIndex`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct IndexConfig {
+    /// Below this many vectors a search is a flat scan; at it, the set moves to an HNSW
+    /// graph (default 2,048, where a graph search starts to beat a scan of 384
+    /// dimensions; see `benches/cache_index.rs`).
+    pub graph_from: usize,
+    /// The most vectors held; inserting past it evicts the oldest (default 1,000,000).
+    pub capacity: usize,
+    /// Links per node of the graph (HNSW `M`, default 16, at most 64).
+    pub max_connections: usize,
+    /// Candidates considered while linking a new node (default 100).
+    pub ef_construction: usize,
+    /// Candidates considered by a search (default 64); higher is slower and more exact.
+    pub ef_search: usize,
+    /// Vector storage (default 32-bit floats).
+    pub quantization: Quantization,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        IndexConfig {
+            graph_from: 2_048,
+            capacity: 1_000_000,
+            max_connections: 16,
+            ef_construction: 100,
+            ef_search: 64,
+            quantization: Quantization::None,
+        }
+    }
+}
+
+impl IndexConfig {
+    /// Sets [`graph_from`](Self::graph_from).
+    #[must_use]
+    pub fn graph_from(mut self, n: usize) -> Self {
+        self.graph_from = n;
+        self
+    }
+
+    /// Sets [`capacity`](Self::capacity).
+    #[must_use]
+    pub fn capacity(mut self, n: usize) -> Self {
+        self.capacity = n;
+        self
+    }
+
+    /// Sets [`max_connections`](Self::max_connections).
+    #[must_use]
+    pub fn max_connections(mut self, m: usize) -> Self {
+        self.max_connections = m;
+        self
+    }
+
+    /// Sets [`ef_construction`](Self::ef_construction).
+    #[must_use]
+    pub fn ef_construction(mut self, ef: usize) -> Self {
+        self.ef_construction = ef;
+        self
+    }
+
+    /// Sets [`ef_search`](Self::ef_search).
+    #[must_use]
+    pub fn ef_search(mut self, ef: usize) -> Self {
+        self.ef_search = ef;
+        self
+    }
+
+    /// Sets [`quantization`](Self::quantization).
+    #[must_use]
+    pub fn quantization(mut self, q: Quantization) -> Self {
+        self.quantization = q;
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::Config(format!("vector index: {m}")));
+        if self.capacity == 0 {
+            return bad("capacity must be at least 1");
+        }
+        if !(2..=64).contains(&self.max_connections) {
+            return bad("max_connections must be between 2 and 64");
+        }
+        if self.ef_construction == 0 || self.ef_search == 0 {
+            return bad("ef_construction and ef_search must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// `1 - a·b`, never negative (the graph requires distances ≥ 0).
+#[derive(Debug, Clone, Copy, Default)]
+struct DotF32;
+
+impl Distance<f32> for DotF32 {
+    fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
+        (1.0 - dot(a, b)).max(0.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct DotI8;
+
+const I8_SCALE: f32 = 127.0;
+
+impl Distance<i8> for DotI8 {
+    fn eval(&self, a: &[i8], b: &[i8]) -> f32 {
+        (1.0 - dot_i8(a, b)).max(0.0)
+    }
+}
+
+/// The dot product, in eight lanes so that the compiler vectorises it.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+fn dot_i8(a: &[i8], b: &[i8]) -> f32 {
+    let mut acc = [0i32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += i32::from(x[i]) * i32::from(y[i]);
+        }
+    }
+    let tail: i32 = ra
+        .iter()
+        .zip(rb)
+        .map(|(x, y)| i32::from(*x) * i32::from(*y))
+        .sum();
+    (acc.iter().sum::<i32>() + tail) as f32 / (I8_SCALE * I8_SCALE)
+}
+
+fn quantize(v: &[f32]) -> Vec<i8> {
+    v.iter()
+        .map(|x| (x * I8_SCALE).round().clamp(-I8_SCALE, I8_SCALE) as i8)
+        .collect()
+}
+
+/// Vectors by slot, in flat mode.
+enum Store {
+    F32(Vec<f32>),
+    I8(Vec<i8>),
+}
+
+enum Graph {
+    F32(Hnsw<'static, f32, DotF32>, Option<Frozen<f32>>),
+    I8(Hnsw<'static, i8, DotI8>, Option<Frozen<i8>>),
+}
+
+/// Vectors inserted into the graph since its snapshot was taken, at most this many;
+/// they are scanned exactly on every search.
+const MAX_DELTA: usize = 2_048;
+
+/// A vector component the index can store.
+trait Elem: Copy + Send + Sync + 'static {
+    fn sim(a: &[Self], b: &[Self]) -> f32;
+}
+
+impl Elem for f32 {
+    fn sim(a: &[f32], b: &[f32]) -> f32 {
+        dot(a, b)
+    }
+}
+
+impl Elem for i8 {
+    fn sim(a: &[i8], b: &[i8]) -> f32 {
+        dot_i8(a, b)
+    }
+}
+
+/// `f32` ordered by `total_cmp`, for the search heaps.
+#[derive(Clone, Copy, PartialEq)]
+struct Sim(f32);
+
+impl Eq for Sim {}
+
+impl PartialOrd for Sim {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Sim {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+/// A compact, read-only copy of the graph's links: hnsw_rs builds and extends the
+/// graph; searches walk this copy (flat arrays, a bitset of visited nodes, no locks or
+/// per-node allocations), which is several times faster than hnsw_rs's own search.
+/// Points inserted after the copy was taken are scanned exactly until the next copy.
+struct Frozen<T: Elem> {
+    dims: usize,
+    /// Vectors by dense index, contiguous (a copy: pointer-chasing into the graph's
+    /// own points costs a cache miss or two per visited node).
+    vectors: Vec<T>,
+    /// Slot by dense index.
+    slots: Vec<u32>,
+    /// Layer-0 links of dense index `i`: `links[offsets[i]..offsets[i + 1]]`.
+    offsets: Vec<u32>,
+    links: Vec<u32>,
+    /// Links on layers 1.. of the few points that reach them.
+    upper: HashMap<u32, Vec<Vec<u32>>>,
+    entry: u32,
+    top: usize,
+    /// Slots below this are in the copy; slots from it on are the delta.
+    upto: usize,
+}
+
+impl<T: Elem> Frozen<T> {
+    fn take<D: Distance<T> + Send + Sync>(g: &Hnsw<'static, T, D>, slots: usize) -> Option<Self> {
+        let points: Vec<Arc<Point<'static, T>>> = g.get_point_indexation().into_iter().collect();
+        let dims = points.first().map_or(0, |p| p.get_v().len());
+        let mut vectors = Vec::with_capacity(points.len() * dims);
+        let mut slot_of = Vec::with_capacity(points.len());
+        for p in &points {
+            if p.get_v().len() != dims {
+                return None;
+            }
+            vectors.extend_from_slice(p.get_v());
+            slot_of.push(u32::try_from(p.get_origin_id()).ok()?);
+        }
+        let mut dense = vec![u32::MAX; slots];
+        for (i, p) in points.iter().enumerate() {
+            let d = dense.get_mut(p.get_origin_id())?;
+            *d = u32::try_from(i).ok()?;
+        }
+        let id = |slot: usize| dense.get(slot).copied().filter(|d| *d != u32::MAX);
+        let mut offsets = Vec::with_capacity(points.len() + 1);
+        let mut links = Vec::new();
+        let mut upper = HashMap::new();
+        let (mut entry, mut top) = (0u32, 0usize);
+        for (i, p) in points.iter().enumerate() {
+            offsets.push(u32::try_from(links.len()).ok()?);
+            let hood = p.get_neighborhood_id();
+            if let Some(l0) = hood.first() {
+                links.extend(l0.iter().filter_map(|n| id(n.d_id)));
+            }
+            let level = usize::from(p.get_point_id().0);
+            if level > 0 {
+                let layers: Vec<Vec<u32>> = (1..=level)
+                    .map(|l| {
+                        hood.get(l)
+                            .map(|ns| ns.iter().filter_map(|n| id(n.d_id)).collect())
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                upper.insert(u32::try_from(i).ok()?, layers);
+            }
+            if level > top || i == 0 {
+                top = level;
+                entry = u32::try_from(i).ok()?;
+            }
+        }
+        offsets.push(u32::try_from(links.len()).ok()?);
+        Some(Frozen {
+            dims,
+            vectors,
+            slots: slot_of,
+            offsets,
+            links,
+            upper,
+            entry,
+            top,
+            upto: slots,
+        })
+    }
+
+    fn vector(&self, i: u32) -> &[T] {
+        let at = i as usize * self.dims;
+        &self.vectors[at..at + self.dims]
+    }
+
+    fn slot(&self, i: u32) -> usize {
+        self.slots[i as usize] as usize
+    }
+
+    fn layer0(&self, i: u32) -> &[u32] {
+        let (a, b) = (self.offsets[i as usize], self.offsets[i as usize + 1]);
+        &self.links[a as usize..b as usize]
+    }
+
+    /// The `ef`-wide HNSW search; dead slots are walked through but never returned.
+    fn search(&self, q: &[T], ef: usize, dead: &[bool]) -> Vec<(usize, f32)> {
+        if self.slots.is_empty() {
+            return Vec::new();
+        }
+        let is_dead = |i: u32| dead.get(self.slot(i)).copied().unwrap_or(true);
+        // Greedy descent through the upper layers.
+        let mut cur = self.entry;
+        let mut cur_sim = T::sim(q, self.vector(cur));
+        for layer in (1..=self.top).rev() {
+            loop {
+                let mut moved = false;
+                let next = self
+                    .upper
+                    .get(&cur)
+                    .and_then(|ls| ls.get(layer - 1))
+                    .map_or(&[][..], Vec::as_slice);
+                for &n in next {
+                    let s = T::sim(q, self.vector(n));
+                    if s > cur_sim {
+                        (cur, cur_sim, moved) = (n, s, true);
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+        // Beam search on layer 0.
+        let mut visited = vec![0u64; self.slots.len().div_ceil(64)];
+        let mut seen = |i: u32| {
+            let (w, b) = ((i / 64) as usize, i % 64);
+            let was = visited[w] >> b & 1 == 1;
+            visited[w] |= 1 << b;
+            was
+        };
+        seen(cur);
+        let mut candidates: BinaryHeap<(Sim, u32)> = BinaryHeap::with_capacity(ef * 4);
+        let mut best: BinaryHeap<Reverse<(Sim, u32)>> = BinaryHeap::with_capacity(ef + 1);
+        candidates.push((Sim(cur_sim), cur));
+        if !is_dead(cur) {
+            best.push(Reverse((Sim(cur_sim), cur)));
+        }
+        while let Some((Sim(s), c)) = candidates.pop() {
+            let worst = best.peek().map_or(f32::MIN, |Reverse((Sim(w), _))| *w);
+            if best.len() >= ef && s < worst {
+                break;
+            }
+            for &n in self.layer0(c) {
+                if seen(n) {
+                    continue;
+                }
+                let sn = T::sim(q, self.vector(n));
+                let worst = best.peek().map_or(f32::MIN, |Reverse((Sim(w), _))| *w);
+                if best.len() < ef || sn > worst {
+                    candidates.push((Sim(sn), n));
+                    if !is_dead(n) {
+                        best.push(Reverse((Sim(sn), n)));
+                        if best.len() > ef {
+                            best.pop();
+                        }
+                    }
+                }
+            }
+        }
+        let mut out: Vec<(usize, f32)> = best
+            .into_iter()
+            .map(|Reverse((Sim(s), i))| (self.slot(i), s))
+            .collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1));
+        out
+    }
+}
+
+/// Layers of the graph (hnsw_rs's maximum).
+const GRAPH_LAYERS: usize = 16;
+
+/// A set of unit vectors under caller-chosen `u64` ids, searched by cosine similarity.
+///
+/// Below [`IndexConfig::graph_from`] vectors a search scans them all (exact); from there
+/// on they live in an HNSW graph (approximate: recall@1 is measured by
+/// `benches/cache_index.rs` and `examples/cache_index_scale.rs`). The graph cannot
+/// delete, so removal marks a tombstone that searches skip; once tombstones outnumber
+/// live vectors the index is rebuilt from the live ones. Past
+/// [`capacity`](IndexConfig::capacity) an insert evicts the oldest vector.
+///
+/// ```
+/// use tokenwise::cache::{IndexConfig, VectorIndex};
+///
+/// let mut index = VectorIndex::new(3, IndexConfig::default())?;
+/// index.insert(7, &[1.0, 0.0, 0.0])?;
+/// index.insert(8, &[0.0, 1.0, 0.0])?;
+/// let best = index.search(&[0.9, 0.1, 0.0], 1);
+/// assert_eq!(best[0].0, 7);
+/// assert!(index.remove(7));
+/// assert_eq!(index.search(&[0.9, 0.1, 0.0], 1)[0].0, 8);
+/// # Ok::<(), tokenwise::Error>(())
+/// ```
+pub struct VectorIndex {
+    dims: usize,
+    config: IndexConfig,
+    /// Caller id by slot.
+    ids: Vec<u64>,
+    dead: Vec<bool>,
+    by_id: HashMap<u64, usize>,
+    live: usize,
+    /// Slots below this are all dead (the eviction cursor).
+    oldest: usize,
+    /// Flat mode: every vector by slot. Graph mode: the delta, vectors of slots from
+    /// the snapshot's `upto` on.
+    store: Store,
+    graph: Option<Graph>,
+}
+
+impl fmt::Debug for VectorIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VectorIndex")
+            .field("dims", &self.dims)
+            .field("live", &self.live)
+            .field("tombstones", &self.tombstones())
+            .field("graph", &self.graph.is_some())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl VectorIndex {
+    /// An empty index of `dims`-dimensional vectors.
+    pub fn new(dims: usize, config: IndexConfig) -> Result<Self> {
+        config.validate()?;
+        if dims == 0 {
+            return Err(Error::Config(
+                "vector index: dims must be at least 1".into(),
+            ));
+        }
+        Ok(VectorIndex {
+            dims,
+            config,
+            ids: Vec::new(),
+            dead: Vec::new(),
+            by_id: HashMap::new(),
+            live: 0,
+            oldest: 0,
+            store: Self::empty_store(config.quantization),
+            graph: None,
+        })
+    }
+
+    fn empty_store(q: Quantization) -> Store {
+        match q {
+            Quantization::None => Store::F32(Vec::new()),
+            Quantization::Int8 => Store::I8(Vec::new()),
+        }
+    }
+
+    /// The dimension of every vector.
+    pub fn dims(&self) -> usize {
+        self.dims
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &IndexConfig {
+        &self.config
+    }
+
+    /// Changes how many candidates a search considers (at least 1): higher is slower
+    /// and finds the true nearest vector more often.
+    pub fn set_ef_search(&mut self, ef: usize) {
+        self.config.ef_search = ef.max(1);
+    }
+
+    /// Live vectors.
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    /// Whether no vector is live.
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    /// Removed vectors still taking space until the next rebuild.
+    pub fn tombstones(&self) -> usize {
+        self.ids.len() - self.live
+    }
+
+    /// Whether searches use the graph (rather than a flat scan).
+    pub fn is_graph(&self) -> bool {
+        self.graph.is_some()
+    }
+
+    /// Whether `id` is live.
+    pub fn contains(&self, id: u64) -> bool {
+        self.by_id.contains_key(&id)
+    }
+
+    fn check(&self, v: &[f32]) -> Result<()> {
+        if v.len() != self.dims {
+            return Err(Error::InvalidRequest(format!(
+                "vector has {} dimensions, the index {}",
+                v.len(),
+                self.dims
+            )));
+        }
+        if !v.iter().all(|x| x.is_finite()) {
+            return Err(Error::InvalidRequest(
+                "vector has a non-finite component".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Adds (or replaces) the vector of `id`. Returns the id evicted to make room, if the
+    /// index was at capacity.
+    pub fn insert(&mut self, id: u64, v: &[f32]) -> Result<Option<u64>> {
+        self.check(v)?;
+        self.remove(id);
+        let mut evicted = None;
+        if self.live >= self.config.capacity {
+            evicted = self.evict_oldest();
+        }
+        let slot = self.ids.len();
+        self.ids.push(id);
+        self.dead.push(false);
+        self.by_id.insert(id, slot);
+        self.live += 1;
+        match &self.graph {
+            Some(Graph::F32(g, _)) => g.insert_slice((v, slot)),
+            Some(Graph::I8(g, _)) => g.insert_slice((&quantize(v), slot)),
+            None => {}
+        }
+        self.push_store(v);
+        self.after_insert();
+        Ok(evicted)
+    }
+
+    fn push_store(&mut self, v: &[f32]) {
+        match &mut self.store {
+            Store::F32(s) => s.extend_from_slice(v),
+            Store::I8(s) => s.extend(quantize(v)),
+        }
+    }
+
+    /// Moves to the graph once large enough; refreshes the graph's snapshot once the
+    /// delta is full.
+    fn after_insert(&mut self) {
+        let slots = self.ids.len();
+        match &mut self.graph {
+            None if slots >= self.config.graph_from => self.rebuild(),
+            None => {}
+            Some(graph) => {
+                let upto = match graph {
+                    Graph::F32(_, f) => f.as_ref().map_or(0, |f| f.upto),
+                    Graph::I8(_, f) => f.as_ref().map_or(0, |f| f.upto),
+                };
+                if slots - upto >= MAX_DELTA {
+                    let taken = match graph {
+                        Graph::F32(g, f) => Frozen::take(g, slots).map(|new| *f = Some(new)),
+                        Graph::I8(g, f) => Frozen::take(g, slots).map(|new| *f = Some(new)),
+                    };
+                    if taken.is_some() {
+                        self.store = Self::empty_store(self.config.quantization);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds many vectors at once (ids already present are replaced); a graph is
+    /// extended on rayon's threads. Returns the ids evicted to make room.
+    pub fn insert_batch(&mut self, items: &[(u64, &[f32])]) -> Result<Vec<u64>> {
+        for (_, v) in items {
+            self.check(v)?;
+        }
+        let mut evicted = Vec::new();
+        let cap = self.config.capacity;
+        let items = match items.len().checked_sub(cap) {
+            Some(skip) if skip > 0 => {
+                // More than fit: the oldest of the batch go first.
+                evicted.extend(items[..skip].iter().map(|(id, _)| *id));
+                &items[skip..]
+            }
+            _ => items,
+        };
+        for (id, _) in items {
+            self.remove(*id);
+        }
+        // Make room before adding anything: eviction may rebuild the index.
+        while self.live + items.len() > cap {
+            match self.evict_oldest() {
+                Some(id) => evicted.push(id),
+                None => break,
+            }
+        }
+        let first = self.ids.len();
+        for (id, _) in items {
+            let slot = self.ids.len();
+            self.ids.push(*id);
+            self.dead.push(false);
+            self.live += 1;
+            if let Some(old) = self.by_id.insert(*id, slot) {
+                // The same id twice in the batch: the later one wins.
+                self.dead[old] = true;
+                self.live -= 1;
+            }
+        }
+        match &self.graph {
+            Some(Graph::F32(g, _)) => {
+                let data: Vec<(&[f32], usize)> = items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, v))| (*v, first + i))
+                    .collect();
+                g.parallel_insert_slice(&data);
+            }
+            Some(Graph::I8(g, _)) => {
+                let q: Vec<Vec<i8>> = items.iter().map(|(_, v)| quantize(v)).collect();
+                let data: Vec<(&[i8], usize)> = q
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (v.as_slice(), first + i))
+                    .collect();
+                g.parallel_insert_slice(&data);
+            }
+            None => {}
+        }
+        for (_, v) in items {
+            self.push_store(v);
+        }
+        self.after_insert();
+        Ok(evicted)
+    }
+
+    fn evict_oldest(&mut self) -> Option<u64> {
+        while self.oldest < self.ids.len() {
+            let slot = self.oldest;
+            self.oldest += 1;
+            if !self.dead[slot] {
+                let id = self.ids[slot];
+                self.remove(id);
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// Removes `id`; returns whether it was there. Rebuilds the index once tombstones
+    /// outnumber live vectors (and number at least 64).
+    pub fn remove(&mut self, id: u64) -> bool {
+        let Some(slot) = self.by_id.remove(&id) else {
+            return false;
+        };
+        if let Some(d) = self.dead.get_mut(slot) {
+            *d = true;
+        }
+        self.live -= 1;
+        let dead = self.tombstones();
+        if dead >= 64 && dead > self.live {
+            self.rebuild();
+        }
+        true
+    }
+
+    /// Removes every vector.
+    pub fn clear(&mut self) {
+        self.ids.clear();
+        self.dead.clear();
+        self.by_id.clear();
+        self.live = 0;
+        self.oldest = 0;
+        self.store = Self::empty_store(self.config.quantization);
+        self.graph = None;
+    }
+
+    /// The first slot held in `store` (0 in flat mode; the snapshot's end in graph mode).
+    fn store_from(&self) -> usize {
+        match &self.graph {
+            None => 0,
+            Some(Graph::F32(_, f)) => f.as_ref().map_or(0, |f| f.upto),
+            Some(Graph::I8(_, f)) => f.as_ref().map_or(0, |f| f.upto),
+        }
+    }
+
+    /// Live vectors by id, in the stored precision (dequantized), oldest first.
+    fn live_vectors(&self) -> Vec<(u64, Vec<f32>)> {
+        let mut out = Vec::with_capacity(self.live);
+        let live = |slot: usize| !self.dead.get(slot).copied().unwrap_or(true);
+        let from = self.store_from();
+        match &self.graph {
+            Some(Graph::F32(g, _)) => {
+                for p in g.get_point_indexation() {
+                    let slot = p.get_origin_id();
+                    if live(slot) {
+                        out.push((slot, p.get_v().to_vec()));
+                    }
+                }
+            }
+            Some(Graph::I8(g, _)) => {
+                for p in g.get_point_indexation() {
+                    let slot = p.get_origin_id();
+                    if live(slot) {
+                        let v = p.get_v().iter().map(|x| f32::from(*x) / I8_SCALE);
+                        out.push((slot, v.collect()));
+                    }
+                }
+            }
+            None => match &self.store {
+                Store::F32(s) => {
+                    for (i, v) in s.chunks_exact(self.dims).enumerate() {
+                        if live(from + i) {
+                            out.push((from + i, v.to_vec()));
+                        }
+                    }
+                }
+                Store::I8(s) => {
+                    for (i, v) in s.chunks_exact(self.dims).enumerate() {
+                        if live(from + i) {
+                            let v = v.iter().map(|x| f32::from(*x) / I8_SCALE);
+                            out.push((from + i, v.collect()));
+                        }
+                    }
+                }
+            },
+        }
+        // The graph yields its points layer by layer: restore insertion order, so that
+        // eviction stays oldest-first.
+        out.sort_unstable_by_key(|(slot, _)| *slot);
+        out.into_iter()
+            .map(|(slot, v)| (self.ids[slot], v))
+            .collect()
+    }
+
+    /// Rebuilds from the live vectors: drops tombstones, and moves to (or from) the
+    /// graph as the size calls for. Runs on the calling thread; a graph of n vectors
+    /// costs about n inserts (spread over rayon's threads).
+    pub fn rebuild(&mut self) {
+        let live = self.live_vectors();
+        self.clear();
+        let n = live.len();
+        for (slot, (id, _)) in live.iter().enumerate() {
+            self.ids.push(*id);
+            self.dead.push(false);
+            self.by_id.insert(*id, slot);
+        }
+        self.live = n;
+        if n < self.config.graph_from {
+            for (_, v) in &live {
+                self.push_store(v);
+            }
+            return;
+        }
+        let c = &self.config;
+        let hint = n.saturating_mul(2).max(c.graph_from).min(c.capacity.max(1));
+        self.graph = Some(match c.quantization {
+            Quantization::None => {
+                let g = Hnsw::new(
+                    c.max_connections,
+                    hint,
+                    GRAPH_LAYERS,
+                    c.ef_construction,
+                    DotF32,
+                );
+                let data: Vec<(&[f32], usize)> = live
+                    .iter()
+                    .enumerate()
+                    .map(|(slot, (_, v))| (v.as_slice(), slot))
+                    .collect();
+                g.parallel_insert_slice(&data);
+                let f = Frozen::take(&g, n);
+                Graph::F32(g, f)
+            }
+            Quantization::Int8 => {
+                let g = Hnsw::new(
+                    c.max_connections,
+                    hint,
+                    GRAPH_LAYERS,
+                    c.ef_construction,
+                    DotI8,
+                );
+                let q: Vec<Vec<i8>> = live.iter().map(|(_, v)| quantize(v)).collect();
+                let data: Vec<(&[i8], usize)> = q
+                    .iter()
+                    .enumerate()
+                    .map(|(slot, v)| (v.as_slice(), slot))
+                    .collect();
+                g.parallel_insert_slice(&data);
+                let f = Frozen::take(&g, n);
+                Graph::I8(g, f)
+            }
+        });
+    }
+
+    /// Up to `k` live vectors most similar to `query`, best first, as (id, cosine
+    /// similarity). Approximate once the index uses its graph. A query of the wrong
+    /// dimension finds nothing.
+    pub fn search(&self, query: &[f32], k: usize) -> Vec<(u64, f32)> {
+        if k == 0 || self.live == 0 || self.check(query).is_err() {
+            return Vec::new();
+        }
+        let ef = self.config.ef_search.max(k);
+        let found = match &self.graph {
+            None => return self.scan(query, k),
+            Some(Graph::F32(_, Some(f))) => f.search(query, ef, &self.dead),
+            Some(Graph::I8(_, Some(f))) => f.search(&quantize(query), ef, &self.dead),
+            // No snapshot (it could not be taken): everything is in the delta.
+            Some(_) => Vec::new(),
+        };
+        let mut top = TopK::new(k);
+        for (slot, sim) in found {
+            top.offer(self.ids[slot], sim);
+        }
+        // The delta: inserted since the snapshot, scanned exactly.
+        for (id, sim) in self.scan(query, k) {
+            top.offer(id, sim);
+        }
+        top.into_vec()
+    }
+
+    /// Like [`search`](Self::search), by scanning every live vector: exact, and the
+    /// reference that recall is measured against.
+    pub fn exact_search(&self, query: &[f32], k: usize) -> Vec<(u64, f32)> {
+        if k == 0 || self.live == 0 || self.check(query).is_err() {
+            return Vec::new();
+        }
+        if self.graph.is_none() {
+            return self.scan(query, k);
+        }
+        let mut top = TopK::new(k);
+        for (id, v) in self.live_vectors() {
+            top.offer(id, dot(query, &v));
+        }
+        top.into_vec()
+    }
+
+    /// Scans `store` (every vector in flat mode, the delta in graph mode).
+    fn scan(&self, query: &[f32], k: usize) -> Vec<(u64, f32)> {
+        let from = self.store_from();
+        let live = |i: usize| !self.dead.get(from + i).copied().unwrap_or(true);
+        let mut top = TopK::new(k);
+        match &self.store {
+            Store::F32(s) => {
+                for (i, v) in s.chunks_exact(self.dims).enumerate() {
+                    if live(i) {
+                        top.offer(self.ids[from + i], dot(query, v));
+                    }
+                }
+            }
+            Store::I8(s) => {
+                let q = quantize(query);
+                for (i, v) in s.chunks_exact(self.dims).enumerate() {
+                    if live(i) {
+                        top.offer(self.ids[from + i], dot_i8(&q, v));
+                    }
+                }
+            }
+        }
+        top.into_vec()
+    }
+}
+
+/// The k best (id, similarity) pairs seen, best first.
+struct TopK {
+    k: usize,
+    best: Vec<(u64, f32)>,
+}
+
+impl TopK {
+    fn new(k: usize) -> Self {
+        TopK {
+            k,
+            best: Vec::with_capacity(k + 1),
+        }
+    }
+
+    fn offer(&mut self, id: u64, sim: f32) {
+        if self.best.len() == self.k && self.best.last().is_some_and(|(_, s)| *s >= sim) {
+            return;
+        }
+        let at = self.best.partition_point(|(_, s)| *s >= sim);
+        self.best.insert(at, (id, sim));
+        self.best.truncate(self.k);
+    }
+
+    fn into_vec(self) -> Vec<(u64, f32)> {
+        self.best
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(seed: u64, dims: usize) -> Vec<f32> {
+        // A small xorshift: deterministic vectors without a dependency.
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut v: Vec<f32> = (0..dims)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect();
+        let n = dot(&v, &v).sqrt();
+        v.iter_mut().for_each(|c| *c /= n);
+        v
+    }
+
+    #[test]
+    fn flat_and_graph_find_the_same_nearest_vector() {
+        for q in [Quantization::None, Quantization::Int8] {
+            let config = IndexConfig::default().graph_from(200).quantization(q);
+            let mut index = VectorIndex::new(32, config).unwrap();
+            for i in 0..150 {
+                index.insert(i, &unit(i, 32)).unwrap();
+            }
+            assert!(!index.is_graph());
+            for i in 150..400 {
+                index.insert(i, &unit(i, 32)).unwrap();
+            }
+            assert!(index.is_graph());
+            assert_eq!(index.len(), 400);
+            let mut hits = 0;
+            for i in (0..400).step_by(7) {
+                let got = index.search(&unit(i, 32), 1);
+                let want = index.exact_search(&unit(i, 32), 1);
+                assert_eq!(want[0].0, i, "{q:?}");
+                assert!(want[0].1 > 0.99);
+                hits += usize::from(got[0].0 == i);
+            }
+            assert!(hits >= 56, "{q:?}: recall {hits}/58");
+        }
+    }
+
+    #[test]
+    fn inserts_after_the_snapshot_are_found_until_the_next_one() {
+        let mut index = VectorIndex::new(8, IndexConfig::default().graph_from(64)).unwrap();
+        for i in 0..64 {
+            index.insert(i, &unit(i, 8)).unwrap();
+        }
+        assert!(index.is_graph());
+        assert_eq!(index.store_from(), 64, "snapshot taken with the graph");
+        // single inserts land in the delta, searched exactly, until it is full
+        for i in 64..(64 + MAX_DELTA as u64 - 1) {
+            index.insert(i, &unit(i, 8)).unwrap();
+        }
+        assert_eq!(index.store_from(), 64);
+        assert_eq!(index.search(&unit(100, 8), 1)[0].0, 100);
+        index.remove(100);
+        assert_ne!(
+            index.search(&unit(100, 8), 1)[0].0,
+            100,
+            "dead in the delta"
+        );
+        index.insert(5_000, &unit(5_000, 8)).unwrap();
+        assert_eq!(index.store_from(), 64 + MAX_DELTA, "a new snapshot");
+        assert_eq!(index.search(&unit(5_000, 8), 1)[0].0, 5_000);
+        assert_eq!(index.search(&unit(7, 8), 1)[0].0, 7);
+        assert_eq!(index.exact_search(&unit(9, 8), 1)[0].0, 9);
+    }
+
+    #[test]
+    fn tombstones_hide_removed_vectors_and_rebuild_drops_them() {
+        let mut index = VectorIndex::new(16, IndexConfig::default().graph_from(100)).unwrap();
+        for i in 0..300 {
+            index.insert(i, &unit(i, 16)).unwrap();
+        }
+        assert!(index.remove(5));
+        assert!(!index.remove(5));
+        assert!(!index.search(&unit(5, 16), 3).iter().any(|(id, _)| *id == 5));
+        assert_eq!(index.tombstones(), 1);
+        for i in 0..160 {
+            index.remove(i);
+        }
+        // 160 removed out of 300: tombstones outnumbered live vectors, so it rebuilt.
+        assert_eq!(index.len(), 140);
+        assert!(index.tombstones() < 64);
+        assert!(index.is_graph());
+        assert_eq!(index.search(&unit(200, 16), 1)[0].0, 200);
+        for i in 160..300 {
+            index.remove(i);
+        }
+        assert!(index.is_empty());
+        assert!(!index.is_graph(), "small again: back to a flat scan");
+        assert!(index.search(&unit(1, 16), 1).is_empty());
+    }
+
+    #[test]
+    fn batches_build_the_graph_and_evict_past_capacity() {
+        let config = IndexConfig::default().graph_from(100).capacity(500);
+        let mut index = VectorIndex::new(16, config).unwrap();
+        let data: Vec<(u64, Vec<f32>)> = (0..600).map(|i| (i, unit(i, 16))).collect();
+        let batch: Vec<(u64, &[f32])> = data.iter().map(|(i, v)| (*i, v.as_slice())).collect();
+        let evicted = index.insert_batch(&batch[..50]).unwrap();
+        assert!(evicted.is_empty() && !index.is_graph());
+        index.insert_batch(&batch[50..300]).unwrap();
+        assert!(index.is_graph());
+        let evicted = index.insert_batch(&batch[300..]).unwrap();
+        assert_eq!(evicted, (0..100).collect::<Vec<u64>>());
+        assert_eq!(index.len(), 500);
+        assert_eq!(index.search(&unit(599, 16), 1)[0].0, 599);
+        assert!(index.insert_batch(&[(1, &[0.0; 3][..])]).is_err());
+    }
+
+    #[test]
+    fn capacity_evicts_the_oldest_and_bad_input_is_refused() {
+        let mut index = VectorIndex::new(8, IndexConfig::default().capacity(3)).unwrap();
+        for i in 0..3 {
+            assert_eq!(index.insert(i, &unit(i, 8)).unwrap(), None);
+        }
+        assert_eq!(index.insert(3, &unit(3, 8)).unwrap(), Some(0));
+        // replacing an id keeps one copy
+        assert_eq!(index.insert(3, &unit(4, 8)).unwrap(), None);
+        assert_eq!(index.len(), 3);
+        assert!(!index.contains(0));
+        assert!(index.insert(9, &[1.0; 7]).is_err());
+        assert!(index.insert(9, &[f32::NAN; 8]).is_err());
+        assert!(index.search(&[1.0; 7], 1).is_empty());
+        assert!(VectorIndex::new(8, IndexConfig::default().capacity(0)).is_err());
+        assert!(VectorIndex::new(8, IndexConfig::default().max_connections(300)).is_err());
+        assert!(VectorIndex::new(0, IndexConfig::default()).is_err());
+    }
+}
