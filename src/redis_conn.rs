@@ -140,9 +140,15 @@ impl RedisConnection {
 
     /// Deletes every key under the prefix (for tests and resets); returns how many.
     pub async fn clear(&self) -> Result<u64> {
+        self.clear_matching("*").await
+    }
+
+    /// Deletes every key under the prefix matching `pattern` (a Redis glob after the
+    /// prefix); returns how many.
+    pub async fn clear_matching(&self, pattern: &str) -> Result<u64> {
         let mut cursor: u64 = 0;
         let mut deleted = 0u64;
-        let pattern = format!("{}:*", self.prefix);
+        let pattern = format!("{}:{pattern}", self.prefix);
         for _ in 0..100_000 {
             let (next, keys): (u64, Vec<String>) = self
                 .query(

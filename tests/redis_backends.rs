@@ -463,3 +463,106 @@ async fn redis_stopping_mid_run_then_returning() {
     let _ = again.wait();
     assert!(resumed, "the limiter works again once Redis is back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_cached_by_one_replica_is_a_hit_on_the_others() {
+    use tokenwise::cache::{
+        Cache, CacheQuery, CacheScope, Invalidation, RedisCache, SemanticCache,
+    };
+    use tokenwise::{ChatResponse, FinishReason, Usage};
+    let Some(url) = url() else { return };
+    let p = prefix("cache");
+    let _cleanup = Cleanup {
+        url: url.clone(),
+        prefix: p.clone(),
+    };
+    let replica = || {
+        RedisCache::start(
+            SemanticCache::builder().build().unwrap(),
+            RedisConnection::new(&url, &p).unwrap(),
+            RedisConnection::new(&url, &p).unwrap(),
+        )
+        .unwrap()
+    };
+    let (a, b, c) = (replica(), replica(), replica());
+    let q = |text: &str| {
+        CacheQuery::for_request(
+            &ChatRequest::user_text(text).cache_tag("faq"),
+            CacheScope::Global,
+        )
+        .unwrap()
+    };
+    let answer = ChatResponse::new(
+        "Settings, then Security, then Reset.",
+        "m",
+        "p",
+        Usage::new(12, 8),
+        FinishReason::Stop,
+    );
+    a.put(&q("How do I reset my password?"), &answer)
+        .await
+        .unwrap();
+
+    // b finds it semantically (a paraphrase, not the exact key) once a's event arrives
+    let mut found = None;
+    for _ in 0..100 {
+        if let Some(hit) = b.get(&q("how do i reset my password")).await.unwrap() {
+            found = Some(hit);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let hit = found.expect("the semantic entry reached the other replica");
+    assert_eq!(hit.response.content, answer.content);
+    // c finds the exact entry in Redis at once, event or not
+    assert!(
+        c.get(&q("How do I reset my password?"))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // a near miss stays a miss everywhere
+    assert!(
+        b.get(&q("How do I not reset my password?"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // an invalidation on one replica reaches the others
+    c.invalidate(&Invalidation::Tag("faq".into()))
+        .await
+        .unwrap();
+    let mut gone = false;
+    for _ in 0..100 {
+        if b.get(&q("how do i reset my password"))
+            .await
+            .unwrap()
+            .is_none()
+            && a.get(&q("How do I reset my password?"))
+                .await
+                .unwrap()
+                .is_none()
+        {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gone, "invalidated on every replica and in Redis");
+
+    // a replica started later warms its index from the stream
+    a.put(&q("What are your opening hours?"), &answer)
+        .await
+        .unwrap();
+    let late = replica();
+    let mut warmed = false;
+    for _ in 0..100 {
+        if late.local().indexed() > 0 {
+            warmed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(warmed, "the late replica replayed the stream");
+}

@@ -135,6 +135,12 @@ impl ExactCache {
         self.len() == 0
     }
 
+    /// The time to live an answer stored for `query` gets: the request's, else its
+    /// namespace's, else the default.
+    pub fn ttl_of(&self, query: &CacheQuery) -> Duration {
+        self.ttl_for(query)
+    }
+
     fn ttl_for(&self, query: &CacheQuery) -> Duration {
         query
             .ttl

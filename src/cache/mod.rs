@@ -23,6 +23,8 @@ mod index;
 mod key;
 mod layer;
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 mod semantic;
 
 use std::fmt;
@@ -43,6 +45,8 @@ pub use index::{IndexConfig, Quantization, VectorIndex};
 pub use key::{CacheKey, CacheQuery};
 pub use layer::{CacheLayer, CacheService};
 pub use memory::{ExactCache, ExactCacheBuilder};
+#[cfg(feature = "redis")]
+pub use redis::RedisCache;
 pub use semantic::{
     CacheEvent, CacheHook, CacheStats, DEFAULT_THRESHOLD, SemanticCache, SemanticCacheBuilder,
 };
