@@ -770,7 +770,7 @@ impl VectorIndex {
         }
         let c = &self.config;
         let hint = n.saturating_mul(2).max(c.graph_from).min(c.capacity.max(1));
-        self.graph = Some(match c.quantization {
+        let graph = match c.quantization {
             Quantization::None => {
                 let g = Hnsw::new(
                     c.max_connections,
@@ -806,7 +806,19 @@ impl VectorIndex {
                 let f = Frozen::take(&g, n);
                 Graph::I8(g, f)
             }
-        });
+        };
+        let searchable = match &graph {
+            Graph::F32(_, f) => f.is_some(),
+            Graph::I8(_, f) => f.is_some(),
+        };
+        if searchable {
+            self.graph = Some(graph);
+        } else {
+            // No snapshot could be taken (more points than u32 counts): stay flat.
+            for (_, v) in &live {
+                self.push_store(v);
+            }
+        }
     }
 
     /// Up to `k` live vectors most similar to `query`, best first, as (id, cosine
