@@ -633,3 +633,32 @@ async fn an_abandoned_call_releases_its_reservation_and_pays_for_the_prompt() {
         tokenwise::TokenCounter::count_request(&prompt, &ask("slow", "ann"), spec.tokenizer);
     assert_eq!(spent_now, spec.pricing.input.cost_of(prompt_tokens));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_guard_rejection_is_reported_on_the_answer_and_the_usage_record() {
+    use tokenwise::cache::SemanticCache;
+    let p = sim();
+    let pipe = builder(&p)
+        .cache(Arc::new(
+            SemanticCache::builder().threshold(0.5).build().unwrap(),
+        ))
+        .build()
+        .unwrap();
+    pipe.chat(ask("Is the clinic open on Sundays?", "ann"))
+        .await
+        .unwrap();
+    let r = pipe
+        .chat(ask("Is the clinic not open on Sundays?", "ann"))
+        .await
+        .unwrap();
+    assert!(
+        !r.served.is_cache_hit(),
+        "a negation is not the same question"
+    );
+    assert!(
+        r.guard_rejected.is_some(),
+        "the refused candidate is reported"
+    );
+    assert_eq!(pipe.recent_usage().pop().unwrap().guard_rejections, 1);
+    assert_eq!(p.calls(), 2);
+}

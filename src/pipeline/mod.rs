@@ -250,7 +250,12 @@ impl Pipeline {
         rec.set_route(&plan.route);
         inner.check_max_cost(req, &plan)?; // a whole answer cannot be cut: refuse up front
         let admitted = inner.admit(&req.meta, &plan).await?; // admit: slot + rate limits
-        if let Some(hit) = inner.cache_get(&mut plan).await {
+        let hit = inner.cache_get(&mut plan).await;
+        rec.guard_rejections = u32::from(
+            plan.guard_rejected.is_some()
+                || hit.as_ref().is_some_and(|h| h.guard_rejected.is_some()),
+        );
+        if let Some(hit) = hit {
             inner.refund(&req.meta, &admitted, 0).await; // cache: a hit spends no token quota
             rec.saved = saved_cost(&hit);
             return Ok(hit);
@@ -327,7 +332,12 @@ impl Pipeline {
             .admit(&req.meta, &plan)
             .await
             .map_err(|e| fail(e, rec))?; // admit
-        if let Some(hit) = inner.cache_get(&mut plan).await {
+        let hit = inner.cache_get(&mut plan).await;
+        rec.guard_rejections = u32::from(
+            plan.guard_rejected.is_some()
+                || hit.as_ref().is_some_and(|h| h.guard_rejected.is_some()),
+        );
+        if let Some(hit) = hit {
             inner.refund(&req.meta, &admitted, 0).await; // cache: replay as chunks
             let mut rec = rec.clone();
             rec.saved = saved_cost(&hit);
