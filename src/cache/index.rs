@@ -190,17 +190,27 @@ const MAX_DELTA: usize = 2_048;
 /// A vector component the index can store.
 trait Elem: Copy + Send + Sync + 'static {
     fn sim(a: &[Self], b: &[Self]) -> f32;
+    /// Reads one value per 64-byte line of `v` (to bring it into the cache).
+    fn touch(v: &[Self]) -> u32;
 }
 
 impl Elem for f32 {
     fn sim(a: &[f32], b: &[f32]) -> f32 {
         dot(a, b)
     }
+    fn touch(v: &[f32]) -> u32 {
+        v.iter().step_by(16).fold(0, |a, x| a ^ x.to_bits())
+    }
 }
 
 impl Elem for i8 {
     fn sim(a: &[i8], b: &[i8]) -> f32 {
         dot_i8(a, b)
+    }
+    fn touch(v: &[i8]) -> u32 {
+        v.iter()
+            .step_by(64)
+            .fold(0, |a, x| a ^ u32::from(x.unsigned_abs()))
     }
 }
 
@@ -354,6 +364,7 @@ impl<T: Elem> Frozen<T> {
             was
         };
         seen(cur);
+        let mut fresh: Vec<u32> = Vec::with_capacity(64);
         let mut candidates: BinaryHeap<(Sim, u32)> = BinaryHeap::with_capacity(ef * 4);
         let mut best: BinaryHeap<Reverse<(Sim, u32)>> = BinaryHeap::with_capacity(ef + 1);
         candidates.push((Sim(cur_sim), cur));
@@ -365,10 +376,17 @@ impl<T: Elem> Frozen<T> {
             if best.len() >= ef && s < worst {
                 break;
             }
-            for &n in self.layer0(c) {
-                if seen(n) {
-                    continue;
-                }
+            // Gather the unvisited neighbours and touch one value per cache line of
+            // each vector first: independent loads that the processor overlaps, where
+            // the dot products one after another would wait for memory each time.
+            fresh.clear();
+            fresh.extend(self.layer0(c).iter().copied().filter(|n| !seen(*n)));
+            let mut touched = 0u32;
+            for &n in &fresh {
+                touched ^= T::touch(self.vector(n));
+            }
+            std::hint::black_box(touched);
+            for &n in &fresh {
                 let sn = T::sim(q, self.vector(n));
                 let worst = best.peek().map_or(f32::MIN, |Reverse((Sim(w), _))| *w);
                 if best.len() < ef || sn > worst {

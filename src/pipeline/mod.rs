@@ -23,6 +23,7 @@
 
 mod builder;
 mod dispatch;
+mod flight;
 mod service;
 mod stream;
 
@@ -36,8 +37,8 @@ pub use builder::PipelineBuilder;
 
 use crate::budget::{Budget, CapStatus, Degrade, Reservation};
 use crate::cache::{
-    Cache, CacheQuery, CacheScope, GuardRejection, Invalidation, Join, Leader, SharedStream,
-    SingleFlight, is_cacheable,
+    Cache, CacheQuery, CacheScope, GuardRejection, Invalidation, SharedStream, SingleFlight,
+    is_cacheable,
 };
 use crate::clock::Clock;
 use crate::context::{ContextBudget, CountCache, TokenCounter};
@@ -367,31 +368,29 @@ impl Pipeline {
                 model,
                 provider,
                 fallbacks,
-            }) => Ok(share(
-                leader,
-                stream::metered(
-                    stream::Settle {
-                        fallbacks,
-                        inner: Arc::clone(inner),
-                        max_cost: req.meta.max_cost.or(inner.max_cost),
-                        meta: req.meta,
-                        prompt_tokens: plan.prompt_tokens(model.tokenizer),
-                        cache: plan.cache,
-                        model,
-                        provider,
-                        target_charged,
-                        max_tokens: req.params.max_tokens.map(u64::from),
-                        charged: admitted.charged,
-                        slot: admitted._slot,
-                        idle_timeout: inner.idle_timeout,
-                        reservation: held.take(),
-                        record: rec.clone(),
-                        span,
-                        guard_rejected: plan.guard_rejected.take(),
-                    },
-                    first,
-                    upstream,
-                ),
+            }) => Ok(stream::metered(
+                stream::Settle {
+                    fallbacks,
+                    inner: Arc::clone(inner),
+                    max_cost: req.meta.max_cost.or(inner.max_cost),
+                    meta: req.meta,
+                    prompt_tokens: plan.prompt_tokens(model.tokenizer),
+                    cache: plan.cache,
+                    model,
+                    provider,
+                    target_charged,
+                    max_tokens: req.params.max_tokens.map(u64::from),
+                    charged: admitted.charged,
+                    slot: admitted._slot,
+                    idle_timeout: inner.idle_timeout,
+                    reservation: held.take(),
+                    record: rec.clone(),
+                    span,
+                    guard_rejected: plan.guard_rejected.take(),
+                    leader,
+                },
+                first,
+                upstream,
             )),
             Err(e) => {
                 inner.commit(held.take(), Cost::ZERO).await;
@@ -478,14 +477,6 @@ fn over_threshold(st: &CapStatus, now: crate::clock::Timestamp) -> Error {
         limit: st.limit,
         spent: st.spent.saturating_add(st.reserved),
         retry_after: st.window.until_reset(now),
-    }
-}
-
-/// The leader's stream, shared with the identical requests that follow it.
-fn share(leader: Option<Leader<Arc<SharedStream>>>, s: ChatStream) -> ChatStream {
-    match leader {
-        Some(l) => crate::cache::share_stream(s, l),
-        None => s,
     }
 }
 
@@ -626,66 +617,6 @@ impl Inner {
             Err(e) => {
                 tracing::warn!(error = %e, "cache read failed; treated as a miss");
                 None
-            }
-        }
-    }
-
-    /// Single-flight for a whole answer that missed the cache: the answer of an
-    /// identical request in flight (as a cache hit), or the leadership of the flight.
-    async fn join_flight(
-        &self,
-        plan: &Plan,
-    ) -> (Option<ChatResponse>, Option<Leader<ChatResponse>>) {
-        let Some(q) = plan.cache.as_ref().filter(|_| plan.cache_read) else {
-            return (None, None);
-        };
-        match self.flights.join(q.key) {
-            Join::Leader(l) => (None, Some(l)),
-            Join::Alone => (None, None),
-            Join::Follower(f) => {
-                let shared = f.wait().await.map(|mut r| {
-                    r.served = Served::Cache {
-                        similarity: 1.0,
-                        saved_tokens: r.usage.total(),
-                        saved_cost: r.cost,
-                    };
-                    r.cost = Cost::ZERO;
-                    r.guard_rejected = None;
-                    r
-                });
-                (shared, None)
-            }
-        }
-    }
-
-    /// Single-flight for a stream that missed the cache: a reader of the identical
-    /// stream in flight (its usage recorded as a cache hit when it ends), or the
-    /// leadership of the flight.
-    async fn join_stream_flight(
-        self: &Arc<Self>,
-        plan: &Plan,
-        rec: &UsageRecord,
-        span: &tracing::Span,
-    ) -> (Option<ChatStream>, Option<Leader<Arc<SharedStream>>>) {
-        let Some(q) = plan.cache.as_ref().filter(|_| plan.cache_read) else {
-            return (None, None);
-        };
-        match self.stream_flights.join(q.key) {
-            Join::Leader(l) => (None, Some(l)),
-            Join::Alone => (None, None),
-            Join::Follower(f) => {
-                let (inner, span) = (Arc::clone(self), span.clone());
-                let mut rec = rec.clone();
-                let on_end: crate::cache::OnEnd = Box::new(move |end| {
-                    if let Served::Cache { saved_cost, .. } = end.served {
-                        rec.saved = saved_cost;
-                    }
-                    rec.outcome = Outcome::CacheHit;
-                    rec.model = Some(end.model.clone());
-                    rec.provider = Some(end.provider.clone());
-                    inner.record(rec, &span, Some(&end.finish_reason.to_string()));
-                });
-                (f.wait_with(|s| s.subscribe(Some(on_end))).await, None)
             }
         }
     }

@@ -77,6 +77,8 @@ pub(super) struct Settle {
     pub(super) span: tracing::Span,
     /// A semantic match a cache guard refused, reported on the final event.
     pub(super) guard_rejected: Option<crate::cache::GuardRejection>,
+    /// Leads the single-flight of identical streams: they read this one.
+    pub(super) leader: Option<crate::cache::Leader<Arc<crate::cache::SharedStream>>>,
 }
 
 /// What a stream delivered before it ended, however it ended.
@@ -232,11 +234,12 @@ struct Metered {
     idle: Option<(std::time::Duration, Pin<Box<tokio::time::Sleep>>)>,
 }
 
-pub(super) fn metered(settle: Settle, first: StreamEvent, upstream: ChatStream) -> ChatStream {
+pub(super) fn metered(mut settle: Settle, first: StreamEvent, upstream: ChatStream) -> ChatStream {
+    let leader = settle.leader.take();
     let idle = settle
         .idle_timeout
         .map(|d| (d, Box::pin(tokio::time::sleep(d))));
-    Box::pin(Metered {
+    let metered: ChatStream = Box::pin(Metered {
         idle,
         upstream,
         first: Some(first),
@@ -244,7 +247,8 @@ pub(super) fn metered(settle: Settle, first: StreamEvent, upstream: ChatStream) 
         settle: Some(settle),
         finishing: None,
         done: false,
-    })
+    });
+    super::flight::share(leader, metered)
 }
 
 impl Metered {
