@@ -38,6 +38,26 @@ fn is_breaker_open(e: &Error) -> bool {
         .is_some_and(|p| p.provider == "tokenwise" && p.message.starts_with(BREAKER_OPEN))
 }
 
+/// Runs `fut` within `limit` (if any); past it, a provider timeout saying `what`.
+async fn within<T>(
+    limit: Option<Duration>,
+    provider: &str,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    match limit {
+        Some(d) => tokio::time::timeout(d, fut).await.unwrap_or_else(|_| {
+            Err(ProviderError::new(
+                ProviderErrorKind::Timeout,
+                provider,
+                format!("{what} within {d:?}"),
+            )
+            .into())
+        }),
+        None => fut.await,
+    }
+}
+
 /// Whether `e` says the target is unhealthy (as opposed to the request being wrong).
 fn is_target_failure(e: &Error) -> bool {
     match e {
@@ -291,17 +311,8 @@ impl Inner {
             let fut = provider
                 .chat(ProviderCall::new(req, model))
                 .instrument(attempt.span());
-            let result = match self.attempt_limit(false, deadline) {
-                Some(d) => tokio::time::timeout(d, fut).await.unwrap_or_else(|_| {
-                    Err(ProviderError::new(
-                        ProviderErrorKind::Timeout,
-                        provider.name(),
-                        format!("no answer within {d:?}"),
-                    )
-                    .into())
-                }),
-                None => fut.await,
-            };
+            let limit = self.attempt_limit(false, deadline);
+            let result = within(limit, provider.name(), "no answer", fut).await;
             self.target_settle(
                 model,
                 charged,
@@ -569,17 +580,8 @@ impl Inner {
                     }
                 }
                 .instrument(attempt.span());
-                let opened = match self.attempt_limit(true, deadline) {
-                    Some(d) => tokio::time::timeout(d, open).await.unwrap_or_else(|_| {
-                        Err(ProviderError::new(
-                            ProviderErrorKind::Timeout,
-                            provider.name(),
-                            format!("no first token within {d:?}"),
-                        )
-                        .into())
-                    }),
-                    None => open.await,
-                };
+                let limit = self.attempt_limit(true, deadline);
+                let opened = within(limit, provider.name(), "no first token", open).await;
                 self.observe_call(model, admit, opened.as_ref().err(), t0.elapsed());
                 chosen.record(t0.elapsed(), opened.is_ok());
                 attempt.finish_stream(rec, &opened);

@@ -128,11 +128,16 @@ struct Plan {
 
 impl Plan {
     fn prompt_tokens(&self, kind: TokenizerKind) -> u64 {
-        self.prompt_tokens
-            .iter()
-            .find(|(k, _)| *k == kind)
-            .map_or(0, |(_, n)| *n)
+        count_for(&self.prompt_tokens, kind)
     }
+}
+
+/// The count for tokenizer `kind` in per-tokenizer `counts` (0 if absent).
+fn count_for(counts: &[(TokenizerKind, u64)], kind: TokenizerKind) -> u64 {
+    counts
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map_or(0, |(_, n)| *n)
 }
 
 /// What admission granted: the slot and the token charge to reconcile.
@@ -527,10 +532,7 @@ impl Inner {
                 worst_escalation = worst_escalation.max(c);
             }
         }
-        let primary_prompt = prompt_tokens
-            .iter()
-            .find(|(k, _)| *k == primary.tokenizer)
-            .map_or(0, |(_, n)| *n);
+        let primary_prompt = count_for(&prompt_tokens, primary.tokenizer);
         let token_estimate = primary_prompt + primary.output_allowance(req.params.max_tokens);
         let prompt_cost = primary.pricing.input.cost_of(primary_prompt);
         let cache = match &self.cache {
