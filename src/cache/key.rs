@@ -39,12 +39,11 @@ impl fmt::Debug for CacheKey {
     }
 }
 
-/// Everything that changes an answer, in a fixed order. Field order is part of the
-/// key format: changing it changes every key (bump `v`).
+/// Everything that changes an answer but the final user turn, in a fixed order. Field
+/// order is part of the key format: changing it changes every key (bump `v`).
 #[derive(Serialize)]
-struct KeyView<'a> {
+struct ContextView<'a> {
     v: u8,
-    part: &'a str,
     partition: &'a str,
     namespace: &'a str,
     model: &'a str,
@@ -53,14 +52,18 @@ struct KeyView<'a> {
     messages: &'a [Message],
 }
 
-fn digest(view: &KeyView<'_>) -> CacheKey {
-    let mut h = blake3::Hasher::new();
-    // Serializing plain data into a hasher cannot fail: no maps with non-string keys,
-    // no I/O errors from an in-memory writer.
-    if serde_json::to_writer(&mut h, view).is_err() {
-        h.update(b"\x00unserializable");
+/// Serializes `value` and hashes the bytes in one update (many small updates, one per
+/// JSON token, cost more than the serialization), after `prefix` and before `suffix`.
+fn digest(buf: &mut Vec<u8>, prefix: &[u8], value: &impl Serialize, suffix: &[u8]) -> CacheKey {
+    buf.clear();
+    buf.extend_from_slice(prefix);
+    // Serializing plain data into memory cannot fail: no maps with non-string keys, no
+    // I/O errors from a vector.
+    if serde_json::to_writer(&mut *buf, value).is_err() {
+        buf.extend_from_slice(b"\x00unserializable");
     }
-    CacheKey(*h.finalize().as_bytes())
+    buf.extend_from_slice(suffix);
+    CacheKey(*blake3::hash(buf).as_bytes())
 }
 
 /// One request's view of the cache: its keys, partition, namespace, TTL and tags.
@@ -104,24 +107,30 @@ impl CacheQuery {
         };
         let namespace = meta.cache.namespace();
         let model = request.model.as_deref().unwrap_or("auto");
-        let mut view = KeyView {
-            v: 1,
-            part: "exact",
+        let (context, last) = match request.messages.split_last() {
+            Some((last, rest)) if last.role == Role::User => (rest, Some(last)),
+            _ => (&request.messages[..], None),
+        };
+        // One serialization of the request. The context key digests everything but
+        // the final user turn; the exact key digests the context key and that turn, so
+        // it still covers everything. Each input is a self-delimiting JSON value plus a
+        // closing tag (`C`, `E`), so no two requests hash the same bytes.
+        let mut buf = Vec::with_capacity(512);
+        let view = ContextView {
+            v: 2,
             partition: &partition,
             namespace,
             model,
             params: &request.params,
             documents: &request.documents,
-            messages: &request.messages,
+            messages: context,
         };
-        let key = digest(&view);
-        let (context, final_user_text) = match request.messages.split_last() {
-            Some((last, rest)) if last.role == Role::User => (rest, Some(last.content.clone())),
-            _ => (&request.messages[..], None),
+        let context_key = digest(&mut buf, b"", &view, b"C");
+        let key = match last {
+            Some(m) => digest(&mut buf, context_key.as_bytes(), m, b"E"),
+            None => digest(&mut buf, context_key.as_bytes(), &(), b"E"),
         };
-        view.part = "context";
-        view.messages = context;
-        let context_key = digest(&view);
+        let final_user_text = last.map(|m| m.content.clone());
         Some(CacheQuery {
             key,
             context_key,

@@ -139,7 +139,10 @@ impl GcraLimiterBuilder {
             return Err(Error::Config("limiter: max_keys must be at least 1".into()));
         }
         let core = Core::new(
-            self.rules.iter().map(|r| Compiled::new(&r.quota)).collect(),
+            self.rules
+                .iter()
+                .map(|r| (Compiled::new(&r.quota), r.scope == ScopeKind::Global))
+                .collect(),
             self.max_keys,
         );
         Ok(GcraLimiter {
@@ -235,13 +238,15 @@ impl GcraLimiter {
     }
 
     /// The checks `meta` falls under, charging `tokens` to token rules.
+    /// Written into the caller's buffer: returning the inline array by value costs a copy.
+    #[inline]
     fn items<'m>(
         &self,
         meta: &'m RequestMeta,
         tokens: u64,
         only_tokens: bool,
-    ) -> SmallVec<[Item<'m>; 4]> {
-        let mut items = SmallVec::new();
+        items: &mut SmallVec<[Item<'m>; 4]>,
+    ) {
         for (quota, r) in self.inner.rules.iter().enumerate() {
             if only_tokens && r.unit != Unit::Tokens {
                 continue;
@@ -260,12 +265,12 @@ impl GcraLimiter {
                 mult: self.multiplier(r.scope, meta.tier),
             });
         }
-        items
     }
 
     /// Synchronous check-and-consume: what [`Limiter::acquire`] does, without a future.
     pub fn check(&self, meta: &RequestMeta, tokens: u64) -> Result<()> {
-        let items = self.items(meta, tokens, false);
+        let mut items = SmallVec::new();
+        self.items(meta, tokens, false, &mut items);
         let now = self.inner.clock.now().as_nanos();
         self.inner.core.check(now, &items).map_err(|refusal| {
             let rule = |index: usize| &self.inner.rules[items[index].quota];
@@ -290,7 +295,8 @@ impl GcraLimiter {
         if charged == actual {
             return;
         }
-        let items = self.items(meta, charged.abs_diff(actual), true);
+        let mut items = SmallVec::new();
+        self.items(meta, charged.abs_diff(actual), true, &mut items);
         let now = self.inner.clock.now().as_nanos();
         self.inner.core.adjust(now, &items, actual > charged);
     }

@@ -59,7 +59,8 @@ impl TargetLimitsBuilder {
         let mut by_model: HashMap<String, Vec<(usize, Unit)>> = HashMap::new();
         let mut quotas = Vec::with_capacity(self.limits.len());
         for (i, (model, unit, quota)) in self.limits.iter().enumerate() {
-            quotas.push(Compiled::new(quota));
+            // each quota is one model's own: a single key
+            quotas.push((Compiled::new(quota), true));
             by_model.entry(model.clone()).or_default().push((i, *unit));
         }
         Ok(TargetLimits {

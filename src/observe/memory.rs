@@ -230,38 +230,63 @@ impl MemoryUsage {
     }
 }
 
-fn bucket<'a, T: Default>(map: &'a mut HashMap<String, T>, key: &str, max: usize) -> &'a mut T {
-    let key = if map.contains_key(key) || map.len() < max {
-        key
-    } else {
-        OTHER
-    };
-    map.entry(key.to_owned()).or_default()
+/// Adds to `key`'s entry (or `(other)` once `max` keys are tracked). A key already
+/// present costs one lookup and no allocation.
+fn bucket<T: Default>(
+    map: &mut HashMap<String, T>,
+    key: &str,
+    max: usize,
+    add: impl FnOnce(&mut T),
+) {
+    if let Some(v) = map.get_mut(key) {
+        return add(v);
+    }
+    let key = if map.len() < max { key } else { OTHER };
+    add(map.entry(key.to_owned()).or_default());
+}
+
+impl MemoryUsage {
+    /// Records `r`, keeping it (not a copy) among the recent records: what the
+    /// pipeline calls, since it owns each record once it is finished.
+    pub fn record_owned(&self, r: UsageRecord) {
+        let mut st = self.lock();
+        self.add(&mut st, &r);
+        self.keep(&mut st, r);
+    }
+
+    fn add(&self, st: &mut MemoryState, r: &UsageRecord) {
+        let max = self.max_keys;
+        let rep = &mut st.report;
+        rep.totals.add(r);
+        let model = r.model.as_deref().unwrap_or(NONE);
+        bucket(&mut rep.by_model, model, max, |t| t.add(r));
+        let user = r.user.as_deref().unwrap_or(NONE);
+        bucket(&mut rep.by_user, user, max, |t| t.add(r));
+        let org = r.org.as_deref().unwrap_or(NONE);
+        bucket(&mut rep.by_org, org, max, |t| t.add(r));
+        let feature = r.feature.as_deref().unwrap_or(NONE);
+        bucket(&mut rep.by_feature, feature, max, |t| t.add(r));
+        if let Outcome::Error(reason) = &r.outcome {
+            bucket(&mut rep.errors_by_reason, reason, max, |n| *n += 1);
+        }
+    }
+
+    fn keep(&self, st: &mut MemoryState, r: UsageRecord) {
+        if self.recent > 0 {
+            if st.recent.len() >= self.recent {
+                st.recent.pop_front();
+            }
+            st.recent.push_back(r);
+        }
+    }
 }
 
 impl UsageSink for MemoryUsage {
     fn record(&self, r: &UsageRecord) {
         let mut st = self.lock();
-        let max = self.max_keys;
-        let rep = &mut st.report;
-        rep.totals.add(r);
-        bucket(&mut rep.by_model, r.model.as_deref().unwrap_or(NONE), max).add(r);
-        bucket(&mut rep.by_user, r.user.as_deref().unwrap_or(NONE), max).add(r);
-        bucket(&mut rep.by_org, r.org.as_deref().unwrap_or(NONE), max).add(r);
-        bucket(
-            &mut rep.by_feature,
-            r.feature.as_deref().unwrap_or(NONE),
-            max,
-        )
-        .add(r);
-        if let Outcome::Error(reason) = &r.outcome {
-            *bucket(&mut rep.errors_by_reason, reason, max) += 1;
-        }
+        self.add(&mut st, r);
         if self.recent > 0 {
-            if st.recent.len() >= self.recent {
-                st.recent.pop_front();
-            }
-            st.recent.push_back(r.clone());
+            self.keep(&mut st, r.clone());
         }
     }
 }

@@ -769,9 +769,9 @@ impl Inner {
     fn record(&self, mut rec: UsageRecord, span: &tracing::Span, finish: Option<&str>) {
         rec.latency = self.clock.now().saturating_since(rec.started_at);
         observe::finish(span, &mut rec, finish);
-        self.usage.record(&rec);
         if let Some(s) = &self.sink {
             s.record(&rec);
         }
+        self.usage.record_owned(rec);
     }
 }

@@ -35,8 +35,8 @@ impl KeyQuotas {
         }
     }
 
-    fn core_quotas(&self) -> Vec<Compiled> {
-        self.core.quotas().to_vec()
+    fn core_quotas(&self) -> Vec<(Compiled, bool)> {
+        self.core.quotas().iter().map(|q| (*q, false)).collect()
     }
 }
 
@@ -216,7 +216,7 @@ impl KeyPool {
             if let Some(n) = n {
                 let n = crate::limiter::nonzero(n, "a per-key limit")?;
                 units.push((quotas.len(), unit));
-                quotas.push(Compiled::new(&Quota::per_minute(n)));
+                quotas.push((Compiled::new(&Quota::per_minute(n)), false));
             }
         }
         let names = (0..self.inner.keys.len())
