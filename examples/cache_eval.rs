@@ -14,7 +14,8 @@
 //! isolated from one another (one namespace each). The last line is
 //! `same_answer_served=0.xx different_answer_served=0.xx`.
 //!
-//! Options: `--threshold T` (default 0.95), `--no-guards`, `--show` (print every pair
+//! Options: `--threshold T` (default: the embedder's calibrated threshold, 0.9 for
+//! all-MiniLM-L6-v2, else 0.95), `--no-guards`, `--show` (print every pair
 //! whose outcome is wrong: a same-answer pair not served, a different-answer one served).
 
 use std::collections::BTreeMap;
@@ -82,7 +83,7 @@ fn text_of(q: &Question) -> String {
 struct Args {
     pairs: String,
     embedder: String,
-    threshold: f32,
+    threshold: Option<f32>,
     guards: bool,
     show: bool,
 }
@@ -91,7 +92,7 @@ fn args() -> Result<Args, String> {
     let mut a = Args {
         pairs: String::new(),
         embedder: "hashing".into(),
-        threshold: tokenwise::cache::DEFAULT_THRESHOLD,
+        threshold: None,
         guards: true,
         show: false,
     };
@@ -101,11 +102,12 @@ fn args() -> Result<Args, String> {
             "--pairs" => a.pairs = it.next().ok_or("--pairs needs a file")?,
             "--embedder" => a.embedder = it.next().ok_or("--embedder needs a value")?,
             "--threshold" => {
-                a.threshold = it
-                    .next()
-                    .ok_or("--threshold needs a value")?
-                    .parse()
-                    .map_err(|e| format!("--threshold: {e}"))?;
+                a.threshold = Some(
+                    it.next()
+                        .ok_or("--threshold needs a value")?
+                        .parse()
+                        .map_err(|e| format!("--threshold: {e}"))?,
+                );
             }
             "--no-guards" => a.guards = false,
             "--show" => a.show = true,
@@ -165,9 +167,11 @@ async fn run() -> Result<(), String> {
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("line {}: {e}", i + 1)))
         .collect::<Result<_, _>>()?;
-    let cache = SemanticCache::builder()
-        .embedder(embedder(&args.embedder)?)
-        .threshold(args.threshold)
+    let mut builder = SemanticCache::builder().embedder(embedder(&args.embedder)?);
+    if let Some(t) = args.threshold {
+        builder = builder.threshold(t);
+    }
+    let cache = builder
         .guards(if args.guards {
             Guards::all()
         } else {
@@ -233,7 +237,7 @@ async fn run() -> Result<(), String> {
         "pairs={} embedder={} threshold={} guards={} seconds={:.1}",
         pairs.len(),
         args.embedder.split(':').next().unwrap_or("?"),
-        args.threshold,
+        cache.threshold_for("pair-0"),
         if args.guards { "on" } else { "off" },
         started.elapsed().as_secs_f64()
     );

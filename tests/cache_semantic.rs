@@ -447,6 +447,65 @@ async fn thresholds_per_namespace_and_exact_only() {
     assert_eq!(cache.threshold_for("legal"), f32::INFINITY);
 }
 
+/// The hashing embedder, claiming a calibrated threshold.
+#[derive(Debug)]
+struct Calibrated(HashingEmbedder, f32);
+
+#[async_trait]
+impl Embedder for Calibrated {
+    fn dimensions(&self) -> usize {
+        self.0.dimensions()
+    }
+    async fn embed(&self, texts: &[&str]) -> tokenwise::Result<Vec<Vec<f32>>> {
+        self.0.embed(texts).await
+    }
+    fn calibrated_threshold(&self) -> Option<f32> {
+        Some(self.1)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_embedders_calibrated_threshold_is_the_default_and_a_set_one_wins() {
+    let plain = SemanticCache::builder().build().unwrap();
+    assert_eq!(
+        plain.threshold_for("any"),
+        tokenwise::cache::DEFAULT_THRESHOLD
+    );
+    let calibrated = || Arc::new(Calibrated(HashingEmbedder::default(), 0.6));
+    let cache = SemanticCache::builder()
+        .embedder(calibrated())
+        .build()
+        .unwrap();
+    assert_eq!(cache.threshold_for("any"), 0.6);
+    // it decides matches: a rewording scoring between 0.6 and 0.95 is served
+    let stored = text("How do I reset my password?");
+    cache.put(&stored, &answer("A")).await.unwrap();
+    let hit = cache
+        .lookup(&text("Can I reset my password?"))
+        .await
+        .unwrap();
+    let sim = hit
+        .answer
+        .as_ref()
+        .map(|a| a.similarity)
+        .unwrap_or_default();
+    assert!(hit.answer.is_some() && sim < 0.95, "{hit:?}");
+    plain.put(&stored, &answer("A")).await.unwrap();
+    let miss = plain
+        .lookup(&text("Can I reset my password?"))
+        .await
+        .unwrap();
+    assert!(miss.answer.is_none(), "below 0.95: {miss:?}");
+    let strict = SemanticCache::builder()
+        .embedder(calibrated())
+        .threshold(0.97)
+        .namespace_threshold("loose", 0.5)
+        .build()
+        .unwrap();
+    assert_eq!(strict.threshold_for("any"), 0.97);
+    assert_eq!(strict.threshold_for("loose"), 0.5);
+}
+
 #[tokio::test(start_paused = true)]
 async fn errors_refusals_truncations_and_broken_streams_are_never_stored() {
     // Directly: neither cache stores an answer that is not complete.

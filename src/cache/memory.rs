@@ -71,8 +71,19 @@ impl ExactCacheBuilder {
         if self.ttl.is_zero() || self.namespace_ttl.values().any(Duration::is_zero) {
             return Err(Error::Config("exact cache: a TTL must be positive".into()));
         }
+        // One shard per 4,096 entries, at most 16: small caches stay one exact LRU;
+        // large ones are shared by many threads, which then rarely wait for each other.
+        let shards = (cap.get() / 4_096).clamp(1, 16);
+        let entries = (0..shards)
+            .map(|i| {
+                let share = cap.get() / shards + usize::from(i < cap.get() % shards);
+                Mutex::new(LruCache::new(
+                    NonZeroUsize::new(share).unwrap_or(NonZeroUsize::MIN),
+                ))
+            })
+            .collect();
         Ok(ExactCache {
-            entries: Arc::new(Mutex::new(LruCache::new(cap))),
+            entries: Arc::new(entries),
             ttl: self.ttl,
             namespace_ttl: Arc::new(self.namespace_ttl),
             keep_stale: self.keep_stale,
@@ -84,6 +95,11 @@ impl ExactCacheBuilder {
 /// An in-memory exact-match cache: a bounded LRU map from [`CacheKey`] to answer, with
 /// a TTL per entry (request TTL, else the namespace's, else the default) checked on the
 /// injectable clock, and invalidation by key, namespace or tag.
+///
+/// A cache of more than 8,191 entries is split into up to 16 shards by key, each an
+/// LRU of its share of the capacity, so that concurrent requests rarely wait on one
+/// lock; eviction is then least recently used within a shard. Evicted answers are
+/// dropped after the lock is released.
 ///
 /// Cheap to clone; clones share entries.
 ///
@@ -100,7 +116,7 @@ impl ExactCacheBuilder {
 /// ```
 #[derive(Debug, Clone)]
 pub struct ExactCache {
-    entries: Arc<Mutex<LruCache<CacheKey, Entry>>>,
+    entries: Arc<Vec<Mutex<LruCache<CacheKey, Entry>>>>,
     ttl: Duration,
     namespace_ttl: Arc<HashMap<String, Duration>>,
     keep_stale: Duration,
@@ -119,15 +135,17 @@ impl ExactCache {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, LruCache<CacheKey, Entry>> {
-        // A panic while holding the lock cannot leave an entry half-written (every
-        // mutation is a single LruCache call), so a poisoned map is still consistent.
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    /// The shard holding `key` (digests are uniform, so their first bytes pick it).
+    fn lock(&self, key: &CacheKey) -> MutexGuard<'_, LruCache<CacheKey, Entry>> {
+        let b = key.as_bytes();
+        let h = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        let i = (h % self.entries.len().max(1) as u64) as usize;
+        lock(&self.entries[i])
     }
 
     /// Entries held, expired ones not yet removed included.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.entries.iter().map(|m| lock(m).len()).sum()
     }
 
     /// Whether it holds nothing.
@@ -151,7 +169,7 @@ impl ExactCache {
     /// Synchronous lookup, for callers without an executor.
     pub fn get_now(&self, query: &CacheQuery) -> Option<CachedAnswer> {
         let now = self.clock.now();
-        let mut map = self.lock();
+        let mut map = self.lock(&query.key);
         match map.get(&query.key) {
             Some(e) if e.expires_at > now => Some(CachedAnswer::exact(e.response.clone())),
             Some(e) => {
@@ -169,7 +187,7 @@ impl ExactCache {
     /// still kept; see [`ExactCacheBuilder::keep_stale_for`]).
     pub fn get_stale_now(&self, query: &CacheQuery, max_stale: Duration) -> Option<CachedAnswer> {
         let now = self.clock.now();
-        let mut map = self.lock();
+        let mut map = self.lock(&query.key);
         let e = map.get(&query.key)?;
         (e.expires_at.saturating_add(max_stale.min(self.keep_stale)) > now || e.expires_at > now)
             .then(|| CachedAnswer::exact(e.response.clone()))
@@ -178,7 +196,7 @@ impl ExactCache {
     /// The fresh answer stored under `key`, marking it recently used.
     pub(crate) fn get_key(&self, key: &CacheKey) -> Option<ChatResponse> {
         let now = self.clock.now();
-        let mut map = self.lock();
+        let mut map = self.lock(key);
         map.get(key)
             .filter(|e| e.expires_at > now)
             .map(|e| e.response.clone())
@@ -187,7 +205,7 @@ impl ExactCache {
     /// Whether a fresh answer is stored under `key` (without marking it used).
     pub(crate) fn is_live(&self, key: &CacheKey) -> bool {
         let now = self.clock.now();
-        self.lock().peek(key).is_some_and(|e| e.expires_at > now)
+        self.lock(key).peek(key).is_some_and(|e| e.expires_at > now)
     }
 
     /// Synchronous insert. Answers that fail [`is_cacheable`](super::is_cacheable)
@@ -203,35 +221,50 @@ impl ExactCache {
             namespace: query.namespace.clone(),
             tags: query.tags.clone(),
         };
-        self.lock().put(query.key, entry);
+        let evicted = self.lock(&query.key).push(query.key, entry);
+        drop(evicted); // outside the lock
     }
 
     /// Synchronous invalidation; returns how many entries were removed.
     pub fn invalidate_now(&self, what: &Invalidation) -> u64 {
-        let mut map = self.lock();
-        let doomed: Vec<CacheKey> = match what {
-            Invalidation::Key(k) => return u64::from(map.pop(k).is_some()),
-            Invalidation::All => {
-                let n = map.len() as u64;
-                map.clear();
-                return n;
-            }
-            Invalidation::Namespace(ns) => map
-                .iter()
-                .filter(|(_, e)| &e.namespace == ns)
-                .map(|(k, _)| *k)
-                .collect(),
-            Invalidation::Tag(tag) => map
-                .iter()
-                .filter(|(_, e)| e.tags.iter().any(|t| t == tag))
-                .map(|(k, _)| *k)
-                .collect(),
-        };
-        for k in &doomed {
-            map.pop(k);
+        if let Invalidation::Key(k) = what {
+            let removed = self.lock(k).pop(k);
+            return u64::from(removed.is_some());
         }
-        doomed.len() as u64
+        let mut removed = 0u64;
+        for shard in self.entries.iter() {
+            let mut map = lock(shard);
+            let doomed: Vec<CacheKey> = match what {
+                Invalidation::Key(_) => Vec::new(),
+                Invalidation::All => {
+                    removed += map.len() as u64;
+                    map.clear();
+                    continue;
+                }
+                Invalidation::Namespace(ns) => map
+                    .iter()
+                    .filter(|(_, e)| &e.namespace == ns)
+                    .map(|(k, _)| *k)
+                    .collect(),
+                Invalidation::Tag(tag) => map
+                    .iter()
+                    .filter(|(_, e)| e.tags.iter().any(|t| t == tag))
+                    .map(|(k, _)| *k)
+                    .collect(),
+            };
+            for k in &doomed {
+                map.pop(k);
+            }
+            removed += doomed.len() as u64;
+        }
+        removed
     }
+}
+
+fn lock(m: &Mutex<LruCache<CacheKey, Entry>>) -> MutexGuard<'_, LruCache<CacheKey, Entry>> {
+    // A panic while holding the lock cannot leave an entry half-written (every
+    // mutation is a single LruCache call), so a poisoned map is still consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[async_trait]
@@ -316,6 +349,30 @@ mod tests {
         assert_eq!(cache.len(), 2);
         assert!(cache.get_now(&query("b")).is_none());
         assert!(cache.get_now(&query("a")).is_some());
+    }
+
+    #[test]
+    fn a_sharded_cache_keeps_its_bound_and_invalidates_every_shard() {
+        let cache = ExactCache::builder().max_entries(20_000).build().unwrap();
+        assert_eq!(cache.entries.len(), 4);
+        for i in 0..30_000 {
+            let tagged = CacheQuery::for_request(
+                &ChatRequest::user_text(format!("q{i}")).cache_tag(if i % 2 == 0 {
+                    "even"
+                } else {
+                    "odd"
+                }),
+                CacheScope::Global,
+            )
+            .unwrap();
+            cache.put_now(&tagged, &resp("A"));
+        }
+        assert_eq!(cache.len(), 20_000, "each shard full, none over its share");
+        let even = cache.invalidate_now(&Invalidation::Tag("even".into()));
+        assert!((9_000..=11_000).contains(&even), "{even}");
+        assert_eq!(cache.len() as u64, 20_000 - even);
+        assert_eq!(cache.invalidate_now(&Invalidation::All), 20_000 - even);
+        assert!(cache.is_empty());
     }
 
     #[test]

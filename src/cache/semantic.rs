@@ -102,7 +102,8 @@ pub struct SemanticCacheBuilder {
     max_entries: usize,
     embedder: Option<Arc<dyn Embedder>>,
     embedding_cache: usize,
-    threshold: f32,
+    /// `None`: the embedder's calibrated threshold, else the default.
+    threshold: Option<f32>,
     namespace_threshold: HashMap<String, f32>,
     guards: Guards,
     index: IndexConfig,
@@ -137,9 +138,11 @@ impl SemanticCacheBuilder {
         self
     }
 
-    /// The similarity a semantic match needs, in (0, 1] (default 0.95).
+    /// The similarity a semantic match needs, in (0, 1]. Default: the embedder's
+    /// [calibrated threshold](Embedder::calibrated_threshold) if it has one, else
+    /// [`DEFAULT_THRESHOLD`] (0.95).
     pub fn threshold(mut self, t: f32) -> Self {
-        self.threshold = t;
+        self.threshold = Some(t);
         self
     }
 
@@ -216,8 +219,15 @@ impl SemanticCacheBuilder {
 
     /// Builds the cache, or reports the first invalid setting.
     pub fn build(self) -> Result<SemanticCache> {
+        let embedder = self
+            .embedder
+            .unwrap_or_else(|| Arc::new(HashingEmbedder::default()));
+        let threshold = self
+            .threshold
+            .or_else(|| embedder.calibrated_threshold())
+            .unwrap_or(DEFAULT_THRESHOLD);
         let valid = |t: f32| (t > 0.0 && t <= 1.0) || t == f32::INFINITY;
-        if !valid(self.threshold) || !self.namespace_threshold.values().all(|t| valid(*t)) {
+        if !valid(threshold) || !self.namespace_threshold.values().all(|t| valid(*t)) {
             return Err(Error::Config(
                 "semantic cache: a threshold must be in (0, 1]".into(),
             ));
@@ -227,9 +237,6 @@ impl SemanticCacheBuilder {
                 "semantic cache: candidates must be at least 1".into(),
             ));
         }
-        let embedder = self
-            .embedder
-            .unwrap_or_else(|| Arc::new(HashingEmbedder::default()));
         let dims = embedder.dimensions();
         let index = self
             .index
@@ -240,7 +247,7 @@ impl SemanticCacheBuilder {
                 exact: self.exact.build()?,
                 embedder: CachedEmbedder::new(embedder, self.embedding_cache)?,
                 dims,
-                threshold: self.threshold,
+                threshold,
                 namespace_threshold: self.namespace_threshold,
                 guards: self.guards,
                 index,
@@ -474,7 +481,7 @@ impl SemanticCache {
             max_entries: 10_000,
             embedder: None,
             embedding_cache: 10_000,
-            threshold: DEFAULT_THRESHOLD,
+            threshold: None,
             namespace_threshold: HashMap::new(),
             guards: Guards::default(),
             index: IndexConfig::default(),

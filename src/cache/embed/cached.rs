@@ -100,6 +100,10 @@ impl Embedder for CachedEmbedder {
         self.inner.dimensions()
     }
 
+    fn calibrated_threshold(&self) -> Option<f32> {
+        self.inner.calibrated_threshold()
+    }
+
     async fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
         let mut out = Vec::with_capacity(texts.len());
         for t in texts {

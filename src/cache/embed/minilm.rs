@@ -19,6 +19,10 @@ const DEFAULT_MAX_TOKENS: usize = 256;
 /// Texts per forward pass.
 const BATCH: usize = 32;
 
+/// The calibrated threshold of the all-MiniLM-L6-v2 shape (see
+/// [`MiniLmEmbedder::calibrated_threshold`]).
+const MINILM_L6_THRESHOLD: f32 = 0.9;
+
 struct Model {
     bert: BertModel,
     tokenizer: Tokenizer,
@@ -50,6 +54,7 @@ struct Model {
 #[derive(Clone)]
 pub struct MiniLmEmbedder {
     model: Arc<Model>,
+    calibrated: Option<f32>,
 }
 
 impl fmt::Debug for MiniLmEmbedder {
@@ -57,6 +62,7 @@ impl fmt::Debug for MiniLmEmbedder {
         f.debug_struct("MiniLmEmbedder")
             .field("dir", &self.model.dir)
             .field("dimensions", &self.model.dims)
+            .field("calibrated", &self.calibrated)
             .finish_non_exhaustive()
     }
 }
@@ -102,6 +108,15 @@ impl MiniLmEmbedder {
         let vb = VarBuilder::from_buffered_safetensors(weights, DTYPE, &device)
             .map_err(|e| load_error(dir, "model.safetensors", e))?;
         let dims = config.hidden_size;
+        // all-MiniLM-L6-v2's shape: BERT, 6 layers, 384 wide, the uncased WordPiece vocabulary
+        let minilm_l6 = serde_json::from_slice::<serde_json::Value>(&read("config.json")?)
+            .ok()
+            .is_some_and(|v| {
+                let n = |k: &str| v.get(k).and_then(serde_json::Value::as_u64);
+                n("hidden_size") == Some(384)
+                    && n("num_hidden_layers") == Some(6)
+                    && n("vocab_size") == Some(30_522)
+            });
         let bert =
             BertModel::load(vb, &config).map_err(|e| load_error(dir, "model.safetensors", e))?;
         Ok(MiniLmEmbedder {
@@ -112,7 +127,16 @@ impl MiniLmEmbedder {
                 dims,
                 dir: dir.to_owned(),
             }),
+            calibrated: minilm_l6.then_some(MINILM_L6_THRESHOLD),
         })
+    }
+
+    /// Sets the threshold this model is calibrated at (`None`: not calibrated), for a
+    /// model measured with `cache_eval` on your own pairs.
+    #[must_use]
+    pub fn with_calibrated_threshold(mut self, t: Option<f32>) -> Self {
+        self.calibrated = t;
+        self
     }
 
     /// Embeds `texts` on this thread.
@@ -168,6 +192,14 @@ impl Model {
 impl Embedder for MiniLmEmbedder {
     fn dimensions(&self) -> usize {
         self.model.dims
+    }
+
+    /// 0.9 for a model of all-MiniLM-L6-v2's shape (6 layers, 384 dimensions, the
+    /// uncased vocabulary), measured with `cache_eval` on the repository's pair set
+    /// (docs/caching.md); other models are not calibrated unless
+    /// [`with_calibrated_threshold`](MiniLmEmbedder::with_calibrated_threshold) says so.
+    fn calibrated_threshold(&self) -> Option<f32> {
+        self.calibrated
     }
 
     async fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {

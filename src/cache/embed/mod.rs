@@ -59,6 +59,15 @@ pub trait Embedder: Send + Sync + fmt::Debug {
 
     /// One unit-length vector per text, in order.
     async fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>>;
+
+    /// The similarity from which this embedder's vectors mean "the same question", if
+    /// it has been calibrated: each model spreads its similarities differently, so a
+    /// cutoff is a property of the model. A [`SemanticCache`](super::SemanticCache)
+    /// built without [`threshold`](super::SemanticCacheBuilder::threshold) uses it,
+    /// else [`DEFAULT_THRESHOLD`](super::DEFAULT_THRESHOLD). Default: not calibrated.
+    fn calibrated_threshold(&self) -> Option<f32> {
+        None
+    }
 }
 
 /// An offline embedder by feature hashing: lowercased word unigrams and bigrams plus
