@@ -66,11 +66,19 @@ async fn embeddings_match_the_reference_model() {
 #[tokio::test]
 async fn a_semantic_cache_on_minilm_serves_paraphrases_and_refuses_near_misses() {
     let Some(m) = model() else { return };
+    assert_eq!(
+        m.calibrated_threshold(),
+        Some(0.9),
+        "all-MiniLM-L6-v2's shape"
+    );
+    let uncalibrated = m.clone().with_calibrated_threshold(None);
+    assert_eq!(uncalibrated.calibrated_threshold(), None);
+    // no .threshold(): the embedder's calibrated one applies
     let cache = SemanticCache::builder()
         .embedder(Arc::new(m))
-        .threshold(0.9)
         .build()
         .unwrap();
+    assert_eq!(cache.threshold_for("default"), 0.9);
     let q =
         |t: &str| CacheQuery::for_request(&ChatRequest::user_text(t), CacheScope::Global).unwrap();
     let answer = ChatResponse::new("stored", "m", "p", Usage::new(9, 9), FinishReason::Stop);
