@@ -152,6 +152,70 @@ async fn breakers_open_fail_fast_probe_and_close() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn streams_cut_after_their_first_token_trip_the_breaker() {
+    // every stream from the primary breaks after three chunks
+    let p = fast()
+        .cut_stream_after(3)
+        .answer_words(30, 40)
+        .build()
+        .unwrap();
+    let pipe = Pipeline::builder()
+        .provider(p.clone())
+        .default_model("gpt-4o")
+        .fallbacks("gpt-4o", ["claude-sonnet-4-5"])
+        .retry(RetryPolicy::none())
+        .no_cache()
+        .build()
+        .unwrap();
+    for i in 0..5 {
+        assert_eq!(
+            pipe.breaker_state("gpt-4o"),
+            BreakerState::Closed,
+            "stream {i}"
+        );
+        let mut s = pipe.stream(ask(&format!("s{i}"))).await.unwrap();
+        let mut failed = false;
+        while let Some(ev) = s.next().await {
+            if let Err(e) = ev {
+                assert!(matches!(e, Error::StreamInterrupted { .. }), "{e}");
+                failed = true;
+            }
+        }
+        assert!(failed, "the cut is an error, never a clean end");
+        drop(s);
+        tokio::task::yield_now().await;
+    }
+    // five consecutive target failures, each after a first token: open
+    assert_eq!(pipe.breaker_state("gpt-4o"), BreakerState::Open);
+    let calls = p.calls();
+    let s = pipe.stream(ask("while open")).await.unwrap();
+    drop(s);
+    assert_eq!(p.calls(), calls + 1, "only the fallback was called");
+}
+
+#[tokio::test(start_paused = true)]
+async fn streams_that_end_or_are_dropped_do_not_count_as_failures() {
+    let p = fast().answer_words(30, 40).build().unwrap();
+    let pipe = Pipeline::builder()
+        .provider(p)
+        .default_model("gpt-4o")
+        .no_cache()
+        .build()
+        .unwrap();
+    for i in 0..10 {
+        let mut s = pipe.stream(ask(&format!("d{i}"))).await.unwrap();
+        if i % 2 == 0 {
+            while s.next().await.is_some() {}
+        } else {
+            let _ = s.next().await; // the client leaves after one chunk
+        }
+        drop(s);
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(pipe.breaker_state("gpt-4o"), BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
 async fn client_errors_never_trip_a_breaker() {
     let p = fast().build().unwrap();
     let pipe = Pipeline::builder()

@@ -228,23 +228,30 @@ impl Inner {
     fn observe_call(
         &self,
         model: &ModelSpec,
-        admit: Admit,
+        admit: Option<Admit>,
         error: Option<&Error>,
         latency: Duration,
     ) {
-        if let Some(b) = &self.breakers {
-            b.record(&model.name, admit, error.is_some_and(is_target_failure));
-            observe::metrics::record_breaker_state(
-                &model.provider,
-                &model.name,
-                b.state(&model.name),
-            );
+        if let Some(admit) = admit {
+            self.breaker_verdict(model, admit, error.is_some_and(is_target_failure));
         }
         if error.is_none() {
             self.latencies.record(&model.name, latency);
         }
         if let Some(c) = &self.concurrency {
             c.feedback(error.is_some_and(is_overload), latency);
+        }
+    }
+
+    /// Tells `model`'s breaker how a call it admitted went.
+    pub(super) fn breaker_verdict(&self, model: &ModelSpec, admit: Admit, failed: bool) {
+        if let Some(b) = &self.breakers {
+            b.record(&model.name, admit, failed);
+            observe::metrics::record_breaker_state(
+                &model.provider,
+                &model.name,
+                b.state(&model.name),
+            );
         }
     }
 
@@ -318,7 +325,7 @@ impl Inner {
                 charged,
                 result.as_ref().map_or(0, |r| r.usage.total()),
             );
-            self.observe_call(model, admit, result.as_ref().err(), t0.elapsed());
+            self.observe_call(model, Some(admit), result.as_ref().err(), t0.elapsed());
             attempt.finish(&result);
             guard.disarm();
             match result {
@@ -582,13 +589,23 @@ impl Inner {
                 .instrument(attempt.span());
                 let limit = self.attempt_limit(true, deadline);
                 let opened = within(limit, provider.name(), "no first token", open).await;
-                self.observe_call(model, admit, opened.as_ref().err(), t0.elapsed());
+                // A stream that opened is judged when it ends (a stream cut later is a
+                // target failure), except a half-open probe: its first event decides, so
+                // the breaker does not wait on a long answer.
+                let verdict_now = opened.is_err() || admit == Admit::Probe;
+                self.observe_call(
+                    model,
+                    verdict_now.then_some(admit),
+                    opened.as_ref().err(),
+                    t0.elapsed(),
+                );
                 chosen.record(t0.elapsed(), opened.is_ok());
                 attempt.finish_stream(rec, &opened);
                 guard.disarm();
                 match opened {
                     Ok((first, upstream)) => {
                         return Ok(Opened {
+                            breaker: admit,
                             target_charged,
                             first,
                             upstream,

@@ -197,6 +197,8 @@ pub(crate) fn run_detached(
 
 /// A stream that produced its first event.
 struct Opened {
+    /// How the target's breaker admitted the stream: its verdict comes at the end.
+    breaker: crate::resilience::Admit,
     target_charged: u64,
     first: crate::types::StreamEvent,
     upstream: ChatStream,
@@ -367,6 +369,7 @@ impl Pipeline {
         match inner.dispatch_stream(&req, &plan, rec, deadline).await {
             // dispatch: the first event came; settle happens as the stream ends
             Ok(Opened {
+                breaker,
                 target_charged,
                 first,
                 upstream,
@@ -375,6 +378,7 @@ impl Pipeline {
                 fallbacks,
             }) => Ok(stream::metered(
                 stream::Settle {
+                    breaker: Some(breaker),
                     fallbacks,
                     inner: Arc::clone(inner),
                     max_cost: req.meta.max_cost.or(inner.max_cost),

@@ -62,6 +62,10 @@ pub(super) struct Settle {
     pub(super) provider: String,
     pub(super) prompt_tokens: u64,
     pub(super) fallbacks: u32,
+    /// The breaker's admission of this stream, judged when it ends: a failure after the
+    /// first event counts against the target (a probe was already judged by its first
+    /// event, so only its later failure is recorded).
+    pub(super) breaker: Option<crate::resilience::Admit>,
     /// The token charge on the model's own quota, reconciled at the end.
     pub(super) target_charged: u64,
     /// The kill switch: end the stream at this many output tokens...
@@ -152,6 +156,18 @@ impl Settle {
             Usage::new(self.prompt_tokens, out).estimated()
         });
         let cost = self.model.cost(&usage);
+        if let Some(admit) = self.breaker.take() {
+            // Cut upstream (an error, silence past the idle timeout, no final event) is
+            // the target's failure; an answer that ended, or a client that left, is not.
+            let failed = matches!(ending, Ending::Failed(_));
+            match admit {
+                crate::resilience::Admit::Call => inner.breaker_verdict(&self.model, admit, failed),
+                crate::resilience::Admit::Probe if failed => {
+                    inner.breaker_verdict(&self.model, crate::resilience::Admit::Call, true);
+                }
+                crate::resilience::Admit::Probe => {}
+            }
+        }
         inner.commit(self.reservation.take(), cost).await;
         inner.target_settle(&self.model, self.target_charged, usage.total());
         if let Some(l) = &inner.limiter {
