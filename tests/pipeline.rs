@@ -632,6 +632,21 @@ async fn an_abandoned_call_releases_its_reservation_and_pays_for_the_prompt() {
     let prompt_tokens =
         tokenwise::TokenCounter::count_request(&prompt, &ask("slow", "ann"), spec.tokenizer);
     assert_eq!(spent_now, spec.pricing.input.cost_of(prompt_tokens));
+    // and the call has its usage record, with what it was charged
+    let rec = pipe
+        .recent_usage()
+        .pop()
+        .expect("a record for the abandoned call");
+    assert_eq!(
+        rec.outcome,
+        tokenwise::observe::Outcome::Error("cancelled".into())
+    );
+    assert_eq!(rec.cost, spent_now);
+    assert_eq!(rec.usage.input_tokens, prompt_tokens);
+    assert!(rec.usage.estimated);
+    assert_eq!(rec.user.as_deref(), Some("ann"));
+    assert_eq!(rec.model.as_deref(), Some("gpt-4o-mini"));
+    assert_eq!(pipe.usage().totals.requests, 1);
 }
 
 #[tokio::test(start_paused = true)]

@@ -179,6 +179,34 @@ impl Drop for Held {
     }
 }
 
+/// The usage record of a whole call: recorded by `chat` when the funnel returns, or by
+/// this guard's destructor when the caller drops the call first, as a `cancelled`
+/// error with what the call was charged (the prompt, once it was sent).
+struct Recording<'a> {
+    inner: &'a Inner,
+    rec: Option<UsageRecord>,
+}
+
+impl Drop for Recording<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rec) = self.rec.take() {
+            rec.outcome = Outcome::Error("cancelled".into());
+            self.inner
+                .record(rec, &tracing::Span::current(), Some("cancelled"));
+        }
+    }
+}
+
+impl UsageRecord {
+    /// From dispatch on, a dropped call has sent its prompt: that is what it used.
+    fn abandoned_at_dispatch(&mut self, plan: &Plan) {
+        if let Some(primary) = plan.route.targets.first() {
+            self.usage = Usage::new(plan.prompt_tokens(primary.tokenizer), 0).estimated();
+        }
+        self.cost = plan.prompt_cost;
+    }
+}
+
 /// Runs settlement work from a destructor: in-memory backends finish in one poll, here
 /// and now; the rest continues on the tokio runtime.
 pub(crate) fn run_detached(
@@ -228,8 +256,18 @@ impl Pipeline {
         let inner = &self.inner;
         async move {
             let _in_flight = observe::InFlight::start();
-            let mut rec = UsageRecord::new(inner.clock.now(), &req.meta, false);
-            let result = self.funnel(&req, &mut rec).await;
+            // Written even if the caller drops this future half way (see `Recording`).
+            let mut recording = Recording {
+                inner,
+                rec: Some(UsageRecord::new(inner.clock.now(), &req.meta, false)),
+            };
+            let result = match recording.rec.as_mut() {
+                Some(rec) => self.funnel(&req, rec).await,
+                None => Err(Error::InvalidRequest("no usage record".into())),
+            };
+            let Some(mut rec) = recording.rec.take() else {
+                return result;
+            };
             match &result {
                 Ok(r) => {
                     rec.model = Some(r.model.clone());
@@ -276,10 +314,12 @@ impl Pipeline {
         }
         let mut held = inner.spend(req, &mut plan, &admitted, rec).await?; // budget: reserve, degrade
         let deadline = inner.deadline();
+        rec.abandoned_at_dispatch(&plan); // what a call dropped from here on is charged
         let answered = inner.dispatch(req, &plan, rec, deadline).await; // dispatch + validate
         let (cost, used) = answered
             .as_ref()
             .map_or((Cost::ZERO, Usage::default()), |a| (a.cost, a.usage));
+        (rec.cost, rec.usage) = (cost, used);
         inner.commit(held.take(), cost).await; // settle: actual cost,
         inner.refund(&req.meta, &admitted, used.total()).await; // actual tokens,
         let mut answer = match answered {
