@@ -299,10 +299,19 @@ struct Frozen<T: Elem> {
     upto: usize,
     /// Byte codes to walk on, for full-precision vectors.
     codes: Option<Codes>,
+    /// Dense index by slot (`u32::MAX`: not in the copy).
+    dense_of: Vec<u32>,
+    /// Tombstones by dense index, one bit each: checked for every candidate, so kept
+    /// next to the walk rather than behind a slot lookup.
+    dead: Vec<u64>,
 }
 
 impl<T: Elem> Frozen<T> {
-    fn take<D: Distance<T> + Send + Sync>(g: &Hnsw<'static, T, D>, slots: usize) -> Option<Self> {
+    fn take<D: Distance<T> + Send + Sync>(
+        g: &Hnsw<'static, T, D>,
+        slots: usize,
+        tombstones: &[bool],
+    ) -> Option<Self> {
         let points: Vec<Arc<Point<'static, T>>> = g.get_point_indexation().into_iter().collect();
         let dims = points.first().map_or(0, |p| p.get_v().len());
         let mut vectors = Vec::with_capacity(points.len() * dims);
@@ -361,7 +370,15 @@ impl<T: Elem> Frozen<T> {
         } else {
             None
         };
+        let mut dead = vec![0u64; points.len().div_ceil(64)];
+        for (i, slot) in slot_of.iter().enumerate() {
+            if tombstones.get(*slot as usize).copied().unwrap_or(true) {
+                dead[i / 64] |= 1 << (i % 64);
+            }
+        }
         Some(Frozen {
+            dense_of: dense,
+            dead,
             codes,
             dims,
             vectors,
@@ -384,6 +401,21 @@ impl<T: Elem> Frozen<T> {
         self.slots[i as usize] as usize
     }
 
+    /// Marks `slot` dead in the copy (if it is in it).
+    fn kill(&mut self, slot: usize) {
+        if let Some(&d) = self.dense_of.get(slot) {
+            if let Some(w) = self.dead.get_mut(d as usize / 64) {
+                *w |= 1 << (d % 64);
+            }
+        }
+    }
+
+    fn is_dead(&self, i: u32) -> bool {
+        self.dead
+            .get(i as usize / 64)
+            .is_none_or(|w| w >> (i % 64) & 1 == 1)
+    }
+
     fn layer0(&self, i: u32) -> &[u32] {
         let (a, b) = (self.offsets[i as usize], self.offsets[i as usize + 1]);
         &self.links[a as usize..b as usize]
@@ -391,12 +423,11 @@ impl<T: Elem> Frozen<T> {
 
     /// The `ef`-wide HNSW search for the `k` best; dead slots are walked through but
     /// never returned. Returns (slot, similarity), best first.
-    fn search(&self, q: &[T], ef: usize, k: usize, dead: &[bool]) -> Vec<(usize, f32)> {
+    fn search(&self, q: &[T], ef: usize, k: usize) -> Vec<(usize, f32)> {
         let coded = self.codes.as_ref().zip(T::code(q));
         let Some((codes, (qc, qs))) = coded else {
             let found = self.walk(
                 ef,
-                dead,
                 |i| T::sim(q, self.vector(i)),
                 |i| T::touch(self.vector(i)),
             );
@@ -409,7 +440,6 @@ impl<T: Elem> Frozen<T> {
         };
         let found = self.walk(
             ef,
-            dead,
             |i| {
                 let scale = codes.scales.get(i as usize).copied().unwrap_or(0.0);
                 dot_codes(&qc, code(i)) as f32 * qs * scale
@@ -436,14 +466,13 @@ impl<T: Elem> Frozen<T> {
     fn walk(
         &self,
         ef: usize,
-        dead: &[bool],
         sim: impl Fn(u32) -> f32,
         touch: impl Fn(u32) -> u32,
     ) -> Vec<(u32, f32)> {
         if self.slots.is_empty() {
             return Vec::new();
         }
-        let is_dead = |i: u32| dead.get(self.slot(i)).copied().unwrap_or(true);
+        let is_dead = |i: u32| self.is_dead(i);
         // Greedy descent through the upper layers.
         let mut cur = self.entry;
         let mut cur_sim = sim(cur);
@@ -703,8 +732,12 @@ impl VectorIndex {
                 };
                 if slots - upto >= MAX_DELTA {
                     let taken = match graph {
-                        Graph::F32(g, f) => Frozen::take(g, slots).map(|new| *f = Some(new)),
-                        Graph::I8(g, f) => Frozen::take(g, slots).map(|new| *f = Some(new)),
+                        Graph::F32(g, f) => {
+                            Frozen::take(g, slots, &self.dead).map(|new| *f = Some(new))
+                        }
+                        Graph::I8(g, f) => {
+                            Frozen::take(g, slots, &self.dead).map(|new| *f = Some(new))
+                        }
                     };
                     if taken.is_some() {
                         self.store = Self::empty_store(self.config.quantization);
@@ -748,7 +781,7 @@ impl VectorIndex {
             self.live += 1;
             if let Some(old) = self.by_id.insert(*id, slot) {
                 // The same id twice in the batch: the later one wins.
-                self.dead[old] = true;
+                self.kill(old);
                 self.live -= 1;
             }
         }
@@ -798,15 +831,25 @@ impl VectorIndex {
         let Some(slot) = self.by_id.remove(&id) else {
             return false;
         };
-        if let Some(d) = self.dead.get_mut(slot) {
-            *d = true;
-        }
+        self.kill(slot);
         self.live -= 1;
         let dead = self.tombstones();
         if dead >= 64 && dead > self.live {
             self.rebuild();
         }
         true
+    }
+
+    /// Marks `slot` dead, here and in the graph's copy.
+    fn kill(&mut self, slot: usize) {
+        if let Some(d) = self.dead.get_mut(slot) {
+            *d = true;
+        }
+        match &mut self.graph {
+            Some(Graph::F32(_, Some(f))) => f.kill(slot),
+            Some(Graph::I8(_, Some(f))) => f.kill(slot),
+            _ => {}
+        }
     }
 
     /// Removes every vector.
@@ -914,7 +957,7 @@ impl VectorIndex {
                     .map(|(slot, (_, v))| (v.as_slice(), slot))
                     .collect();
                 g.parallel_insert_slice(&data);
-                let f = Frozen::take(&g, n);
+                let f = Frozen::take(&g, n, &self.dead);
                 Graph::F32(g, f)
             }
             Quantization::Int8 => {
@@ -932,7 +975,7 @@ impl VectorIndex {
                     .map(|(slot, v)| (v.as_slice(), slot))
                     .collect();
                 g.parallel_insert_slice(&data);
-                let f = Frozen::take(&g, n);
+                let f = Frozen::take(&g, n, &self.dead);
                 Graph::I8(g, f)
             }
         };
@@ -960,8 +1003,8 @@ impl VectorIndex {
         let ef = self.config.ef_search.max(k);
         let found = match &self.graph {
             None => return self.scan(query, k),
-            Some(Graph::F32(_, Some(f))) => f.search(query, ef, k, &self.dead),
-            Some(Graph::I8(_, Some(f))) => f.search(&quantize(query), ef, k, &self.dead),
+            Some(Graph::F32(_, Some(f))) => f.search(query, ef, k),
+            Some(Graph::I8(_, Some(f))) => f.search(&quantize(query), ef, k),
             // No snapshot (it could not be taken): everything is in the delta.
             Some(_) => Vec::new(),
         };
@@ -1184,6 +1227,28 @@ mod tests {
         assert!(index.is_empty());
         assert!(!index.is_graph(), "small again: back to a flat scan");
         assert!(index.search(&unit(1, 16), 1).is_empty());
+    }
+
+    #[test]
+    fn a_tombstone_survives_a_new_snapshot() {
+        let mut index = VectorIndex::new(16, IndexConfig::default().graph_from(100)).unwrap();
+        for i in 0..200 {
+            index.insert(i, &unit(i, 16)).unwrap();
+        }
+        // 150 is in the delta when removed; the next snapshot takes it in as dead
+        assert!(index.remove(150));
+        for i in 200..(200 + MAX_DELTA as u64 + 10) {
+            index.insert(i, &unit(i, 16)).unwrap();
+        }
+        assert!(index.store_from() > 200, "a new snapshot was taken");
+        for q in [5, 150] {
+            let got = index.search(&unit(q, 16), 5);
+            assert!(!got.iter().any(|(id, _)| *id == 150), "{q}: {got:?}");
+        }
+        assert_eq!(index.search(&unit(5, 16), 1)[0].0, 5);
+        // and a removal after the snapshot is seen by it at once
+        assert!(index.remove(5));
+        assert!(!index.search(&unit(5, 16), 5).iter().any(|(id, _)| *id == 5));
     }
 
     #[test]
