@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::http::{
-    Auth, HttpCore, HttpSettings, Translate, classify_payload, documents_text,
+    Auth, HttpCore, HttpSettings, StreamEnding, Translate, classify_payload, documents_text,
     http_builder_methods, replay, sse_stream,
 };
 use super::keys::{ApiKey, KeyPool};
@@ -18,8 +18,8 @@ use super::sse::SseEvent;
 use super::{Provider, ProviderCall};
 use crate::error::{ProviderError, ProviderErrorKind, RateLimits};
 use crate::types::{
-    ChatRequest, ChatResponse, ChatStream, FinishReason, ResponseFormat, Role, StreamEnd,
-    StreamEvent, TokenizerKind, ToolCall, ToolCallDelta, Usage,
+    ChatRequest, ChatResponse, ChatStream, FinishReason, ResponseFormat, Role, StreamEvent,
+    TokenizerKind, ToolCall, ToolCallDelta, Usage,
 };
 use crate::{Error, Result};
 
@@ -505,21 +505,15 @@ struct AnthropicStream {
 
 impl AnthropicStream {
     fn finish(&mut self, core: &HttpCore, out: &mut VecDeque<StreamEvent>) {
-        let usage = self.usage.usage().unwrap_or_else(|| {
-            Usage::new(
-                core.counter.count_request(&self.request, self.tokenizer),
-                core.counter.count_text(&self.delivered, self.tokenizer),
-            )
-            .estimated()
-        });
-        let finish = self
-            .finish
-            .take()
-            .unwrap_or_else(|| FinishReason::Other("unknown".into()));
-        out.push_back(StreamEvent::Usage(usage));
-        let mut end = StreamEnd::new(finish, &self.model, &core.name);
-        end.usage = usage;
-        out.push_back(StreamEvent::Done(end));
+        let ending = StreamEnding {
+            request: &self.request,
+            model: &self.model,
+            tokenizer: self.tokenizer,
+            delivered: &self.delivered,
+            usage: self.usage.usage(),
+            finish: self.finish.take(),
+        };
+        core.end_stream(ending, out);
     }
 }
 
@@ -538,21 +532,7 @@ impl Translate for AnthropicStream {
             }
             return Ok(false);
         }
-        let v: Value = match serde_json::from_str(data) {
-            Ok(v) => v,
-            Err(_) if ev.event == "error" => {
-                return Err(core.error(
-                    ProviderErrorKind::Server,
-                    format!("error in the stream: {data}"),
-                ));
-            }
-            Err(e) => {
-                return Err(core.error(
-                    ProviderErrorKind::InvalidResponse,
-                    format!("a stream event is not valid JSON ({e})"),
-                ));
-            }
-        };
+        let v = core.event_json(&ev, data)?;
         if ev.event == "error" || v.get("type").and_then(Value::as_str) == Some("error") {
             return Err(classify_payload(&core.name, &v));
         }

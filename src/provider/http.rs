@@ -20,7 +20,8 @@ use crate::clock::{Clock, Timestamp, TokioClock};
 use crate::context::{TiktokenCounter, TokenCounter};
 use crate::error::{ProviderError, ProviderErrorKind, RateLimits};
 use crate::types::{
-    ChatRequest, ChatResponse, ChatStream, ModelSpec, StreamEnd, StreamEvent, Usage,
+    ChatRequest, ChatResponse, ChatStream, FinishReason, ModelSpec, StreamEnd, StreamEvent,
+    TokenizerKind, Usage,
 };
 use crate::{Error, Result};
 
@@ -385,6 +386,16 @@ macro_rules! http_builder_methods {
 pub(crate) use http_builder_methods;
 
 /// The shared HTTP machinery of one provider.
+/// What a provider's stream knows when it ends, for [`HttpCore::end_stream`].
+pub(crate) struct StreamEnding<'a> {
+    pub(crate) request: &'a ChatRequest,
+    pub(crate) model: &'a str,
+    pub(crate) tokenizer: TokenizerKind,
+    pub(crate) delivered: &'a str,
+    pub(crate) usage: Option<Usage>,
+    pub(crate) finish: Option<FinishReason>,
+}
+
 pub(crate) struct HttpCore {
     pub(crate) name: String,
     client: reqwest::Client,
@@ -445,6 +456,47 @@ impl HttpCore {
         message: impl Into<String>,
     ) -> ProviderError {
         ProviderError::new(kind, &self.name, message)
+    }
+
+    /// The JSON payload of a stream event. Text that is not JSON is the server's error
+    /// message when the event is named `error`, else an invalid response.
+    pub(crate) fn event_json(
+        &self,
+        ev: &SseEvent,
+        data: &str,
+    ) -> std::result::Result<Value, ProviderError> {
+        serde_json::from_str(data).map_err(|e| {
+            if ev.event == "error" {
+                self.error(
+                    ProviderErrorKind::Server,
+                    format!("error in the stream: {data}"),
+                )
+            } else {
+                self.error(
+                    ProviderErrorKind::InvalidResponse,
+                    format!("a stream event is not valid JSON ({e})"),
+                )
+            }
+        })
+    }
+
+    /// The last two events of a stream: its usage (counted by tokenwise from the
+    /// request and what was `delivered` when the provider sent none) and its end.
+    pub(crate) fn end_stream(&self, ending: StreamEnding<'_>, out: &mut VecDeque<StreamEvent>) {
+        let usage = ending.usage.unwrap_or_else(|| {
+            Usage::new(
+                self.counter.count_request(ending.request, ending.tokenizer),
+                self.counter.count_text(ending.delivered, ending.tokenizer),
+            )
+            .estimated()
+        });
+        let finish = ending
+            .finish
+            .unwrap_or_else(|| FinishReason::Other("unknown".into()));
+        out.push_back(StreamEvent::Usage(usage));
+        let mut end = StreamEnd::new(finish, ending.model, &self.name);
+        end.usage = usage;
+        out.push_back(StreamEvent::Done(end));
     }
 
     fn total_deadline(&self, start: Instant) -> Option<Instant> {
