@@ -102,6 +102,14 @@ impl Chosen<'_> {
 }
 
 /// Gives a half-open probe back if its call is abandoned before it has an outcome.
+/// An attempt that may call its target (see `Inner::begin_attempt`).
+struct Begun<'a> {
+    chosen: Chosen<'a>,
+    charged: u64,
+    admit: Admit,
+    guard: ProbeGuard<'a>,
+}
+
 struct ProbeGuard<'a> {
     breakers: Option<&'a Breakers>,
     target: &'a str,
@@ -281,6 +289,43 @@ impl Inner {
         true
     }
 
+    /// Opens attempt number `retry` on `model`: the deployment, the target's own quota,
+    /// the breaker (a probe is given back if the attempt is dropped), and on the first
+    /// attempt a deposit into the retry budget. On refusal, the error and whether it
+    /// was the breaker that refused.
+    fn begin_attempt<'a>(
+        &'a self,
+        req: &ChatRequest,
+        plan: &Plan,
+        model: &'a ModelSpec,
+        retry: u32,
+    ) -> std::result::Result<Begun<'a>, (Error, bool)> {
+        let chosen = self.choose(model).map_err(|e| (e, false))?;
+        let charged = self
+            .target_admit(req, plan, model)
+            .map_err(|e| (e, false))?;
+        let admit = match self.breaker_admit(model) {
+            Ok(a) => a,
+            Err(e) => {
+                self.target_settle(model, charged, 0);
+                return Err((e, true));
+            }
+        };
+        if retry == 0 {
+            self.retry_budget.deposit(&model.name);
+        }
+        Ok(Begun {
+            chosen,
+            charged,
+            admit,
+            guard: ProbeGuard {
+                breakers: self.breakers.as_ref(),
+                target: &model.name,
+                admit,
+            },
+        })
+    }
+
     /// One target: breaker, quota, call with deadline, retries.
     async fn try_target(
         &self,
@@ -294,24 +339,15 @@ impl Inner {
         let req = fitted.as_ref();
         let mut retry = 0;
         loop {
-            let chosen = self.choose(model)?;
-            let provider = chosen.provider();
-            let charged = self.target_admit(req, plan, model)?;
-            let admit = match self.breaker_admit(model) {
-                Ok(a) => a,
-                Err(e) => {
-                    self.target_settle(model, charged, 0);
-                    return Err(e);
-                }
-            };
-            let guard = ProbeGuard {
-                breakers: self.breakers.as_ref(),
-                target: &model.name,
+            let Begun {
+                chosen,
+                charged,
                 admit,
-            };
-            if retry == 0 {
-                self.retry_budget.deposit(&model.name);
-            }
+                guard,
+            } = self
+                .begin_attempt(req, plan, model, retry)
+                .map_err(|(e, _)| e)?;
+            let provider = chosen.provider();
             let n = attempts.fetch_add(1, Ordering::Relaxed) + 1;
             let attempt = observe::Attempt::start(&self.clock, provider.name(), model, n, retry);
             let t0 = Instant::now();
@@ -540,31 +576,19 @@ impl Inner {
             let req = fitted.as_ref();
             let mut retry = 0;
             let failure = loop {
-                let chosen = match self.choose(model) {
-                    Ok(c) => c,
-                    Err(e) => break e,
-                };
-                let provider = chosen.provider();
-                let target_charged = match self.target_admit(req, plan, model) {
-                    Ok(c) => c,
-                    Err(e) => break e,
-                };
-                let admit = match self.breaker_admit(model) {
-                    Ok(a) => a,
-                    Err(e) => {
-                        self.target_settle(model, target_charged, 0);
-                        open_waits += 1;
+                let Begun {
+                    chosen,
+                    charged: target_charged,
+                    admit,
+                    guard,
+                } = match self.begin_attempt(req, plan, model, retry) {
+                    Ok(b) => b,
+                    Err((e, by_breaker)) => {
+                        open_waits += usize::from(by_breaker);
                         break e;
                     }
                 };
-                let guard = ProbeGuard {
-                    breakers: self.breakers.as_ref(),
-                    target: &model.name,
-                    admit,
-                };
-                if retry == 0 {
-                    self.retry_budget.deposit(&model.name);
-                }
+                let provider = chosen.provider();
                 calls += 1;
                 rec.attempts += 1;
                 let attempt = observe::Attempt::start(
