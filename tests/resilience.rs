@@ -99,20 +99,25 @@ async fn the_retry_budget_stops_a_retry_storm() {
     assert_eq!(p.calls(), 60);
 }
 
-#[tokio::test(start_paused = true)]
-async fn breakers_open_fail_fast_probe_and_close() {
-    let p = fast()
-        .outage(Duration::ZERO, Duration::from_secs(90), Some("gpt-4o"))
-        .build()
-        .unwrap();
-    let pipe = Pipeline::builder()
+/// gpt-4o falling back to claude-sonnet-4-5, no retries, no cache.
+fn primary_with_fallback(p: &SimulatedProvider) -> Pipeline {
+    Pipeline::builder()
         .provider(p.clone())
         .default_model("gpt-4o")
         .fallbacks("gpt-4o", ["claude-sonnet-4-5"])
         .retry(RetryPolicy::none())
         .no_cache()
         .build()
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn breakers_open_fail_fast_probe_and_close() {
+    let p = fast()
+        .outage(Duration::ZERO, Duration::from_secs(90), Some("gpt-4o"))
+        .build()
         .unwrap();
+    let pipe = primary_with_fallback(&p);
     for i in 0..5 {
         let r = pipe.chat(ask(&format!("a{i}"))).await.unwrap();
         assert_eq!(r.model, "claude-sonnet-4-5");
@@ -159,14 +164,7 @@ async fn streams_cut_after_their_first_token_trip_the_breaker() {
         .answer_words(30, 40)
         .build()
         .unwrap();
-    let pipe = Pipeline::builder()
-        .provider(p.clone())
-        .default_model("gpt-4o")
-        .fallbacks("gpt-4o", ["claude-sonnet-4-5"])
-        .retry(RetryPolicy::none())
-        .no_cache()
-        .build()
-        .unwrap();
+    let pipe = primary_with_fallback(&p);
     for i in 0..5 {
         assert_eq!(
             pipe.breaker_state("gpt-4o"),

@@ -101,15 +101,15 @@ impl Chosen<'_> {
     }
 }
 
-/// Gives a half-open probe back if its call is abandoned before it has an outcome.
-/// An attempt that may call its target (see `Inner::begin_attempt`).
+/// An attempt that may call its target (see `Inner::begin_attempt`); the breaker's
+/// admission is `guard.admit`.
 struct Begun<'a> {
     chosen: Chosen<'a>,
     charged: u64,
-    admit: Admit,
     guard: ProbeGuard<'a>,
 }
 
+/// Gives a half-open probe back if its call is abandoned before it has an outcome.
 struct ProbeGuard<'a> {
     breakers: Option<&'a Breakers>,
     target: &'a str,
@@ -317,7 +317,6 @@ impl Inner {
         Ok(Begun {
             chosen,
             charged,
-            admit,
             guard: ProbeGuard {
                 breakers: self.breakers.as_ref(),
                 target: &model.name,
@@ -342,11 +341,11 @@ impl Inner {
             let Begun {
                 chosen,
                 charged,
-                admit,
                 guard,
             } = self
                 .begin_attempt(req, plan, model, retry)
                 .map_err(|(e, _)| e)?;
+            let admit = guard.admit;
             let provider = chosen.provider();
             let n = attempts.fetch_add(1, Ordering::Relaxed) + 1;
             let attempt = observe::Attempt::start(&self.clock, provider.name(), model, n, retry);
@@ -579,7 +578,6 @@ impl Inner {
                 let Begun {
                     chosen,
                     charged: target_charged,
-                    admit,
                     guard,
                 } = match self.begin_attempt(req, plan, model, retry) {
                     Ok(b) => b,
@@ -588,6 +586,7 @@ impl Inner {
                         break e;
                     }
                 };
+                let admit = guard.admit;
                 let provider = chosen.provider();
                 calls += 1;
                 rec.attempts += 1;

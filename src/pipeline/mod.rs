@@ -333,8 +333,6 @@ impl Pipeline {
             l.publish(answer.response.clone()); // to the identical requests that waited
         }
         answer.response.guard_rejected = plan.guard_rejected.take();
-        rec.usage = used;
-        rec.cost = cost;
         Ok(answer.response)
     }
 

@@ -385,7 +385,6 @@ macro_rules! http_builder_methods {
 }
 pub(crate) use http_builder_methods;
 
-/// The shared HTTP machinery of one provider.
 /// What a provider's stream knows when it ends, for [`HttpCore::end_stream`].
 pub(crate) struct StreamEnding<'a> {
     pub(crate) request: &'a ChatRequest,
@@ -396,6 +395,7 @@ pub(crate) struct StreamEnding<'a> {
     pub(crate) finish: Option<FinishReason>,
 }
 
+/// The shared HTTP machinery of one provider.
 pub(crate) struct HttpCore {
     pub(crate) name: String,
     client: reqwest::Client,
