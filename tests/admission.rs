@@ -15,27 +15,16 @@ use tokenwise::{
     Usage,
 };
 
-fn sim() -> SimulatedProvider {
-    SimulatedProvider::builder()
-        .time_to_first_token(Duration::from_millis(100))
-        .per_token(Duration::from_millis(5))
-        .build()
-        .unwrap()
-}
+mod common;
+
+use common::{sim, spent};
 
 fn builder(p: &SimulatedProvider) -> PipelineBuilder {
-    Pipeline::builder()
-        .provider(p.clone())
-        .default_model("gpt-4o")
+    common::builder(p, "gpt-4o")
 }
 
 fn ask(text: &str, user: &str) -> ChatRequest {
     ChatRequest::user_text(text).user(user).max_tokens(100)
-}
-
-async fn spent(p: &Pipeline, user: &str) -> (Cost, Cost) {
-    let st = p.budget_status(&ask("", user).meta).await.unwrap();
-    (st[0].spent, st[0].reserved)
 }
 
 /// A provider that streams `words` words and ignores `max_tokens`, reporting no usage.

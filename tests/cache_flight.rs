@@ -8,12 +8,10 @@ use futures_util::future::join_all;
 use tokenwise::provider::SimulatedProvider;
 use tokenwise::{CacheMode, ChatRequest, ChatStream, Cost, Error, Pipeline, Served, StreamEvent};
 
+mod common;
+
 fn sim() -> SimulatedProvider {
-    SimulatedProvider::builder()
-        .time_to_first_token(Duration::from_millis(300))
-        .per_token(Duration::from_millis(20))
-        .build()
-        .unwrap()
+    common::sim_paced(Duration::from_millis(300), Duration::from_millis(20))
 }
 
 fn pipeline(p: &SimulatedProvider) -> Pipeline {

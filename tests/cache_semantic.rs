@@ -37,13 +37,9 @@ fn answer(content: &str) -> ChatResponse {
     ChatResponse::new(content, "m", "p", Usage::new(40, 20), FinishReason::Stop)
 }
 
-fn sim() -> SimulatedProvider {
-    SimulatedProvider::builder()
-        .time_to_first_token(Duration::from_millis(100))
-        .per_token(Duration::from_millis(5))
-        .build()
-        .unwrap()
-}
+mod common;
+
+use common::sim;
 
 fn pipeline(p: &SimulatedProvider, cache: SemanticCache) -> Pipeline {
     Pipeline::builder()

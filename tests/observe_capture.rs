@@ -22,13 +22,9 @@ use observe_support::{Capture, snapshot};
 const MINI: &str = "gpt-4o-mini";
 const HAIKU: &str = "claude-haiku-4-5";
 
-fn sim() -> SimulatedProvider {
-    SimulatedProvider::builder()
-        .time_to_first_token(Duration::from_millis(100))
-        .per_token(Duration::from_millis(5))
-        .build()
-        .unwrap()
-}
+mod common;
+
+use common::sim;
 
 /// No retries, so that every scenario makes a known number of calls (retries have
 /// their own test).

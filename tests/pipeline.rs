@@ -14,27 +14,16 @@ use tokenwise::{
     Served, StreamEvent,
 };
 
-fn sim() -> SimulatedProvider {
-    SimulatedProvider::builder()
-        .time_to_first_token(Duration::from_millis(100))
-        .per_token(Duration::from_millis(5))
-        .build()
-        .unwrap()
-}
+mod common;
+
+use common::{sim, spent};
 
 fn builder(p: &SimulatedProvider) -> PipelineBuilder {
-    Pipeline::builder()
-        .provider(p.clone())
-        .default_model("gpt-4o-mini")
+    common::builder(p, "gpt-4o-mini")
 }
 
 fn ask(text: &str, user: &str) -> ChatRequest {
     ChatRequest::user_text(text).user(user).max_tokens(200)
-}
-
-async fn spent(p: &Pipeline, user: &str) -> (Cost, Cost) {
-    let st = p.budget_status(&ask("", user).meta).await.unwrap();
-    (st[0].spent, st[0].reserved)
 }
 
 #[tokio::test(start_paused = true)]

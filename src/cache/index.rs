@@ -7,7 +7,10 @@ use std::fmt;
 use std::sync::Arc;
 
 use anndists::dist::Distance;
+use bytemuck::Pod;
 use hnsw_rs::hnsw::{Hnsw, Point};
+
+use super::pages::{Fetch, Pages};
 
 use crate::{Error, Result};
 
@@ -135,19 +138,8 @@ impl Distance<i8> for DotI8 {
     }
 }
 
-/// The dot product, in eight lanes so that the compiler vectorises it.
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
-}
+pub(crate) use super::simd::dot;
+use super::simd::dot_codes;
 
 fn dot_i8(a: &[i8], b: &[i8]) -> f32 {
     dot_codes(a, b) as f32 / (I8_SCALE * I8_SCALE)
@@ -175,10 +167,8 @@ enum Graph {
 const MAX_DELTA: usize = 2_048;
 
 /// A vector component the index can store.
-trait Elem: Copy + Send + Sync + 'static {
+trait Elem: Pod + Send + Sync + 'static {
     fn sim(a: &[Self], b: &[Self]) -> f32;
-    /// Reads one value per 64-byte line of `v` (to bring it into the cache).
-    fn touch(v: &[Self]) -> u32;
     /// A byte code of `v` for the graph walk (see [`Codes`]), if this type takes one.
     fn code(v: &[Self]) -> Option<(Vec<i8>, f32)>;
 }
@@ -186,9 +176,6 @@ trait Elem: Copy + Send + Sync + 'static {
 impl Elem for f32 {
     fn sim(a: &[f32], b: &[f32]) -> f32 {
         dot(a, b)
-    }
-    fn touch(v: &[f32]) -> u32 {
-        v.iter().step_by(16).fold(0, |a, x| a ^ x.to_bits())
     }
     fn code(v: &[f32]) -> Option<(Vec<i8>, f32)> {
         Some(code_of(v))
@@ -199,18 +186,9 @@ impl Elem for i8 {
     fn sim(a: &[i8], b: &[i8]) -> f32 {
         dot_i8(a, b)
     }
-    fn touch(v: &[i8]) -> u32 {
-        touch_i8(v)
-    }
     fn code(_: &[i8]) -> Option<(Vec<i8>, f32)> {
         None // already bytes
     }
-}
-
-fn touch_i8(v: &[i8]) -> u32 {
-    v.iter()
-        .step_by(64)
-        .fold(0, |a, x| a ^ u32::from(x.unsigned_abs()))
 }
 
 /// `v` as bytes scaled to its own largest component: `v ≈ code · scale`. A unit
@@ -229,30 +207,12 @@ fn code_of(v: &[f32]) -> (Vec<i8>, f32) {
     (code, scale)
 }
 
-/// The integer dot product of two byte codes.
-fn dot_codes(a: &[i8], b: &[i8]) -> i32 {
-    let mut acc = [0i32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += i32::from(x[i]) * i32::from(y[i]);
-        }
-    }
-    let tail: i32 = ra
-        .iter()
-        .zip(rb)
-        .map(|(x, y)| i32::from(*x) * i32::from(*y))
-        .sum();
-    acc.iter().sum::<i32>() + tail
-}
-
 /// Byte codes of a snapshot's vectors, walked instead of the vectors themselves: a
 /// quarter of the memory read per visited node, which is what a search at scale waits
 /// on. The walk's best candidates are then re-scored on the full vectors, so results
 /// and their similarities are exact for what the walk found.
 struct Codes {
-    codes: Vec<i8>,
+    codes: Pages<i8>,
     scales: Vec<f32>,
 }
 
@@ -285,12 +245,12 @@ struct Frozen<T: Elem> {
     dims: usize,
     /// Vectors by dense index, contiguous (a copy: pointer-chasing into the graph's
     /// own points costs a cache miss or two per visited node).
-    vectors: Vec<T>,
+    vectors: Pages<T>,
     /// Slot by dense index.
     slots: Vec<u32>,
     /// Layer-0 links of dense index `i`: `links[offsets[i]..offsets[i + 1]]`.
-    offsets: Vec<u32>,
-    links: Vec<u32>,
+    offsets: Pages<u32>,
+    links: Pages<u32>,
     /// Links on layers 1.. of the few points that reach them.
     upper: HashMap<u32, Vec<Vec<u32>>>,
     entry: u32,
@@ -314,13 +274,16 @@ impl<T: Elem> Frozen<T> {
     ) -> Option<Self> {
         let points: Vec<Arc<Point<'static, T>>> = g.get_point_indexation().into_iter().collect();
         let dims = points.first().map_or(0, |p| p.get_v().len());
-        let mut vectors = Vec::with_capacity(points.len() * dims);
+        let mut vectors = Pages::zeroed(points.len() * dims);
         let mut slot_of = Vec::with_capacity(points.len());
-        for p in &points {
+        for (p, to) in points
+            .iter()
+            .zip(vectors.as_mut_slice().chunks_exact_mut(dims.max(1)))
+        {
             if p.get_v().len() != dims {
                 return None;
             }
-            vectors.extend_from_slice(p.get_v());
+            to.copy_from_slice(p.get_v());
             slot_of.push(u32::try_from(p.get_origin_id()).ok()?);
         }
         let mut dense = vec![u32::MAX; slots];
@@ -356,14 +319,18 @@ impl<T: Elem> Frozen<T> {
             }
         }
         offsets.push(u32::try_from(links.len()).ok()?);
-        let codes = if dims > 0 && T::code(&vectors[..dims]).is_some() {
+        let all = vectors.as_slice();
+        let codes = if dims > 0 && all.len() >= dims && T::code(&all[..dims]).is_some() {
             let mut codes = Codes {
-                codes: Vec::with_capacity(vectors.len()),
+                codes: Pages::zeroed(all.len()),
                 scales: Vec::with_capacity(points.len()),
             };
-            for v in vectors.chunks_exact(dims) {
+            for (v, to) in all
+                .chunks_exact(dims)
+                .zip(codes.codes.as_mut_slice().chunks_exact_mut(dims))
+            {
                 let (c, scale) = T::code(v)?;
-                codes.codes.extend_from_slice(&c);
+                to.copy_from_slice(&c);
                 codes.scales.push(scale);
             }
             Some(codes)
@@ -383,8 +350,8 @@ impl<T: Elem> Frozen<T> {
             dims,
             vectors,
             slots: slot_of,
-            offsets,
-            links,
+            offsets: Pages::from_slice(&offsets),
+            links: Pages::from_slice(&links),
             upper,
             entry,
             top,
@@ -394,7 +361,10 @@ impl<T: Elem> Frozen<T> {
 
     fn vector(&self, i: u32) -> &[T] {
         let at = i as usize * self.dims;
-        &self.vectors[at..at + self.dims]
+        self.vectors
+            .as_slice()
+            .get(at..at + self.dims)
+            .unwrap_or(&[])
     }
 
     fn slot(&self, i: u32) -> usize {
@@ -417,42 +387,52 @@ impl<T: Elem> Frozen<T> {
     }
 
     fn layer0(&self, i: u32) -> &[u32] {
-        let (a, b) = (self.offsets[i as usize], self.offsets[i as usize + 1]);
-        &self.links[a as usize..b as usize]
+        let offsets = self.offsets.as_slice();
+        let (Some(&a), Some(&b)) = (offsets.get(i as usize), offsets.get(i as usize + 1)) else {
+            return &[];
+        };
+        self.links
+            .as_slice()
+            .get(a as usize..b as usize)
+            .unwrap_or(&[])
     }
 
     /// The `ef`-wide HNSW search for the `k` best; dead slots are walked through but
     /// never returned. Returns (slot, similarity), best first.
     fn search(&self, q: &[T], ef: usize, k: usize) -> Vec<(usize, f32)> {
+        let fetch = Fetch::new();
         let coded = self.codes.as_ref().zip(T::code(q));
         let Some((codes, (qc, qs))) = coded else {
             let found = self.walk(
                 ef,
+                fetch,
                 |i| T::sim(q, self.vector(i)),
-                |i| T::touch(self.vector(i)),
+                |i| fetch.lines(self.vector(i)),
             );
             return found.into_iter().map(|(i, s)| (self.slot(i), s)).collect();
         };
         let dims = self.dims;
+        let all = codes.codes.as_slice();
         let code = |i: u32| {
             let at = i as usize * dims;
-            codes.codes.get(at..at + dims).unwrap_or(&[])
+            all.get(at..at + dims).unwrap_or(&[])
         };
         let found = self.walk(
             ef,
+            fetch,
             |i| {
                 let scale = codes.scales.get(i as usize).copied().unwrap_or(0.0);
                 dot_codes(&qc, code(i)) as f32 * qs * scale
             },
-            |i| touch_i8(code(i)),
+            |i| fetch.lines(code(i)),
         );
-        // Re-score the walk's best on the full vectors (touched first, so that their
+        // Re-score the walk's best on the full vectors (fetched first, so that their
         // loads overlap).
         let best = &found[..found.len().min(RESCORE.max(k))];
-        let touched = best
+        let fetched = best
             .iter()
-            .fold(0u32, |a, (i, _)| a ^ T::touch(self.vector(*i)));
-        std::hint::black_box(touched);
+            .fold(0u32, |a, (i, _)| a ^ fetch.lines(self.vector(*i)));
+        std::hint::black_box(fetched);
         let mut out: Vec<(usize, f32)> = best
             .iter()
             .map(|(i, _)| (self.slot(*i), T::sim(q, self.vector(*i))))
@@ -466,8 +446,9 @@ impl<T: Elem> Frozen<T> {
     fn walk(
         &self,
         ef: usize,
+        fetch: Fetch,
         sim: impl Fn(u32) -> f32,
-        touch: impl Fn(u32) -> u32,
+        prefetch: impl Fn(u32) -> u32,
     ) -> Vec<(u32, f32)> {
         if self.slots.is_empty() {
             return Vec::new();
@@ -516,16 +497,20 @@ impl<T: Elem> Frozen<T> {
             if best.len() >= ef && s < worst {
                 break;
             }
-            // Gather the unvisited neighbours and touch one value per cache line of
-            // each first: independent loads that the processor overlaps, where the
-            // similarities one after another would wait for memory each time.
+            // Gather the unvisited neighbours and ask for every cache line of each
+            // first: independent loads that the processor overlaps, where the
+            // similarities one after another would wait for memory each time. The
+            // links of the next candidate are asked for too.
             fresh.clear();
             fresh.extend(self.layer0(c).iter().copied().filter(|n| !seen(*n)));
-            let mut touched = 0u32;
+            let mut fetched = 0u32;
             for &n in &fresh {
-                touched ^= touch(n);
+                fetched ^= prefetch(n);
             }
-            std::hint::black_box(touched);
+            if let Some((_, next)) = candidates.peek() {
+                fetched ^= fetch.lines(self.layer0(*next));
+            }
+            std::hint::black_box(fetched);
             for &n in &fresh {
                 let sn = sim(n);
                 let worst = best.peek().map_or(f32::MIN, |Reverse((Sim(w), _))| *w);

@@ -227,35 +227,37 @@ impl ExactCache {
 
     /// Synchronous invalidation; returns how many entries were removed.
     pub fn invalidate_now(&self, what: &Invalidation) -> u64 {
-        if let Invalidation::Key(k) = what {
-            let removed = self.lock(k).pop(k);
-            return u64::from(removed.is_some());
+        match what {
+            Invalidation::Key(k) => u64::from(self.lock(k).pop(k).is_some()),
+            Invalidation::All => self
+                .entries
+                .iter()
+                .map(|shard| {
+                    let mut map = lock(shard);
+                    let n = map.len() as u64;
+                    map.clear();
+                    n
+                })
+                .sum(),
+            Invalidation::Namespace(ns) => self.remove_where(|e| &e.namespace == ns),
+            Invalidation::Tag(tag) => self.remove_where(|e| e.tags.iter().any(|t| t == tag)),
         }
+    }
+
+    /// Removes every entry `doomed` picks, shard by shard; returns how many.
+    fn remove_where(&self, doomed: impl Fn(&Entry) -> bool) -> u64 {
         let mut removed = 0u64;
         for shard in self.entries.iter() {
             let mut map = lock(shard);
-            let doomed: Vec<CacheKey> = match what {
-                Invalidation::Key(_) => Vec::new(),
-                Invalidation::All => {
-                    removed += map.len() as u64;
-                    map.clear();
-                    continue;
-                }
-                Invalidation::Namespace(ns) => map
-                    .iter()
-                    .filter(|(_, e)| &e.namespace == ns)
-                    .map(|(k, _)| *k)
-                    .collect(),
-                Invalidation::Tag(tag) => map
-                    .iter()
-                    .filter(|(_, e)| e.tags.iter().any(|t| t == tag))
-                    .map(|(k, _)| *k)
-                    .collect(),
-            };
-            for k in &doomed {
+            let keys: Vec<CacheKey> = map
+                .iter()
+                .filter(|(_, e)| doomed(e))
+                .map(|(k, _)| *k)
+                .collect();
+            for k in &keys {
                 map.pop(k);
             }
-            removed += doomed.len() as u64;
+            removed += keys.len() as u64;
         }
         removed
     }

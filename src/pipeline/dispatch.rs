@@ -253,8 +253,17 @@ impl Inner {
 
     /// Tells `model`'s breaker how a call it admitted went.
     pub(super) fn breaker_verdict(&self, model: &ModelSpec, admit: Admit, failed: bool) {
+        self.with_breakers(model, |b| b.record(&model.name, admit, failed));
+    }
+
+    /// Records how a stream of `model` ended (see [`Breakers::record_stream_end`]).
+    pub(super) fn breaker_stream_end(&self, model: &ModelSpec, admit: Admit, failed: bool) {
+        self.with_breakers(model, |b| b.record_stream_end(&model.name, admit, failed));
+    }
+
+    fn with_breakers(&self, model: &ModelSpec, record: impl FnOnce(&Breakers)) {
         if let Some(b) = &self.breakers {
-            b.record(&model.name, admit, failed);
+            record(b);
             observe::metrics::record_breaker_state(
                 &model.provider,
                 &model.name,

@@ -160,13 +160,7 @@ impl Settle {
             // Cut upstream (an error, silence past the idle timeout, no final event) is
             // the target's failure; an answer that ended, or a client that left, is not.
             let failed = matches!(ending, Ending::Failed(_));
-            match admit {
-                crate::resilience::Admit::Call => inner.breaker_verdict(&self.model, admit, failed),
-                crate::resilience::Admit::Probe if failed => {
-                    inner.breaker_verdict(&self.model, crate::resilience::Admit::Call, true);
-                }
-                crate::resilience::Admit::Probe => {}
-            }
+            inner.breaker_stream_end(&self.model, admit, failed);
         }
         inner.commit(self.reservation.take(), cost).await;
         inner.target_settle(&self.model, self.target_charged, usage.total());

@@ -282,6 +282,18 @@ impl Breakers {
         }
     }
 
+    /// Records how a stream ended, once its first event was recorded with
+    /// [`record`](Self::record) for a probe (a normal call's stream is judged only
+    /// here). Cut upstream (`failed`), a stream is a failure of its target whatever
+    /// admitted it; a probe's clean end adds nothing, its first event was its verdict.
+    pub fn record_stream_end(&self, target: &str, admit: Admit, failed: bool) {
+        match admit {
+            Admit::Call => self.record(target, Admit::Call, failed),
+            Admit::Probe if failed => self.record(target, Admit::Call, true),
+            Admit::Probe => {}
+        }
+    }
+
     /// Gives back a probe whose call was abandoned before it had an outcome, so the
     /// breaker does not wait forever for its verdict.
     pub fn cancel(&self, target: &str, admit: Admit) {
