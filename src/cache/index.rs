@@ -145,12 +145,7 @@ use super::simd::{dot_codes, dot_codes_and_norm};
 /// The cosine of two byte codes (each a unit vector scaled by its own factor, which
 /// the cosine cancels).
 fn dot_i8(a: &[i8], b: &[i8]) -> f32 {
-    let (d, nb) = dot_codes_and_norm(a, b);
-    let na = dot_codes(a, a);
-    if na == 0 || nb == 0 {
-        return 0.0;
-    }
-    d as f32 / ((na as f32).sqrt() * (nb as f32).sqrt())
+    i8::sim_to(a)(b)
 }
 
 /// The stored form of a vector under [`Quantization::Int8`]: its byte code.

@@ -22,7 +22,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub(crate) fn dot_codes(a: &[i8], b: &[i8]) -> i32 {
     #[cfg(target_arch = "x86_64")]
     if let Some(simd) = pulp::x86::V3::try_new() {
-        return x86::dot_i8(simd, a, b);
+        return x86::dot_i8::<false>(simd, a, b).0;
     }
     dot_codes_portable(a, b)
 }
@@ -32,7 +32,7 @@ pub(crate) fn dot_codes(a: &[i8], b: &[i8]) -> i32 {
 pub(crate) fn dot_codes_and_norm(q: &[i8], c: &[i8]) -> (i32, i32) {
     #[cfg(target_arch = "x86_64")]
     if let Some(simd) = pulp::x86::V3::try_new() {
-        return x86::dot_i8_and_norm(simd, q, c);
+        return x86::dot_i8::<true>(simd, q, c);
     }
     (dot_codes_portable(q, c), dot_codes_portable(c, c))
 }
@@ -102,38 +102,12 @@ mod x86 {
         )
     }
 
-    /// Bytes multiplied in pairs into 16-bit sums (`maddubs` takes one side unsigned,
-    /// so `|a|` and `b` with `a`'s sign), widened into 32-bit lanes. A pair sums to at
-    /// most 2 · 127 · 127, inside 16 bits, for components in `-127..=127`.
-    pub(super) fn dot_i8(simd: V3, a: &[i8], b: &[i8]) -> i32 {
-        simd.vectorize(
-            #[inline(always)]
-            || {
-                let n = a.len().min(b.len());
-                let (a, b) = (&a[..n], &b[..n]);
-                let (xa, ra) = pulp::as_arrays::<32, i8>(a);
-                let (xb, rb) = pulp::as_arrays::<32, i8>(b);
-                let ones = simd.avx._mm256_set1_epi16(1);
-                let mut acc = simd.avx._mm256_setzero_si256();
-                for (x, y) in xa.iter().zip(xb) {
-                    let x: __m256i = cast(*x);
-                    let y: __m256i = cast(*y);
-                    let ax = simd.avx2._mm256_sign_epi8(x, x);
-                    let sy = simd.avx2._mm256_sign_epi8(y, x);
-                    let pairs = simd.avx2._mm256_maddubs_epi16(ax, sy);
-                    acc = simd
-                        .avx2
-                        ._mm256_add_epi32(acc, simd.avx2._mm256_madd_epi16(pairs, ones));
-                }
-                let lanes: [i32; 8] = cast(acc);
-                lanes.iter().sum::<i32>() + super::tail_i8(ra, rb)
-            },
-        )
-    }
-
-    /// [`dot_i8`] and `c · c` in the same pass over `c` (`|c| · |c|`, pairs again
-    /// inside 16 bits).
-    pub(super) fn dot_i8_and_norm(simd: V3, q: &[i8], c: &[i8]) -> (i32, i32) {
+    /// `q · c`, and `c · c` when `NORM` (else 0), in one pass. Bytes are multiplied in
+    /// pairs into 16-bit sums (`maddubs` takes one side unsigned, so `|q|` and `c`
+    /// with `q`'s sign; `|c|` and `|c|` for the norm), widened into 32-bit lanes. A
+    /// pair sums to at most 2 · 127 · 127, inside 16 bits, for components in
+    /// `-127..=127`.
+    pub(super) fn dot_i8<const NORM: bool>(simd: V3, q: &[i8], c: &[i8]) -> (i32, i32) {
         simd.vectorize(
             #[inline(always)]
             || {
@@ -149,21 +123,25 @@ mod x86 {
                     let y: __m256i = cast(*y);
                     let ax = simd.avx2._mm256_sign_epi8(x, x);
                     let sy = simd.avx2._mm256_sign_epi8(y, x);
-                    let ay = simd.avx2._mm256_sign_epi8(y, y);
                     let pairs = simd.avx2._mm256_maddubs_epi16(ax, sy);
-                    let squares = simd.avx2._mm256_maddubs_epi16(ay, ay);
                     dot = simd
                         .avx2
                         ._mm256_add_epi32(dot, simd.avx2._mm256_madd_epi16(pairs, ones));
-                    norm = simd
-                        .avx2
-                        ._mm256_add_epi32(norm, simd.avx2._mm256_madd_epi16(squares, ones));
+                    if NORM {
+                        let ay = simd.avx2._mm256_sign_epi8(y, y);
+                        let squares = simd.avx2._mm256_maddubs_epi16(ay, ay);
+                        norm = simd
+                            .avx2
+                            ._mm256_add_epi32(norm, simd.avx2._mm256_madd_epi16(squares, ones));
+                    }
                 }
                 let (d, m): ([i32; 8], [i32; 8]) = (cast(dot), cast(norm));
-                (
-                    d.iter().sum::<i32>() + super::tail_i8(rq, rc),
-                    m.iter().sum::<i32>() + super::tail_i8(rc, rc),
-                )
+                let d = d.iter().sum::<i32>() + super::tail_i8(rq, rc);
+                if NORM {
+                    (d, m.iter().sum::<i32>() + super::tail_i8(rc, rc))
+                } else {
+                    (d, 0)
+                }
             },
         )
     }
