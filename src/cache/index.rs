@@ -185,7 +185,7 @@ trait Elem: Pod + Send + Sync + 'static {
     fn sim_to(q: &[Self]) -> impl Fn(&[Self]) -> f32 + '_;
     /// A byte code of `v` for the graph walk (see [`Frozen::codes`]), if this type
     /// takes one.
-    fn code(v: &[Self]) -> Option<(Vec<i8>, f32)>;
+    fn code(v: &[Self]) -> Option<Vec<i8>>;
 }
 
 impl Elem for f32 {
@@ -195,8 +195,8 @@ impl Elem for f32 {
     fn sim_to(q: &[f32]) -> impl Fn(&[f32]) -> f32 + '_ {
         move |v| dot(q, v)
     }
-    fn code(v: &[f32]) -> Option<(Vec<i8>, f32)> {
-        Some(code_of(v))
+    fn code(v: &[f32]) -> Option<Vec<i8>> {
+        Some(code_of(v).0)
     }
 }
 
@@ -215,7 +215,7 @@ impl Elem for i8 {
             }
         }
     }
-    fn code(_: &[i8]) -> Option<(Vec<i8>, f32)> {
+    fn code(_: &[i8]) -> Option<Vec<i8>> {
         None // already bytes
     }
 }
@@ -345,18 +345,17 @@ impl<T: Elem> Frozen<T> {
         }
         offsets.push(u32::try_from(links.len()).ok()?);
         let all = vectors.as_slice();
-        let codes = if dims > 0 && all.len() >= dims && T::code(&all[..dims]).is_some() {
+        // None for a type that takes no codes (its first vector has none).
+        let codes = (|| {
             let mut codes = Pages::zeroed(all.len());
             for (v, to) in all
-                .chunks_exact(dims)
-                .zip(codes.as_mut_slice().chunks_exact_mut(dims))
+                .chunks_exact(dims.max(1))
+                .zip(codes.as_mut_slice().chunks_exact_mut(dims.max(1)))
             {
-                to.copy_from_slice(&T::code(v)?.0);
+                to.copy_from_slice(&T::code(v)?);
             }
             Some(codes)
-        } else {
-            None
-        };
+        })();
         let mut dead = vec![0u64; points.len().div_ceil(64)];
         for (i, slot) in slot_of.iter().enumerate() {
             if tombstones.get(*slot as usize).copied().unwrap_or(true) {
@@ -422,7 +421,7 @@ impl<T: Elem> Frozen<T> {
     fn search(&self, q: &[T], ef: usize, k: usize) -> Vec<(usize, f32)> {
         let fetch = Fetch::new();
         let coded = self.codes.as_ref().zip(T::code(q));
-        let Some((codes, (qc, qs))) = coded else {
+        let Some((codes, qc)) = coded else {
             let found = self.walk(
                 ef,
                 fetch,
@@ -443,14 +442,11 @@ impl<T: Elem> Frozen<T> {
         let found = self.walk(
             ef,
             fetch,
-            |i| {
-                // q · v ≈ qs · (qc · c) / |c|: a unit vector's code has norm 1 / its scale.
-                let (d, norm) = dot_codes_and_norm(&qc, code(i));
-                if norm > 0 {
-                    d as f32 * qs / (norm as f32).sqrt()
-                } else {
-                    0.0
-                }
+            {
+                // The cosine of the codes: a unit vector's code has norm 1 / its scale,
+                // so no scale is read per node.
+                let sim = i8::sim_to(&qc);
+                move |i| sim(code(i))
             },
             |i| fetch.lines(code(i)),
         );
