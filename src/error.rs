@@ -139,6 +139,62 @@ impl Error {
         }
     }
 
+    /// Whether the failure says the target (a provider and model) is unhealthy, so it
+    /// counts against the target's circuit breaker: rate limits, overload, server
+    /// errors, timeouts, connection failures, invalid responses and broken streams.
+    /// A wrong request (bad request, auth, context length, content filter) never does.
+    ///
+    /// ```
+    /// use tokenwise::{Error, ProviderError, ProviderErrorKind};
+    /// let e: Error = ProviderError::new(ProviderErrorKind::Server, "openai", "boom").into();
+    /// assert!(e.is_target_failure());
+    /// let e: Error = ProviderError::new(ProviderErrorKind::BadRequest, "openai", "no").into();
+    /// assert!(!e.is_target_failure());
+    /// ```
+    pub fn is_target_failure(&self) -> bool {
+        match self {
+            Error::Provider(p) => p.kind.is_target_failure(),
+            Error::StreamInterrupted { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the target said it is overloaded or did not answer in time (429, 503,
+    /// other 5xx, timeouts): the signal for adaptive concurrency to back off.
+    pub fn is_overload(&self) -> bool {
+        self.as_provider().is_some_and(|p| {
+            matches!(
+                p.kind,
+                ProviderErrorKind::RateLimited
+                    | ProviderErrorKind::Overloaded
+                    | ProviderErrorKind::Timeout
+                    | ProviderErrorKind::Server
+            )
+        })
+    }
+
+    /// Whether the call timed out (no answer, or no first token, in time).
+    pub fn is_timeout(&self) -> bool {
+        self.as_provider()
+            .is_some_and(|p| p.kind == ProviderErrorKind::Timeout)
+    }
+
+    /// Whether another target (a fallback model) may succeed where this one failed:
+    /// anything but a request the provider judged wrong on its merits (bad request,
+    /// content filter) or a refusal by the pipeline itself (limits, caps).
+    pub fn may_succeed_elsewhere(&self) -> bool {
+        match self {
+            Error::Provider(p) => !matches!(
+                p.kind,
+                ProviderErrorKind::BadRequest | ProviderErrorKind::ContentFilter
+            ),
+            Error::ContextTooLong { .. } | Error::Config(_) | Error::StreamInterrupted { .. } => {
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The provider error inside, if this is one.
     pub fn as_provider(&self) -> Option<&ProviderError> {
         match self {

@@ -100,10 +100,10 @@ pub use provider::Provider;
 #[cfg(feature = "redis")]
 pub use redis_conn::{OnRedisError, RedisConnection};
 pub use types::{
-    CacheMode, CachePolicy, Catalog, ChatRequest, ChatResponse, ChatStream, Cost, Document,
-    FinishReason, GenerationParams, Message, ModelSpec, Price, Pricing, Priority, RequestMeta,
-    ResponseFormat, Role, Scope, ScopeKind, Served, StreamEnd, StreamEvent, Tier, TokenizerKind,
-    Tool, ToolCall, ToolCallDelta, Truncation, Usage,
+    Anonymous, CacheMode, CachePolicy, Catalog, ChatRequest, ChatResponse, ChatStream, Cost,
+    Document, FinishReason, GenerationParams, Message, ModelSpec, Price, Pricing, Priority,
+    RequestMeta, ResponseFormat, Role, Scope, ScopeKind, Served, StreamEnd, StreamEvent, Tier,
+    TokenizerKind, Tool, ToolCall, ToolCallDelta, Truncation, Usage,
 };
 
 /// The README's code compiles.

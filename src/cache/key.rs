@@ -93,6 +93,14 @@ impl CacheQuery {
     /// names no user (anonymous requests are never cached under a per-user scope).
     /// Under the per-org scope, requests without an org share one partition of their own.
     pub fn for_request(request: &ChatRequest, scope: CacheScope) -> Option<CacheQuery> {
+        Self::for_model(request, scope, request.model.as_deref().unwrap_or("auto"))
+    }
+
+    /// As [`for_request`](Self::for_request), keyed by `model` instead of the model the
+    /// request names: the pipeline keys a request whose model a router chose by the
+    /// chosen model, so an answer from a cheaper model is never served to a request
+    /// routed to a better one.
+    pub fn for_model(request: &ChatRequest, scope: CacheScope, model: &str) -> Option<CacheQuery> {
         let meta = &request.meta;
         if meta.cache.mode == CacheMode::Bypass {
             return None;
@@ -106,7 +114,6 @@ impl CacheQuery {
             CacheScope::User => format!("user:{}", meta.user.as_deref()?),
         };
         let namespace = meta.cache.namespace();
-        let model = request.model.as_deref().unwrap_or("auto");
         let (context, last) = match request.messages.split_last() {
             Some((last, rest)) if last.role == Role::User => (rest, Some(last)),
             _ => (&request.messages[..], None),

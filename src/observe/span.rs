@@ -198,11 +198,12 @@ impl Attempt {
         self.span.clone()
     }
 
-    /// Records a whole answer's call.
-    pub(crate) fn finish(mut self, result: &Result<ChatResponse, Error>) {
-        self.span.record("tokenwise.stream", false);
+    /// Records the call's outcome: a whole answer (`Ok(Some)`), a stream that
+    /// produced its first event (`Ok(None)`), or a failure.
+    pub(crate) fn finish(mut self, stream: bool, result: Result<Option<&ChatResponse>, &Error>) {
+        self.span.record("tokenwise.stream", stream);
         let status = match result {
-            Ok(r) => {
+            Ok(Some(r)) => {
                 self.span.record("gen_ai.response.model", r.model.as_str());
                 self.span
                     .record("gen_ai.usage.input_tokens", r.usage.input_tokens);
@@ -214,21 +215,7 @@ impl Attempt {
                 );
                 "ok"
             }
-            Err(e) => e.reason(),
-        };
-        self.close(status);
-    }
-
-    /// Records a stream's call, which ends with its first event (or its failure); on
-    /// success the request's time to first token is noted on `rec`.
-    pub(crate) fn finish_stream<T>(mut self, rec: &mut UsageRecord, result: &Result<T, Error>) {
-        self.span.record("tokenwise.stream", true);
-        let status = match result {
-            Ok(_) => {
-                let now = self.clock.now();
-                rec.time_to_first_token = Some(now.saturating_since(rec.started_at));
-                "ok"
-            }
+            Ok(None) => "ok",
             Err(e) => e.reason(),
         };
         self.close(status);

@@ -17,7 +17,7 @@ use crate::resilience::{
     RetryPolicy,
 };
 use crate::router::{CatalogRouter, Deployments, Router, Validator};
-use crate::types::{Catalog, Cost, ScopeKind};
+use crate::types::{Anonymous, Catalog, Cost, ScopeKind};
 use crate::{Error, Result};
 
 #[derive(Debug)]
@@ -91,6 +91,8 @@ pub struct PipelineBuilder {
     serve_stale: Option<Duration>,
     context: Option<ContextBudget>,
     deployments: HashMap<String, Deployments>,
+    anonymous: Anonymous,
+    require_identity: Vec<ScopeKind>,
 }
 
 impl Default for PipelineBuilder {
@@ -132,6 +134,8 @@ impl Default for PipelineBuilder {
             serve_stale: None,
             context: None,
             deployments: HashMap::new(),
+            anonymous: Anonymous::default(),
+            require_identity: Vec::new(),
         }
     }
 }
@@ -416,6 +420,23 @@ impl PipelineBuilder {
         self
     }
 
+    /// What to do with a request that carries no identity for a scope the pipeline's
+    /// limits or caps use (no `.user()` under a per-user limit, say). By default
+    /// ([`Anonymous::SharedBucket`]) such requests share one bucket per scope kind
+    /// ([`ANONYMOUS`](crate::types::ANONYMOUS)) and are limited and capped together;
+    /// [`Anonymous::Refuse`] refuses them. Never a silent bypass.
+    pub fn anonymous(mut self, policy: Anonymous) -> Self {
+        self.anonymous = policy;
+        self
+    }
+
+    /// Under [`Anonymous::Refuse`], also require an identity of `kind` (for the scopes
+    /// of a custom limiter or budget, which the builder cannot see).
+    pub fn require_identity(mut self, kind: ScopeKind) -> Self {
+        self.require_identity.push(kind);
+        self
+    }
+
     /// Builds the pipeline, or reports the first invalid setting.
     pub fn build(mut self) -> Result<Pipeline> {
         if let Some(e) = self.error {
@@ -469,6 +490,13 @@ impl PipelineBuilder {
                     .build()?,
             )),
         };
+        let identity_scopes = super::admit::identity_kinds(
+            self.limits
+                .iter()
+                .map(|r| r.scope)
+                .chain(self.caps.iter().map(|(k, _, _)| *k))
+                .chain(self.require_identity.iter().copied()),
+        );
         let limiter: Option<Arc<dyn Limiter>> = match (self.limiter, self.limits.is_empty()) {
             (Some(_), false) => {
                 return Err(Error::Config("rate_limit/token_limit configure the in-memory limiter; set them on your limiter instead".into()));
@@ -537,8 +565,9 @@ impl PipelineBuilder {
         if let Some(c) = &self.context {
             c.validate()?;
         }
-        for (model, d) in &self.deployments {
+        for (model, d) in &mut self.deployments {
             d.validate()?;
+            d.bind(model);
             if catalog.get(model).is_none() {
                 return Err(Error::Config(format!(
                     "deployments for `{model}`, which the catalogue does not have"
@@ -592,6 +621,8 @@ impl PipelineBuilder {
                 target_limits: self.target_limits,
                 degrade: self.degrade,
                 max_cost: self.max_cost,
+                anonymous: self.anonymous,
+                identity_scopes,
             }),
         })
     }

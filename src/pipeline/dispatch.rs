@@ -1,5 +1,12 @@
-//! The dispatch stage: targets in order, each behind its circuit breaker and quota,
-//! called with deadlines, retried within the retry budget, optionally hedged.
+//! The dispatch stage: one attempt loop for whole answers and streams.
+//!
+//! Targets are tried in order (hedged if configured). Each attempt picks a deployment
+//! whose breaker admits it, charges the target's own quota, calls the provider within
+//! its deadline and feeds the outcome to the breaker, the balancer's latency and the
+//! adaptive concurrency limit. A whole answer is judged when it arrives; a stream when
+//! it ends (a half-open probe by its first event). A failed attempt is retried on the
+//! same target within the retry policy and budget, except a timeout when a next target
+//! exists: a silent route is left at once.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -7,35 +14,94 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use smallvec::SmallVec;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::{Answer, Inner, Opened, Plan};
+use super::{Inner, Plan};
+use crate::clock::Timestamp;
 use crate::error::{ProviderError, ProviderErrorKind};
 use crate::observe;
 use crate::provider::{Provider, ProviderCall};
 use crate::resilience::{Admit, Breakers, Hedge};
-use crate::router::Verdict;
 use crate::router::balance::Picked;
-use crate::types::{ChatRequest, ChatResponse, Cost, ModelSpec, Served, Usage};
+use crate::types::{ChatRequest, ChatResponse, ChatStream, Cost, ModelSpec, StreamEvent};
 use crate::{Error, Result};
 
-/// Marks errors that mean "this target's breaker is open" (no call was made).
-const BREAKER_OPEN: &str = "circuit open";
+/// The first-token limit of a stream attempt that has a fallback, when none is set:
+/// a slow or silent target is left for the next one well before the stream's own
+/// deadlines.
+pub(crate) const FAILOVER_FIRST_TOKEN: Duration = Duration::from_secs(10);
 
+/// Whether an attempt asks for a whole answer or a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    Whole,
+    Stream,
+}
+
+/// What one request's dispatch needs to know, shared by its attempts.
+pub(super) struct Call<'a> {
+    pub(super) req: &'a ChatRequest,
+    pub(super) plan: &'a Plan,
+    pub(super) mode: Mode,
+    pub(super) deadline: Option<Instant>,
+    /// Provider calls made so far, hedged ones included.
+    pub(super) attempts: &'a AtomicU32,
+}
+
+/// What a provider gave an attempt.
+pub(super) enum Reply {
+    Whole(ChatResponse),
+    /// A stream's first event and the rest of it.
+    Stream {
+        first: StreamEvent,
+        rest: ChatStream,
+    },
+}
+
+/// An attempt that answered.
+pub(super) struct Answered {
+    pub(super) reply: Reply,
+    pub(super) model: Arc<ModelSpec>,
+    pub(super) provider: String,
+    /// The charge on the target's own quota still to reconcile (streams; a whole
+    /// answer's is settled by the attempt).
+    pub(super) target_charged: u64,
+    /// How the breaker admitted a stream: its verdict is owed when the stream ends.
+    pub(super) owed: Option<Admit>,
+    /// The deployment that serves a stream: its in-flight count is held until the end.
+    pub(super) deployment: Option<Picked>,
+    /// When the first event (or the whole answer) arrived.
+    pub(super) at: Timestamp,
+}
+
+/// A successful dispatch over one tier of targets.
+pub(super) struct Dispatched {
+    pub(super) answered: Answered,
+    /// The position of the answering target in its tier.
+    pub(super) fallbacks: u32,
+    /// What hedged calls that lost the race cost (their prompts).
+    pub(super) extra_cost: Cost,
+}
+
+/// Why a target gave no answer.
+pub(super) enum Failure {
+    /// Every deployment's breaker is open: no call was made. Half-opens after this.
+    Open(Duration),
+    /// The target failed (or the request cannot be sent to it).
+    Failed(Error),
+}
+
+/// The breaker-open failure as the caller sees it when another target failed too.
 fn breaker_open(model: &ModelSpec, wait: Duration) -> Error {
     ProviderError::new(
         ProviderErrorKind::Overloaded,
         "tokenwise",
-        format!("{BREAKER_OPEN} for {}", model.name),
+        format!("circuit open for {}", model.name),
     )
     .with_retry_after(wait)
     .into()
-}
-
-fn is_breaker_open(e: &Error) -> bool {
-    e.as_provider()
-        .is_some_and(|p| p.provider == "tokenwise" && p.message.starts_with(BREAKER_OPEN))
 }
 
 /// Runs `fut` within `limit` (if any); past it, a provider timeout saying `what`.
@@ -58,32 +124,10 @@ async fn within<T>(
     }
 }
 
-/// Whether `e` says the target is unhealthy (as opposed to the request being wrong).
-fn is_target_failure(e: &Error) -> bool {
-    match e {
-        Error::Provider(p) => p.kind.is_target_failure(),
-        Error::StreamInterrupted { .. } => true,
-        _ => false,
-    }
-}
-
-/// Whether `e` says the target is overloaded (for the adaptive concurrency limit).
-fn is_overload(e: &Error) -> bool {
-    e.as_provider().is_some_and(|p| {
-        matches!(
-            p.kind,
-            ProviderErrorKind::RateLimited
-                | ProviderErrorKind::Overloaded
-                | ProviderErrorKind::Timeout
-                | ProviderErrorKind::Server
-        )
-    })
-}
-
-/// The provider chosen for one call, with its deployment's in-flight slot.
-pub(super) enum Chosen<'a> {
+/// The provider chosen for one call.
+enum Chosen<'a> {
     Direct(&'a Arc<dyn Provider>),
-    Deployment(Picked<'a>),
+    Deployment(Picked),
 }
 
 impl Chosen<'_> {
@@ -93,60 +137,79 @@ impl Chosen<'_> {
             Chosen::Deployment(p) => p.provider(),
         }
     }
+}
 
-    fn record(&self, latency: Duration, ok: bool) {
-        if let Chosen::Deployment(p) = self {
-            p.record(latency, ok);
+/// The name of the breaker that guards `model` on `deployment` (the model's own
+/// without deployments).
+pub(super) fn breaker_key<'a>(model: &'a ModelSpec, deployment: Option<&'a Picked>) -> &'a str {
+    deployment.map_or(model.name.as_str(), Picked::breaker_key)
+}
+
+/// An attempt that may call its target. A half-open probe is given back if the
+/// attempt is dropped before it has an outcome.
+struct Begun<'a> {
+    chosen: Option<Chosen<'a>>,
+    admit: Admit,
+    charged: u64,
+    breakers: Option<&'a Breakers>,
+    model: &'a ModelSpec,
+}
+
+impl Begun<'_> {
+    fn key(&self) -> &str {
+        match &self.chosen {
+            Some(Chosen::Deployment(p)) => p.breaker_key(),
+            _ => &self.model.name,
         }
     }
 }
 
-/// An attempt that may call its target (see `Inner::begin_attempt`); the breaker's
-/// admission is `guard.admit`.
-struct Begun<'a> {
-    chosen: Chosen<'a>,
-    charged: u64,
-    guard: ProbeGuard<'a>,
-}
-
-/// Gives a half-open probe back if its call is abandoned before it has an outcome.
-struct ProbeGuard<'a> {
-    breakers: Option<&'a Breakers>,
-    target: &'a str,
-    admit: Admit,
-}
-
-impl ProbeGuard<'_> {
-    fn disarm(mut self) {
-        self.breakers = None;
-    }
-}
-
-impl Drop for ProbeGuard<'_> {
+impl Drop for Begun<'_> {
     fn drop(&mut self) {
         if let Some(b) = self.breakers {
-            b.cancel(self.target, self.admit);
+            b.cancel(self.key(), self.admit);
         }
     }
 }
 
 impl Inner {
-    /// The provider for one call to `model`: one of its deployments (balanced), else the
-    /// provider registered for its provider name, else the default provider.
-    pub(super) fn choose(&self, model: &ModelSpec) -> Result<Chosen<'_>> {
-        if let Some(picked) = self.deployments.get(&model.name).and_then(|d| d.pick()) {
-            return Ok(Chosen::Deployment(picked));
+    /// The provider and breaker admission for one call to `model`: one of its
+    /// deployments whose breaker admits it (balanced), else the provider registered
+    /// for its provider name, else the default provider.
+    fn choose(&self, model: &ModelSpec) -> std::result::Result<(Chosen<'_>, Admit), Failure> {
+        if let Some(d) = self.deployments.get(&model.name) {
+            let mut skip: SmallVec<[usize; 8]> = SmallVec::new();
+            let mut soonest: Option<Duration> = None;
+            while let Some(p) = d.pick(&skip) {
+                match self.breaker_admit(p.breaker_key()) {
+                    Ok(admit) => return Ok((Chosen::Deployment(p), admit)),
+                    Err(wait) => {
+                        skip.push(p.index());
+                        soonest = Some(soonest.map_or(wait, |s| s.min(wait)));
+                    }
+                }
+            }
+            return Err(Failure::Open(soonest.unwrap_or_default()));
         }
-        self.providers
+        let provider = self
+            .providers
             .get(&model.provider)
             .or(self.default_provider.as_ref())
-            .map(Chosen::Direct)
             .ok_or_else(|| {
-                Error::Config(format!(
+                Failure::Failed(Error::Config(format!(
                     "no provider registered for `{}` (model {})",
                     model.provider, model.name
-                ))
-            })
+                )))
+            })?;
+        let admit = self.breaker_admit(&model.name).map_err(Failure::Open)?;
+        Ok((Chosen::Direct(provider), admit))
+    }
+
+    fn breaker_admit(&self, key: &str) -> std::result::Result<Admit, Duration> {
+        match &self.breakers {
+            None => Ok(Admit::Call),
+            Some(b) => b.admit(key),
+        }
     }
 
     /// The request as sent to `model`: fitted into its window by the context budget, or,
@@ -195,26 +258,25 @@ impl Inner {
         }
     }
 
-    /// Whether a failure on one target may not repeat on the next.
-    fn next_target_may_succeed(e: &Error) -> bool {
-        match e {
-            Error::Provider(p) => !matches!(
-                p.kind,
-                ProviderErrorKind::BadRequest | ProviderErrorKind::ContentFilter
-            ),
-            Error::ContextTooLong { .. } | Error::Config(_) | Error::StreamInterrupted { .. } => {
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// The time left for one attempt: the attempt deadline, cut to the request's.
-    fn attempt_limit(&self, first_token: bool, deadline: Option<Instant>) -> Option<Duration> {
-        let per_attempt = if first_token {
-            self.first_token_timeout.or(self.attempt_timeout)
-        } else {
-            self.attempt_timeout
+    /// The time left for one attempt: the attempt's own limit (for a stream, its
+    /// first-token limit), cut to the request's deadline.
+    fn attempt_limit(
+        &self,
+        mode: Mode,
+        has_next: bool,
+        deadline: Option<Instant>,
+    ) -> Option<Duration> {
+        let per_attempt = match mode {
+            Mode::Whole => self.attempt_timeout,
+            Mode::Stream => self
+                .first_token_timeout
+                .or_else(|| {
+                    has_next.then(|| {
+                        self.attempt_timeout
+                            .map_or(FAILOVER_FIRST_TOKEN, |a| a.min(FAILOVER_FIRST_TOKEN))
+                    })
+                })
+                .or(self.attempt_timeout),
         };
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         match (per_attempt, left) {
@@ -223,71 +285,77 @@ impl Inner {
         }
     }
 
-    fn breaker_admit(&self, model: &ModelSpec) -> Result<Admit> {
-        match &self.breakers {
-            None => Ok(Admit::Call),
-            Some(b) => b
-                .admit(&model.name)
-                .map_err(|wait| breaker_open(model, wait)),
-        }
-    }
-
-    /// Feeds one call's outcome to the breaker, the latency tracker and the adaptive limit.
+    /// Feeds one call's outcome to the breaker named `key` (when `judge` says how it
+    /// was admitted), the latency tracker and the adaptive limit.
     fn observe_call(
         &self,
         model: &ModelSpec,
-        admit: Option<Admit>,
+        key: &str,
+        judge: Option<Admit>,
         error: Option<&Error>,
         latency: Duration,
     ) {
-        if let Some(admit) = admit {
-            self.breaker_verdict(model, admit, error.is_some_and(is_target_failure));
+        if let Some(admit) = judge {
+            self.breaker_verdict(
+                model,
+                key,
+                admit,
+                error.is_some_and(Error::is_target_failure),
+            );
         }
         if error.is_none() {
             self.latencies.record(&model.name, latency);
         }
         if let Some(c) = &self.concurrency {
-            c.feedback(error.is_some_and(is_overload), latency);
+            c.feedback(error.is_some_and(Error::is_overload), latency);
         }
     }
 
-    /// Tells `model`'s breaker how a call it admitted went.
-    pub(super) fn breaker_verdict(&self, model: &ModelSpec, admit: Admit, failed: bool) {
-        self.with_breakers(model, |b| b.record(&model.name, admit, failed));
+    /// Tells the breaker `key` of `model` how a call it admitted went.
+    fn breaker_verdict(&self, model: &ModelSpec, key: &str, admit: Admit, failed: bool) {
+        self.with_breakers(model, key, |b| b.record(key, admit, failed));
     }
 
-    /// Records how a stream of `model` ended (see [`Breakers::record_stream_end`]).
-    pub(super) fn breaker_stream_end(&self, model: &ModelSpec, admit: Admit, failed: bool) {
-        self.with_breakers(model, |b| b.record_stream_end(&model.name, admit, failed));
+    /// Records how a stream ended (see [`Breakers::record_stream_end`]).
+    pub(super) fn breaker_stream_end(
+        &self,
+        model: &ModelSpec,
+        key: &str,
+        admit: Admit,
+        failed: bool,
+    ) {
+        self.with_breakers(model, key, |b| b.record_stream_end(key, admit, failed));
     }
 
-    fn with_breakers(&self, model: &ModelSpec, record: impl FnOnce(&Breakers)) {
+    fn with_breakers(&self, model: &ModelSpec, key: &str, record: impl FnOnce(&Breakers)) {
         if let Some(b) = &self.breakers {
             record(b);
-            observe::metrics::record_breaker_state(
-                &model.provider,
-                &model.name,
-                b.state(&model.name),
-            );
+            observe::metrics::record_breaker_state(&model.provider, key, b.state(key));
         }
     }
 
     /// Waits before retry number `retry` after `e`, if the policy, the budget and the
-    /// deadline allow one more call to `model`.
+    /// deadline allow one more call to `model`. A timeout is not retried when a next
+    /// target exists: the next target is tried instead.
     async fn retry_wait(
         &self,
         model: &ModelSpec,
         e: &Error,
         retry: u32,
+        has_next: bool,
         deadline: Option<Instant>,
     ) -> bool {
-        if !e.is_retryable() || retry + 1 >= self.retry.max_attempts || is_breaker_open(e) {
+        if !e.is_retryable() || retry + 1 >= self.retry.max_attempts {
+            return false;
+        }
+        if has_next && e.is_timeout() {
+            tracing::debug!(model = %model.name, "timed out; failing over instead of retrying");
             return false;
         }
         let Some(wait) = self.retry.wait_for(e, retry) else {
             return false;
         };
-        if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+        if deadline.is_some_and(|d| Instant::now().checked_add(wait).is_none_or(|t| t >= d)) {
             return false;
         }
         if !self.retry_budget.withdraw(&model.name) {
@@ -298,88 +366,143 @@ impl Inner {
         true
     }
 
-    /// Opens attempt number `retry` on `model`: the deployment, the target's own quota,
-    /// the breaker (a probe is given back if the attempt is dropped), and on the first
-    /// attempt a deposit into the retry budget. On refusal, the error and whether it
-    /// was the breaker that refused.
+    /// Opens attempt number `retry` on `model`: the target's own quota, a deployment
+    /// and its breaker, and on the first attempt a deposit into the retry budget.
     fn begin_attempt<'a>(
         &'a self,
         req: &ChatRequest,
         plan: &Plan,
         model: &'a ModelSpec,
         retry: u32,
-    ) -> std::result::Result<Begun<'a>, (Error, bool)> {
-        let chosen = self.choose(model).map_err(|e| (e, false))?;
+    ) -> std::result::Result<Begun<'a>, Failure> {
         let charged = self
             .target_admit(req, plan, model)
-            .map_err(|e| (e, false))?;
-        let admit = match self.breaker_admit(model) {
-            Ok(a) => a,
-            Err(e) => {
+            .map_err(Failure::Failed)?;
+        let (chosen, admit) = match self.choose(model) {
+            Ok(c) => c,
+            Err(f) => {
                 self.target_settle(model, charged, 0);
-                return Err((e, true));
+                return Err(f);
             }
         };
         if retry == 0 {
             self.retry_budget.deposit(&model.name);
         }
         Ok(Begun {
-            chosen,
+            chosen: Some(chosen),
+            admit,
             charged,
-            guard: ProbeGuard {
-                breakers: self.breakers.as_ref(),
-                target: &model.name,
-                admit,
-            },
+            breakers: self.breakers.as_ref(),
+            model,
         })
     }
 
-    /// One target: breaker, quota, call with deadline, retries.
+    /// The attempt loop: one target, retried within the policy, whole or streamed.
     async fn try_target(
         &self,
-        req: &ChatRequest,
-        plan: &Plan,
-        model: &ModelSpec,
-        attempts: &AtomicU32,
-        deadline: Option<Instant>,
-    ) -> Result<ChatResponse> {
-        let fitted = self.fit(req, plan, model)?;
+        call: &Call<'_>,
+        model: &Arc<ModelSpec>,
+        has_next: bool,
+    ) -> std::result::Result<Answered, Failure> {
+        let fitted = self
+            .fit(call.req, call.plan, model)
+            .map_err(Failure::Failed)?;
         let req = fitted.as_ref();
+        let prompt_tokens = call.plan.prompt_tokens(model.tokenizer);
         let mut retry = 0;
         loop {
-            let Begun {
-                chosen,
-                charged,
-                guard,
-            } = self
-                .begin_attempt(req, plan, model, retry)
-                .map_err(|(e, _)| e)?;
-            let admit = guard.admit;
+            let mut begun = self.begin_attempt(req, call.plan, model, retry)?;
+            let (admit, charged) = (begun.admit, begun.charged);
+            let Some(chosen) = begun.chosen.as_ref() else {
+                return Err(Failure::Failed(Error::Config("no provider chosen".into())));
+            };
             let provider = chosen.provider();
-            let n = attempts.fetch_add(1, Ordering::Relaxed) + 1;
+            let n = call.attempts.fetch_add(1, Ordering::Relaxed) + 1;
             let attempt = observe::Attempt::start(&self.clock, provider.name(), model, n, retry);
             let t0 = Instant::now();
-            let fut = provider
-                .chat(ProviderCall::new(req, model))
-                .instrument(attempt.span());
-            let limit = self.attempt_limit(false, deadline);
-            let result = within(limit, provider.name(), "no answer", fut).await;
-            self.target_settle(
+            let limit = self.attempt_limit(call.mode, has_next, call.deadline);
+            let pcall = ProviderCall::new(req, model).with_prompt_tokens(prompt_tokens);
+            let result = match call.mode {
+                Mode::Whole => {
+                    let fut = provider.chat(pcall).instrument(attempt.span());
+                    within(limit, provider.name(), "no answer", fut)
+                        .await
+                        .map(Reply::Whole)
+                }
+                Mode::Stream => {
+                    let open = async {
+                        let mut s = provider.stream(pcall).await?;
+                        match s.next().await {
+                            Some(Ok(first)) => Ok(Reply::Stream { first, rest: s }),
+                            Some(Err(e)) => Err(e),
+                            None => Err(Error::StreamInterrupted {
+                                chunks: 0,
+                                reason: "the stream ended before its first event".into(),
+                            }),
+                        }
+                    }
+                    .instrument(attempt.span());
+                    within(limit, provider.name(), "no first token", open).await
+                }
+            };
+            let latency = t0.elapsed();
+            let provider_name = provider.name().to_owned();
+            // A whole answer and a failure are judged now; a stream that opened when
+            // it ends, except a half-open probe, whose first event decides.
+            let judge_now = call.mode == Mode::Whole || result.is_err() || admit == Admit::Probe;
+            let key = begun.key();
+            self.observe_call(
                 model,
-                charged,
-                result.as_ref().map_or(0, |r| r.usage.total()),
+                key,
+                judge_now.then_some(admit),
+                result.as_ref().err(),
+                latency,
             );
-            self.observe_call(model, Some(admit), result.as_ref().err(), t0.elapsed());
-            attempt.finish(&result);
-            guard.disarm();
+            if let Some(Chosen::Deployment(p)) = &begun.chosen {
+                p.record(latency, result.is_ok());
+            }
+            begun.breakers = None; // judged, or owed to the stream's end
+            let at = self.clock.now();
             match result {
-                Ok(mut r) => {
+                Ok(Reply::Whole(mut r)) => {
+                    self.target_settle(model, charged, r.usage.total());
+                    attempt.finish(false, Ok(Some(&r)));
                     r.cost = model.cost(&r.usage);
-                    return Ok(r);
+                    return Ok(Answered {
+                        reply: Reply::Whole(r),
+                        model: Arc::clone(model),
+                        provider: provider_name,
+                        target_charged: 0,
+                        owed: None,
+                        deployment: None,
+                        at,
+                    });
+                }
+                Ok(reply @ Reply::Stream { .. }) => {
+                    attempt.finish(true, Ok(None));
+                    let deployment = match begun.chosen.take() {
+                        Some(Chosen::Deployment(p)) => Some(p),
+                        _ => None,
+                    };
+                    return Ok(Answered {
+                        reply,
+                        model: Arc::clone(model),
+                        provider: provider_name,
+                        target_charged: charged,
+                        owed: Some(admit),
+                        deployment,
+                        at,
+                    });
                 }
                 Err(e) => {
-                    if !self.retry_wait(model, &e, retry, deadline).await {
-                        return Err(e);
+                    self.target_settle(model, charged, 0);
+                    attempt.finish(call.mode == Mode::Stream, Err(&e));
+                    drop(begun);
+                    if !self
+                        .retry_wait(model, &e, retry, has_next, call.deadline)
+                        .await
+                    {
+                        return Err(Failure::Failed(e));
                     }
                     retry += 1;
                 }
@@ -387,36 +510,39 @@ impl Inner {
         }
     }
 
-    /// Races `first` against `second` once `first` has been slow for the hedge delay.
-    /// Returns the winner, whether `second` won, and the cost of a loser cancelled in
-    /// flight (its prompt, which the provider received).
+    /// Races `first` against `second` once `first` has been slow for the hedge delay
+    /// (for a stream: slow to its first event). Returns the winner, whether `second`
+    /// won, and the cost of a loser cancelled in flight (its prompt, which the
+    /// provider received).
     async fn hedged(
         &self,
-        req: &ChatRequest,
-        plan: &Plan,
-        (first, second): (&ModelSpec, &ModelSpec),
+        call: &Call<'_>,
+        (first, second): (&Arc<ModelSpec>, &Arc<ModelSpec>),
+        second_has_next: bool,
         hedge: Hedge,
-        attempts: &AtomicU32,
-        deadline: Option<Instant>,
-    ) -> Result<(ChatResponse, bool, Cost)> {
+    ) -> std::result::Result<(Answered, bool, Cost), Failure> {
         let delay = self.latencies.delay(hedge, &first.name);
-        let a = self.try_target(req, plan, first, attempts, deadline);
+        let a = self.try_target(call, first, true);
         tokio::pin!(a);
         tokio::select! {
             r = &mut a => {
                 return match r {
                     Ok(r) => Ok((r, false, Cost::ZERO)),
                     // failed before the hedge was due: plain fallback
-                    Err(_) => self.try_target(req, plan, second, attempts, deadline).await.map(|r| (r, true, Cost::ZERO)),
+                    Err(_) => self.try_target(call, second, second_has_next).await.map(|r| (r, true, Cost::ZERO)),
                 };
             }
             () = tokio::time::sleep(delay) => {}
         }
         tracing::debug!(first = %first.name, second = %second.name, "hedging");
-        let b = self.try_target(req, plan, second, attempts, deadline);
+        let b = self.try_target(call, second, second_has_next);
         tokio::pin!(b);
-        let prompt_cost = |m: &ModelSpec| m.pricing.input.cost_of(plan.prompt_tokens(m.tokenizer));
-        let (mut a_err, mut b_err): (Option<Error>, Option<Error>) = (None, None);
+        let prompt_cost = |m: &ModelSpec| {
+            m.pricing
+                .input
+                .cost_of(call.plan.prompt_tokens(m.tokenizer))
+        };
+        let (mut a_err, mut b_err): (Option<Failure>, Option<Failure>) = (None, None);
         loop {
             tokio::select! {
                 r = &mut a, if a_err.is_none() => match r {
@@ -434,60 +560,58 @@ impl Inner {
                     Err(e) => b_err = Some(e),
                 },
             }
-            if let (Some(_), Some(e)) = (&a_err, &mut b_err) {
-                return Err(std::mem::replace(
-                    e,
-                    Error::Overloaded { retry_after: None },
-                ));
+            if let (Some(_), Some(_)) = (&a_err, &b_err) {
+                return Err(b_err.unwrap_or(Failure::Open(Duration::ZERO)));
             }
         }
     }
 
-    /// Tries `targets` in order (hedging if configured); returns the answer, the index of
-    /// the target that gave it, and the cost of hedged calls that lost.
-    async fn try_targets(
+    /// Tries the targets of one tier in order (hedging if configured), whole or
+    /// streamed: the one attempt loop of the pipeline.
+    pub(super) async fn try_targets(
         &self,
-        req: &ChatRequest,
-        plan: &Plan,
-        targets: &[Arc<ModelSpec>],
-        attempts: &AtomicU32,
-        deadline: Option<Instant>,
-    ) -> Result<(ChatResponse, u32, Cost)> {
-        let before = attempts.load(Ordering::Relaxed);
-        let mut last = None;
-        let mut open_waits = Vec::new();
+        call: &Call<'_>,
+        tier: &[Arc<ModelSpec>],
+    ) -> Result<Dispatched> {
+        let before = call.attempts.load(Ordering::Relaxed);
+        let mut last: Option<Error> = None;
+        let mut soonest_open: Option<Duration> = None;
+        let mut all_open = true;
         let mut i = 0;
-        while i < targets.len() {
-            let hedge = self.hedge.filter(|_| i + 1 < targets.len());
-            let outcome = match hedge {
+        while i < tier.len() {
+            let has_next = i + 1 < tier.len();
+            let outcome = match self.hedge.filter(|_| has_next) {
                 Some(h) => {
                     let r = self
-                        .hedged(
-                            req,
-                            plan,
-                            (&targets[i], &targets[i + 1]),
-                            h,
-                            attempts,
-                            deadline,
-                        )
+                        .hedged(call, (&tier[i], &tier[i + 1]), i + 2 < tier.len(), h)
                         .await;
                     let at = i;
                     i += 1; // both were tried
-                    r.map(|(resp, second, extra)| (resp, at + usize::from(second), extra))
+                    r.map(|(a, second, extra)| (a, at + usize::from(second), extra))
                 }
                 None => self
-                    .try_target(req, plan, &targets[i], attempts, deadline)
+                    .try_target(call, &tier[i], has_next)
                     .await
-                    .map(|r| (r, i, Cost::ZERO)),
+                    .map(|a| (a, i, Cost::ZERO)),
             };
+            let model = &tier[i.min(tier.len() - 1)];
             match outcome {
-                Ok((r, at, extra)) => return Ok((r, u32::try_from(at).unwrap_or(u32::MAX), extra)),
-                Err(e) => {
-                    tracing::debug!(model = %targets[i.min(targets.len() - 1)].name, error = %e, "target failed");
-                    if is_breaker_open(&e) {
-                        open_waits.push(e.retry_after().unwrap_or_default());
-                    }
-                    let go_on = Self::next_target_may_succeed(&e);
+                Ok((answered, at, extra_cost)) => {
+                    return Ok(Dispatched {
+                        answered,
+                        fallbacks: u32::try_from(at).unwrap_or(u32::MAX),
+                        extra_cost,
+                    });
+                }
+                Err(Failure::Open(wait)) => {
+                    tracing::debug!(model = %model.name, "circuit open; next target");
+                    soonest_open = Some(soonest_open.map_or(wait, |s| s.min(wait)));
+                    last = Some(breaker_open(model, wait));
+                }
+                Err(Failure::Failed(e)) => {
+                    tracing::debug!(model = %model.name, error = %e, "target failed");
+                    all_open = false;
+                    let go_on = e.may_succeed_elsewhere();
                     last = Some(e);
                     if !go_on {
                         break;
@@ -496,175 +620,11 @@ impl Inner {
             }
             i += 1;
         }
-        let calls = attempts.load(Ordering::Relaxed) - before;
-        if calls == 0 && !open_waits.is_empty() && open_waits.len() == targets.len() {
+        let calls = call.attempts.load(Ordering::Relaxed) - before;
+        if calls == 0 && all_open && soonest_open.is_some() {
             return Err(Error::Unavailable {
-                retry_after: open_waits.into_iter().min(),
+                retry_after: soonest_open,
             });
-        }
-        let last = last.unwrap_or_else(|| Error::InvalidRequest("no target to try".into()));
-        Err(if calls > 1 {
-            Error::AllTargetsFailed {
-                attempts: calls,
-                last: Box::new(last),
-            }
-        } else {
-            last
-        })
-    }
-
-    /// The dispatch and validate stages for a whole answer.
-    pub(super) async fn dispatch(
-        &self,
-        req: &ChatRequest,
-        plan: &Plan,
-        rec: &mut crate::observe::UsageRecord,
-        deadline: Option<Instant>,
-    ) -> Result<Answer> {
-        let attempts = AtomicU32::new(0);
-        let outcome = self
-            .try_targets(req, plan, &plan.route.targets, &attempts, deadline)
-            .await;
-        rec.attempts = attempts.load(Ordering::Relaxed);
-        let (first, fallbacks, hedge_cost) = outcome?;
-        let mut answer = Answer {
-            usage: first.usage,
-            cost: first.cost + hedge_cost,
-            response: first,
-        };
-        let mut escalated = false;
-        if let (Some(v), false) = (&self.validator, plan.route.escalation.is_empty()) {
-            if let Verdict::Escalate(reason) = v.validate(req, &answer.response).await {
-                tracing::info!(reason = %reason, from = %answer.response.model, "escalating");
-                let outcome = self
-                    .try_targets(req, plan, &plan.route.escalation, &attempts, deadline)
-                    .await;
-                match outcome {
-                    Ok((better, _, extra)) => {
-                        answer.usage = add_usage(answer.usage, better.usage);
-                        answer.cost += better.cost + extra;
-                        answer.response = better;
-                        escalated = true;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "escalation failed; keeping the first answer")
-                    }
-                }
-            }
-        }
-        rec.attempts = attempts.load(Ordering::Relaxed);
-        answer.response.served = Served::Provider {
-            attempts: rec.attempts,
-            fallbacks,
-            escalated,
-        };
-        Ok(answer)
-    }
-
-    /// Opens a stream on the first target that yields a first event, retrying a target
-    /// (within the policy and budget) while nothing has been streamed yet.
-    pub(super) async fn dispatch_stream(
-        &self,
-        req: &ChatRequest,
-        plan: &Plan,
-        rec: &mut crate::observe::UsageRecord,
-        deadline: Option<Instant>,
-    ) -> Result<Opened> {
-        let mut last = None;
-        let mut calls = 0;
-        let mut open_waits = 0;
-        for (i, model) in plan.route.targets.iter().enumerate() {
-            let fitted = match self.fit(req, plan, model) {
-                Ok(f) => f,
-                Err(e) => {
-                    last = Some(e);
-                    continue;
-                }
-            };
-            let req = fitted.as_ref();
-            let mut retry = 0;
-            let failure = loop {
-                let Begun {
-                    chosen,
-                    charged: target_charged,
-                    guard,
-                } = match self.begin_attempt(req, plan, model, retry) {
-                    Ok(b) => b,
-                    Err((e, by_breaker)) => {
-                        open_waits += usize::from(by_breaker);
-                        break e;
-                    }
-                };
-                let admit = guard.admit;
-                let provider = chosen.provider();
-                calls += 1;
-                rec.attempts += 1;
-                let attempt = observe::Attempt::start(
-                    &self.clock,
-                    provider.name(),
-                    model,
-                    rec.attempts,
-                    retry,
-                );
-                let t0 = Instant::now();
-                let open = async {
-                    let mut s = provider.stream(ProviderCall::new(req, model)).await?;
-                    match s.next().await {
-                        Some(Ok(first)) => Ok((first, s)),
-                        Some(Err(e)) => Err(e),
-                        None => Err(Error::StreamInterrupted {
-                            chunks: 0,
-                            reason: "the stream ended before its first event".into(),
-                        }),
-                    }
-                }
-                .instrument(attempt.span());
-                let limit = self.attempt_limit(true, deadline);
-                let opened = within(limit, provider.name(), "no first token", open).await;
-                // A stream that opened is judged when it ends (a stream cut later is a
-                // target failure), except a half-open probe: its first event decides, so
-                // the breaker does not wait on a long answer.
-                let verdict_now = opened.is_err() || admit == Admit::Probe;
-                self.observe_call(
-                    model,
-                    verdict_now.then_some(admit),
-                    opened.as_ref().err(),
-                    t0.elapsed(),
-                );
-                chosen.record(t0.elapsed(), opened.is_ok());
-                attempt.finish_stream(rec, &opened);
-                guard.disarm();
-                match opened {
-                    Ok((first, upstream)) => {
-                        return Ok(Opened {
-                            breaker: admit,
-                            target_charged,
-                            first,
-                            upstream,
-                            model: Arc::clone(model),
-                            provider: provider.name().to_owned(),
-                            fallbacks: u32::try_from(i).unwrap_or(u32::MAX),
-                        });
-                    }
-                    Err(e) => {
-                        self.target_settle(model, target_charged, 0);
-                        if !self.retry_wait(model, &e, retry, deadline).await {
-                            break e;
-                        }
-                        retry += 1;
-                    }
-                }
-            };
-            let go_on = Self::next_target_may_succeed(&failure);
-            last = Some(failure);
-            if !go_on {
-                break;
-            }
-        }
-        if calls == 0 && open_waits > 0 && open_waits == plan.route.targets.len() {
-            let names: Vec<&str> = plan.route.targets.iter().map(|m| m.name.as_str()).collect();
-            let retry_after = self.breakers.as_ref().and_then(|b| b.soonest_retry(&names));
-            return Err(Error::Unavailable { retry_after });
         }
         let last = last.unwrap_or_else(|| Error::InvalidRequest("no target to try".into()));
         Err(if calls > 1 {
@@ -678,11 +638,179 @@ impl Inner {
     }
 }
 
-fn add_usage(a: Usage, b: Usage) -> Usage {
-    Usage {
-        input_tokens: a.input_tokens + b.input_tokens,
-        output_tokens: a.output_tokens + b.output_tokens,
-        cached_input_tokens: a.cached_input_tokens + b.cached_input_tokens,
-        estimated: a.estimated || b.estimated,
+/// A whole answer and what every call behind it used (an escalated first answer and
+/// hedged calls that lost included).
+pub(super) struct Answer {
+    pub(super) response: ChatResponse,
+    pub(super) usage: crate::types::Usage,
+    pub(super) cost: Cost,
+}
+
+/// How a stream's dispatch ended.
+pub(super) enum Opened {
+    /// A provider stream produced its first event.
+    Live {
+        dispatched: Dispatched,
+        /// Calls made so far.
+        attempts: u32,
+        /// What a validated first tier used before escalating to this stream.
+        prior: Option<(crate::types::Usage, Cost)>,
+    },
+    /// A validated whole answer, replayed as a stream.
+    Whole(Answer),
+}
+
+impl Inner {
+    /// Whether the validator sends `answer` to the escalation tier.
+    async fn escalates(&self, req: &ChatRequest, answer: &ChatResponse) -> bool {
+        let Some(v) = &self.validator else {
+            return false;
+        };
+        match v.validate(req, answer).await {
+            crate::router::Verdict::Escalate(reason) => {
+                tracing::info!(reason = %reason, from = %answer.model, "escalating");
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The first tier answered whole, and judged by the validator when the plan says
+    /// so: returns the answer and whether it must escalate.
+    async fn first_tier_whole(&self, call: &Call<'_>, plan: &Plan) -> Result<(Answer, u32, bool)> {
+        let d = self.try_targets(call, &plan.route.targets).await?;
+        let Reply::Whole(response) = d.answered.reply else {
+            return Err(Error::Config("a whole call returned a stream".into()));
+        };
+        let escalate = plan.validated && self.escalates(call.req, &response).await;
+        Ok((
+            Answer {
+                usage: response.usage,
+                cost: response.cost + d.extra_cost,
+                response,
+            },
+            d.fallbacks,
+            escalate,
+        ))
+    }
+
+    /// The dispatch and validate stages for a whole answer. Returns the answer (or the
+    /// error) and the number of provider calls made.
+    pub(super) async fn dispatch(
+        &self,
+        req: &ChatRequest,
+        plan: &Plan,
+        deadline: Option<Instant>,
+    ) -> (Result<Answer>, u32) {
+        let attempts = AtomicU32::new(0);
+        let call = Call {
+            req,
+            plan,
+            mode: Mode::Whole,
+            deadline,
+            attempts: &attempts,
+        };
+        let first = self.first_tier_whole(&call, plan).await;
+        let result = match first {
+            Err(e) => Err(e),
+            Ok((mut answer, fallbacks, escalate)) => {
+                let mut escalated = false;
+                if escalate {
+                    match self.try_targets(&call, &plan.route.escalation).await {
+                        Ok(Dispatched {
+                            answered:
+                                Answered {
+                                    reply: Reply::Whole(better),
+                                    ..
+                                },
+                            extra_cost,
+                            ..
+                        }) => {
+                            answer.usage = answer.usage + better.usage;
+                            answer.cost += better.cost + extra_cost;
+                            answer.response = better;
+                            escalated = true;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "escalation failed; keeping the first answer");
+                        }
+                    }
+                }
+                answer.response.served = crate::types::Served::Provider {
+                    attempts: attempts.load(Ordering::Relaxed),
+                    fallbacks,
+                    escalated,
+                };
+                Ok(answer)
+            }
+        };
+        (result, attempts.load(Ordering::Relaxed))
+    }
+
+    /// The dispatch stage for a stream. Without validation, the first target that
+    /// yields a first event streams live. With a validator and an escalation tier, the
+    /// first tier answers whole and is judged before anything is released (a stream
+    /// cannot take back text it sent): a good answer is replayed as a stream, a weak
+    /// one is replaced by the escalation tier streaming live.
+    pub(super) async fn dispatch_stream(
+        &self,
+        req: &ChatRequest,
+        plan: &Plan,
+        deadline: Option<Instant>,
+    ) -> (Result<Opened>, u32) {
+        let attempts = AtomicU32::new(0);
+        let whole = Call {
+            req,
+            plan,
+            mode: Mode::Whole,
+            deadline,
+            attempts: &attempts,
+        };
+        let streamed = Call {
+            mode: Mode::Stream,
+            ..whole
+        };
+        let count = || attempts.load(Ordering::Relaxed);
+        if !plan.validated {
+            let r = self.try_targets(&streamed, &plan.route.targets).await;
+            let n = count();
+            return (
+                r.map(|dispatched| Opened::Live {
+                    dispatched,
+                    attempts: n,
+                    prior: None,
+                }),
+                n,
+            );
+        }
+        let (mut answer, fallbacks, escalate) = match self.first_tier_whole(&whole, plan).await {
+            Ok(a) => a,
+            Err(e) => return (Err(e), count()),
+        };
+        if escalate {
+            match self.try_targets(&streamed, &plan.route.escalation).await {
+                Ok(dispatched) => {
+                    let n = count();
+                    return (
+                        Ok(Opened::Live {
+                            dispatched,
+                            attempts: n,
+                            prior: Some((answer.usage, answer.cost)),
+                        }),
+                        n,
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "escalation failed; keeping the first answer");
+                }
+            }
+        }
+        answer.response.served = crate::types::Served::Provider {
+            attempts: count(),
+            fallbacks,
+            escalated: false,
+        };
+        (Ok(Opened::Whole(answer)), count())
     }
 }

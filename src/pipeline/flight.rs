@@ -3,10 +3,12 @@
 
 use std::sync::Arc;
 
-use super::{Inner, Plan};
+use super::Inner;
+use super::cache::served_from_cache;
+use super::plan::Plan;
 use crate::cache::{Join, Leader, SharedStream};
 use crate::observe::{Outcome, UsageRecord};
-use crate::types::{ChatResponse, ChatStream, Cost, Served};
+use crate::types::{ChatResponse, ChatStream, Served};
 
 /// The leader's stream, shared with the identical requests that follow it.
 pub(super) fn share(leader: Option<Leader<Arc<SharedStream>>>, s: ChatStream) -> ChatStream {
@@ -30,13 +32,8 @@ impl Inner {
             Join::Leader(l) => (None, Some(l)),
             Join::Alone => (None, None),
             Join::Follower(f) => {
-                let shared = f.wait().await.map(|mut r| {
-                    r.served = Served::Cache {
-                        similarity: 1.0,
-                        saved_tokens: r.usage.total(),
-                        saved_cost: r.cost,
-                    };
-                    r.cost = Cost::ZERO;
+                let shared = f.wait().await.map(|r| {
+                    let mut r = served_from_cache(r, 1.0);
                     r.guard_rejected = None;
                     r
                 });

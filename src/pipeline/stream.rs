@@ -10,12 +10,14 @@ use futures_core::Stream;
 use futures_util::stream;
 
 use super::Inner;
-use crate::budget::Reservation;
+use super::admit::Admitted;
+use super::budget::Held;
 use crate::cache::CacheQuery;
 use crate::observe::{Outcome, UsageRecord};
+use crate::router::balance::Picked;
 use crate::types::{
     ChatResponse, ChatStream, Cost, FinishReason, ModelSpec, RequestMeta, Served, StreamEnd,
-    StreamEvent, ToolCall, Truncation, Usage,
+    StreamEvent, TokenizerKind, ToolCall, Truncation, Usage,
 };
 use crate::{Error, Result};
 
@@ -53,36 +55,50 @@ pub(super) fn replay(hit: &ChatResponse) -> ChatStream {
 }
 
 /// Everything needed to settle a stream, owned, so it can be done from a destructor.
-#[derive(Debug)]
 pub(super) struct Settle {
     pub(super) inner: Arc<Inner>,
-    pub(super) meta: RequestMeta,
+    /// The budget reservation (committed to what the stream used when it ends).
+    pub(super) held: Held,
+    /// The admission: its token charge is reconciled and its concurrency slot held
+    /// until the stream ends.
+    pub(super) admitted: Admitted,
     pub(super) cache: Option<CacheQuery>,
     pub(super) model: Arc<ModelSpec>,
     pub(super) provider: String,
     pub(super) prompt_tokens: u64,
     pub(super) fallbacks: u32,
+    pub(super) attempts: u32,
     /// The breaker's admission of this stream, judged when it ends: a failure after the
     /// first event counts against the target (a probe was already judged by its first
     /// event, so only its later failure is recorded).
-    pub(super) breaker: Option<crate::resilience::Admit>,
+    pub(super) owed: Option<crate::resilience::Admit>,
+    /// The deployment serving the stream: its in-flight count is held until the end.
+    pub(super) deployment: Option<Picked>,
     /// The token charge on the model's own quota, reconciled at the end.
     pub(super) target_charged: u64,
     /// The kill switch: end the stream at this many output tokens...
     pub(super) max_tokens: Option<u64>,
     /// ...or at this cost.
     pub(super) max_cost: Option<Cost>,
-    pub(super) charged: u64,
-    pub(super) slot: Option<crate::resilience::Slot>,
     /// The longest wait between two events.
     pub(super) idle_timeout: Option<std::time::Duration>,
-    pub(super) reservation: Option<Reservation>,
     pub(super) record: UsageRecord,
     pub(super) span: tracing::Span,
     /// A semantic match a cache guard refused, reported on the final event.
     pub(super) guard_rejected: Option<crate::cache::GuardRejection>,
     /// Leads the single-flight of identical streams: they read this one.
     pub(super) leader: Option<crate::cache::Leader<Arc<crate::cache::SharedStream>>>,
+    /// What an earlier tier used before a validator escalated to this stream.
+    pub(super) prior: Option<(Usage, Cost)>,
+}
+
+impl std::fmt::Debug for Settle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settle")
+            .field("model", &self.model.name)
+            .field("provider", &self.provider)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a stream delivered before it ended, however it ended.
@@ -92,8 +108,39 @@ struct Delivered {
     tool_calls: Vec<ToolCall>,
     chunks: u64,
     usage: Option<Usage>,
-    /// Output tokens counted so far, delta by delta.
-    out_tokens: u64,
+    /// Output tokens of `text[..counted_to]` (cut at a whitespace boundary).
+    counted: u64,
+    counted_to: usize,
+    /// Output tokens of tool-call arguments, delta by delta.
+    tool_tokens: u64,
+}
+
+/// Text past the counted prefix longer than this is folded into it at its last
+/// whitespace, so each delta is counted against a short tail only.
+const COUNT_TAIL: usize = 256;
+
+impl Delivered {
+    /// Output tokens of the text delivered so far, counted over the accumulated text
+    /// (not delta by delta, which overcounts every token split across two deltas).
+    fn text_tokens(
+        &mut self,
+        counter: &dyn crate::context::TokenCounter,
+        kind: TokenizerKind,
+    ) -> u64 {
+        let tail = &self.text[self.counted_to..];
+        if tail.len() > COUNT_TAIL {
+            if let Some(cut) = tail
+                .char_indices()
+                .rev()
+                .find(|(i, c)| *i > 0 && c.is_whitespace())
+                .map(|(i, _)| i)
+            {
+                self.counted += counter.count_text(&tail[..cut], kind);
+                self.counted_to += cut;
+            }
+        }
+        self.counted + counter.count_text(&self.text[self.counted_to..], kind)
+    }
 }
 
 impl Delivered {
@@ -156,34 +203,35 @@ impl Settle {
             Usage::new(self.prompt_tokens, out).estimated()
         });
         let cost = self.model.cost(&usage);
-        if let Some(admit) = self.breaker.take() {
+        if let Some(admit) = self.owed.take() {
             // Cut upstream (an error, silence past the idle timeout, no final event) is
             // the target's failure; an answer that ended, or a client that left, is not.
             let failed = matches!(ending, Ending::Failed(_));
-            inner.breaker_stream_end(&self.model, admit, failed);
+            let key = super::dispatch::breaker_key(&self.model, self.deployment.as_ref());
+            inner.breaker_stream_end(&self.model, key, admit, failed);
         }
-        inner.commit(self.reservation.take(), cost).await;
+        drop(self.deployment.take());
+        let (total_usage, total_cost) = match self.prior {
+            Some((u, c)) => (u + usage, c + cost),
+            None => (usage, cost),
+        };
+        inner
+            .settle_use(&mut self.held, &mut self.admitted, &total_usage, total_cost)
+            .await;
         inner.target_settle(&self.model, self.target_charged, usage.total());
-        if let Some(l) = &inner.limiter {
-            if self.charged != usage.total() {
-                if let Err(e) = l.reconcile(&self.meta, self.charged, usage.total()).await {
-                    tracing::warn!(error = %e, "token reconciliation failed");
-                }
-            }
-        }
         let started_at = self.record.started_at;
         let mut rec = std::mem::replace(
             &mut self.record,
-            UsageRecord::new(started_at, &self.meta, true),
+            UsageRecord::new(started_at, &RequestMeta::default(), true),
         );
         rec.model = Some(self.model.name.clone());
         rec.provider = Some(self.provider.clone());
-        rec.usage = usage;
-        rec.cost = cost;
+        rec.usage = total_usage;
+        rec.cost = total_cost;
         let served = Served::Provider {
-            attempts: rec.attempts,
+            attempts: self.attempts,
             fallbacks: self.fallbacks,
-            escalated: false,
+            escalated: self.prior.is_some(),
         };
         rec.set_served(&served);
         let result = match ending {
@@ -202,7 +250,7 @@ impl Settle {
                     inner.cache_put(q, &resp).await;
                 }
                 end.usage = usage;
-                end.cost = cost;
+                end.cost = total_cost;
                 end.served = served;
                 end.guard_rejected = self.guard_rejected.take();
                 rec.outcome = Outcome::Provider;
@@ -224,7 +272,6 @@ impl Settle {
                 None
             }
         };
-        drop(self.slot.take());
         result
     }
 }
@@ -248,7 +295,7 @@ pub(super) fn metered(mut settle: Settle, first: StreamEvent, upstream: ChatStre
     let leader = settle.leader.take();
     let idle = settle
         .idle_timeout
-        .map(|d| (d, Box::pin(tokio::time::sleep(d))));
+        .map(|d| (d, Box::pin(tokio::time::sleep_until(super::after(d)))));
     let metered: ChatStream = Box::pin(Metered {
         idle,
         upstream,
@@ -262,24 +309,41 @@ pub(super) fn metered(mut settle: Settle, first: StreamEvent, upstream: ChatStre
 }
 
 impl Metered {
-    /// Counts `ev`'s output tokens and reports the limit it crosses, if any.
+    /// Counts the output so far and reports the limit it crosses, if any.
+    ///
+    /// The count runs over the accumulated text, so a token split across two deltas
+    /// counts once. Since the provider itself stops at `max_tokens` (it is sent with
+    /// the request), the token switch is a safety net for providers that ignore it.
+    /// With an exact tokenizer the count of the accumulated text is the provider's
+    /// count; with one tokenwise only approximates (Claude's), the switch leaves a
+    /// margin of a fifth for the approximation's error, so a stream is never cut
+    /// before `max_tokens`.
     fn over_limit(&mut self, ev: &StreamEvent) -> Option<Truncation> {
         let settle = self.settle.as_ref()?;
         if settle.max_tokens.is_none() && settle.max_cost.is_none() {
             return None;
         }
-        let text = match ev {
-            StreamEvent::TextDelta { text } => text.as_str(),
-            StreamEvent::ToolCallDelta(d) => d.arguments.as_str(),
+        let kind = settle.model.tokenizer;
+        let counter = &*settle.inner.counter;
+        match ev {
+            StreamEvent::TextDelta { .. } => {}
+            StreamEvent::ToolCallDelta(d) => {
+                self.delivered.tool_tokens += counter.count_text(&d.arguments, kind);
+            }
             _ => return None,
-        };
-        let counter = &settle.inner.counter;
-        self.delivered.out_tokens += counter.count_text(text, settle.model.tokenizer);
-        let out = self.delivered.out_tokens;
-        if let Some(max) = settle.max_tokens.filter(|m| out > *m) {
-            return Some(Truncation::OutputTokens { max_tokens: max });
         }
-        let cost = settle.model.cost(&Usage::new(settle.prompt_tokens, out));
+        let out = self.delivered.text_tokens(counter, kind) + self.delivered.tool_tokens;
+        if let Some(max) = settle.max_tokens {
+            let margin = match kind {
+                TokenizerKind::ClaudeApprox => max / 5 + 8,
+                _ => 0,
+            };
+            if out > max.saturating_add(margin) {
+                return Some(Truncation::OutputTokens { max_tokens: max });
+            }
+        }
+        let prior = settle.prior.map_or(Cost::ZERO, |(_, c)| c);
+        let cost = prior + settle.model.cost(&Usage::new(settle.prompt_tokens, out));
         settle
             .max_cost
             .filter(|m| cost > *m)
@@ -331,7 +395,7 @@ impl Stream for Metered {
                 None => match this.upstream.as_mut().poll_next(cx) {
                     Poll::Ready(next) => {
                         if let Some((d, sleep)) = &mut this.idle {
-                            sleep.as_mut().reset(tokio::time::Instant::now() + *d);
+                            sleep.as_mut().reset(super::after(*d));
                         }
                         next
                     }
@@ -401,7 +465,7 @@ impl Drop for Metered {
             (None, Some((fut, _))) => fut,
             (None, None) => return,
         };
-        super::run_detached(Box::pin(async move {
+        super::settle::run_detached(Box::pin(async move {
             fut.await;
         }));
     }

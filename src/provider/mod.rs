@@ -66,20 +66,41 @@ pub struct ProviderCall<'a> {
     pub request: &'a ChatRequest,
     /// The model to call.
     pub model: &'a ModelSpec,
+    /// The request's prompt tokens for the model's tokenizer, when the caller has
+    /// counted them already (the pipeline always has): providers use it instead of
+    /// counting the prompt again.
+    pub prompt_tokens: Option<u64>,
 }
 
 impl<'a> ProviderCall<'a> {
     /// A call of `request` on `model`.
     pub fn new(request: &'a ChatRequest, model: &'a ModelSpec) -> Self {
-        ProviderCall { request, model }
+        ProviderCall {
+            request,
+            model,
+            prompt_tokens: None,
+        }
+    }
+
+    /// The prompt's token count, as already counted for `model`'s tokenizer.
+    #[must_use]
+    pub fn with_prompt_tokens(mut self, tokens: u64) -> Self {
+        self.prompt_tokens = Some(tokens);
+        self
+    }
+
+    /// The prompt's tokens: the count carried by the call, else counted now.
+    pub(crate) fn count_prompt(&self) -> u64 {
+        use crate::context::{TiktokenCounter, TokenCounter};
+        self.prompt_tokens.unwrap_or_else(|| {
+            TiktokenCounter::new().count_request(self.request, self.model.tokenizer)
+        })
     }
 }
 
 /// The token charge of `call` for per-key quotas: prompt tokens plus output allowance.
 pub(crate) fn token_estimate(call: &ProviderCall<'_>) -> u64 {
-    use crate::context::{TiktokenCounter, TokenCounter};
-    TiktokenCounter::new().count_request(call.request, call.model.tokenizer)
-        + call.model.output_allowance(call.request.params.max_tokens)
+    call.count_prompt() + call.model.output_allowance(call.request.params.max_tokens)
 }
 
 /// Calls one model API.

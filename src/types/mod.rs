@@ -5,13 +5,15 @@ mod catalog;
 mod cost;
 mod request;
 mod response;
+mod scope;
 mod stream;
 
 pub use catalog::{Catalog, ModelSpec, TokenizerKind};
 pub use cost::{Cost, Price, Pricing};
 pub use request::{
     CacheMode, CachePolicy, ChatRequest, Document, GenerationParams, Message, Priority,
-    RequestMeta, ResponseFormat, Role, Scope, ScopeKind, Tier, Tool, ToolCall,
+    RequestMeta, ResponseFormat, Role, Tier, Tool, ToolCall,
 };
 pub use response::{ChatResponse, FinishReason, Served, Usage};
+pub use scope::{ANONYMOUS, Anonymous, Scope, ScopeKind};
 pub use stream::{ChatStream, StreamEnd, StreamEvent, ToolCallDelta, Truncation};

@@ -22,6 +22,22 @@ pub struct Usage {
     pub estimated: bool,
 }
 
+/// The usage of two calls together (estimated if either was).
+impl std::ops::Add for Usage {
+    type Output = Usage;
+
+    fn add(self, b: Usage) -> Usage {
+        Usage {
+            input_tokens: self.input_tokens.saturating_add(b.input_tokens),
+            output_tokens: self.output_tokens.saturating_add(b.output_tokens),
+            cached_input_tokens: self
+                .cached_input_tokens
+                .saturating_add(b.cached_input_tokens),
+            estimated: self.estimated || b.estimated,
+        }
+    }
+}
+
 impl Usage {
     /// Usage with `input` and `output` tokens.
     pub fn new(input_tokens: u64, output_tokens: u64) -> Self {

@@ -1,0 +1,134 @@
+//! The admit stage: bounded concurrency (shed at once), then rate limits on every
+//! scope of the request at once. What it grants is an [`Admitted`], which gives its
+//! token charge back however the request ends.
+
+use std::sync::Arc;
+
+use super::{Inner, Plan, run_detached};
+use crate::limiter::{Admission, wait_until_admitted};
+use crate::resilience::Slot;
+use crate::types::{Anonymous, RequestMeta, ScopeKind};
+use crate::{Error, Result};
+
+/// What admission granted: the concurrency slot and the token charge on the request's
+/// scopes. The charge is reconciled by [`settle`](Self::settle) to what the request
+/// used; an `Admitted` dropped unsettled (its request abandoned) reconciles it to what
+/// the request is known to have used by then (nothing before dispatch, the prompt
+/// after), so a refusal or a cancellation never keeps tokens it did not use.
+pub(super) struct Admitted {
+    inner: Arc<Inner>,
+    /// Released when the request ends.
+    _slot: Option<Slot>,
+    charged: u64,
+    /// The request's identity, kept only while there is a charge to reconcile.
+    meta: Option<RequestMeta>,
+    /// What the request has used if it is abandoned now.
+    on_drop: u64,
+}
+
+impl std::fmt::Debug for Admitted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admitted")
+            .field("charged", &self.charged)
+            .field("on_drop", &self.on_drop)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Admitted {
+    /// From now on an abandoned request has used `tokens` (its prompt, once sent).
+    pub(super) fn used_if_abandoned(&mut self, tokens: u64) {
+        self.on_drop = tokens;
+    }
+
+    /// Reconciles the charge to `actual` tokens; the slot is released when this is
+    /// dropped.
+    pub(super) async fn settle(&mut self, actual: u64) {
+        let Some(meta) = self.meta.take() else { return };
+        let charged = std::mem::take(&mut self.charged);
+        self.inner.reconcile_tokens(&meta, charged, actual).await;
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let Some(meta) = self.meta.take() else { return };
+        let (inner, charged, used) = (Arc::clone(&self.inner), self.charged, self.on_drop);
+        run_detached(Box::pin(async move {
+            inner.reconcile_tokens(&meta, charged, used).await;
+        }));
+    }
+}
+
+impl Inner {
+    pub(super) async fn admit(
+        self: &Arc<Self>,
+        meta: &RequestMeta,
+        plan: &Plan,
+    ) -> Result<Admitted> {
+        self.check_identity(meta)?;
+        let slot = match &self.concurrency {
+            Some(c) => Some(c.acquire(meta).await?),
+            None => None,
+        };
+        self.refuse_gate(meta).await?;
+        let charged = match &self.limiter {
+            Some(l) => {
+                let admission = Admission::new(meta, plan.token_estimate);
+                match self.wait_for_limits {
+                    Some(max_wait) => {
+                        wait_until_admitted(max_wait, || l.acquire(&admission)).await?
+                    }
+                    None => l.acquire(&admission).await?,
+                }
+                plan.token_estimate
+            }
+            None => 0,
+        };
+        Ok(Admitted {
+            inner: Arc::clone(self),
+            _slot: slot,
+            charged,
+            meta: (charged > 0).then(|| meta.clone()),
+            on_drop: 0,
+        })
+    }
+
+    /// Under [`Anonymous::Refuse`], refuses a request that carries no identity for a
+    /// scope kind the pipeline's limits or caps use.
+    fn check_identity(&self, meta: &RequestMeta) -> Result<()> {
+        if self.anonymous != Anonymous::Refuse {
+            return Ok(());
+        }
+        match self
+            .identity_scopes
+            .iter()
+            .find(|k| k.identity(meta).is_none())
+        {
+            Some(kind) => Err(Error::InvalidRequest(format!(
+                "the request has no {kind} identity, which this pipeline's limits and caps require"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Reconciles a token charge on `meta`'s scopes to `actual`.
+    pub(super) async fn reconcile_tokens(&self, meta: &RequestMeta, charged: u64, actual: u64) {
+        if let (Some(l), true) = (&self.limiter, charged != actual) {
+            if let Err(e) = l.reconcile(meta, charged, actual).await {
+                tracing::warn!(error = %e, "token reconciliation failed");
+            }
+        }
+    }
+}
+
+/// The scope kinds a set of limits and caps uses, without global (always known).
+pub(super) fn identity_kinds(kinds: impl IntoIterator<Item = ScopeKind>) -> Vec<ScopeKind> {
+    let mut out: Vec<ScopeKind> = kinds
+        .into_iter()
+        .filter(|k| *k != ScopeKind::Global)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}

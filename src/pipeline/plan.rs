@@ -1,0 +1,128 @@
+//! The plan stage: validate the request, let the router name the candidate models,
+//! count the prompt once per tokenizer, and work out the worst case. Pure: no I/O, no
+//! charge.
+
+use std::sync::Arc;
+
+use super::Inner;
+use crate::cache::{CacheQuery, GuardRejection};
+use crate::router::RoutePlan;
+use crate::types::{CacheMode, ChatRequest, Cost, ModelSpec, TokenizerKind};
+use crate::{Error, Result};
+
+/// What the plan stage learns about a request, computed once and shared by every later
+/// stage: the router's targets, the prompt's token counts (used by admission, the
+/// budget, the context check and the providers), the worst case and the cache query.
+#[derive(Debug)]
+pub(super) struct Plan {
+    pub(super) route: RoutePlan,
+    /// Prompt tokens per tokenizer kind of the candidate models.
+    pub(super) prompt_tokens: Vec<(TokenizerKind, u64)>,
+    /// The token charge for admission: prompt plus output allowance on the primary.
+    pub(super) token_estimate: u64,
+    /// The most the request may cost on any candidate (plus escalation, if validated).
+    pub(super) worst_case: Cost,
+    /// The prompt's cost on the primary target: what a call abandoned mid-flight is
+    /// charged, since the provider received the prompt.
+    pub(super) prompt_cost: Cost,
+    pub(super) cache: Option<CacheQuery>,
+    /// False under `CacheMode::Refresh`: the answer is written, never read.
+    pub(super) cache_read: bool,
+    /// A semantic match a cache guard refused, reported on the answer.
+    pub(super) guard_rejected: Option<GuardRejection>,
+    /// Whether a validator judges the first tier's answer (and may escalate).
+    pub(super) validated: bool,
+}
+
+impl Plan {
+    pub(super) fn prompt_tokens(&self, kind: TokenizerKind) -> u64 {
+        count_for(&self.prompt_tokens, kind)
+    }
+
+    /// The primary target's prompt tokens.
+    pub(super) fn primary_prompt_tokens(&self) -> u64 {
+        self.route
+            .targets
+            .first()
+            .map_or(0, |m| self.prompt_tokens(m.tokenizer))
+    }
+}
+
+/// The count for tokenizer `kind` in per-tokenizer `counts` (0 if absent).
+fn count_for(counts: &[(TokenizerKind, u64)], kind: TokenizerKind) -> u64 {
+    counts
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map_or(0, |(_, n)| *n)
+}
+
+impl Inner {
+    pub(super) fn plan(&self, req: &ChatRequest) -> Result<Plan> {
+        req.validate()?;
+        let route = self.router.route(req, &self.catalog)?;
+        let Some(primary) = route.targets.first() else {
+            return Err(Error::InvalidRequest(
+                "the router returned no target".into(),
+            ));
+        };
+        let validated = self.validator.is_some() && !route.escalation.is_empty();
+        let mut prompt_tokens: Vec<(TokenizerKind, u64)> = Vec::with_capacity(2);
+        let escalation: &[Arc<ModelSpec>] = if validated { &route.escalation } else { &[] };
+        let mut worst = Cost::ZERO;
+        // With hedging two targets may run at once: reserve for both.
+        let mut second = Cost::ZERO;
+        let mut worst_escalation = Cost::ZERO;
+        for (i, m) in route.targets.iter().chain(escalation).enumerate() {
+            let n = match prompt_tokens.iter().find(|(k, _)| *k == m.tokenizer) {
+                Some((_, n)) => *n,
+                None => {
+                    let n = self.counts.count_request(&*self.counter, req, m.tokenizer);
+                    prompt_tokens.push((m.tokenizer, n));
+                    n
+                }
+            };
+            let c = m.worst_case_cost(n, req.params.max_tokens);
+            if i < route.targets.len() {
+                if c > worst {
+                    second = worst;
+                    worst = c;
+                } else {
+                    second = second.max(c);
+                }
+            } else {
+                worst_escalation = worst_escalation.max(c);
+            }
+        }
+        let primary_prompt = count_for(&prompt_tokens, primary.tokenizer);
+        let token_estimate = primary_prompt + primary.output_allowance(req.params.max_tokens);
+        let prompt_cost = primary.pricing.input.cost_of(primary_prompt);
+        let cache = match &self.cache {
+            // A routed request is keyed by the model the router chose, never by
+            // `auto`: an answer from a cheaper model is not served to a request routed
+            // to a better one.
+            Some(_) => CacheQuery::for_model(
+                req,
+                self.cache_scope,
+                req.model.as_deref().unwrap_or(&primary.name),
+            ),
+            None => None,
+        };
+        Ok(Plan {
+            route,
+            prompt_tokens,
+            token_estimate,
+            worst_case: worst
+                + worst_escalation
+                + if self.hedge.is_some() {
+                    second
+                } else {
+                    Cost::ZERO
+                },
+            prompt_cost,
+            cache,
+            cache_read: req.meta.cache.mode == CacheMode::Use,
+            guard_rejected: None,
+            validated,
+        })
+    }
+}

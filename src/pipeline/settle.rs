@@ -1,0 +1,104 @@
+//! Settling: what a request used is committed to the budget and reconciled with the
+//! token limits, a complete answer is stored, and one usage record is written, built
+//! from how the request ended. Whole answers settle here when the funnel returns;
+//! streams when they end (see `stream.rs`), through the same functions.
+
+use super::Inner;
+use super::admit::Admitted;
+use super::budget::Held;
+use crate::observe::{self, Outcome, UsageRecord};
+use crate::types::{ChatResponse, Cost, Usage};
+
+/// Runs settlement work from a destructor: in-memory backends finish in one poll, here
+/// and now; the rest continues on the tokio runtime.
+pub(crate) fn run_detached(
+    mut fut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+) {
+    use futures_util::FutureExt;
+    if fut.as_mut().now_or_never().is_none() {
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(fut);
+            }
+            Err(_) => tracing::error!("settlement abandoned: no tokio runtime to finish it on"),
+        }
+    }
+}
+
+/// The usage record of a whole call: written by `chat` when the funnel returns, or by
+/// this guard's destructor when the caller drops the call first, as a `cancelled`
+/// error with what the call was charged (the prompt, once it was sent).
+pub(super) struct Recording<'a> {
+    pub(super) inner: &'a Inner,
+    pub(super) rec: Option<UsageRecord>,
+}
+
+impl Drop for Recording<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rec) = self.rec.take() {
+            rec.outcome = Outcome::Error("cancelled".into());
+            self.inner
+                .record(rec, &tracing::Span::current(), Some("cancelled"));
+        }
+    }
+}
+
+impl UsageRecord {
+    /// Notes an answer: who gave it and how it was served (what it used and cost is
+    /// set by the funnel, which knows every call behind it).
+    pub(super) fn set_answer(&mut self, r: &ChatResponse) {
+        self.model = Some(r.model.clone());
+        self.provider = Some(r.provider.clone());
+        self.outcome = if r.served.is_cache_hit() {
+            Outcome::CacheHit
+        } else {
+            Outcome::Provider
+        };
+        self.set_served(&r.served);
+        self.guard_rejections = self
+            .guard_rejections
+            .max(u32::from(r.guard_rejected.is_some()));
+    }
+
+    /// From dispatch on, a dropped call has sent its prompt: that is what it used.
+    pub(super) fn used_if_abandoned(&mut self, prompt_tokens: u64, prompt_cost: Cost) {
+        self.usage = Usage::new(prompt_tokens, 0).estimated();
+        self.cost = prompt_cost;
+    }
+}
+
+impl Inner {
+    /// Commits `cost` on the reservation and reconciles the token charge to `usage`.
+    pub(super) async fn settle_use(
+        &self,
+        held: &mut Held,
+        admitted: &mut Admitted,
+        usage: &Usage,
+        cost: Cost,
+    ) {
+        held.commit(cost).await;
+        admitted.settle(usage.total()).await;
+    }
+
+    /// Writes the usage record: its latency, the span, the sink and the in-memory report.
+    pub(super) fn record(&self, mut rec: UsageRecord, span: &tracing::Span, finish: Option<&str>) {
+        rec.latency = self.clock.now().saturating_since(rec.started_at);
+        observe::finish(span, &mut rec, finish);
+        if let Some(s) = &self.sink {
+            s.record(&rec);
+        }
+        self.usage.record_owned(rec);
+    }
+
+    /// Records an answer served to a stream from the cache, a stale entry or a
+    /// validated first tier.
+    pub(super) fn record_answer(
+        &self,
+        mut rec: UsageRecord,
+        r: &ChatResponse,
+        span: &tracing::Span,
+    ) {
+        rec.set_answer(r);
+        self.record(rec, span, Some(&r.finish_reason.to_string()));
+    }
+}
