@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokenwise::observe::eval::{Evaluator, GoldenSet};
+use tokenwise::eval::{Evaluator, GoldenSet};
 use tokenwise::provider::SimulatedProvider;
 use tokenwise::router::{FnValidator, Verdict};
 use tokenwise::{ChatRequest, ChatResponse, Pipeline};

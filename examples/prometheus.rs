@@ -29,8 +29,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use tokenwise::budget::BudgetSampler;
 use tokenwise::budget::BudgetWindow;
-use tokenwise::observe::BudgetSampler;
 use tokenwise::observe::metrics as m;
 use tokenwise::provider::SimulatedProvider;
 use tokenwise::router::{FnValidator, Verdict};

@@ -82,6 +82,7 @@ pub mod cache;
 pub mod clock;
 pub mod context;
 mod error;
+pub mod eval;
 pub mod limiter;
 pub mod observe;
 pub mod pipeline;
@@ -127,4 +128,5 @@ type _ObjectSafe = (
     Box<dyn TokenCounter>,
     Box<dyn Clock>,
     Box<dyn observe::UsageSink>,
+    Box<dyn context::Summarizer>,
 );

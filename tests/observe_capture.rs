@@ -657,7 +657,7 @@ async fn the_budget_sampler_tracks_spend() {
         )
         .build()
         .unwrap();
-    let sampler = tokenwise::observe::BudgetSampler::spawn(
+    let sampler = tokenwise::budget::BudgetSampler::spawn(
         pipe.clone(),
         vec![tokenwise::RequestMeta::default()],
         Duration::from_secs(10),
@@ -675,7 +675,7 @@ async fn the_budget_sampler_tracks_spend() {
     assert!((ratio - want).abs() < 1e-12, "{ratio} vs {want}");
     drop(sampler);
     assert!(
-        tokenwise::observe::BudgetSampler::spawn(pipe, vec![], Duration::ZERO).is_err(),
+        tokenwise::budget::BudgetSampler::spawn(pipe, vec![], Duration::ZERO).is_err(),
         "a zero period is refused"
     );
 }

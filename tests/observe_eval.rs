@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokenwise::observe::eval::{Evaluator, GoldenQuery, GoldenSet};
+use tokenwise::eval::{Evaluator, GoldenQuery, GoldenSet};
 use tokenwise::provider::SimulatedProvider;
 use tokenwise::router::{FnValidator, Verdict};
 use tokenwise::{ChatRequest, ChatResponse, Pipeline};
@@ -75,7 +75,7 @@ async fn the_golden_set_scores_pass_rate_cost_and_latency() {
 
     // the report serializes for a CI artifact
     let json = serde_json::to_string(&report).unwrap();
-    let back: tokenwise::observe::eval::EvalReport = serde_json::from_str(&json).unwrap();
+    let back: tokenwise::eval::EvalReport = serde_json::from_str(&json).unwrap();
     assert_eq!(back, report);
 }
 

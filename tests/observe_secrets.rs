@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use tokenwise::budget::BudgetWindow;
-use tokenwise::observe::eval::{Evaluator, GoldenQuery, GoldenSet};
+use tokenwise::eval::{Evaluator, GoldenQuery, GoldenSet};
 use tokenwise::observe::{JsonlSink, metrics as m};
 use tokenwise::provider::{Provider, ProviderCall, SimulatedProvider};
 use tokenwise::resilience::RetryPolicy;

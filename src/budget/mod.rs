@@ -11,6 +11,7 @@ mod layer;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
+mod sampler;
 
 use std::fmt;
 use std::time::Duration;
@@ -22,6 +23,7 @@ pub use layer::{BudgetLayer, BudgetService};
 pub use memory::{AlertHook, MemoryBudget, MemoryBudgetBuilder};
 #[cfg(feature = "redis")]
 pub use redis::RedisBudget;
+pub use sampler::{BudgetSampler, MAX_SAMPLED_SCOPES};
 
 use crate::Result;
 use crate::clock::Timestamp;

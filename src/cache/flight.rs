@@ -52,22 +52,7 @@ impl<V> Map<V> {
 
 /// Coalesces concurrent work on the same [`CacheKey`]. Cheap to clone; clones share
 /// the flights.
-///
-/// ```
-/// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// use tokenwise::cache::{CacheKey, Join, SingleFlight};
-///
-/// let flights: SingleFlight<String> = SingleFlight::new(1_000, 100);
-/// let key = CacheKey::from_bytes([7; 32]);
-/// let Join::Leader(leader) = flights.join(key) else { unreachable!() };
-/// let Join::Follower(follower) = flights.join(key) else { unreachable!() };
-/// leader.publish("the answer".to_owned());
-/// drop(leader); // the flight is over: the next request on `key` leads again
-/// assert_eq!(follower.wait().await.as_deref(), Some("the answer"));
-/// assert!(matches!(flights.join(key), Join::Leader(_)));
-/// # }
-/// ```
-pub struct SingleFlight<V> {
+pub(crate) struct SingleFlight<V> {
     map: Arc<Map<V>>,
 }
 
@@ -98,7 +83,7 @@ impl<V> Default for SingleFlight<V> {
 
 /// The role of a request in a flight.
 #[derive(Debug)]
-pub enum Join<V> {
+pub(crate) enum Join<V> {
     /// First on this key: do the work, then [`publish`](Leader::publish).
     Leader(Leader<V>),
     /// The key is in flight: [`wait`](Follower::wait) for the leader.
@@ -110,7 +95,7 @@ pub enum Join<V> {
 impl<V> SingleFlight<V> {
     /// A flight map of at most `max_keys` keys and `max_waiters` followers a key (zero
     /// turns coalescing off).
-    pub fn new(max_keys: usize, max_waiters: usize) -> Self {
+    pub(crate) fn new(max_keys: usize, max_waiters: usize) -> Self {
         SingleFlight {
             map: Arc::new(Map {
                 flights: Mutex::new(HashMap::new()),
@@ -121,12 +106,12 @@ impl<V> SingleFlight<V> {
     }
 
     /// Keys in flight.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.map.lock().len()
     }
 
     /// Joins the flight on `key`, or starts it.
-    pub fn join(&self, key: CacheKey) -> Join<V> {
+    pub(crate) fn join(&self, key: CacheKey) -> Join<V> {
         let mut flights = self.map.lock();
         if let Some(slot) = flights.get(&key) {
             let n = slot.waiters.fetch_add(1, Ordering::AcqRel);
@@ -159,7 +144,7 @@ impl<V> SingleFlight<V> {
 
 /// The request doing the work for a key. Dropping it ends the flight: followers that
 /// got nothing published go on alone.
-pub struct Leader<V> {
+pub(crate) struct Leader<V> {
     map: Arc<Map<V>>,
     key: CacheKey,
     slot: Arc<Slot<V>>,
@@ -177,12 +162,12 @@ impl<V> fmt::Debug for Leader<V> {
 
 impl<V> Leader<V> {
     /// Hands `value` to every follower, present and future, until the leader is dropped.
-    pub fn publish(&self, value: V) {
+    pub(crate) fn publish(&self, value: V) {
         self.tx.send_replace(Some(value));
     }
 
     /// Followers waiting or reading.
-    pub fn waiters(&self) -> usize {
+    pub(crate) fn waiters(&self) -> usize {
         self.slot.waiters.load(Ordering::Acquire)
     }
 }
@@ -200,7 +185,7 @@ impl<V> Drop for Leader<V> {
 }
 
 /// A request waiting for its leader.
-pub struct Follower<V> {
+pub(crate) struct Follower<V> {
     rx: watch::Receiver<Option<V>>,
     slot: Arc<Slot<V>>,
 }
@@ -220,7 +205,7 @@ impl<V> Drop for Follower<V> {
 impl<V> Follower<V> {
     /// What the leader published, or `None` when it ended without publishing (it
     /// failed, or its answer may not be shared): then do the work alone.
-    pub async fn wait(self) -> Option<V>
+    pub(crate) async fn wait(self) -> Option<V>
     where
         V: Clone,
     {
@@ -229,7 +214,7 @@ impl<V> Follower<V> {
 
     /// Like [`wait`](Self::wait), applying `f` to the value while still counted as a
     /// waiter (so a shared stream cannot end for lack of readers in between).
-    pub async fn wait_with<R>(mut self, f: impl FnOnce(&V) -> R) -> Option<R> {
+    pub(crate) async fn wait_with<R>(mut self, f: impl FnOnce(&V) -> R) -> Option<R> {
         match self.rx.wait_for(Option::is_some).await {
             Ok(v) => v.as_ref().map(f),
             Err(_) => None,
@@ -255,7 +240,7 @@ struct Buffer {
 /// One upstream stream, recorded for every reader: the leader's own stream feeds it as
 /// the leader reads; [`subscribe`](Self::subscribe) replays it from the start and then
 /// follows it live.
-pub struct SharedStream {
+pub(crate) struct SharedStream {
     buffer: Mutex<Buffer>,
     version: watch::Sender<u64>,
     readers: AtomicUsize,
@@ -273,7 +258,7 @@ impl fmt::Debug for SharedStream {
 }
 
 /// Called once with the final event a follower reads.
-pub type OnEnd = Box<dyn FnOnce(&StreamEnd) + Send>;
+pub(crate) type OnEnd = Box<dyn FnOnce(&StreamEnd) + Send>;
 
 impl SharedStream {
     fn new() -> Arc<Self> {
@@ -346,14 +331,14 @@ impl SharedStream {
     }
 
     /// Readers still attached (the leader's own included).
-    pub fn readers(&self) -> usize {
+    pub(crate) fn readers(&self) -> usize {
         self.readers.load(Ordering::Acquire)
     }
 
     /// A follower's view: every event from the start, then live ones, ending like the
     /// upstream. The final event reports the answer as served by the cache (no cost,
     /// the tokens and cost saved), and `on_end` is called with it.
-    pub fn subscribe(self: &Arc<Self>, on_end: Option<OnEnd>) -> ChatStream {
+    pub(crate) fn subscribe(self: &Arc<Self>, on_end: Option<OnEnd>) -> ChatStream {
         self.readers.fetch_add(1, Ordering::AcqRel);
         let reader = Reader {
             shared: Arc::clone(self),
@@ -451,7 +436,7 @@ impl Reader {
 /// If the leader drops its stream while followers are still reading, the rest of the
 /// upstream is read on a spawned task so that they get the whole answer; without
 /// followers, dropping it drops the upstream at once, as it would without sharing.
-pub fn share_stream(upstream: ChatStream, leader: Leader<Arc<SharedStream>>) -> ChatStream {
+pub(crate) fn share_stream(upstream: ChatStream, leader: Leader<Arc<SharedStream>>) -> ChatStream {
     let shared = SharedStream::new();
     leader.publish(Arc::clone(&shared));
     Box::pin(Tee {
@@ -564,6 +549,22 @@ async fn drive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_follower_gets_the_leaders_answer_and_the_next_request_leads() {
+        let flights: SingleFlight<String> = SingleFlight::new(1_000, 100);
+        let key = CacheKey::from_bytes([7; 32]);
+        let Join::Leader(leader) = flights.join(key) else {
+            panic!("the first request leads")
+        };
+        let Join::Follower(follower) = flights.join(key) else {
+            panic!("the second follows")
+        };
+        leader.publish("the answer".to_owned());
+        drop(leader);
+        assert_eq!(follower.wait().await.as_deref(), Some("the answer"));
+        assert!(matches!(flights.join(key), Join::Leader(_)));
+    }
     use crate::types::{FinishReason, Usage};
 
     fn key(b: u8) -> CacheKey {

@@ -38,10 +38,8 @@ use serde::{Deserialize, Serialize};
 #[cfg(feature = "local-embeddings")]
 pub use embed::MiniLmEmbedder;
 pub use embed::{CachedEmbedder, Embedder, HashingEmbedder};
-pub use flight::{
-    Follower, Join, Leader, MAX_SHARED_STREAM_BYTES, MAX_SHARED_STREAM_EVENTS, OnEnd, SharedStream,
-    SingleFlight, share_stream,
-};
+pub(crate) use flight::{Join, Leader, OnEnd, SharedStream, SingleFlight, share_stream};
+pub use flight::{MAX_SHARED_STREAM_BYTES, MAX_SHARED_STREAM_EVENTS};
 pub use guards::{GuardKind, GuardRejection, Guards};
 pub use index::{IndexConfig, Quantization, VectorIndex};
 pub use key::{CacheKey, CacheQuery};

@@ -45,10 +45,10 @@ impl RateLimitLayer {
 }
 
 impl<S> Layer<S> for RateLimitLayer {
-    type Service = RateLimit<S>;
+    type Service = RateLimitService<S>;
 
-    fn layer(&self, inner: S) -> RateLimit<S> {
-        RateLimit {
+    fn layer(&self, inner: S) -> RateLimitService<S> {
+        RateLimitService {
             inner,
             layer: self.clone(),
         }
@@ -57,12 +57,12 @@ impl<S> Layer<S> for RateLimitLayer {
 
 /// The service made by [`RateLimitLayer`].
 #[derive(Debug, Clone)]
-pub struct RateLimit<S> {
+pub struct RateLimitService<S> {
     inner: S,
     layer: RateLimitLayer,
 }
 
-impl<S> RateLimit<S> {
+impl<S> RateLimitService<S> {
     /// The wrapped service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -74,7 +74,7 @@ impl<S> RateLimit<S> {
     }
 }
 
-impl<S> Service<ChatRequest> for RateLimit<S>
+impl<S> Service<ChatRequest> for RateLimitService<S>
 where
     S: Service<ChatRequest, Response = ChatResponse, Error = Error> + Clone + Send + 'static,
     S::Future: Send,

@@ -21,7 +21,7 @@ use async_trait::async_trait;
 
 pub(crate) use gcra::wait_until_admitted;
 pub use gcra::{GcraLimiter, GcraLimiterBuilder};
-pub use layer::{RateLimit, RateLimitLayer};
+pub use layer::{RateLimitLayer, RateLimitService};
 #[cfg(feature = "redis")]
 pub use redis::RedisLimiter;
 pub use target::{TargetLimits, TargetLimitsBuilder};

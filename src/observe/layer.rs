@@ -40,10 +40,10 @@ impl ObserveLayer {
 }
 
 impl<S> Layer<S> for ObserveLayer {
-    type Service = Observe<S>;
+    type Service = ObserveService<S>;
 
-    fn layer(&self, inner: S) -> Observe<S> {
-        Observe {
+    fn layer(&self, inner: S) -> ObserveService<S> {
+        ObserveService {
             inner,
             layer: self.clone(),
         }
@@ -52,12 +52,12 @@ impl<S> Layer<S> for ObserveLayer {
 
 /// The service made by [`ObserveLayer`].
 #[derive(Debug, Clone)]
-pub struct Observe<S> {
+pub struct ObserveService<S> {
     inner: S,
     layer: ObserveLayer,
 }
 
-impl<S> Observe<S> {
+impl<S> ObserveService<S> {
     /// The wrapped service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -69,7 +69,7 @@ impl<S> Observe<S> {
     }
 }
 
-impl<S> Service<ChatRequest> for Observe<S>
+impl<S> Service<ChatRequest> for ObserveService<S>
 where
     S: Service<ChatRequest, Response = ChatResponse, Error = Error> + Clone + Send + 'static,
     S::Future: Send,

@@ -31,7 +31,7 @@
 //! Cardinality is bounded: no label carries a user, organisation or request id; model,
 //! provider, status and mode labels each keep at most [`MAX_LABEL_VALUES`] distinct
 //! values (later ones are reported as `other`) of at most 64 bytes. The budget gauges
-//! are labelled with the scopes *you* sample (see [`BudgetSampler`]), bounded the same
+//! are labelled with the scopes *you* sample (see [`BudgetSampler`](crate::budget::BudgetSampler)), bounded the same
 //! way.
 //!
 //! The circuit-breaker gauge is set after every call through a breaker (pipelines built
@@ -52,10 +52,10 @@ use ::metrics::{
 use futures_core::Stream;
 
 use super::{Outcome, UsageRecord};
+use crate::Result;
 use crate::budget::CapStatus;
 use crate::resilience::BreakerState;
-use crate::types::{ChatStream, RequestMeta, StreamEvent};
-use crate::{Error, Pipeline, Result};
+use crate::types::{ChatStream, StreamEvent};
 
 /// `tokenwise_requests_total`: requests by `model`, `status` and `cache`.
 pub const REQUESTS: &str = "tokenwise_requests_total";
@@ -439,90 +439,6 @@ pub fn record_budget_status(caps: &[CapStatus]) {
         gauge!(BUDGET_RESERVED, "scope" => scope.clone(), "window" => window)
             .set(cap.reserved.as_dollars_f64());
         gauge!(BUDGET_LIMIT, "scope" => scope, "window" => window).set(cap.limit.as_dollars_f64());
-    }
-}
-
-/// The most scopes one [`BudgetSampler`] watches.
-pub const MAX_SAMPLED_SCOPES: usize = 1_000;
-
-/// Samples spend caps into the budget gauges on a timer, off the request path.
-///
-/// Each tick asks the pipeline's budget for the standing of every cap that applies to
-/// each of the given request metadata (a default [`RequestMeta`] covers the global
-/// caps; one with `org` set adds that organisation's) and calls
-/// [`record_budget_status`]. The task stops when the sampler is dropped.
-///
-/// ```
-/// # #[tokio::main(flavor = "current_thread")] async fn main() -> tokenwise::Result<()> {
-/// use std::time::Duration;
-/// use tokenwise::budget::BudgetWindow;
-/// use tokenwise::observe::BudgetSampler;
-/// use tokenwise::provider::SimulatedProvider;
-/// use tokenwise::{ChatRequest, Cost, Pipeline, RequestMeta, ScopeKind};
-///
-/// let pipeline = Pipeline::builder()
-///     .provider(SimulatedProvider::new())
-///     .default_model("gpt-4o-mini")
-///     .spend_cap(ScopeKind::Global, Cost::from_dollars(50), BudgetWindow::Day)
-///     .build()?;
-/// let acme = ChatRequest::new().org("acme").meta; // the caps that apply to acme
-/// let _sampler = BudgetSampler::spawn(
-///     pipeline.clone(),
-///     vec![RequestMeta::default(), acme],
-///     Duration::from_secs(15),
-/// )?;
-/// # Ok(()) }
-/// ```
-#[derive(Debug)]
-pub struct BudgetSampler {
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl BudgetSampler {
-    /// Samples the caps that apply to each of `scopes` every `every`, starting now, on
-    /// the current tokio runtime. Fails with [`Error::Config`] outside a runtime, for a
-    /// zero period, or for more than [`MAX_SAMPLED_SCOPES`] scopes.
-    pub fn spawn(pipeline: Pipeline, scopes: Vec<RequestMeta>, every: Duration) -> Result<Self> {
-        if every.is_zero() {
-            return Err(Error::Config(
-                "the budget sampling period must be positive".into(),
-            ));
-        }
-        if scopes.len() > MAX_SAMPLED_SCOPES {
-            return Err(Error::Config(format!(
-                "a budget sampler watches at most {MAX_SAMPLED_SCOPES} scopes, got {}",
-                scopes.len()
-            )));
-        }
-        let handle = tokio::runtime::Handle::try_current().map_err(|_| {
-            Error::Config("a budget sampler needs a tokio runtime to run on".into())
-        })?;
-        let task = handle.spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                Self::sample(&pipeline, &scopes).await;
-            }
-        });
-        Ok(BudgetSampler { task })
-    }
-
-    /// Samples once: records the standing of every cap that applies to each of
-    /// `scopes`. A budget backend that fails is logged and skipped.
-    pub async fn sample(pipeline: &Pipeline, scopes: &[RequestMeta]) {
-        for meta in scopes {
-            match pipeline.budget_status(meta).await {
-                Ok(caps) => record_budget_status(&caps),
-                Err(e) => tracing::warn!(error = %e, "budget sampling failed"),
-            }
-        }
-    }
-}
-
-impl Drop for BudgetSampler {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 

@@ -28,7 +28,6 @@
 //! [`eval`] runs a set of golden queries through a pipeline and scores the answers, for
 //! a check in CI before a deployment.
 
-pub mod eval;
 mod jsonl;
 mod layer;
 mod memory;
@@ -41,9 +40,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use jsonl::{JsonlSink, JsonlStats, read_jsonl};
-pub use layer::{Observe, ObserveLayer};
+pub use layer::{ObserveLayer, ObserveService};
 pub use memory::{MemoryUsage, Totals, UsageReport};
-pub use metrics::BudgetSampler;
 
 pub(crate) use metrics::{InFlight, track_stream};
 pub(crate) use span::{Attempt, finish, request_span};
@@ -269,16 +267,16 @@ pub trait UsageSink: Send + Sync + fmt::Debug {
     fn record(&self, record: &UsageRecord);
 }
 
-mod duration_ns {
+pub(crate) mod duration_ns {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(crate::clock::duration_nanos(*d))
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         u64::deserialize(d).map(Duration::from_nanos)
     }
 }

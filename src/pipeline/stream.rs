@@ -234,7 +234,7 @@ impl Settle {
             escalated: self.prior.is_some(),
         };
         rec.set_served(&served);
-        let result = match ending {
+        match ending {
             Ending::Done(mut end) => {
                 if let (Some(q), true) = (&self.cache, end.finish_reason.is_complete()) {
                     let mut resp = ChatResponse::new(
@@ -271,8 +271,7 @@ impl Settle {
                 );
                 None
             }
-        };
-        result
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::clock::{Clock, Timestamp, duration_nanos};
+use crate::clock::{Clock, duration_nanos};
 use crate::{Error, Result};
 
 /// Buckets of the failure-rate window.
@@ -128,7 +128,7 @@ impl Breaker {
 
 /// What a breaker allowed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admit {
+pub(crate) enum Admit {
     /// A normal call.
     Call,
     /// A half-open probe: its outcome decides the breaker.
@@ -194,7 +194,7 @@ impl Breakers {
 
     /// Asks to call `target`. Open: refused with the time until it half-opens.
     /// Half-open: a limited number of probes pass.
-    pub fn admit(&self, target: &str) -> std::result::Result<Admit, Duration> {
+    pub(crate) fn admit(&self, target: &str) -> std::result::Result<Admit, Duration> {
         let now = self.clock.now().as_nanos();
         let mut map = self.lock();
         if !map.contains_key(target) {
@@ -227,7 +227,7 @@ impl Breakers {
     }
 
     /// Records a call's outcome: `failed` for target failures only.
-    pub fn record(&self, target: &str, admit: Admit, failed: bool) {
+    pub(crate) fn record(&self, target: &str, admit: Admit, failed: bool) {
         let now = self.clock.now().as_nanos();
         let cfg = self.config;
         let mut map = self.lock();
@@ -286,7 +286,7 @@ impl Breakers {
     /// [`record`](Self::record) for a probe (a normal call's stream is judged only
     /// here). Cut upstream (`failed`), a stream is a failure of its target whatever
     /// admitted it; a probe's clean end adds nothing, its first event was its verdict.
-    pub fn record_stream_end(&self, target: &str, admit: Admit, failed: bool) {
+    pub(crate) fn record_stream_end(&self, target: &str, admit: Admit, failed: bool) {
         match admit {
             Admit::Call => self.record(target, Admit::Call, failed),
             Admit::Probe if failed => self.record(target, Admit::Call, true),
@@ -296,7 +296,7 @@ impl Breakers {
 
     /// Gives back a probe whose call was abandoned before it had an outcome, so the
     /// breaker does not wait forever for its verdict.
-    pub fn cancel(&self, target: &str, admit: Admit) {
+    pub(crate) fn cancel(&self, target: &str, admit: Admit) {
         if admit != Admit::Probe {
             return;
         }
@@ -307,28 +307,13 @@ impl Breakers {
             }
         }
     }
-
-    /// The soonest any of `targets` half-opens, if all are open.
-    pub fn soonest_retry(&self, targets: &[&str]) -> Option<Duration> {
-        let now = self.clock.now();
-        let map = self.lock();
-        targets
-            .iter()
-            .map(|t| match map.get(*t) {
-                Some(b) if b.state == BreakerState::Open => {
-                    Some(Timestamp::from_nanos(b.open_until).saturating_since(now))
-                }
-                _ => None,
-            })
-            .collect::<Option<Vec<_>>>()
-            .and_then(|v| v.into_iter().min())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use crate::clock::Timestamp;
 
     fn breakers(clock: &ManualClock, cfg: BreakerConfig) -> Breakers {
         Breakers::new(cfg, Arc::new(clock.clone())).unwrap()

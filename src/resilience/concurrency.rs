@@ -121,7 +121,7 @@ pub struct Concurrency {
 
 /// A slot in flight; dropping it lets the next request in.
 #[derive(Debug)]
-pub struct Slot {
+pub(crate) struct Slot {
     inner: Arc<Inner>,
     key: Option<String>,
 }
@@ -184,7 +184,7 @@ impl Concurrency {
 
     /// A slot for a request by `meta`: at once if one is free, else after waiting in its
     /// priority's queue (bounded in length and time), else `Overloaded`.
-    pub async fn acquire(&self, meta: &RequestMeta) -> Result<Slot> {
+    pub(crate) async fn acquire(&self, meta: &RequestMeta) -> Result<Slot> {
         let cfg = self.inner.cfg;
         let key = cfg
             .per_key
@@ -237,7 +237,7 @@ impl Concurrency {
     }
 
     /// Feeds a call's outcome to the adaptive limit.
-    pub fn feedback(&self, overloaded: bool, latency: Duration) {
+    pub(crate) fn feedback(&self, overloaded: bool, latency: Duration) {
         let cfg = self.inner.cfg;
         if !cfg.adaptive {
             return;

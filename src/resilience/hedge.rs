@@ -42,7 +42,7 @@ const SAMPLES: usize = 256;
 
 /// Recent successful-call latencies per target, for percentile hedging.
 #[derive(Debug, Clone, Default)]
-pub struct Latencies {
+pub(crate) struct Latencies {
     map: Arc<Mutex<HashMap<String, VecDeque<Duration>>>>,
 }
 
@@ -52,7 +52,7 @@ impl Latencies {
     }
 
     /// Records a successful call's latency.
-    pub fn record(&self, target: &str, latency: Duration) {
+    pub(crate) fn record(&self, target: &str, latency: Duration) {
         let mut map = self.lock();
         if !map.contains_key(target) && map.len() >= 1_024 {
             return;
@@ -65,7 +65,7 @@ impl Latencies {
     }
 
     /// The `p` percentile of `target`'s recent latencies, with at least 20 samples.
-    pub fn percentile(&self, target: &str, p: f64) -> Option<Duration> {
+    pub(crate) fn percentile(&self, target: &str, p: f64) -> Option<Duration> {
         let map = self.lock();
         let q = map.get(target)?;
         if q.len() < 20 {
@@ -78,7 +78,7 @@ impl Latencies {
     }
 
     /// The hedge delay for `target` under `hedge`.
-    pub fn delay(&self, hedge: Hedge, target: &str) -> Duration {
+    pub(crate) fn delay(&self, hedge: Hedge, target: &str) -> Duration {
         match hedge {
             Hedge::After(d) => d,
             Hedge::Percentile { p, fallback } => self.percentile(target, p).unwrap_or(fallback),

@@ -12,7 +12,10 @@ mod concurrency;
 mod hedge;
 mod retry;
 
-pub use breaker::{Admit, BreakerConfig, BreakerState, Breakers};
-pub use concurrency::{Concurrency, ConcurrencyConfig, Slot};
-pub use hedge::{Hedge, Latencies};
+pub(crate) use breaker::Admit;
+pub use breaker::{BreakerConfig, BreakerState, Breakers};
+pub(crate) use concurrency::Slot;
+pub use concurrency::{Concurrency, ConcurrencyConfig};
+pub use hedge::Hedge;
+pub(crate) use hedge::Latencies;
 pub use retry::{RetryBudget, RetryPolicy};

@@ -31,7 +31,7 @@
 //! ```
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() -> tokenwise::Result<()> {
-//! use tokenwise::observe::eval::{Evaluator, GoldenSet};
+//! use tokenwise::eval::{Evaluator, GoldenSet};
 //! use tokenwise::provider::SimulatedProvider;
 //! use tokenwise::Pipeline;
 //!
@@ -305,7 +305,7 @@ pub struct QueryResult {
     /// What the query cost.
     pub cost: Cost,
     /// How long it took.
-    #[serde(rename = "latency_ns", with = "super::duration_ns")]
+    #[serde(rename = "latency_ns", with = "crate::observe::duration_ns")]
     pub latency: Duration,
     /// Whether the cache answered.
     pub cache_hit: bool,
