@@ -77,6 +77,7 @@
 )]
 #![deny(rustdoc::broken_intra_doc_links)]
 
+pub mod batch;
 pub mod budget;
 pub mod cache;
 pub mod clock;
