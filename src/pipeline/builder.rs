@@ -91,6 +91,7 @@ pub struct PipelineBuilder {
     serve_stale: Option<Duration>,
     context: Option<ContextBudget>,
     deployments: HashMap<String, Deployments>,
+    batch: super::batch::BatchSetup,
 }
 
 impl Default for PipelineBuilder {
@@ -132,6 +133,7 @@ impl Default for PipelineBuilder {
             serve_stale: None,
             context: None,
             deployments: HashMap::new(),
+            batch: super::batch::BatchSetup::default(),
         }
     }
 }
@@ -223,6 +225,24 @@ impl PipelineBuilder {
     pub fn cache_scope(mut self, scope: CacheScope) -> Self {
         self.cache_scope = scope;
         self
+    }
+
+    /// Adds a provider batch API for the models of its provider name (see
+    /// [`Pipeline::batch`](super::Pipeline::batch)); replaces one of the same name.
+    pub fn batch_provider(mut self, p: impl crate::batch::BatchProvider + 'static) -> Self {
+        self.batch.add(Arc::new(p));
+        self
+    }
+
+    /// How the batch path runs (see [`BatchOptions`](super::BatchOptions)).
+    pub fn batch_options(mut self, options: super::BatchOptions) -> Self {
+        match options.check() {
+            Ok(()) => {
+                self.batch.set_options(options);
+                self
+            }
+            Err(e) => self.fail(e),
+        }
     }
 
     fn fail(mut self, e: Error) -> Self {
@@ -592,6 +612,7 @@ impl PipelineBuilder {
                 target_limits: self.target_limits,
                 degrade: self.degrade,
                 max_cost: self.max_cost,
+                batch: self.batch,
             }),
         })
     }

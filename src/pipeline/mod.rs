@@ -21,6 +21,7 @@
 //! request refused at any stage consumes nothing of the stages after it, and a token
 //! charge made by admission is refunded when a later stage refuses.
 
+mod batch;
 mod builder;
 mod dispatch;
 mod flight;
@@ -33,6 +34,10 @@ use std::time::Duration;
 
 use tracing::Instrument;
 
+pub use batch::{
+    BatchHandle, BatchJournal, BatchOptions, BatchOutcome, BatchProgress, JournalBatch, JournalItem,
+    WarmOptions, WarmReport,
+};
 pub use builder::PipelineBuilder;
 
 use crate::budget::{Budget, CapStatus, Degrade, Reservation};
@@ -104,6 +109,7 @@ pub(crate) struct Inner {
     /// Degrade thresholds in per cent, ascending.
     degrade: Vec<(u8, Degrade)>,
     max_cost: Option<Cost>,
+    batch: batch::BatchSetup,
 }
 
 /// What the plan stage learns about a request, computed once.
@@ -252,6 +258,9 @@ impl Pipeline {
 
     /// Asks for a whole answer.
     pub async fn chat(&self, req: ChatRequest) -> Result<ChatResponse> {
+        if self.defers(&req) {
+            return self.chat_deferred(req).await; // may wait for a provider batch
+        }
         let span = observe::request_span(&req, false);
         let inner = &self.inner;
         async move {
