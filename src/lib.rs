@@ -96,8 +96,10 @@ pub mod types;
 pub use clock::{Clock, ManualClock, Timestamp, TokioClock};
 pub use context::TokenCounter;
 pub use error::{BoxError, Error, ProviderError, ProviderErrorKind, RateLimits, Result};
+pub use pipeline::{
+    BatchHandle, BatchJournal, BatchOptions, BatchOutcome, BatchProgress, WarmOptions, WarmReport,
+};
 pub use pipeline::{Pipeline, PipelineBuilder};
-pub use pipeline::{BatchHandle, BatchJournal, BatchOptions, BatchOutcome, BatchProgress, WarmOptions, WarmReport};
 pub use provider::Provider;
 #[cfg(feature = "redis")]
 pub use redis_conn::{OnRedisError, RedisConnection};

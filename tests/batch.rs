@@ -80,7 +80,10 @@ async fn answers_every_item_at_half_the_live_cost_and_caches_them() {
     assert_eq!(live.calls(), 0, "nothing went the live way");
     let progress = handle.progress();
     assert!(progress.is_done());
-    assert_eq!((progress.answered, progress.sent, progress.open_batches), (6, 6, 0));
+    assert_eq!(
+        (progress.answered, progress.sent, progress.open_batches),
+        (6, 6, 0)
+    );
 
     // the same requests live cost twice as much (the simulated answers are the same)
     let mut batch_cost = Cost::ZERO;
@@ -163,7 +166,11 @@ async fn oversized_calls_are_split_by_count_and_by_bytes() {
     let out = p.batch(questions(10)).await.unwrap().collect().await;
     check_once(&out, 10);
     assert!(out.iter().all(|o| o.result.is_ok()));
-    assert!(batch.batches_submitted() >= 3, "{}", batch.batches_submitted());
+    assert!(
+        batch.batches_submitted() >= 3,
+        "{}",
+        batch.batches_submitted()
+    );
 
     // one request larger than a whole batch is its own error, the others go on
     let mut qs = questions(3);
@@ -177,7 +184,11 @@ async fn oversized_calls_are_split_by_count_and_by_bytes() {
 #[tokio::test(start_paused = true)]
 async fn failed_and_malformed_lines_become_per_item_errors() {
     let live = SimulatedProvider::new();
-    let batch = sim_batch().fail_every(4).malformed_every(5).build().unwrap();
+    let batch = sim_batch()
+        .fail_every(4)
+        .malformed_every(5)
+        .build()
+        .unwrap();
     let p = pipeline(&live, &batch);
     let out = p.batch(questions(10)).await.unwrap().collect().await;
     check_once(&out, 10);
@@ -268,7 +279,10 @@ async fn the_batch_quota_holds_later_batches_until_earlier_ones_end() {
         .await;
     check_once(&out, 6);
     assert_eq!(batch.batches_submitted(), 3);
-    assert!(start.elapsed() >= Duration::from_secs(1800), "one after another");
+    assert!(
+        start.elapsed() >= Duration::from_secs(1800),
+        "one after another"
+    );
     assert!(handle.collect().await.is_empty());
 }
 
@@ -309,7 +323,13 @@ async fn a_stopped_call_resumes_from_its_journal_without_resubmitting() {
     assert_eq!(batch.batches_submitted(), 1, "nothing submitted again");
     assert_eq!(batch.requests_submitted(), 4);
     // and the resumed pipeline stored the answers
-    assert!(p2.chat(questions(5).remove(2)).await.unwrap().served.is_cache_hit());
+    assert!(
+        p2.chat(questions(5).remove(2))
+            .await
+            .unwrap()
+            .served
+            .is_cache_hit()
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -338,10 +358,7 @@ async fn bad_input_and_missing_setup_are_typed_errors() {
     let mut o = BatchOptions::default();
     o.poll_interval = Duration::ZERO;
     assert!(matches!(
-        Pipeline::builder()
-            .provider(live)
-            .batch_options(o)
-            .build(),
+        Pipeline::builder().provider(live).batch_options(o).build(),
         Err(Error::Config(_))
     ));
 }
@@ -377,7 +394,10 @@ async fn warming_stores_answers_skips_cached_ones_and_reports_the_cost() {
             .default_model(MODEL)
             .build()
             .unwrap();
-        lp.warm(more.clone(), WarmOptions::default()).await.unwrap().cost
+        lp.warm(more.clone(), WarmOptions::default())
+            .await
+            .unwrap()
+            .cost
     };
     let report = p
         .warm(more, WarmOptions::default().via_batch(true))
@@ -426,9 +446,7 @@ async fn deferrable_requests_are_gathered_into_one_batch() {
     let batch = sim_batch().build().unwrap();
     let p = defer_pipeline(&live, &batch);
     let wait = Duration::from_secs(4 * 3600);
-    let calls = questions(2)
-        .into_iter()
-        .map(|q| p.chat(q.deferrable(wait)));
+    let calls = questions(2).into_iter().map(|q| p.chat(q.deferrable(wait)));
     let start = tokio::time::Instant::now();
     let answers = futures_util::future::join_all(calls).await;
     for a in &answers {
@@ -474,7 +492,10 @@ async fn deferrable_requests_fall_back_to_a_live_call_when_a_batch_would_be_late
     // the deadline
     let wait = Duration::from_secs(3600);
     let start = tokio::time::Instant::now();
-    let r = p.chat(questions(2).remove(1).deferrable(wait)).await.unwrap();
+    let r = p
+        .chat(questions(2).remove(1).deferrable(wait))
+        .await
+        .unwrap();
     assert!(start.elapsed() < wait);
     assert_eq!(r.cost, p.catalog().require(MODEL).unwrap().cost(&r.usage));
     assert_eq!((live.calls(), batch.requests_submitted()), (2, 1));
@@ -509,7 +530,10 @@ async fn a_full_deferral_queue_refuses_with_overloaded() {
     tokio::task::yield_now().await;
     tokio::task::yield_now().await;
     let refused = p.chat(qs[2].clone().deferrable(wait)).await;
-    assert!(matches!(refused, Err(Error::Overloaded { .. })), "{refused:?}");
+    assert!(
+        matches!(refused, Err(Error::Overloaded { .. })),
+        "{refused:?}"
+    );
     assert!(a.await.unwrap().is_ok());
     assert!(b.await.unwrap().is_ok());
 }

@@ -15,10 +15,11 @@ use crate::provider::Anthropic;
 use crate::provider::http::classify_payload;
 use crate::{Error, Result};
 
-/// Anthropic's documented limits: 100,000 requests and 256 MB.
+/// Anthropic's documented limits: 100,000 requests and 256 MB (less the body's
+/// envelope, which the measure of [`BatchLimits::max_bytes`] leaves out).
 const ANTHROPIC_LIMITS: BatchLimits = BatchLimits {
     max_requests: 100_000,
-    max_bytes: 256 * 1_000_000,
+    max_bytes: 256 * 1_000_000 - 64,
 };
 
 /// The batch client for Anthropic's Message Batches, over an [`Anthropic`] provider:
@@ -187,17 +188,19 @@ impl BatchProvider for AnthropicBatch {
             )));
         }
         let mut body = b"{\"requests\":[".to_vec();
+        let mut measured = 0usize;
         for (i, c) in calls.iter().enumerate() {
             if i > 0 {
                 body.push(b',');
             }
-            body.extend_from_slice(&self.encode(c)?);
+            let entry = self.encode(c)?;
+            measured += entry.len() + 1;
+            body.extend_from_slice(&entry);
         }
         body.extend_from_slice(b"]}");
-        if body.len() > self.limits.max_bytes {
+        if measured > self.limits.max_bytes {
             return Err(Error::InvalidRequest(format!(
-                "the batch of {} bytes exceeds the limit of {} bytes",
-                body.len(),
+                "the batch of {measured} bytes exceeds the limit of {} bytes",
                 self.limits.max_bytes
             )));
         }

@@ -39,7 +39,9 @@ use crate::{Error, Result};
 pub struct BatchLimits {
     /// Requests in one batch.
     pub max_requests: usize,
-    /// Bytes of encoded requests in one batch (the JSONL file, or the request body).
+    /// Bytes in one batch, counted as the sum over its requests of their encoded length
+    /// ([`BatchProvider::encode`]) plus one (the newline or separator): the size of the
+    /// JSONL file, or of the request body less its envelope.
     pub max_bytes: usize,
 }
 

@@ -86,7 +86,12 @@ impl OpenAiBatch {
     }
 
     /// Sends a request and reads its JSON answer.
-    async fn json(&self, method: Method, path: &str, body: Option<(&str, Vec<u8>)>) -> Result<Value> {
+    async fn json(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<Value> {
         let core = self.core();
         let (mut resp, sent) = core.send(method, path, body, "application/json", 0).await?;
         let status = resp.status().as_u16();

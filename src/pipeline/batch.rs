@@ -1023,7 +1023,9 @@ fn clone_error(e: &Error) -> Error {
         Error::Overloaded { retry_after } => Error::Overloaded {
             retry_after: *retry_after,
         },
-        other => ProviderError::new(ProviderErrorKind::Server, "tokenwise", other.to_string()).into(),
+        other => {
+            ProviderError::new(ProviderErrorKind::Server, "tokenwise", other.to_string()).into()
+        }
     }
 }
 
@@ -1089,7 +1091,11 @@ impl Pipeline {
     /// those already cached, with at most [`WarmOptions::concurrency`] live calls at once
     /// (or through the batch path), under the pipeline's limits and spend caps. Reports
     /// what it stored and what it cost.
-    pub async fn warm(&self, requests: Vec<ChatRequest>, options: WarmOptions) -> Result<WarmReport> {
+    pub async fn warm(
+        &self,
+        requests: Vec<ChatRequest>,
+        options: WarmOptions,
+    ) -> Result<WarmReport> {
         if self.inner.cache.is_none() {
             return Err(Error::Config("warming needs a cache".into()));
         }
@@ -1182,7 +1188,10 @@ impl Pipeline {
         let deadline = Instant::now() + max_wait;
         let needs = opts.defer_window + opts.defer_turnaround + opts.defer_live_margin;
         if max_wait < needs {
-            tracing::debug!(?max_wait, "deferrable request cannot wait for a batch: calling now");
+            tracing::debug!(
+                ?max_wait,
+                "deferrable request cannot wait for a batch: calling now"
+            );
             return Box::pin(self.chat(req)).await;
         }
         let (tx, rx) = oneshot::channel();
@@ -1235,7 +1244,10 @@ impl Pipeline {
         }
     }
 
-    async fn flush_deferred(&self, waiting: Vec<(ChatRequest, oneshot::Sender<Result<ChatResponse>>)>) {
+    async fn flush_deferred(
+        &self,
+        waiting: Vec<(ChatRequest, oneshot::Sender<Result<ChatResponse>>)>,
+    ) {
         let (reqs, mut senders): (Vec<ChatRequest>, Vec<_>) = waiting.into_iter().unzip();
         let mut senders: Vec<Option<_>> = senders.drain(..).map(Some).collect();
         match self.batch(reqs).await {

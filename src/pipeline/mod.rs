@@ -35,8 +35,8 @@ use std::time::Duration;
 use tracing::Instrument;
 
 pub use batch::{
-    BatchHandle, BatchJournal, BatchOptions, BatchOutcome, BatchProgress, JournalBatch, JournalItem,
-    WarmOptions, WarmReport,
+    BatchHandle, BatchJournal, BatchOptions, BatchOutcome, BatchProgress, JournalBatch,
+    JournalItem, WarmOptions, WarmReport,
 };
 pub use builder::PipelineBuilder;
 
