@@ -76,7 +76,10 @@ async fn run() -> tokenwise::Result<bool> {
 
     // Yesterday's most common questions are already in the cache.
     let warmed = pipeline
-        .warm(tickets().into_iter().take(40).collect(), WarmOptions::default())
+        .warm(
+            tickets().into_iter().take(40).collect(),
+            WarmOptions::default(),
+        )
         .await?;
     println!(
         "warmed the cache with {} answers for {}",
@@ -112,7 +115,12 @@ async fn run() -> tokenwise::Result<bool> {
     let batch_cost: Cost = answered.iter().map(|r| r.cost).sum();
     let failed: Vec<String> = outcomes
         .iter()
-        .filter_map(|o| o.result.as_ref().err().map(|e| format!("#{}: {e}", o.index)))
+        .filter_map(|o| {
+            o.result
+                .as_ref()
+                .err()
+                .map(|e| format!("#{}: {e}", o.index))
+        })
         .collect();
     println!(
         "\nbatch path: {} answered in {:?} (simulated), {} from cache, {} failed, {} batches, {}",

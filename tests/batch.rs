@@ -537,3 +537,80 @@ async fn a_full_deferral_queue_refuses_with_overloaded() {
     assert!(a.await.unwrap().is_ok());
     assert!(b.await.unwrap().is_ok());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_handle_leaves_the_call_running_to_its_end() {
+    let live = SimulatedProvider::new();
+    let batch = sim_batch().build().unwrap();
+    let p = pipeline(&live, &batch);
+    drop(p.batch(questions(3)).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    // polled every 30 s until it ended after 600 s, then left alone
+    let reads = batch.status_reads();
+    assert!((20..=22).contains(&reads), "{reads} status reads");
+    assert_eq!(batch.result_reads(), 1);
+    assert_eq!(p.recent_usage().len(), 3, "recorded");
+    for q in questions(3) {
+        assert!(p.chat(q).await.unwrap().served.is_cache_hit(), "stored");
+    }
+    assert_eq!(live.calls(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn near_a_cap_deferrable_requests_are_batched_instead_of_refused() {
+    let live = SimulatedProvider::new();
+    let batch = sim_batch().build().unwrap();
+    let build = |defer_near_cap: bool| {
+        let mut o = defer_options();
+        o.defer_near_cap = defer_near_cap;
+        Pipeline::builder()
+            .provider(live.clone())
+            .default_model(MODEL)
+            .batch_provider(batch.clone())
+            .batch_options(o)
+            .spend_cap(ScopeKind::User, Cost::from_micros(500), BudgetWindow::Day)
+            .degrade_at(1, tokenwise::budget::Degrade::Refuse)
+            .build()
+            .unwrap()
+    };
+    for defer_near_cap in [false, true] {
+        let p = build(defer_near_cap);
+        // one small live call passes the threshold of 1 %
+        p.chat(
+            ChatRequest::user_text("warm up")
+                .user("nightly")
+                .max_tokens(50),
+        )
+        .await
+        .unwrap();
+        // a short deadline: normally a live call, which the degrade mode refuses
+        let q = questions(1)
+            .remove(0)
+            .max_tokens(50)
+            .deferrable(Duration::from_secs(3600));
+        let r = p.chat(q).await;
+        if defer_near_cap {
+            let r = r.unwrap();
+            assert!(!r.served.is_cache_hit());
+            assert_eq!(batch.requests_submitted(), 1, "sent in a batch");
+        } else {
+            assert!(matches!(r, Err(Error::BudgetExceeded { .. })), "{r:?}");
+            assert_eq!(batch.requests_submitted(), 0);
+        }
+    }
+    assert_eq!(live.calls(), 2, "only the warm-up calls went live");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deferrable_request_for_a_provider_without_a_batch_api_is_called_live() {
+    let live = SimulatedProvider::new();
+    let batch = sim_batch().build().unwrap();
+    let p = defer_pipeline(&live, &batch);
+    let q = ChatRequest::user_text("hello")
+        .model("claude-haiku-4-5")
+        .deferrable(Duration::from_secs(10 * 3600));
+    let start = tokio::time::Instant::now();
+    p.chat(q).await.unwrap();
+    assert!(start.elapsed() < Duration::from_secs(60));
+    assert_eq!((live.calls(), batch.requests_submitted()), (1, 0));
+}

@@ -94,6 +94,7 @@ impl SimulatedBatchBuilder {
                 submitted: AtomicU64::new(0),
                 requests: AtomicU64::new(0),
                 result_reads: AtomicU64::new(0),
+                status_reads: AtomicU64::new(0),
             }),
         })
     }
@@ -134,6 +135,7 @@ struct Inner {
     submitted: AtomicU64,
     requests: AtomicU64,
     result_reads: AtomicU64,
+    status_reads: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -173,6 +175,11 @@ impl SimulatedBatch {
     /// How many times results were read.
     pub fn result_reads(&self) -> u64 {
         self.inner.result_reads.load(Ordering::Relaxed)
+    }
+
+    /// How many times a batch's status was read.
+    pub fn status_reads(&self) -> u64 {
+        self.inner.status_reads.load(Ordering::Relaxed)
     }
 
     fn batches(&self) -> std::sync::MutexGuard<'_, HashMap<String, SimBatch>> {
@@ -267,6 +274,7 @@ impl BatchProvider for SimulatedBatch {
     }
 
     async fn status(&self, id: &str) -> Result<BatchStatus> {
+        self.inner.status_reads.fetch_add(1, Ordering::Relaxed);
         let batches = self.batches();
         let b = batches.get(id).ok_or_else(|| self.unknown(id))?;
         let total = b.items.len() as u64;

@@ -59,6 +59,13 @@ pub struct BatchOptions {
     /// long before its deadline is called at once instead (default 2 minutes). Its batch
     /// result, when it comes, is still stored in the cache.
     pub defer_live_margin: Duration,
+    /// With a `Refuse` degrade mode (see
+    /// [`PipelineBuilder::degrade_at`](crate::PipelineBuilder::degrade_at)), a deferrable
+    /// request that mode would refuse goes through the batch path instead, at the batch
+    /// discount and still within the caps' hard limits, whatever its deadline; it never
+    /// falls back to a live call, and past its deadline its caller gets the refusal
+    /// (default off).
+    pub defer_near_cap: bool,
 }
 
 impl Default for BatchOptions {
@@ -74,6 +81,7 @@ impl Default for BatchOptions {
             defer_window: Duration::from_secs(60),
             defer_turnaround: Duration::from_secs(3_600),
             defer_live_margin: Duration::from_secs(120),
+            defer_near_cap: false,
         }
     }
 }
@@ -327,6 +335,8 @@ struct Driver {
     progress_tx: watch::Sender<BatchProgress>,
     out: mpsc::UnboundedSender<BatchOutcome>,
     journal: Arc<Mutex<BatchJournal>>,
+    /// Deferred requests sent here instead of being refused near a cap.
+    past_refuse_gate: bool,
 }
 
 impl Pipeline {
@@ -344,6 +354,14 @@ impl Pipeline {
     /// expired batch are sent once more, then reported as timeouts; a result line that
     /// cannot be read is that item's `InvalidResponse` error.
     pub async fn batch(&self, requests: Vec<ChatRequest>) -> Result<BatchHandle> {
+        self.batch_with(requests, false)
+    }
+
+    fn batch_with(
+        &self,
+        requests: Vec<ChatRequest>,
+        past_refuse_gate: bool,
+    ) -> Result<BatchHandle> {
         let setup = &self.inner.batch;
         if setup.providers.is_empty() {
             return Err(Error::Config("no batch provider is configured".into()));
@@ -368,7 +386,7 @@ impl Pipeline {
                 .collect(),
             batches: Vec::new(),
         };
-        Ok(self.start(journal))
+        Ok(self.start(journal, past_refuse_gate))
     }
 
     /// Picks up a call from its `journal` (see [`BatchHandle::journal`]): batches already
@@ -385,10 +403,10 @@ impl Pipeline {
                 journal.items.len()
             )));
         }
-        Ok(self.start(journal))
+        Ok(self.start(journal, false))
     }
 
-    fn start(&self, journal: BatchJournal) -> BatchHandle {
+    fn start(&self, journal: BatchJournal, past_refuse_gate: bool) -> BatchHandle {
         let (out, outcomes) = mpsc::unbounded_channel();
         let total = journal.items.iter().filter(|i| !i.done).count();
         let progress = BatchProgress {
@@ -409,6 +427,7 @@ impl Pipeline {
             progress_tx,
             out,
             journal: Arc::clone(&journal),
+            past_refuse_gate,
         };
         let task = tokio::spawn(driver.run(stop_rx));
         BatchHandle {
@@ -427,6 +446,7 @@ impl Driver {
     }
 
     async fn run(mut self, mut stop: oneshot::Receiver<()>) {
+        let mut detached = false;
         self.prepare().await;
         let poll = self.inner().batch.options.poll_interval;
         loop {
@@ -436,13 +456,14 @@ impl Driver {
             }
             tokio::select! {
                 () = tokio::time::sleep(poll) => {}
-                r = &mut stop => {
+                r = &mut stop, if !detached => {
                     if r.is_ok() {
                         self.release().await;
                         return;
                     }
                     // the handle was dropped: carry on in the background
-                    stop = oneshot::channel().1;
+                    detached = true;
+                    continue;
                 }
             }
             self.poll().await;
@@ -541,10 +562,12 @@ impl Driver {
                 charged: a.charged,
             }
         } else {
-            inner
-                .refuse_gate(&req.meta)
-                .await
-                .map_err(|e| (Some(rec.clone()), e))?;
+            if !self.past_refuse_gate {
+                inner
+                    .refuse_gate(&req.meta)
+                    .await
+                    .map_err(|e| (Some(rec.clone()), e))?;
+            }
             Admitted {
                 _slot: None,
                 charged: 0,
@@ -1166,10 +1189,13 @@ fn add_usage(a: Usage, b: Usage) -> Usage {
 // ---------------------------------------------------------------------------------------
 // Deferrable requests.
 
+/// A deferred request, its caller, and whether it was deferred instead of refused.
+type Waiting = (ChatRequest, oneshot::Sender<Result<ChatResponse>>, bool);
+
 /// Deferrable requests waiting to be sent as one batch.
 #[derive(Debug, Default)]
 struct Deferred {
-    waiting: Vec<(ChatRequest, oneshot::Sender<Result<ChatResponse>>)>,
+    waiting: Vec<Waiting>,
     /// Bumped at every flush, so a window timer flushes only its own gathering.
     generation: u64,
 }
@@ -1187,13 +1213,26 @@ impl Pipeline {
         let max_wait = req.meta.deferrable.take().unwrap_or_default();
         let deadline = Instant::now() + max_wait;
         let needs = opts.defer_window + opts.defer_turnaround + opts.defer_live_margin;
-        if max_wait < needs {
+        let batchable = self.inner.plan(&req).is_ok_and(|plan| {
+            plan.route
+                .targets
+                .first()
+                .is_some_and(|m| self.inner.batch.provider_for(m).is_ok())
+        });
+        let refusal = if opts.defer_near_cap && batchable {
+            self.inner.refuse_gate(&req.meta).await.err()
+        } else {
+            None
+        };
+        if !batchable || (max_wait < needs && refusal.is_none()) {
             tracing::debug!(
                 ?max_wait,
-                "deferrable request cannot wait for a batch: calling now"
+                batchable,
+                "deferrable request not batched: calling now"
             );
             return Box::pin(self.chat(req)).await;
         }
+        let near_cap = refusal.is_some();
         let (tx, rx) = oneshot::channel();
         let flush_now = {
             let mut q = self.inner.batch.deferred();
@@ -1202,7 +1241,7 @@ impl Pipeline {
                     retry_after: Some(opts.defer_window),
                 });
             }
-            q.waiting.push((req.clone(), tx));
+            q.waiting.push((req.clone(), tx, near_cap));
             if q.waiting.len() >= opts.defer_batch_size {
                 Some(take_waiting(&mut q))
             } else {
@@ -1237,20 +1276,37 @@ impl Pipeline {
                 // the batch path went away without an answer: call now
                 Err(_) => Box::pin(self.chat(req)).await,
             },
-            () = tokio::time::sleep_until(fallback_at) => {
-                tracing::info!("deferred request's batch is late: calling now");
-                Box::pin(self.chat(req)).await
+            () = tokio::time::sleep_until(fallback_at) => match refusal {
+                // near the cap, a live call would be refused: say so
+                Some(e) => Err(e),
+                None => {
+                    tracing::info!("deferred request's batch is late: calling now");
+                    Box::pin(self.chat(req)).await
+                }
             }
         }
     }
 
-    async fn flush_deferred(
-        &self,
-        waiting: Vec<(ChatRequest, oneshot::Sender<Result<ChatResponse>>)>,
-    ) {
-        let (reqs, mut senders): (Vec<ChatRequest>, Vec<_>) = waiting.into_iter().unzip();
-        let mut senders: Vec<Option<_>> = senders.drain(..).map(Some).collect();
-        match self.batch(reqs).await {
+    async fn flush_deferred(&self, waiting: Vec<Waiting>) {
+        // Those deferred instead of refused go in a batch of their own, past the gate.
+        let (past, normal): (Vec<Waiting>, Vec<Waiting>) = waiting.into_iter().partition(|w| w.2);
+        let me = self.clone();
+        let other = tokio::spawn(async move { me.flush_group(past, true).await });
+        self.flush_group(normal, false).await;
+        let _ = other.await;
+    }
+
+    async fn flush_group(&self, waiting: Vec<Waiting>, past_refuse_gate: bool) {
+        if waiting.is_empty() {
+            return;
+        }
+        let mut reqs = Vec::with_capacity(waiting.len());
+        let mut senders = Vec::with_capacity(waiting.len());
+        for (req, tx, _) in waiting {
+            reqs.push(req);
+            senders.push(Some(tx));
+        }
+        match self.batch_with(reqs, past_refuse_gate) {
             Ok(mut handle) => {
                 while let Some(o) = handle.next().await {
                     if let Some(tx) = senders.get_mut(o.index).and_then(Option::take) {
@@ -1267,7 +1323,7 @@ impl Pipeline {
     }
 }
 
-fn take_waiting(q: &mut Deferred) -> Vec<(ChatRequest, oneshot::Sender<Result<ChatResponse>>)> {
+fn take_waiting(q: &mut Deferred) -> Vec<Waiting> {
     q.generation += 1;
     std::mem::take(&mut q.waiting)
 }
