@@ -118,3 +118,39 @@ pub(super) fn malformed(provider: &str, what: impl std::fmt::Display) -> ItemRes
         .into(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{Catalog, ChatRequest};
+
+    #[test]
+    fn gather_keeps_the_first_line_per_request_and_counts_the_rest() {
+        let model = Catalog::builtin().resolve("gpt-4o-mini").unwrap();
+        let req = ChatRequest::user_text("hi");
+        let calls = [
+            BatchCall::new("a", &req, &model),
+            BatchCall::new("b", &req, &model),
+        ];
+        let mut g = Gather::new(&calls);
+        let expired = |_: &BatchCall<'_>, _: &Value| ItemResult::Expired;
+        g.line(br#"{"custom_id":"a"}"#, expired);
+        g.line(br#"{"custom_id":"a"}"#, |_, _| {
+            panic!("a repeated line is not read")
+        });
+        g.line(br#"{"custom_id":"zzz"}"#, expired);
+        g.line(br#"{"no_id":1}"#, expired);
+        g.line(b"not json", expired);
+        g.line(br#"{"custom_id":"b"}"#, |_, _| malformed("p", "broken"));
+        assert_eq!(g.out.malformed, 4);
+        assert_eq!(g.out.lines.len(), 2);
+        assert!(matches!(g.out.lines[0].result, ItemResult::Expired));
+        match &g.out.lines[1].result {
+            ItemResult::Failed(e) => assert_eq!(
+                e.as_provider().unwrap().kind,
+                ProviderErrorKind::InvalidResponse
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+}

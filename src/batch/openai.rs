@@ -366,3 +366,35 @@ impl OpenAiBatch {
         Ok(b)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_multipart_boundary_never_occurs_in_the_file() {
+        let file = b"{\"custom_id\":\"a\"}\n".to_vec();
+        let (ct, body) = multipart(&file);
+        let boundary = ct.split("boundary=").nth(1).unwrap().to_owned();
+        let text = String::from_utf8(body).unwrap();
+        assert!(text.contains("name=\"purpose\"\r\n\r\nbatch\r\n"));
+        assert!(text.ends_with(&format!("\r\n--{boundary}--\r\n")));
+        // a file that holds the first boundary gets another one
+        let mut tricky = file.clone();
+        tricky.extend_from_slice(boundary.as_bytes());
+        let (ct2, _) = multipart(&tricky);
+        let b2 = ct2.split("boundary=").nth(1).unwrap();
+        assert!(!tricky.windows(b2.len()).any(|w| w == b2.as_bytes()));
+    }
+
+    #[test]
+    fn ids_are_checked_before_they_reach_a_path() {
+        assert!(valid_path_part("batch_abc-123.x"));
+        assert!(!valid_path_part("../files"));
+        assert!(!valid_path_part("a/b"));
+        assert!(!valid_path_part(""));
+        assert!(valid_custom_id("tw-000001"));
+        assert!(!valid_custom_id("has space"));
+        assert!(!valid_custom_id(&"x".repeat(65)));
+    }
+}
