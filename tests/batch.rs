@@ -614,3 +614,43 @@ async fn a_deferrable_request_for_a_provider_without_a_batch_api_is_called_live(
     assert!(start.elapsed() < Duration::from_secs(60));
     assert_eq!((live.calls(), batch.requests_submitted()), (1, 0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn with_live_limits_batch_items_pass_the_rate_limits() {
+    let live = SimulatedProvider::new();
+    let batch = sim_batch().build().unwrap();
+    let build = |live_limits: bool| {
+        let mut o = options();
+        o.live_limits = live_limits;
+        Pipeline::builder()
+            .provider(live.clone())
+            .default_model(MODEL)
+            .batch_provider(batch.clone())
+            .batch_options(o)
+            .rate_limit(ScopeKind::User, 2)
+            .build()
+            .unwrap()
+    };
+    let out = build(true)
+        .batch(questions(4))
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    check_once(&out, 4);
+    let refused = out
+        .iter()
+        .filter(|o| matches!(o.result, Err(Error::RateLimited { .. })))
+        .count();
+    assert_eq!(refused, 2);
+    assert_eq!(batch.requests_submitted(), 2);
+    // by default the batch quota applies instead, and live traffic keeps its quota
+    let p = build(false);
+    let out = p.batch(questions(8)).await.unwrap().collect().await;
+    assert!(out.iter().all(|o| o.result.is_ok()));
+    assert!(
+        p.chat(ChatRequest::user_text("live").user("nightly"))
+            .await
+            .is_ok()
+    );
+}

@@ -67,6 +67,7 @@ struct Fake {
     lines: Vec<Value>,
     auth_failures: u32,
     purposes: Vec<String>,
+    cancelled: Vec<String>,
 }
 
 type Shared = Arc<Mutex<Fake>>;
@@ -305,6 +306,35 @@ async fn oa_content(
     )
 }
 
+async fn oa_cancel(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> impl axum::response::IntoResponse {
+    let mut fake = s.lock().unwrap();
+    if !check_auth(&mut fake, &headers, true) {
+        return reply(401, "{}".into());
+    }
+    fake.cancelled.push(id.clone());
+    reply(200, json!({"id": id, "status": "cancelling"}).to_string())
+}
+
+async fn an_cancel(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> impl axum::response::IntoResponse {
+    let mut fake = s.lock().unwrap();
+    if !check_auth(&mut fake, &headers, false) {
+        return reply(401, "{}".into());
+    }
+    fake.cancelled.push(id.clone());
+    reply(
+        200,
+        json!({"id": id, "type": "message_batch", "processing_status": "canceling"}).to_string(),
+    )
+}
+
 // ---- Anthropic ---------------------------------------------------------------------
 
 async fn an_create(
@@ -415,6 +445,8 @@ async fn serve(script: Script) -> Server {
         .route("/v1/batches", post(oa_create))
         .route("/v1/batches/{id}", get(oa_status))
         .route("/v1/files/{id}/content", get(oa_content))
+        .route("/v1/batches/{id}/cancel", post(oa_cancel))
+        .route("/v1/messages/batches/{id}/cancel", post(an_cancel))
         .route("/v1/messages/batches", post(an_create))
         .route("/v1/messages/batches/{id}", get(an_status))
         .route("/v1/messages/batches/{id}/results", get(an_results))
@@ -732,4 +764,48 @@ async fn results_past_the_cap_are_refused() {
             .limits(BatchLimits::new(0, 1))
             .is_err()
     );
+}
+
+#[tokio::test]
+async fn batches_are_cancelled_at_their_own_endpoints() {
+    let server = serve(Script::default()).await;
+    let model = Catalog::builtin().resolve("gpt-4o-mini").unwrap();
+    let req = ChatRequest::user_text("hi");
+    let calls = [BatchCall::new("a", &req, &model)];
+    let b = openai(&server, BatchLimits::new(10, 1_000_000));
+    let id = b.submit(&calls).await.unwrap();
+    b.cancel(&id).await.unwrap();
+    let a = anthropic(&server, BatchLimits::new(10, 1_000_000));
+    let id2 = a.submit(&calls).await.unwrap();
+    a.cancel(&id2).await.unwrap();
+    assert_eq!(server.state.lock().unwrap().cancelled, vec![id, id2]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_whose_status_cannot_be_read_fails_its_items_after_the_set_tries() {
+    let server = serve(Script {
+        status_body: Some("<html>gateway error</html>".into()),
+        ..Script::default()
+    })
+    .await;
+    let mut o = BatchOptions::default();
+    o.poll_interval = Duration::from_secs(60);
+    o.max_poll_failures = 3;
+    let p = Pipeline::builder()
+        .provider(SimulatedProvider::new())
+        .default_model("gpt-4o-mini")
+        .batch_provider(openai(&server, BatchLimits::new(10, 1_000_000)))
+        .batch_options(o)
+        .build()
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    let out = p.batch(questions(2)).await.unwrap().collect().await;
+    check_once(&out, 2);
+    for o in &out {
+        assert_eq!(
+            kind(o.result.as_ref().unwrap_err()),
+            ProviderErrorKind::InvalidResponse
+        );
+    }
+    assert_eq!(start.elapsed(), Duration::from_secs(180));
 }
