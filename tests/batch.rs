@@ -654,3 +654,41 @@ async fn with_live_limits_batch_items_pass_the_rate_limits() {
             .is_ok()
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn identical_items_are_sent_once_and_share_the_answer() {
+    let live = SimulatedProvider::new();
+    // every second line of a batch is unreadable
+    let batch = sim_batch().malformed_every(2).build().unwrap();
+    let p = pipeline(&live, &batch);
+    let qs = questions(3);
+    let call = vec![
+        qs[0].clone(),
+        qs[1].clone(),
+        qs[2].clone(),
+        qs[0].clone(),
+        qs[1].clone(),
+    ];
+    let out = p.batch(call).await.unwrap().collect().await;
+    check_once(&out, 5);
+    let first = out[0].result.as_ref().unwrap();
+    let copy = out[3].result.as_ref().unwrap();
+    assert_eq!(copy.content, first.content);
+    assert!(copy.served.is_cache_hit() && copy.cost.is_zero());
+    // item 1's line was unreadable: its twin was then sent on its own, and answered
+    assert_eq!(
+        provider_kind(out[1].result.as_ref().unwrap_err()),
+        ProviderErrorKind::InvalidResponse
+    );
+    let twin = out[4].result.as_ref().unwrap();
+    assert!(!twin.served.is_cache_hit());
+    assert_eq!(
+        (batch.batches_submitted(), batch.requests_submitted()),
+        (2, 4)
+    );
+    let st = p
+        .budget_status(&ChatRequest::user_text("").user("nightly").meta)
+        .await
+        .unwrap();
+    assert_eq!(st[0].reserved, Cost::ZERO);
+}

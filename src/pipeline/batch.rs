@@ -142,7 +142,7 @@ impl BatchSetup {
 pub struct BatchProgress {
     /// Items in the call.
     pub total: usize,
-    /// Answered from the cache, never sent.
+    /// Answered from the cache, or by an identical item of the same call; never sent.
     pub cached: usize,
     /// Sent in a batch (an item retried after an expiry counts once).
     pub sent: usize,
@@ -337,6 +337,11 @@ struct Driver {
     journal: Arc<Mutex<BatchJournal>>,
     /// Deferred requests sent here instead of being refused near a cap.
     past_refuse_gate: bool,
+    /// Items identical to an earlier one of the call (same cache key and model), by the
+    /// position of that earlier one: they share its answer instead of being sent.
+    followers: HashMap<usize, Vec<usize>>,
+    /// Followers whose leader failed: sent themselves at the next submission.
+    promoted: Vec<usize>,
 }
 
 impl Pipeline {
@@ -428,6 +433,8 @@ impl Pipeline {
             out,
             journal: Arc::clone(&journal),
             past_refuse_gate,
+            followers: HashMap::new(),
+            promoted: Vec::new(),
         };
         let task = tokio::spawn(driver.run(stop_rx));
         BatchHandle {
@@ -451,7 +458,7 @@ impl Driver {
         let poll = self.inner().batch.options.poll_interval;
         loop {
             self.submit_ready().await;
-            if self.open.is_empty() && self.queue.is_empty() {
+            if self.open.is_empty() && self.queue.is_empty() && self.promoted.is_empty() {
                 break;
             }
             tokio::select! {
@@ -535,6 +542,7 @@ impl Driver {
                 failures: 0,
             });
         }
+        let fresh = self.dedupe(fresh);
         self.group(fresh, false).await;
         self.publish();
     }
@@ -636,6 +644,40 @@ impl Driver {
         Ok(Some(pos))
     }
 
+    /// Keeps the first of identical cacheable items; the others follow it.
+    fn dedupe(&mut self, positions: Vec<usize>) -> Vec<usize> {
+        type Same = (crate::cache::CacheKey, String, String, String);
+        let mut leaders: HashMap<Same, usize> = HashMap::new();
+        let mut send = Vec::with_capacity(positions.len());
+        for p in positions {
+            let it = &self.items[p];
+            let same = it
+                .plan
+                .cache
+                .as_ref()
+                .filter(|_| it.plan.cache_read)
+                .map(|q| {
+                    (
+                        q.key,
+                        q.partition.clone(),
+                        q.namespace.clone(),
+                        it.model.name.clone(),
+                    )
+                });
+            match same {
+                Some(k) => match leaders.get(&k) {
+                    Some(&leader) => self.followers.entry(leader).or_default().push(p),
+                    None => {
+                        leaders.insert(k, p);
+                        send.push(p);
+                    }
+                },
+                None => send.push(p),
+            }
+        }
+        send
+    }
+
     /// Splits `positions` into batches within each provider's limits and the quota.
     async fn group(&mut self, positions: Vec<usize>, retry: bool) {
         let quota = self.inner().batch.options.max_enqueued_tokens;
@@ -708,6 +750,10 @@ impl Driver {
 
     /// Submits queued batches while the quota allows (one at least when none is open).
     async fn submit_ready(&mut self) {
+        if !self.promoted.is_empty() {
+            let promoted = std::mem::take(&mut self.promoted);
+            self.group(promoted, false).await;
+        }
         let quota = self.inner().batch.options.max_enqueued_tokens;
         while let Some(g) = self.queue.front() {
             if quota.is_some_and(|q| self.enqueued + g.tokens > q) && !self.open.is_empty() {
@@ -946,10 +992,60 @@ impl Driver {
         self.progress.answered += 1;
         self.progress.cost += cost;
         self.mark_done(index);
+        if let Some(followers) = self.followers.remove(&p) {
+            if is_cacheable(&r) {
+                for f in followers {
+                    self.share(f, &r).await;
+                }
+            } else {
+                self.promoted.extend(followers);
+            }
+        }
         let _ = self.out.send(BatchOutcome {
             index,
             key,
             result: Ok(r),
+        });
+    }
+
+    /// Settles follower `f` with its leader's answer, as a cache hit.
+    async fn share(&mut self, f: usize, leader: &ChatResponse) {
+        let inner = Arc::clone(self.inner());
+        let it = &mut self.items[f];
+        if it.done {
+            return;
+        }
+        it.done = true;
+        inner.commit(it.reservation.take(), Cost::ZERO).await;
+        if it.charged > 0 {
+            let admitted = Admitted {
+                _slot: None,
+                charged: it.charged,
+            };
+            inner.refund(&it.req.meta, &admitted, 0).await;
+        }
+        let mut hit = leader.clone();
+        hit.served = Served::Cache {
+            similarity: 1.0,
+            saved_tokens: leader.usage.total(),
+            saved_cost: leader.cost,
+        };
+        hit.cost = Cost::ZERO;
+        let mut rec = it.rec.clone();
+        rec.saved = leader.cost;
+        rec.outcome = Outcome::CacheHit;
+        rec.set_served(&hit.served);
+        rec.model = Some(hit.model.clone());
+        rec.provider = Some(hit.provider.clone());
+        let finish = hit.finish_reason.to_string();
+        inner.record(rec, &observe::request_span(&it.req, false), Some(&finish));
+        let (index, key) = (it.index, it.key.clone());
+        self.progress.cached += 1;
+        self.mark_done(index);
+        let _ = self.out.send(BatchOutcome {
+            index,
+            key,
+            result: Ok(hit),
         });
     }
 
@@ -975,6 +1071,10 @@ impl Driver {
         let (index, key) = (it.index, it.key.clone());
         self.progress.failed += 1;
         self.mark_done(index);
+        if let Some(followers) = self.followers.remove(&p) {
+            // they may fare better on their own
+            self.promoted.extend(followers);
+        }
         let _ = self.out.send(BatchOutcome {
             index,
             key,
