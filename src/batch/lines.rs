@@ -1,6 +1,6 @@
 //! Reading JSONL result files as they arrive, within caps, and gathering their lines.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::Value;
 
@@ -67,7 +67,7 @@ fn emit(line: &[u8], each: &mut impl FnMut(&[u8])) {
 /// is not JSON, names no request of the batch or repeats one is counted malformed.
 pub(super) struct Gather<'c, 'a> {
     calls: HashMap<&'c str, &'c BatchCall<'a>>,
-    seen: HashMap<String, ()>,
+    seen: HashSet<String>,
     pub(super) out: BatchResults,
 }
 
@@ -75,7 +75,7 @@ impl<'c, 'a> Gather<'c, 'a> {
     pub(super) fn new(calls: &'c [BatchCall<'a>]) -> Self {
         Gather {
             calls: calls.iter().map(|c| (c.custom_id, c)).collect(),
-            seen: HashMap::new(),
+            seen: HashSet::new(),
             out: BatchResults::default(),
         }
     }
@@ -98,7 +98,7 @@ impl<'c, 'a> Gather<'c, 'a> {
             self.out.malformed += 1;
             return;
         };
-        if self.seen.insert(id.to_owned(), ()).is_some() {
+        if !self.seen.insert(id.to_owned()) {
             self.out.malformed += 1;
             return;
         }

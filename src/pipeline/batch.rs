@@ -326,8 +326,6 @@ struct Open {
 struct Driver {
     pipeline: Pipeline,
     items: Vec<Item>,
-    /// Item position by journal index.
-    by_index: HashMap<usize, usize>,
     queue: VecDeque<Group>,
     open: Vec<Open>,
     enqueued: u64,
@@ -424,7 +422,6 @@ impl Pipeline {
         let driver = Driver {
             pipeline: self.clone(),
             items: Vec::new(),
-            by_index: HashMap::new(),
             queue: VecDeque::new(),
             open: Vec::new(),
             enqueued: 0,
@@ -640,7 +637,6 @@ impl Driver {
             done: false,
         });
         let pos = self.items.len() - 1;
-        self.by_index.insert(index, pos);
         Ok(Some(pos))
     }
 
