@@ -4,9 +4,10 @@
 //! Each item runs the funnel's stages up to dispatch (plan → limits → cache → budget),
 //! then waits in a provider batch instead of being called; its result settles it like
 //! any call (commit, reconcile, store, record). Stages used from the funnel:
-//! `Inner::plan`, `Inner::admit` (only with [`BatchOptions::live_limits`]),
-//! `Inner::cache_get`, `Inner::spend`, `Inner::commit`, `Inner::refund`,
-//! `Inner::cache_put` and `Inner::record`; `Inner::reserve` through `spend`.
+//! `Inner::plan`, `Inner::check_max_cost`, `Inner::admit` (only with
+//! [`BatchOptions::live_limits`]) or else `Inner::refuse_gate`, `Inner::cache_get`,
+//! `Inner::spend` (which reserves through `Inner::reserve`), `Inner::commit`,
+//! `Inner::refund`, `Inner::cache_put` and `Inner::record`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -556,6 +557,10 @@ impl Driver {
         let mut rec = UsageRecord::new(inner.clock.now(), &req.meta, false);
         let mut plan = inner.plan(req).map_err(|e| (Some(rec.clone()), e))?;
         rec.set_route(&plan.route);
+        // a batch answer cannot be cut short either: its worst case must fit its limit
+        inner
+            .check_max_cost(req, &plan)
+            .map_err(|e| (Some(rec.clone()), e))?;
         let live = inner.batch.options.live_limits && !sent;
         let admitted = if live {
             let a = inner
