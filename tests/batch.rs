@@ -350,11 +350,14 @@ async fn bad_input_and_missing_setup_are_typed_errors() {
     let mut qs = questions(2);
     qs[0] = qs[0].clone().model("claude-haiku-4-5");
     qs.push(ChatRequest::new().user("nightly")); // no messages
+    qs.push(questions(4).remove(3).max_cost(Cost::from_nanos(1))); // cannot fit its limit
     let out = p.batch(qs).await.unwrap().collect().await;
-    check_once(&out, 3);
+    check_once(&out, 4);
     assert!(matches!(out[0].result, Err(Error::Config(_))));
     assert!(out[1].result.is_ok());
     assert!(matches!(out[2].result, Err(Error::InvalidRequest(_))));
+    assert!(matches!(&out[3].result, Err(Error::InvalidRequest(m)) if m.contains("limit")));
+    assert_eq!(batch.requests_submitted(), 1);
     let mut o = BatchOptions::default();
     o.poll_interval = Duration::ZERO;
     assert!(matches!(
