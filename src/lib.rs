@@ -59,6 +59,7 @@
 //! | [`context`] | token counting, context budgets | [`TiktokenCounter`](context::TiktokenCounter), [`ContextBudget`](context::ContextBudget) |
 //! | [`resilience`] | retries, breakers, hedging, concurrency | [`RetryPolicy`](resilience::RetryPolicy), [`Breakers`](resilience::Breakers), [`Concurrency`](resilience::Concurrency) |
 //! | [`observe`] | spans and usage records | [`MemoryUsage`](observe::MemoryUsage) |
+//! | [`batch`] | provider batch APIs at their discount | [`SimulatedBatch`](batch::SimulatedBatch); HTTP: [`OpenAiBatch`](batch::OpenAiBatch), [`AnthropicBatch`](batch::AnthropicBatch) |
 //! | [`clock`] | time | [`TokioClock`] |
 //!
 //! With the cargo feature `redis`, `RedisLimiter` and `RedisBudget` share limits and
