@@ -59,6 +59,7 @@
 //! | [`context`] | token counting, context budgets | [`TiktokenCounter`](context::TiktokenCounter), [`ContextBudget`](context::ContextBudget) |
 //! | [`resilience`] | retries, breakers, hedging, concurrency | [`RetryPolicy`](resilience::RetryPolicy), [`Breakers`](resilience::Breakers), [`Concurrency`](resilience::Concurrency) |
 //! | [`observe`] | spans and usage records | [`MemoryUsage`](observe::MemoryUsage) |
+//! | [`batch`] | provider batch APIs at their discount | [`SimulatedBatch`](batch::SimulatedBatch); HTTP: [`OpenAiBatch`](batch::OpenAiBatch), [`AnthropicBatch`](batch::AnthropicBatch) |
 //! | [`clock`] | time | [`TokioClock`] |
 //!
 //! With the cargo feature `redis`, `RedisLimiter` and `RedisBudget` share limits and
@@ -77,6 +78,7 @@
 )]
 #![deny(rustdoc::broken_intra_doc_links)]
 
+pub mod batch;
 pub mod budget;
 pub mod cache;
 pub mod clock;
@@ -96,6 +98,9 @@ pub mod types;
 pub use clock::{Clock, ManualClock, Timestamp, TokioClock};
 pub use context::TokenCounter;
 pub use error::{BoxError, Error, ProviderError, ProviderErrorKind, RateLimits, Result};
+pub use pipeline::{
+    BatchHandle, BatchJournal, BatchOptions, BatchOutcome, BatchProgress, WarmOptions, WarmReport,
+};
 pub use pipeline::{Pipeline, PipelineBuilder};
 pub use provider::Provider;
 #[cfg(feature = "redis")]

@@ -36,6 +36,25 @@ impl std::fmt::Debug for Admitted {
 }
 
 impl Admitted {
+    /// A charge of `charged` tokens on `meta`'s scopes already made (by the batch path,
+    /// which holds charges across a batch's life), to settle like any admission.
+    pub(super) fn carrying(inner: &Arc<Inner>, meta: &RequestMeta, charged: u64) -> Self {
+        Admitted {
+            inner: Arc::clone(inner),
+            _slot: None,
+            charged,
+            meta: (charged > 0).then(|| meta.clone()),
+            on_drop: 0,
+        }
+    }
+
+    /// Takes the charge out, to be reconciled by the caller (it is no longer given
+    /// back when this is dropped); the slot stays until this is dropped.
+    pub(super) fn release_charge(&mut self) -> u64 {
+        self.meta = None;
+        std::mem::take(&mut self.charged)
+    }
+
     /// From now on an abandoned request has used `tokens` (its prompt, once sent).
     pub(super) fn used_if_abandoned(&mut self, tokens: u64) {
         self.on_drop = tokens;

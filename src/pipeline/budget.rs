@@ -21,6 +21,11 @@ pub(super) struct Held {
 }
 
 impl Held {
+    /// Hands the reservation over (to a batch item, settled when its result arrives).
+    pub(super) fn take(&mut self) -> Option<Reservation> {
+        self.reservation.take()
+    }
+
     /// Commits `cost` against the reservation (nothing without one).
     pub(super) async fn commit(&mut self, cost: Cost) {
         let r = self.reservation.take();

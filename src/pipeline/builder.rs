@@ -93,6 +93,7 @@ pub struct PipelineBuilder {
     deployments: HashMap<String, Deployments>,
     anonymous: Anonymous,
     require_identity: Vec<ScopeKind>,
+    batch: super::batch::BatchSetup,
 }
 
 impl Default for PipelineBuilder {
@@ -136,6 +137,7 @@ impl Default for PipelineBuilder {
             deployments: HashMap::new(),
             anonymous: Anonymous::default(),
             require_identity: Vec::new(),
+            batch: super::batch::BatchSetup::default(),
         }
     }
 }
@@ -227,6 +229,24 @@ impl PipelineBuilder {
     pub fn cache_scope(mut self, scope: CacheScope) -> Self {
         self.cache_scope = scope;
         self
+    }
+
+    /// Adds a provider batch API for the models of its provider name (see
+    /// [`Pipeline::batch`](super::Pipeline::batch)); replaces one of the same name.
+    pub fn batch_provider(mut self, p: impl crate::batch::BatchProvider + 'static) -> Self {
+        self.batch.add(Arc::new(p));
+        self
+    }
+
+    /// How the batch path runs (see [`BatchOptions`](super::BatchOptions)).
+    pub fn batch_options(mut self, options: super::BatchOptions) -> Self {
+        match options.check() {
+            Ok(()) => {
+                self.batch.set_options(options);
+                self
+            }
+            Err(e) => self.fail(e),
+        }
     }
 
     fn fail(mut self, e: Error) -> Self {
@@ -623,6 +643,7 @@ impl PipelineBuilder {
                 max_cost: self.max_cost,
                 anonymous: self.anonymous,
                 identity_scopes,
+                batch: self.batch,
             }),
         })
     }

@@ -24,6 +24,7 @@
 //! charge made by admission is refunded when a later stage refuses.
 
 mod admit;
+mod batch;
 mod budget;
 mod builder;
 mod cache;
@@ -40,6 +41,10 @@ use std::time::Duration;
 
 use tracing::Instrument;
 
+pub use batch::{
+    BatchHandle, BatchJournal, BatchOptions, BatchOutcome, BatchProgress, JournalBatch,
+    JournalItem, WarmOptions, WarmReport,
+};
 pub use builder::PipelineBuilder;
 
 use self::dispatch::{Opened, Reply};
@@ -115,6 +120,7 @@ pub(crate) struct Inner {
     anonymous: Anonymous,
     /// The scope kinds (global aside) the pipeline's own limits and caps use.
     identity_scopes: Vec<ScopeKind>,
+    batch: batch::BatchSetup,
 }
 
 /// The instant `d` from now, saturated far in the future (a timeout of
@@ -133,6 +139,9 @@ impl Pipeline {
 
     /// Asks for a whole answer.
     pub async fn chat(&self, req: ChatRequest) -> Result<ChatResponse> {
+        if self.defers(&req) {
+            return self.chat_deferred(req).await; // may wait for a provider batch
+        }
         let span = observe::request_span(&req, false);
         let inner = &self.inner;
         async move {

@@ -162,7 +162,12 @@ impl Anthropic {
         self.core.last_rate_limits()
     }
 
-    fn body(&self, call: &ProviderCall<'_>, streaming: bool) -> Result<Vec<u8>> {
+    /// The HTTP machinery (for the batch client).
+    pub(crate) fn core(&self) -> &Arc<HttpCore> {
+        &self.core
+    }
+
+    pub(crate) fn body(&self, call: &ProviderCall<'_>, streaming: bool) -> Result<Vec<u8>> {
         let req = call.request;
         let p = &req.params;
         let mut system: Vec<String> = Vec::new();
@@ -281,7 +286,7 @@ impl Anthropic {
             .map_err(|e| Error::InvalidRequest(format!("the request cannot be encoded: {e}")))
     }
 
-    fn parse_response(
+    pub(crate) fn parse_response(
         &self,
         call: &ProviderCall<'_>,
         v: Value,

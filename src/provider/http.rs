@@ -512,6 +512,32 @@ impl HttpCore {
         streaming: bool,
         tokens: u64,
     ) -> std::result::Result<(reqwest::Response, Sent), ProviderError> {
+        let accept = if streaming {
+            "text/event-stream"
+        } else {
+            "application/json"
+        };
+        self.send(
+            reqwest::Method::POST,
+            path,
+            Some(("application/json", body)),
+            accept,
+            tokens,
+        )
+        .await
+    }
+
+    /// Sends a `method` request to `path` (with `body` and its content type, if any)
+    /// accepting `accept`, and returns the response if its status is a success. `tokens`
+    /// is charged to the key's per-key quota.
+    pub(crate) async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+        accept: &str,
+        tokens: u64,
+    ) -> std::result::Result<(reqwest::Response, Sent), ProviderError> {
         let start = Instant::now();
         let lease = match &self.keys {
             Some(pool) => match pool.acquire_for(tokens) {
@@ -534,16 +560,8 @@ impl HttpCore {
         let url = format!("{}{}", self.base_url, path);
         let mut req = self
             .client
-            .post(url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(
-                reqwest::header::ACCEPT,
-                if streaming {
-                    "text/event-stream"
-                } else {
-                    "application/json"
-                },
-            );
+            .request(method, url)
+            .header(reqwest::header::ACCEPT, accept);
         if let Some(lease) = &sent.key {
             let (name, value) = match &self.auth {
                 Auth::Bearer => (
@@ -564,7 +582,12 @@ impl HttpCore {
         for (name, value) in &self.headers {
             req = req.header(name, value.clone());
         }
-        let req = req.body(body);
+        let req = match body {
+            Some((content_type, body)) => req
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .body(body),
+            None => req,
+        };
         let first = after(start, self.deadlines.first_byte);
         let deadline = earliest(first, self.total_deadline(start));
         let resp = match deadline {
@@ -644,7 +667,7 @@ impl HttpCore {
     }
 
     /// Reads the next chunk of `resp` within the idle and total deadlines.
-    async fn next_chunk(
+    pub(crate) async fn next_chunk(
         &self,
         resp: &mut reqwest::Response,
         sent: &Sent,

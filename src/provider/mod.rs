@@ -31,7 +31,7 @@
 //! messages never contain the API key.
 
 mod anthropic;
-mod http;
+pub(crate) mod http;
 mod keys;
 mod openai;
 mod service;

@@ -185,7 +185,12 @@ impl OpenAiCompatible {
         self.inner.core.last_rate_limits()
     }
 
-    fn body(&self, call: &ProviderCall<'_>, streaming: bool) -> Result<Vec<u8>> {
+    /// The HTTP machinery (for the batch client).
+    pub(crate) fn core(&self) -> &Arc<HttpCore> {
+        &self.inner.core
+    }
+
+    pub(crate) fn body(&self, call: &ProviderCall<'_>, streaming: bool) -> Result<Vec<u8>> {
         let req = call.request;
         let p = &req.params;
         let mut messages: Vec<Value> = Vec::with_capacity(req.messages.len() + 1);
@@ -270,7 +275,7 @@ impl OpenAiCompatible {
             .map_err(|e| Error::InvalidRequest(format!("the request cannot be encoded: {e}")))
     }
 
-    fn parse_response(
+    pub(crate) fn parse_response(
         &self,
         call: &ProviderCall<'_>,
         v: Value,

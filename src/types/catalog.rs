@@ -45,6 +45,11 @@ pub struct ModelSpec {
     /// How to count its tokens.
     #[serde(default)]
     pub tokenizer: TokenizerKind,
+    /// The discount, in per cent (0 to 100), of the provider's batch API on this model's
+    /// prices. Unset means the provider's usual discount: 50 % for `openai` and
+    /// `anthropic`, none for others (see [`batch_discount`](Self::batch_discount)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_discount_percent: Option<u8>,
 }
 
 impl ModelSpec {
@@ -65,7 +70,35 @@ impl ModelSpec {
             pricing,
             tier,
             tokenizer: TokenizerKind::O200k,
+            batch_discount_percent: None,
         }
+    }
+
+    /// Sets the batch API's discount on this model, in per cent (0 to 100).
+    #[must_use]
+    pub fn with_batch_discount(mut self, percent: u8) -> Self {
+        self.batch_discount_percent = Some(percent);
+        self
+    }
+
+    /// The batch API's discount in per cent: the one set, else 50 for models of the
+    /// `openai` and `anthropic` providers (both price batches at half), else 0.
+    pub fn batch_discount(&self) -> u8 {
+        self.batch_discount_percent
+            .unwrap_or(match self.provider.as_str() {
+                "openai" | "anthropic" => 50,
+                _ => 0,
+            })
+            .min(100)
+    }
+
+    /// The cost of `usage` through the provider's batch API: [`cost`](Self::cost) less
+    /// the [`batch_discount`](Self::batch_discount), rounded up to the nano-dollar.
+    pub fn batch_cost(&self, usage: &Usage) -> Cost {
+        let full = u128::from(self.cost(usage).as_nanos());
+        let keep = u128::from(100 - self.batch_discount());
+        let nanos = (full * keep).div_ceil(100);
+        Cost::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
     }
 
     /// Sets the tokenizer.
@@ -116,6 +149,9 @@ impl ModelSpec {
         }
         if !(1..=4).contains(&self.tier) {
             return bad("tier must be between 1 and 4");
+        }
+        if self.batch_discount_percent.is_some_and(|p| p > 100) {
+            return bad("batch_discount_percent must be between 0 and 100");
         }
         Ok(())
     }
@@ -403,5 +439,54 @@ mod tests {
         assert_eq!(m.output_allowance(Some(100)), 100);
         assert_eq!(m.output_allowance(Some(1_000_000)), 16_384);
         assert!(m.worst_case_cost(1000, None) > m.worst_case_cost(1000, Some(10)));
+    }
+
+    #[test]
+    fn batch_discount_defaults_by_provider_and_loads_from_files() {
+        let c = Catalog::builtin();
+        let mini = c.require("gpt-4o-mini").unwrap();
+        let u = Usage::new(1_000_000, 1_000_000);
+        assert_eq!(mini.batch_discount(), 50);
+        assert_eq!(mini.batch_cost(&u).as_nanos() * 2, mini.cost(&u).as_nanos());
+        assert_eq!(c.require("claude-haiku-4-5").unwrap().batch_discount(), 50);
+        // an older file without the field still loads; a set field is kept and written back
+        let c = Catalog::from_toml(
+            r#"[[models]]
+            name = "local"
+            provider = "vllm"
+            context_window = 1000
+            max_output = 100
+            input_per_mtok = 1.0
+            output_per_mtok = 2.0
+            cached_input_per_mtok = 0.5
+            tier = 1
+            [[models]]
+            name = "cheap-batch"
+            provider = "openai"
+            context_window = 1000
+            max_output = 100
+            input_per_mtok = 1.0
+            output_per_mtok = 2.0
+            cached_input_per_mtok = 0.5
+            tier = 1
+            batch_discount_percent = 75"#,
+        )
+        .unwrap();
+        let local = c.require("local").unwrap();
+        assert_eq!(local.batch_discount(), 0);
+        assert_eq!(local.batch_cost(&u), local.cost(&u));
+        let cheap = c.require("cheap-batch").unwrap();
+        assert_eq!(cheap.batch_discount(), 75);
+        assert_eq!(cheap.batch_cost(&u), Cost::from_nanos(750_000_000));
+        let back = Catalog::from_toml(&c.to_toml().unwrap()).unwrap();
+        assert_eq!(back.require("cheap-batch").unwrap().batch_discount(), 75);
+        assert!(!c.to_toml().unwrap().contains("batch_discount_percent = 0"));
+        let err = Catalog::from_json(
+            r#"{"models":[{"name":"x","provider":"p","context_window":10,"max_output":5,
+            "input_per_mtok":1,"output_per_mtok":1,"cached_input_per_mtok":1,"tier":1,
+            "batch_discount_percent":150}]}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("batch_discount_percent"), "{err}");
     }
 }

@@ -292,6 +292,16 @@ pub struct RequestMeta {
     /// whole request whose worst case exceeds it is refused before any call.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_cost: Option<crate::types::Cost>,
+    /// How long the caller is willing to wait for the answer. Set, and with a batch
+    /// provider configured, the pipeline may gather the request into a provider batch
+    /// (billed at the batch discount) instead of calling at once; see
+    /// [`ChatRequest::deferrable`].
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_duration_ms"
+    )]
+    pub deferrable: Option<Duration>,
 }
 
 /// A chat completion request.
@@ -368,6 +378,16 @@ impl ChatRequest {
     #[must_use]
     pub fn document(mut self, doc: Document) -> Self {
         self.documents.push(doc);
+        self
+    }
+
+    /// Marks the request as able to wait up to `max_wait` for its answer (see
+    /// [`RequestMeta::deferrable`]). With a batch provider configured, the pipeline
+    /// gathers such requests into provider batches at the batch discount, and calls at
+    /// once instead if the batch would not answer in time.
+    #[must_use]
+    pub fn deferrable(mut self, max_wait: Duration) -> Self {
+        self.meta.deferrable = Some(max_wait);
         self
     }
 
