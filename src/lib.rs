@@ -117,6 +117,11 @@ pub use types::{
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+/// The architecture guide's code compiles.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/architecture.md")]
+struct ArchitectureDoctests;
+
 /// A boxed, sendable future, as returned by the tower services.
 pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
 
