@@ -100,6 +100,10 @@ pub const DEGRADED: &str = "tokenwise_degraded_requests_total";
 /// `tokenwise_usage_records_dropped_total`: usage records lost by `sink` and `reason`.
 pub const USAGE_RECORDS_DROPPED: &str = "tokenwise_usage_records_dropped_total";
 
+/// `tokenwise_stream_recoveries_total`: streams cut after their first token that the
+/// pipeline set out to recover, by `provider` and `model` of the cut attempt.
+pub const STREAM_RECOVERIES: &str = "tokenwise_stream_recoveries_total";
+
 /// Every metric name above.
 pub const ALL: &[&str] = &[
     REQUESTS,
@@ -123,6 +127,7 @@ pub const ALL: &[&str] = &[
     CACHE_GUARD_REJECTIONS,
     DEGRADED,
     USAGE_RECORDS_DROPPED,
+    STREAM_RECOVERIES,
 ];
 
 /// Bucket bounds (seconds) for the latency histograms: the ones the OpenTelemetry GenAI
@@ -287,6 +292,11 @@ pub fn describe() {
         "Requests served in a degrade mode, by mode."
     );
     describe_counter!(
+        STREAM_RECOVERIES,
+        Unit::Count,
+        "Streams cut after their first token that were continued or restarted."
+    );
+    describe_counter!(
         USAGE_RECORDS_DROPPED,
         Unit::Count,
         "Usage records a sink could not keep, by sink and reason."
@@ -351,6 +361,12 @@ pub(crate) fn record_attempt(provider: &str, model: &str, status: &str, took: Du
         .increment(1);
     histogram!(ATTEMPT_DURATION, "provider" => provider, "model" => model)
         .record(took.as_secs_f64());
+}
+
+/// Counts a stream recovery.
+pub(crate) fn record_stream_recovery(provider: &str, model: &str) {
+    counter!(STREAM_RECOVERIES, "provider" => PROVIDERS.get(provider), "model" => MODELS.get(model))
+        .increment(1);
 }
 
 /// Counts usage records a sink could not keep.

@@ -93,6 +93,7 @@ pub struct PipelineBuilder {
     deployments: HashMap<String, Deployments>,
     anonymous: Anonymous,
     require_identity: Vec<ScopeKind>,
+    stream_recoveries: u32,
     batch: super::batch::BatchSetup,
 }
 
@@ -137,6 +138,7 @@ impl Default for PipelineBuilder {
             deployments: HashMap::new(),
             anonymous: Anonymous::default(),
             require_identity: Vec::new(),
+            stream_recoveries: 2,
             batch: super::batch::BatchSetup::default(),
         }
     }
@@ -450,6 +452,19 @@ impl PipelineBuilder {
         self
     }
 
+    /// How many times a stream cut after its first token (an error, a stall past the
+    /// idle timeout, an end without a final event) is recovered: continued where it
+    /// stopped on the same model when its catalogue entry accepts assistant prefill,
+    /// else restarted on the same or a later target with the text already sent
+    /// withheld. A restart whose text differs from what was sent ends with a typed
+    /// error, never a spliced answer. Every attempt is billed for what it produced.
+    /// Default 2; 0 turns recovery off (per request:
+    /// [`ChatRequest::without_stream_recovery`](crate::ChatRequest::without_stream_recovery)).
+    pub fn stream_recoveries(mut self, n: u32) -> Self {
+        self.stream_recoveries = n.min(16);
+        self
+    }
+
     /// Under [`Anonymous::Refuse`], also require an identity of `kind` (for the scopes
     /// of a custom limiter or budget, which the builder cannot see).
     pub fn require_identity(mut self, kind: ScopeKind) -> Self {
@@ -642,6 +657,7 @@ impl PipelineBuilder {
                 degrade: self.degrade,
                 max_cost: self.max_cost,
                 anonymous: self.anonymous,
+                stream_recoveries: self.stream_recoveries,
                 identity_scopes,
                 batch: self.batch,
             }),

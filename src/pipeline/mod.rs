@@ -120,6 +120,8 @@ pub(crate) struct Inner {
     anonymous: Anonymous,
     /// The scope kinds (global aside) the pipeline's own limits and caps use.
     identity_scopes: Vec<ScopeKind>,
+    /// How many times one stream cut after its first token may be recovered.
+    stream_recoveries: u32,
     batch: batch::BatchSetup,
 }
 
@@ -298,7 +300,8 @@ impl Pipeline {
         }
         let mut held = spent?;
         admitted.used_if_abandoned(plan.primary_prompt_tokens());
-        let (opened, attempts) = inner.dispatch_stream(&req, &plan, inner.deadline()).await; // dispatch
+        let deadline = inner.deadline();
+        let (opened, attempts) = inner.dispatch_stream(&req, &plan, deadline).await; // dispatch
         if let Some(r) = slot.as_mut() {
             r.attempts = attempts;
         }
@@ -318,27 +321,50 @@ impl Pipeline {
                 let mut record = rec(slot);
                 record.time_to_first_token = Some(answered.at.saturating_since(record.started_at));
                 let model = answered.model;
+                let (cache, guard_rejected) = (plan.cache.take(), plan.guard_rejected.take());
+                let prompt_tokens = plan.prompt_tokens(model.tokenizer);
+                let (max_tokens, max_cost) = (
+                    req.params.max_tokens.map(u64::from),
+                    req.meta.max_cost.or(inner.max_cost),
+                );
+                let escalated = prior.is_some();
+                let recovery =
+                    (inner.stream_recoveries > 0 && !req.meta.no_stream_recovery).then(|| {
+                        stream::Recovery {
+                            tier: if escalated {
+                                plan.route.escalation.clone()
+                            } else {
+                                plan.route.targets.clone()
+                            },
+                            req,
+                            plan: Arc::new(plan),
+                            left: inner.stream_recoveries,
+                            deadline,
+                        }
+                    });
                 Ok(stream::metered(
                     stream::Settle {
                         inner: Arc::clone(inner),
                         held,
                         admitted,
-                        cache: plan.cache.take(),
-                        prompt_tokens: plan.prompt_tokens(model.tokenizer),
+                        cache,
+                        prompt_tokens,
                         provider: answered.provider,
                         fallbacks: dispatched.fallbacks,
                         attempts,
                         owed: answered.owed,
                         deployment: answered.deployment,
                         target_charged: answered.target_charged,
-                        max_tokens: req.params.max_tokens.map(u64::from),
-                        max_cost: req.meta.max_cost.or(inner.max_cost),
+                        max_tokens,
+                        max_cost,
                         idle_timeout: inner.idle_timeout,
                         record,
                         span: span.clone(),
-                        guard_rejected: plan.guard_rejected.take(),
+                        guard_rejected,
                         leader,
                         prior,
+                        escalated,
+                        recovery,
                         model,
                     },
                     first,

@@ -9,15 +9,20 @@ use std::task::{Context, Poll, ready};
 use futures_core::Stream;
 use futures_util::stream;
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use super::Inner;
 use super::admit::Admitted;
 use super::budget::Held;
+use super::dispatch::{Call, Dispatched, Mode, Reply};
+use super::plan::Plan;
 use crate::cache::CacheQuery;
+use crate::observe;
 use crate::observe::{Outcome, UsageRecord};
 use crate::router::balance::Picked;
 use crate::types::{
-    ChatResponse, ChatStream, Cost, FinishReason, ModelSpec, RequestMeta, Served, StreamEnd,
-    StreamEvent, TokenizerKind, ToolCall, Truncation, Usage,
+    ChatRequest, ChatResponse, ChatStream, Cost, FinishReason, Message, ModelSpec, RequestMeta,
+    Served, StreamEnd, StreamEvent, TokenizerKind, ToolCall, Truncation, Usage,
 };
 use crate::{Error, Result};
 
@@ -88,9 +93,28 @@ pub(super) struct Settle {
     pub(super) guard_rejected: Option<crate::cache::GuardRejection>,
     /// Leads the single-flight of identical streams: they read this one.
     pub(super) leader: Option<crate::cache::Leader<Arc<crate::cache::SharedStream>>>,
-    /// What an earlier tier used before a validator escalated to this stream.
+    /// What earlier calls used: a validated first tier that escalated to this stream,
+    /// and attempts cut mid-answer that a recovery replaced.
     pub(super) prior: Option<(Usage, Cost)>,
+    /// Whether a validator escalated to this stream.
+    pub(super) escalated: bool,
+    /// How a stream cut after its first token is recovered, if it may be.
+    pub(super) recovery: Option<Recovery>,
 }
+
+/// What a stream needs to recover from a cut after its first token: the request, its
+/// plan, the targets of its tier, the recoveries left and the request's deadline.
+pub(super) struct Recovery {
+    pub(super) req: ChatRequest,
+    pub(super) plan: Arc<Plan>,
+    pub(super) tier: Vec<Arc<ModelSpec>>,
+    pub(super) left: u32,
+    pub(super) deadline: Option<tokio::time::Instant>,
+}
+
+/// A recovery under way: the new attempt, the calls it made, and whether it continues
+/// the delivered text (prefill) rather than restarting the answer.
+type Recovering = Pin<Box<dyn Future<Output = (Result<Dispatched>, u32, bool)> + Send>>;
 
 impl std::fmt::Debug for Settle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -113,6 +137,9 @@ struct Delivered {
     counted_to: usize,
     /// Output tokens of tool-call arguments, delta by delta.
     tool_tokens: u64,
+    /// Where the current attempt's own text starts in `text` (after a continuation,
+    /// the text before it came from the attempt that was cut).
+    attempt_from: usize,
 }
 
 /// Text past the counted prefix longer than this is folded into it at its last
@@ -192,9 +219,8 @@ impl Settle {
         let inner = Arc::clone(&self.inner);
         let usage = delivered.usage.unwrap_or_else(|| {
             // No usage from the provider: count what was delivered.
-            let out = inner
-                .counter
-                .count_text(&delivered.text, self.model.tokenizer)
+            let own = delivered.text.get(delivered.attempt_from..).unwrap_or("");
+            let out = inner.counter.count_text(own, self.model.tokenizer)
                 + delivered
                     .tool_calls
                     .iter()
@@ -228,10 +254,11 @@ impl Settle {
         rec.provider = Some(self.provider.clone());
         rec.usage = total_usage;
         rec.cost = total_cost;
+        rec.attempts = self.attempts;
         let served = Served::Provider {
             attempts: self.attempts,
             fallbacks: self.fallbacks,
-            escalated: self.prior.is_some(),
+            escalated: self.escalated,
         };
         rec.set_served(&served);
         match ending {
@@ -249,7 +276,9 @@ impl Settle {
                     resp.served = served.clone();
                     inner.cache_put(q, &resp).await;
                 }
-                end.usage = usage;
+                // Everything the stream was billed: an escalated first tier and
+                // attempts cut and recovered included.
+                end.usage = total_usage;
                 end.cost = total_cost;
                 end.served = served;
                 end.guard_rejected = self.guard_rejected.take();
@@ -288,6 +317,11 @@ struct Metered {
     done: bool,
     /// Fires when the upstream is silent for the idle timeout.
     idle: Option<(std::time::Duration, Pin<Box<tokio::time::Sleep>>)>,
+    /// A recovery under way, and the interruption to report if it fails.
+    recovering: Option<(Recovering, Error)>,
+    /// During a restart: how much of the delivered text the new attempt has repeated,
+    /// and how much it must repeat before its text is released.
+    restart: Option<(usize, usize)>,
 }
 
 pub(super) fn metered(mut settle: Settle, first: StreamEvent, upstream: ChatStream) -> ChatStream {
@@ -303,6 +337,8 @@ pub(super) fn metered(mut settle: Settle, first: StreamEvent, upstream: ChatStre
         settle: Some(settle),
         finishing: None,
         done: false,
+        recovering: None,
+        restart: None,
     });
     super::flight::share(leader, metered)
 }
@@ -360,6 +396,186 @@ impl Metered {
         end
     }
 
+    /// Starts recovering from `e`, a cut after the first token, if the stream may be
+    /// recovered: text only, recoveries left, inside the request's deadline. The cut
+    /// attempt is billed for what it produced and judged a failure of its target; the
+    /// next attempt continues the delivered text on the same model when it accepts
+    /// assistant prefill (and falls back to a restart if the prefill is refused), or
+    /// restarts the answer on the same or a later target of the tier, its repetition
+    /// of the delivered text withheld.
+    fn try_recover(&mut self, e: Error) -> std::result::Result<(), Error> {
+        let Some(settle) = self.settle.as_mut() else {
+            return Err(e);
+        };
+        let now = tokio::time::Instant::now();
+        let possible = match &settle.recovery {
+            Some(r) => {
+                r.left > 0
+                    && self.delivered.tool_calls.is_empty()
+                    && r.deadline.is_none_or(|d| now < d)
+            }
+            None => false,
+        };
+        let Some(rec) = settle.recovery.as_mut().filter(|_| possible) else {
+            return Err(e);
+        };
+        rec.left -= 1;
+        // What the cut attempt produced: after a continuation, the text since it
+        // began; during a restart, the part of the delivered text it repeated.
+        let produced = match self.restart {
+            Some((matched, _)) => self.delivered.text.get(..matched),
+            None => self.delivered.text.get(self.delivered.attempt_from..),
+        }
+        .unwrap_or("");
+        let inner = Arc::clone(&settle.inner);
+        let out = inner.counter.count_text(produced, settle.model.tokenizer);
+        let usage = self
+            .delivered
+            .usage
+            .take()
+            .unwrap_or_else(|| Usage::new(settle.prompt_tokens, out).estimated());
+        let cost = settle.model.cost(&usage);
+        settle.prior = Some(match settle.prior {
+            Some((u, c)) => (u + usage, c + cost),
+            None => (usage, cost),
+        });
+        if let Some(admit) = settle.owed.take() {
+            let key = super::dispatch::breaker_key(&settle.model, settle.deployment.as_ref());
+            inner.breaker_stream_end(&settle.model, key, admit, true);
+        }
+        drop(settle.deployment.take());
+        inner.target_settle(
+            &settle.model,
+            std::mem::take(&mut settle.target_charged),
+            usage.total(),
+        );
+        let model = Arc::clone(&settle.model);
+        let text = self.delivered.text.clone();
+        let continues = self.restart.is_none()
+            && model.accepts_prefill()
+            && !text.is_empty()
+            && !text.ends_with(char::is_whitespace);
+        let at = rec.tier.iter().position(|m| m.name == model.name);
+        let targets: Vec<Arc<ModelSpec>> = match at {
+            Some(i) => rec.tier[i..].to_vec(),
+            None => vec![Arc::clone(&model)],
+        };
+        tracing::info!(model = %model.name, delivered = text.len(), continues, reason = %e,
+            "stream cut after its first token; recovering");
+        observe::metrics::record_stream_recovery(&model.provider, &model.name);
+        let (req, plan, deadline) = (rec.req.clone(), Arc::clone(&rec.plan), rec.deadline);
+        let fut: Recovering = Box::pin(async move {
+            let attempts = AtomicU32::new(0);
+            if continues {
+                let mut cont = req.clone();
+                cont.messages.push(Message::assistant(text));
+                let call = Call {
+                    req: &cont,
+                    plan: &plan,
+                    mode: Mode::Stream,
+                    deadline,
+                    attempts: &attempts,
+                };
+                match inner.try_targets(&call, std::slice::from_ref(&model)).await {
+                    Ok(d) => return (Ok(d), attempts.load(Ordering::Relaxed), true),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "continuation refused; restarting instead");
+                    }
+                }
+            }
+            let call = Call {
+                req: &req,
+                plan: &plan,
+                mode: Mode::Stream,
+                deadline,
+                attempts: &attempts,
+            };
+            let r = inner.try_targets(&call, &targets).await;
+            (r, attempts.load(Ordering::Relaxed), false)
+        });
+        self.upstream = Box::pin(stream::empty());
+        self.recovering = Some((fut, e));
+        Ok(())
+    }
+
+    /// Takes over the attempt a recovery opened.
+    fn recovered(&mut self, d: Dispatched, calls: u32, continued: bool) -> Result<()> {
+        let answered = d.answered;
+        let Reply::Stream { first, rest } = answered.reply else {
+            return Err(Error::Config("a recovery returned a whole answer".into()));
+        };
+        if let Some(settle) = self.settle.as_mut() {
+            if let Some(r) = &settle.recovery {
+                settle.prompt_tokens = r.plan.prompt_tokens(answered.model.tokenizer);
+            }
+            settle.model = answered.model;
+            settle.provider = answered.provider;
+            settle.owed = answered.owed;
+            settle.deployment = answered.deployment;
+            settle.target_charged = answered.target_charged;
+            settle.attempts += calls;
+            settle.fallbacks = settle.fallbacks.max(d.fallbacks);
+        }
+        self.delivered.usage = None;
+        if continued {
+            self.delivered.attempt_from = self.delivered.text.len();
+            self.restart = None;
+        } else {
+            self.delivered.attempt_from = 0;
+            self.restart = Some((0, self.delivered.text.len()));
+        }
+        self.first = Some(first);
+        self.upstream = rest;
+        if let Some((d, sleep)) = &mut self.idle {
+            sleep.as_mut().reset(super::after(*d));
+        }
+        Ok(())
+    }
+
+    /// During a restart, withholds the new attempt's repetition of the text already
+    /// sent. `Ok(None)`: withheld; `Ok(Some(ev))`: what to release (the part of a
+    /// delta past the delivered text); `Err`: the restart diverged from what was sent.
+    fn withhold(&mut self, ev: StreamEvent) -> std::result::Result<Option<StreamEvent>, Error> {
+        let Some((matched, upto)) = self.restart else {
+            return Ok(Some(ev));
+        };
+        let diverged = || Error::StreamInterrupted {
+            chunks: self.delivered.chunks,
+            reason: "the restarted answer differs from the text already sent".into(),
+        };
+        let want = self.delivered.text.get(matched..upto).unwrap_or("");
+        match ev {
+            StreamEvent::TextDelta { text } => {
+                if text.len() <= want.len() {
+                    if !want.starts_with(text.as_str()) {
+                        return Err(diverged());
+                    }
+                    let matched = matched + text.len();
+                    self.restart = (matched < upto).then_some((matched, upto));
+                    Ok(None)
+                } else if let Some(rest) = text.strip_prefix(want) {
+                    self.restart = None;
+                    Ok(Some(StreamEvent::text(rest.to_owned())))
+                } else {
+                    Err(diverged())
+                }
+            }
+            StreamEvent::Usage(u) => {
+                self.delivered.usage = Some(u);
+                Ok(None)
+            }
+            // An end, or a tool call, before the delivered text was repeated.
+            _ => Err(diverged()),
+        }
+    }
+
+    /// Ends the stream with `e`, or recovers from it.
+    fn interrupted(&mut self, e: Error) {
+        if let Err(e) = self.try_recover(e) {
+            self.start_finish(Ending::Failed(e.reason().to_owned()), Some(e));
+        }
+    }
+
     fn start_finish(&mut self, ending: Ending, error: Option<Error>) {
         if let Some(settle) = self.settle.take() {
             let delivered = std::mem::take(&mut self.delivered);
@@ -389,6 +605,21 @@ impl Stream for Metered {
             if this.done {
                 return Poll::Ready(None);
             }
+            if let Some((fut, _)) = &mut this.recovering {
+                let (result, calls, continued) = ready!(fut.as_mut().poll(cx));
+                let Some((_, cut)) = this.recovering.take() else {
+                    continue;
+                };
+                match result.and_then(|d| this.recovered(d, calls, continued)) {
+                    Ok(()) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "stream recovery failed");
+                        // The cut is what the caller is told, never the recovery's error.
+                        this.start_finish(Ending::Failed(cut.reason().to_owned()), Some(cut));
+                        continue;
+                    }
+                }
+            }
             let next = match this.first.take() {
                 Some(ev) => Some(Ok(ev)),
                 None => match this.upstream.as_mut().poll_next(cx) {
@@ -416,6 +647,17 @@ impl Stream for Metered {
                 },
             };
             match next {
+                Some(Ok(ev)) if this.restart.is_some() => match this.withhold(ev) {
+                    Ok(None) => {}
+                    Ok(Some(ev)) => this.first = Some(ev),
+                    Err(e) => {
+                        if let Some(r) = this.settle.as_mut().and_then(|s| s.recovery.as_mut()) {
+                            r.left = 0; // a second restart would diverge the same way
+                        }
+                        this.upstream = Box::pin(stream::empty());
+                        this.start_finish(Ending::Failed(e.reason().to_owned()), Some(e));
+                    }
+                },
                 Some(Ok(StreamEvent::Done(end))) => {
                     this.start_finish(Ending::Done(end), None);
                 }
@@ -438,14 +680,14 @@ impl Stream for Metered {
                             reason: other.to_string(),
                         },
                     };
-                    this.start_finish(Ending::Failed(e.reason().to_owned()), Some(e));
+                    this.interrupted(e);
                 }
                 None => {
                     let e = Error::StreamInterrupted {
                         chunks: this.delivered.chunks,
                         reason: "the provider's stream ended without a final event".into(),
                     };
-                    this.start_finish(Ending::Failed(e.reason().to_owned()), Some(e));
+                    this.interrupted(e);
                 }
             }
         }

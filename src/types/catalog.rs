@@ -50,6 +50,12 @@ pub struct ModelSpec {
     /// `anthropic`, none for others (see [`batch_discount`](Self::batch_discount)).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_discount_percent: Option<u8>,
+    /// Whether the model's API continues a final assistant message (assistant prefill),
+    /// which lets a stream cut mid-answer be continued where it stopped. Unset means the
+    /// provider's usual behaviour: `anthropic` does, others do not (see
+    /// [`accepts_prefill`](Self::accepts_prefill)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill: Option<bool>,
 }
 
 impl ModelSpec {
@@ -71,7 +77,21 @@ impl ModelSpec {
             tier,
             tokenizer: TokenizerKind::O200k,
             batch_discount_percent: None,
+            prefill: None,
         }
+    }
+
+    /// Sets whether the model's API continues a final assistant message.
+    #[must_use]
+    pub fn with_prefill(mut self, accepts: bool) -> Self {
+        self.prefill = Some(accepts);
+        self
+    }
+
+    /// Whether the model continues a final assistant message: as set, else true for
+    /// models of the `anthropic` provider.
+    pub fn accepts_prefill(&self) -> bool {
+        self.prefill.unwrap_or(self.provider == "anthropic")
     }
 
     /// Sets the batch API's discount on this model, in per cent (0 to 100).

@@ -302,6 +302,11 @@ pub struct RequestMeta {
         with = "opt_duration_ms"
     )]
     pub deferrable: Option<Duration>,
+    /// Turns stream recovery off for this request: a stream cut after its first token
+    /// ends with an error instead of being continued or restarted (see
+    /// `PipelineBuilder::stream_recoveries`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_stream_recovery: bool,
 }
 
 /// A chat completion request.
@@ -388,6 +393,14 @@ impl ChatRequest {
     #[must_use]
     pub fn deferrable(mut self, max_wait: Duration) -> Self {
         self.meta.deferrable = Some(max_wait);
+        self
+    }
+
+    /// Turns stream recovery off for this request (see
+    /// [`RequestMeta::no_stream_recovery`]).
+    #[must_use]
+    pub fn without_stream_recovery(mut self) -> Self {
+        self.meta.no_stream_recovery = true;
         self
     }
 
