@@ -9,8 +9,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::http::{
-    Auth, HttpCore, HttpSettings, StreamEnding, Translate, classify_payload, documents_text,
-    http_builder_methods, replay, sse_stream,
+    Asked, Auth, EventError, HttpCore, HttpSettings, Sent, StreamEnding, Translate,
+    classify_payload, documents_text, http_builder_methods, replay, sse_stream,
 };
 use super::keys::{ApiKey, KeyPool};
 use super::openai::parameters;
@@ -18,8 +18,8 @@ use super::sse::SseEvent;
 use super::{Provider, ProviderCall};
 use crate::error::{ProviderError, ProviderErrorKind, RateLimits};
 use crate::types::{
-    ChatRequest, ChatResponse, ChatStream, FinishReason, ResponseFormat, Role, StreamEvent,
-    TokenizerKind, ToolCall, ToolCallDelta, Usage,
+    ChatResponse, ChatStream, FinishReason, ResponseFormat, Role, StreamEvent, ToolCall,
+    ToolCallDelta, Usage,
 };
 use crate::{Error, Result};
 
@@ -281,12 +281,13 @@ impl Anthropic {
             .map_err(|e| Error::InvalidRequest(format!("the request cannot be encoded: {e}")))
     }
 
+    /// The answer in `v`, with the usage the API reported (not yet checked).
     fn parse_response(
         &self,
         call: &ProviderCall<'_>,
         v: Value,
         status: u16,
-    ) -> std::result::Result<ChatResponse, ProviderError> {
+    ) -> std::result::Result<(ChatResponse, Option<Usage>), ProviderError> {
         let core = &self.core;
         let w: WireMessage = serde_json::from_value(v).map_err(|e| {
             core.error(
@@ -315,20 +316,28 @@ impl Anthropic {
             .stop_reason
             .as_deref()
             .map_or(FinishReason::Other("unknown".into()), stop_reason);
-        let usage = match w.usage.and_then(|u| UsageParts::default().merge(u).usage()) {
-            Some(u) => u,
-            None => {
-                let mut out = text.clone();
-                for c in &calls {
-                    out.push_str(&c.arguments);
-                }
-                core.estimate(call.request, call.model, &out)
-            }
-        };
-        Ok(
-            ChatResponse::new(text, &call.model.name, &core.name, usage, finish)
+        let usage = w.usage.and_then(|u| UsageParts::default().merge(u).usage());
+        Ok((
+            ChatResponse::new(text, &call.model.name, &core.name, Usage::default(), finish)
                 .with_tool_calls(calls),
-        )
+            usage,
+        ))
+    }
+
+    /// Reads, parses and settles a whole answer.
+    async fn whole(
+        &self,
+        call: &ProviderCall<'_>,
+        resp: &mut reqwest::Response,
+        sent: &Sent,
+    ) -> Result<ChatResponse> {
+        let core = &self.core;
+        let status = resp.status().as_u16();
+        let bytes = core.read_body(resp, sent).await?;
+        let v = core.parse_json(status, &bytes)?;
+        drop(bytes);
+        let (r, reported) = self.parse_response(call, v, status)?;
+        Ok(core.settle_answer(call, r, reported, sent).await)
     }
 }
 
@@ -359,10 +368,7 @@ impl Provider for Anthropic {
         let (mut resp, sent) = core
             .post("/v1/messages", body, false, super::token_estimate(&call))
             .await?;
-        let status = resp.status().as_u16();
-        let bytes = core.read_body(&mut resp, &sent).await?;
-        let v = core.parse_json(status, &bytes)?;
-        Ok(self.parse_response(&call, v, status)?)
+        self.whole(&call, &mut resp, &sent).await
     }
 
     async fn stream(&self, call: ProviderCall<'_>) -> Result<ChatStream> {
@@ -372,15 +378,10 @@ impl Provider for Anthropic {
             .post("/v1/messages", body, true, super::token_estimate(&call))
             .await?;
         if HttpCore::is_json(&resp) {
-            let status = resp.status().as_u16();
-            let bytes = core.read_body(&mut resp, &sent).await?;
-            let v = core.parse_json(status, &bytes)?;
-            return Ok(replay(self.parse_response(&call, v, status)?));
+            return Ok(replay(self.whole(&call, &mut resp, &sent).await?));
         }
         let translator = AnthropicStream {
-            request: call.request.clone(),
-            model: call.model.name.clone(),
-            tokenizer: call.model.tokenizer,
+            asked: Asked::new(call.request, call.model),
             usage: UsageParts::default(),
             tools: HashMap::new(),
             delivered: String::new(),
@@ -493,28 +494,12 @@ struct WireDelta {
 
 /// Turns Messages API stream events into stream events.
 struct AnthropicStream {
-    request: ChatRequest,
-    model: String,
-    tokenizer: TokenizerKind,
+    asked: Asked,
     usage: UsageParts,
     /// Content block index → tool call index.
     tools: HashMap<u64, u32>,
     delivered: String,
     finish: Option<FinishReason>,
-}
-
-impl AnthropicStream {
-    fn finish(&mut self, core: &HttpCore, out: &mut VecDeque<StreamEvent>) {
-        let ending = StreamEnding {
-            request: &self.request,
-            model: &self.model,
-            tokenizer: self.tokenizer,
-            delivered: &self.delivered,
-            usage: self.usage.usage(),
-            finish: self.finish.take(),
-        };
-        core.end_stream(ending, out);
-    }
 }
 
 impl Translate for AnthropicStream {
@@ -523,25 +508,17 @@ impl Translate for AnthropicStream {
         core: &HttpCore,
         ev: SseEvent,
         out: &mut VecDeque<StreamEvent>,
-    ) -> std::result::Result<bool, ProviderError> {
+    ) -> std::result::Result<bool, EventError> {
         let data = ev.data.trim();
         if data.is_empty() {
-            if ev.event == "message_stop" {
-                self.finish(core, out);
-                return Ok(true);
-            }
-            return Ok(false);
+            return Ok(ev.event == "message_stop");
         }
         let v = core.event_json(&ev, data)?;
         if ev.event == "error" || v.get("type").and_then(Value::as_str) == Some("error") {
-            return Err(classify_payload(&core.name, &v));
+            return Err(classify_payload(&core.name, &v).into());
         }
-        let e: WireEvent = serde_json::from_value(v).map_err(|e| {
-            core.error(
-                ProviderErrorKind::InvalidResponse,
-                format!("unexpected stream event shape: {e}"),
-            )
-        })?;
+        let e: WireEvent = serde_json::from_value(v)
+            .map_err(|e| EventError::Malformed(format!("unexpected stream event shape: {e}")))?;
         match e.kind.as_str() {
             "message_start" => {
                 if let Some(u) = e.message.and_then(|m| m.usage) {
@@ -610,10 +587,7 @@ impl Translate for AnthropicStream {
                     self.usage = self.usage.merge(u);
                 }
             }
-            "message_stop" => {
-                self.finish(core, out);
-                return Ok(true);
-            }
+            "message_stop" => return Ok(true),
             // `ping`, `content_block_stop` and event types added later carry nothing
             // tokenwise needs.
             _ => {}
@@ -621,15 +595,27 @@ impl Translate for AnthropicStream {
         Ok(false)
     }
 
-    fn missing_end(&self) -> &'static str {
-        "`message_stop`"
+    fn has_finish(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    fn asked(&self) -> &Asked {
+        &self.asked
+    }
+
+    fn ending(&mut self) -> StreamEnding {
+        StreamEnding {
+            delivered: std::mem::take(&mut self.delivered),
+            usage: self.usage.usage(),
+            finish: self.finish.take(),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{Catalog, Message, Tool};
+    use crate::types::{Catalog, ChatRequest, Message, Tool};
 
     #[test]
     fn request_body_maps_system_tools_and_results() {

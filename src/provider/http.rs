@@ -386,13 +386,27 @@ macro_rules! http_builder_methods {
 pub(crate) use http_builder_methods;
 
 /// What a provider's stream knows when it ends, for [`HttpCore::end_stream`].
-pub(crate) struct StreamEnding<'a> {
-    pub(crate) request: &'a ChatRequest,
-    pub(crate) model: &'a str,
-    pub(crate) tokenizer: TokenizerKind,
-    pub(crate) delivered: &'a str,
+pub(crate) struct StreamEnding {
+    /// The text and tool arguments delivered, for counting when no usage came.
+    pub(crate) delivered: String,
     pub(crate) usage: Option<Usage>,
     pub(crate) finish: Option<FinishReason>,
+}
+
+/// What a streamed call asked for: the request and the model.
+#[derive(Debug, Clone)]
+pub(crate) struct Asked {
+    pub(crate) request: ChatRequest,
+    pub(crate) model: ModelSpec,
+}
+
+impl Asked {
+    pub(crate) fn new(request: &ChatRequest, model: &ModelSpec) -> Self {
+        Asked {
+            request: request.clone(),
+            model: model.clone(),
+        }
+    }
 }
 
 /// The shared HTTP machinery of one provider.
@@ -459,42 +473,44 @@ impl HttpCore {
     }
 
     /// The JSON payload of a stream event. Text that is not JSON is the server's error
-    /// message when the event is named `error`, else an invalid response.
+    /// message when the event is named `error`, else a malformed event.
     pub(crate) fn event_json(
         &self,
         ev: &SseEvent,
         data: &str,
-    ) -> std::result::Result<Value, ProviderError> {
+    ) -> std::result::Result<Value, EventError> {
         serde_json::from_str(data).map_err(|e| {
             if ev.event == "error" {
-                self.error(
+                EventError::Failed(self.error(
                     ProviderErrorKind::Server,
-                    format!("error in the stream: {data}"),
-                )
+                    format!("error in the stream: {}", snippet(data.as_bytes())),
+                ))
             } else {
-                self.error(
-                    ProviderErrorKind::InvalidResponse,
-                    format!("a stream event is not valid JSON ({e})"),
-                )
+                EventError::Malformed(format!("a stream event is not valid JSON ({e})"))
             }
         })
     }
 
-    /// The last two events of a stream: its usage (counted by tokenwise from the
-    /// request and what was `delivered` when the provider sent none) and its end.
-    pub(crate) fn end_stream(&self, ending: StreamEnding<'_>, out: &mut VecDeque<StreamEvent>) {
-        let usage = ending.usage.unwrap_or_else(|| {
-            Usage::new(
-                self.counter.count_request(ending.request, ending.tokenizer),
-                self.counter.count_text(ending.delivered, ending.tokenizer),
-            )
-            .estimated()
-        });
-        let finish = ending
-            .finish
-            .unwrap_or_else(|| FinishReason::Other("unknown".into()));
+    /// The last two events of a stream: its usage (checked, or counted by tokenwise
+    /// when the provider sent none or an implausible one) and its end.
+    pub(crate) async fn end_stream(
+        &self,
+        asked: &Asked,
+        ending: StreamEnding,
+        sent: &Sent,
+        out: &mut VecDeque<StreamEvent>,
+    ) {
+        let StreamEnding {
+            delivered,
+            usage,
+            finish,
+        } = ending;
+        let usage = self
+            .settle_usage(&asked.request, &asked.model, usage, || delivered, sent)
+            .await;
+        let finish = finish.unwrap_or_else(|| FinishReason::Other("unknown".into()));
         out.push_back(StreamEvent::Usage(usage));
-        let mut end = StreamEnd::new(finish, ending.model, &self.name);
+        let mut end = StreamEnd::new(finish, &asked.model.name, &self.name);
         end.usage = usage;
         out.push_back(StreamEvent::Done(end));
     }
@@ -758,14 +774,160 @@ impl HttpCore {
             })
     }
 
-    /// Estimated usage: the prompt and `output` counted with the model's tokenizer.
-    pub(crate) fn estimate(&self, request: &ChatRequest, model: &ModelSpec, output: &str) -> Usage {
-        Usage::new(
-            self.counter.count_request(request, model.tokenizer),
-            self.counter.count_text(output, model.tokenizer),
-        )
-        .estimated()
+    /// The usage of an answer: the reported one when it is plausible for what was
+    /// asked, else a local count of the prompt and `output` (see [`count_usage`]), done
+    /// off the runtime's workers and within the call's total deadline.
+    pub(crate) async fn settle_usage(
+        &self,
+        request: &ChatRequest,
+        model: &ModelSpec,
+        reported: Option<Usage>,
+        output: impl FnOnce() -> String,
+        sent: &Sent,
+    ) -> Usage {
+        if let Some(u) = reported {
+            match implausible(&u, request, model) {
+                None => return u,
+                Some(why) => tracing::warn!(
+                    provider = %self.name,
+                    model = %model.name,
+                    "implausible usage replaced by a local count: {why}"
+                ),
+            }
+        }
+        let deadline = earliest(
+            self.total_deadline(sent.start),
+            after(Instant::now(), Some(MAX_COUNT_TIME)),
+        );
+        let output = output();
+        let rough = rough_usage(request, output.len());
+        let counter = Arc::clone(&self.counter);
+        let request = request.clone();
+        let tokenizer = model.tokenizer;
+        let task = tokio::task::spawn_blocking(move || {
+            count_usage(counter.as_ref(), &request, &output, tokenizer)
+        });
+        let counted = match deadline {
+            Some(at) => tokio::time::timeout_at(at, task).await.ok(),
+            None => Some(task.await),
+        };
+        match counted {
+            Some(Ok(u)) => u,
+            // Out of time (the task finishes on its own, its text capped) or failed:
+            // a rough estimate from the sizes.
+            _ => rough,
+        }
     }
+}
+
+impl HttpCore {
+    /// `r` with its usage settled (see [`settle_usage`](Self::settle_usage)).
+    pub(crate) async fn settle_answer(
+        &self,
+        call: &super::ProviderCall<'_>,
+        mut r: ChatResponse,
+        reported: Option<Usage>,
+        sent: &Sent,
+    ) -> ChatResponse {
+        let output = || {
+            let mut out = r.content.clone();
+            for c in &r.tool_calls {
+                out.push_str(&c.arguments);
+            }
+            out
+        };
+        let usage = self
+            .settle_usage(call.request, call.model, reported, output, sent)
+            .await;
+        r.usage = usage;
+        r
+    }
+}
+
+/// The longest time spent counting the tokens of an answer that came without usage.
+const MAX_COUNT_TIME: Duration = Duration::from_secs(2);
+/// The most of an answer's text counted with the tokenizer; the rest is estimated at
+/// the rate of the counted part.
+pub(crate) const MAX_COUNTED_BYTES: usize = 64 << 10;
+
+/// The prompt and `output` counted with `counter`, `output` beyond
+/// [`MAX_COUNTED_BYTES`] estimated at the rate of its counted part. Marked estimated.
+pub(crate) fn count_usage(
+    counter: &dyn TokenCounter,
+    request: &ChatRequest,
+    output: &str,
+    tokenizer: TokenizerKind,
+) -> Usage {
+    let mut cut = output.len().min(MAX_COUNTED_BYTES);
+    while !output.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let head = output.get(..cut).unwrap_or_default();
+    let mut out_tokens = counter.count_text(head, tokenizer);
+    let rest = (output.len() - cut) as u64;
+    if rest > 0 {
+        let rate = if cut == 0 || out_tokens == 0 {
+            // One token per four bytes, the usual rate of English text.
+            (1, 4)
+        } else {
+            (out_tokens, cut as u64)
+        };
+        let more = u128::from(rest) * u128::from(rate.0) / u128::from(rate.1).max(1);
+        out_tokens = out_tokens.saturating_add(u64::try_from(more).unwrap_or(u64::MAX));
+    }
+    Usage::new(counter.count_request(request, tokenizer), out_tokens).estimated()
+}
+
+/// A usage estimate from sizes alone: four bytes a token.
+fn rough_usage(request: &ChatRequest, output_bytes: usize) -> Usage {
+    let prompt: usize = request
+        .messages
+        .iter()
+        .map(|m| {
+            m.content.len()
+                + m.tool_calls
+                    .iter()
+                    .map(|c| c.arguments.len())
+                    .sum::<usize>()
+        })
+        .chain(request.documents.iter().map(|d| d.text.len()))
+        .sum();
+    Usage::new(
+        (prompt as u64).div_ceil(4),
+        (output_bytes as u64).div_ceil(4),
+    )
+    .estimated()
+}
+
+/// Why `u` cannot be the usage of an answer to `request` on `model`, if it cannot: more
+/// output than `max_tokens` (or the model's limits) allow, or more input than the
+/// context window holds, each with a 10 % margin.
+pub(crate) fn implausible(u: &Usage, request: &ChatRequest, model: &ModelSpec) -> Option<String> {
+    let margin = |n: u64| n.saturating_add(n / 10).saturating_add(64);
+    let window = model.context_window.max(model.max_output);
+    let out_cap = match request.params.max_tokens {
+        Some(n) => u64::from(n),
+        None if window > 0 => window,
+        None => u64::from(u32::MAX),
+    };
+    if u.output_tokens > margin(out_cap) {
+        return Some(format!(
+            "{} output tokens, at most {out_cap} possible",
+            u.output_tokens
+        ));
+    }
+    let in_cap = if model.context_window > 0 {
+        model.context_window
+    } else {
+        u64::from(u32::MAX)
+    };
+    if u.input_tokens > margin(in_cap) {
+        return Some(format!(
+            "{} input tokens, the context window holds {in_cap}",
+            u.input_tokens
+        ));
+    }
+    None
 }
 
 /// `d` after `t`; none when there is no deadline, or it lies beyond what an `Instant`
@@ -1105,19 +1267,49 @@ pub(crate) fn classify_payload(provider: &str, v: &Value) -> ProviderError {
 // ---------------------------------------------------------------------------------------
 // Streams.
 
+/// How many malformed events (not JSON, or not of the expected shape) one stream may
+/// skip; one more fails it with [`ProviderErrorKind::InvalidResponse`].
+pub const MAX_MALFORMED_EVENTS: u32 = 3;
+
+/// `tokenwise_stream_malformed_events_total`: stream events skipped as malformed, by
+/// `provider`.
+pub const STREAM_MALFORMED_EVENTS: &str = "tokenwise_stream_malformed_events_total";
+
+/// Why a stream event could not be used.
+#[derive(Debug)]
+pub(crate) enum EventError {
+    /// Not JSON, or not of the expected shape: skipped, up to [`MAX_MALFORMED_EVENTS`].
+    Malformed(String),
+    /// The stream failed: an error event, say.
+    Failed(ProviderError),
+}
+
+impl From<ProviderError> for EventError {
+    fn from(e: ProviderError) -> Self {
+        EventError::Failed(e)
+    }
+}
+
 /// Turns one API's SSE events into stream events.
 pub(crate) trait Translate: Send + 'static {
-    /// Handles one event, pushing what it yields to `out`; `Ok(true)` once the stream is
-    /// complete (after pushing the usage and `Done`).
+    /// Handles one event, pushing the text and tool-call deltas it carries to `out`;
+    /// `Ok(true)` at the stream's end marker.
     fn event(
         &mut self,
         core: &HttpCore,
         ev: SseEvent,
         out: &mut VecDeque<StreamEvent>,
-    ) -> std::result::Result<bool, ProviderError>;
+    ) -> std::result::Result<bool, EventError>;
 
-    /// What is missing when the body ends before the stream is complete.
-    fn missing_end(&self) -> &'static str;
+    /// Whether the stream has said how the answer finished: then a clean end of the
+    /// body completes it, end marker or not.
+    fn has_finish(&self) -> bool;
+
+    /// What the call asked for.
+    fn asked(&self) -> &Asked;
+
+    /// What the stream knows at its end.
+    fn ending(&mut self) -> StreamEnding;
 }
 
 struct StreamState<T> {
@@ -1130,6 +1322,7 @@ struct StreamState<T> {
     out: VecDeque<StreamEvent>,
     bytes: u64,
     chunks: u64,
+    malformed: u32,
     finished: bool,
     /// A decoding error to report once the events decoded before it are handled.
     pending: Option<ProviderError>,
@@ -1155,6 +1348,15 @@ impl<T: Translate> StreamState<T> {
                 reason: e.to_string(),
             }
         }
+    }
+
+    /// Queues the usage and the end, and marks the stream finished.
+    async fn complete(&mut self) {
+        let ending = self.translator.ending();
+        let core = Arc::clone(&self.core);
+        core.end_stream(self.translator.asked(), ending, &self.sent, &mut self.out)
+            .await;
+        self.finished = true;
     }
 
     /// Reads until at least one SSE event is decoded; `Ok(false)` at the end of the body.
@@ -1221,11 +1423,16 @@ impl<T: Translate> StreamState<T> {
                 Some(ev) => ev,
                 None => match self.fill().await {
                     Ok(true) => continue,
+                    // A clean end of the body: complete if the answer said how it
+                    // finished, cut otherwise.
+                    Ok(false) if self.translator.has_finish() => {
+                        self.complete().await;
+                        continue;
+                    }
                     Ok(false) => {
-                        let missing = self.translator.missing_end();
                         let e = self.core.error(
                             ProviderErrorKind::Connection,
-                            format!("the stream ended without {missing}"),
+                            "the stream ended without a finish reason",
                         );
                         return Some(Err(self.fail(e)));
                     }
@@ -1233,9 +1440,24 @@ impl<T: Translate> StreamState<T> {
                 },
             };
             match self.translator.event(&self.core, ev, &mut self.out) {
-                Ok(true) => self.finished = true,
+                Ok(true) => self.complete().await,
                 Ok(false) => {}
-                Err(e) => return Some(Err(self.fail(e))),
+                Err(EventError::Malformed(why)) => {
+                    self.malformed += 1;
+                    metrics::counter!(STREAM_MALFORMED_EVENTS, "provider" => self.core.name.clone())
+                        .increment(1);
+                    tracing::debug!(provider = %self.core.name, "skipped a malformed stream event: {why}");
+                    if self.malformed > MAX_MALFORMED_EVENTS {
+                        let e = self.core.error(
+                            ProviderErrorKind::InvalidResponse,
+                            format!(
+                                "more than {MAX_MALFORMED_EVENTS} malformed events in the stream; the last: {why}"
+                            ),
+                        );
+                        return Some(Err(self.fail(e)));
+                    }
+                }
+                Err(EventError::Failed(e)) => return Some(Err(self.fail(e))),
             }
         }
     }
@@ -1259,6 +1481,7 @@ pub(crate) fn sse_stream<T: Translate>(
         out: VecDeque::new(),
         bytes: 0,
         chunks: 0,
+        malformed: 0,
         finished: false,
         pending: None,
     };

@@ -9,8 +9,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::http::{
-    Auth, HttpCore, HttpSettings, StreamEnding, Translate, classify_payload, documents_text,
-    http_builder_methods, replay, sse_stream,
+    Asked, Auth, EventError, HttpCore, HttpSettings, StreamEnding, Translate, classify_payload,
+    documents_text, http_builder_methods, replay, sse_stream,
 };
 use super::keys::{ApiKey, KeyPool};
 use super::sse::SseEvent;
@@ -18,8 +18,8 @@ use super::{Provider, ProviderCall};
 use crate::cache::Embedder;
 use crate::error::{ProviderError, ProviderErrorKind, RateLimits};
 use crate::types::{
-    ChatRequest, ChatResponse, ChatStream, FinishReason, ResponseFormat, Role, StreamEvent,
-    TokenizerKind, ToolCall, ToolCallDelta, Usage,
+    ChatResponse, ChatStream, FinishReason, ResponseFormat, Role, StreamEvent, ToolCall,
+    ToolCallDelta, Usage,
 };
 use crate::{Error, Result};
 
@@ -270,12 +270,13 @@ impl OpenAiCompatible {
             .map_err(|e| Error::InvalidRequest(format!("the request cannot be encoded: {e}")))
     }
 
+    /// The answer in `v`, with the usage the API reported (not yet checked).
     fn parse_response(
         &self,
         call: &ProviderCall<'_>,
         v: Value,
         status: u16,
-    ) -> std::result::Result<ChatResponse, ProviderError> {
+    ) -> std::result::Result<(ChatResponse, Option<Usage>), ProviderError> {
         let core = &self.inner.core;
         let invalid = |m: String| {
             core.error(ProviderErrorKind::InvalidResponse, m)
@@ -315,20 +316,34 @@ impl OpenAiCompatible {
                 }
             })
             .collect();
-        let usage = match w.usage.and_then(WireUsage::into_usage) {
-            Some(u) => u,
-            None => {
-                let mut out = content.clone();
-                for c in &calls {
-                    out.push_str(&c.arguments);
-                }
-                core.estimate(call.request, call.model, &out)
-            }
-        };
-        Ok(
-            ChatResponse::new(content, &call.model.name, &core.name, usage, finish)
-                .with_tool_calls(calls),
-        )
+        let usage = w.usage.and_then(WireUsage::into_usage);
+        Ok((
+            ChatResponse::new(
+                content,
+                &call.model.name,
+                &core.name,
+                Usage::default(),
+                finish,
+            )
+            .with_tool_calls(calls),
+            usage,
+        ))
+    }
+
+    /// Reads, parses and settles a whole answer.
+    async fn whole(
+        &self,
+        call: &ProviderCall<'_>,
+        resp: &mut reqwest::Response,
+        sent: &super::http::Sent,
+    ) -> Result<ChatResponse> {
+        let core = &self.inner.core;
+        let status = resp.status().as_u16();
+        let bytes = core.read_body(resp, sent).await?;
+        let v = core.parse_json(status, &bytes)?;
+        drop(bytes);
+        let (r, reported) = self.parse_response(call, v, status)?;
+        Ok(core.settle_answer(call, r, reported, sent).await)
     }
 
     async fn chat_inner(&self, call: ProviderCall<'_>) -> std::result::Result<ChatResponse, Error> {
@@ -342,10 +357,7 @@ impl OpenAiCompatible {
                 super::token_estimate(&call),
             )
             .await?;
-        let status = resp.status().as_u16();
-        let bytes = core.read_body(&mut resp, &sent).await?;
-        let v = core.parse_json(status, &bytes)?;
-        Ok(self.parse_response(&call, v, status)?)
+        self.whole(&call, &mut resp, &sent).await
     }
 
     /// Embeds `texts` with `model` through `{base_url}/embeddings`, one vector per text,
@@ -516,15 +528,10 @@ impl Provider for OpenAiCompatible {
             .await?;
         if HttpCore::is_json(&resp) {
             // The server answered whole: replay it as a stream.
-            let status = resp.status().as_u16();
-            let bytes = core.read_body(&mut resp, &sent).await?;
-            let v = core.parse_json(status, &bytes)?;
-            return Ok(replay(self.parse_response(&call, v, status)?));
+            return Ok(replay(self.whole(&call, &mut resp, &sent).await?));
         }
         let translator = OpenAiStream {
-            request: call.request.clone(),
-            model: call.model.name.clone(),
-            tokenizer: call.model.tokenizer,
+            asked: Asked::new(call.request, call.model),
             delivered: String::new(),
             finish: None,
             refused: false,
@@ -720,33 +727,12 @@ where
 
 /// Turns chat completion chunks into stream events.
 struct OpenAiStream {
-    request: ChatRequest,
-    model: String,
-    tokenizer: TokenizerKind,
+    asked: Asked,
     /// Text and tool arguments delivered, for counting when no usage comes.
     delivered: String,
     finish: Option<FinishReason>,
     refused: bool,
     usage: Option<Usage>,
-}
-
-impl OpenAiStream {
-    fn finish(&mut self, core: &HttpCore, out: &mut VecDeque<StreamEvent>) {
-        let finish = if self.refused {
-            Some(FinishReason::ContentFilter)
-        } else {
-            self.finish.take()
-        };
-        let ending = StreamEnding {
-            request: &self.request,
-            model: &self.model,
-            tokenizer: self.tokenizer,
-            delivered: &self.delivered,
-            usage: self.usage,
-            finish,
-        };
-        core.end_stream(ending, out);
-    }
 }
 
 impl Translate for OpenAiStream {
@@ -755,10 +741,9 @@ impl Translate for OpenAiStream {
         core: &HttpCore,
         ev: SseEvent,
         out: &mut VecDeque<StreamEvent>,
-    ) -> std::result::Result<bool, ProviderError> {
+    ) -> std::result::Result<bool, EventError> {
         let data = ev.data.trim();
         if data == "[DONE]" {
-            self.finish(core, out);
             return Ok(true);
         }
         if data.is_empty() {
@@ -766,14 +751,10 @@ impl Translate for OpenAiStream {
         }
         let v = core.event_json(&ev, data)?;
         if ev.event == "error" || v.get("error").is_some_and(|e| !e.is_null()) {
-            return Err(classify_payload(&core.name, &v));
+            return Err(classify_payload(&core.name, &v).into());
         }
-        let chunk: WireChunk = serde_json::from_value(v).map_err(|e| {
-            core.error(
-                ProviderErrorKind::InvalidResponse,
-                format!("unexpected stream chunk shape: {e}"),
-            )
-        })?;
+        let chunk: WireChunk = serde_json::from_value(v)
+            .map_err(|e| EventError::Malformed(format!("unexpected stream chunk shape: {e}")))?;
         for choice in chunk.choices {
             if choice.index.unwrap_or(0) != 0 {
                 continue;
@@ -814,15 +795,32 @@ impl Translate for OpenAiStream {
         Ok(false)
     }
 
-    fn missing_end(&self) -> &'static str {
-        "`data: [DONE]`"
+    fn has_finish(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    fn asked(&self) -> &Asked {
+        &self.asked
+    }
+
+    fn ending(&mut self) -> StreamEnding {
+        let finish = if self.refused {
+            Some(FinishReason::ContentFilter)
+        } else {
+            self.finish.take()
+        };
+        StreamEnding {
+            delivered: std::mem::take(&mut self.delivered),
+            usage: self.usage,
+            finish,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{Catalog, Message, Tool};
+    use crate::types::{Catalog, ChatRequest, Message, Tool};
 
     #[test]
     fn request_body_maps_every_parameter() {
