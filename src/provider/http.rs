@@ -31,8 +31,12 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 16 << 20;
 pub const DEFAULT_MAX_STREAM_BYTES: u64 = 64 << 20;
 /// The most of an error body that is read to classify it: 64 KiB.
 const MAX_ERROR_BODY_BYTES: usize = 64 << 10;
-/// Retry-After values are capped at one day.
+/// Retry-After values are read up to one day; the provider's
+/// [`max_retry_after`](DEFAULT_MAX_RETRY_AFTER) caps what is honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+/// The default cap on an honoured Retry-After: 5 minutes. A provider asking for longer
+/// is taken to mean this long (for the error's `retry_after` and the key's rest).
+pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(5 * 60);
 /// How long a rate-limited key rests when the provider gave no Retry-After.
 const DEFAULT_KEY_COOLDOWN: Duration = Duration::from_secs(1);
 
@@ -167,6 +171,7 @@ pub(crate) struct HttpSettings {
     pub(crate) clock: Option<Arc<dyn Clock>>,
     /// Per-key requests and tokens a minute.
     pub(crate) key_limits: (Option<u64>, Option<u64>),
+    pub(crate) max_retry_after: Duration,
     pub(crate) error: Option<String>,
 }
 
@@ -186,6 +191,7 @@ impl HttpSettings {
             counter: None,
             clock: None,
             key_limits: (None, None),
+            max_retry_after: DEFAULT_MAX_RETRY_AFTER,
             error: None,
         }
     }
@@ -280,6 +286,7 @@ impl HttpSettings {
                 .counter
                 .unwrap_or_else(|| Arc::new(TiktokenCounter::new())),
             clock,
+            max_retry_after: self.max_retry_after,
             last_rate_limits: Mutex::new(None),
         })
     }
@@ -375,6 +382,15 @@ macro_rules! http_builder_methods {
             self
         }
 
+        /// Caps an honoured Retry-After (default
+        /// [`DEFAULT_MAX_RETRY_AFTER`](crate::provider::DEFAULT_MAX_RETRY_AFTER), 5
+        /// minutes): a longer one is taken as this long, for the error's `retry_after`
+        /// and for the key's rest.
+        pub fn max_retry_after(mut self, cap: std::time::Duration) -> Self {
+            self.http.max_retry_after = cap;
+            self
+        }
+
         /// The clock key cooldowns and Retry-After dates are measured on (default:
         /// [`TokioClock`](crate::TokioClock)).
         pub fn clock(mut self, clock: std::sync::Arc<dyn $crate::clock::Clock>) -> Self {
@@ -423,6 +439,7 @@ pub(crate) struct HttpCore {
     max_stream_bytes: u64,
     pub(crate) counter: Arc<dyn TokenCounter>,
     clock: Arc<dyn Clock>,
+    max_retry_after: Duration,
     last_rate_limits: Mutex<Option<RateLimits>>,
 }
 
@@ -620,6 +637,7 @@ impl HttpCore {
             &body,
             self.clock.now(),
         );
+        err.retry_after = err.retry_after.map(|d| d.min(self.max_retry_after));
         if let Some(lease) = &sent.key {
             err.message = scrub(&err.message, lease.key());
             if err.kind == ProviderErrorKind::RateLimited {
@@ -967,13 +985,39 @@ pub(crate) fn documents_text(docs: &[crate::types::Document]) -> Option<String> 
     Some(s)
 }
 
-/// Replaces every occurrence of `key` in `text`.
+/// The shortest start of a key that is redacted where it appears on its own.
+const MIN_REDACTED_PREFIX: usize = 8;
+
+/// Replaces every occurrence of `key` in `text`, and of any start of it of 8 characters
+/// or more (a key cut short by a body cap or an echo that truncates). A key shorter
+/// than 8 characters is replaced only whole.
 pub(crate) fn scrub(text: &str, key: &ApiKey) -> String {
     let secret = key.expose_secret();
-    if secret.len() < 4 || !text.contains(secret) {
+    if secret.len() < 4 {
         return text.to_owned();
     }
-    text.replace(secret, "[redacted]")
+    let head = secret.get(..MIN_REDACTED_PREFIX).unwrap_or(secret);
+    if !text.contains(head) {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(head) {
+        let (before, tail) = rest.split_at(i);
+        out.push_str(before);
+        let mut n = tail
+            .bytes()
+            .zip(secret.bytes())
+            .take_while(|(a, b)| a == b)
+            .count();
+        while !tail.is_char_boundary(n) {
+            n -= 1;
+        }
+        out.push_str("[redacted]");
+        rest = tail.get(n..).unwrap_or_default();
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The first 200 characters of a body, on one line.
@@ -1750,6 +1794,19 @@ mod tests {
     fn scrubbing_and_snippets() {
         let k = ApiKey::new("sk-secret-123");
         assert_eq!(scrub("bad key sk-secret-123!", &k), "bad key [redacted]!");
+        // Starts of the key of 8 characters or more, wherever they are cut.
+        assert_eq!(
+            scrub("key sk-secre… and sk-secret-12 and sk-secr", &k),
+            "key [redacted]… and [redacted] and sk-secr"
+        );
+        assert_eq!(
+            scrub("sk-secret-123sk-secret-123", &k),
+            "[redacted][redacted]"
+        );
+        assert_eq!(scrub("é sk-secret-1é", &k), "é [redacted]é");
+        // A short key is replaced only whole.
+        let short = ApiKey::new("abcd12");
+        assert_eq!(scrub("abcd12 abcd1", &short), "[redacted] abcd1");
         assert_eq!(snippet(b""), "(empty body)");
         assert_eq!(snippet("a\nb".as_bytes()), "a b");
         assert_eq!(snippet(&[b'x'; 300]).chars().count(), 201);
