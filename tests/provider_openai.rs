@@ -555,6 +555,58 @@ async fn key_pool_rests_a_rate_limited_key_and_spreads_over_the_others() {
 }
 
 #[tokio::test]
+async fn a_429_without_retry_after_rests_the_key_for_that_model_only_with_jitter() {
+    let t0 = Timestamp::from_secs(1_000);
+    let clock = Arc::new(ManualClock::new(t0));
+    let mut replies = Vec::new();
+    for _ in 0..20 {
+        replies.push(Reply::json(429, RATE_LIMITED));
+        replies.push(Reply::json(200, WHOLE));
+    }
+    let server = Server::start(replies).await;
+    let p = OpenAiCompatible::builder()
+        .base_url(server.url("/v1"))
+        .api_key("sk-only-key-000")
+        .http_client(client())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let pool = p.key_pool().unwrap();
+    let cat = Catalog::builtin();
+    let mut rests = Vec::new();
+    for _ in 0..20 {
+        let big = cat.require("gpt-4o").unwrap();
+        let e = p
+            .chat(ProviderCall::new(&request(), big))
+            .await
+            .unwrap_err();
+        assert_eq!(kind(&e), ProviderErrorKind::RateLimited);
+        let rest = e.retry_after().unwrap();
+        assert!(
+            (Duration::from_millis(500)..Duration::from_millis(1500)).contains(&rest),
+            "{rest:?}"
+        );
+        assert_eq!(pool.next_ready_in_for("gpt-4o"), rest);
+        rests.push(rest);
+        // The same key still serves another model at once.
+        assert_eq!(pool.ready_for("gpt-4o-mini"), 1);
+        chat(&p, &request()).await.unwrap();
+        // And gpt-4o fails at once, without a request, until the rest is over.
+        let sent = server.received().len();
+        let e = p
+            .chat(ProviderCall::new(&request(), big))
+            .await
+            .unwrap_err();
+        assert_eq!(kind(&e), ProviderErrorKind::RateLimited);
+        assert_eq!(server.received().len(), sent);
+        clock.advance(rest);
+    }
+    rests.sort();
+    rests.dedup();
+    assert!(rests.len() > 10, "rests are jittered: {rests:?}");
+}
+
+#[tokio::test]
 async fn all_keys_cooling_down_fails_at_once_without_a_request() {
     let clock = Arc::new(ManualClock::new(Timestamp::from_secs(1_000)));
     let server = Server::start(vec![

@@ -366,7 +366,13 @@ impl Provider for Anthropic {
         let body = self.body(&call, false)?;
         let core = &self.core;
         let (mut resp, sent) = core
-            .post("/v1/messages", body, false, super::token_estimate(&call))
+            .post(
+                "/v1/messages",
+                &call.model.name,
+                body,
+                false,
+                super::token_estimate(&call),
+            )
             .await?;
         self.whole(&call, &mut resp, &sent).await
     }
@@ -375,7 +381,13 @@ impl Provider for Anthropic {
         let body = self.body(&call, true)?;
         let core = &self.core;
         let (mut resp, sent) = core
-            .post("/v1/messages", body, true, super::token_estimate(&call))
+            .post(
+                "/v1/messages",
+                &call.model.name,
+                body,
+                true,
+                super::token_estimate(&call),
+            )
             .await?;
         if HttpCore::is_json(&resp) {
             return Ok(replay(self.whole(&call, &mut resp, &sent).await?));

@@ -37,8 +37,16 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
 /// The default cap on an honoured Retry-After: 5 minutes. A provider asking for longer
 /// is taken to mean this long (for the error's `retry_after` and the key's rest).
 pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(5 * 60);
-/// How long a rate-limited key rests when the provider gave no Retry-After.
-const DEFAULT_KEY_COOLDOWN: Duration = Duration::from_secs(1);
+/// How long a rate-limited key rests for the model when the provider gave no
+/// Retry-After: one second on average, drawn evenly from half to one and a half, so
+/// that callers sharing the key do not all come back at once.
+const DEFAULT_KEY_REST: Duration = Duration::from_secs(1);
+
+/// [`DEFAULT_KEY_REST`] with its jitter.
+fn jittered_rest() -> Duration {
+    use rand::Rng;
+    DEFAULT_KEY_REST.mul_f64(rand::rng().random_range(0.5..1.5))
+}
 
 /// Deadlines for one provider call. `None` turns a deadline off.
 ///
@@ -536,18 +544,20 @@ impl HttpCore {
         after(start, self.deadlines.total)
     }
 
-    /// Posts `body` (JSON) to `path` and returns the response if its status is a success.
-    /// `tokens` is the request's token estimate, charged to the key's per-key quota.
+    /// Posts `body` (JSON) for `model` to `path` and returns the response if its status
+    /// is a success. `tokens` is the request's token estimate, charged to the key's
+    /// per-key quota. A 429 rests the key for `model` only.
     pub(crate) async fn post(
         &self,
         path: &str,
+        model: &str,
         body: Vec<u8>,
         streaming: bool,
         tokens: u64,
     ) -> std::result::Result<(reqwest::Response, Sent), ProviderError> {
         let start = Instant::now();
         let lease = match &self.keys {
-            Some(pool) => match pool.acquire_for(tokens) {
+            Some(pool) => match pool.acquire_for_model(model, tokens) {
                 Ok(lease) => Some(lease),
                 Err(wait) => {
                     return Err(self
@@ -642,12 +652,10 @@ impl HttpCore {
             err.message = scrub(&err.message, lease.key());
             if err.kind == ProviderErrorKind::RateLimited {
                 if let Some(pool) = &self.keys {
-                    pool.cool_down(
-                        lease.index(),
-                        err.retry_after.unwrap_or(DEFAULT_KEY_COOLDOWN),
-                    );
+                    let rest = err.retry_after.unwrap_or_else(jittered_rest);
+                    pool.cool_down_model(lease.index(), model, rest);
                     // Another key may be ready sooner than this one.
-                    let sooner = pool.next_ready_in();
+                    let sooner = pool.next_ready_in_for(model);
                     err.retry_after = Some(err.retry_after.map_or(sooner, |r| r.min(sooner)));
                 }
             }

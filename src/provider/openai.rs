@@ -352,6 +352,7 @@ impl OpenAiCompatible {
         let (mut resp, sent) = core
             .post(
                 "/chat/completions",
+                &call.model.name,
                 body,
                 false,
                 super::token_estimate(&call),
@@ -388,6 +389,7 @@ impl OpenAiCompatible {
         let (mut resp, sent) = core
             .post(
                 "/embeddings",
+                model,
                 body,
                 false,
                 texts.iter().map(|t| (t.len() as u64).div_ceil(3)).sum(),
@@ -521,6 +523,7 @@ impl Provider for OpenAiCompatible {
         let (mut resp, sent) = core
             .post(
                 "/chat/completions",
+                &call.model.name,
                 body,
                 true,
                 super::token_estimate(&call),
