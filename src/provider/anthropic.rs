@@ -10,13 +10,14 @@ use serde_json::{Value, json};
 
 use super::http::{
     Asked, Auth, EventError, HttpCore, HttpSettings, Sent, StreamEnding, Translate,
-    classify_payload, documents_text, http_builder_methods, replay, sse_stream,
+    classify_payload, documents_text, http_builder_methods, http_provider_accessors, replay,
+    sse_stream,
 };
-use super::keys::{ApiKey, KeyPool};
+use super::keys::ApiKey;
 use super::openai::parameters;
 use super::sse::SseEvent;
 use super::{Provider, ProviderCall};
-use crate::error::{ProviderError, ProviderErrorKind, RateLimits};
+use crate::error::{ProviderError, ProviderErrorKind};
 use crate::types::{
     ChatResponse, ChatStream, FinishReason, ResponseFormat, Role, StreamEvent, ToolCall,
     ToolCallDelta, Usage,
@@ -147,20 +148,7 @@ impl Anthropic {
         Ok(b)
     }
 
-    /// The base URL requests go to.
-    pub fn base_url(&self) -> &str {
-        self.core.base_url()
-    }
-
-    /// The provider's keys.
-    pub fn key_pool(&self) -> Option<&KeyPool> {
-        self.core.keys()
-    }
-
-    /// What the last response's rate-limit headers said was left, if any said anything.
-    pub fn last_rate_limits(&self) -> Option<RateLimits> {
-        self.core.last_rate_limits()
-    }
+    http_provider_accessors!(core);
 
     fn body(&self, call: &ProviderCall<'_>, streaming: bool) -> Result<Vec<u8>> {
         let req = call.request;

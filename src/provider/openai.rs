@@ -10,13 +10,13 @@ use serde_json::{Value, json};
 
 use super::http::{
     Asked, Auth, EventError, HttpCore, HttpSettings, StreamEnding, Translate, classify_payload,
-    documents_text, http_builder_methods, replay, sse_stream,
+    documents_text, http_builder_methods, http_provider_accessors, replay, sse_stream,
 };
-use super::keys::{ApiKey, KeyPool};
+use super::keys::ApiKey;
 use super::sse::SseEvent;
 use super::{Provider, ProviderCall};
 use crate::cache::Embedder;
-use crate::error::{ProviderError, ProviderErrorKind, RateLimits};
+use crate::error::{ProviderError, ProviderErrorKind};
 use crate::types::{
     ChatResponse, ChatStream, FinishReason, ResponseFormat, Role, StreamEvent, ToolCall,
     ToolCallDelta, Usage,
@@ -104,7 +104,7 @@ struct Inner {
 ///   and their deltas, response formats (JSON object, JSON schema), `/v1/embeddings`.
 /// - Every failure is a [`ProviderError`] of the right kind: see the
 ///   [provider docs](crate::provider#errors).
-/// - Keys in a [`KeyPool`]: requests take turns over the ready keys; a key that gets a
+/// - Keys in a [`KeyPool`](super::KeyPool): requests take turns over the ready keys; a key that gets a
 ///   429 rests until its Retry-After.
 /// - [`Deadlines`](super::Deadlines) for connect, first byte / first token, idle and
 ///   total; caps on body, event and stream sizes.
@@ -170,20 +170,7 @@ impl OpenAiCompatible {
         Ok(b)
     }
 
-    /// The base URL requests go to.
-    pub fn base_url(&self) -> &str {
-        self.inner.core.base_url()
-    }
-
-    /// The provider's keys, if it has any.
-    pub fn key_pool(&self) -> Option<&KeyPool> {
-        self.inner.core.keys()
-    }
-
-    /// What the last response's rate-limit headers said was left, if any said anything.
-    pub fn last_rate_limits(&self) -> Option<RateLimits> {
-        self.inner.core.last_rate_limits()
-    }
+    http_provider_accessors!(inner.core);
 
     fn body(&self, call: &ProviderCall<'_>, streaming: bool) -> Result<Vec<u8>> {
         let req = call.request;
