@@ -705,4 +705,69 @@ mod tests {
             .unwrap();
         assert_eq!(u, Usage::new(130, 15).with_cached_input(100));
     }
+
+    /// Feeds `body` to the whole-answer parser and `stream` to the stream translator:
+    /// nothing panics, and what is kept is bounded by the input.
+    fn feed(p: &Anthropic, body: &[u8], stream: &[u8]) {
+        let cat = Catalog::builtin();
+        let req = ChatRequest::new().message(Message::user("hi"));
+        let m = cat.require("claude-haiku-4-5").unwrap();
+        let call = ProviderCall::new(&req, m);
+        let core = &p.core;
+        if let Ok(v) = core.parse_json(200, body) {
+            if let Ok((r, _usage)) = p.parse_response(&call, v, 200) {
+                assert!(r.content.len() <= body.len());
+            }
+        }
+        let mut decoder = crate::provider::sse::SseDecoder::with_max_event_bytes(1024);
+        let mut events = Vec::new();
+        let _ = decoder.feed(stream, &mut events);
+        let mut t = AnthropicStream {
+            asked: Asked::new(&req, m),
+            usage: UsageParts::default(),
+            tools: HashMap::new(),
+            delivered: String::new(),
+            finish: None,
+        };
+        let mut out = VecDeque::new();
+        for ev in events {
+            assert!(ev.data.len() <= 1024);
+            if t.event(core, ev, &mut out).is_err() {
+                break;
+            }
+        }
+        assert!(t.delivered.len() <= stream.len());
+        assert!(t.tools.len() <= MAX_TOOL_BLOCKS);
+        let _ = t.ending();
+    }
+
+    fn fuzz(cases: u32) {
+        use proptest::test_runner::{Config, RngAlgorithm, TestRunner};
+        let p = Anthropic::builder().api_key("k").build().unwrap();
+        let strategy = (
+            crate::provider::http::arbitrary::body(),
+            crate::provider::http::arbitrary::stream(),
+        );
+        let config = Config {
+            rng_algorithm: RngAlgorithm::XorShift,
+            ..Config::with_cases(cases)
+        };
+        TestRunner::new(config)
+            .run(&strategy, |(body, stream)| {
+                feed(&p, &body, &stream);
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn arbitrary_bodies_and_streams_never_panic() {
+        fuzz(10_000);
+    }
+
+    #[test]
+    #[ignore = "a million cases: run with --ignored"]
+    fn a_million_arbitrary_bodies_and_streams_never_panic() {
+        fuzz(1_000_000);
+    }
 }

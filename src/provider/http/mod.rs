@@ -41,3 +41,139 @@ macro_rules! http_provider_accessors {
     };
 }
 pub(crate) use http_provider_accessors;
+
+/// Inputs for the property tests of the decoders and parsers: arbitrary bytes, and
+/// JSON built from the field names the APIs use, so that the parsers' deeper paths run.
+#[cfg(test)]
+pub(crate) mod arbitrary {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    const KEYS: &[&str] = &[
+        "choices",
+        "delta",
+        "message",
+        "content",
+        "refusal",
+        "role",
+        "usage",
+        "prompt_tokens",
+        "completion_tokens",
+        "prompt_tokens_details",
+        "cached_tokens",
+        "tool_calls",
+        "index",
+        "id",
+        "function",
+        "name",
+        "arguments",
+        "finish_reason",
+        "error",
+        "type",
+        "code",
+        "content_block",
+        "text",
+        "partial_json",
+        "stop_reason",
+        "input_tokens",
+        "output_tokens",
+        "cache_read_input_tokens",
+        "cache_creation_input_tokens",
+        "input",
+    ];
+    const WORDS: &[&str] = &[
+        "stop",
+        "length",
+        "tool_calls",
+        "assistant",
+        "text",
+        "tool_use",
+        "text_delta",
+        "input_json_delta",
+        "message_start",
+        "message_delta",
+        "message_stop",
+        "content_block_start",
+        "content_block_delta",
+        "error",
+        "end_turn",
+        "max_tokens",
+        "[DONE]",
+        "",
+    ];
+
+    fn number() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            any::<u64>().prop_map(Value::from),
+            (0u64..100).prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        ]
+    }
+
+    /// JSON values shaped like the APIs' (but anything may be anywhere).
+    pub(crate) fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            number(),
+            proptest::sample::select(WORDS).prop_map(Value::from),
+            "\\PC{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::vec((proptest::sample::select(KEYS), inner), 0..6).prop_map(
+                    |kv| {
+                        Value::Object(kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+                    }
+                ),
+            ]
+        })
+    }
+
+    /// Bytes: arbitrary, or JSON (whole, or cut short, or with a byte changed).
+    pub(crate) fn body() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..256),
+            json().prop_map(|v| v.to_string().into_bytes()),
+            (json(), any::<usize>()).prop_map(|(v, cut)| {
+                let mut b = v.to_string().into_bytes();
+                b.truncate(cut % (b.len() + 1));
+                b
+            }),
+            (json(), any::<usize>(), any::<u8>()).prop_map(|(v, at, byte)| {
+                let mut b = v.to_string().into_bytes();
+                if !b.is_empty() {
+                    let i = at % b.len();
+                    b[i] = byte;
+                }
+                b
+            }),
+        ]
+    }
+
+    /// An event stream: events of API-like JSON (or not), with names, in SSE framing,
+    /// or arbitrary bytes.
+    pub(crate) fn stream() -> impl Strategy<Value = Vec<u8>> {
+        let event = (
+            proptest::option::of(proptest::sample::select(WORDS)),
+            body(),
+        )
+            .prop_map(|(name, data)| {
+                let mut out = Vec::new();
+                if let Some(n) = name {
+                    out.extend_from_slice(format!("event: {n}\n").as_bytes());
+                }
+                out.extend_from_slice(b"data: ");
+                out.extend(data.into_iter().filter(|b| *b != b'\n' && *b != b'\r'));
+                out.extend_from_slice(b"\n\n");
+                out
+            });
+        prop_oneof![
+            proptest::collection::vec(event, 0..8).prop_map(|e| e.concat()),
+            proptest::collection::vec(any::<u8>(), 0..512),
+        ]
+    }
+}
