@@ -118,7 +118,7 @@ async fn counting_that_outlasts_the_deadline_gives_a_size_estimate() {
     let (release, rx) = std::sync::mpsc::channel();
     let p = builder(&server)
         .token_counter(Arc::new(Stuck(Mutex::new(rx))))
-        .deadlines(Deadlines::default().total(Duration::from_millis(300)))
+        .deadlines(Deadlines::default().total(Duration::from_millis(800)))
         .build()
         .unwrap();
     let r = chat(&p, "gpt-4o-mini").await.unwrap();
