@@ -6,19 +6,29 @@
 //! cargo run --example gateway                                # simulated upstream, port 8080
 //! cargo run --example gateway -- --port 0 --self-check       # drive itself once and exit (CI)
 //! OPENAI_API_KEY=sk-... cargo run --example gateway -- --upstream https://api.openai.com/v1
+//! cargo run --example gateway -- --config examples/gateway.toml --check   # check a file
 //! ```
 //!
 //! Options:
+//! - `--config FILE`: a TOML file naming the upstreams (OpenAI-compatible servers and
+//!   Anthropic, each with the environment variable of its key), the models each serves,
+//!   fallback chains, rate limits, spend caps, timeouts and the gateway's keys file; see
+//!   `examples/gateway.toml`. Not with `--upstream`.
+//! - `--check`: read and check everything (the configuration, the keys, the pipeline),
+//!   print what would be served and the limits in force, and exit without serving.
 //! - `--port N`: the port on 127.0.0.1 (default 8080; 0 for any free port).
 //! - `--upstream URL`: an OpenAI-compatible base URL (up to and including `/v1`) instead
 //!   of the offline simulated provider; the key comes from `OPENAI_API_KEY`, if set, and
-//!   never leaves the gateway.
+//!   never leaves the gateway. It serves the catalogue's `openai` models.
 //! - `--model NAME`: the model for requests that name none or `auto` (default
-//!   `gpt-4o-mini`).
+//!   `gpt-4o-mini`, or the configuration's `default_model`).
 //! - `--catalog FILE`: TOML model entries merged into the built-in catalogue (for an
 //!   upstream serving models the catalogue does not list, with their prices).
-//! - `--keys FILE`: the gateway's API keys, TOML (`.toml`) or JSON; else JSON from
-//!   `TOKENWISE_GATEWAY_KEYS`; else the built-in demo keys.
+//! - `--fallback PRIMARY=FALLBACK`: when PRIMARY fails, try FALLBACK (repeatable; several
+//!   for one primary are tried in the order given).
+//! - `--keys FILE`: the gateway's API keys, TOML (`.toml`) or JSON; else the
+//!   configuration's `keys_file`; else JSON from `TOKENWISE_GATEWAY_KEYS`; else the
+//!   built-in demo keys.
 //! - `--serve-for SECS`: stop by itself after SECS seconds.
 //! - `--self-check`: once serving, send a whole request, a streamed one and a model
 //!   list to itself over loopback, check the answers' shapes, and exit (non-zero on a
@@ -32,31 +42,34 @@ mod gateway;
 use std::sync::Arc;
 use std::time::Duration;
 
+use gateway::config::{Env, GatewayConfig, Plan};
 use gateway::{Gateway, KeyTable, Limits, keys};
-use tokenwise::budget::BudgetWindow;
-use tokenwise::limiter::GcraLimiter;
-use tokenwise::provider::{OpenAiCompatible, SimulatedProvider};
-use tokenwise::resilience::ConcurrencyConfig;
-use tokenwise::{Catalog, Cost, Pipeline, ScopeKind};
+use tokenwise::Catalog;
 
 struct Options {
-    port: u16,
+    port: Option<u16>,
+    config: Option<String>,
+    check: bool,
     upstream: Option<String>,
-    model: String,
+    model: Option<String>,
     catalog: Option<String>,
+    fallbacks: Vec<String>,
     keys: Option<String>,
     serve_for: Option<Duration>,
     self_check: bool,
 }
 
-const USAGE: &str = "usage: gateway [--port N] [--upstream URL] [--model NAME] [--catalog FILE] [--keys FILE] [--serve-for SECS] [--self-check]";
+const USAGE: &str = "usage: gateway [--config FILE] [--check] [--port N] [--upstream URL] [--model NAME] [--catalog FILE] [--fallback PRIMARY=FALLBACK]... [--keys FILE] [--serve-for SECS] [--self-check]";
 
 fn options() -> Result<Options, String> {
     let mut o = Options {
-        port: 8080,
+        port: None,
+        config: None,
+        check: false,
         upstream: None,
-        model: "gpt-4o-mini".into(),
+        model: None,
         catalog: None,
+        fallbacks: Vec::new(),
         keys: None,
         serve_for: None,
         self_check: false,
@@ -65,10 +78,13 @@ fn options() -> Result<Options, String> {
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
-            "--port" => o.port = value()?.parse().map_err(|e| format!("--port: {e}"))?,
+            "--port" => o.port = Some(value()?.parse().map_err(|e| format!("--port: {e}"))?),
+            "--config" => o.config = Some(value()?),
+            "--check" => o.check = true,
             "--upstream" => o.upstream = Some(value()?),
-            "--model" => o.model = value()?,
+            "--model" => o.model = Some(value()?),
             "--catalog" => o.catalog = Some(value()?),
+            "--fallback" => o.fallbacks.push(value()?),
             "--keys" => o.keys = Some(value()?),
             "--serve-for" => {
                 let s: u64 = value()?.parse().map_err(|e| format!("--serve-for: {e}"))?;
@@ -79,12 +95,17 @@ fn options() -> Result<Options, String> {
             other => return Err(format!("unknown option {other}")),
         }
     }
+    if o.config.is_some() && o.upstream.is_some() {
+        return Err(
+            "--config and --upstream do not go together: name upstreams in the file".into(),
+        );
+    }
     Ok(o)
 }
 
 /// The key table, what to say about it, and whether it is the demo table.
-fn key_table(o: &Options) -> Result<(KeyTable, String, bool), String> {
-    if let Some(path) = &o.keys {
+fn key_table(path: Option<&str>) -> Result<(KeyTable, String, bool), String> {
+    if let Some(path) = path {
         let t = KeyTable::load(path)?;
         let n = t.len();
         return Ok((t, format!("{n} keys from {path}"), false));
@@ -107,65 +128,45 @@ fn key_table(o: &Options) -> Result<(KeyTable, String, bool), String> {
     ))
 }
 
-/// The pipeline behind the gateway, and the upstream key to keep out of every answer.
-fn pipeline(o: &Options) -> Result<(Pipeline, Option<String>), Box<dyn std::error::Error>> {
+/// What to serve, from the configuration file or the command line, and the file's
+/// keys path and port.
+fn plan(o: &Options) -> Result<(Plan, Option<String>, Option<u16>), String> {
     let mut catalog = Catalog::builtin();
     if let Some(path) = &o.catalog {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
-        catalog = catalog.merge_toml(&text)?;
+        catalog = catalog
+            .merge_toml(&text)
+            .map_err(|e| format!("{path}: {e}"))?;
     }
-    // Per-user and per-org quotas; free keys get half, premium keys twice as much.
-    let limiter = GcraLimiter::builder()
-        .requests_per_minute(ScopeKind::User, 60)
-        .tokens_per_minute(ScopeKind::Org, 400_000)
-        .requests_per_minute(ScopeKind::Global, 6_000)
-        .free_multiplier(0.5)
-        .premium_multiplier(2.0)
-        .build()?;
-    let mut b = Pipeline::builder()
-        .catalog(catalog)
-        .default_model(&o.model)
-        .limiter(Arc::new(limiter))
-        .spend_cap(ScopeKind::User, Cost::from_dollars(1), BudgetWindow::Day)
-        .spend_cap(ScopeKind::Org, Cost::from_dollars(20), BudgetWindow::Day)
-        // 256 in flight, 16 per user; when full, requests wait up to 2 s in a queue per
-        // priority (premium keys first, free keys last), then get 503.
-        .concurrency(ConcurrencyConfig {
-            initial: 256,
-            min: 256,
-            max: 256,
-            adaptive: false,
-            queue_per_priority: 64,
-            max_queue_wait: Duration::from_secs(2),
-            per_key: Some((ScopeKind::User, 16)),
-            ..ConcurrencyConfig::default()
-        })
-        .attempt_timeout(Duration::from_secs(120))
-        .first_token_timeout(Duration::from_secs(30))
-        .idle_timeout(Duration::from_secs(30));
-    let mut secret = None;
-    match &o.upstream {
-        Some(url) => {
-            let mut up = OpenAiCompatible::builder().base_url(url.as_str());
-            if let Ok(key) = std::env::var("OPENAI_API_KEY") {
-                if !key.trim().is_empty() {
-                    up = up.api_key(key.trim());
-                    secret = Some(key.trim().to_owned());
-                }
+    match &o.config {
+        Some(path) => {
+            let mut cfg = GatewayConfig::load(path)?;
+            if let Some(m) = &o.model {
+                cfg.default_model = Some(m.clone());
             }
-            b = b.provider(up.build()?);
+            let plan = Plan::from_config(&cfg, &catalog, &o.fallbacks, &Env, o.check, None)
+                .map_err(|e| format!("{path}: {e}"))?;
+            // A relative keys file is read next to the configuration.
+            let keys = cfg.keys_file.as_ref().map(|k| {
+                let p = std::path::Path::new(k);
+                match std::path::Path::new(path).parent() {
+                    Some(dir) if p.is_relative() => dir.join(p).to_string_lossy().into_owned(),
+                    _ => k.clone(),
+                }
+            });
+            Ok((plan, keys, cfg.port))
         }
         None => {
-            let sim = SimulatedProvider::builder()
-                .time_to_first_token(Duration::from_millis(150))
-                .per_token(Duration::from_millis(15))
-                .build()?;
-            b = b
-                .provider(sim)
-                .fallbacks("gpt-4o-mini", ["claude-haiku-4-5"]);
+            let key = std::env::var("OPENAI_API_KEY")
+                .ok()
+                .map(|k| k.trim().to_owned())
+                .filter(|k| !k.is_empty());
+            let model = o.model.as_deref().unwrap_or("gpt-4o-mini");
+            let plan =
+                Plan::from_options(&catalog, o.upstream.as_deref(), key, model, &o.fallbacks)?;
+            Ok((plan, None, None))
         }
     }
-    Ok((b.build()?, secret))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -185,39 +186,52 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_target(false)
         .init();
 
-    let (keys, keys_said, demo_keys) = key_table(&opts)?;
-    let (pipeline, secret) = pipeline(&opts)?;
-    let mut gw = Gateway::new(pipeline, keys, &opts.model).limits(Limits::default());
-    if let Some(s) = secret {
-        gw = gw.secret(s);
+    let (plan, file_keys, file_port) = match plan(&opts) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let (keys, keys_said, demo_keys) =
+        match key_table(opts.keys.as_deref().or(file_keys.as_deref())) {
+            Ok(k) => k,
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(2);
+            }
+        };
+    let pipeline = match plan.pipeline() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("the pipeline cannot be built: {e}");
+            std::process::exit(2);
+        }
+    };
+    if opts.check {
+        println!("{}", plan.describe());
+        println!("keys: {keys_said}");
+        println!("configuration OK");
+        return Ok(());
+    }
+    let port = opts.port.or(file_port).unwrap_or(8080);
+    let mut gw = Gateway::new(pipeline, keys, &plan.default_model).limits(Limits::default());
+    for s in &plan.secrets {
+        gw = gw.secret(s.clone());
     }
     let gw = Arc::new(gw);
-    let listener = match tokio::net::TcpListener::bind(("127.0.0.1", opts.port)).await {
+    let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!(
-                "cannot listen on 127.0.0.1:{}: {e} (try --port 0 for any free port)",
-                opts.port
-            );
+            eprintln!("cannot listen on 127.0.0.1:{port}: {e} (try --port 0 for any free port)");
             std::process::exit(1);
         }
     };
     let addr = listener.local_addr()?;
     let app = gateway::router(Arc::clone(&gw));
 
-    let upstream = match &opts.upstream {
-        // Never print credentials someone put in the URL.
-        Some(url) => match reqwest::Url::parse(url) {
-            Ok(mut u) => {
-                let _ = u.set_username("");
-                let _ = u.set_password(None);
-                u.to_string()
-            }
-            Err(_) => "an unparsable URL".to_owned(),
-        },
-        None => "the simulated provider (offline)".to_owned(),
-    };
-    println!("tokenwise gateway on http://{addr}/v1, upstream: {upstream}");
+    println!("tokenwise gateway on http://{addr}/v1");
+    println!("{}", plan.describe());
     println!("keys: {keys_said}");
     let key = if demo_keys {
         keys::DEMO_KEYS[0].0

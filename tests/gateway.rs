@@ -1079,3 +1079,209 @@ fn key_tables_load_from_toml_and_json_and_are_checked() {
     assert!(e.contains("line 3"), "{e}");
     assert!(!e.contains("gw-3f9c"), "errors never show keys: {e}");
 }
+
+const CONFIG: &str = r#"
+default_model = "gpt-4o-mini"
+
+[upstreams.primary]
+kind = "openai"
+base_url = "PRIMARY_URL"
+key_env = "PRIMARY_KEY"
+
+[upstreams.local]
+kind = "openai"
+base_url = "LOCAL_URL"
+
+[[models]]
+name = "gpt-4o-mini"
+upstream = "primary"
+
+[[models]]
+name = "local-model"
+upstream = "local"
+context_window = 8192
+max_output = 1024
+input_per_mtok = 0.0
+output_per_mtok = 0.0
+cached_input_per_mtok = 0.0
+tier = 1
+
+[limits]
+user_rpm = 0
+org_tpm = 0
+global_rpm = 0
+
+[spend_caps]
+user_cents_per_day = 0
+org_cents_per_day = 0
+
+[timeouts]
+attempt_secs = 10
+first_token_secs = 5
+idle_secs = 5
+
+[retry]
+attempts = 1
+"#;
+
+fn answer(model: &str, text: &str) -> String {
+    json!({
+        "id": "c", "object": "chat.completion", "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 2}
+    })
+    .to_string()
+}
+
+#[tokio::test]
+async fn a_configured_gateway_routes_each_model_to_its_upstream_and_falls_back() {
+    use gateway::config::{GatewayConfig, Plan};
+    let down = r#"{"error":{"message":"boom","type":"server_error"}}"#;
+    let primary = support::Server::start(vec![
+        support::Reply::json(200, &answer("gpt-4o-mini", "from primary")),
+        support::Reply::json(500, down),
+    ])
+    .await;
+    let local = support::Server::start(vec![support::Reply::json(
+        200,
+        &answer("local-model", "from local"),
+    )])
+    .await;
+    let text = CONFIG
+        .replace("PRIMARY_URL", &primary.url("/v1"))
+        .replace("LOCAL_URL", &local.url("/v1"));
+    let cfg = GatewayConfig::from_toml(&text).unwrap();
+    let env: std::collections::BTreeMap<String, String> =
+        [("PRIMARY_KEY".to_owned(), UPSTREAM_KEY.to_owned())].into();
+    let client = support::client();
+    let fallback = ["gpt-4o-mini=local-model".to_owned()];
+    let plan = Plan::from_config(
+        &cfg,
+        &tokenwise::Catalog::builtin(),
+        &fallback,
+        &env,
+        false,
+        Some(&client),
+    )
+    .unwrap();
+    let said = plan.describe();
+    assert!(
+        said.contains("fallbacks: gpt-4o-mini -> local-model"),
+        "{said}"
+    );
+    assert!(said.contains("no requests/min per user limit"), "{said}");
+    let mut gw = Gateway::new(plan.pipeline().unwrap(), keys(), "gpt-4o-mini");
+    for s in &plan.secrets {
+        gw = gw.secret(s.clone());
+    }
+    let gw = Gw::start_with(gw, Limits::default()).await;
+    // Only what the upstreams serve is listed, and owned by its upstream.
+    let listed = gw.get(Some(ALICE), "/v1/models").await.json();
+    let mut ids: Vec<(String, String)> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap().to_owned(),
+                m["owned_by"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        [
+            ("gpt-4o-mini".to_owned(), "primary".to_owned()),
+            ("local-model".to_owned(), "local".to_owned())
+        ]
+    );
+    gw.post(
+        ALICE,
+        &json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await
+    .error(404, "model_not_found");
+    // The primary answers its model with its key.
+    let r = gw
+        .post(
+            ALICE,
+            &json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "one"}]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "from primary");
+    // Then it fails: the fallback on the other upstream answers.
+    let r = gw
+        .post(
+            ALICE,
+            &json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "two"}]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "from local");
+    let to_primary = primary.received();
+    assert_eq!(to_primary.len(), 2, "no retry with attempts = 1");
+    assert!(to_primary.iter().all(|q| q.json()["model"] == "gpt-4o-mini"
+        && q.header("authorization").as_deref()
+            == Some(format!("Bearer {UPSTREAM_KEY}").as_str())));
+    let to_local = local.received();
+    assert_eq!(to_local.len(), 1);
+    assert_eq!(to_local[0].json()["model"], "local-model");
+    assert!(to_local[0].header("authorization").is_none());
+}
+
+#[test]
+fn configurations_are_checked() {
+    use gateway::config::{GatewayConfig, Plan};
+    let base = tokenwise::Catalog::builtin();
+    let none: std::collections::BTreeMap<String, String> = Default::default();
+    let plan = |text: &str, fallbacks: &[&str], allow: bool| {
+        let cfg = GatewayConfig::from_toml(text)?;
+        let f: Vec<String> = fallbacks.iter().map(|s| (*s).to_owned()).collect();
+        Plan::from_config(&cfg, &base, &f, &none, allow, None)
+    };
+    let ok = CONFIG
+        .replace("PRIMARY_URL", "http://127.0.0.1:1/v1")
+        .replace("LOCAL_URL", "http://127.0.0.1:2/v1");
+    // The key variable is unset: refused, unless only checking.
+    assert!(plan(&ok, &[], false).unwrap_err().contains("PRIMARY_KEY"));
+    let checked = plan(&ok, &[], true).unwrap();
+    assert!(checked.describe().contains("$PRIMARY_KEY is not set"));
+    for (text, fallbacks, says) in [
+        (
+            ok.replace("upstream = \"local\"", "upstream = \"nowhere\""),
+            vec![],
+            "nowhere",
+        ),
+        (ok.clone(), vec!["gpt-4o-mini=gpt-4o"], "gpt-4o"),
+        (ok.clone(), vec!["gpt-4o-mini"], "PRIMARY=FALLBACK"),
+        (
+            ok.replace("context_window = 8192\n", ""),
+            vec![],
+            "context_window",
+        ),
+        (
+            ok.replace("default_model = \"gpt-4o-mini\"", "default_model = \"o3\""),
+            vec![],
+            "o3",
+        ),
+        (
+            ok.replace("attempt_secs = 10", "attempt_secs = 0"),
+            vec![],
+            "at least 1 second",
+        ),
+        (format!("{ok}\nsurprise = 1\n"), vec![], "surprise"),
+        (
+            ok.replace(
+                "kind = \"openai\"\nbase_url = \"http://127.0.0.1:2/v1\"",
+                "kind = \"anthropic\"\nbase_url = \"http://127.0.0.1:2/v1\"",
+            ),
+            vec![],
+            "key_env",
+        ),
+    ] {
+        let e = plan(&text, &fallbacks, true).unwrap_err();
+        assert!(e.contains(says), "{says}: {e}");
+    }
+}

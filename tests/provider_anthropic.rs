@@ -352,19 +352,67 @@ async fn error_event_inside_a_stream() {
 }
 
 #[tokio::test]
-async fn stream_that_stops_without_message_stop_is_an_error() {
-    let server = Server::start(vec![Reply::sse([
-        message_start(10, 0, 0),
-        text_delta(0, "Almost"),
-        message_delta("end_turn", 2),
-    ])])
+async fn stream_with_a_stop_reason_but_no_message_stop_is_complete() {
+    let server = Server::start(vec![
+        // The stop reason and usage came, then a clean end: complete.
+        Reply::sse([
+            message_start(10, 0, 0),
+            text_delta(0, "Almost"),
+            message_delta("end_turn", 2),
+        ]),
+        // No stop reason at all: cut.
+        Reply::sse([message_start(10, 0, 0), text_delta(0, "Almost")]),
+    ])
     .await;
-    let (events, err) = drain(stream(&provider(&server), &request()).await.unwrap()).await;
+    let p = provider(&server);
+    let (events, err) = drain(stream(&p, &request()).await.unwrap()).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(text_of(&events), "Almost");
+    let end = done_of(&events).unwrap();
+    assert_eq!(end.finish_reason, FinishReason::Stop);
+    assert_eq!(end.usage.output_tokens, 2);
+    assert!(!end.usage.estimated);
+    let (events, err) = drain(stream(&p, &request()).await.unwrap()).await;
     assert_eq!(text_of(&events), "Almost");
     assert!(done_of(&events).is_none());
     match err {
         Some(Error::StreamInterrupted { chunks: 1, reason }) => {
-            assert!(reason.contains("message_stop"), "{reason}")
+            assert!(reason.contains("finish reason"), "{reason}")
+        }
+        other => panic!("expected StreamInterrupted, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn malformed_events_are_skipped_up_to_a_limit() {
+    let bad = "event: content_block_delta\ndata: {not json\n\n".to_owned();
+    let odd = event("content_block_delta", r#"{"no_type":1}"#);
+    let mut many = vec![message_start(10, 0, 0), text_delta(0, "A")];
+    many.extend(std::iter::repeat_n(bad.clone(), 4));
+    many.push(text_delta(0, "B"));
+    let server = Server::start(vec![
+        Reply::sse([
+            message_start(10, 0, 0),
+            text_delta(0, "Hel"),
+            bad.clone(),
+            odd,
+            text_delta(0, "lo"),
+            message_delta("end_turn", 2),
+            message_stop(),
+        ]),
+        Reply::sse(many),
+    ])
+    .await;
+    let p = provider(&server);
+    let (events, err) = drain(stream(&p, &request()).await.unwrap()).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(text_of(&events), "Hello");
+    assert_eq!(done_of(&events).unwrap().finish_reason, FinishReason::Stop);
+    let (events, err) = drain(stream(&p, &request()).await.unwrap()).await;
+    assert_eq!(text_of(&events), "A");
+    match err {
+        Some(Error::StreamInterrupted { chunks: 1, reason }) => {
+            assert!(reason.contains("malformed"), "{reason}")
         }
         other => panic!("expected StreamInterrupted, got {other:?}"),
     }

@@ -340,10 +340,11 @@ async fn error_event_inside_a_stream() {
 }
 
 #[tokio::test]
-async fn stream_that_stops_without_done_is_an_error() {
+async fn stream_with_a_finish_reason_but_no_done_is_complete() {
     let pieces = [
-        chunk(r#"{"role":"assistant","content":"Half an ans"}"#, None),
+        chunk(r#"{"role":"assistant","content":"A whole answer"}"#, None),
         chunk("{}", Some("stop")),
+        usage_chunk(9, 3, 0),
     ];
     let clean_close = Reply::sse(pieces.clone());
     let close_delimited = Reply::sse(pieces).close_delimited();
@@ -351,15 +352,43 @@ async fn stream_that_stops_without_done_is_an_error() {
     let p = provider(&server);
     for _ in 0..2 {
         let (events, err) = drain(stream(&p, &request()).await.unwrap()).await;
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(text_of(&events), "A whole answer");
+        let end = done_of(&events).unwrap();
+        assert_eq!(end.finish_reason, FinishReason::Stop);
+        assert_eq!(end.usage, Usage::new(9, 3));
+    }
+}
+
+#[tokio::test]
+async fn stream_that_stops_without_a_finish_reason_is_cut() {
+    let pieces = [chunk(
+        r#"{"role":"assistant","content":"Half an ans"}"#,
+        None,
+    )];
+    let clean_close = Reply::sse(pieces.clone());
+    let close_delimited = Reply::sse(pieces).close_delimited();
+    // `[DONE]` after no finish reason: the server said it is done, so it is.
+    let done_only = Reply::sse([
+        chunk(r#"{"role":"assistant","content":"Short"}"#, None),
+        "data: [DONE]\n\n".to_owned(),
+    ]);
+    let server = Server::start(vec![clean_close, close_delimited, done_only]).await;
+    let p = provider(&server);
+    for _ in 0..2 {
+        let (events, err) = drain(stream(&p, &request()).await.unwrap()).await;
         assert_eq!(text_of(&events), "Half an ans");
         assert!(done_of(&events).is_none(), "no clean end");
         match err {
             Some(Error::StreamInterrupted { chunks: 1, reason }) => {
-                assert!(reason.contains("[DONE]"), "{reason}")
+                assert!(reason.contains("finish reason"), "{reason}")
             }
             other => panic!("expected StreamInterrupted, got {other:?}"),
         }
     }
+    let (events, err) = drain(stream(&p, &request()).await.unwrap()).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(text_of(&events), "Short");
     // Nothing at all before the end: the provider error, retryable.
     let server = Server::start(vec![Reply::sse([": just a comment\n\n"])]).await;
     let err = drain(stream(&provider(&server), &request()).await.unwrap())
@@ -368,6 +397,64 @@ async fn stream_that_stops_without_done_is_an_error() {
         .unwrap();
     assert_eq!(kind(&err), ProviderErrorKind::Connection);
     assert!(err.is_retryable());
+}
+
+#[tokio::test]
+async fn malformed_events_are_skipped_up_to_a_limit_and_counted() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let bad = "data: {\"choices\":[{\"delta\":{\"content\":\n\n".to_owned();
+    let wrong_shape = "data: {\"choices\":\"no\"}\n\n".to_owned();
+    let three = Reply::sse([
+        chunk(r#"{"role":"assistant","content":"Hel"}"#, None),
+        bad.clone(),
+        wrong_shape,
+        "data: not json at all\n\n".to_owned(),
+        chunk(r#"{"content":"lo"}"#, None),
+        chunk("{}", Some("stop")),
+        "data: [DONE]\n\n".to_owned(),
+    ]);
+    let mut pieces = vec![chunk(r#"{"role":"assistant","content":"A"}"#, None)];
+    pieces.extend(std::iter::repeat_n(bad.clone(), 4));
+    pieces.push(chunk("{}", Some("stop")));
+    let four = Reply::sse(pieces);
+    let before_content = Reply::sse(std::iter::repeat_n(bad, 4));
+    let server = Server::start(vec![three, four, before_content]).await;
+    let p = provider(&server);
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let run = async {
+        let (events, err) = drain(stream(&p, &request()).await.unwrap()).await;
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(text_of(&events), "Hello");
+        assert_eq!(done_of(&events).unwrap().finish_reason, FinishReason::Stop);
+        let (events, err) = drain(stream(&p, &request()).await.unwrap()).await;
+        assert_eq!(text_of(&events), "A");
+        assert!(done_of(&events).is_none());
+        match err {
+            Some(Error::StreamInterrupted { chunks: 1, reason }) => {
+                assert!(reason.contains("malformed"), "{reason}")
+            }
+            other => panic!("expected StreamInterrupted, got {other:?}"),
+        }
+        let err = drain(stream(&p, &request()).await.unwrap())
+            .await
+            .1
+            .unwrap();
+        assert_eq!(kind(&err), ProviderErrorKind::InvalidResponse);
+    };
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    run.await;
+    let skipped: u64 = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(k, ..)| k.key().name() == tokenwise::provider::STREAM_MALFORMED_EVENTS)
+        .map(|(.., v)| match v {
+            DebugValue::Counter(n) => n,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(skipped, 3 + 4 + 4);
 }
 
 const RATE_LIMITED: &str = r#"{"error":{"message":"Rate limit reached for gpt-4o-mini in organization org-x on requests per min (RPM): Limit 3, Used 3, Requested 1.","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
@@ -465,6 +552,58 @@ async fn key_pool_rests_a_rate_limited_key_and_spreads_over_the_others() {
         .map(|r| r.header("authorization").unwrap())
         .collect();
     assert!(last.iter().any(|a| a.contains("key-A")), "{last:?}");
+}
+
+#[tokio::test]
+async fn a_429_without_retry_after_rests_the_key_for_that_model_only_with_jitter() {
+    let t0 = Timestamp::from_secs(1_000);
+    let clock = Arc::new(ManualClock::new(t0));
+    let mut replies = Vec::new();
+    for _ in 0..20 {
+        replies.push(Reply::json(429, RATE_LIMITED));
+        replies.push(Reply::json(200, WHOLE));
+    }
+    let server = Server::start(replies).await;
+    let p = OpenAiCompatible::builder()
+        .base_url(server.url("/v1"))
+        .api_key("sk-only-key-000")
+        .http_client(client())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let pool = p.key_pool().unwrap();
+    let cat = Catalog::builtin();
+    let mut rests = Vec::new();
+    for _ in 0..20 {
+        let big = cat.require("gpt-4o").unwrap();
+        let e = p
+            .chat(ProviderCall::new(&request(), big))
+            .await
+            .unwrap_err();
+        assert_eq!(kind(&e), ProviderErrorKind::RateLimited);
+        let rest = e.retry_after().unwrap();
+        assert!(
+            (Duration::from_millis(500)..Duration::from_millis(1500)).contains(&rest),
+            "{rest:?}"
+        );
+        assert_eq!(pool.next_ready_in_for("gpt-4o"), rest);
+        rests.push(rest);
+        // The same key still serves another model at once.
+        assert_eq!(pool.ready_for("gpt-4o-mini"), 1);
+        chat(&p, &request()).await.unwrap();
+        // And gpt-4o fails at once, without a request, until the rest is over.
+        let sent = server.received().len();
+        let e = p
+            .chat(ProviderCall::new(&request(), big))
+            .await
+            .unwrap_err();
+        assert_eq!(kind(&e), ProviderErrorKind::RateLimited);
+        assert_eq!(server.received().len(), sent);
+        clock.advance(rest);
+    }
+    rests.sort();
+    rests.dedup();
+    assert!(rests.len() > 10, "rests are jittered: {rests:?}");
 }
 
 #[tokio::test]

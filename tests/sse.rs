@@ -196,3 +196,49 @@ fn a_stream_cut_mid_event_leaves_a_partial() {
     assert_eq!(events.len(), 1);
     assert!(d.has_partial());
 }
+
+/// Arbitrary bytes, split anywhere, into a decoder with a small limit: no panic, every
+/// event within the limit, and the decoder's memory bounded by it.
+fn fuzz_decoder(cases: u32) {
+    use proptest::test_runner::{Config, RngAlgorithm, TestRunner};
+    // Raw bytes, a quarter of them turned into the bytes SSE framing is made of.
+    let strategy = (
+        proptest::collection::vec(any::<u8>(), 0..400).prop_map(|mut b| {
+            const FRAMING: &[u8] = b"\n\r: data";
+            for x in &mut b {
+                if *x < 64 {
+                    *x = FRAMING[usize::from(*x) % FRAMING.len()];
+                }
+            }
+            b
+        }),
+        proptest::collection::vec(any::<usize>(), 0..8),
+        1usize..64,
+    );
+    let config = Config {
+        rng_algorithm: RngAlgorithm::XorShift,
+        ..Config::with_cases(cases)
+    };
+    TestRunner::new(config)
+        .run(&strategy, |(bytes, cuts, max)| {
+            let (events, _) = decode_split(&bytes, &cuts, max);
+            for ev in &events {
+                prop_assert!(ev.data.len() <= max);
+                prop_assert!(ev.event.len() <= max);
+            }
+            prop_assert!(events.len() <= bytes.len() / 2 + 1);
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn ten_thousand_arbitrary_inputs_never_panic() {
+    fuzz_decoder(10_000);
+}
+
+#[test]
+#[ignore = "a million cases: run with --ignored"]
+fn a_million_arbitrary_inputs_never_panic() {
+    fuzz_decoder(1_000_000);
+}

@@ -3,11 +3,13 @@
 //!
 //! - `POST /v1/chat/completions`, whole and streamed (SSE), with OpenAI's request and
 //!   response shapes.
-//! - `GET /v1/models` and `GET /v1/models/{model}`: the pipeline's catalogue.
+//! - `GET /v1/models` and `GET /v1/models/{model}`: the pipeline's catalogue, which
+//!   holds the models the configured upstreams serve.
 //! - `GET /health`: `ok`, without a key, for load balancers.
 //!
 //! Every error has OpenAI's body shape; see `docs/gateway.md` for the status codes.
 
+pub mod config;
 pub mod error;
 pub mod keys;
 pub mod server;
@@ -332,7 +334,7 @@ async fn chat_completions(State(gw): State<Arc<Gateway>>, req: Request) -> Respo
                 let message = gw.redact(&e.message);
                 tracing::warn!(request_id = %id, status, user, code, message, "request failed");
             } else {
-                tracing::info!(request_id = %id, status, user, code, "request refused");
+                tracing::debug!(request_id = %id, status, user, code, "request refused");
             }
             e.into_response()
         }
@@ -426,7 +428,7 @@ async fn handle_chat(
             Some(false) => "miss",
             None => "unknown",
         };
-        tracing::info!(request_id = %id, user = %who.user, cache, "stream started");
+        tracing::debug!(request_id = %id, user = %who.user, cache, "stream started");
         return Ok(res);
     }
     let answer = gw
@@ -445,7 +447,7 @@ async fn handle_chat(
     if let Served::Cache { saved_cost, .. } = &answer.served {
         h.insert("x-tokenwise-saved-usd", header_value(&dollars(*saved_cost)));
     }
-    tracing::info!(
+    tracing::debug!(
         request_id = %id,
         user = %who.user,
         model = %answer.model,

@@ -151,7 +151,7 @@ async fn pump(
             Some(Ok(StreamEvent::TextDelta { text })) => send(c.text(&text)).await,
             Some(Ok(StreamEvent::ToolCallDelta(d))) => send(c.tool_call(&d)).await,
             Some(Ok(StreamEvent::Done(end))) => {
-                tracing::info!(
+                tracing::debug!(
                     request_id = %w.request_id,
                     model = %end.model,
                     cache = end.served.is_cache_hit(),
@@ -220,6 +220,6 @@ async fn pump(
             // A clean end of the body; a client that got no `[DONE]` knows it broke.
             let _ = tx.send_timeout(Frame::End, w.stall).await;
         }
-        _ => tracing::info!(request_id = %w.request_id, "client gone or stalled; stream dropped"),
+        _ => tracing::debug!(request_id = %w.request_id, "client gone or stalled; stream dropped"),
     }
 }

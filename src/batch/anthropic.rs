@@ -79,7 +79,9 @@ impl AnthropicBatch {
     async fn json(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Value> {
         let core = self.core();
         let body = body.map(|b| ("application/json", b));
-        let (mut resp, sent) = core.send(method, path, body, "application/json", 0).await?;
+        let (mut resp, sent) = core
+            .send(method, path, "batch", body, "application/json", 0)
+            .await?;
         let status = resp.status().as_u16();
         let bytes = core.read_body(&mut resp, &sent).await?;
         Ok(core.parse_json(status, &bytes)?)
@@ -105,7 +107,7 @@ impl AnthropicBatch {
                     .provider
                     .parse_response(&call.provider_call(), message.clone(), 200)
                 {
-                    Ok(r) => ItemResult::Answer(r),
+                    Ok((r, reported)) => ItemResult::Answer(with_usage(r, reported, call)),
                     Err(e) => ItemResult::Failed(e.into()),
                 }
             }
@@ -250,6 +252,7 @@ impl BatchProvider for AnthropicBatch {
             .send(
                 Method::GET,
                 &path,
+                "batch",
                 None,
                 "application/x-jsonl, application/json",
                 0,
@@ -269,4 +272,18 @@ impl BatchProvider for AnthropicBatch {
             .await
             .map(drop)
     }
+}
+
+/// A batch answer with the usage its result reported, or, when it reported none, the
+/// prompt and answer counted locally (capped, marked estimated).
+fn with_usage(
+    mut r: crate::types::ChatResponse,
+    reported: Option<crate::types::Usage>,
+    call: &BatchCall<'_>,
+) -> crate::types::ChatResponse {
+    r.usage = reported.unwrap_or_else(|| {
+        let counter = crate::context::TiktokenCounter::new();
+        crate::provider::http::count_usage(&counter, call.request, &r.content, call.model.tokenizer)
+    });
+    r
 }

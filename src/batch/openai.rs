@@ -93,7 +93,9 @@ impl OpenAiBatch {
         body: Option<(&str, Vec<u8>)>,
     ) -> Result<Value> {
         let core = self.core();
-        let (mut resp, sent) = core.send(method, path, body, "application/json", 0).await?;
+        let (mut resp, sent) = core
+            .send(method, path, "batch", body, "application/json", 0)
+            .await?;
         let status = resp.status().as_u16();
         let bytes = core.read_body(&mut resp, &sent).await?;
         Ok(core.parse_json(status, &bytes)?)
@@ -114,6 +116,7 @@ impl OpenAiBatch {
             .send(
                 Method::GET,
                 &format!("/files/{file_id}/content"),
+                "batch",
                 None,
                 "application/jsonl, application/json",
                 0,
@@ -163,7 +166,7 @@ impl OpenAiBatch {
             .provider
             .parse_response(&call.provider_call(), body.clone(), status)
         {
-            Ok(r) => ItemResult::Answer(r),
+            Ok((r, reported)) => ItemResult::Answer(with_usage(r, reported, call)),
             Err(e) => ItemResult::Failed(e.into()),
         }
     }
@@ -365,6 +368,20 @@ impl OpenAiBatch {
         }
         Ok(b)
     }
+}
+
+/// A batch answer with the usage its result reported, or, when it reported none, the
+/// prompt and answer counted locally (capped, marked estimated).
+fn with_usage(
+    mut r: crate::types::ChatResponse,
+    reported: Option<crate::types::Usage>,
+    call: &BatchCall<'_>,
+) -> crate::types::ChatResponse {
+    r.usage = reported.unwrap_or_else(|| {
+        let counter = crate::context::TiktokenCounter::new();
+        crate::provider::http::count_usage(&counter, call.request, &r.content, call.model.tokenizer)
+    });
+    r
 }
 
 #[cfg(test)]

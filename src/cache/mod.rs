@@ -1,6 +1,6 @@
 //! Answer caching: the [`Cache`] trait, the canonical [`CacheKey`], the in-memory
 //! [`ExactCache`], the [`SemanticCache`] with its [`Guards`], embedders and
-//! [`VectorIndex`], and the [`SingleFlight`] that makes concurrent identical misses
+//! [`VectorIndex`], and the single-flight that makes concurrent identical misses
 //! share one provider call.
 //!
 //! The guide is `docs/caching.md`; the figures it quotes come from

@@ -306,11 +306,6 @@ impl Core {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The quotas.
-    pub(crate) fn quotas(&self) -> &[Compiled] {
-        &self.quotas
-    }
-
     /// Keys tracked, single slots included.
     pub(crate) fn len(&self) -> usize {
         let st = self.lock();
@@ -497,6 +492,64 @@ impl Core {
     }
 }
 
+/// A table of request and token quotas by key, for callers outside the limiters: each
+/// key (any short string) gets its own allowance of every quota, a charge is all or
+/// nothing across the quotas, and the table holds at most `max_keys` keys (idle keys
+/// are swept to make room). The provider's key pool keeps its per-key limits in one.
+///
+/// Time is in nanoseconds on the caller's clock.
+#[derive(Debug)]
+pub(crate) struct QuotaTable {
+    core: Core,
+    quotas: Vec<Quota>,
+}
+
+/// Why a [`QuotaTable`] refused a charge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shortfall {
+    /// Admitted after this wait, if nothing else is charged meanwhile.
+    Wait(Duration),
+    /// Never: the charge exceeds a quota's burst, or the table is full of live keys.
+    Never,
+}
+
+impl QuotaTable {
+    /// A table of `quotas` for at most `max_keys` keys.
+    pub(crate) fn new(quotas: &[Quota], max_keys: usize) -> Self {
+        let compiled = quotas.iter().map(|q| (Compiled::new(q), false)).collect();
+        QuotaTable {
+            core: Core::new(compiled, max_keys),
+            quotas: quotas.to_vec(),
+        }
+    }
+
+    /// The quotas, in the order given.
+    pub(crate) fn quotas(&self) -> &[Quota] {
+        &self.quotas
+    }
+
+    /// Charges `key` `units[i]` of quota `i` at `now`, or nothing and says why not.
+    /// Missing units are zero; extra ones are ignored.
+    pub(crate) fn charge(&self, now: u64, key: &str, units: &[u64]) -> Result<(), Shortfall> {
+        let items: SmallVec<[Item<'_>; 4]> = self
+            .quotas
+            .iter()
+            .enumerate()
+            .map(|(quota, _)| Item {
+                quota,
+                key,
+                units: units.get(quota).copied().unwrap_or(0),
+                mult: 1000,
+            })
+            .collect();
+        match self.core.check(now, &items) {
+            Ok(()) => Ok(()),
+            Err(Refusal::Wait { wait, .. }) => Err(Shortfall::Wait(wait)),
+            Err(Refusal::TooLarge { .. } | Refusal::Full) => Err(Shortfall::Never),
+        }
+    }
+}
+
 /// Keeps the longest wait among refused items.
 #[inline]
 fn note_wait(refusal: &mut Option<(u128, usize)>, wait: u128, index: usize) {
@@ -580,5 +633,23 @@ mod tests {
         let mut st = core.lock();
         Core::sweep(&mut st, now + 2_000_000_000);
         assert!(matches!(st.tats[0], Table::Single(None)));
+    }
+
+    #[test]
+    fn a_quota_table_charges_all_or_nothing_per_key() {
+        let q = |n| Quota::per_minute(NonZeroU64::new(n).unwrap());
+        let t = QuotaTable::new(&[q(2), q(100)], 4);
+        assert_eq!(t.quotas().len(), 2);
+        assert_eq!(t.charge(0, "a", &[1, 60]), Ok(()));
+        // The token quota refuses: the request quota is not charged either.
+        assert!(matches!(
+            t.charge(0, "a", &[1, 60]),
+            Err(Shortfall::Wait(_))
+        ));
+        assert_eq!(t.charge(0, "a", &[1, 40]), Ok(()));
+        assert!(matches!(t.charge(0, "a", &[1, 0]), Err(Shortfall::Wait(_))));
+        // Another key has its own allowance; a charge over the burst never fits.
+        assert_eq!(t.charge(0, "b", &[1, 10]), Ok(()));
+        assert_eq!(t.charge(0, "c", &[1, 101]), Err(Shortfall::Never));
     }
 }

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub(crate) use core::{QuotaTable, Shortfall};
 pub(crate) use gcra::wait_until_admitted;
 pub use gcra::{GcraLimiter, GcraLimiterBuilder};
 pub use layer::{RateLimitLayer, RateLimitService};

@@ -104,6 +104,10 @@ pub const USAGE_RECORDS_DROPPED: &str = "tokenwise_usage_records_dropped_total";
 /// pipeline set out to recover, by `provider` and `model` of the cut attempt.
 pub const STREAM_RECOVERIES: &str = "tokenwise_stream_recoveries_total";
 
+/// `tokenwise_stream_malformed_events_total`: stream events that could not be read and
+/// were skipped, by `provider` (see [`crate::provider::MAX_MALFORMED_EVENTS`]).
+pub const STREAM_MALFORMED_EVENTS: &str = crate::provider::STREAM_MALFORMED_EVENTS;
+
 /// Every metric name above.
 pub const ALL: &[&str] = &[
     REQUESTS,
@@ -128,6 +132,7 @@ pub const ALL: &[&str] = &[
     DEGRADED,
     USAGE_RECORDS_DROPPED,
     STREAM_RECOVERIES,
+    STREAM_MALFORMED_EVENTS,
 ];
 
 /// Bucket bounds (seconds) for the latency histograms: the ones the OpenTelemetry GenAI
@@ -290,6 +295,11 @@ pub fn describe() {
         DEGRADED,
         Unit::Count,
         "Requests served in a degrade mode, by mode."
+    );
+    describe_counter!(
+        STREAM_MALFORMED_EVENTS,
+        Unit::Count,
+        "Stream events that could not be read and were skipped, by provider."
     );
     describe_counter!(
         STREAM_RECOVERIES,

@@ -25,7 +25,7 @@
 //! none carries credentials: spans describe a request by its model, parameters, sizes and
 //! outcome; errors are reported by their stable [`reason`](crate::Error::reason).
 //!
-//! [`eval`] runs a set of golden queries through a pipeline and scores the answers, for
+//! [`eval`](crate::eval) runs a set of golden queries through a pipeline and scores the answers, for
 //! a check in CI before a deployment.
 
 mod jsonl;

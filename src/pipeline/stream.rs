@@ -401,8 +401,9 @@ impl Metered {
     /// attempt is billed for what it produced and judged a failure of its target; the
     /// next attempt continues the delivered text on the same model when it accepts
     /// assistant prefill (and falls back to a restart if the prefill is refused), or
-    /// restarts the answer on the same or a later target of the tier, its repetition
-    /// of the delivered text withheld.
+    /// restarts the answer, its repetition of the delivered text withheld. The later
+    /// targets of the tier are tried first (the one that cut just failed), then the
+    /// same one.
     fn try_recover(&mut self, e: Error) -> std::result::Result<(), Error> {
         let Some(settle) = self.settle.as_mut() else {
             return Err(e);
@@ -451,47 +452,60 @@ impl Metered {
         );
         let model = Arc::clone(&settle.model);
         let text = self.delivered.text.clone();
-        let continues = self.restart.is_none()
-            && model.accepts_prefill()
-            && !text.is_empty()
-            && !text.ends_with(char::is_whitespace);
-        let at = rec.tier.iter().position(|m| m.name == model.name);
-        let targets: Vec<Arc<ModelSpec>> = match at {
-            Some(i) => rec.tier[i..].to_vec(),
+        // A continuation needs the delivered text as it was sent; a prefill may not end
+        // with whitespace, and a restart still catching up has nothing to continue.
+        let can_continue =
+            self.restart.is_none() && !text.is_empty() && !text.ends_with(char::is_whitespace);
+        // The targets after the one that cut come first (it just failed), then itself.
+        let order: Vec<Arc<ModelSpec>> = match rec.tier.iter().position(|m| m.name == model.name) {
+            Some(i) => rec.tier[i + 1..]
+                .iter()
+                .chain(std::iter::once(&rec.tier[i]))
+                .cloned()
+                .collect(),
             None => vec![Arc::clone(&model)],
         };
-        tracing::info!(model = %model.name, delivered = text.len(), continues, reason = %e,
+        tracing::info!(model = %model.name, delivered = text.len(), reason = %e,
             "stream cut after its first token; recovering");
         observe::metrics::record_stream_recovery(&model.provider, &model.name);
         let (req, plan, deadline) = (rec.req.clone(), Arc::clone(&rec.plan), rec.deadline);
         let fut: Recovering = Box::pin(async move {
             let attempts = AtomicU32::new(0);
-            if continues {
-                let mut cont = req.clone();
-                cont.messages.push(Message::assistant(text));
+            let mut last = None;
+            for target in &order {
+                let one = std::slice::from_ref(target);
+                if can_continue && target.accepts_prefill() {
+                    let mut cont = req.clone();
+                    cont.messages.push(Message::assistant(text.clone()));
+                    let call = Call {
+                        req: &cont,
+                        plan: &plan,
+                        mode: Mode::Stream,
+                        deadline,
+                        attempts: &attempts,
+                    };
+                    match inner.try_targets(&call, one).await {
+                        Ok(d) => return (Ok(d), attempts.load(Ordering::Relaxed), true),
+                        Err(e) => {
+                            tracing::debug!(model = %target.name, error = %e,
+                                "continuation refused; restarting instead");
+                        }
+                    }
+                }
                 let call = Call {
-                    req: &cont,
+                    req: &req,
                     plan: &plan,
                     mode: Mode::Stream,
                     deadline,
                     attempts: &attempts,
                 };
-                match inner.try_targets(&call, std::slice::from_ref(&model)).await {
-                    Ok(d) => return (Ok(d), attempts.load(Ordering::Relaxed), true),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "continuation refused; restarting instead");
-                    }
+                match inner.try_targets(&call, one).await {
+                    Ok(d) => return (Ok(d), attempts.load(Ordering::Relaxed), false),
+                    Err(e) => last = Some(e),
                 }
             }
-            let call = Call {
-                req: &req,
-                plan: &plan,
-                mode: Mode::Stream,
-                deadline,
-                attempts: &attempts,
-            };
-            let r = inner.try_targets(&call, &targets).await;
-            (r, attempts.load(Ordering::Relaxed), false)
+            let e = last.unwrap_or_else(|| Error::InvalidRequest("no target to recover on".into()));
+            (Err(e), attempts.load(Ordering::Relaxed), false)
         });
         self.upstream = Box::pin(stream::empty());
         self.recovering = Some((fut, e));

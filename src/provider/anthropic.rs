@@ -9,17 +9,18 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::http::{
-    Auth, HttpCore, HttpSettings, StreamEnding, Translate, classify_payload, documents_text,
-    http_builder_methods, replay, sse_stream,
+    Asked, Auth, EventError, HttpCore, HttpSettings, Sent, StreamEnding, Translate,
+    classify_payload, documents_text, http_builder_methods, http_provider_accessors, replay,
+    sse_stream,
 };
-use super::keys::{ApiKey, KeyPool};
+use super::keys::ApiKey;
 use super::openai::parameters;
 use super::sse::SseEvent;
 use super::{Provider, ProviderCall};
-use crate::error::{ProviderError, ProviderErrorKind, RateLimits};
+use crate::error::{ProviderError, ProviderErrorKind};
 use crate::types::{
-    ChatRequest, ChatResponse, ChatStream, FinishReason, ResponseFormat, Role, StreamEvent,
-    TokenizerKind, ToolCall, ToolCallDelta, Usage,
+    ChatResponse, ChatStream, FinishReason, ResponseFormat, Role, StreamEvent, ToolCall,
+    ToolCallDelta, Usage,
 };
 use crate::{Error, Result};
 
@@ -147,20 +148,7 @@ impl Anthropic {
         Ok(b)
     }
 
-    /// The base URL requests go to.
-    pub fn base_url(&self) -> &str {
-        self.core.base_url()
-    }
-
-    /// The provider's keys.
-    pub fn key_pool(&self) -> Option<&KeyPool> {
-        self.core.keys()
-    }
-
-    /// What the last response's rate-limit headers said was left, if any said anything.
-    pub fn last_rate_limits(&self) -> Option<RateLimits> {
-        self.core.last_rate_limits()
-    }
+    http_provider_accessors!(core);
 
     /// The HTTP machinery (for the batch client).
     pub(crate) fn core(&self) -> &Arc<HttpCore> {
@@ -286,12 +274,13 @@ impl Anthropic {
             .map_err(|e| Error::InvalidRequest(format!("the request cannot be encoded: {e}")))
     }
 
+    /// The answer in `v`, with the usage the API reported (not yet checked).
     pub(crate) fn parse_response(
         &self,
         call: &ProviderCall<'_>,
         v: Value,
         status: u16,
-    ) -> std::result::Result<ChatResponse, ProviderError> {
+    ) -> std::result::Result<(ChatResponse, Option<Usage>), ProviderError> {
         let core = &self.core;
         let w: WireMessage = serde_json::from_value(v).map_err(|e| {
             core.error(
@@ -320,20 +309,28 @@ impl Anthropic {
             .stop_reason
             .as_deref()
             .map_or(FinishReason::Other("unknown".into()), stop_reason);
-        let usage = match w.usage.and_then(|u| UsageParts::default().merge(u).usage()) {
-            Some(u) => u,
-            None => {
-                let mut out = text.clone();
-                for c in &calls {
-                    out.push_str(&c.arguments);
-                }
-                core.estimate(call.request, call.model, &out)
-            }
-        };
-        Ok(
-            ChatResponse::new(text, &call.model.name, &core.name, usage, finish)
+        let usage = w.usage.and_then(|u| UsageParts::default().merge(u).usage());
+        Ok((
+            ChatResponse::new(text, &call.model.name, &core.name, Usage::default(), finish)
                 .with_tool_calls(calls),
-        )
+            usage,
+        ))
+    }
+
+    /// Reads, parses and settles a whole answer.
+    async fn whole(
+        &self,
+        call: &ProviderCall<'_>,
+        resp: &mut reqwest::Response,
+        sent: &Sent,
+    ) -> Result<ChatResponse> {
+        let core = &self.core;
+        let status = resp.status().as_u16();
+        let bytes = core.read_body(resp, sent).await?;
+        let v = core.parse_json(status, &bytes)?;
+        drop(bytes);
+        let (r, reported) = self.parse_response(call, v, status)?;
+        Ok(core.settle_answer(call, r, reported, sent).await)
     }
 }
 
@@ -362,30 +359,34 @@ impl Provider for Anthropic {
         let body = self.body(&call, false)?;
         let core = &self.core;
         let (mut resp, sent) = core
-            .post("/v1/messages", body, false, super::token_estimate(&call))
+            .post(
+                "/v1/messages",
+                &call.model.name,
+                body,
+                false,
+                super::token_estimate(&call),
+            )
             .await?;
-        let status = resp.status().as_u16();
-        let bytes = core.read_body(&mut resp, &sent).await?;
-        let v = core.parse_json(status, &bytes)?;
-        Ok(self.parse_response(&call, v, status)?)
+        self.whole(&call, &mut resp, &sent).await
     }
 
     async fn stream(&self, call: ProviderCall<'_>) -> Result<ChatStream> {
         let body = self.body(&call, true)?;
         let core = &self.core;
         let (mut resp, sent) = core
-            .post("/v1/messages", body, true, super::token_estimate(&call))
+            .post(
+                "/v1/messages",
+                &call.model.name,
+                body,
+                true,
+                super::token_estimate(&call),
+            )
             .await?;
         if HttpCore::is_json(&resp) {
-            let status = resp.status().as_u16();
-            let bytes = core.read_body(&mut resp, &sent).await?;
-            let v = core.parse_json(status, &bytes)?;
-            return Ok(replay(self.parse_response(&call, v, status)?));
+            return Ok(replay(self.whole(&call, &mut resp, &sent).await?));
         }
         let translator = AnthropicStream {
-            request: call.request.clone(),
-            model: call.model.name.clone(),
-            tokenizer: call.model.tokenizer,
+            asked: Asked::new(call.request, call.model),
             usage: UsageParts::default(),
             tools: HashMap::new(),
             delivered: String::new(),
@@ -498,28 +499,12 @@ struct WireDelta {
 
 /// Turns Messages API stream events into stream events.
 struct AnthropicStream {
-    request: ChatRequest,
-    model: String,
-    tokenizer: TokenizerKind,
+    asked: Asked,
     usage: UsageParts,
     /// Content block index → tool call index.
     tools: HashMap<u64, u32>,
     delivered: String,
     finish: Option<FinishReason>,
-}
-
-impl AnthropicStream {
-    fn finish(&mut self, core: &HttpCore, out: &mut VecDeque<StreamEvent>) {
-        let ending = StreamEnding {
-            request: &self.request,
-            model: &self.model,
-            tokenizer: self.tokenizer,
-            delivered: &self.delivered,
-            usage: self.usage.usage(),
-            finish: self.finish.take(),
-        };
-        core.end_stream(ending, out);
-    }
 }
 
 impl Translate for AnthropicStream {
@@ -528,25 +513,17 @@ impl Translate for AnthropicStream {
         core: &HttpCore,
         ev: SseEvent,
         out: &mut VecDeque<StreamEvent>,
-    ) -> std::result::Result<bool, ProviderError> {
+    ) -> std::result::Result<bool, EventError> {
         let data = ev.data.trim();
         if data.is_empty() {
-            if ev.event == "message_stop" {
-                self.finish(core, out);
-                return Ok(true);
-            }
-            return Ok(false);
+            return Ok(ev.event == "message_stop");
         }
         let v = core.event_json(&ev, data)?;
         if ev.event == "error" || v.get("type").and_then(Value::as_str) == Some("error") {
-            return Err(classify_payload(&core.name, &v));
+            return Err(classify_payload(&core.name, &v).into());
         }
-        let e: WireEvent = serde_json::from_value(v).map_err(|e| {
-            core.error(
-                ProviderErrorKind::InvalidResponse,
-                format!("unexpected stream event shape: {e}"),
-            )
-        })?;
+        let e: WireEvent = serde_json::from_value(v)
+            .map_err(|e| EventError::Malformed(format!("unexpected stream event shape: {e}")))?;
         match e.kind.as_str() {
             "message_start" => {
                 if let Some(u) = e.message.and_then(|m| m.usage) {
@@ -615,10 +592,7 @@ impl Translate for AnthropicStream {
                     self.usage = self.usage.merge(u);
                 }
             }
-            "message_stop" => {
-                self.finish(core, out);
-                return Ok(true);
-            }
+            "message_stop" => return Ok(true),
             // `ping`, `content_block_stop` and event types added later carry nothing
             // tokenwise needs.
             _ => {}
@@ -626,15 +600,27 @@ impl Translate for AnthropicStream {
         Ok(false)
     }
 
-    fn missing_end(&self) -> &'static str {
-        "`message_stop`"
+    fn has_finish(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    fn asked(&self) -> &Asked {
+        &self.asked
+    }
+
+    fn ending(&mut self) -> StreamEnding {
+        StreamEnding {
+            delivered: std::mem::take(&mut self.delivered),
+            usage: self.usage.usage(),
+            finish: self.finish.take(),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{Catalog, Message, Tool};
+    use crate::types::{Catalog, ChatRequest, Message, Tool};
 
     #[test]
     fn request_body_maps_system_tools_and_results() {
@@ -723,5 +709,70 @@ mod tests {
             .usage()
             .unwrap();
         assert_eq!(u, Usage::new(130, 15).with_cached_input(100));
+    }
+
+    /// Feeds `body` to the whole-answer parser and `stream` to the stream translator:
+    /// nothing panics, and what is kept is bounded by the input.
+    fn feed(p: &Anthropic, body: &[u8], stream: &[u8]) {
+        let cat = Catalog::builtin();
+        let req = ChatRequest::new().message(Message::user("hi"));
+        let m = cat.require("claude-haiku-4-5").unwrap();
+        let call = ProviderCall::new(&req, m);
+        let core = &p.core;
+        if let Ok(v) = core.parse_json(200, body) {
+            if let Ok((r, _usage)) = p.parse_response(&call, v, 200) {
+                assert!(r.content.len() <= body.len());
+            }
+        }
+        let mut decoder = crate::provider::sse::SseDecoder::with_max_event_bytes(1024);
+        let mut events = Vec::new();
+        let _ = decoder.feed(stream, &mut events);
+        let mut t = AnthropicStream {
+            asked: Asked::new(&req, m),
+            usage: UsageParts::default(),
+            tools: HashMap::new(),
+            delivered: String::new(),
+            finish: None,
+        };
+        let mut out = VecDeque::new();
+        for ev in events {
+            assert!(ev.data.len() <= 1024);
+            if t.event(core, ev, &mut out).is_err() {
+                break;
+            }
+        }
+        assert!(t.delivered.len() <= stream.len());
+        assert!(t.tools.len() <= MAX_TOOL_BLOCKS);
+        let _ = t.ending();
+    }
+
+    fn fuzz(cases: u32) {
+        use proptest::test_runner::{Config, RngAlgorithm, TestRunner};
+        let p = Anthropic::builder().api_key("k").build().unwrap();
+        let strategy = (
+            crate::provider::http::arbitrary::body(),
+            crate::provider::http::arbitrary::stream(),
+        );
+        let config = Config {
+            rng_algorithm: RngAlgorithm::XorShift,
+            ..Config::with_cases(cases)
+        };
+        TestRunner::new(config)
+            .run(&strategy, |(body, stream)| {
+                feed(&p, &body, &stream);
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn arbitrary_bodies_and_streams_never_panic() {
+        fuzz(10_000);
+    }
+
+    #[test]
+    #[ignore = "a million cases: run with --ignored"]
+    fn a_million_arbitrary_bodies_and_streams_never_panic() {
+        fuzz(1_000_000);
     }
 }

@@ -1,42 +1,137 @@
 //! API keys: a secret type that never prints, and a pool that spreads requests over
 //! several keys and rests a key the provider rate-limited.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::clock::{Clock, Timestamp, TokioClock};
-use crate::limiter::core::{Compiled, Core, Item, Refusal};
-use crate::limiter::{Quota, Unit};
+use crate::limiter::{Quota, QuotaTable, Shortfall, Unit};
 use crate::{Error, Result};
 
+/// The most (key, model) rests a pool keeps; past it, expired rests are dropped, then
+/// the one ending soonest.
+const MAX_MODEL_RESTS: usize = 1024;
+
+/// Per-key quotas: requests and/or tokens per minute, one table key per pool index.
+struct KeyQuotas {
+    table: QuotaTable,
+    /// What each quota of the table counts.
+    units: Vec<Unit>,
+    names: Box<[String]>,
+}
+
 impl KeyQuotas {
+    fn new(quotas: &[(Quota, Unit)], keys: usize) -> Self {
+        let only: Vec<Quota> = quotas.iter().map(|(q, _)| *q).collect();
+        KeyQuotas {
+            table: QuotaTable::new(&only, MAX_KEYS * 2),
+            units: quotas.iter().map(|(_, u)| *u).collect(),
+            names: (0..keys).map(|i| format!("key{i}")).collect(),
+        }
+    }
+
+    /// The same quotas, with nothing charged.
+    fn fresh(&self) -> Self {
+        let quotas: Vec<(Quota, Unit)> = self
+            .table
+            .quotas()
+            .iter()
+            .copied()
+            .zip(self.units.iter().copied())
+            .collect();
+        KeyQuotas::new(&quotas, self.names.len())
+    }
+
     /// Charges key `index` one request and `tokens` tokens, or says how long to wait.
     fn admit(&self, index: usize, tokens: u64, now: u64) -> std::result::Result<(), Duration> {
         let Some(name) = self.names.get(index) else {
             return Ok(());
         };
-        let items: Vec<Item<'_>> = self
+        let units: smallvec::SmallVec<[u64; 2]> = self
             .units
             .iter()
-            .map(|(quota, unit)| Item {
-                quota: *quota,
-                key: name,
-                units: if *unit == Unit::Requests { 1 } else { tokens },
-                mult: 1000,
-            })
+            .map(|u| if *u == Unit::Requests { 1 } else { tokens })
             .collect();
-        match self.core.check(now, &items) {
+        match self.table.charge(now, name, &units) {
             Ok(()) => Ok(()),
-            Err(Refusal::Wait { wait, .. }) => Err(wait),
+            Err(Shortfall::Wait(wait)) => Err(wait),
             // A request larger than the per-key burst, or a full table: never ready.
-            Err(_) => Err(Duration::from_secs(60)),
+            Err(Shortfall::Never) => Err(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// When the keys are ready: each key's own rest, and its rests for single models.
+#[derive(Debug, Clone)]
+struct Rests {
+    key: Vec<Timestamp>,
+    /// Per key: model name → end of its rest for that model.
+    model: Vec<HashMap<Box<str>, Timestamp>>,
+    /// Entries of `model`, all keys together.
+    model_len: usize,
+}
+
+impl Rests {
+    fn new(n: usize) -> Self {
+        Rests {
+            key: vec![Timestamp::default(); n],
+            model: vec![HashMap::new(); n],
+            model_len: 0,
         }
     }
 
-    fn core_quotas(&self) -> Vec<(Compiled, bool)> {
-        self.core.quotas().iter().map(|q| (*q, false)).collect()
+    /// When key `index` is ready for `model`, or for every model when `None`.
+    fn ready_at(&self, index: usize, model: Option<&str>) -> Timestamp {
+        let own = self.key.get(index).copied().unwrap_or_default();
+        let rests = match self.model.get(index) {
+            Some(r) if !r.is_empty() => r,
+            _ => return own,
+        };
+        let by_model = match model {
+            Some(m) => rests.get(m).copied(),
+            None => rests.values().max().copied(),
+        };
+        by_model.map_or(own, |t| t.max(own))
+    }
+
+    fn rest_model(&mut self, now: Timestamp, index: usize, model: &str, until: Timestamp) {
+        if index >= self.model.len() {
+            return;
+        }
+        if self.model_len >= MAX_MODEL_RESTS {
+            for m in &mut self.model {
+                m.retain(|_, t| *t > now);
+            }
+            self.model_len = self.model.iter().map(HashMap::len).sum();
+        }
+        if self.model_len >= MAX_MODEL_RESTS {
+            // Still full of live rests: the one ending soonest makes room.
+            let soonest = self
+                .model
+                .iter()
+                .enumerate()
+                .flat_map(|(i, m)| m.iter().map(move |(k, t)| (*t, i, k.clone())))
+                .min();
+            if let Some((_, i, k)) = soonest {
+                if let Some(m) = self.model.get_mut(i) {
+                    m.remove(&k);
+                    self.model_len -= 1;
+                }
+            }
+        }
+        let Some(rests) = self.model.get_mut(index) else {
+            return;
+        };
+        match rests.get_mut(model) {
+            Some(t) => *t = (*t).max(until),
+            None => {
+                rests.insert(model.into(), until);
+                self.model_len += 1;
+            }
+        }
     }
 }
 
@@ -155,18 +250,11 @@ pub struct KeyPool {
 
 struct PoolInner {
     keys: Box<[ApiKey]>,
-    ready_at: Mutex<Vec<Timestamp>>,
+    rests: Mutex<Rests>,
     next: AtomicUsize,
     clock: Arc<dyn Clock>,
-    /// Per-key quotas: requests and/or tokens per minute, one GCRA key per pool index.
+    /// Per-key quotas: requests and/or tokens per minute.
     quotas: Option<KeyQuotas>,
-}
-
-struct KeyQuotas {
-    core: Core,
-    /// (quota index, unit) of the per-key quotas.
-    units: Vec<(usize, Unit)>,
-    names: Box<[String]>,
 }
 
 impl fmt::Debug for KeyPool {
@@ -197,7 +285,7 @@ impl KeyPool {
         Ok(KeyPool {
             inner: Arc::new(PoolInner {
                 keys: keys.into_boxed_slice(),
-                ready_at: Mutex::new(vec![Timestamp::default(); n]),
+                rests: Mutex::new(Rests::new(n)),
                 next: AtomicUsize::new(0),
                 clock: Arc::new(TokioClock::new()),
                 quotas: None,
@@ -211,26 +299,17 @@ impl KeyPool {
     /// Tokens are charged as the caller estimates them (prompt plus output allowance).
     pub fn with_key_limits(self, rpm: Option<u64>, tpm: Option<u64>) -> Result<Self> {
         let mut quotas = Vec::new();
-        let mut units = Vec::new();
         for (n, unit) in [(rpm, Unit::Requests), (tpm, Unit::Tokens)] {
             if let Some(n) = n {
                 let n = crate::limiter::nonzero(n, "a per-key limit")?;
-                units.push((quotas.len(), unit));
-                quotas.push((Compiled::new(&Quota::per_minute(n)), false));
+                quotas.push((Quota::per_minute(n), unit));
             }
         }
-        let names = (0..self.inner.keys.len())
-            .map(|i| format!("key{i}"))
-            .collect();
-        let quotas = (!units.is_empty()).then(|| KeyQuotas {
-            core: Core::new(quotas, MAX_KEYS * 2),
-            units,
-            names,
-        });
+        let quotas = (!quotas.is_empty()).then(|| KeyQuotas::new(&quotas, self.inner.keys.len()));
         Ok(KeyPool {
             inner: Arc::new(PoolInner {
                 keys: self.inner.keys.clone(),
-                ready_at: Mutex::new(self.lock().clone()),
+                rests: Mutex::new(self.lock().clone()),
                 next: AtomicUsize::new(self.inner.next.load(Ordering::Relaxed)),
                 clock: Arc::clone(&self.inner.clock),
                 quotas,
@@ -238,48 +317,23 @@ impl KeyPool {
         })
     }
 
-    /// The same keys, timed on `clock`. Cooldowns already set are kept.
+    /// The same keys, timed on `clock`. Rests already set are kept; per-key quota use
+    /// starts afresh (it was timed on the old clock).
     #[must_use]
     pub fn with_clock(self, clock: Arc<dyn Clock>) -> Self {
-        let ready_at = self.lock().clone();
         KeyPool {
             inner: Arc::new(PoolInner {
                 keys: self.inner.keys.clone(),
-                ready_at: Mutex::new(ready_at),
+                rests: Mutex::new(self.lock().clone()),
                 next: AtomicUsize::new(self.inner.next.load(Ordering::Relaxed)),
                 clock,
-                quotas: None,
+                quotas: self.inner.quotas.as_ref().map(KeyQuotas::fresh),
             }),
         }
-        .with_quotas_of(&self)
     }
 
-    /// Carries `other`'s quota settings over (used when the clock changes).
-    fn with_quotas_of(self, other: &KeyPool) -> Self {
-        match &other.inner.quotas {
-            None => self,
-            Some(q) => {
-                // Quota state is timed on the old clock; start afresh on the new one.
-                let inner = PoolInner {
-                    keys: self.inner.keys.clone(),
-                    ready_at: Mutex::new(self.lock().clone()),
-                    next: AtomicUsize::new(0),
-                    clock: Arc::clone(&self.inner.clock),
-                    quotas: Some(KeyQuotas {
-                        core: Core::new(q.core_quotas(), MAX_KEYS * 2),
-                        units: q.units.clone(),
-                        names: q.names.clone(),
-                    }),
-                };
-                KeyPool {
-                    inner: Arc::new(inner),
-                }
-            }
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Timestamp>> {
-        match self.inner.ready_at.lock() {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Rests> {
+        match self.inner.rests.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         }
@@ -295,32 +349,60 @@ impl KeyPool {
         self.inner.keys.is_empty()
     }
 
-    /// How many keys are ready now.
+    /// How many keys are ready now for every model.
     pub fn ready(&self) -> usize {
-        let now = self.inner.clock.now();
-        self.lock().iter().filter(|t| **t <= now).count()
+        self.count_ready(None)
     }
 
-    /// The next ready key, taking turns; or, when every key is cooling down, how long
-    /// until the first is ready.
+    /// How many keys are ready now for `model`.
+    pub fn ready_for(&self, model: &str) -> usize {
+        self.count_ready(Some(model))
+    }
+
+    fn count_ready(&self, model: Option<&str>) -> usize {
+        let now = self.inner.clock.now();
+        let rests = self.lock();
+        (0..self.inner.keys.len())
+            .filter(|i| rests.ready_at(*i, model) <= now)
+            .count()
+    }
+
+    /// The next key ready for every model, taking turns; or, when every key is
+    /// resting, how long until the first is ready.
     pub fn acquire(&self) -> std::result::Result<KeyLease, Duration> {
-        self.acquire_for(0)
+        self.pick(None, 0)
     }
 
     /// Like [`acquire`](Self::acquire), charging the key's quotas (see
     /// [`with_key_limits`](Self::with_key_limits)) one request and `tokens` tokens.
     pub fn acquire_for(&self, tokens: u64) -> std::result::Result<KeyLease, Duration> {
+        self.pick(None, tokens)
+    }
+
+    /// The next key ready for `model` (a key resting after a 429 for another model is
+    /// not held back), charging its quotas one request and `tokens` tokens; or how long
+    /// until the first is ready.
+    pub fn acquire_for_model(
+        &self,
+        model: &str,
+        tokens: u64,
+    ) -> std::result::Result<KeyLease, Duration> {
+        self.pick(Some(model), tokens)
+    }
+
+    fn pick(&self, model: Option<&str>, tokens: u64) -> std::result::Result<KeyLease, Duration> {
         let now = self.inner.clock.now();
         let n = self.inner.keys.len();
         let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
-        let ready_at = self.lock();
+        let rests = self.lock();
         let mut soonest = Timestamp::from_nanos(u64::MAX);
         for i in 0..n {
             let index = start.wrapping_add(i) % n;
-            let (Some(at), Some(key)) = (ready_at.get(index), self.inner.keys.get(index)) else {
+            let Some(key) = self.inner.keys.get(index) else {
                 continue;
             };
-            if *at <= now {
+            let at = rests.ready_at(index, model);
+            if at <= now {
                 if let Some(q) = &self.inner.quotas {
                     if let Err(wait) = q.admit(index, tokens, now.as_nanos()) {
                         soonest = soonest.min(now.saturating_add(wait));
@@ -339,24 +421,44 @@ impl KeyPool {
                     key: key.clone(),
                 });
             }
-            soonest = soonest.min(*at);
+            soonest = soonest.min(at);
         }
         Err(soonest.saturating_since(now))
     }
 
-    /// Rests key `index` for `period` from now (or longer, if it already rests longer).
+    /// Rests key `index` for `period` from now, for every model (or longer, if it
+    /// already rests longer).
     pub fn cool_down(&self, index: usize, period: Duration) {
         let until = self.inner.clock.now().saturating_add(period);
-        if let Some(at) = self.lock().get_mut(index) {
+        if let Some(at) = self.lock().key.get_mut(index) {
             *at = (*at).max(until);
         }
     }
 
-    /// How long until some key is ready: zero when one is ready now.
-    pub fn next_ready_in(&self) -> Duration {
+    /// Rests key `index` for `period` from now for `model` only: the key keeps serving
+    /// other models. A pool keeps at most 1,024 such rests; past that, expired ones are
+    /// dropped, then the one ending soonest.
+    pub fn cool_down_model(&self, index: usize, model: &str, period: Duration) {
         let now = self.inner.clock.now();
         self.lock()
-            .iter()
+            .rest_model(now, index, model, now.saturating_add(period));
+    }
+
+    /// How long until some key is ready for every model: zero when one is ready now.
+    pub fn next_ready_in(&self) -> Duration {
+        self.ready_in(None)
+    }
+
+    /// How long until some key is ready for `model`: zero when one is ready now.
+    pub fn next_ready_in_for(&self, model: &str) -> Duration {
+        self.ready_in(Some(model))
+    }
+
+    fn ready_in(&self, model: Option<&str>) -> Duration {
+        let now = self.inner.clock.now();
+        let rests = self.lock();
+        (0..self.inner.keys.len())
+            .map(|i| rests.ready_at(i, model))
             .min()
             .map_or(Duration::ZERO, |t| t.saturating_since(now))
     }
@@ -416,5 +518,50 @@ mod tests {
         assert_eq!(pool.acquire().unwrap().index(), 0);
         clock.advance(Duration::from_secs(2));
         assert_eq!(pool.ready(), 3);
+    }
+
+    #[test]
+    fn a_rest_for_one_model_does_not_hold_back_another() {
+        let clock = Arc::new(ManualClock::new(Timestamp::from_secs(10)));
+        let pool = KeyPool::new(["a", "b"].map(ApiKey::new))
+            .unwrap()
+            .with_clock(clock.clone());
+        pool.cool_down_model(0, "gpt-4o", Duration::from_secs(5));
+        pool.cool_down_model(1, "gpt-4o", Duration::from_secs(8));
+        assert_eq!(pool.ready_for("gpt-4o"), 0);
+        assert_eq!(pool.ready_for("gpt-4o-mini"), 2);
+        assert_eq!(pool.ready(), 0, "not ready for every model");
+        assert_eq!(
+            pool.acquire_for_model("gpt-4o", 0).unwrap_err(),
+            Duration::from_secs(5)
+        );
+        assert_eq!(pool.next_ready_in_for("gpt-4o"), Duration::from_secs(5));
+        assert_eq!(pool.next_ready_in_for("other"), Duration::ZERO);
+        for _ in 0..4 {
+            assert!(pool.acquire_for_model("gpt-4o-mini", 0).is_ok());
+        }
+        clock.advance(Duration::from_secs(5));
+        assert_eq!(pool.acquire_for_model("gpt-4o", 0).unwrap().index(), 0);
+        // A whole-key rest holds back every model.
+        pool.cool_down(0, Duration::from_secs(60));
+        assert_eq!(pool.ready_for("gpt-4o-mini"), 1);
+    }
+
+    #[test]
+    fn model_rests_are_bounded() {
+        let clock = Arc::new(ManualClock::new(Timestamp::from_secs(10)));
+        let pool = KeyPool::new([ApiKey::new("a")])
+            .unwrap()
+            .with_clock(clock.clone());
+        for i in 0..(MAX_MODEL_RESTS + 10) {
+            let secs = u64::try_from(i).unwrap() + 1;
+            pool.cool_down_model(0, &format!("m{i}"), Duration::from_secs(secs));
+        }
+        let rests = pool.lock();
+        assert_eq!(rests.model_len, MAX_MODEL_RESTS);
+        assert_eq!(rests.model[0].len(), MAX_MODEL_RESTS);
+        // The soonest-ending rests made room for the latest.
+        assert!(!rests.model[0].contains_key("m0"));
+        assert!(rests.model[0].contains_key(format!("m{}", MAX_MODEL_RESTS + 9).as_str()));
     }
 }

@@ -43,7 +43,10 @@ use std::fmt;
 use async_trait::async_trait;
 
 pub use anthropic::{ANTHROPIC_BASE_URL, ANTHROPIC_VERSION, Anthropic, AnthropicBuilder};
-pub use http::{DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_STREAM_BYTES, Deadlines, http_client_builder};
+pub use http::{
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_RETRY_AFTER, DEFAULT_MAX_STREAM_BYTES, Deadlines,
+    MAX_MALFORMED_EVENTS, STREAM_MALFORMED_EVENTS, http_client_builder,
+};
 pub use keys::{ApiKey, KeyLease, KeyPool, MAX_KEYS};
 pub use openai::{
     Embeddings, MaxTokensField, OPENAI_BASE_URL, OpenAiCompatible, OpenAiCompatibleBuilder,

@@ -9,17 +9,17 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::http::{
-    Auth, HttpCore, HttpSettings, StreamEnding, Translate, classify_payload, documents_text,
-    http_builder_methods, replay, sse_stream,
+    Asked, Auth, EventError, HttpCore, HttpSettings, StreamEnding, Translate, classify_payload,
+    documents_text, http_builder_methods, http_provider_accessors, replay, sse_stream,
 };
-use super::keys::{ApiKey, KeyPool};
+use super::keys::ApiKey;
 use super::sse::SseEvent;
 use super::{Provider, ProviderCall};
 use crate::cache::Embedder;
-use crate::error::{ProviderError, ProviderErrorKind, RateLimits};
+use crate::error::{ProviderError, ProviderErrorKind};
 use crate::types::{
-    ChatRequest, ChatResponse, ChatStream, FinishReason, ResponseFormat, Role, StreamEvent,
-    TokenizerKind, ToolCall, ToolCallDelta, Usage,
+    ChatResponse, ChatStream, FinishReason, ResponseFormat, Role, StreamEvent, ToolCall,
+    ToolCallDelta, Usage,
 };
 use crate::{Error, Result};
 
@@ -104,7 +104,7 @@ struct Inner {
 ///   and their deltas, response formats (JSON object, JSON schema), `/v1/embeddings`.
 /// - Every failure is a [`ProviderError`] of the right kind: see the
 ///   [provider docs](crate::provider#errors).
-/// - Keys in a [`KeyPool`]: requests take turns over the ready keys; a key that gets a
+/// - Keys in a [`KeyPool`](super::KeyPool): requests take turns over the ready keys; a key that gets a
 ///   429 rests until its Retry-After.
 /// - [`Deadlines`](super::Deadlines) for connect, first byte / first token, idle and
 ///   total; caps on body, event and stream sizes.
@@ -170,20 +170,7 @@ impl OpenAiCompatible {
         Ok(b)
     }
 
-    /// The base URL requests go to.
-    pub fn base_url(&self) -> &str {
-        self.inner.core.base_url()
-    }
-
-    /// The provider's keys, if it has any.
-    pub fn key_pool(&self) -> Option<&KeyPool> {
-        self.inner.core.keys()
-    }
-
-    /// What the last response's rate-limit headers said was left, if any said anything.
-    pub fn last_rate_limits(&self) -> Option<RateLimits> {
-        self.inner.core.last_rate_limits()
-    }
+    http_provider_accessors!(inner.core);
 
     /// The HTTP machinery (for the batch client).
     pub(crate) fn core(&self) -> &Arc<HttpCore> {
@@ -275,12 +262,13 @@ impl OpenAiCompatible {
             .map_err(|e| Error::InvalidRequest(format!("the request cannot be encoded: {e}")))
     }
 
+    /// The answer in `v`, with the usage the API reported (not yet checked).
     pub(crate) fn parse_response(
         &self,
         call: &ProviderCall<'_>,
         v: Value,
         status: u16,
-    ) -> std::result::Result<ChatResponse, ProviderError> {
+    ) -> std::result::Result<(ChatResponse, Option<Usage>), ProviderError> {
         let core = &self.inner.core;
         let invalid = |m: String| {
             core.error(ProviderErrorKind::InvalidResponse, m)
@@ -320,20 +308,34 @@ impl OpenAiCompatible {
                 }
             })
             .collect();
-        let usage = match w.usage.and_then(WireUsage::into_usage) {
-            Some(u) => u,
-            None => {
-                let mut out = content.clone();
-                for c in &calls {
-                    out.push_str(&c.arguments);
-                }
-                core.estimate(call.request, call.model, &out)
-            }
-        };
-        Ok(
-            ChatResponse::new(content, &call.model.name, &core.name, usage, finish)
-                .with_tool_calls(calls),
-        )
+        let usage = w.usage.and_then(WireUsage::into_usage);
+        Ok((
+            ChatResponse::new(
+                content,
+                &call.model.name,
+                &core.name,
+                Usage::default(),
+                finish,
+            )
+            .with_tool_calls(calls),
+            usage,
+        ))
+    }
+
+    /// Reads, parses and settles a whole answer.
+    async fn whole(
+        &self,
+        call: &ProviderCall<'_>,
+        resp: &mut reqwest::Response,
+        sent: &super::http::Sent,
+    ) -> Result<ChatResponse> {
+        let core = &self.inner.core;
+        let status = resp.status().as_u16();
+        let bytes = core.read_body(resp, sent).await?;
+        let v = core.parse_json(status, &bytes)?;
+        drop(bytes);
+        let (r, reported) = self.parse_response(call, v, status)?;
+        Ok(core.settle_answer(call, r, reported, sent).await)
     }
 
     async fn chat_inner(&self, call: ProviderCall<'_>) -> std::result::Result<ChatResponse, Error> {
@@ -342,15 +344,13 @@ impl OpenAiCompatible {
         let (mut resp, sent) = core
             .post(
                 "/chat/completions",
+                &call.model.name,
                 body,
                 false,
                 super::token_estimate(&call),
             )
             .await?;
-        let status = resp.status().as_u16();
-        let bytes = core.read_body(&mut resp, &sent).await?;
-        let v = core.parse_json(status, &bytes)?;
-        Ok(self.parse_response(&call, v, status)?)
+        self.whole(&call, &mut resp, &sent).await
     }
 
     /// Embeds `texts` with `model` through `{base_url}/embeddings`, one vector per text,
@@ -381,6 +381,7 @@ impl OpenAiCompatible {
         let (mut resp, sent) = core
             .post(
                 "/embeddings",
+                model,
                 body,
                 false,
                 texts.iter().map(|t| (t.len() as u64).div_ceil(3)).sum(),
@@ -514,6 +515,7 @@ impl Provider for OpenAiCompatible {
         let (mut resp, sent) = core
             .post(
                 "/chat/completions",
+                &call.model.name,
                 body,
                 true,
                 super::token_estimate(&call),
@@ -521,15 +523,10 @@ impl Provider for OpenAiCompatible {
             .await?;
         if HttpCore::is_json(&resp) {
             // The server answered whole: replay it as a stream.
-            let status = resp.status().as_u16();
-            let bytes = core.read_body(&mut resp, &sent).await?;
-            let v = core.parse_json(status, &bytes)?;
-            return Ok(replay(self.parse_response(&call, v, status)?));
+            return Ok(replay(self.whole(&call, &mut resp, &sent).await?));
         }
         let translator = OpenAiStream {
-            request: call.request.clone(),
-            model: call.model.name.clone(),
-            tokenizer: call.model.tokenizer,
+            asked: Asked::new(call.request, call.model),
             delivered: String::new(),
             finish: None,
             refused: false,
@@ -725,33 +722,12 @@ where
 
 /// Turns chat completion chunks into stream events.
 struct OpenAiStream {
-    request: ChatRequest,
-    model: String,
-    tokenizer: TokenizerKind,
+    asked: Asked,
     /// Text and tool arguments delivered, for counting when no usage comes.
     delivered: String,
     finish: Option<FinishReason>,
     refused: bool,
     usage: Option<Usage>,
-}
-
-impl OpenAiStream {
-    fn finish(&mut self, core: &HttpCore, out: &mut VecDeque<StreamEvent>) {
-        let finish = if self.refused {
-            Some(FinishReason::ContentFilter)
-        } else {
-            self.finish.take()
-        };
-        let ending = StreamEnding {
-            request: &self.request,
-            model: &self.model,
-            tokenizer: self.tokenizer,
-            delivered: &self.delivered,
-            usage: self.usage,
-            finish,
-        };
-        core.end_stream(ending, out);
-    }
 }
 
 impl Translate for OpenAiStream {
@@ -760,10 +736,9 @@ impl Translate for OpenAiStream {
         core: &HttpCore,
         ev: SseEvent,
         out: &mut VecDeque<StreamEvent>,
-    ) -> std::result::Result<bool, ProviderError> {
+    ) -> std::result::Result<bool, EventError> {
         let data = ev.data.trim();
         if data == "[DONE]" {
-            self.finish(core, out);
             return Ok(true);
         }
         if data.is_empty() {
@@ -771,14 +746,10 @@ impl Translate for OpenAiStream {
         }
         let v = core.event_json(&ev, data)?;
         if ev.event == "error" || v.get("error").is_some_and(|e| !e.is_null()) {
-            return Err(classify_payload(&core.name, &v));
+            return Err(classify_payload(&core.name, &v).into());
         }
-        let chunk: WireChunk = serde_json::from_value(v).map_err(|e| {
-            core.error(
-                ProviderErrorKind::InvalidResponse,
-                format!("unexpected stream chunk shape: {e}"),
-            )
-        })?;
+        let chunk: WireChunk = serde_json::from_value(v)
+            .map_err(|e| EventError::Malformed(format!("unexpected stream chunk shape: {e}")))?;
         for choice in chunk.choices {
             if choice.index.unwrap_or(0) != 0 {
                 continue;
@@ -819,15 +790,32 @@ impl Translate for OpenAiStream {
         Ok(false)
     }
 
-    fn missing_end(&self) -> &'static str {
-        "`data: [DONE]`"
+    fn has_finish(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    fn asked(&self) -> &Asked {
+        &self.asked
+    }
+
+    fn ending(&mut self) -> StreamEnding {
+        let finish = if self.refused {
+            Some(FinishReason::ContentFilter)
+        } else {
+            self.finish.take()
+        };
+        StreamEnding {
+            delivered: std::mem::take(&mut self.delivered),
+            usage: self.usage,
+            finish,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{Catalog, Message, Tool};
+    use crate::types::{Catalog, ChatRequest, Message, Tool};
 
     #[test]
     fn request_body_maps_every_parameter() {
@@ -898,5 +886,69 @@ mod tests {
         assert_eq!(finish_reason("tool_calls"), FinishReason::ToolCalls);
         assert_eq!(finish_reason("content_filter"), FinishReason::ContentFilter);
         assert_eq!(finish_reason("weird"), FinishReason::Other("weird".into()));
+    }
+
+    /// Feeds `body` to the whole-answer parser and `stream` to the stream translator:
+    /// nothing panics, and what is kept is bounded by the input.
+    fn feed(p: &OpenAiCompatible, body: &[u8], stream: &[u8]) {
+        let cat = Catalog::builtin();
+        let req = ChatRequest::new().message(Message::user("hi"));
+        let m = cat.require("gpt-4o-mini").unwrap();
+        let call = ProviderCall::new(&req, m);
+        let core = &p.inner.core;
+        if let Ok(v) = core.parse_json(200, body) {
+            if let Ok((r, _usage)) = p.parse_response(&call, v, 200) {
+                assert!(r.content.len() <= body.len());
+            }
+        }
+        let mut decoder = crate::provider::sse::SseDecoder::with_max_event_bytes(1024);
+        let mut events = Vec::new();
+        let _ = decoder.feed(stream, &mut events);
+        let mut t = OpenAiStream {
+            asked: Asked::new(&req, m),
+            delivered: String::new(),
+            finish: None,
+            refused: false,
+            usage: None,
+        };
+        let mut out = VecDeque::new();
+        for ev in events {
+            assert!(ev.data.len() <= 1024);
+            if t.event(core, ev, &mut out).is_err() {
+                break;
+            }
+        }
+        assert!(t.delivered.len() <= stream.len());
+        let _ = t.ending();
+    }
+
+    fn fuzz(cases: u32) {
+        use proptest::test_runner::{Config, RngAlgorithm, TestRunner};
+        let p = OpenAiCompatible::builder().build().unwrap();
+        let strategy = (
+            crate::provider::http::arbitrary::body(),
+            crate::provider::http::arbitrary::stream(),
+        );
+        let config = Config {
+            rng_algorithm: RngAlgorithm::XorShift,
+            ..Config::with_cases(cases)
+        };
+        TestRunner::new(config)
+            .run(&strategy, |(body, stream)| {
+                feed(&p, &body, &stream);
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn arbitrary_bodies_and_streams_never_panic() {
+        fuzz(10_000);
+    }
+
+    #[test]
+    #[ignore = "a million cases: run with --ignored"]
+    fn a_million_arbitrary_bodies_and_streams_never_panic() {
+        fuzz(1_000_000);
     }
 }
