@@ -143,6 +143,45 @@ impl CacheQuery {
     }
 }
 
+impl CacheQuery {
+    /// The same query narrowed to answers produced by `answered_by`: a model name, or a
+    /// tier when a router chooses among models by tier. Both keys are re-derived from
+    /// the old ones and the name, so answers of different models (or tiers) never meet,
+    /// not even semantically, while the same name always gives the same keys.
+    ///
+    /// A request that names no model is keyed with the model `auto`; when a router then
+    /// picks the model by the caller (a free user's small model, a premium user's large
+    /// one), narrow the query by what the router picks, so that one caller's answer is
+    /// never served to a caller the router would have sent elsewhere.
+    ///
+    /// ```
+    /// use tokenwise::ChatRequest;
+    /// use tokenwise::cache::{CacheQuery, CacheScope};
+    ///
+    /// let q = CacheQuery::for_request(&ChatRequest::user_text("Hi"), CacheScope::Global).unwrap();
+    /// let small = q.clone().answered_by("tier:free");
+    /// let large = q.clone().answered_by("tier:premium");
+    /// assert_ne!(small.key, large.key);
+    /// assert_ne!(small.context_key, large.context_key);
+    /// assert_eq!(small, q.answered_by("tier:free"));
+    /// ```
+    #[must_use]
+    pub fn answered_by(mut self, answered_by: &str) -> CacheQuery {
+        let narrow = |k: &CacheKey, tag: &[u8]| {
+            let mut h = blake3::Hasher::new();
+            h.update(b"answered_by\x00");
+            h.update(tag);
+            h.update(k.as_bytes());
+            h.update(&(answered_by.len() as u64).to_le_bytes());
+            h.update(answered_by.as_bytes());
+            CacheKey(*h.finalize().as_bytes())
+        };
+        self.key = narrow(&self.key, b"E");
+        self.context_key = narrow(&self.context_key, b"C");
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "local-embeddings")]
 pub use embed::MiniLmEmbedder;
-pub use embed::{CachedEmbedder, Embedder, HashingEmbedder};
+pub use embed::{CachedEmbedder, Embedder, HashingEmbedder, unit_vector};
 pub use flight::{
     Follower, Join, Leader, MAX_SHARED_STREAM_BYTES, MAX_SHARED_STREAM_EVENTS, OnEnd, SharedStream,
     SingleFlight, share_stream,
@@ -91,6 +91,32 @@ impl CachedAnswer {
             response,
             similarity: 1.0,
         }
+    }
+
+    /// A semantic answer served at `similarity`, for a [`Cache`] of your own (on a
+    /// vector database, say). The similarity is a cosine: a number in [-1, 1] (1.0 for
+    /// an exact match); anything else, NaN included, is refused.
+    ///
+    /// ```
+    /// use tokenwise::cache::CachedAnswer;
+    /// use tokenwise::{ChatResponse, FinishReason, Usage};
+    ///
+    /// let response = ChatResponse::new("Paris.", "m", "p", Usage::new(5, 2), FinishReason::Stop);
+    /// let hit = CachedAnswer::new(response.clone(), 0.93)?;
+    /// assert_eq!(hit.similarity, 0.93);
+    /// assert!(CachedAnswer::new(response, f32::NAN).is_err());
+    /// # Ok::<(), tokenwise::Error>(())
+    /// ```
+    pub fn new(response: ChatResponse, similarity: f32) -> crate::Result<Self> {
+        if !(-1.0..=1.0).contains(&similarity) {
+            return Err(crate::Error::InvalidRequest(format!(
+                "cached answer: a similarity must be in [-1, 1], got {similarity}"
+            )));
+        }
+        Ok(CachedAnswer {
+            response,
+            similarity,
+        })
     }
 }
 

@@ -525,6 +525,16 @@ impl SemanticCache {
         self.read().indexed
     }
 
+    /// Contexts whose index has moved to its HNSW graph (see
+    /// [`IndexConfig::graph_from`]); the others are scanned flat.
+    pub fn graph_contexts(&self) -> usize {
+        self.read()
+            .groups
+            .values()
+            .filter(|g| g.index.is_graph())
+            .count()
+    }
+
     /// Counters since the cache was built.
     pub fn stats(&self) -> CacheStats {
         let c = &self.inner.counters;
