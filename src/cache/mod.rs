@@ -43,7 +43,7 @@ pub use flight::{
     SingleFlight, share_stream,
 };
 pub use guards::{GuardKind, GuardRejection, Guards};
-pub use index::{IndexConfig, Quantization, VectorIndex};
+pub use index::{IndexConfig, Maintenance, MaintenanceDone, Quantization, VectorIndex};
 pub use key::{CacheKey, CacheQuery};
 pub use layer::{CacheLayer, CacheService};
 pub use memory::{ExactCache, ExactCacheBuilder};
