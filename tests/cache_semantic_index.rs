@@ -153,6 +153,11 @@ async fn the_graph_path_serves_paraphrases_and_refuses_near_misses_like_the_scan
             .unwrap();
     }
     assert_eq!(cache.indexed(), qs.len());
+    // the graph is built on a blocking thread; lookups meanwhile scan
+    let early = cache.get(&text(&qs[1].to_lowercase())).await.unwrap();
+    assert_eq!(early.unwrap().response.content, "answer 1");
+    cache.settled().await;
+    assert_eq!(cache.maintaining(), 0);
     assert_eq!(
         cache.graph_contexts(),
         1,

@@ -1332,12 +1332,17 @@ impl VectorIndex {
         g.map_or(0, |g| g.frozen.upto)
     }
 
-    /// Rebuilds from the live vectors here and now: drops tombstones, and moves to (or
-    /// from) the graph as the size calls for. A job in flight is superseded.
-    pub fn rebuild(&mut self) {
+    /// A job rebuilding the index from its live vectors, due or not (a job in flight
+    /// is superseded): drops tombstones, and moves to (or from) the graph as the size
+    /// calls for.
+    pub fn rebuild_job(&mut self) -> Maintenance {
         self.job = None;
-        let job = self.start(true);
-        let done = job.run();
+        self.start(true)
+    }
+
+    /// Runs [`rebuild_job`](Self::rebuild_job) here and now.
+    pub fn rebuild(&mut self) {
+        let done = self.rebuild_job().run();
         self.apply(done);
     }
 

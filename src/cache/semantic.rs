@@ -3,11 +3,13 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::sync::Notify;
 
 use super::embed::{CachedEmbedder, Embedder, HashingEmbedder};
 use super::guards::{GuardKind, GuardRejection, Guards};
@@ -256,6 +258,8 @@ impl SemanticCacheBuilder {
                 state: RwLock::new(State::default()),
                 counters: Counters::default(),
                 hook: self.hook,
+                maintaining: AtomicUsize::new(0),
+                maintained: Notify::new(),
             }),
         })
     }
@@ -361,6 +365,8 @@ struct State {
     next_id: u64,
     /// Index entries over every group.
     indexed: usize,
+    /// Contexts changed since maintenance was last looked for.
+    touched: Vec<CacheKey>,
 }
 
 impl State {
@@ -375,6 +381,8 @@ impl State {
         g.index.remove(id);
         if g.entries.is_empty() {
             self.groups.remove(ctx);
+        } else if self.touched.last() != Some(ctx) {
+            self.touched.push(*ctx);
         }
     }
 
@@ -408,6 +416,10 @@ struct Shared {
     state: RwLock<State>,
     counters: Counters,
     hook: Option<CacheHook>,
+    /// Index maintenance jobs running.
+    maintaining: AtomicUsize,
+    /// Notified when one ends.
+    maintained: Notify,
 }
 
 /// An exact cache with semantic matching of the final user turn.
@@ -430,7 +442,11 @@ struct Shared {
 /// `info` level (target `tokenwise::cache`).
 ///
 /// Each context has its own [`VectorIndex`] (a flat scan while small, an HNSW graph once
-/// large). Answers live in an [`ExactCache`], which owns TTLs, LRU eviction and
+/// large). Its heavy [maintenance](super::Maintenance) (building the graph, linking new
+/// questions into it, rebuilding it without removed ones) never runs inside a lookup
+/// or a store: it runs on a blocking thread while lookups go on against the previous
+/// graph plus an exact scan of what was added since, and is swapped in when done (one
+/// job per context at a time; without a tokio runtime it runs inline). Answers live in an [`ExactCache`], which owns TTLs, LRU eviction and
 /// invalidation; index entries whose answer is gone are skipped and dropped. The text
 /// of a question is embedded at most once per request (a [`CachedEmbedder`] remembers
 /// recent vectors), and only when its context has stored questions or it is stored.
@@ -663,6 +679,7 @@ impl SemanticCache {
             for id in gone {
                 state.remove(&query.context_key, id);
             }
+            self.maintain(&mut state);
         }
         match answer {
             Some(a) => {
@@ -711,8 +728,11 @@ impl SemanticCache {
             std::collections::hash_map::Entry::Occupied(g) => g.into_mut(),
             std::collections::hash_map::Entry::Vacant(slot) => {
                 match VectorIndex::new(s.dims, s.index) {
-                    Ok(index) => slot.insert(Group {
-                        index,
+                    Ok(mut index) => slot.insert(Group {
+                        index: {
+                            index.defer_maintenance();
+                            index
+                        },
                         entries: HashMap::new(),
                     }),
                     Err(e) => {
@@ -746,6 +766,75 @@ impl SemanticCache {
         if state.indexed > s.max_entries.saturating_mul(2) {
             self.sweep(&mut state);
         }
+        state.touched.push(query.context_key);
+        self.maintain(&mut state);
+    }
+
+    /// Starts the maintenance due in the contexts changed since the last call.
+    fn maintain(&self, state: &mut State) {
+        let mut touched = std::mem::take(&mut state.touched);
+        touched.sort_unstable();
+        touched.dedup();
+        for ctx in touched {
+            self.maintain_one(state, ctx);
+        }
+    }
+
+    fn maintain_one(&self, state: &mut State, ctx: CacheKey) {
+        let Some(g) = state.groups.get_mut(&ctx) else {
+            return;
+        };
+        let Some(job) = g.index.maintenance() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            let done = job.run();
+            g.index.apply(done);
+            return;
+        };
+        self.inner.maintaining.fetch_add(1, Ordering::SeqCst);
+        let this = self.clone();
+        let rebuild = job.is_rebuild();
+        runtime.spawn_blocking(move || {
+            let done = std::panic::catch_unwind(AssertUnwindSafe(|| job.run()));
+            let mut state = this.write();
+            if let Some(g) = state.groups.get_mut(&ctx) {
+                match done {
+                    Ok(done) => {
+                        g.index.apply(done);
+                    }
+                    Err(_) => {
+                        tracing::warn!(target: "tokenwise::cache", "semantic index maintenance failed; it will rebuild");
+                        g.index.abandon_maintenance();
+                    }
+                }
+            }
+            tracing::debug!(target: "tokenwise::cache", rebuild, "semantic index maintained");
+            // More may have become due while it ran.
+            this.maintain_one(&mut state, ctx);
+            drop(state);
+            this.inner.maintaining.fetch_sub(1, Ordering::SeqCst);
+            this.inner.maintained.notify_waiters();
+        });
+    }
+
+    /// Index maintenance jobs running now.
+    pub fn maintaining(&self) -> usize {
+        self.inner.maintaining.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no index maintenance is running (jobs started meanwhile included):
+    /// for tests, and for an orderly shutdown.
+    pub async fn settled(&self) {
+        loop {
+            let notified = self.inner.maintained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.maintaining() == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Drops index entries whose answer expired or was evicted.
@@ -769,6 +858,7 @@ impl SemanticCache {
             Invalidation::Tag(t) => state.remove_where(|m| m.tags.iter().any(|x| x == t)),
             Invalidation::All => *state = State::default(),
         }
+        self.maintain(&mut state);
         n
     }
 }
