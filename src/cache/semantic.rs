@@ -65,6 +65,8 @@ pub struct CacheStats {
     pub rejected_negation: u64,
     /// Candidates refused by the scope guard.
     pub rejected_scope: u64,
+    /// Candidates refused by the terms guard.
+    pub rejected_terms: u64,
     /// Answers stored.
     pub stored: u64,
     /// Embeddings that failed (the lookup or store went on without a vector).
@@ -79,6 +81,7 @@ impl CacheStats {
             GuardKind::Entities => self.rejected_entities,
             GuardKind::Negation => self.rejected_negation,
             GuardKind::Scope => self.rejected_scope,
+            GuardKind::Terms => self.rejected_terms,
         }
     }
 }
@@ -88,7 +91,7 @@ struct Counters {
     exact_hits: AtomicU64,
     semantic_hits: AtomicU64,
     misses: AtomicU64,
-    rejected: [AtomicU64; 4],
+    rejected: [AtomicU64; 5],
     stored: AtomicU64,
     embed_failures: AtomicU64,
 }
@@ -563,6 +566,7 @@ impl SemanticCache {
             rejected_entities: r(GuardKind::Entities),
             rejected_negation: r(GuardKind::Negation),
             rejected_scope: r(GuardKind::Scope),
+            rejected_terms: r(GuardKind::Terms),
             stored: c.stored.load(Ordering::Relaxed),
             embed_failures: c.embed_failures.load(Ordering::Relaxed),
         }
