@@ -1,16 +1,17 @@
 //! The semantic cache's vectors and index, end to end: embedders of any scale are
 //! normalised and broken vectors refused, the HNSW graph path serves and refuses like
-//! the flat scan, answers are kept apart by the model or tier that produced them, and a
-//! `Cache` of one's own can report a similarity.
+//! the flat scan, answers are kept apart by the model or tier that produced them, a
+//! `Cache` of one's own can report a similarity, and follow-ups are matched on the
+//! context they depend on.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokenwise::cache::{
-    Cache, CacheQuery, CacheScope, CachedAnswer, Embedder, HashingEmbedder, IndexConfig,
-    Invalidation, SemanticCache,
+    Cache, CacheQuery, CacheScope, CachedAnswer, ConversationMatching, Embedder, HashingEmbedder,
+    IndexConfig, Invalidation, SemanticCache,
 };
-use tokenwise::{ChatRequest, ChatResponse, FinishReason, Usage};
+use tokenwise::{ChatRequest, ChatResponse, FinishReason, Message, Usage};
 
 fn text(t: &str) -> CacheQuery {
     CacheQuery::for_request(&ChatRequest::user_text(t), CacheScope::Global).unwrap()
@@ -230,4 +231,112 @@ fn a_custom_cache_reports_its_similarity() {
     for bad in [f32::NAN, 1.5, -2.0, f32::INFINITY] {
         assert!(CachedAnswer::new(answer("x"), bad).is_err(), "{bad}");
     }
+}
+
+fn conversation(context: &str, follow_up: &str) -> CacheQuery {
+    conversation_with(&[], context, follow_up)
+}
+
+fn conversation_with(earlier: &[(&str, &str)], context: &str, follow_up: &str) -> CacheQuery {
+    let mut r = ChatRequest::new();
+    for (user, assistant) in earlier {
+        r = r
+            .message(Message::user(*user))
+            .message(Message::assistant(*assistant));
+    }
+    let r = r
+        .message(Message::user(context))
+        .message(Message::assistant("Understood."))
+        .message(Message::user(follow_up));
+    CacheQuery::for_request(&r, CacheScope::Global).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_follow_up_is_served_when_its_context_is_the_same_and_never_when_it_differs() {
+    let cache = SemanticCache::builder().threshold(0.7).build().unwrap();
+    cache
+        .put(
+            &conversation(
+                "I bought a blender from you last week.",
+                "How do I return it?",
+            ),
+            &answer("returns: blender"),
+        )
+        .await
+        .unwrap();
+    let served = |q: CacheQuery| {
+        let cache = cache.clone();
+        async move { cache.get(&q).await.unwrap().map(|a| a.response.content) }
+    };
+    let hit = Some("returns: blender".to_owned());
+    // another assistant reply, an earlier unrelated topic, chatter: the same context
+    let other_reply = ChatRequest::new()
+        .message(Message::user("I bought a blender from you last week."))
+        .message(Message::assistant("Thanks for letting me know."))
+        .message(Message::user("How do I return it?"));
+    let other_reply = CacheQuery::for_request(&other_reply, CacheScope::Global).unwrap();
+    assert_eq!(served(other_reply).await, hit);
+    let earlier = [("What's the capital of Peru?", "Lima.")];
+    let q = conversation_with(
+        &earlier,
+        "I bought a blender from you last week.",
+        "How do I return it?",
+    );
+    assert_eq!(served(q).await, hit, "an earlier topic");
+    let chatter = ChatRequest::new()
+        .message(Message::user("I bought a blender from you last week."))
+        .message(Message::assistant("Okay."))
+        .message(Message::user("ok thanks"))
+        .message(Message::assistant("You're welcome!"))
+        .message(Message::user("How do I return it?"));
+    let chatter = CacheQuery::for_request(&chatter, CacheScope::Global).unwrap();
+    assert_eq!(served(chatter).await, hit, "small talk in between");
+    let q = conversation(
+        "I bought a blender from you last week.",
+        "ok and how do I return it?",
+    );
+    assert_eq!(served(q).await, hit, "small talk before the follow-up");
+    // another entity, number or intent in the context: never
+    for context in [
+        "I bought a laptop from you last week.",
+        "I bought a blender from you 3 weeks ago.",
+        "I bought a blender from you last month.",
+        "I want to keep the blender I bought last week, not return it.",
+        "My brother bought a blender from you last week.",
+    ] {
+        let q = conversation(context, "How do I return it?");
+        let found = cache.lookup(&q).await.unwrap();
+        assert!(found.answer.is_none(), "{context}: {found:?}");
+    }
+    // and the same follow-up without any context is another question
+    assert_eq!(served(text("How do I return it?")).await, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn strict_conversation_matching_needs_the_exact_history() {
+    let cache = SemanticCache::builder()
+        .threshold(0.7)
+        .conversations(ConversationMatching::Strict)
+        .build()
+        .unwrap();
+    let stored = conversation(
+        "I bought a blender from you last week.",
+        "How do I return it?",
+    );
+    cache.put(&stored, &answer("A")).await.unwrap();
+    let reworded = conversation(
+        "I bought a blender from you last week.",
+        "how do i return it",
+    );
+    assert!(
+        cache.get(&reworded).await.unwrap().is_some(),
+        "same history"
+    );
+    let earlier = [("What's the capital of Peru?", "Lima.")];
+    let q = conversation_with(
+        &earlier,
+        "I bought a blender from you last week.",
+        "How do I return it?",
+    );
+    assert!(cache.get(&q).await.unwrap().is_none(), "another history");
 }

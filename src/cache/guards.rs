@@ -149,6 +149,17 @@ impl Guards {
     /// `asked` as the same question, with what differed; `None` when every guard that is
     /// on lets the match through.
     pub fn check(&self, stored: &str, asked: &str) -> Option<(GuardKind, String)> {
+        self.check_with(stored, asked)
+    }
+
+    /// Like [`check`](Self::check), for two turns of context a follow-up depends on
+    /// ("I bought a blender last week"), as strictly: a swapped detail in the context
+    /// changes the answer to the follow-up as much as one in the question.
+    pub fn check_context(&self, stored: &str, asked: &str) -> Option<(GuardKind, String)> {
+        self.check_with(stored, asked)
+    }
+
+    fn check_with(&self, stored: &str, asked: &str) -> Option<(GuardKind, String)> {
         if !self.on.iter().any(|b| *b) {
             return None;
         }
@@ -769,6 +780,31 @@ const POLAR: &[(Side, Side)] = &[
         &["keep", "keeps", "continue", "continues"],
         &["stop", "stops", "stopped", "quit"],
     ),
+    (
+        &[
+            "rent", "rented", "renting", "renter", "tenant", "lease", "leased",
+        ],
+        &["own", "owned", "owner", "mortgage"],
+    ),
+    (
+        &[
+            "order",
+            "ordered",
+            "book",
+            "booked",
+            "reserve",
+            "reserved",
+            "renew",
+            "reactivate",
+        ],
+        &[
+            "cancel",
+            "cancelled",
+            "canceled",
+            "cancellation",
+            "cancelling",
+        ],
+    ),
     (&["read", "reading"], &["write", "writing", "written"]),
     (&["above"], &["below", "beneath"]),
     (
@@ -989,8 +1025,6 @@ fn party_of(w: &str) -> Option<&'static str> {
                 "roommate",
                 "neighbour",
                 "neighbor",
-                "tenant",
-                "landlord's",
             ],
         ),
         (
@@ -1244,6 +1278,131 @@ const STOP: &[&str] = &[
     "came",
 ];
 
+/// Words of small talk: a turn made only of them ("ok thanks!", "great, got it") is
+/// chatter, which a follow-up does not depend on.
+const CHATTER: &[&str] = &[
+    "ok",
+    "okay",
+    "k",
+    "thanks",
+    "thank",
+    "thx",
+    "ty",
+    "you",
+    "great",
+    "cool",
+    "got",
+    "it",
+    "perfect",
+    "alright",
+    "all",
+    "right",
+    "sounds",
+    "good",
+    "nice",
+    "awesome",
+    "sure",
+    "yes",
+    "yeah",
+    "yep",
+    "a",
+    "lot",
+    "so",
+    "much",
+    "and",
+    "also",
+    "hmm",
+    "um",
+    "well",
+    "fine",
+    "understood",
+    "noted",
+    "one",
+    "more",
+    "thing",
+    "then",
+    "oh",
+    "i",
+    "see",
+    "wow",
+    "excellent",
+    "super",
+    "brilliant",
+    "hi",
+    "hello",
+    "hey",
+    "please",
+    "just",
+    "that",
+    "helps",
+];
+
+/// Whether `text` is small talk only (or empty).
+pub(crate) fn is_chatter(text: &str) -> bool {
+    tokens(text)
+        .iter()
+        .all(|t| CHATTER.contains(&t.lower.as_str()))
+}
+
+/// Openers of a turn that carry nothing: stripped from a follow-up before it is
+/// compared.
+const OPENERS: &[&str] = &[
+    "one more thing",
+    "quick question",
+    "thank you",
+    "excuse me",
+    "got it",
+    "ok",
+    "okay",
+    "thanks",
+    "thx",
+    "great",
+    "cool",
+    "alright",
+    "hmm",
+    "um",
+    "so",
+    "and",
+    "also",
+    "oh",
+    "well",
+    "perfect",
+    "awesome",
+    "nice",
+    "sure",
+    "hi",
+    "hello",
+    "hey",
+];
+
+/// `text` without the small talk it opens with ("ok and how long…", "great. one more
+/// thing: …"), when a question remains.
+pub(crate) fn strip_lead_chatter(text: &str) -> &str {
+    let mut rest = text.trim_start();
+    'outer: loop {
+        let lower = rest.to_lowercase();
+        for o in OPENERS {
+            let whole = lower.starts_with(o)
+                && lower[o.len()..]
+                    .chars()
+                    .next()
+                    .is_some_and(|c| !c.is_alphanumeric() && c != '\'');
+            // Lowercasing keeps these ASCII openers' byte lengths.
+            if whole && rest.is_char_boundary(o.len()) {
+                let after = rest[o.len()..].trim_start_matches(|c: char| {
+                    c.is_whitespace() || matches!(c, ',' | '.' | '!' | ':' | ';' | '-')
+                });
+                if after.len() >= 3 {
+                    rest = after;
+                    continue 'outer;
+                }
+            }
+        }
+        break;
+    }
+    rest
+}
+
 /// Content words whose addition does not qualify a question (compared forms).
 const GENERIC: &[&str] = &[
     "hour",
@@ -1337,10 +1496,10 @@ fn content_word(w: &str) -> Option<String> {
         return None;
     }
     // A typo of a function word ("wiithin", "atfer") is that word.
-    if w.len() >= 4
+    if w.len() >= 5
         && STOP
             .iter()
-            .any(|s| s.len() >= 4 && edit_distance_at_most_one(w, s))
+            .any(|s| s.len() >= 5 && edit_distance_at_most_one(w, s))
     {
         return None;
     }
@@ -1459,7 +1618,9 @@ fn terms_difference(a: &[Term], b: &[Term]) -> Option<String> {
         for &j in &only_b {
             let before = i > 0 && j > 0 && a[i - 1].same(&b[j - 1]);
             let after = i + 1 < a.len() && j + 1 < b.len() && a[i + 1].same(&b[j + 1]);
-            if before || after {
+            // or the same place in two questions of as many content words
+            let same_place = a.len() == b.len() && i == j;
+            if before || after || same_place {
                 return Some(format!("`{}` replaced by `{}`", a[i].raw, b[j].raw));
             }
         }

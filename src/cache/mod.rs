@@ -44,13 +44,14 @@ pub use flight::{
 };
 pub use guards::{GuardKind, GuardRejection, Guards};
 pub use index::{IndexConfig, Maintenance, MaintenanceDone, Quantization, VectorIndex};
-pub use key::{CacheKey, CacheQuery};
+pub use key::{CacheKey, CacheQuery, MAX_HISTORY_BYTES, MAX_HISTORY_TURNS};
 pub use layer::{CacheLayer, CacheService};
 pub use memory::{ExactCache, ExactCacheBuilder};
 #[cfg(feature = "redis")]
 pub use redis::RedisCache;
 pub use semantic::{
-    CacheEvent, CacheHook, CacheStats, DEFAULT_THRESHOLD, SemanticCache, SemanticCacheBuilder,
+    CacheEvent, CacheHook, CacheStats, ConversationMatching, DEFAULT_THRESHOLD, SemanticCache,
+    SemanticCacheBuilder,
 };
 
 /// The embedder over an OpenAI-compatible `/v1/embeddings` endpoint (defined with the

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 
 use super::embed::{CachedEmbedder, Embedder, HashingEmbedder};
-use super::guards::{GuardKind, GuardRejection, Guards};
+use super::guards::{GuardKind, GuardRejection, Guards, is_chatter, strip_lead_chatter};
 use super::index::{IndexConfig, VectorIndex};
 use super::{
     Cache, CacheKey, CacheLookup, CacheQuery, CachedAnswer, ExactCache, ExactCacheBuilder,
@@ -100,6 +100,25 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
+/// How a [`SemanticCache`] matches a follow-up question within a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ConversationMatching {
+    /// The default: a follow-up is compared with stored ones on what it depends on,
+    /// the most recent user turn of substance before it (small talk such as "ok
+    /// thanks" is skipped, and so are earlier topics). Both that turn and the
+    /// follow-up must pass the [guards](Guards), and the two together must be as
+    /// similar as the threshold asks. So a reworded history, an unrelated earlier topic
+    /// or extra chatter still hits, while another entity, number or intent in the
+    /// context misses. Assistant turns are not compared; a history with a tool call or
+    /// tool result is always matched strictly.
+    #[default]
+    Condensed,
+    /// Only follow-ups with exactly the same history (every turn, assistant ones
+    /// included) are compared.
+    Strict,
+}
+
 /// Builds a [`SemanticCache`].
 #[must_use]
 pub struct SemanticCacheBuilder {
@@ -114,6 +133,7 @@ pub struct SemanticCacheBuilder {
     index: IndexConfig,
     candidates: usize,
     hook: Option<CacheHook>,
+    conversations: ConversationMatching,
 }
 
 impl fmt::Debug for SemanticCacheBuilder {
@@ -216,6 +236,13 @@ impl SemanticCacheBuilder {
         self
     }
 
+    /// How follow-ups in a conversation are matched (default
+    /// [`ConversationMatching::Condensed`]).
+    pub fn conversations(mut self, matching: ConversationMatching) -> Self {
+        self.conversations = matching;
+        self
+    }
+
     /// Called on every hit, miss, guard rejection and store: wire it to metrics.
     pub fn on_event(mut self, hook: CacheHook) -> Self {
         self.hook = Some(hook);
@@ -257,6 +284,7 @@ impl SemanticCacheBuilder {
                 guards: self.guards,
                 index,
                 candidates: self.candidates,
+                conversations: self.conversations,
                 max_entries: self.max_entries,
                 state: RwLock::new(State::default()),
                 counters: Counters::default(),
@@ -349,11 +377,30 @@ pub(crate) fn embedding_text(text: &str) -> String {
 struct Meta {
     key: CacheKey,
     text: Arc<str>,
+    /// The turn of context the question depends on (condensed matching).
+    context: Option<Arc<str>>,
     namespace: String,
     tags: Vec<String>,
 }
 
-/// The entries of one context (everything but the final user turn).
+/// Where a question is matched: its group (the exact context in strict matching, the
+/// base context in condensed matching) and the turn of context it depends on.
+struct Place<'q> {
+    group: CacheKey,
+    context: Option<&'q str>,
+    /// The final question without its opening small talk.
+    text: &'q str,
+}
+
+/// The text embedded for a question (and the turn it depends on).
+fn embedded_form(p: &Place<'_>) -> String {
+    match p.context {
+        Some(c) => format!("{} . {}", embedding_text(c), embedding_text(p.text)),
+        None => embedding_text(p.text),
+    }
+}
+
+/// The entries of one group (one context, or one base context).
 #[derive(Debug)]
 struct Group {
     index: VectorIndex,
@@ -415,6 +462,7 @@ struct Shared {
     guards: Guards,
     index: IndexConfig,
     candidates: usize,
+    conversations: ConversationMatching,
     max_entries: usize,
     state: RwLock<State>,
     counters: Counters,
@@ -506,6 +554,7 @@ impl SemanticCache {
             index: IndexConfig::default(),
             candidates: 4,
             hook: None,
+            conversations: ConversationMatching::default(),
         }
     }
 
@@ -596,8 +645,29 @@ impl SemanticCache {
         }
     }
 
+    /// Where `query` is matched, if it ends with a user turn.
+    fn place<'q>(&self, query: &'q CacheQuery) -> Option<Place<'q>> {
+        let text = strip_lead_chatter(query.final_user_text.as_deref()?);
+        Some(match (&query.history, self.inner.conversations) {
+            (Some(history), ConversationMatching::Condensed) => Place {
+                group: query.base_key,
+                context: history
+                    .iter()
+                    .rev()
+                    .map(String::as_str)
+                    .find(|t| !is_chatter(t)),
+                text,
+            },
+            _ => Place {
+                group: query.context_key,
+                context: None,
+                text,
+            },
+        })
+    }
+
     async fn embed(&self, text: &str) -> Option<Arc<[f32]>> {
-        match self.inner.embedder.embed_one(&embedding_text(text)).await {
+        match self.inner.embedder.embed_one(text).await {
             Ok(v) if v.len() == self.inner.dims => Some(v),
             Ok(_) => None,
             Err(e) => {
@@ -623,18 +693,19 @@ impl SemanticCache {
             };
         }
         let threshold = self.threshold_for(&query.namespace);
-        let Some(text) = query.final_user_text.as_deref() else {
+        let Some(place) = self.place(query) else {
             return self.miss(None);
         };
-        if !threshold.is_finite() || !self.read().groups.contains_key(&query.context_key) {
+        if !threshold.is_finite() || !self.read().groups.contains_key(&place.group) {
             return self.miss(None);
         }
-        let Some(v) = self.embed(text).await else {
+        let Some(v) = self.embed(&embedded_form(&place)).await else {
             return self.miss(None);
         };
-        let found: Vec<(u64, f32, CacheKey, Arc<str>)> = {
+        type Found = (u64, f32, CacheKey, Arc<str>, Option<Arc<str>>);
+        let found: Vec<Found> = {
             let state = self.read();
-            let Some(g) = state.groups.get(&query.context_key) else {
+            let Some(g) = state.groups.get(&place.group) else {
                 return self.miss(None);
             };
             g.index
@@ -643,19 +714,29 @@ impl SemanticCache {
                 .filter(|(_, sim)| *sim >= threshold)
                 .filter_map(|(id, sim)| {
                     let m = g.entries.get(&id)?;
-                    Some((id, sim.min(1.0), m.key, Arc::clone(&m.text)))
+                    let context = m.context.clone();
+                    Some((id, sim.min(1.0), m.key, Arc::clone(&m.text), context))
                 })
                 .collect()
         };
         let mut rejected: Option<GuardRejection> = None;
         let mut gone = Vec::new();
         let mut answer = None;
-        for (id, similarity, key, stored) in found {
+        for (id, similarity, key, stored, stored_context) in found {
             if !s.exact.is_live(&key) {
                 gone.push(id);
                 continue;
             }
-            if let Some((guard, detail)) = s.guards.check(&stored, text) {
+            // A follow-up and a question without context never stand for each other.
+            if stored_context.is_some() != place.context.is_some() {
+                continue;
+            }
+            let verdict = s.guards.check(&stored, place.text).or_else(|| {
+                let (stored, asked) = (stored_context.as_deref()?, place.context?);
+                let (guard, detail) = s.guards.check_context(stored, asked)?;
+                Some((guard, format!("in the context: {detail}")))
+            });
+            if let Some((guard, detail)) = verdict {
                 let r = GuardRejection::new(guard, similarity, detail);
                 bump(&s.counters.rejected[guard as usize]);
                 tracing::info!(
@@ -681,7 +762,7 @@ impl SemanticCache {
         if !gone.is_empty() {
             let mut state = self.write();
             for id in gone {
-                state.remove(&query.context_key, id);
+                state.remove(&place.group, id);
             }
             self.maintain(&mut state);
         }
@@ -711,7 +792,7 @@ impl SemanticCache {
         s.exact.put_now(query, response);
         bump(&s.counters.stored);
         self.emit(CacheEvent::Stored);
-        let Some(text) = query.final_user_text.as_deref() else {
+        let Some(place) = self.place(query) else {
             return;
         };
         if !self.threshold_for(&query.namespace).is_finite()
@@ -719,7 +800,7 @@ impl SemanticCache {
         {
             return;
         }
-        let Some(v) = self.embed(text).await else {
+        let Some(v) = self.embed(&embedded_form(&place)).await else {
             return;
         };
         let mut state = self.write();
@@ -728,7 +809,7 @@ impl SemanticCache {
         }
         let id = state.next_id;
         state.next_id += 1;
-        let group = match state.groups.entry(query.context_key) {
+        let group = match state.groups.entry(place.group) {
             std::collections::hash_map::Entry::Occupied(g) => g.into_mut(),
             std::collections::hash_map::Entry::Vacant(slot) => {
                 match VectorIndex::new(s.dims, s.index) {
@@ -757,20 +838,21 @@ impl SemanticCache {
             id,
             Meta {
                 key: query.key,
-                text: text.into(),
+                text: place.text.into(),
+                context: place.context.map(Arc::from),
                 namespace: query.namespace.clone(),
                 tags: query.tags.clone(),
             },
         );
-        state.owner.insert(query.key, (query.context_key, id));
+        state.owner.insert(query.key, (place.group, id));
         state.indexed += 1;
         if let Some(old) = evicted {
-            state.remove(&query.context_key, old);
+            state.remove(&place.group, old);
         }
         if state.indexed > s.max_entries.saturating_mul(2) {
             self.sweep(&mut state);
         }
-        state.touched.push(query.context_key);
+        state.touched.push(place.group);
         self.maintain(&mut state);
     }
 
