@@ -1881,6 +1881,12 @@ mod tests {
     fn guards_can_be_turned_off_one_by_one() {
         let g = Guards::default().with(GuardKind::Negation, false);
         assert!(!g.is_on(GuardKind::Negation));
+        // the terms guard sees the replaced word too
+        assert_eq!(
+            g.check("Is it open?", "Is it closed?").map(|(k, _)| k),
+            Some(GuardKind::Terms)
+        );
+        let g = g.with(GuardKind::Terms, false);
         assert!(g.check("Is it open?", "Is it closed?").is_none());
         assert!(g.check("3 apples", "4 apples").is_some());
         assert!(Guards::none().check("Paris", "Rome").is_none());
