@@ -477,15 +477,20 @@ struct Shared {
 ///
 /// A lookup tries, in order:
 /// 1. the exact key (everything that changes the answer): a hit has similarity 1.0;
-/// 2. when the conversation ends with a user turn, the stored questions of the **same
-///    context** (model or route, parameters, system prompt, tools, documents, earlier
-///    turns, namespace and tenant partition: the request's
-///    [`context_key`](CacheQuery::context_key)) whose final turn is at least
+/// 2. when the conversation ends with a user turn, the stored questions of the same
+///    group, whose final turn (with the turn of context it depends on) is at least
 ///    [`threshold`](SemanticCacheBuilder::threshold) similar to this one, best first,
 ///    up to [`candidates`](SemanticCacheBuilder::candidates) of them. The first that
-///    every [guard](Guards) accepts is served.
+///    every [guard](Guards) accepts, on the questions and on their context turns, is
+///    served.
 ///
-/// So a follow-up such as "cancel it" only ever matches within its own conversation,
+/// A group is everything but the conversation's turns (model or route, parameters,
+/// system prompt, tools, documents, namespace and tenant partition: the request's
+/// [`base_key`](CacheQuery::base_key)); a follow-up is compared on the most recent
+/// user turn of substance before it (see [`ConversationMatching`]). In
+/// [`ConversationMatching::Strict`] mode the group is the whole history
+/// ([`context_key`](CacheQuery::context_key)). So a follow-up such as "cancel it" is
+/// never served for another conversation's context,
 /// and no answer crosses a tenant partition. A candidate refused by a guard is
 /// reported in [`CacheLookup::rejected`] (the pipeline copies it to
 /// [`ChatResponse::guard_rejected`]), counted in [`stats`](Self::stats), passed to the
