@@ -349,7 +349,17 @@ impl Features {
             if DIRECTION.contains(&w) && (!weak || names_follow) {
                 f.directed = true;
             }
-            if let Some(n) = number_of(w) {
+            let per_period = matches!(w, "one" | "1" | "a" | "an" | "per")
+                .then(|| next.and_then(period_adverb))
+                .flatten();
+            if let Some(adverb) = per_period {
+                f.numbers.push(adverb.to_owned());
+            } else if matches!(w, "am" | "pm") {
+                // a time after a number ("7 am"), else a verb ("am I eligible")
+                if prev.is_some_and(|p| number_of(p).is_some()) {
+                    f.numbers.push(w.to_owned());
+                }
+            } else if let Some(n) = number_of(w) {
                 // "7pm" counts as "7 pm".
                 match ["am", "pm"]
                     .iter()
@@ -384,7 +394,7 @@ impl Features {
             if let Some(class) = scope_of(w).filter(|_| !idiom) {
                 f.scope.push(class);
             }
-            if let Some(p) = person_of(w, prev, next) {
+            if let Some(p) = person_of(w) {
                 f.persons.push(p);
             }
             if let Some(p) = party_of(w) {
@@ -561,6 +571,18 @@ const RELATIVE_DAYS: &[&str] = &[
 const PERIODS: &[&str] = &[
     "week", "month", "year", "day", "quarter", "weekend", "time", "season", "semester",
 ];
+
+/// "daily" for "day" (so "one day", "a day" and "per day" read as "daily").
+fn period_adverb(period: &str) -> Option<&'static str> {
+    Some(match period {
+        "hour" => "hourly",
+        "day" => "daily",
+        "week" => "weekly",
+        "month" => "monthly",
+        "year" => "yearly",
+        _ => return None,
+    })
+}
 
 /// The canonical form of a date word: a month, a weekday, a relative day, or "next" /
 /// "last" / "this" before a period.
@@ -948,32 +970,21 @@ fn scope_of(w: &str) -> Option<&'static str> {
         "except" | "excluding" | "besides" => "except",
         "also" | "too" | "including" | "additionally" => "also",
         "specific" | "particular" | "individual" => "specific",
-        "previously" | "formerly" | "originally" | "ago" | "past" | "used" => "past",
+        "previously" | "formerly" | "originally" | "ago" | "past" => "past",
         _ => return None,
     })
 }
 
 /// The grammatical person of a pronoun. A "you" that asks the assistant to do
 /// something ("can you tell me…") is not a person the question is about.
-fn person_of(w: &str, prev: Option<&str>, next: Option<&str>) -> Option<&'static str> {
-    if matches!(prev, Some("thank" | "see")) {
-        return None; // "thank you"
-    }
+fn person_of(w: &str) -> Option<&'static str> {
+    // Subject pronouns are often generic ("will you still take it back?" asks what
+    // anyone can do); possessives say whose thing it is.
     Some(match w {
-        "i" | "me" | "my" | "mine" | "myself" | "i'm" | "i've" | "i'd" | "i'll" | "im" => "1s",
-        "we" | "us" | "our" | "ours" | "ourselves" | "we're" | "we've" => "1p",
-        "you"
-            if next.is_some_and(|n| {
-                matches!(
-                    n,
-                    "tell" | "help" | "explain" | "show" | "give" | "recommend" | "please" | "let"
-                )
-            }) =>
-        {
-            return None;
-        }
-        "you" | "your" | "yours" | "yourself" | "you're" | "you've" => "2",
-        "he" | "him" | "his" | "she" | "her" | "hers" | "they" | "them" | "their" | "theirs" => "3",
+        "my" | "mine" | "myself" => "1s",
+        "our" | "ours" | "ourselves" => "1p",
+        "your" | "yours" | "yourself" => "2",
+        "his" | "her" | "hers" | "their" | "theirs" | "himself" | "herself" | "themselves" => "3",
         _ => return None,
     })
 }
@@ -1067,6 +1078,13 @@ fn party_of(w: &str) -> Option<&'static str> {
 /// Words that carry no content of their own for [`GuardKind::Terms`]: function words,
 /// question frames ("what's the way to"), courtesies, and words the other guards read.
 const STOP: &[&str] = &[
+    "take",
+    "takes",
+    "taking",
+    "took",
+    "repeatedly",
+    "constantly",
+    "continually",
     "a",
     "an",
     "the",
@@ -1405,6 +1423,9 @@ pub(crate) fn strip_lead_chatter(text: &str) -> &str {
 
 /// Content words whose addition does not qualify a question (compared forms).
 const GENERIC: &[&str] = &[
+    "legal",
+    "lawful",
+    "account",
     "hour",
     "city",
     "item",
@@ -1433,6 +1454,11 @@ const GENERIC: &[&str] = &[
 
 /// Words that mean the same for [`GuardKind::Terms`], by their shared form.
 const SYNONYMS: &[(&str, &[&str])] = &[
+    ("kg", &["kilogram", "kilo", "kilos"]),
+    ("lb", &["pound", "lbs"]),
+    ("mg", &["milligram"]),
+    ("period", &["season", "month"]),
+    ("available", &["stock", "availability"]),
     (
         "buy",
         &["purchase", "purchased", "bought", "order", "ordered"],
@@ -1609,7 +1635,11 @@ fn terms_difference(a: &[Term], b: &[Term]) -> Option<String> {
             None => only_a.push(i),
         }
     }
-    let only_b: Vec<usize> = (0..b.len()).filter(|j| !used[*j]).collect();
+    // A word said twice in one question is matched by one mention in the other.
+    only_a.retain(|&i| !b.iter().any(|t| a[i].same(t)));
+    let only_b: Vec<usize> = (0..b.len())
+        .filter(|&j| !used[j] && !a.iter().any(|t| b[j].same(t)))
+        .collect();
     if only_a.len() > MAX_TERM_DIFFERENCE || only_b.len() > MAX_TERM_DIFFERENCE {
         return None;
     }
