@@ -340,3 +340,21 @@ async fn strict_conversation_matching_needs_the_exact_history() {
     );
     assert!(cache.get(&q).await.unwrap().is_none(), "another history");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_detail_named_by_the_assistant_keeps_the_history_strict() {
+    let cache = SemanticCache::builder().threshold(0.7).build().unwrap();
+    let order = |reply: &str| {
+        let r = ChatRequest::new()
+            .message(Message::user("Show me my last order."))
+            .message(Message::assistant(reply))
+            .message(Message::user("Return it"));
+        CacheQuery::for_request(&r, CacheScope::Global).unwrap()
+    };
+    let mugs = order("Order 1182: two blue mugs.");
+    assert!(mugs.history.is_none(), "matched strictly");
+    cache.put(&mugs, &answer("mugs returned")).await.unwrap();
+    let lamp = order("Order 1190: a desk lamp.");
+    assert!(cache.get(&lamp).await.unwrap().is_none());
+    assert!(cache.get(&mugs).await.unwrap().is_some());
+}

@@ -1355,6 +1355,12 @@ const CHATTER: &[&str] = &[
     "helps",
 ];
 
+/// Whether `text` names a detail an answer can hinge on: a number, date or name.
+pub(crate) fn has_details(text: &str) -> bool {
+    let f = Features::of(text);
+    !f.numbers.is_empty() || !f.entities.is_empty()
+}
+
 /// Whether `text` is small talk only (or empty).
 pub(crate) fn is_chatter(text: &str) -> bool {
     tokens(text)

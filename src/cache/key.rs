@@ -84,8 +84,9 @@ pub struct CacheQuery {
     pub base_key: CacheKey,
     /// The texts of the user turns before the final one, oldest first (at most
     /// [`MAX_HISTORY_TURNS`], each cut to [`MAX_HISTORY_BYTES`]), or `None` when the
-    /// history holds a tool call or a tool result: such a conversation is only ever
-    /// matched with its exact history.
+    /// history holds a tool call, a tool result or an assistant turn that names a
+    /// number, date or name: such a conversation is only ever matched with its exact
+    /// history.
     pub history: Option<Vec<String>>,
     /// The namespace.
     pub namespace: String,
@@ -150,10 +151,15 @@ impl CacheQuery {
             },
             b"B",
         );
-        let tools = context
-            .iter()
-            .any(|m| m.role == Role::Tool || !m.tool_calls.is_empty() || m.tool_call_id.is_some());
-        let history = (!tools).then(|| {
+        // Tool traffic, or an assistant turn that names a detail ("Order 1182: two
+        // blue mugs"), makes the history part of the question: matched strictly.
+        let strict = context.iter().any(|m| {
+            m.role == Role::Tool
+                || !m.tool_calls.is_empty()
+                || m.tool_call_id.is_some()
+                || (m.role == Role::Assistant && super::guards::has_details(&m.content))
+        });
+        let history = (!strict).then(|| {
             let users: Vec<&Message> = context.iter().filter(|m| m.role == Role::User).collect();
             users[users.len().saturating_sub(MAX_HISTORY_TURNS)..]
                 .iter()

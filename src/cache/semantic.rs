@@ -110,8 +110,9 @@ pub enum ConversationMatching {
     /// follow-up must pass the [guards](Guards), and the two together must be as
     /// similar as the threshold asks. So a reworded history, an unrelated earlier topic
     /// or extra chatter still hits, while another entity, number or intent in the
-    /// context misses. Assistant turns are not compared; a history with a tool call or
-    /// tool result is always matched strictly.
+    /// context misses. Assistant turns are not compared, so a history in which one
+    /// names a number, date or name ("Order 1182: two blue mugs"), or that holds a tool
+    /// call or result, is always matched strictly.
     #[default]
     Condensed,
     /// Only follow-ups with exactly the same history (every turn, assistant ones
