@@ -664,6 +664,22 @@ pub struct VectorIndex {
     /// The graph may hold points its snapshot does not (a job failed part way): the
     /// next job rebuilds.
     dirty: bool,
+    /// What the last applied job replaced, for the owner to drop outside its lock.
+    retired: Retired,
+}
+
+/// What an applied [`Maintenance`] job replaced (an old graph or snapshot), taken with
+/// [`VectorIndex::take_retired`] so that it is freed outside any lock: freeing a large
+/// graph takes a while. Dropping it frees it.
+#[derive(Default)]
+pub struct Retired(Vec<Box<dyn std::any::Any + Send + Sync>>);
+
+impl fmt::Debug for Retired {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retired")
+            .field("items", &self.0.len())
+            .finish()
+    }
 }
 
 impl fmt::Debug for VectorIndex {
@@ -925,6 +941,7 @@ impl VectorIndex {
             deferred: false,
             job: None,
             dirty: false,
+            retired: Retired::default(),
         })
     }
 
@@ -1043,6 +1060,7 @@ impl VectorIndex {
             };
             let done = job.run();
             self.apply(done);
+            drop(self.take_retired());
         }
     }
 
@@ -1115,6 +1133,8 @@ impl VectorIndex {
             return false;
         }
         self.job = None;
+        // At most one job's leftovers are kept (the owner may never take them).
+        self.retired = Retired::default();
         // A job's element type is the index's: its quantization never changes.
         match (done.done, self.graph.take()) {
             (Done::F32(d), Some(Graph::F32(g))) => self.apply_of(d, Some(g)),
@@ -1147,7 +1167,8 @@ impl VectorIndex {
                         frozen.kill(slot);
                     }
                 }
-                g.frozen = Arc::new(frozen);
+                let old = std::mem::replace(&mut g.frozen, Arc::new(frozen));
+                self.retired.0.push(Box::new(old));
                 self.drop_store_before(end, from);
                 self.graph = Some(T::graph(g));
                 true
@@ -1194,6 +1215,9 @@ impl VectorIndex {
                 self.by_id = by_id;
                 self.oldest = 0;
                 self.graph = new_graph.map(T::graph);
+                if let Some(old) = graph {
+                    self.retired.0.push(Box::new(T::graph(old)));
+                }
                 true
             }
         }
@@ -1210,6 +1234,12 @@ impl VectorIndex {
                 s.drain(..n.min(s.len()));
             }
         }
+    }
+
+    /// What the last [`apply`](Self::apply) replaced, to be dropped outside any lock
+    /// the index is kept under.
+    pub fn take_retired(&mut self) -> Retired {
+        std::mem::take(&mut self.retired)
     }
 
     /// Forgets the job in flight (it failed, or will not be applied): the next
@@ -1344,6 +1374,7 @@ impl VectorIndex {
     pub fn rebuild(&mut self) {
         let done = self.rebuild_job().run();
         self.apply(done);
+        drop(self.take_retired());
     }
 
     /// Up to `k` live vectors most similar to `query`, best first, as (id, cosine

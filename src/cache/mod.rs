@@ -43,7 +43,7 @@ pub use flight::{
     SingleFlight, share_stream,
 };
 pub use guards::{GuardKind, GuardRejection, Guards};
-pub use index::{IndexConfig, Maintenance, MaintenanceDone, Quantization, VectorIndex};
+pub use index::{IndexConfig, Maintenance, MaintenanceDone, Quantization, Retired, VectorIndex};
 pub use key::{CacheKey, CacheQuery, MAX_HISTORY_BYTES, MAX_HISTORY_TURNS};
 pub use layer::{CacheLayer, CacheService};
 pub use memory::{ExactCache, ExactCacheBuilder};

@@ -890,10 +890,12 @@ impl SemanticCache {
         runtime.spawn_blocking(move || {
             let done = std::panic::catch_unwind(AssertUnwindSafe(|| job.run()));
             let mut state = this.write();
+            let mut retired = None;
             if let Some(g) = state.groups.get_mut(&ctx) {
                 match done {
                     Ok(done) => {
                         g.index.apply(done);
+                        retired = Some(g.index.take_retired());
                     }
                     Err(_) => {
                         tracing::warn!(target: "tokenwise::cache", "semantic index maintenance failed; it will rebuild");
@@ -905,6 +907,8 @@ impl SemanticCache {
             // More may have become due while it ran.
             this.maintain_one(&mut state, ctx);
             drop(state);
+            // The replaced graph is freed outside the lock.
+            drop(retired);
             this.inner.maintaining.fetch_sub(1, Ordering::SeqCst);
             this.inner.maintained.notify_waiters();
         });
