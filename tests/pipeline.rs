@@ -437,6 +437,7 @@ async fn a_cut_stream_is_an_error_commits_what_it_used_and_is_not_cached() {
         .unwrap();
     let pipe = builder(&p)
         .spend_cap(ScopeKind::User, Cost::from_dollars(1), BudgetWindow::Day)
+        .stream_recoveries(0) // this is about how a cut is reported
         .build()
         .unwrap();
     let (text, events, err) = collect(pipe.stream(ask("cut me", "ann")).await.unwrap()).await;

@@ -11,7 +11,8 @@
 //! | [`Numbers`](GuardKind::Numbers) | every number (digits or words, ordinals included), date, month, weekday and relative day ("tomorrow", "next week"); their order when the question has a direction ("from … to", "than") |
 //! | [`Entities`](GuardKind::Entities) | every capitalised name or acronym one of them mentions must appear in the other, in the same order when the question has a direction |
 //! | [`Negation`](GuardKind::Negation) | how many negations they carry ("not", "never", "isn't", "without"…), and the side of every polar pair both mention (open/closed, enable/disable, safe/unsafe, un-/dis- prefixes…) |
-//! | [`Scope`](GuardKind::Scope) | their quantifiers and scope words: all/every, only/just, most, both, either, total vs average, always/usually/sometimes/rarely, except, also/including |
+//! | [`Scope`](GuardKind::Scope) | their quantifiers and scope words: all/every, only/just, most, both, either, total vs average, always/usually/sometimes/rarely, except, also/including, past vs present ("previously", "ago"); whose question it is: the person of their pronouns when both have one ("my" vs "your"), and any other party named ("my kids", "our team", "contractors") |
+//! | [`Terms`](GuardKind::Terms) | their content words, up to a small rewording: a content word replaced by another in the same place ("return a blender" / "return a laptop", "sort by key" / "sort by value") refuses, as does a qualifier only one of them has ("…in descending order"); typos, plurals and a small synonym list are forgiven |
 //!
 //! The checks are lexical and cheap (a few microseconds), English-only, and deliberately
 //! conservative: a guard that refuses a true paraphrase costs one provider call, a match
@@ -33,17 +34,23 @@ pub enum GuardKind {
     Entities,
     /// Negation or polarity differs ("open" vs "closed", "is" vs "isn't").
     Negation,
-    /// Quantifiers or scope words differ ("all" vs "only", "total" vs "average").
+    /// Quantifiers or scope words differ ("all" vs "only", "total" vs "average"), or
+    /// whose question it is ("my" vs "your", "my kids").
     Scope,
+    /// A content word of one question is replaced by another in the same place of the
+    /// other ("return a blender" vs "return a laptop"), or one question adds a
+    /// qualifier the other lacks.
+    Terms,
 }
 
 impl GuardKind {
     /// Every guard, in the order they are checked.
-    pub const ALL: [GuardKind; 4] = [
+    pub const ALL: [GuardKind; 5] = [
         GuardKind::Numbers,
         GuardKind::Entities,
         GuardKind::Negation,
         GuardKind::Scope,
+        GuardKind::Terms,
     ];
 
     /// The guard's name, as in metrics and logs.
@@ -53,6 +60,7 @@ impl GuardKind {
             GuardKind::Entities => "entities",
             GuardKind::Negation => "negation",
             GuardKind::Scope => "scope",
+            GuardKind::Terms => "terms",
         }
     }
 }
@@ -105,12 +113,12 @@ impl GuardRejection {
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Guards {
-    on: [bool; 4],
+    on: [bool; 5],
 }
 
 impl Default for Guards {
     fn default() -> Self {
-        Guards { on: [true; 4] }
+        Guards { on: [true; 5] }
     }
 }
 
@@ -122,7 +130,7 @@ impl Guards {
 
     /// Every guard off: semantic matches are served on similarity alone.
     pub fn none() -> Self {
-        Guards { on: [false; 4] }
+        Guards { on: [false; 5] }
     }
 
     /// Turns one guard on or off.
@@ -141,6 +149,17 @@ impl Guards {
     /// `asked` as the same question, with what differed; `None` when every guard that is
     /// on lets the match through.
     pub fn check(&self, stored: &str, asked: &str) -> Option<(GuardKind, String)> {
+        self.check_with(stored, asked)
+    }
+
+    /// Like [`check`](Self::check), for two turns of context a follow-up depends on
+    /// ("I bought a blender last week"), as strictly: a swapped detail in the context
+    /// changes the answer to the follow-up as much as one in the question.
+    pub fn check_context(&self, stored: &str, asked: &str) -> Option<(GuardKind, String)> {
+        self.check_with(stored, asked)
+    }
+
+    fn check_with(&self, stored: &str, asked: &str) -> Option<(GuardKind, String)> {
         if !self.on.iter().any(|b| *b) {
             return None;
         }
@@ -194,6 +213,23 @@ impl Guards {
                     GuardKind::Scope,
                     format!("scope differs: {:?} vs {:?}", a.scope, b.scope),
                 ));
+            }
+            if !a.persons.is_empty() && !b.persons.is_empty() && a.persons != b.persons {
+                return Some((
+                    GuardKind::Scope,
+                    format!("person differs: {:?} vs {:?}", a.persons, b.persons),
+                ));
+            }
+            if a.parties != b.parties {
+                return Some((
+                    GuardKind::Scope,
+                    format!("parties differ: {:?} vs {:?}", a.parties, b.parties),
+                ));
+            }
+        }
+        if self.is_on(GuardKind::Terms) {
+            if let Some(d) = terms_difference(&a.content, &b.content) {
+                return Some((GuardKind::Terms, d));
             }
         }
         None
@@ -278,21 +314,52 @@ struct Features {
     scope: Vec<&'static str>,
     /// Whether the text has a direction ("to", "from", "than", "vs"…).
     directed: bool,
+    /// Grammatical persons of its pronouns ("1s", "1p", "2", "3"), sorted, deduplicated.
+    persons: Vec<&'static str>,
+    /// Other parties the question is about ("kids", "team"), sorted, deduplicated.
+    parties: Vec<&'static str>,
+    /// Content words, normalised (see [`content_word`]), in order.
+    content: Vec<Term>,
 }
 
 impl Features {
     fn of(text: &str) -> Features {
         let toks = tokens(text);
+        // A text in capitals is shouted, not a row of acronyms.
+        let letters = text.chars().filter(|c| c.is_alphabetic()).count();
+        let upper = text.chars().filter(|c| c.is_uppercase()).count();
+        let shouted = letters >= 8 && upper * 10 >= letters * 6;
         let mut f = Features::default();
         for (i, t) in toks.iter().enumerate() {
             let w = t.lower.as_str();
             let next = toks.get(i + 1).map(|t| t.lower.as_str());
+            let prev = i
+                .checked_sub(1)
+                .and_then(|j| toks.get(j))
+                .map(|t| t.lower.as_str());
             f.words.insert(t.lower.clone());
             f.seq.push(t.lower.clone());
-            if DIRECTION.contains(&w) {
+            // "to" gives a direction before a number or a name ("5 to 10", "USD to
+            // EUR"), not as an infinitive ("how much does it cost to charge").
+            let weak = matches!(w, "to" | "into" | "onto" | "toward" | "towards");
+            let names_follow = toks.get(i + 1).is_some_and(|n| {
+                n.raw
+                    .starts_with(|c: char| c.is_ascii_digit() || c.is_uppercase())
+            });
+            if DIRECTION.contains(&w) && (!weak || names_follow) {
                 f.directed = true;
             }
-            if let Some(n) = number_of(w) {
+            let per_period = matches!(w, "one" | "1" | "a" | "an" | "per")
+                .then(|| next.and_then(period_adverb))
+                .flatten();
+            if let Some(adverb) = per_period {
+                f.numbers.push(adverb.to_owned());
+            } else if matches!(w, "am" | "pm") {
+                // a time after a number ("7 am"), else a verb ("am I eligible")
+                if prev.is_some_and(|p| number_of(p).is_some()) {
+                    f.numbers.push(w.to_owned());
+                }
+            } else if let Some(n) = number_of(w) {
                 // "7pm" counts as "7 pm".
                 match ["am", "pm"]
                     .iter()
@@ -306,7 +373,7 @@ impl Features {
                 }
             } else if let Some(d) = date_of(w, next) {
                 f.numbers.push(d.to_owned());
-            } else if is_entity(t) {
+            } else if !shouted && is_entity(t) {
                 f.entities.push(w.to_owned());
             }
             if let Some(n) = negation_of(w) {
@@ -319,13 +386,34 @@ impl Features {
                     f.polar.push((p, 1));
                 }
             }
-            if let Some(class) = scope_of(w) {
+            // "all the time" is "often"; "just started" is "recently".
+            let idiom = (w == "all"
+                && next == Some("the")
+                && toks.get(i + 2).is_some_and(|t| t.lower == "time"))
+                || (w == "just" && next.is_some_and(|n| n.ends_with("ing") || n.ends_with("ed")));
+            if let Some(class) = scope_of(w).filter(|_| !idiom) {
                 f.scope.push(class);
+            }
+            if let Some(p) = person_of(w) {
+                f.persons.push(p);
+            }
+            if let Some(p) = party_of(w) {
+                f.parties.push(p);
+            }
+            if let Some(canon) = content_word(w) {
+                f.content.push(Term {
+                    canon,
+                    raw: w.to_owned(),
+                });
             }
         }
         f.negations.sort_unstable();
         f.scope.sort_unstable();
         f.scope.dedup();
+        f.persons.sort_unstable();
+        f.persons.dedup();
+        f.parties.sort_unstable();
+        f.parties.dedup();
         f
     }
 }
@@ -484,6 +572,18 @@ const PERIODS: &[&str] = &[
     "week", "month", "year", "day", "quarter", "weekend", "time", "season", "semester",
 ];
 
+/// "daily" for "day" (so "one day", "a day" and "per day" read as "daily").
+fn period_adverb(period: &str) -> Option<&'static str> {
+    Some(match period {
+        "hour" => "hourly",
+        "day" => "daily",
+        "week" => "weekly",
+        "month" => "monthly",
+        "year" => "yearly",
+        _ => return None,
+    })
+}
+
 /// The canonical form of a date word: a month, a weekday, a relative day, or "next" /
 /// "last" / "this" before a period.
 fn date_of(w: &str, next: Option<&str>) -> Option<&'static str> {
@@ -503,6 +603,15 @@ fn date_of(w: &str, next: Option<&str>) -> Option<&'static str> {
     }
     if let Some(r) = RELATIVE_DAYS.iter().find(|r| **r == w) {
         return Some(r);
+    }
+    // A typo of a long date word ("wekly", "daaily", "tommorow") is that word.
+    if w.len() >= 5 && w.chars().all(char::is_alphabetic) {
+        let long = |d: &&&str| {
+            d.len() >= 5 && w.len().max(d.len()) >= 6 && edit_distance_at_most_one(w, d)
+        };
+        if let Some(d) = MONTHS.iter().chain(DAYS).chain(RELATIVE_DAYS).find(long) {
+            return Some(d);
+        }
     }
     let period_follows = next.is_some_and(|n| {
         let n = n.strip_suffix('s').unwrap_or(n);
@@ -576,7 +685,9 @@ fn negation_of(w: &str) -> Option<&'static str> {
     const WORDS: &[&str] = &[
         "not", "no", "never", "none", "nobody", "nothing", "nowhere", "neither", "nor", "without",
         "cannot", "cant", "dont", "doesnt", "didnt", "isnt", "arent", "wasnt", "werent", "wont",
-        "wouldnt", "shouldnt", "couldnt", "havent", "hasnt", "hadnt", "aint",
+        "wouldnt", "shouldnt", "couldnt", "havent", "hasnt", "hadnt", "aint", "unable", "avoid",
+        "avoided", "avoiding", "prevent", "prevents", "refuse", "refused", "refuses", "lack",
+        "lacks", "lacking",
     ];
     if WORDS.contains(&w) || w.ends_with("n't") {
         return Some("not");
@@ -683,7 +794,40 @@ const POLAR: &[(Side, Side)] = &[
         &["decrypt", "decrypted", "decryption"],
     ),
     (&["lock", "locked"], &["unlock", "unlocked"]),
-    (&["before", "earlier", "prior"], &["after", "later"]),
+    (
+        &["before", "earlier", "prior", "within"],
+        &["after", "later", "beyond"],
+    ),
+    (
+        &["keep", "keeps", "continue", "continues"],
+        &["stop", "stops", "stopped", "quit"],
+    ),
+    (
+        &[
+            "rent", "rented", "renting", "renter", "tenant", "lease", "leased",
+        ],
+        &["own", "owned", "owner", "mortgage"],
+    ),
+    (
+        &[
+            "order",
+            "ordered",
+            "book",
+            "booked",
+            "reserve",
+            "reserved",
+            "renew",
+            "reactivate",
+        ],
+        &[
+            "cancel",
+            "cancelled",
+            "canceled",
+            "cancellation",
+            "cancelling",
+        ],
+    ),
+    (&["read", "reading"], &["write", "writing", "written"]),
     (&["above"], &["below", "beneath"]),
     (
         &["more", "greater", "higher", "larger", "bigger", "longer"],
@@ -826,8 +970,711 @@ fn scope_of(w: &str) -> Option<&'static str> {
         "except" | "excluding" | "besides" => "except",
         "also" | "too" | "including" | "additionally" => "also",
         "specific" | "particular" | "individual" => "specific",
+        "previously" | "formerly" | "originally" | "ago" | "past" => "past",
         _ => return None,
     })
+}
+
+/// The grammatical person of a pronoun. A "you" that asks the assistant to do
+/// something ("can you tell me…") is not a person the question is about.
+fn person_of(w: &str) -> Option<&'static str> {
+    // Subject pronouns are often generic ("will you still take it back?" asks what
+    // anyone can do); possessives say whose thing it is.
+    Some(match w {
+        "my" | "mine" | "myself" => "1s",
+        "our" | "ours" | "ourselves" => "1p",
+        "your" | "yours" | "yourself" => "2",
+        "his" | "her" | "hers" | "their" | "theirs" | "himself" | "herself" | "themselves" => "3",
+        _ => return None,
+    })
+}
+
+/// Other parties a question can be about: whose answer it is changes with them.
+fn party_of(w: &str) -> Option<&'static str> {
+    const PARTIES: &[(&str, &[&str])] = &[
+        (
+            "child",
+            &[
+                "child",
+                "children",
+                "kid",
+                "kids",
+                "son",
+                "daughter",
+                "toddler",
+                "baby",
+                "babies",
+                "teen",
+                "teens",
+                "teenager",
+                "teenagers",
+                "minor",
+                "minors",
+            ],
+        ),
+        (
+            "parent",
+            &["parent", "parents", "father", "mother", "dad", "mom", "mum"],
+        ),
+        ("partner", &["partner", "spouse", "husband", "wife"]),
+        (
+            "elder",
+            &[
+                "elderly", "older", "senior", "seniors", "retiree", "retirees",
+            ],
+        ),
+        (
+            "colleague",
+            &[
+                "colleague",
+                "colleagues",
+                "coworker",
+                "coworkers",
+                "manager",
+                "boss",
+                "employer",
+                "roommate",
+                "neighbour",
+                "neighbor",
+            ],
+        ),
+        (
+            "group",
+            &[
+                "team",
+                "teams",
+                "group",
+                "family",
+                "household",
+                "households",
+                "everyone",
+                "company",
+                "business",
+                "businesses",
+                "fleet",
+                "class",
+            ],
+        ),
+        (
+            "worker",
+            &[
+                "contractor",
+                "contractors",
+                "intern",
+                "interns",
+                "freelancer",
+                "freelancers",
+            ],
+        ),
+        ("student", &["student", "students"]),
+        ("animal", &["dog", "dogs", "cat", "cats", "pet", "pets"]),
+    ];
+    PARTIES
+        .iter()
+        .find(|(_, words)| words.contains(&w))
+        .map(|(class, _)| *class)
+}
+
+/// Words that carry no content of their own for [`GuardKind::Terms`]: function words,
+/// question frames ("what's the way to"), courtesies, and words the other guards read.
+const STOP: &[&str] = &[
+    "take",
+    "takes",
+    "taking",
+    "took",
+    "repeatedly",
+    "constantly",
+    "continually",
+    "a",
+    "an",
+    "the",
+    "is",
+    "are",
+    "am",
+    "was",
+    "were",
+    "be",
+    "been",
+    "being",
+    "do",
+    "does",
+    "did",
+    "doing",
+    "done",
+    "have",
+    "has",
+    "had",
+    "having",
+    "i",
+    "me",
+    "my",
+    "mine",
+    "myself",
+    "we",
+    "us",
+    "our",
+    "you",
+    "your",
+    "he",
+    "she",
+    "it",
+    "its",
+    "it's",
+    "they",
+    "them",
+    "their",
+    "this",
+    "that",
+    "these",
+    "those",
+    "what",
+    "what's",
+    "whats",
+    "which",
+    "who",
+    "whom",
+    "whose",
+    "when",
+    "where",
+    "why",
+    "how",
+    "can",
+    "could",
+    "would",
+    "should",
+    "will",
+    "shall",
+    "may",
+    "might",
+    "must",
+    "to",
+    "of",
+    "in",
+    "on",
+    "at",
+    "by",
+    "for",
+    "with",
+    "from",
+    "into",
+    "about",
+    "as",
+    "and",
+    "or",
+    "but",
+    "if",
+    "so",
+    "than",
+    "then",
+    "there",
+    "here",
+    "up",
+    "just",
+    "very",
+    "really",
+    "any",
+    "some",
+    "please",
+    "pls",
+    "thanks",
+    "thank",
+    "there's",
+    "i'm",
+    "i've",
+    "i'd",
+    "get",
+    "getting",
+    "got",
+    "way",
+    "ways",
+    "step",
+    "steps",
+    "process",
+    "possible",
+    "able",
+    "okay",
+    "ok",
+    "hi",
+    "hey",
+    "hello",
+    "quick",
+    "question",
+    "um",
+    "hmm",
+    "also",
+    "let",
+    "know",
+    "want",
+    "need",
+    "needed",
+    "needs",
+    "require",
+    "required",
+    "requires",
+    "necessary",
+    "allowed",
+    "permitted",
+    "happen",
+    "happens",
+    "going",
+    "one",
+    "time",
+    "go",
+    "make",
+    "makes",
+    "made",
+    "keep",
+    "keeps",
+    "still",
+    "now",
+    "right",
+    "currently",
+    "asap",
+    "excuse",
+    "simplest",
+    "easiest",
+    "best",
+    "ideal",
+    "good",
+    "okay",
+    "safe",
+    "fine",
+    "sure",
+    "use",
+    "using",
+    "using",
+    "give",
+    "tell",
+    "show",
+    "explain",
+    "recommended",
+    "recommend",
+    "there",
+    "am",
+    "ever",
+    "exactly",
+    "actually",
+    "much",
+    "many",
+    "long",
+    "often",
+    "who",
+    "while",
+    "once",
+    "after",
+    "before",
+    "within",
+    "during",
+    "per",
+    "each",
+    "all",
+    "every",
+    "not",
+    "no",
+    "never",
+    "without",
+    "don't",
+    "doesn't",
+    "can't",
+    "won't",
+    "isn't",
+    "aren't",
+    "didn't",
+    "i'll",
+    "we're",
+    "you're",
+    "yes",
+    "like",
+    "such",
+    "see",
+    "giving",
+    "gave",
+    "given",
+    "come",
+    "comes",
+    "coming",
+    "came",
+];
+
+/// Words of small talk: a turn made only of them ("ok thanks!", "great, got it") is
+/// chatter, which a follow-up does not depend on.
+const CHATTER: &[&str] = &[
+    "ok",
+    "okay",
+    "k",
+    "thanks",
+    "thank",
+    "thx",
+    "ty",
+    "you",
+    "great",
+    "cool",
+    "got",
+    "it",
+    "perfect",
+    "alright",
+    "all",
+    "right",
+    "sounds",
+    "good",
+    "nice",
+    "awesome",
+    "sure",
+    "yes",
+    "yeah",
+    "yep",
+    "a",
+    "lot",
+    "so",
+    "much",
+    "and",
+    "also",
+    "hmm",
+    "um",
+    "well",
+    "fine",
+    "understood",
+    "noted",
+    "one",
+    "more",
+    "thing",
+    "then",
+    "oh",
+    "i",
+    "see",
+    "wow",
+    "excellent",
+    "super",
+    "brilliant",
+    "hi",
+    "hello",
+    "hey",
+    "please",
+    "just",
+    "that",
+    "helps",
+];
+
+/// Whether `text` names a detail an answer can hinge on: a number, date or name.
+pub(crate) fn has_details(text: &str) -> bool {
+    let f = Features::of(text);
+    !f.numbers.is_empty() || !f.entities.is_empty()
+}
+
+/// Whether `text` is small talk only (or empty).
+pub(crate) fn is_chatter(text: &str) -> bool {
+    tokens(text)
+        .iter()
+        .all(|t| CHATTER.contains(&t.lower.as_str()))
+}
+
+/// Openers of a turn that carry nothing: stripped from a follow-up before it is
+/// compared.
+const OPENERS: &[&str] = &[
+    "one more thing",
+    "quick question",
+    "thank you",
+    "excuse me",
+    "got it",
+    "ok",
+    "okay",
+    "thanks",
+    "thx",
+    "great",
+    "cool",
+    "alright",
+    "hmm",
+    "um",
+    "so",
+    "and",
+    "also",
+    "oh",
+    "well",
+    "perfect",
+    "awesome",
+    "nice",
+    "sure",
+    "hi",
+    "hello",
+    "hey",
+];
+
+/// `text` without the small talk it opens with ("ok and how long…", "great. one more
+/// thing: …"), when a question remains.
+pub(crate) fn strip_lead_chatter(text: &str) -> &str {
+    let mut rest = text.trim_start();
+    'outer: loop {
+        let lower = rest.to_lowercase();
+        for o in OPENERS {
+            let whole = lower.starts_with(o)
+                && lower[o.len()..]
+                    .chars()
+                    .next()
+                    .is_some_and(|c| !c.is_alphanumeric() && c != '\'');
+            // Lowercasing keeps these ASCII openers' byte lengths.
+            if whole && rest.is_char_boundary(o.len()) {
+                let after = rest[o.len()..].trim_start_matches(|c: char| {
+                    c.is_whitespace() || matches!(c, ',' | '.' | '!' | ':' | ';' | '-')
+                });
+                if after.len() >= 3 {
+                    rest = after;
+                    continue 'outer;
+                }
+            }
+        }
+        break;
+    }
+    rest
+}
+
+/// Content words whose addition does not qualify a question (compared forms).
+const GENERIC: &[&str] = &[
+    "legal",
+    "lawful",
+    "account",
+    "hour",
+    "city",
+    "item",
+    "detail",
+    "information",
+    "info",
+    "thing",
+    "kind",
+    "type",
+    "option",
+    "procedure",
+    "someone",
+    "anyone",
+    "exact",
+    "precise",
+    "actual",
+    "current",
+    "general",
+    "overall",
+    "specific",
+    "common",
+    "usual",
+    "normal",
+    "typical",
+];
+
+/// Words that mean the same for [`GuardKind::Terms`], by their shared form.
+const SYNONYMS: &[(&str, &[&str])] = &[
+    ("kg", &["kilogram", "kilo", "kilos"]),
+    ("lb", &["pound", "lbs"]),
+    ("mg", &["milligram"]),
+    ("period", &["season", "month"]),
+    ("available", &["stock", "availability"]),
+    (
+        "buy",
+        &["purchase", "purchased", "bought", "order", "ordered"],
+    ),
+    (
+        "max",
+        &["maximum", "highest", "most", "top", "largest", "biggest"],
+    ),
+    ("min", &["minimum", "lowest", "least", "smallest"]),
+    (
+        "apply",
+        &["sign", "signup", "request", "register", "enroll", "enrol"],
+    ),
+    (
+        "cost",
+        &[
+            "price", "priced", "costs", "fee", "fees", "charge", "pay", "paid",
+        ],
+    ),
+    ("start", &["begin", "launch", "boot", "startup"]),
+    ("fix", &["repair", "resolve", "troubleshoot"]),
+    ("help", &["assist", "support"]),
+    ("choose", &["pick", "select"]),
+    ("big", &["large", "huge"]),
+    ("small", &["little", "tiny"]),
+    ("car", &["vehicle", "auto"]),
+    ("shop", &["store"]),
+    ("cancel", &["terminate", "end"]),
+    ("remove", &["delete", "drop", "dedupe"]),
+    ("bag", &["baggage", "luggage", "suitcase"]),
+    ("tire", &["tyre"]),
+    ("enable", &["turn", "switch", "activate"]),
+    (
+        "trip",
+        &[
+            "travel",
+            "travelling",
+            "traveling",
+            "visit",
+            "journey",
+            "holiday",
+            "vacation",
+        ],
+    ),
+    ("return", &["back", "refund"]),
+    ("work", &["job", "employment"]),
+    ("quit", &["resign", "resigning", "leave"]),
+    ("doctor", &["physician", "gp"]),
+    ("phone", &["mobile", "cellphone"]),
+    ("money", &["funds", "cash"]),
+    ("exam", &["test", "final", "midterm"]),
+    ("study", &["revise", "prepare", "learn"]),
+    ("dose", &["dosage", "amount"]),
+    ("drink", &["alcohol", "beer", "wine"]),
+];
+
+/// The form a content word is compared in, or `None` for a word without content of
+/// its own. Plurals and possessives fold to the singular; listed synonyms to one form.
+fn content_word(w: &str) -> Option<String> {
+    if w.len() < 2 || STOP.contains(&w) || w.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    // A typo of a function word ("wiithin", "atfer") is that word.
+    if w.len() >= 5
+        && STOP
+            .iter()
+            .any(|s| s.len() >= 5 && edit_distance_at_most_one(w, s))
+    {
+        return None;
+    }
+    if number_of(w).is_some() || date_of(w, None).is_some() {
+        return None; // the numbers guard reads them
+    }
+    let singular = if w.len() > 4 && w.ends_with("ies") {
+        format!("{}y", &w[..w.len() - 3])
+    } else if w.len() > 3 && w.ends_with('s') && !w.ends_with("ss") && !w.ends_with("us") {
+        w[..w.len() - 1].to_owned()
+    } else {
+        w.to_owned()
+    };
+    let stemmed = stem(&singular);
+    for (canon, words) in SYNONYMS {
+        if *canon == singular
+            || words.contains(&singular.as_str())
+            || words.contains(&w)
+            || words.iter().any(|x| stem(x) == stemmed)
+        {
+            return Some((*canon).to_owned());
+        }
+    }
+    Some(stem(&singular).to_owned())
+}
+
+/// A light stem: "charging", "charged" and "charge" are one word.
+fn stem(w: &str) -> &str {
+    for suffix in ["ing", "ed", "e"] {
+        if let Some(s) = w.strip_suffix(suffix) {
+            if s.len() >= 3 {
+                return s;
+            }
+        }
+    }
+    w
+}
+
+/// Whether two content words are the same up to a typo, an inflection or one being a
+/// stem of the other ("bag" / "baggage", "authentication" / "authnetication").
+fn same_word(a: &str, b: &str) -> bool {
+    if a == b {
+        return true;
+    }
+    let (short, long) = if a.len() <= b.len() { (a, b) } else { (b, a) };
+    if short.len() >= 3 && long.starts_with(short) && long.len() - short.len() <= 4 {
+        return true;
+    }
+    long.len() >= 5 && short.len() >= 4 && edit_distance_at_most_one(a, b)
+}
+
+/// A content word: its compared form and the word as written.
+#[derive(Debug)]
+struct Term {
+    canon: String,
+    raw: String,
+}
+
+impl Term {
+    fn same(&self, other: &Term) -> bool {
+        same_word(&self.canon, &other.canon)
+            || same_word(&self.raw, &other.raw)
+            || stem(&self.raw) == stem(&other.raw)
+    }
+}
+
+/// Damerau–Levenshtein distance ≤ 1 (one insertion, deletion, substitution or swap of
+/// neighbours).
+fn edit_distance_at_most_one(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    if a.len().abs_diff(b.len()) > 1 {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() && i < b.len() && a[i] == b[i] {
+        i += 1;
+    }
+    if i == a.len() && i == b.len() {
+        return true;
+    }
+    let rest = |x: &[char], y: &[char]| x == y;
+    if a.len() == b.len() {
+        rest(&a[i + 1..], &b[i + 1..])
+            || (i + 1 < a.len()
+                && a[i] == b[i + 1]
+                && a[i + 1] == b[i]
+                && rest(&a[i + 2..], &b[i + 2..]))
+    } else if a.len() > b.len() {
+        rest(&a[i + 1..], &b[i..])
+    } else {
+        rest(&a[i..], &b[i + 1..])
+    }
+}
+
+/// Content words at most this many apart on either side are compared word by word;
+/// more is a rewording that the similarity judges.
+const MAX_TERM_DIFFERENCE: usize = 2;
+
+/// A substituted or added content word between two questions, if any.
+fn terms_difference(a: &[Term], b: &[Term]) -> Option<String> {
+    // The words of each without a counterpart in the other (typos forgiven).
+    let mut only_a: Vec<usize> = Vec::new();
+    let mut used = vec![false; b.len()];
+    for (i, w) in a.iter().enumerate() {
+        match (0..b.len()).find(|&j| !used[j] && w.same(&b[j])) {
+            Some(j) => used[j] = true,
+            None => only_a.push(i),
+        }
+    }
+    // A word said twice in one question is matched by one mention in the other.
+    only_a.retain(|&i| !b.iter().any(|t| a[i].same(t)));
+    let only_b: Vec<usize> = (0..b.len())
+        .filter(|&j| !used[j] && !a.iter().any(|t| b[j].same(t)))
+        .collect();
+    if only_a.len() > MAX_TERM_DIFFERENCE || only_b.len() > MAX_TERM_DIFFERENCE {
+        return None;
+    }
+    // A substitution: words in the same place, with a neighbour in common.
+    for &i in &only_a {
+        for &j in &only_b {
+            let before = i > 0 && j > 0 && a[i - 1].same(&b[j - 1]);
+            let after = i + 1 < a.len() && j + 1 < b.len() && a[i + 1].same(&b[j + 1]);
+            // or the same place in two questions of as many content words
+            let same_place = a.len() == b.len() && i == j;
+            if before || after || same_place {
+                return Some(format!("`{}` replaced by `{}`", a[i].raw, b[j].raw));
+            }
+        }
+    }
+    // A qualifier only one of them has (words that name the question's own subject
+    // more fully, such as "hours" in "opening hours", are no qualifier).
+    let qualifier = |t: &Term| !GENERIC.contains(&t.canon.as_str());
+    match (only_a.as_slice(), only_b.as_slice()) {
+        ([], added) if !a.is_empty() => added
+            .iter()
+            .find(|j| qualifier(&b[**j]))
+            .map(|j| format!("`{}` only in the asked question", b[*j].raw)),
+        (added, []) if !b.is_empty() => added
+            .iter()
+            .find(|i| qualifier(&a[**i]))
+            .map(|i| format!("`{}` only in the stored question", a[*i].raw)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -931,6 +1778,114 @@ mod tests {
     }
 
     #[test]
+    fn terms_persons_parties_and_antonyms_are_refused() {
+        use GuardKind::*;
+        for (a, b, kind) in [
+            (
+                "Can I return a blender after 30 days?",
+                "Can I return a laptop after 30 days?",
+                Terms,
+            ),
+            (
+                "How do I sort a map by key in Go?",
+                "How do I sort a map by value in Go?",
+                Terms,
+            ),
+            (
+                "How do I remove duplicates from a list in Rust?",
+                "How do I remove duplicates from a list in Rust asynchronously?",
+                Terms,
+            ),
+            (
+                "How do I reset my password?",
+                "How do I reset your password?",
+                Scope,
+            ),
+            (
+                "Can I take ibuprofen with alcohol?",
+                "Can my kids take ibuprofen with alcohol?",
+                Scope,
+            ),
+            (
+                "Is it safe to eat before surgery?",
+                "Should I avoid eating before surgery?",
+                Negation,
+            ),
+            (
+                "Can I get a refund within 30 days?",
+                "Can I get a refund after 30 days?",
+                Negation,
+            ),
+            (
+                "Why does Slack keep crashing?",
+                "Why did Slack stop crashing?",
+                Negation,
+            ),
+            (
+                "How do I read a file in Go?",
+                "How do I write a file in Go?",
+                Negation,
+            ),
+            (
+                "What did this cost previously?",
+                "What does this cost?",
+                Scope,
+            ),
+        ] {
+            assert_eq!(rejects(a, b), Some(kind), "{a} / {b}");
+            assert_eq!(rejects(b, a), Some(kind), "{b} / {a}");
+        }
+    }
+
+    #[test]
+    fn typos_plurals_synonyms_and_shouting_are_forgiven() {
+        for (a, b) in [
+            (
+                "How do I turn on two-factor authentication?",
+                "how do i turn on two-factor authnetication",
+            ),
+            (
+                "What is the weekly study time?",
+                "what is the wekly study time",
+            ),
+            (
+                "Can I bring a suitcase on Delta?",
+                "Can I bring a sutcase on Delta?",
+            ),
+            (
+                "Where do I replace my payment card for Figma?",
+                "HI, WHERE DO I REPLACE MY PAYMNT CARD FOR FIGMA?",
+            ),
+            (
+                "What is the maximum daily dose?",
+                "What's the highest daily dose?",
+            ),
+            (
+                "How much does it cost to charge a Leaf at home?",
+                "Charging a Leaf at home: how much does it cost?",
+            ),
+            (
+                "Can I transfer my credits to Oakridge College thank you?",
+                "Can I transfer my credits to Oakridge College?",
+            ),
+            (
+                "Why does Zoom crash all the time?",
+                "Why does Zoom keep crashing?",
+            ),
+        ] {
+            assert_eq!(rejects(a, b), None, "{a} / {b}");
+            assert_eq!(rejects(b, a), None, "{b} / {a}");
+        }
+        assert!(edit_distance_at_most_one(
+            "authentication",
+            "authnetication"
+        ));
+        assert!(edit_distance_at_most_one("within", "wiithin"));
+        assert!(!edit_distance_at_most_one("blender", "laptop"));
+        assert!(!edit_distance_at_most_one("read", "write"));
+    }
+
+    #[test]
     fn tokens_keep_numbers_and_contractions_whole() {
         let t: Vec<String> = tokens("It isn't 3.5, it's 1,000 at 10:30 on 2026-05-01.")
             .into_iter()
@@ -962,6 +1917,12 @@ mod tests {
     fn guards_can_be_turned_off_one_by_one() {
         let g = Guards::default().with(GuardKind::Negation, false);
         assert!(!g.is_on(GuardKind::Negation));
+        // the terms guard sees the replaced word too
+        assert_eq!(
+            g.check("Is it open?", "Is it closed?").map(|(k, _)| k),
+            Some(GuardKind::Terms)
+        );
+        let g = g.with(GuardKind::Terms, false);
         assert!(g.check("Is it open?", "Is it closed?").is_none());
         assert!(g.check("3 apples", "4 apples").is_some());
         assert!(Guards::none().check("Paris", "Rome").is_none());

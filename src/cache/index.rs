@@ -5,6 +5,7 @@ use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 
 use anndists::dist::Distance;
 use bytemuck::Pod;
@@ -105,8 +106,8 @@ impl IndexConfig {
 
     fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::Config(format!("vector index: {m}")));
-        if self.capacity == 0 {
-            return bad("capacity must be at least 1");
+        if self.capacity == 0 || self.capacity >= u32::MAX as usize {
+            return bad("capacity must be at least 1 and below 2^32");
         }
         if !(2..=64).contains(&self.max_connections) {
             return bad("max_connections must be between 2 and 64");
@@ -153,32 +154,40 @@ fn quantize(v: &[f32]) -> Vec<i8> {
     code_of(v).0
 }
 
-/// A stored byte code back as a unit vector.
-fn dequantize(c: &[i8]) -> Vec<f32> {
-    let n = (dot_codes(c, c) as f32).sqrt();
-    if n == 0.0 {
-        return vec![0.0; c.len()];
-    }
-    c.iter().map(|x| f32::from(*x) / n).collect()
-}
-
-/// Vectors by slot, in flat mode.
+/// Vectors by slot: every vector in flat mode, the delta (slots from the snapshot's
+/// end on) in graph mode.
 enum Store {
     F32(Vec<f32>),
     I8(Vec<i8>),
 }
 
-enum Graph {
-    F32(Hnsw<'static, f32, DotF32>, Option<Frozen<f32>>),
-    I8(Hnsw<'static, i8, DotI8>, Option<Frozen<i8>>),
+/// The graph of one element type: hnsw_rs's graph, extended and rebuilt by maintenance
+/// only, and the read-only copy that searches walk. Both are shared with a maintenance
+/// job in flight, so that searches go on while it runs.
+struct GraphState<T: Elem> {
+    hnsw: Arc<Hnsw<'static, T, T::Dist>>,
+    frozen: Arc<Frozen<T>>,
 }
 
-/// Vectors inserted into the graph since its snapshot was taken, at most this many;
-/// they are scanned exactly on every search.
+enum Graph {
+    F32(GraphState<f32>),
+    I8(GraphState<i8>),
+}
+
+/// Vectors inserted since the graph's snapshot that start maintenance: they are
+/// scanned exactly on every search until a snapshot takes them in.
 const MAX_DELTA: usize = 2_048;
 
 /// A vector component the index can store.
 trait Elem: Pod + Send + Sync + 'static {
+    /// The graph's distance on this type.
+    type Dist: Distance<Self> + Default + Send + Sync + 'static;
+    /// The flat store of this type, if `store` holds it.
+    fn store(store: &Store) -> Option<&[Self]>;
+    /// Wraps a graph of this type.
+    fn graph(g: GraphState<Self>) -> Graph;
+    /// Wraps a flat store of this type.
+    fn wrap_store(v: Vec<Self>) -> Store;
     fn sim(a: &[Self], b: &[Self]) -> f32;
     /// [`sim`](Self::sim) to one query, with what depends on the query alone worked
     /// out once.
@@ -189,6 +198,19 @@ trait Elem: Pod + Send + Sync + 'static {
 }
 
 impl Elem for f32 {
+    type Dist = DotF32;
+    fn store(store: &Store) -> Option<&[f32]> {
+        match store {
+            Store::F32(s) => Some(s),
+            Store::I8(_) => None,
+        }
+    }
+    fn graph(g: GraphState<f32>) -> Graph {
+        Graph::F32(g)
+    }
+    fn wrap_store(v: Vec<f32>) -> Store {
+        Store::F32(v)
+    }
     fn sim(a: &[f32], b: &[f32]) -> f32 {
         dot(a, b)
     }
@@ -201,6 +223,19 @@ impl Elem for f32 {
 }
 
 impl Elem for i8 {
+    type Dist = DotI8;
+    fn store(store: &Store) -> Option<&[i8]> {
+        match store {
+            Store::I8(s) => Some(s),
+            Store::F32(_) => None,
+        }
+    }
+    fn graph(g: GraphState<i8>) -> Graph {
+        Graph::I8(g)
+    }
+    fn wrap_store(v: Vec<i8>) -> Store {
+        Store::I8(v)
+    }
     fn sim(a: &[i8], b: &[i8]) -> f32 {
         dot_i8(a, b)
     }
@@ -287,8 +322,9 @@ struct Frozen<T: Elem> {
     /// Dense index by slot (`u32::MAX`: not in the copy).
     dense_of: Vec<u32>,
     /// Tombstones by dense index, one bit each: checked for every candidate, so kept
-    /// next to the walk rather than behind a slot lookup.
-    dead: Vec<u64>,
+    /// next to the walk rather than behind a slot lookup. Atomic, so that a removal
+    /// marks the copy while a maintenance job shares it.
+    dead: Box<[AtomicU64]>,
 }
 
 impl<T: Elem> Frozen<T> {
@@ -358,10 +394,11 @@ impl<T: Elem> Frozen<T> {
         })();
         let mut dead = vec![0u64; points.len().div_ceil(64)];
         for (i, slot) in slot_of.iter().enumerate() {
-            if tombstones.get(*slot as usize).copied().unwrap_or(true) {
+            if tombstones.get(*slot as usize).copied().unwrap_or(false) {
                 dead[i / 64] |= 1 << (i % 64);
             }
         }
+        let dead: Box<[AtomicU64]> = dead.into_iter().map(AtomicU64::new).collect();
         Some(Frozen {
             dense_of: dense,
             dead,
@@ -391,10 +428,10 @@ impl<T: Elem> Frozen<T> {
     }
 
     /// Marks `slot` dead in the copy (if it is in it).
-    fn kill(&mut self, slot: usize) {
+    fn kill(&self, slot: usize) {
         if let Some(&d) = self.dense_of.get(slot) {
-            if let Some(w) = self.dead.get_mut(d as usize / 64) {
-                *w |= 1 << (d % 64);
+            if let Some(w) = self.dead.get(d as usize / 64) {
+                w.fetch_or(1 << (d % 64), AtomicOrdering::Relaxed);
             }
         }
     }
@@ -402,7 +439,12 @@ impl<T: Elem> Frozen<T> {
     fn is_dead(&self, i: u32) -> bool {
         self.dead
             .get(i as usize / 64)
-            .is_none_or(|w| w >> (i % 64) & 1 == 1)
+            .is_none_or(|w| w.load(AtomicOrdering::Relaxed) >> (i % 64) & 1 == 1)
+    }
+
+    /// Points in the copy (dead ones included).
+    fn points(&self) -> usize {
+        self.slots.len()
     }
 
     fn layer0(&self, i: u32) -> &[u32] {
@@ -561,6 +603,10 @@ impl<T: Elem> Frozen<T> {
 /// Layers of the graph (hnsw_rs's maximum).
 const GRAPH_LAYERS: usize = 16;
 
+/// Ids of maintenance jobs, unique in the process: a job's result is applied only to
+/// the index that started it, and only if nothing has superseded it since.
+static NEXT_JOB: AtomicU64 = AtomicU64::new(1);
+
 /// A set of unit vectors under caller-chosen `u64` ids, searched by cosine similarity.
 ///
 /// Below [`IndexConfig::graph_from`] vectors a search scans them all (exact); from there
@@ -569,6 +615,21 @@ const GRAPH_LAYERS: usize = 16;
 /// delete, so removal marks a tombstone that searches skip; once tombstones outnumber
 /// live vectors the index is rebuilt from the live ones. Past
 /// [`capacity`](IndexConfig::capacity) an insert evicts the oldest vector.
+///
+/// # Maintenance
+///
+/// An insert only appends to a *delta* that searches scan exactly. The heavy work, all
+/// of it [maintenance](Maintenance), comes in three kinds: building the graph once the
+/// set reaches `graph_from`, linking a full delta (2,048 vectors) into the graph and
+/// taking a new snapshot of it, and rebuilding without tombstones. By default it runs
+/// inside the `insert` or `remove` that calls for it. After
+/// [`defer_maintenance`](Self::defer_maintenance) it never does: the owner takes the
+/// job with [`maintenance`](Self::maintenance), [runs](Maintenance::run) it anywhere
+/// (it holds no borrow of the index, so searches and inserts go on meanwhile) and
+/// [applies](Self::apply) the result, a swap of shared pointers plus work linear in
+/// the slots (no vector copied). A [`SemanticCache`](super::SemanticCache) does so on a
+/// blocking thread. One job is in flight at a time, so memory stays bounded: at most
+/// one extra snapshot while a job runs.
 ///
 /// ```
 /// use tokenwise::cache::{IndexConfig, VectorIndex};
@@ -596,6 +657,29 @@ pub struct VectorIndex {
     /// the snapshot's `upto` on.
     store: Store,
     graph: Option<Graph>,
+    /// Maintenance runs only when asked for (see [`Maintenance`]).
+    deferred: bool,
+    /// The job in flight, if any.
+    job: Option<u64>,
+    /// The graph may hold points its snapshot does not (a job failed part way): the
+    /// next job rebuilds.
+    dirty: bool,
+    /// What the last applied job replaced, for the owner to drop outside its lock.
+    retired: Retired,
+}
+
+/// What an applied [`Maintenance`] job replaced (an old graph or snapshot), taken with
+/// [`VectorIndex::take_retired`] so that it is freed outside any lock: freeing a large
+/// graph takes a while. Dropping it frees it.
+#[derive(Default)]
+pub struct Retired(Vec<Box<dyn std::any::Any + Send + Sync>>);
+
+impl fmt::Debug for Retired {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retired")
+            .field("items", &self.0.len())
+            .finish()
+    }
 }
 
 impl fmt::Debug for VectorIndex {
@@ -605,8 +689,233 @@ impl fmt::Debug for VectorIndex {
             .field("live", &self.live)
             .field("tombstones", &self.tombstones())
             .field("graph", &self.graph.is_some())
+            .field("delta", &self.delta())
             .field("config", &self.config)
             .finish()
+    }
+}
+
+/// Heavy work on a [`VectorIndex`], taken from it by
+/// [`VectorIndex::maintenance`]: it owns what it needs (shared pointers to the graph
+/// and its snapshot, a copy of the delta and of the slot table), so it can run on
+/// another thread while the index is searched and written.
+#[must_use = "a maintenance job does nothing until it is run and applied"]
+pub struct Maintenance {
+    job: u64,
+    work: Work,
+}
+
+impl fmt::Debug for Maintenance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.work {
+            Work::F32(w) => w.kind(),
+            Work::I8(w) => w.kind(),
+        };
+        f.debug_struct("Maintenance")
+            .field("job", &self.job)
+            .field("kind", &kind)
+            .finish()
+    }
+}
+
+/// The result of a [`Maintenance`] job, for [`VectorIndex::apply`].
+#[must_use = "a finished job changes nothing until applied"]
+pub struct MaintenanceDone {
+    job: u64,
+    done: Done,
+}
+
+impl fmt::Debug for MaintenanceDone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MaintenanceDone")
+            .field("job", &self.job)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Work {
+    F32(WorkOf<f32>),
+    I8(WorkOf<i8>),
+}
+
+enum Done {
+    F32(DoneOf<f32>),
+    I8(DoneOf<i8>),
+}
+
+/// What a job needs.
+enum WorkOf<T: Elem> {
+    /// Link the delta (slots `from..end`) into the graph, then snapshot it.
+    Extend {
+        hnsw: Arc<Hnsw<'static, T, T::Dist>>,
+        from: usize,
+        end: usize,
+        delta: Vec<T>,
+    },
+    /// Rebuild from the live vectors of slots `..end`: the snapshot's and the delta's
+    /// (slots `delta_from..end`).
+    Rebuild {
+        frozen: Option<Arc<Frozen<T>>>,
+        delta_from: usize,
+        delta: Vec<T>,
+        ids: Vec<u64>,
+        dead: Vec<bool>,
+        end: usize,
+        dims: usize,
+        config: IndexConfig,
+    },
+}
+
+enum DoneOf<T: Elem> {
+    Extend {
+        frozen: Option<Frozen<T>>,
+        end: usize,
+    },
+    Rebuild {
+        /// The new graph, or `None` for a flat store of `flat`.
+        graph: Option<GraphState<T>>,
+        flat: Vec<T>,
+        /// Old slot by new slot.
+        old_slot: Vec<usize>,
+        ids: Vec<u64>,
+        by_id: HashMap<u64, usize>,
+        end: usize,
+    },
+}
+
+impl<T: Elem> WorkOf<T> {
+    fn kind(&self) -> &'static str {
+        match self {
+            WorkOf::Extend { .. } => "extend",
+            WorkOf::Rebuild { .. } => "rebuild",
+        }
+    }
+
+    fn run(self) -> DoneOf<T> {
+        match self {
+            WorkOf::Extend {
+                hnsw,
+                from,
+                end,
+                delta,
+            } => {
+                let dims = delta.len() / (end - from).max(1);
+                let data: Vec<(&[T], usize)> = delta
+                    .chunks_exact(dims.max(1))
+                    .enumerate()
+                    .map(|(i, v)| (v, from + i))
+                    .collect();
+                hnsw.parallel_insert_slice(&data);
+                // Tombstones are applied when the result is: they may change meanwhile.
+                DoneOf::Extend {
+                    frozen: Frozen::take(&hnsw, end, &[]),
+                    end,
+                }
+            }
+            WorkOf::Rebuild {
+                frozen,
+                delta_from,
+                delta,
+                ids,
+                dead,
+                end,
+                dims,
+                config,
+            } => {
+                let live = |slot: usize| slot < end && !dead.get(slot).copied().unwrap_or(true);
+                let mut kept: Vec<(usize, &[T])> = Vec::new();
+                if let Some(f) = &frozen {
+                    for i in 0..f.points() {
+                        let i = i as u32;
+                        let slot = f.slot(i);
+                        if slot < delta_from && live(slot) {
+                            kept.push((slot, f.vector(i)));
+                        }
+                    }
+                }
+                for (i, v) in delta.chunks_exact(dims).enumerate() {
+                    if live(delta_from + i) {
+                        kept.push((delta_from + i, v));
+                    }
+                }
+                // Oldest first, so that eviction stays oldest-first.
+                kept.sort_unstable_by_key(|(slot, _)| *slot);
+                let n = kept.len();
+                let old_slot: Vec<usize> = kept.iter().map(|(s, _)| *s).collect();
+                let new_ids: Vec<u64> = old_slot.iter().map(|s| ids[*s]).collect();
+                let by_id = new_ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+                let flat = |kept: &[(usize, &[T])]| {
+                    let mut flat = Vec::with_capacity(kept.len() * dims);
+                    for (_, v) in kept {
+                        flat.extend_from_slice(v);
+                    }
+                    flat
+                };
+                let graph = if n >= config.graph_from {
+                    let hint = n
+                        .saturating_mul(2)
+                        .max(config.graph_from)
+                        .min(config.capacity.max(1));
+                    let hnsw = Hnsw::new(
+                        config.max_connections,
+                        hint,
+                        GRAPH_LAYERS,
+                        config.ef_construction,
+                        T::Dist::default(),
+                    );
+                    let data: Vec<(&[T], usize)> = kept
+                        .iter()
+                        .enumerate()
+                        .map(|(slot, (_, v))| (*v, slot))
+                        .collect();
+                    hnsw.parallel_insert_slice(&data);
+                    Frozen::take(&hnsw, n, &[]).map(|f| GraphState {
+                        hnsw: Arc::new(hnsw),
+                        frozen: Arc::new(f),
+                    })
+                } else {
+                    None
+                };
+                // No snapshot could be taken (more points than u32 counts): stay flat.
+                let flat = if graph.is_none() {
+                    flat(&kept)
+                } else {
+                    Vec::new()
+                };
+                DoneOf::Rebuild {
+                    graph,
+                    flat,
+                    old_slot,
+                    ids: new_ids,
+                    by_id,
+                    end,
+                }
+            }
+        }
+    }
+}
+
+impl Maintenance {
+    /// Does the work: links vectors into the graph or rebuilds it, and takes a
+    /// snapshot. Takes time (a graph of n vectors costs about n inserts, spread over
+    /// rayon's threads); holds no lock.
+    pub fn run(self) -> MaintenanceDone {
+        let done = match self.work {
+            Work::F32(w) => Done::F32(w.run()),
+            Work::I8(w) => Done::I8(w.run()),
+        };
+        MaintenanceDone {
+            job: self.job,
+            done,
+        }
+    }
+
+    /// Whether the job rebuilds the whole index (rather than linking a delta into it).
+    pub fn is_rebuild(&self) -> bool {
+        matches!(
+            &self.work,
+            Work::F32(WorkOf::Rebuild { .. }) | Work::I8(WorkOf::Rebuild { .. })
+        )
     }
 }
 
@@ -629,6 +938,10 @@ impl VectorIndex {
             oldest: 0,
             store: Self::empty_store(config.quantization),
             graph: None,
+            deferred: false,
+            job: None,
+            dirty: false,
+            retired: Retired::default(),
         })
     }
 
@@ -675,9 +988,22 @@ impl VectorIndex {
         self.graph.is_some()
     }
 
+    /// Vectors (live or not) that searches scan exactly: every one in flat mode, those
+    /// inserted since the graph's snapshot in graph mode.
+    pub fn delta(&self) -> usize {
+        self.ids.len() - self.store_from()
+    }
+
     /// Whether `id` is live.
     pub fn contains(&self, id: u64) -> bool {
         self.by_id.contains_key(&id)
+    }
+
+    /// Stops running maintenance inside `insert` and `remove`: the owner takes it with
+    /// [`maintenance`](Self::maintenance) instead (see [the type's
+    /// docs](Self#maintenance)).
+    pub fn defer_maintenance(&mut self) {
+        self.deferred = true;
     }
 
     fn check(&self, v: &[f32]) -> Result<()> {
@@ -700,7 +1026,7 @@ impl VectorIndex {
     /// index was at capacity.
     pub fn insert(&mut self, id: u64, v: &[f32]) -> Result<Option<u64>> {
         self.check(v)?;
-        self.remove(id);
+        self.remove_only(id);
         let mut evicted = None;
         if self.live >= self.config.capacity {
             evicted = self.evict_oldest();
@@ -710,13 +1036,8 @@ impl VectorIndex {
         self.dead.push(false);
         self.by_id.insert(id, slot);
         self.live += 1;
-        match &self.graph {
-            Some(Graph::F32(g, _)) => g.insert_slice((v, slot)),
-            Some(Graph::I8(g, _)) => g.insert_slice((&quantize(v), slot)),
-            None => {}
-        }
         self.push_store(v);
-        self.after_insert();
+        self.maintain_inline();
         Ok(evicted)
     }
 
@@ -727,32 +1048,206 @@ impl VectorIndex {
         }
     }
 
-    /// Moves to the graph once large enough; refreshes the graph's snapshot once the
-    /// delta is full.
-    fn after_insert(&mut self) {
+    /// Runs due maintenance here, unless it is deferred.
+    fn maintain_inline(&mut self) {
+        if self.deferred {
+            return;
+        }
+        // A rebuild may leave a delta due for a snapshot: at most two jobs.
+        for _ in 0..2 {
+            let Some(job) = self.maintenance() else {
+                return;
+            };
+            let done = job.run();
+            self.apply(done);
+            drop(self.take_retired());
+        }
+    }
+
+    /// What maintenance is due, if any and none is in flight: building the graph, a
+    /// snapshot of a full delta, or a rebuild once tombstones outnumber live vectors
+    /// (and number at least 64). The index is usable meanwhile; a job taken and never
+    /// applied blocks later ones until [`abandon_maintenance`](Self::abandon_maintenance).
+    pub fn maintenance(&mut self) -> Option<Maintenance> {
+        if self.job.is_some() {
+            return None;
+        }
         let slots = self.ids.len();
-        match &mut self.graph {
-            None if slots >= self.config.graph_from => self.rebuild(),
-            None => {}
-            Some(graph) => {
-                let upto = match graph {
-                    Graph::F32(_, f) => f.as_ref().map_or(0, |f| f.upto),
-                    Graph::I8(_, f) => f.as_ref().map_or(0, |f| f.upto),
+        let dead = self.tombstones();
+        let rebuild = self.dirty
+            || (dead >= 64 && dead > self.live)
+            || (self.graph.is_none() && slots >= self.config.graph_from);
+        let extend = self.graph.is_some() && self.delta() >= MAX_DELTA;
+        if !rebuild && !extend {
+            return None;
+        }
+        Some(self.start(rebuild))
+    }
+
+    fn start(&mut self, rebuild: bool) -> Maintenance {
+        let job = NEXT_JOB.fetch_add(1, AtomicOrdering::Relaxed);
+        self.job = Some(job);
+        self.dirty = false;
+        let work = match &self.graph {
+            Some(Graph::F32(g)) => Work::F32(self.work_of(Some(g), rebuild)),
+            Some(Graph::I8(g)) => Work::I8(self.work_of(Some(g), rebuild)),
+            None => match self.config.quantization {
+                Quantization::None => Work::F32(self.work_of::<f32>(None, true)),
+                Quantization::Int8 => Work::I8(self.work_of::<i8>(None, true)),
+            },
+        };
+        Maintenance { job, work }
+    }
+
+    fn work_of<T: Elem>(&self, g: Option<&GraphState<T>>, rebuild: bool) -> WorkOf<T> {
+        let from = self.store_from();
+        let end = self.ids.len();
+        let delta = T::store(&self.store).unwrap_or(&[]).to_vec();
+        match g {
+            Some(g) if !rebuild => WorkOf::Extend {
+                hnsw: Arc::clone(&g.hnsw),
+                from,
+                end,
+                delta,
+            },
+            _ => WorkOf::Rebuild {
+                frozen: g.map(|g| Arc::clone(&g.frozen)),
+                delta_from: from,
+                delta,
+                ids: self.ids.clone(),
+                dead: self.dead.clone(),
+                end,
+                dims: self.dims,
+                config: self.config,
+            },
+        }
+    }
+
+    /// Applies a finished job: the new snapshot or graph replaces the old one, with
+    /// every insert and removal made while the job ran. Returns false (and changes
+    /// nothing) for a job this index did not start or that was superseded by
+    /// [`clear`](Self::clear), [`rebuild`](Self::rebuild) or
+    /// [`abandon_maintenance`](Self::abandon_maintenance).
+    pub fn apply(&mut self, done: MaintenanceDone) -> bool {
+        if self.job != Some(done.job) {
+            return false;
+        }
+        self.job = None;
+        // At most one job's leftovers are kept (the owner may never take them).
+        self.retired = Retired::default();
+        // A job's element type is the index's: its quantization never changes.
+        match (done.done, self.graph.take()) {
+            (Done::F32(d), Some(Graph::F32(g))) => self.apply_of(d, Some(g)),
+            (Done::F32(d), None) => self.apply_of::<f32>(d, None),
+            (Done::I8(d), Some(Graph::I8(g))) => self.apply_of(d, Some(g)),
+            (Done::I8(d), None) => self.apply_of::<i8>(d, None),
+            (_, other) => {
+                self.graph = other;
+                false
+            }
+        }
+    }
+
+    fn apply_of<T: Elem>(&mut self, done: DoneOf<T>, graph: Option<GraphState<T>>) -> bool {
+        let from = self.store_from_of(graph.as_ref());
+        match done {
+            DoneOf::Extend { frozen, end } => {
+                let Some(mut g) = graph else {
+                    return false;
                 };
-                if slots - upto >= MAX_DELTA {
-                    let taken = match graph {
-                        Graph::F32(g, f) => {
-                            Frozen::take(g, slots, &self.dead).map(|new| *f = Some(new))
-                        }
-                        Graph::I8(g, f) => {
-                            Frozen::take(g, slots, &self.dead).map(|new| *f = Some(new))
-                        }
-                    };
-                    if taken.is_some() {
-                        self.store = Self::empty_store(self.config.quantization);
+                let Some(frozen) = frozen else {
+                    // No snapshot could be taken: the graph holds points no snapshot
+                    // does; start over next time.
+                    self.dirty = true;
+                    self.graph = Some(T::graph(g));
+                    return false;
+                };
+                for (slot, dead) in self.dead[..end].iter().enumerate() {
+                    if *dead {
+                        frozen.kill(slot);
                     }
                 }
+                let old = std::mem::replace(&mut g.frozen, Arc::new(frozen));
+                self.retired.0.push(Box::new(old));
+                self.drop_store_before(end, from);
+                self.graph = Some(T::graph(g));
+                true
             }
+            DoneOf::Rebuild {
+                graph: new_graph,
+                flat,
+                old_slot,
+                mut ids,
+                mut by_id,
+                end,
+            } => {
+                let n = ids.len();
+                let mut dead: Vec<bool> = old_slot.iter().map(|s| self.dead[*s]).collect();
+                for (i, d) in dead.iter().enumerate() {
+                    if *d && by_id.get(&ids[i]) == Some(&i) {
+                        by_id.remove(&ids[i]);
+                    }
+                }
+                // Slots added while the job ran follow, in the same order.
+                for (j, slot) in (end..self.ids.len()).enumerate() {
+                    ids.push(self.ids[slot]);
+                    dead.push(self.dead[slot]);
+                    if !self.dead[slot] {
+                        by_id.insert(self.ids[slot], n + j);
+                    }
+                }
+                if let Some(g) = &new_graph {
+                    for (i, d) in dead[..n].iter().enumerate() {
+                        if *d {
+                            g.frozen.kill(i);
+                        }
+                    }
+                }
+                self.drop_store_before(end, from);
+                if new_graph.is_none() {
+                    let mut store = flat;
+                    store.extend_from_slice(T::store(&self.store).unwrap_or(&[]));
+                    self.store = T::wrap_store(store);
+                }
+                self.live = by_id.len();
+                self.ids = ids;
+                self.dead = dead;
+                self.by_id = by_id;
+                self.oldest = 0;
+                self.graph = new_graph.map(T::graph);
+                if let Some(old) = graph {
+                    self.retired.0.push(Box::new(T::graph(old)));
+                }
+                true
+            }
+        }
+    }
+
+    /// Drops the stored vectors of slots below `end` (the store starts at `from`).
+    fn drop_store_before(&mut self, end: usize, from: usize) {
+        let n = end.saturating_sub(from) * self.dims;
+        match &mut self.store {
+            Store::F32(s) => {
+                s.drain(..n.min(s.len()));
+            }
+            Store::I8(s) => {
+                s.drain(..n.min(s.len()));
+            }
+        }
+    }
+
+    /// What the last [`apply`](Self::apply) replaced, to be dropped outside any lock
+    /// the index is kept under.
+    pub fn take_retired(&mut self) -> Retired {
+        std::mem::take(&mut self.retired)
+    }
+
+    /// Forgets the job in flight (it failed, or will not be applied): the next
+    /// [`maintenance`](Self::maintenance) starts afresh, with a rebuild, since the
+    /// failed job may have changed the graph.
+    pub fn abandon_maintenance(&mut self) {
+        if self.job.take().is_some() {
+            self.dirty = true;
         }
     }
 
@@ -773,17 +1268,15 @@ impl VectorIndex {
             _ => items,
         };
         for (id, _) in items {
-            self.remove(*id);
+            self.remove_only(*id);
         }
-        // Make room before adding anything: eviction may rebuild the index.
         while self.live + items.len() > cap {
             match self.evict_oldest() {
                 Some(id) => evicted.push(id),
                 None => break,
             }
         }
-        let first = self.ids.len();
-        for (id, _) in items {
+        for (id, v) in items {
             let slot = self.ids.len();
             self.ids.push(*id);
             self.dead.push(false);
@@ -793,31 +1286,9 @@ impl VectorIndex {
                 self.kill(old);
                 self.live -= 1;
             }
-        }
-        match &self.graph {
-            Some(Graph::F32(g, _)) => {
-                let data: Vec<(&[f32], usize)> = items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (_, v))| (*v, first + i))
-                    .collect();
-                g.parallel_insert_slice(&data);
-            }
-            Some(Graph::I8(g, _)) => {
-                let q: Vec<Vec<i8>> = items.iter().map(|(_, v)| quantize(v)).collect();
-                let data: Vec<(&[i8], usize)> = q
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| (v.as_slice(), first + i))
-                    .collect();
-                g.parallel_insert_slice(&data);
-            }
-            None => {}
-        }
-        for (_, v) in items {
             self.push_store(v);
         }
-        self.after_insert();
+        self.maintain_inline();
         Ok(evicted)
     }
 
@@ -827,25 +1298,29 @@ impl VectorIndex {
             self.oldest += 1;
             if !self.dead[slot] {
                 let id = self.ids[slot];
-                self.remove(id);
+                self.remove_only(id);
                 return Some(id);
             }
         }
         None
     }
 
-    /// Removes `id`; returns whether it was there. Rebuilds the index once tombstones
-    /// outnumber live vectors (and number at least 64).
+    /// Removes `id`; returns whether it was there. Once tombstones outnumber live
+    /// vectors (and number at least 64) a rebuild is due.
     pub fn remove(&mut self, id: u64) -> bool {
+        let removed = self.remove_only(id);
+        if removed {
+            self.maintain_inline();
+        }
+        removed
+    }
+
+    fn remove_only(&mut self, id: u64) -> bool {
         let Some(slot) = self.by_id.remove(&id) else {
             return false;
         };
         self.kill(slot);
         self.live -= 1;
-        let dead = self.tombstones();
-        if dead >= 64 && dead > self.live {
-            self.rebuild();
-        }
         true
     }
 
@@ -854,14 +1329,14 @@ impl VectorIndex {
         if let Some(d) = self.dead.get_mut(slot) {
             *d = true;
         }
-        match &mut self.graph {
-            Some(Graph::F32(_, Some(f))) => f.kill(slot),
-            Some(Graph::I8(_, Some(f))) => f.kill(slot),
-            _ => {}
+        match &self.graph {
+            Some(Graph::F32(g)) => g.frozen.kill(slot),
+            Some(Graph::I8(g)) => g.frozen.kill(slot),
+            None => {}
         }
     }
 
-    /// Removes every vector.
+    /// Removes every vector (a job in flight is superseded).
     pub fn clear(&mut self) {
         self.ids.clear();
         self.dead.clear();
@@ -870,134 +1345,36 @@ impl VectorIndex {
         self.oldest = 0;
         self.store = Self::empty_store(self.config.quantization);
         self.graph = None;
+        self.job = None;
+        self.dirty = false;
     }
 
     /// The first slot held in `store` (0 in flat mode; the snapshot's end in graph mode).
     fn store_from(&self) -> usize {
         match &self.graph {
             None => 0,
-            Some(Graph::F32(_, f)) => f.as_ref().map_or(0, |f| f.upto),
-            Some(Graph::I8(_, f)) => f.as_ref().map_or(0, |f| f.upto),
+            Some(Graph::F32(g)) => g.frozen.upto,
+            Some(Graph::I8(g)) => g.frozen.upto,
         }
     }
 
-    /// Live vectors by id, in the stored precision (dequantized), oldest first.
-    fn live_vectors(&self) -> Vec<(u64, Vec<f32>)> {
-        let mut out = Vec::with_capacity(self.live);
-        let live = |slot: usize| !self.dead.get(slot).copied().unwrap_or(true);
-        let from = self.store_from();
-        match &self.graph {
-            Some(Graph::F32(g, _)) => {
-                for p in g.get_point_indexation() {
-                    let slot = p.get_origin_id();
-                    if live(slot) {
-                        out.push((slot, p.get_v().to_vec()));
-                    }
-                }
-            }
-            Some(Graph::I8(g, _)) => {
-                for p in g.get_point_indexation() {
-                    let slot = p.get_origin_id();
-                    if live(slot) {
-                        out.push((slot, dequantize(p.get_v())));
-                    }
-                }
-            }
-            None => match &self.store {
-                Store::F32(s) => {
-                    for (i, v) in s.chunks_exact(self.dims).enumerate() {
-                        if live(from + i) {
-                            out.push((from + i, v.to_vec()));
-                        }
-                    }
-                }
-                Store::I8(s) => {
-                    for (i, v) in s.chunks_exact(self.dims).enumerate() {
-                        if live(from + i) {
-                            out.push((from + i, dequantize(v)));
-                        }
-                    }
-                }
-            },
-        }
-        // The graph yields its points layer by layer: restore insertion order, so that
-        // eviction stays oldest-first.
-        out.sort_unstable_by_key(|(slot, _)| *slot);
-        out.into_iter()
-            .map(|(slot, v)| (self.ids[slot], v))
-            .collect()
+    fn store_from_of<T: Elem>(&self, g: Option<&GraphState<T>>) -> usize {
+        g.map_or(0, |g| g.frozen.upto)
     }
 
-    /// Rebuilds from the live vectors: drops tombstones, and moves to (or from) the
-    /// graph as the size calls for. Runs on the calling thread; a graph of n vectors
-    /// costs about n inserts (spread over rayon's threads).
+    /// A job rebuilding the index from its live vectors, due or not (a job in flight
+    /// is superseded): drops tombstones, and moves to (or from) the graph as the size
+    /// calls for.
+    pub fn rebuild_job(&mut self) -> Maintenance {
+        self.job = None;
+        self.start(true)
+    }
+
+    /// Runs [`rebuild_job`](Self::rebuild_job) here and now.
     pub fn rebuild(&mut self) {
-        let live = self.live_vectors();
-        self.clear();
-        let n = live.len();
-        for (slot, (id, _)) in live.iter().enumerate() {
-            self.ids.push(*id);
-            self.dead.push(false);
-            self.by_id.insert(*id, slot);
-        }
-        self.live = n;
-        if n < self.config.graph_from {
-            for (_, v) in &live {
-                self.push_store(v);
-            }
-            return;
-        }
-        let c = &self.config;
-        let hint = n.saturating_mul(2).max(c.graph_from).min(c.capacity.max(1));
-        let graph = match c.quantization {
-            Quantization::None => {
-                let g = Hnsw::new(
-                    c.max_connections,
-                    hint,
-                    GRAPH_LAYERS,
-                    c.ef_construction,
-                    DotF32,
-                );
-                let data: Vec<(&[f32], usize)> = live
-                    .iter()
-                    .enumerate()
-                    .map(|(slot, (_, v))| (v.as_slice(), slot))
-                    .collect();
-                g.parallel_insert_slice(&data);
-                let f = Frozen::take(&g, n, &self.dead);
-                Graph::F32(g, f)
-            }
-            Quantization::Int8 => {
-                let g = Hnsw::new(
-                    c.max_connections,
-                    hint,
-                    GRAPH_LAYERS,
-                    c.ef_construction,
-                    DotI8,
-                );
-                let q: Vec<Vec<i8>> = live.iter().map(|(_, v)| quantize(v)).collect();
-                let data: Vec<(&[i8], usize)> = q
-                    .iter()
-                    .enumerate()
-                    .map(|(slot, v)| (v.as_slice(), slot))
-                    .collect();
-                g.parallel_insert_slice(&data);
-                let f = Frozen::take(&g, n, &self.dead);
-                Graph::I8(g, f)
-            }
-        };
-        let searchable = match &graph {
-            Graph::F32(_, f) => f.is_some(),
-            Graph::I8(_, f) => f.is_some(),
-        };
-        if searchable {
-            self.graph = Some(graph);
-        } else {
-            // No snapshot could be taken (more points than u32 counts): stay flat.
-            for (_, v) in &live {
-                self.push_store(v);
-            }
-        }
+        let done = self.rebuild_job().run();
+        self.apply(done);
+        drop(self.take_retired());
     }
 
     /// Up to `k` live vectors most similar to `query`, best first, as (id, cosine
@@ -1010,10 +1387,8 @@ impl VectorIndex {
         let ef = self.config.ef_search.max(k);
         let found = match &self.graph {
             None => return self.scan(query, k),
-            Some(Graph::F32(_, Some(f))) => f.search(query, ef, k),
-            Some(Graph::I8(_, Some(f))) => f.search(&quantize(query), ef, k),
-            // No snapshot (it could not be taken): everything is in the delta.
-            Some(_) => Vec::new(),
+            Some(Graph::F32(g)) => g.frozen.search(query, ef, k),
+            Some(Graph::I8(g)) => g.frozen.search(&quantize(query), ef, k),
         };
         let mut top = TopK::new(k);
         for (slot, sim) in found {
@@ -1026,24 +1401,36 @@ impl VectorIndex {
         top.into_vec()
     }
 
-    /// Like [`search`](Self::search), by scanning every live vector: exact, and the
-    /// reference that recall is measured against.
+    /// Like [`search`](Self::search), by scanning every live vector: exact (in the
+    /// stored precision), and the reference that recall is measured against.
     pub fn exact_search(&self, query: &[f32], k: usize) -> Vec<(u64, f32)> {
         if k == 0 || self.live == 0 || self.check(query).is_err() {
             return Vec::new();
         }
-        if self.graph.is_none() {
-            return self.scan(query, k);
-        }
-        let mut top = TopK::new(k);
-        for (id, v) in self.live_vectors() {
-            top.offer(id, dot(query, &v));
+        let mut top = self.scan_top(query, k);
+        match &self.graph {
+            None => {}
+            Some(Graph::F32(g)) => self.scan_frozen(&g.frozen, query, &mut top),
+            Some(Graph::I8(g)) => self.scan_frozen(&g.frozen, &quantize(query), &mut top),
         }
         top.into_vec()
     }
 
+    fn scan_frozen<T: Elem>(&self, f: &Frozen<T>, q: &[T], top: &mut TopK) {
+        let sim = T::sim_to(q);
+        for i in 0..f.points() as u32 {
+            if !f.is_dead(i) {
+                top.offer(self.ids[f.slot(i)], sim(f.vector(i)));
+            }
+        }
+    }
+
     /// Scans `store` (every vector in flat mode, the delta in graph mode).
     fn scan(&self, query: &[f32], k: usize) -> Vec<(u64, f32)> {
+        self.scan_top(query, k).into_vec()
+    }
+
+    fn scan_top(&self, query: &[f32], k: usize) -> TopK {
         let from = self.store_from();
         let live = |i: usize| !self.dead.get(from + i).copied().unwrap_or(true);
         let mut top = TopK::new(k);
@@ -1065,7 +1452,7 @@ impl VectorIndex {
                 }
             }
         }
-        top.into_vec()
+        top
     }
 }
 
@@ -1304,6 +1691,97 @@ mod tests {
         assert_eq!(index.len(), 500);
         assert_eq!(index.search(&unit(599, 16), 1)[0].0, 599);
         assert!(index.insert_batch(&[(1, &[0.0; 3][..])]).is_err());
+    }
+
+    #[test]
+    fn deferred_maintenance_runs_aside_and_keeps_what_changed_meanwhile() {
+        for q in [Quantization::None, Quantization::Int8] {
+            let config = IndexConfig::default().graph_from(100).quantization(q);
+            let mut index = VectorIndex::new(16, config).unwrap();
+            index.defer_maintenance();
+            for i in 0..150 {
+                index.insert(i, &unit(i, 16)).unwrap();
+            }
+            assert!(!index.is_graph(), "{q:?}: nothing heavy ran inline");
+            let job = index.maintenance().expect("the graph is due");
+            assert!(job.is_rebuild());
+            assert!(index.maintenance().is_none(), "one job at a time");
+            // the job runs elsewhere; the index is searched and written meanwhile
+            let done = std::thread::spawn(move || job.run());
+            for i in 150..180 {
+                index.insert(i, &unit(i, 16)).unwrap();
+            }
+            assert!(index.remove(3));
+            assert!(index.remove(160));
+            index.insert(7, &unit(7_000, 16)).unwrap(); // replaced meanwhile
+            assert_eq!(index.search(&unit(42, 16), 1)[0].0, 42);
+            assert!(index.apply(done.join().unwrap()));
+            assert!(index.is_graph(), "{q:?}");
+            assert_eq!(index.len(), 178);
+            assert_eq!(index.delta(), 31, "inserted during the job");
+            for (id, seed) in [(0, 0), (42, 42), (175, 175), (7, 7_000), (149, 149)] {
+                let got = index.search(&unit(seed, 16), 1);
+                assert_eq!(got[0].0, id, "{q:?} {id}");
+                assert!(got[0].1 > 0.99);
+            }
+            for gone in [3, 160] {
+                assert!(!index.contains(gone));
+                let got = index.search(&unit(gone, 16), 5);
+                assert!(!got.iter().any(|(id, _)| *id == gone), "{q:?} {gone}");
+            }
+            // vector 7's old value is gone with its slot
+            let old7 = index.exact_search(&unit(7, 16), 1);
+            assert!(old7[0].0 != 7 || old7[0].1 < 0.99, "{old7:?}");
+
+            // a full delta is linked in by an extend job, inserts meanwhile kept
+            for i in 1_000..(1_000 + MAX_DELTA as u64) {
+                index.insert(i, &unit(i, 16)).unwrap();
+            }
+            let job = index.maintenance().expect("a snapshot is due");
+            assert!(!job.is_rebuild());
+            let done = job.run();
+            index.insert(9_999, &unit(9_999, 16)).unwrap();
+            assert!(index.remove(1_500));
+            assert!(index.apply(done));
+            assert_eq!(index.delta(), 1);
+            assert_eq!(index.search(&unit(1_200, 16), 1)[0].0, 1_200);
+            assert_eq!(index.search(&unit(9_999, 16), 1)[0].0, 9_999);
+            assert!(
+                !index
+                    .search(&unit(1_500, 16), 3)
+                    .iter()
+                    .any(|(id, _)| *id == 1_500)
+            );
+            assert_eq!(index.len(), 178 + MAX_DELTA);
+        }
+    }
+
+    #[test]
+    fn a_superseded_or_abandoned_job_changes_nothing() {
+        let mut index = VectorIndex::new(8, IndexConfig::default().graph_from(64)).unwrap();
+        index.defer_maintenance();
+        for i in 0..64 {
+            index.insert(i, &unit(i, 8)).unwrap();
+        }
+        let job = index.maintenance().unwrap();
+        index.clear();
+        assert!(!index.apply(job.run()), "cleared meanwhile");
+        assert!(index.is_empty() && !index.is_graph());
+        for i in 0..64 {
+            index.insert(i, &unit(i, 8)).unwrap();
+        }
+        let job = index.maintenance().unwrap();
+        let mut other = VectorIndex::new(8, IndexConfig::default()).unwrap();
+        let done = job.run();
+        assert!(!other.apply(done), "not its job");
+        // the job is still in flight as far as `index` knows, until abandoned
+        assert!(index.maintenance().is_none());
+        index.abandon_maintenance();
+        let job = index.maintenance().expect("started afresh");
+        assert!(job.is_rebuild());
+        assert!(index.apply(job.run()));
+        assert!(index.is_graph());
+        assert_eq!(index.search(&unit(10, 8), 1)[0].0, 10);
     }
 
     #[test]

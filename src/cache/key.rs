@@ -41,7 +41,7 @@ impl fmt::Debug for CacheKey {
 
 /// Everything that changes an answer but the final user turn, in a fixed order. Field
 /// order is part of the key format: changing it changes every key (bump `v`).
-#[derive(Serialize)]
+#[derive(Serialize, Clone, Copy)]
 struct ContextView<'a> {
     v: u8,
     partition: &'a str,
@@ -77,6 +77,17 @@ pub struct CacheQuery {
     pub context_key: CacheKey,
     /// The final user turn, if the conversation ends with one.
     pub final_user_text: Option<String>,
+    /// The same as [`context_key`](Self::context_key) without the conversation's turns:
+    /// partition, namespace, model, parameters, documents and system messages only.
+    /// Entries with equal base keys may differ in their history, which a semantic cache
+    /// then compares by meaning (see [`history`](Self::history)).
+    pub base_key: CacheKey,
+    /// The texts of the user turns before the final one, oldest first (at most
+    /// [`MAX_HISTORY_TURNS`], each cut to [`MAX_HISTORY_BYTES`]), or `None` when the
+    /// history holds a tool call, a tool result or an assistant turn that names a
+    /// number, date or name: such a conversation is only ever matched with its exact
+    /// history.
+    pub history: Option<Vec<String>>,
     /// The namespace.
     pub namespace: String,
     /// The tenant partition (`""`, `org:<id>` or `user:<id>`); entries never cross it.
@@ -133,6 +144,35 @@ impl CacheQuery {
             messages: context,
         };
         let context_key = digest(&mut buf, b"", &view, b"C");
+        let system: Vec<Message> = context
+            .iter()
+            .filter(|m| m.role == Role::System)
+            .cloned()
+            .collect();
+        let base_key = digest(
+            &mut buf,
+            b"",
+            &ContextView {
+                messages: &system,
+                ..view
+            },
+            b"B",
+        );
+        // Tool traffic, or an assistant turn that names a detail ("Order 1182: two
+        // blue mugs"), makes the history part of the question: matched strictly.
+        let strict = context.iter().any(|m| {
+            m.role == Role::Tool
+                || !m.tool_calls.is_empty()
+                || m.tool_call_id.is_some()
+                || (m.role == Role::Assistant && super::guards::has_details(&m.content))
+        });
+        let history = (!strict).then(|| {
+            let users: Vec<&Message> = context.iter().filter(|m| m.role == Role::User).collect();
+            users[users.len().saturating_sub(MAX_HISTORY_TURNS)..]
+                .iter()
+                .map(|m| cut(&m.content, MAX_HISTORY_BYTES).to_owned())
+                .collect()
+        });
         let key = match last {
             Some(m) => digest(&mut buf, context_key.as_bytes(), m, b"E"),
             None => digest(&mut buf, context_key.as_bytes(), &(), b"E"),
@@ -142,12 +182,74 @@ impl CacheQuery {
             key,
             context_key,
             final_user_text,
+            base_key,
+            history,
             namespace: namespace.to_owned(),
             partition,
             ttl: meta.cache.ttl,
             tags: meta.cache.tags.clone(),
         })
     }
+}
+
+impl CacheQuery {
+    /// The same query narrowed to answers produced by `answered_by`: a model name, or a
+    /// tier when a router chooses among models by tier. Both keys are re-derived from
+    /// the old ones and the name, so answers of different models (or tiers) never meet,
+    /// not even semantically, while the same name always gives the same keys.
+    ///
+    /// A request that names no model is keyed with the model `auto`; when a router then
+    /// picks the model by the caller (a free user's small model, a premium user's large
+    /// one), narrow the query by what the router picks, so that one caller's answer is
+    /// never served to a caller the router would have sent elsewhere.
+    ///
+    /// ```
+    /// use tokenwise::ChatRequest;
+    /// use tokenwise::cache::{CacheQuery, CacheScope};
+    ///
+    /// let q = CacheQuery::for_request(&ChatRequest::user_text("Hi"), CacheScope::Global).unwrap();
+    /// let small = q.clone().answered_by("tier:free");
+    /// let large = q.clone().answered_by("tier:premium");
+    /// assert_ne!(small.key, large.key);
+    /// assert_ne!(small.context_key, large.context_key);
+    /// assert_ne!(small.base_key, large.base_key);
+    /// assert_eq!(small, q.answered_by("tier:free"));
+    /// ```
+    #[must_use]
+    pub fn answered_by(mut self, answered_by: &str) -> CacheQuery {
+        let narrow = |k: &CacheKey, tag: &[u8]| {
+            let mut h = blake3::Hasher::new();
+            h.update(b"answered_by\x00");
+            h.update(tag);
+            h.update(k.as_bytes());
+            h.update(&(answered_by.len() as u64).to_le_bytes());
+            h.update(answered_by.as_bytes());
+            CacheKey(*h.finalize().as_bytes())
+        };
+        self.key = narrow(&self.key, b"E");
+        self.context_key = narrow(&self.context_key, b"C");
+        self.base_key = narrow(&self.base_key, b"B");
+        self
+    }
+}
+
+/// The most earlier user turns a [`CacheQuery`] keeps in its
+/// [`history`](CacheQuery::history) (the most recent ones).
+pub const MAX_HISTORY_TURNS: usize = 16;
+
+/// The most bytes of one turn a [`CacheQuery`] keeps in its history.
+pub const MAX_HISTORY_BYTES: usize = 4_000;
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 #[cfg(test)]

@@ -37,18 +37,19 @@ use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "local-embeddings")]
 pub use embed::MiniLmEmbedder;
-pub use embed::{CachedEmbedder, Embedder, HashingEmbedder};
+pub use embed::{CachedEmbedder, Embedder, HashingEmbedder, unit_vector};
 pub(crate) use flight::{Join, Leader, OnEnd, SharedStream, SingleFlight, share_stream};
 pub use flight::{MAX_SHARED_STREAM_BYTES, MAX_SHARED_STREAM_EVENTS};
 pub use guards::{GuardKind, GuardRejection, Guards};
-pub use index::{IndexConfig, Quantization, VectorIndex};
-pub use key::{CacheKey, CacheQuery};
+pub use index::{IndexConfig, Maintenance, MaintenanceDone, Quantization, Retired, VectorIndex};
+pub use key::{CacheKey, CacheQuery, MAX_HISTORY_BYTES, MAX_HISTORY_TURNS};
 pub use layer::{CacheLayer, CacheService};
 pub use memory::{ExactCache, ExactCacheBuilder};
 #[cfg(feature = "redis")]
 pub use redis::RedisCache;
 pub use semantic::{
-    CacheEvent, CacheHook, CacheStats, DEFAULT_THRESHOLD, SemanticCache, SemanticCacheBuilder,
+    CacheEvent, CacheHook, CacheStats, ConversationMatching, DEFAULT_THRESHOLD, SemanticCache,
+    SemanticCacheBuilder,
 };
 
 /// The embedder over an OpenAI-compatible `/v1/embeddings` endpoint (defined with the
@@ -89,6 +90,32 @@ impl CachedAnswer {
             response,
             similarity: 1.0,
         }
+    }
+
+    /// A semantic answer served at `similarity`, for a [`Cache`] of your own (on a
+    /// vector database, say). The similarity is a cosine: a number in [-1, 1] (1.0 for
+    /// an exact match); anything else, NaN included, is refused.
+    ///
+    /// ```
+    /// use tokenwise::cache::CachedAnswer;
+    /// use tokenwise::{ChatResponse, FinishReason, Usage};
+    ///
+    /// let response = ChatResponse::new("Paris.", "m", "p", Usage::new(5, 2), FinishReason::Stop);
+    /// let hit = CachedAnswer::new(response.clone(), 0.93)?;
+    /// assert_eq!(hit.similarity, 0.93);
+    /// assert!(CachedAnswer::new(response, f32::NAN).is_err());
+    /// # Ok::<(), tokenwise::Error>(())
+    /// ```
+    pub fn new(response: ChatResponse, similarity: f32) -> crate::Result<Self> {
+        if !(-1.0..=1.0).contains(&similarity) {
+            return Err(crate::Error::InvalidRequest(format!(
+                "cached answer: a similarity must be in [-1, 1], got {similarity}"
+            )));
+        }
+        Ok(CachedAnswer {
+            response,
+            similarity,
+        })
     }
 }
 

@@ -49,6 +49,12 @@ struct Entry {
     key: String,
     context_key: String,
     final_user_text: Option<String>,
+    /// Absent in entries written before it existed: the context key stands in.
+    #[serde(default)]
+    base_key: Option<String>,
+    /// Absent in older entries: matched with their exact history only.
+    #[serde(default)]
+    history: Option<Vec<String>>,
     namespace: String,
     partition: String,
     ttl_ms: Option<u64>,
@@ -73,6 +79,8 @@ impl Entry {
             key: q.key.to_string(),
             context_key: q.context_key.to_string(),
             final_user_text: q.final_user_text.clone(),
+            base_key: Some(q.base_key.to_string()),
+            history: q.history.clone(),
             namespace: q.namespace.clone(),
             partition: q.partition.clone(),
             ttl_ms: q
@@ -84,9 +92,15 @@ impl Entry {
     }
 
     fn query(&self) -> Option<CacheQuery> {
+        let context_key = hex_to_key(&self.context_key)?;
         Some(CacheQuery {
             key: hex_to_key(&self.key)?,
-            context_key: hex_to_key(&self.context_key)?,
+            context_key,
+            base_key: match &self.base_key {
+                Some(b) => hex_to_key(b)?,
+                None => context_key,
+            },
+            history: self.history.clone(),
             final_user_text: self.final_user_text.clone(),
             namespace: self.namespace.clone(),
             partition: self.partition.clone(),

@@ -16,6 +16,10 @@ type Digest = [u8; 32];
 /// the text's BLAKE3 digest), so that a text asked about again, or read and then written
 /// by the same request, is embedded once.
 ///
+/// Every vector it hands out has unit length: the wrapped embedder's vectors are
+/// normalised (see [`unit_vector`]), and a zero or non-finite vector is an error rather
+/// than a silently distorted similarity.
+///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> tokenwise::Result<()> {
 /// use std::sync::Arc;
@@ -81,7 +85,9 @@ impl CachedEmbedder {
         self.computed.fetch_add(1, Ordering::Relaxed);
         let mut out = self.inner.embed(&[text]).await?;
         let v: Arc<[f32]> = match out.pop() {
-            Some(v) if out.is_empty() && v.len() == self.inner.dimensions() => v.into(),
+            Some(v) if out.is_empty() && v.len() == self.inner.dimensions() => {
+                unit_vector(v)?.into()
+            }
             _ => {
                 return Err(Error::Config(format!(
                     "embedder returned a malformed answer (expected one vector of {} dimensions)",
@@ -92,6 +98,42 @@ impl CachedEmbedder {
         self.lock().put(key, Arc::clone(&v));
         Ok(v)
     }
+}
+
+/// `v` scaled to unit length, so that a dot product is the cosine similarity whatever
+/// scale the embedder works in. A vector with a non-finite component, or one too close
+/// to zero to have a direction, is refused with [`Error::InvalidRequest`].
+///
+/// ```
+/// use tokenwise::cache::unit_vector;
+///
+/// assert_eq!(unit_vector(vec![3.0, 4.0])?, vec![0.6, 0.8]);
+/// assert!(unit_vector(vec![0.0, 0.0]).is_err());
+/// assert!(unit_vector(vec![f32::NAN, 1.0]).is_err());
+/// # Ok::<(), tokenwise::Error>(())
+/// ```
+pub fn unit_vector(mut v: Vec<f32>) -> Result<Vec<f32>> {
+    if !v.iter().all(|x| x.is_finite()) {
+        return Err(Error::InvalidRequest(
+            "embedder returned a vector with a non-finite component".into(),
+        ));
+    }
+    // In f64: the squares of large f32 components would overflow.
+    let norm = v
+        .iter()
+        .map(|x| f64::from(*x) * f64::from(*x))
+        .sum::<f64>()
+        .sqrt();
+    if !norm.is_finite() || norm <= 1e-12 {
+        return Err(Error::InvalidRequest(
+            "embedder returned a zero vector (no direction to compare)".into(),
+        ));
+    }
+    if (norm - 1.0).abs() > 1e-6 {
+        v.iter_mut()
+            .for_each(|x| *x = (f64::from(*x) / norm) as f32);
+    }
+    Ok(v)
 }
 
 #[async_trait]

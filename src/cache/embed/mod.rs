@@ -20,7 +20,7 @@ use async_trait::async_trait;
 
 use crate::{Error, Result};
 
-pub use cached::CachedEmbedder;
+pub use cached::{CachedEmbedder, unit_vector};
 #[cfg(feature = "local-embeddings")]
 pub use minilm::MiniLmEmbedder;
 
@@ -57,7 +57,10 @@ pub trait Embedder: Send + Sync + fmt::Debug {
     /// The length of every vector this embedder returns.
     fn dimensions(&self) -> usize;
 
-    /// One unit-length vector per text, in order.
+    /// One vector per text, in order, ideally of unit length. A
+    /// [`SemanticCache`](super::SemanticCache) normalises what it is given (through
+    /// [`CachedEmbedder`]) and treats a zero or non-finite vector as an embedding
+    /// failure: that text is then matched exactly only.
     async fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>>;
 
     /// The similarity from which this embedder's vectors mean "the same question", if
