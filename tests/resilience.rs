@@ -164,7 +164,17 @@ async fn streams_cut_after_their_first_token_trip_the_breaker() {
         .answer_words(30, 40)
         .build()
         .unwrap();
-    let pipe = primary_with_fallback(&p);
+    // recovery off: this is about how a cut is judged (recovery would also call the
+    // fallback, which cuts too, and open its breaker)
+    let pipe = Pipeline::builder()
+        .provider(p.clone())
+        .default_model("gpt-4o")
+        .fallbacks("gpt-4o", ["claude-sonnet-4-5"])
+        .retry(RetryPolicy::none())
+        .no_cache()
+        .stream_recoveries(0)
+        .build()
+        .unwrap();
     for i in 0..5 {
         assert_eq!(
             pipe.breaker_state("gpt-4o"),
@@ -441,6 +451,7 @@ async fn a_silent_stream_ends_with_an_error_at_its_idle_timeout() {
         .provider(Stall)
         .default_model("gpt-4o")
         .idle_timeout(Duration::from_secs(5))
+        .stream_recoveries(0) // how a cut is judged and reported, without recovery
         .build()
         .unwrap();
     let mut s = pipe.stream(ask("talk")).await.unwrap();
