@@ -9,7 +9,7 @@ mod fit;
 use std::fmt;
 use std::sync::OnceLock;
 
-pub use fit::{ContextBudget, CountCache, Fitted, Summarizer};
+pub use fit::{BREVITY_INSTRUCTION, ContextBudget, CountCache, Fitted, RouteBudget, Summarizer};
 
 use tiktoken_rs::CoreBPE;
 
