@@ -346,7 +346,7 @@ impl Default for CountCache {
 
 /// Where the current turn starts: after the last assistant message (with that message
 /// when its tool calls are answered in the turn); the last message at the latest.
-fn current_turn_start(msgs: &[Message]) -> usize {
+pub(crate) fn current_turn_start(msgs: &[Message]) -> usize {
     let mut start = msgs
         .iter()
         .rposition(|m| m.role == Role::Assistant)

@@ -9,6 +9,7 @@ mod fit;
 use std::fmt;
 use std::sync::OnceLock;
 
+pub(crate) use fit::current_turn_start;
 pub use fit::{BREVITY_INSTRUCTION, ContextBudget, CountCache, Fitted, RouteBudget, Summarizer};
 
 use tiktoken_rs::CoreBPE;
