@@ -104,8 +104,9 @@ impl RouteBudget {
 /// 2. the **current turn** (the final user message and anything after the last
 ///    assistant reply): never cut either;
 /// 3. **documents**, most relevant first, within `documents_share` of what is left and
-///    at most `documents_max_tokens`; the first one that does not fit whole is trimmed
-///    to the rest of the budget;
+///    at most `documents_max_tokens`; with a [`compressor`](Self::compressor), they are
+///    first cut to their sentences most relevant to the question; the first one that
+///    still does not fit whole is trimmed to the rest of the budget;
 /// 4. **history**, newest first, whole turns while they fit (a tool call and its results
 ///    stay together), at most `history_max_tokens` and `history_max_turns` turns;
 ///    dropped turns may be replaced by a [`Summarizer`]'s message.
@@ -147,6 +148,9 @@ pub struct ContextBudget {
     pub default_max_tokens: Option<u32>,
     /// Per-route settings, by `meta.feature`.
     pub routes: HashMap<String, RouteBudget>,
+    /// Cuts documents to their sentences most relevant to the question (BM25) before
+    /// they are budgeted. Default: none.
+    pub compressor: Option<Arc<super::Compressor>>,
 }
 
 impl fmt::Debug for ContextBudget {
@@ -162,6 +166,7 @@ impl fmt::Debug for ContextBudget {
             .field("history_max_turns", &self.history_max_turns)
             .field("default_max_tokens", &self.default_max_tokens)
             .field("routes", &self.routes)
+            .field("compressor", &self.compressor)
             .finish()
     }
 }
@@ -179,6 +184,7 @@ impl Default for ContextBudget {
             history_max_turns: None,
             default_max_tokens: None,
             routes: HashMap::new(),
+            compressor: None,
         }
     }
 }
@@ -230,6 +236,13 @@ impl ContextBudget {
     #[must_use]
     pub fn summarizer(mut self, s: Arc<dyn Summarizer>) -> Self {
         self.summarizer = Some(s);
+        self
+    }
+
+    /// Sets the document compressor.
+    #[must_use]
+    pub fn compressor(mut self, c: super::Compressor) -> Self {
+        self.compressor = Some(Arc::new(c));
         self
     }
 
@@ -465,15 +478,23 @@ impl ContextBudget {
         }
         let mut left = room - fixed;
 
-        // 3. documents, by relevance, within their share
-        let mut doc_tokens: Vec<u64> = req
-            .documents
+        // 3. documents, compressed, then by relevance, within their budget
+        let mut trimmed_documents = 0;
+        let docs: Vec<Cow<'a, Document>> = match (&self.compressor, req.documents.is_empty()) {
+            (Some(c), false) => {
+                let question = req.last_user_text().unwrap_or_default();
+                let out = c.compress(question, &req.documents, counter, kind);
+                trimmed_documents += out.changed;
+                out.documents.into_iter().map(Cow::Owned).collect()
+            }
+            _ => req.documents.iter().map(Cow::Borrowed).collect(),
+        };
+        let mut doc_tokens: Vec<u64> = docs
             .iter()
             .map(|d| super::TOKENS_PER_MESSAGE + cache.count(counter, &d.text, kind))
             .collect();
         let all_docs: u64 = doc_tokens.iter().sum();
-        let mut keep_docs: Vec<Option<Cow<'a, Document>>> = vec![None; req.documents.len()];
-        let mut trimmed_documents = 0;
+        let mut keep_docs: Vec<Option<Cow<'a, Document>>> = vec![None; docs.len()];
         let mut doc_budget = (left as f64 * self.documents_share) as u64;
         if let Some(cap) = route
             .and_then(|r| r.documents_max_tokens)
@@ -482,20 +503,20 @@ impl ContextBudget {
             doc_budget = doc_budget.min(cap);
         }
         if all_docs <= doc_budget {
-            for (slot, d) in keep_docs.iter_mut().zip(&req.documents) {
-                *slot = Some(Cow::Borrowed(d));
+            for (slot, d) in keep_docs.iter_mut().zip(&docs) {
+                *slot = Some(d.clone());
             }
             left -= all_docs;
         } else {
             let mut share = doc_budget;
-            let mut order: Vec<usize> = (0..req.documents.len()).collect();
-            order.sort_by(|a, b| req.documents[*b].score.total_cmp(&req.documents[*a].score));
+            let mut order: Vec<usize> = (0..docs.len()).collect();
+            order.sort_by(|a, b| docs[*b].score.total_cmp(&docs[*a].score));
             for i in order {
-                let d = &req.documents[i];
+                let d = &docs[i];
                 if doc_tokens[i] <= share {
                     share -= doc_tokens[i];
                     left -= doc_tokens[i];
-                    keep_docs[i] = Some(Cow::Borrowed(d));
+                    keep_docs[i] = Some(d.clone());
                     continue;
                 }
                 trimmed_documents += 1;

@@ -4,11 +4,13 @@
 //! [`TiktokenCounter`], uses tiktoken-rs's `o200k_base` and `cl100k_base` encodings,
 //! each loaded once per process on first use.
 
+mod compress;
 mod fit;
 
 use std::fmt;
 use std::sync::OnceLock;
 
+pub use compress::{Compressed, Compressor, MAX_SENTENCES, normalize};
 pub(crate) use fit::current_turn_start;
 pub use fit::{BREVITY_INSTRUCTION, ContextBudget, CountCache, Fitted, RouteBudget, Summarizer};
 
