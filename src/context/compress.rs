@@ -404,20 +404,26 @@ fn terms(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// A light suffix stripper: enough for "refunds" to meet "refund".
+/// A light suffix stripper: enough for "refunds" to meet "refund" and "closes" to meet
+/// "close".
 fn stem(w: &str) -> String {
     let n = w.chars().count();
+    let mut out = w.to_owned();
     for (suffix, min) in [("ing", 6), ("ies", 5), ("ed", 5), ("es", 5), ("s", 4)] {
         if n >= min && w.ends_with(suffix) && !w.ends_with("ss") {
             let base = &w[..w.len() - suffix.len()];
-            return if suffix == "ies" {
+            out = if suffix == "ies" {
                 format!("{base}y")
             } else {
                 base.to_owned()
             };
+            break;
         }
     }
-    w.to_owned()
+    if out.len() > 3 && out.ends_with('e') {
+        out.pop();
+    }
+    out
 }
 
 /// BM25 scores of `sentences` for `question`, the sentences being the corpus.
@@ -513,6 +519,8 @@ mod tests {
         assert_eq!(stem("refunds"), "refund");
         assert_eq!(stem("policies"), "policy");
         assert_eq!(stem("class"), "class");
+        assert_eq!(stem("closes"), stem("close"));
+        assert_eq!(stem("closed"), stem("close"));
         assert_eq!(terms("How are Refunds paid?"), ["refund", "paid"]);
     }
 }
