@@ -6,6 +6,7 @@
 
 mod compress;
 mod fit;
+mod summarize;
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -13,6 +14,7 @@ use std::sync::OnceLock;
 pub use compress::{Compressed, Compressor, MAX_SENTENCES, normalize};
 pub(crate) use fit::current_turn_start;
 pub use fit::{BREVITY_INSTRUCTION, ContextBudget, CountCache, Fitted, RouteBudget, Summarizer};
+pub use summarize::{ModelSummarizer, SUMMARY_INSTRUCTION};
 
 use tiktoken_rs::CoreBPE;
 
