@@ -28,7 +28,7 @@ type TextKey = (u64, usize);
 /// caches the result (bounded, least recently used out). [`count_text`] then answers
 /// from the cache for `ClaudeApprox`, else falls back to the estimate; OpenAI tokenizers
 /// are counted locally as always. Give it to the pipeline with
-/// [`PipelineBuilder::counter`](crate::PipelineBuilder::counter), so admission estimates,
+/// [`PipelineBuilder::token_counter`](crate::PipelineBuilder::token_counter), so admission estimates,
 /// reservations and context fitting use the exact counts.
 ///
 /// A text's count is the endpoint's count for a one-message request holding it, less
