@@ -36,7 +36,7 @@ pub const MAX_SENTENCES: usize = 20_000;
 ///      Guided tours leave every hour. Bags go to the cloakroom.",
 ///     1.0,
 /// );
-/// let out = Compressor::new().compress(
+/// let out = Compressor::new().max_tokens(10).compress(
 ///     "When does the café close?",
 ///     &[doc],
 ///     &TiktokenCounter::new(),
