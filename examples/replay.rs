@@ -8,7 +8,16 @@
 //! cargo run --release --example replay -- --html report.html    # also write a report
 //! cargo run --release --example replay -- --generate 5000 --write-workload w.jsonl
 //! cargo run --release --example replay -- --workload w.jsonl
+//! cargo run --release --example replay -- --context             # with a support context
 //! ```
+//!
+//! `--context` gives every request what a support assistant sends along: a long, stable
+//! system prompt (the knowledge base's policies) and six retrieved documents (chosen by
+//! the question, so a repeated question brings the same ones). Both setups pay for it;
+//! tokenwise budgets the documents to 1,000 tokens and compresses them, and the
+//! simulated provider stands in for OpenAI's automatic prompt cache: a prefix of at
+//! least 1,024 tokens seen on the same model in the last five minutes is read from the
+//! cache, in 128-token steps, at the model's cached-input price.
 //!
 //! A workload is JSON Lines of `{"t_ms": 1200, "user": "u7", "tier": "free", "text": "..."}`.
 //! The generator mixes frequently asked questions with Zipf-distributed popularity (so
@@ -26,9 +35,11 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tokenwise::budget::BudgetWindow;
+use tokenwise::cache::SemanticCache;
+use tokenwise::context::{Compressor, ContextBudget, CountCache, TiktokenCounter, TokenCounter};
 use tokenwise::provider::{Provider, ProviderCall, SimulatedProvider};
 use tokenwise::router::{ComplexityRouter, WeakAnswer};
-use tokenwise::{Catalog, ChatRequest, Cost, Pipeline, ScopeKind, Served, Tier};
+use tokenwise::{Catalog, ChatRequest, Cost, Pipeline, ScopeKind, Served, Tier, Usage};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Item {
@@ -136,6 +147,124 @@ fn generate(n: usize, seed: u64) -> Vec<Item> {
     items
 }
 
+/// The knowledge base: the passages of the compression QA set.
+const KB: &str = include_str!("../tests/data/compress_qa.json");
+
+/// The support context: a system prompt and the passages to retrieve from.
+struct Context {
+    system: String,
+    passages: Vec<String>,
+}
+
+impl Context {
+    fn load() -> Result<Self, Box<dyn std::error::Error>> {
+        let v: serde_json::Value = serde_json::from_str(KB)?;
+        let mut passages: Vec<String> = v["passages"]
+            .as_object()
+            .ok_or("no passages")?
+            .values()
+            .filter_map(|p| p.as_str().map(str::to_owned))
+            .collect();
+        passages.sort();
+        let mut system = String::from(
+            "You are the support assistant of a large retailer. Answer from the policies \
+             below and the documents given; say so when they do not cover the question.\n\n",
+        );
+        for p in passages.iter().take(5) {
+            system.push_str(p);
+            system.push_str("\n\n");
+        }
+        Ok(Context { system, passages })
+    }
+
+    /// `text` as a support request: the system prompt and six documents picked by it.
+    fn request(&self, text: &str) -> ChatRequest {
+        let h = blake3::hash(text.as_bytes());
+        let mut req = ChatRequest::new()
+            .message(tokenwise::Message::system(self.system.clone()))
+            .message(tokenwise::Message::user(text));
+        for (i, b) in h.as_bytes().iter().take(6).enumerate() {
+            let p = &self.passages[usize::from(*b) % self.passages.len()];
+            req = req.document(tokenwise::Document::new(p.clone(), 1.0 - i as f32 * 0.1));
+        }
+        req
+    }
+}
+
+/// The simulated provider with OpenAI's automatic prompt cache in front: the stable
+/// prefix (system messages, then documents, as the OpenAI wire format sends them) is
+/// read from the cache when at least 1,024 tokens of it were sent to the same model in
+/// the last five minutes, in 128-token steps.
+#[derive(Debug)]
+struct PrefixCached {
+    sim: SimulatedProvider,
+    seen: std::sync::Mutex<lru::LruCache<(String, [u8; 32]), tokio::time::Instant>>,
+}
+
+impl PrefixCached {
+    fn new(sim: SimulatedProvider) -> Self {
+        PrefixCached {
+            sim,
+            seen: std::sync::Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(4_096).unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
+        }
+    }
+
+    /// Cached tokens for a call: the longest prefix of the system prompt and documents
+    /// already seen within five minutes.
+    fn cached(&self, call: &ProviderCall<'_>) -> u64 {
+        let counter = TiktokenCounter::new();
+        let kind = call.model.tokenizer;
+        let mut parts: Vec<&str> = call
+            .request
+            .messages
+            .iter()
+            .filter(|m| m.role == tokenwise::Role::System)
+            .map(|m| m.content.as_str())
+            .collect();
+        parts.extend(call.request.documents.iter().map(|d| d.text.as_str()));
+        let now = tokio::time::Instant::now();
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut h = blake3::Hasher::new();
+        let (mut tokens, mut best) = (0u64, 0u64);
+        for p in parts {
+            h.update(p.as_bytes());
+            tokens += counter.count_text(p, kind) + 3;
+            if tokens < 1_024 {
+                continue;
+            }
+            let key = (call.model.name.clone(), *h.finalize().as_bytes());
+            if seen
+                .get(&key)
+                .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(300))
+            {
+                best = tokens / 128 * 128;
+            }
+            seen.put(key, now);
+        }
+        best
+    }
+}
+
+#[async_trait::async_trait]
+impl Provider for PrefixCached {
+    fn name(&self) -> &str {
+        self.sim.name()
+    }
+
+    async fn chat(&self, call: ProviderCall<'_>) -> tokenwise::Result<tokenwise::ChatResponse> {
+        let cached = self.cached(&call);
+        let mut r = self.sim.chat(call).await?;
+        r.usage = r.usage.with_cached_input(cached.min(r.usage.input_tokens));
+        Ok(r)
+    }
+
+    async fn stream(&self, call: ProviderCall<'_>) -> tokenwise::Result<tokenwise::ChatStream> {
+        self.sim.stream(call).await
+    }
+}
+
 fn provider() -> tokenwise::Result<SimulatedProvider> {
     SimulatedProvider::builder()
         .name("openai")
@@ -161,6 +290,106 @@ struct Outcome {
     model: Option<String>,
     cache_hit: bool,
     escalated: bool,
+    /// 1.0 for an exact cache hit, below for a semantic one.
+    similarity: f32,
+    usage: Usage,
+    /// What the provider's prompt cache saved, in nano-dollars.
+    prompt_cache_saved: i128,
+    /// Prompt tokens the context budget cut (section budgets, then compression).
+    budget_cut: u64,
+    compression_cut: u64,
+    /// Their worth at the input price of the model that answered, in nano-dollars.
+    budget_saved: u64,
+    compression_saved: u64,
+}
+
+/// Tokens and dollars one technique saved over a whole replay.
+#[derive(Debug, Default, Clone)]
+struct Saving {
+    tokens: i128,
+    nanos: i128,
+}
+
+/// What each technique saved, against the naive run of the same requests.
+#[derive(Debug, Default)]
+struct Techniques {
+    rows: Vec<(&'static str, Saving)>,
+    n: usize,
+}
+
+fn techniques(naive: &[Outcome], piped: &[Outcome]) -> Techniques {
+    let mut exact = Saving::default();
+    let mut semantic = Saving::default();
+    let mut routing = Saving::default();
+    let mut prompt_cache = Saving::default();
+    let mut budgets = Saving::default();
+    let mut compression = Saving::default();
+    for (a, b) in naive.iter().zip(piped) {
+        let (a_tokens, a_nanos) = (i128::from(a.usage.total()), i128::from(a.cost.as_nanos()));
+        if !a.ok || !b.ok {
+            continue;
+        }
+        if b.cache_hit {
+            let s = if b.similarity >= 1.0 {
+                &mut exact
+            } else {
+                &mut semantic
+            };
+            s.tokens += a_tokens;
+            s.nanos += a_nanos;
+            continue;
+        }
+        // what is left of the naive call's cost once the prompt-side techniques are
+        // credited goes to routing (cheaper models, escalations and retries included)
+        prompt_cache.tokens += i128::from(b.usage.cached_input_tokens);
+        prompt_cache.nanos += b.prompt_cache_saved;
+        budgets.tokens += i128::from(b.budget_cut);
+        budgets.nanos += i128::from(b.budget_saved);
+        compression.tokens += i128::from(b.compression_cut);
+        compression.nanos += i128::from(b.compression_saved);
+        routing.tokens += a_tokens
+            - i128::from(b.usage.total())
+            - i128::from(b.budget_cut)
+            - i128::from(b.compression_cut);
+        routing.nanos += a_nanos
+            - i128::from(b.cost.as_nanos())
+            - b.prompt_cache_saved
+            - i128::from(b.budget_saved)
+            - i128::from(b.compression_saved);
+    }
+    Techniques {
+        rows: vec![
+            ("exact cache", exact),
+            ("semantic cache", semantic),
+            ("routing", routing),
+            ("prompt caching", prompt_cache),
+            ("budgets", budgets),
+            ("compression", compression),
+        ],
+        n: naive.len(),
+    }
+}
+
+fn techniques_table(t: &Techniques, before: &Summary, after: &Summary) -> String {
+    let mut s = format!(
+        "{:<22} {:>14} {:>14}\n",
+        "saved by", "tokens", "$ per 1K req"
+    );
+    let n = t.n.max(1) as f64;
+    for (name, v) in &t.rows {
+        s.push_str(&format!(
+            "{name:<22} {:>14} {:>14}\n",
+            v.tokens,
+            format!("${:.4}", v.nanos as f64 / 1e9 * 1_000.0 / n)
+        ));
+    }
+    s.push_str(&format!(
+        "{:<22} {:>14} {:>14}\n",
+        "total before -> after",
+        "",
+        format!("${:.3} -> ${:.3}", before.cost_per_1k, after.cost_per_1k)
+    ));
+    s
 }
 
 #[derive(Debug, Default)]
@@ -237,8 +466,11 @@ impl Progress {
     }
 }
 
-async fn replay_naive(items: &[Item]) -> tokenwise::Result<Vec<Outcome>> {
-    let sim = provider()?;
+async fn replay_naive(
+    items: &[Item],
+    context: Option<Arc<Context>>,
+) -> tokenwise::Result<Vec<Outcome>> {
+    let sim = Arc::new(PrefixCached::new(provider()?));
     let catalog = Catalog::builtin();
     let model = catalog.require("gpt-4o")?.clone();
     let start = tokio::time::Instant::now();
@@ -251,8 +483,12 @@ async fn replay_naive(items: &[Item]) -> tokenwise::Result<Vec<Outcome>> {
     for (i, it) in items.iter().enumerate() {
         tokio::time::sleep_until(start + Duration::from_millis(it.t_ms)).await;
         let (sim, model, text) = (sim.clone(), model.clone(), it.text.clone());
+        let context = context.clone();
         tasks.push(tokio::spawn(async move {
-            let req = ChatRequest::user_text(text);
+            let req = match &context {
+                Some(c) => c.request(&text),
+                None => ChatRequest::user_text(text),
+            };
             let t0 = tokio::time::Instant::now();
             match sim.chat(ProviderCall::new(&req, &model)).await {
                 Ok(r) => Outcome {
@@ -260,6 +496,7 @@ async fn replay_naive(items: &[Item]) -> tokenwise::Result<Vec<Outcome>> {
                     ok: true,
                     cost: model.cost(&r.usage),
                     model: Some(r.model),
+                    usage: r.usage,
                     ..Outcome::default()
                 },
                 Err(_) => Outcome {
@@ -277,14 +514,26 @@ async fn replay_naive(items: &[Item]) -> tokenwise::Result<Vec<Outcome>> {
     Ok(out)
 }
 
-async fn replay_pipeline(items: &[Item]) -> tokenwise::Result<Vec<Outcome>> {
+async fn replay_pipeline(
+    items: &[Item],
+    context: Option<Arc<Context>>,
+) -> tokenwise::Result<Vec<Outcome>> {
     let catalog = Catalog::builtin();
     let router = ComplexityRouter::new(
         &catalog,
         ["gpt-4o-mini", "gpt-4.1-mini", "gpt-4o", "claude-sonnet-4-5"],
     )?;
+    // documents are budgeted (1,000 tokens at most) and compressed; answers have a
+    // default ceiling; history keeps the last 8 turns
+    let budget = ContextBudget::default()
+        .documents_max_tokens(1_000)
+        .history_max_turns(8)
+        .default_max_tokens(400)
+        .compressor(Compressor::new());
     let pipe = Pipeline::builder()
-        .provider(provider()?)
+        .provider(PrefixCached::new(provider()?))
+        .cache(Arc::new(SemanticCache::builder().build()?))
+        .context_budget(budget.clone())
         .router(Arc::new(router))
         .validator(Arc::new(WeakAnswer::default()))
         .rate_limit(ScopeKind::User, 20)
@@ -305,27 +554,52 @@ async fn replay_pipeline(items: &[Item]) -> tokenwise::Result<Vec<Outcome>> {
     for (i, it) in items.iter().enumerate() {
         tokio::time::sleep_until(start + Duration::from_millis(it.t_ms)).await;
         let pipe = pipe.clone();
-        let req = ChatRequest::user_text(it.text.clone())
-            .user(it.user.clone())
-            .tier(it.tier)
-            .org("acme");
+        let req = match &context {
+            Some(c) => c.request(&it.text),
+            None => ChatRequest::user_text(it.text.clone()),
+        };
+        let req = req.user(it.user.clone()).tier(it.tier).org("acme");
+        let budget = budget.clone();
         tasks.push(tokio::spawn(async move {
             let t0 = tokio::time::Instant::now();
+            let asked = req.clone();
             match pipe.chat(req).await {
-                Ok(r) => Outcome {
-                    latency: t0.elapsed(),
-                    ok: true,
-                    cost: r.cost,
-                    cache_hit: r.served.is_cache_hit(),
-                    escalated: matches!(
-                        r.served,
-                        Served::Provider {
-                            escalated: true,
-                            ..
-                        }
-                    ),
-                    model: Some(r.model),
-                },
+                Ok(r) => {
+                    let spec = pipe.catalog().get(&r.model).cloned();
+                    let (budget_cut, compression_cut) = spec
+                        .as_deref()
+                        .map_or((0, 0), |m| prompt_cuts(&budget, &asked, m));
+                    let price = |tokens: u64| {
+                        spec.as_deref()
+                            .map_or(0, |m| m.pricing.input.cost_of(tokens).as_nanos())
+                    };
+                    Outcome {
+                        latency: t0.elapsed(),
+                        ok: true,
+                        cost: r.cost,
+                        cache_hit: r.served.is_cache_hit(),
+                        escalated: matches!(
+                            r.served,
+                            Served::Provider {
+                                escalated: true,
+                                ..
+                            }
+                        ),
+                        similarity: match r.served {
+                            Served::Cache { similarity, .. } => similarity,
+                            _ => 0.0,
+                        },
+                        usage: r.usage,
+                        prompt_cache_saved: spec
+                            .as_deref()
+                            .map_or(0, |m| m.pricing.prompt_cache_saving(&r.usage)),
+                        budget_cut,
+                        compression_cut,
+                        budget_saved: price(budget_cut),
+                        compression_saved: price(compression_cut),
+                        model: Some(r.model),
+                    }
+                }
                 Err(_) => Outcome {
                     latency: t0.elapsed(),
                     ..Outcome::default()
@@ -348,6 +622,27 @@ async fn replay_pipeline(items: &[Item]) -> tokenwise::Result<Vec<Outcome>> {
         }
     }
     Ok(out)
+}
+
+/// Prompt tokens `budget` cuts from `req` on `model`: by its section budgets, then by
+/// its compressor.
+fn prompt_cuts(
+    budget: &ContextBudget,
+    req: &ChatRequest,
+    model: &tokenwise::ModelSpec,
+) -> (u64, u64) {
+    let counter = TiktokenCounter::new();
+    let counts = CountCache::new(1_024);
+    let whole = counter.count_request(req, model.tokenizer);
+    let mut plain = budget.clone();
+    plain.compressor = None;
+    let fitted = |b: &ContextBudget| {
+        b.fit(req, model, &counter, &counts)
+            .map_or(whole, |f| f.prompt_tokens)
+    };
+    let budgeted = fitted(&plain).min(whole);
+    let compressed = fitted(budget).min(budgeted);
+    (whole - budgeted, budgeted - compressed)
 }
 
 fn table(before: &Summary, after: &Summary) -> String {
@@ -433,13 +728,26 @@ fn bars(title: &str, unit: &str, values: &[(&str, f64)]) -> String {
     svg
 }
 
-fn html(before: &Summary, after: &Summary) -> String {
+fn html(before: &Summary, after: &Summary, t: &Techniques) -> String {
     let mut h = String::from(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>tokenwise replay</title><style>body{font-family:sans-serif;max-width:720px;margin:2em auto}pre{background:#f4f5f7;padding:1em}</style></head><body><h1>tokenwise replay: before and after</h1>",
     );
     h.push_str(&format!(
         "<pre>{}</pre>",
         table(before, after).replace('<', "&lt;")
+    ));
+    h.push_str(&format!(
+        "<h3>saved by technique</h3><pre>{}</pre>",
+        techniques_table(t, before, after)
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    ));
+    let per_1k = |v: &Saving| v.nanos as f64 / 1e9 * 1_000.0 / t.n.max(1) as f64;
+    let saved: Vec<(&str, f64)> = t.rows.iter().map(|(n, v)| (*n, per_1k(v))).collect();
+    h.push_str(&bars(
+        "dollars saved per 1K requests, by technique",
+        "$",
+        &saved,
     ));
     h.push_str(&bars(
         "p50 latency",
@@ -525,11 +833,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         eprintln!("wrote {} requests to {path}", items.len());
     }
-    let before = summarize("naive", &replay_naive(&items).await?);
-    let after = summarize("tokenwise", &replay_pipeline(&items).await?);
+    let context = match args.iter().any(|a| a == "--context") {
+        true => Some(Arc::new(Context::load()?)),
+        false => None,
+    };
+    let naive = replay_naive(&items, context.clone()).await?;
+    let piped = replay_pipeline(&items, context).await?;
+    let before = summarize("naive", &naive);
+    let after = summarize("tokenwise", &piped);
+    let saved = techniques(&naive, &piped);
     print!("{}", table(&before, &after));
+    print!("{}", techniques_table(&saved, &before, &after));
     if let Some(path) = arg(&args, "--html") {
-        std::fs::write(&path, html(&before, &after))?;
+        std::fs::write(&path, html(&before, &after, &saved))?;
         println!("report written to {path}");
     }
     Ok(())

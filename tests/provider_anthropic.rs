@@ -133,7 +133,12 @@ async fn whole_answer_maps_system_headers_and_cache_usage() {
     assert_eq!(r.provider, "anthropic");
     assert_eq!(r.model, "claude-haiku-4-5");
     // input = 12 uncached + 2000 read from cache + 100 written to it
-    assert_eq!(r.usage, Usage::new(2112, 9).with_cached_input(2000));
+    assert_eq!(
+        r.usage,
+        Usage::new(2112, 9)
+            .with_cached_input(2000)
+            .with_cache_writes(100, 0)
+    );
     assert_eq!(
         p.last_rate_limits(),
         Some(RateLimits::new(Some(49), Some(39_000)))
@@ -276,7 +281,9 @@ async fn streamed_text_and_tool_use_split_across_reads() {
     assert_eq!(deltas[0].name.as_deref(), Some("get_weather"));
     let args: String = deltas.iter().map(|d| d.arguments.as_str()).collect();
     assert_eq!(args, r#"{"location": "San Francisco"}"#);
-    let usage = Usage::new(25 + 1000 + 50, 89).with_cached_input(1000);
+    let usage = Usage::new(25 + 1000 + 50, 89)
+        .with_cached_input(1000)
+        .with_cache_writes(50, 0);
     assert!(events.contains(&StreamEvent::Usage(usage)));
     let end = done_of(&events).unwrap();
     assert_eq!(end.finish_reason, FinishReason::ToolCalls);

@@ -4,12 +4,19 @@
 //! [`TiktokenCounter`], uses tiktoken-rs's `o200k_base` and `cl100k_base` encodings,
 //! each loaded once per process on first use.
 
+mod claude_count;
+mod compress;
 mod fit;
+mod summarize;
 
 use std::fmt;
 use std::sync::OnceLock;
 
-pub use fit::{ContextBudget, CountCache, Fitted, Summarizer};
+pub use claude_count::ClaudeTokenCounter;
+pub use compress::{Compressed, Compressor, MAX_SENTENCES, normalize};
+pub(crate) use fit::current_turn_start;
+pub use fit::{BREVITY_INSTRUCTION, ContextBudget, CountCache, Fitted, RouteBudget, Summarizer};
+pub use summarize::{ModelSummarizer, SUMMARY_INSTRUCTION};
 
 use tiktoken_rs::CoreBPE;
 

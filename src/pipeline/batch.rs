@@ -1250,12 +1250,7 @@ impl Pipeline {
 }
 
 fn add_usage(a: Usage, b: Usage) -> Usage {
-    Usage {
-        input_tokens: a.input_tokens + b.input_tokens,
-        output_tokens: a.output_tokens + b.output_tokens,
-        cached_input_tokens: a.cached_input_tokens + b.cached_input_tokens,
-        estimated: a.estimated || b.estimated,
-    }
+    a + b
 }
 
 // ---------------------------------------------------------------------------------------

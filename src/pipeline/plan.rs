@@ -66,6 +66,11 @@ impl Inner {
             ));
         };
         let validated = self.validator.is_some() && !route.escalation.is_empty();
+        // the `max_tokens` the context budget gives a request that sets none
+        let max_tokens = match &self.context {
+            Some(c) => c.max_tokens_for(req),
+            None => req.params.max_tokens,
+        };
         let mut prompt_tokens: Vec<(TokenizerKind, u64)> = Vec::with_capacity(2);
         let escalation: &[Arc<ModelSpec>] = if validated { &route.escalation } else { &[] };
         let mut worst = Cost::ZERO;
@@ -81,7 +86,7 @@ impl Inner {
                     n
                 }
             };
-            let c = m.worst_case_cost(n, req.params.max_tokens);
+            let c = m.worst_case_cost(n, max_tokens);
             if i < route.targets.len() {
                 if c > worst {
                     second = worst;
@@ -94,7 +99,7 @@ impl Inner {
             }
         }
         let primary_prompt = count_for(&prompt_tokens, primary.tokenizer);
-        let token_estimate = primary_prompt + primary.output_allowance(req.params.max_tokens);
+        let token_estimate = primary_prompt + primary.output_allowance(max_tokens);
         let prompt_cost = primary.pricing.input.cost_of(primary_prompt);
         let cache = match &self.cache {
             // A routed request is keyed by the model the router chose, never by

@@ -15,6 +15,7 @@ use super::http::{
 };
 use super::keys::ApiKey;
 use super::openai::parameters;
+use super::prompt_cache::{self, PromptCacheTtl, PromptCaching, SharedCaching};
 use super::sse::SseEvent;
 use super::{Provider, ProviderCall};
 use crate::error::{ProviderError, ProviderErrorKind};
@@ -38,6 +39,7 @@ const MAX_TOOL_BLOCKS: usize = 128;
 pub struct AnthropicBuilder {
     http: HttpSettings,
     version: String,
+    caching: PromptCaching,
 }
 
 impl AnthropicBuilder {
@@ -46,6 +48,25 @@ impl AnthropicBuilder {
     /// The `anthropic-version` header (default [`ANTHROPIC_VERSION`]).
     pub fn version(mut self, version: impl Into<String>) -> Self {
         self.version = version.into();
+        self
+    }
+
+    /// Where prompt-cache breakpoints go (default: [`PromptCaching::default`], on).
+    pub fn prompt_caching(mut self, caching: PromptCaching) -> Self {
+        self.caching = caching;
+        self
+    }
+
+    /// The lifetime of cached prompt prefixes (default five minutes).
+    pub fn prompt_cache_ttl(mut self, ttl: PromptCacheTtl) -> Self {
+        self.caching.ttl = ttl;
+        self
+    }
+
+    /// The lifetime of cached prompt prefixes for requests whose `meta.feature` is
+    /// `feature`.
+    pub fn prompt_cache_ttl_for(mut self, feature: impl Into<String>, ttl: PromptCacheTtl) -> Self {
+        self.caching.routes.insert(feature.into(), ttl);
         self
     }
 
@@ -71,6 +92,7 @@ impl AnthropicBuilder {
         let core = self.http.build(true)?;
         Ok(Anthropic {
             core: Arc::new(core),
+            caching: Arc::new(self.caching),
         })
     }
 }
@@ -110,12 +132,14 @@ impl AnthropicBuilder {
 #[derive(Clone)]
 pub struct Anthropic {
     core: Arc<HttpCore>,
+    caching: SharedCaching,
 }
 
 impl fmt::Debug for Anthropic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Anthropic")
             .field("core", &self.core)
+            .field("caching", &self.caching)
             .finish()
     }
 }
@@ -131,6 +155,7 @@ impl Anthropic {
                 Auth::Header(reqwest::header::HeaderName::from_static("x-api-key")),
             ),
             version: ANTHROPIC_VERSION.to_owned(),
+            caching: PromptCaching::default(),
         }
     }
 
@@ -158,9 +183,11 @@ impl Anthropic {
     pub(crate) fn body(&self, call: &ProviderCall<'_>, streaming: bool) -> Result<Vec<u8>> {
         let req = call.request;
         let p = &req.params;
+        let marks = prompt_cache::breakpoints(&self.caching, req, call.prompt_tokens);
+        let mut history_mark: Option<(usize, usize)> = None;
         let mut system: Vec<String> = Vec::new();
         let mut messages: Vec<(&'static str, Vec<Value>)> = Vec::new();
-        for m in &req.messages {
+        for (i, m) in req.messages.iter().enumerate() {
             let (role, blocks) = match m.role {
                 Role::System => {
                     system.push(m.content.clone());
@@ -204,25 +231,43 @@ impl Anthropic {
                 Some((r, existing)) if *r == role => existing.extend(blocks),
                 _ => messages.push((role, blocks)),
             }
+            if marks.history == Some(i) {
+                history_mark = messages
+                    .last()
+                    .map(|(_, b)| (messages.len() - 1, b.len() - 1));
+            }
         }
+        // (text, ends a cached section)
+        let mut system: Vec<(String, bool)> = vec![(system.join("\n\n"), marks.system)];
         if let Some(d) = documents_text(&req.documents) {
-            system.push(d);
+            system.push((d, marks.documents));
         }
         match &p.response_format {
-            Some(ResponseFormat::JsonObject) => {
-                system.push("Answer with a single JSON object and nothing else.".into());
-            }
-            Some(ResponseFormat::JsonSchema { name, schema }) => system.push(format!(
-                "Answer with a single JSON object and nothing else, matching the JSON schema \
-                 `{name}`:\n{schema}"
+            Some(ResponseFormat::JsonObject) => system.push((
+                "Answer with a single JSON object and nothing else.".into(),
+                false,
+            )),
+            Some(ResponseFormat::JsonSchema { name, schema }) => system.push((
+                format!(
+                    "Answer with a single JSON object and nothing else, matching the JSON \
+                     schema `{name}`:\n{schema}"
+                ),
+                false,
             )),
             Some(ResponseFormat::Text) | None => {}
         }
         let max_tokens = call.model.output_allowance(p.max_tokens);
+        let cache_control = self.caching.ttl_for(req).cache_control();
+        if let Some((m, b)) = history_mark {
+            if let Some(block) = messages.get_mut(m).and_then(|(_, bs)| bs.get_mut(b)) {
+                block["cache_control"] = cache_control.clone();
+            }
+        }
         let messages: Vec<Value> = messages
             .into_iter()
             .map(|(role, content)| json!({"role": role, "content": content}))
             .collect();
+        system.retain(|(text, _)| !text.is_empty());
         let mut body = json!({
             "model": call.model.name,
             "max_tokens": max_tokens,
@@ -232,8 +277,22 @@ impl Anthropic {
             Some(o) => o,
             None => return Err(Error::InvalidRequest("request body".into())),
         };
-        if !system.is_empty() {
-            obj.insert("system".into(), system.join("\n\n").into());
+        if system.iter().any(|(_, mark)| *mark) {
+            // as blocks, so that a breakpoint can end the system prompt or the documents
+            let blocks: Vec<Value> = system
+                .iter()
+                .map(|(text, mark)| {
+                    let mut b = json!({"type": "text", "text": text});
+                    if *mark {
+                        b["cache_control"] = cache_control.clone();
+                    }
+                    b
+                })
+                .collect();
+            obj.insert("system".into(), blocks.into());
+        } else if !system.is_empty() {
+            let texts: Vec<&str> = system.iter().map(|(t, _)| t.as_str()).collect();
+            obj.insert("system".into(), texts.join("\n\n").into());
         }
         if let Some(t) = p.temperature {
             obj.insert("temperature".into(), json!(t));
@@ -256,6 +315,10 @@ impl Anthropic {
                     v
                 })
                 .collect();
+            let mut tools = tools;
+            if let (true, Some(last)) = (marks.tools, tools.last_mut()) {
+                last["cache_control"] = cache_control.clone();
+            }
             obj.insert("tools".into(), tools.into());
         }
         if let Some(choice) = &p.tool_choice {
@@ -429,6 +492,15 @@ struct WireUsage {
     cache_read_input_tokens: Option<u64>,
     #[serde(default)]
     cache_creation_input_tokens: Option<u64>,
+    /// The writes by lifetime.
+    #[serde(default)]
+    cache_creation: Option<WireCacheCreation>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct WireCacheCreation {
+    #[serde(default)]
+    ephemeral_1h_input_tokens: Option<u64>,
 }
 
 /// Usage as it accumulates over a stream: later reports override earlier ones.
@@ -438,6 +510,7 @@ struct UsageParts {
     output: Option<u64>,
     cache_read: Option<u64>,
     cache_write: Option<u64>,
+    cache_write_1h: Option<u64>,
 }
 
 impl UsageParts {
@@ -446,6 +519,10 @@ impl UsageParts {
         self.output = u.output_tokens.or(self.output);
         self.cache_read = u.cache_read_input_tokens.or(self.cache_read);
         self.cache_write = u.cache_creation_input_tokens.or(self.cache_write);
+        self.cache_write_1h = u
+            .cache_creation
+            .and_then(|c| c.ephemeral_1h_input_tokens)
+            .or(self.cache_write_1h);
         self
     }
 
@@ -454,12 +531,18 @@ impl UsageParts {
             return None;
         }
         let read = self.cache_read.unwrap_or(0);
+        let write = self.cache_write.unwrap_or(0);
+        let write_1h = self.cache_write_1h.unwrap_or(0).min(write);
         let input = self
             .input
             .unwrap_or(0)
             .saturating_add(read)
-            .saturating_add(self.cache_write.unwrap_or(0));
-        Some(Usage::new(input, self.output.unwrap_or(0)).with_cached_input(read))
+            .saturating_add(write);
+        Some(
+            Usage::new(input, self.output.unwrap_or(0))
+                .with_cached_input(read)
+                .with_cache_writes(write - write_1h, write_1h),
+        )
     }
 }
 
@@ -701,6 +784,7 @@ mod tests {
                 output_tokens: Some(1),
                 cache_read_input_tokens: Some(100),
                 cache_creation_input_tokens: Some(20),
+                cache_creation: None,
             })
             .merge(WireUsage {
                 output_tokens: Some(15),
@@ -708,7 +792,12 @@ mod tests {
             })
             .usage()
             .unwrap();
-        assert_eq!(u, Usage::new(130, 15).with_cached_input(100));
+        assert_eq!(
+            u,
+            Usage::new(130, 15)
+                .with_cached_input(100)
+                .with_cache_writes(20, 0)
+        );
     }
 
     /// Feeds `body` to the whole-answer parser and `stream` to the stream translator:

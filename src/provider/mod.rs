@@ -34,6 +34,7 @@ mod anthropic;
 pub(crate) mod http;
 mod keys;
 mod openai;
+mod prompt_cache;
 mod service;
 mod simulated;
 pub mod sse;
@@ -52,6 +53,7 @@ pub use openai::{
     Embeddings, MaxTokensField, OPENAI_BASE_URL, OpenAiCompatible, OpenAiCompatibleBuilder,
     OpenAiEmbedder,
 };
+pub use prompt_cache::{PromptCacheTtl, PromptCaching};
 pub use service::ProviderService;
 pub use simulated::{Outage, SimulatedProvider, SimulatedProviderBuilder};
 

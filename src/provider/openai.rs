@@ -45,6 +45,7 @@ pub struct OpenAiCompatibleBuilder {
     http: HttpSettings,
     max_tokens_field: MaxTokensField,
     stream_usage: bool,
+    prompt_cache_key: bool,
 }
 
 impl OpenAiCompatibleBuilder {
@@ -61,6 +62,15 @@ impl OpenAiCompatibleBuilder {
     /// counted with the tokenizer and marked estimated.
     pub fn stream_usage(mut self, on: bool) -> Self {
         self.stream_usage = on;
+        self
+    }
+
+    /// Whether requests with a stable prefix (system messages, tools or documents) carry
+    /// a `prompt_cache_key` (default on): the same for one tenant (`meta.org`, else
+    /// `meta.user`) and prefix, so that the provider serves them from one prompt cache.
+    /// Turn it off for a server that rejects unknown fields.
+    pub fn prompt_cache_key(mut self, on: bool) -> Self {
+        self.prompt_cache_key = on;
         self
     }
 
@@ -83,6 +93,7 @@ impl OpenAiCompatibleBuilder {
                 core: Arc::new(core),
                 max_tokens_field: self.max_tokens_field,
                 stream_usage: self.stream_usage,
+                prompt_cache_key: self.prompt_cache_key,
             }),
         })
     }
@@ -92,6 +103,7 @@ struct Inner {
     core: Arc<HttpCore>,
     max_tokens_field: MaxTokensField,
     stream_usage: bool,
+    prompt_cache_key: bool,
 }
 
 /// A provider for the OpenAI chat completions API and every server that speaks it:
@@ -141,6 +153,7 @@ impl fmt::Debug for OpenAiCompatible {
             .field("core", &self.inner.core)
             .field("max_tokens_field", &self.inner.max_tokens_field)
             .field("stream_usage", &self.inner.stream_usage)
+            .field("prompt_cache_key", &self.inner.prompt_cache_key)
             .finish()
     }
 }
@@ -153,6 +166,7 @@ impl OpenAiCompatible {
             http: HttpSettings::new("openai", OPENAI_BASE_URL, Auth::Bearer),
             max_tokens_field: MaxTokensField::default(),
             stream_usage: true,
+            prompt_cache_key: true,
         }
     }
 
@@ -251,6 +265,11 @@ impl OpenAiCompatible {
                 name => json!({"type": "function", "function": {"name": name}}),
             };
             obj.insert("tool_choice".into(), v);
+        }
+        if self.inner.prompt_cache_key {
+            if let Some(key) = super::prompt_cache::prompt_cache_key(req) {
+                obj.insert("prompt_cache_key".into(), key.into());
+            }
         }
         if streaming {
             obj.insert("stream".into(), true.into());

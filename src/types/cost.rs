@@ -178,7 +178,11 @@ impl<'de> Deserialize<'de> for Price {
     }
 }
 
-/// The three prices of a model.
+/// The prices of a model.
+///
+/// Prompt-cache writes are priced from `cache_write_per_mtok` (five-minute lifetime) and
+/// `cache_write_1h_per_mtok` (one hour); unset, they are 1.25× and 2× the input price,
+/// Anthropic's published multipliers. Reads are `cached_input_per_mtok`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Pricing {
     /// Per million input tokens not read from the provider's prompt cache.
@@ -190,6 +194,21 @@ pub struct Pricing {
     /// Per million input tokens read from the provider's prompt cache.
     #[serde(rename = "cached_input_per_mtok")]
     pub cached_input: Price,
+    /// Per million input tokens written to the provider's prompt cache with a
+    /// five-minute lifetime (unset: 1.25× `input`).
+    #[serde(
+        rename = "cache_write_per_mtok",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cache_write: Option<Price>,
+    /// Per million input tokens written with a one-hour lifetime (unset: 2× `input`).
+    #[serde(
+        rename = "cache_write_1h_per_mtok",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cache_write_1h: Option<Price>,
 }
 
 impl Pricing {
@@ -199,16 +218,56 @@ impl Pricing {
             input: Price::per_mtok(input)?,
             output: Price::per_mtok(output)?,
             cached_input: Price::per_mtok(cached_input)?,
+            cache_write: None,
+            cache_write_1h: None,
         })
     }
 
-    /// The cost of `usage`. `usage.input_tokens` includes the cached ones, which are
-    /// priced at the cached-input price.
+    /// Sets the prompt-cache write prices, in dollars per million tokens (five-minute
+    /// and one-hour lifetimes). `None` if either is negative or not finite.
+    pub fn with_cache_writes(mut self, five_minutes: f64, one_hour: f64) -> Option<Self> {
+        self.cache_write = Some(Price::per_mtok(five_minutes)?);
+        self.cache_write_1h = Some(Price::per_mtok(one_hour)?);
+        Some(self)
+    }
+
+    /// The price of a five-minute prompt-cache write: the one set, else 1.25× input.
+    pub fn cache_write_price(&self) -> Price {
+        self.cache_write
+            .unwrap_or(Price(self.input.0.saturating_mul(5) / 4))
+    }
+
+    /// The price of a one-hour prompt-cache write: the one set, else 2× input.
+    pub fn cache_write_1h_price(&self) -> Price {
+        self.cache_write_1h
+            .unwrap_or(Price(self.input.0.saturating_mul(2)))
+    }
+
+    /// The cost of `usage`. `usage.input_tokens` includes the prompt-cache reads, priced
+    /// at the cached-input price, and the prompt-cache writes, priced at the write
+    /// prices; the rest at the input price.
     pub fn cost(&self, usage: &Usage) -> Cost {
         let cached = usage.cached_input_tokens.min(usage.input_tokens);
-        self.input.cost_of(usage.input_tokens - cached)
+        let writes = usage.cache_write_tokens.min(usage.input_tokens - cached);
+        let writes_1h = usage.cache_write_1h_tokens.min(writes);
+        self.input.cost_of(usage.input_tokens - cached - writes)
             + self.cached_input.cost_of(cached)
+            + self.cache_write_price().cost_of(writes - writes_1h)
+            + self.cache_write_1h_price().cost_of(writes_1h)
             + self.output.cost_of(usage.output_tokens)
+    }
+
+    /// What `usage` would have cost with no provider prompt cache: every input token at
+    /// the input price.
+    pub fn cost_without_prompt_cache(&self, usage: &Usage) -> Cost {
+        self.input.cost_of(usage.input_tokens) + self.output.cost_of(usage.output_tokens)
+    }
+
+    /// What the provider's prompt cache saved on `usage`, in nano-dollars: reads' discount
+    /// less writes' premium. Negative when a call wrote more than it read.
+    pub fn prompt_cache_saving(&self, usage: &Usage) -> i128 {
+        i128::from(self.cost_without_prompt_cache(usage).as_nanos())
+            - i128::from(self.cost(usage).as_nanos())
     }
 }
 
@@ -224,6 +283,8 @@ mod tests {
             input_tokens: 1_000,
             output_tokens: 500,
             cached_input_tokens: 200,
+            cache_write_tokens: 0,
+            cache_write_1h_tokens: 0,
             estimated: false,
         };
         // 800 * 2.5/1M + 200 * 1.25/1M + 500 * 10/1M = 0.002 + 0.00025 + 0.005
@@ -240,5 +301,37 @@ mod tests {
         );
         assert!(Price::per_mtok(-1.0).is_none());
         assert!(Price::per_mtok(f64::NAN).is_none());
+    }
+
+    #[test]
+    fn prompt_cache_writes_and_reads_are_priced_apart() {
+        // $3 in, $15 out, $0.30 cached: writes default to $3.75 (5 min) and $6 (1 h)
+        let p = Pricing::per_mtok(3.0, 15.0, 0.30).unwrap();
+        assert_eq!(p.cache_write_price(), Price::per_mtok(3.75).unwrap());
+        assert_eq!(p.cache_write_1h_price(), Price::per_mtok(6.0).unwrap());
+        // 10,000 prompt tokens: 6,000 read, 3,000 written (1,000 of them for an hour)
+        let u = Usage::new(10_000, 100)
+            .with_cached_input(6_000)
+            .with_cache_writes(2_000, 1_000);
+        // 1,000 * 3 + 6,000 * 0.3 + 2,000 * 3.75 + 1,000 * 6 + 100 * 15, per million
+        let nanos = 3_000_000 + 1_800_000 + 7_500_000 + 6_000_000 + 1_500_000;
+        assert_eq!(p.cost(&u), Cost::from_nanos(nanos));
+        assert_eq!(
+            p.cost_without_prompt_cache(&u),
+            Cost::from_nanos(30_000_000 + 1_500_000)
+        );
+        assert_eq!(p.prompt_cache_saving(&u), 31_500_000 - i128::from(nanos));
+        // a pure write costs more than no cache
+        let w = Usage::new(4_000, 0).with_cache_writes(4_000, 0);
+        assert_eq!(p.prompt_cache_saving(&w), -3_000_000);
+        // explicit catalogue prices win
+        let q = p.with_cache_writes(4.0, 7.0).unwrap();
+        assert_eq!(q.cost(&w), Cost::from_nanos(16_000_000));
+        assert!(p.with_cache_writes(-1.0, 1.0).is_none());
+        // counts beyond the prompt are clamped, never underflow
+        let odd = Usage::new(10, 0)
+            .with_cached_input(8)
+            .with_cache_writes(50, 50);
+        assert_eq!(p.cost(&odd), Cost::from_nanos(8 * 300 + 2 * 6_000));
     }
 }

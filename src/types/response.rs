@@ -17,6 +17,14 @@ pub struct Usage {
     /// Prompt tokens read from the provider's prompt cache (a subset of `input_tokens`).
     #[serde(default)]
     pub cached_input_tokens: u64,
+    /// Prompt tokens written to the provider's prompt cache (a subset of `input_tokens`;
+    /// Anthropic bills them above the input price).
+    #[serde(default)]
+    pub cache_write_tokens: u64,
+    /// Of `cache_write_tokens`, those written with a one-hour lifetime (billed higher
+    /// than five-minute writes).
+    #[serde(default)]
+    pub cache_write_1h_tokens: u64,
     /// True when tokenwise counted the tokens itself because the provider reported none.
     #[serde(default)]
     pub estimated: bool,
@@ -33,6 +41,10 @@ impl std::ops::Add for Usage {
             cached_input_tokens: self
                 .cached_input_tokens
                 .saturating_add(b.cached_input_tokens),
+            cache_write_tokens: self.cache_write_tokens.saturating_add(b.cache_write_tokens),
+            cache_write_1h_tokens: self
+                .cache_write_1h_tokens
+                .saturating_add(b.cache_write_1h_tokens),
             estimated: self.estimated || b.estimated,
         }
     }
@@ -45,6 +57,8 @@ impl Usage {
             input_tokens,
             output_tokens,
             cached_input_tokens: 0,
+            cache_write_tokens: 0,
+            cache_write_1h_tokens: 0,
             estimated: false,
         }
     }
@@ -53,6 +67,15 @@ impl Usage {
     #[must_use]
     pub fn with_cached_input(mut self, cached: u64) -> Self {
         self.cached_input_tokens = cached;
+        self
+    }
+
+    /// Sets the prompt tokens written to the provider's prompt cache: `five_minutes` with
+    /// a five-minute lifetime and `one_hour` with a one-hour one.
+    #[must_use]
+    pub fn with_cache_writes(mut self, five_minutes: u64, one_hour: u64) -> Self {
+        self.cache_write_tokens = five_minutes.saturating_add(one_hour);
+        self.cache_write_1h_tokens = one_hour;
         self
     }
 
