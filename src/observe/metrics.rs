@@ -311,16 +311,13 @@ pub(crate) fn record_request(r: &UsageRecord) {
     histogram!(REQUEST_DURATION, "model" => model, "cache" => cache, "result" => result)
         .record(r.latency.as_secs_f64());
     if let Some(t) = r.time_to_first_token {
-        histogram!(TIME_TO_FIRST_TOKEN, "model" => model, "cache" => cache)
-            .record(t.as_secs_f64());
+        histogram!(TIME_TO_FIRST_TOKEN, "model" => model, "cache" => cache).record(t.as_secs_f64());
     }
     if r.usage.input_tokens > 0 {
-        counter!(TOKENS, "model" => model, "type" => "input")
-            .increment(r.usage.input_tokens);
+        counter!(TOKENS, "model" => model, "type" => "input").increment(r.usage.input_tokens);
     }
     if r.usage.output_tokens > 0 {
-        counter!(TOKENS, "model" => model, "type" => "output")
-            .increment(r.usage.output_tokens);
+        counter!(TOKENS, "model" => model, "type" => "output").increment(r.usage.output_tokens);
     }
     if !r.cost.is_zero() {
         counter!(COST, "model" => model).increment(r.cost.as_nanos());
@@ -440,8 +437,7 @@ pub fn record_budget_status(caps: &[CapStatus]) {
             used.as_nanos() as f64 / cap.limit.as_nanos() as f64
         };
         gauge!(BUDGET_UTILIZATION, "scope" => scope, "window" => window).set(ratio);
-        gauge!(BUDGET_SPENT, "scope" => scope, "window" => window)
-            .set(cap.spent.as_dollars_f64());
+        gauge!(BUDGET_SPENT, "scope" => scope, "window" => window).set(cap.spent.as_dollars_f64());
         gauge!(BUDGET_RESERVED, "scope" => scope, "window" => window)
             .set(cap.reserved.as_dollars_f64());
         gauge!(BUDGET_LIMIT, "scope" => scope, "window" => window).set(cap.limit.as_dollars_f64());
