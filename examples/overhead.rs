@@ -10,11 +10,17 @@
 //! tokens, per-user and global spend caps, the exact cache, circuit breakers, retries,
 //! the usage report. Misses are unique questions (cache misses that reach the
 //! provider); hits repeat one question. The last line:
-//! `miss_p50_us=… miss_p99_us=… hit_p99_us=… throughput_rps=…`, where the latencies are
-//! the time added over the bare call, and throughput is misses per second through the
-//! pipeline with 64 concurrent callers on a two-thread runtime.
+//! `miss_p50_us=… miss_p99_us=… hit_p99_us=… throughput_rps=… allocs_per_miss=… allocs_per_hit=…`,
+//! where the latencies are the time added over the bare call, throughput is misses per
+//! second through the pipeline with 64 concurrent callers on a two-thread runtime, and
+//! the allocation counts are heap allocations per call through the pipeline, the
+//! provider's own answer included (a bare call's count is printed above it; the request
+//! itself is built before counting starts), measured by a counting allocator that is
+//! switched on only for the sequential phases.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -23,6 +29,53 @@ use tokenwise::provider::{Provider, ProviderCall};
 use tokenwise::{
     Catalog, ChatRequest, ChatResponse, ChatStream, Cost, FinishReason, Pipeline, ScopeKind, Usage,
 };
+
+/// The system allocator, counting allocations (and reallocations) while switched on.
+struct Counting;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the counter only
+// observes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: as above.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Allocations counted while `COUNTING` was on, from zero.
+fn allocs_counted() -> u64 {
+    ALLOCS.load(Ordering::Relaxed)
+}
 
 /// Answers at once, with fixed usage: no tokenizer, no sleep.
 #[derive(Debug)]
@@ -110,32 +163,51 @@ async fn run() -> tokenwise::Result<()> {
 
     // bare provider calls
     let mut bare = Vec::with_capacity(N);
+    let mut bare_allocs = 0;
     for i in 0..N {
         let req = question(i);
+        let a0 = allocs_counted();
+        COUNTING.store(true, Ordering::Relaxed);
         let t0 = Instant::now();
-        std::hint::black_box(provider.chat(ProviderCall::new(&req, &model)).await?);
+        let r = std::hint::black_box(provider.chat(ProviderCall::new(&req, &model)).await?);
         bare.push(t0.elapsed());
+        COUNTING.store(false, Ordering::Relaxed);
+        bare_allocs += allocs_counted() - a0;
+        drop(r);
     }
     // misses through the pipeline (unique questions)
     let mut miss = Vec::with_capacity(N);
+    let mut miss_allocs = 0;
     for i in 0..N {
         let req = question(2_000_000 + i);
+        let a0 = allocs_counted();
+        COUNTING.store(true, Ordering::Relaxed);
         let t0 = Instant::now();
         let r = pipe.chat(req).await?;
         miss.push(t0.elapsed());
+        COUNTING.store(false, Ordering::Relaxed);
+        miss_allocs += allocs_counted() - a0;
         assert!(!r.served.is_cache_hit());
     }
     // hits (one repeated question)
     let hot = question(7);
     pipe.chat(hot.clone()).await?;
     let mut hit = Vec::with_capacity(N);
+    let mut hit_allocs = 0;
     for _ in 0..N {
         let req = hot.clone();
+        let a0 = allocs_counted();
+        COUNTING.store(true, Ordering::Relaxed);
         let t0 = Instant::now();
         let r = pipe.chat(req).await?;
         hit.push(t0.elapsed());
+        COUNTING.store(false, Ordering::Relaxed);
+        hit_allocs += allocs_counted() - a0;
         assert!(r.served.is_cache_hit());
     }
+    let per_call = |n: u64| n as f64 / N as f64;
+    let (allocs_per_miss, allocs_per_hit) = (per_call(miss_allocs), per_call(hit_allocs));
+    let allocs_per_bare = per_call(bare_allocs);
 
     let bare_p50 = percentile(&mut bare, 0.50);
     let bare_p99 = percentile(&mut bare, 0.99);
@@ -181,7 +253,10 @@ async fn run() -> tokenwise::Result<()> {
         t0.elapsed().as_secs_f64()
     );
     println!(
-        "miss_p50_us={miss_p50:.2} miss_p99_us={miss_p99:.2} hit_p99_us={hit_p99:.2} throughput_rps={rps:.0}"
+        "heap allocations per call: bare {allocs_per_bare:.1}, miss {allocs_per_miss:.1}, hit {allocs_per_hit:.1}"
+    );
+    println!(
+        "miss_p50_us={miss_p50:.2} miss_p99_us={miss_p99:.2} hit_p99_us={hit_p99:.2} throughput_rps={rps:.0} allocs_per_miss={allocs_per_miss:.1} allocs_per_hit={allocs_per_hit:.1}"
     );
     Ok(())
 }

@@ -60,7 +60,7 @@
 //! | [`resilience`] | retries, breakers, hedging, concurrency | [`RetryPolicy`](resilience::RetryPolicy), [`Breakers`](resilience::Breakers), [`Concurrency`](resilience::Concurrency) |
 //! | [`observe`] | spans and usage records | [`MemoryUsage`](observe::MemoryUsage) |
 //! | [`batch`] | provider batch APIs at their discount | [`SimulatedBatch`](batch::SimulatedBatch); HTTP: [`OpenAiBatch`](batch::OpenAiBatch), [`AnthropicBatch`](batch::AnthropicBatch) |
-//! | [`clock`] | time | [`TokioClock`] |
+//! | [`clock`] | time | [`TscClock`], [`TokioClock`] |
 //!
 //! With the cargo feature `redis`, `RedisLimiter` and `RedisBudget` share limits and
 //! caps across every replica of a service.
@@ -95,7 +95,7 @@ pub mod resilience;
 pub mod router;
 pub mod types;
 
-pub use clock::{Clock, ManualClock, Timestamp, TokioClock};
+pub use clock::{Clock, ManualClock, Timestamp, TokioClock, TscClock};
 pub use context::TokenCounter;
 pub use error::{BoxError, Error, ProviderError, ProviderErrorKind, RateLimits, Result};
 pub use pipeline::{

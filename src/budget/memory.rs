@@ -72,7 +72,7 @@ impl MemoryBudgetBuilder {
         self
     }
 
-    /// The clock windows are read from (default: [`TokioClock`](crate::TokioClock)).
+    /// The clock windows are read from (default: [`TscClock`](crate::TscClock), or [`TokioClock`](crate::TokioClock) when built under paused tokio time; see [`clock`](crate::clock)).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = Some(clock);
         self

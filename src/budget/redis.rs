@@ -131,7 +131,7 @@ impl RedisBudget {
         self
     }
 
-    /// The clock windows are read from (default: [`TokioClock`](crate::TokioClock)).
+    /// The clock windows are read from (default: [`TscClock`](crate::TscClock), or [`TokioClock`](crate::TokioClock) when built under paused tokio time; see [`clock`](crate::clock)).
     #[must_use]
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;

@@ -58,7 +58,7 @@ impl ExactCacheBuilder {
         self
     }
 
-    /// The clock TTLs are measured on (default: [`TokioClock`](crate::TokioClock)).
+    /// The clock TTLs are measured on (default: [`TscClock`](crate::TscClock), or [`TokioClock`](crate::TokioClock) when built under paused tokio time; see [`clock`](crate::clock)).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = Some(clock);
         self

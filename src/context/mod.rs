@@ -1,8 +1,9 @@
 //! Token counting and context-window budgeting.
 //!
 //! [`TokenCounter`] turns text into a token count for a model's tokenizer. The default,
-//! [`TiktokenCounter`], uses tiktoken-rs's `o200k_base` and `cl100k_base` encodings,
-//! each loaded once per process on first use.
+//! [`TiktokenCounter`], counts exactly as tiktoken's `o200k_base` and `cl100k_base`
+//! encodings do, with the `bpe-openai` byte-pair encoder (a linear-time count that needs
+//! no token list), each encoding loaded once per process on first use.
 
 mod claude_count;
 mod compress;
@@ -10,15 +11,12 @@ mod fit;
 mod summarize;
 
 use std::fmt;
-use std::sync::OnceLock;
 
 pub use claude_count::ClaudeTokenCounter;
 pub use compress::{Compressed, Compressor, MAX_SENTENCES, normalize};
 pub(crate) use fit::current_turn_start;
 pub use fit::{BREVITY_INSTRUCTION, ContextBudget, CountCache, Fitted, RouteBudget, Summarizer};
 pub use summarize::{ModelSummarizer, SUMMARY_INSTRUCTION};
-
-use tiktoken_rs::CoreBPE;
 
 use crate::types::{ChatRequest, Message, TokenizerKind};
 
@@ -80,24 +78,14 @@ pub trait TokenCounter: Send + Sync + fmt::Debug {
     }
 }
 
-type Encoding = Result<CoreBPE, String>;
-
-fn o200k() -> &'static Encoding {
-    static ENC: OnceLock<Encoding> = OnceLock::new();
-    ENC.get_or_init(|| tiktoken_rs::o200k_base().map_err(|e| e.to_string()))
-}
-
-fn cl100k() -> &'static Encoding {
-    static ENC: OnceLock<Encoding> = OnceLock::new();
-    ENC.get_or_init(|| tiktoken_rs::cl100k_base().map_err(|e| e.to_string()))
-}
-
-/// Exact counts for OpenAI models with tiktoken-rs; the documented approximation
-/// (`cl100k_base` + 10 %) for Anthropic models.
+/// Exact token counts for OpenAI models, as tiktoken's encodings give them; the
+/// documented approximation (`cl100k_base` + 10 %) for Anthropic models.
 ///
-/// The encodings are built once per process, on first use (a few tens of milliseconds),
-/// and shared by every counter. Should an encoding ever fail to load, counting falls back
-/// to one token per three bytes, which over-counts: budgets then err on the safe side.
+/// Counting uses `bpe-openai`: the same pre-tokenisation and merges as tiktoken, counted
+/// without building the token list, and with no per-thread regex pool to contend on.
+/// The encodings are built once per process, on first use (tens of milliseconds for
+/// `o200k_base`), and shared by every counter; [`preload`](Self::preload) builds them
+/// ahead of the first request.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TiktokenCounter;
 
@@ -108,13 +96,12 @@ impl TiktokenCounter {
     }
 
     /// Builds the encodings now rather than on the first count.
+    ///
+    /// The encodings ship inside the binary, so this cannot fail; it returns a `Result`
+    /// so that a counter whose tables are loaded from elsewhere can report a failure.
     pub fn preload(&self) -> crate::Result<()> {
-        for enc in [o200k(), cl100k()] {
-            if let Err(e) = enc {
-                return Err(crate::Error::Config(format!(
-                    "tokenizer failed to load: {e}"
-                )));
-            }
+        for enc in [bpe_openai::o200k_base(), bpe_openai::cl100k_base()] {
+            std::hint::black_box(enc.count(""));
         }
         Ok(())
     }
@@ -126,13 +113,10 @@ impl TokenCounter for TiktokenCounter {
             return 0;
         }
         let enc = match tokenizer {
-            TokenizerKind::O200k => o200k(),
-            TokenizerKind::Cl100k | TokenizerKind::ClaudeApprox => cl100k(),
+            TokenizerKind::O200k => bpe_openai::o200k_base(),
+            TokenizerKind::Cl100k | TokenizerKind::ClaudeApprox => bpe_openai::cl100k_base(),
         };
-        let n = match enc {
-            Ok(bpe) => bpe.encode_ordinary(text).len() as u64,
-            Err(_) => (text.len() as u64).div_ceil(3),
-        };
+        let n = enc.count(text) as u64;
         match tokenizer {
             TokenizerKind::ClaudeApprox => n + n.div_ceil(10),
             _ => n,

@@ -122,7 +122,7 @@ impl RedisLimiter {
         self
     }
 
-    /// The clock (default: [`TokioClock`](crate::TokioClock)).
+    /// The clock (default: [`TscClock`](crate::TscClock), or [`TokioClock`](crate::TokioClock) when built under paused tokio time; see [`clock`](crate::clock)).
     #[must_use]
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;

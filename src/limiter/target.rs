@@ -45,7 +45,7 @@ impl TargetLimitsBuilder {
         self
     }
 
-    /// The clock (default: [`TokioClock`](crate::TokioClock)).
+    /// The clock (default: [`TscClock`](crate::TscClock), or [`TokioClock`](crate::TokioClock) when built under paused tokio time; see [`clock`](crate::clock)).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = Some(clock);
         self

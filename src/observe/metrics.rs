@@ -147,32 +147,38 @@ pub const MAX_LABEL_VALUES: usize = 200;
 const MAX_LABEL_LEN: usize = 64;
 const OTHER: &str = "other";
 
-/// A bounded set of label values.
-struct Labels(LazyLock<RwLock<HashSet<String>>>);
+/// A bounded set of label values, interned: each distinct value is stored once for the
+/// life of the process (at most [`MAX_LABEL_VALUES`] of at most 64 bytes per label), so
+/// labelling a metric allocates nothing once its values have been seen.
+struct Labels(LazyLock<RwLock<HashSet<&'static str>>>);
 
 impl Labels {
     const fn new() -> Self {
         Labels(LazyLock::new(|| RwLock::new(HashSet::new())))
     }
 
-    fn get(&self, value: &str) -> String {
+    fn get(&self, value: &str) -> &'static str {
         let value = truncate(value);
         {
             let seen = self.0.read().unwrap_or_else(|p| p.into_inner());
-            if seen.contains(value) {
-                return value.to_owned();
+            if let Some(v) = seen.get(value) {
+                return v;
             }
             if seen.len() >= MAX_LABEL_VALUES {
-                return OTHER.to_owned();
+                return OTHER;
             }
         }
         let mut seen = self.0.write().unwrap_or_else(|p| p.into_inner());
-        if seen.len() < MAX_LABEL_VALUES || seen.contains(value) {
-            seen.insert(value.to_owned());
-            value.to_owned()
-        } else {
-            OTHER.to_owned()
+        if let Some(v) = seen.get(value) {
+            return v;
         }
+        if seen.len() >= MAX_LABEL_VALUES {
+            return OTHER;
+        }
+        // Bounded above: at most MAX_LABEL_VALUES strings of at most MAX_LABEL_LEN bytes.
+        let v: &'static str = Box::leak(value.to_owned().into_boxed_str());
+        seen.insert(v);
+        v
     }
 }
 
@@ -193,7 +199,7 @@ static STATUSES: Labels = Labels::new();
 static MODES: Labels = Labels::new();
 static SCOPES: Labels = Labels::new();
 
-fn model_label(model: Option<&str>) -> String {
+fn model_label(model: Option<&str>) -> &'static str {
     MODELS.get(model.unwrap_or("none"))
 }
 
@@ -319,31 +325,28 @@ pub(crate) fn record_request(r: &UsageRecord) {
     let cache = if r.is_cache_hit() { "hit" } else { "miss" };
     let (status, result) = match &r.outcome {
         Outcome::Error(reason) => (STATUSES.get(reason), "error"),
-        _ => ("ok".to_owned(), "ok"),
+        _ => ("ok", "ok"),
     };
-    counter!(REQUESTS, "model" => model.clone(), "status" => status, "cache" => cache).increment(1);
-    histogram!(REQUEST_DURATION, "model" => model.clone(), "cache" => cache, "result" => result)
+    counter!(REQUESTS, "model" => model, "status" => status, "cache" => cache).increment(1);
+    histogram!(REQUEST_DURATION, "model" => model, "cache" => cache, "result" => result)
         .record(r.latency.as_secs_f64());
     if let Some(t) = r.time_to_first_token {
-        histogram!(TIME_TO_FIRST_TOKEN, "model" => model.clone(), "cache" => cache)
-            .record(t.as_secs_f64());
+        histogram!(TIME_TO_FIRST_TOKEN, "model" => model, "cache" => cache).record(t.as_secs_f64());
     }
     if r.usage.input_tokens > 0 {
-        counter!(TOKENS, "model" => model.clone(), "type" => "input")
-            .increment(r.usage.input_tokens);
+        counter!(TOKENS, "model" => model, "type" => "input").increment(r.usage.input_tokens);
     }
     if r.usage.output_tokens > 0 {
-        counter!(TOKENS, "model" => model.clone(), "type" => "output")
-            .increment(r.usage.output_tokens);
+        counter!(TOKENS, "model" => model, "type" => "output").increment(r.usage.output_tokens);
     }
     if !r.cost.is_zero() {
-        counter!(COST, "model" => model.clone()).increment(r.cost.as_nanos());
+        counter!(COST, "model" => model).increment(r.cost.as_nanos());
     }
     if !r.saved.is_zero() {
-        counter!(COST_SAVED, "model" => model.clone()).increment(r.saved.as_nanos());
+        counter!(COST_SAVED, "model" => model).increment(r.saved.as_nanos());
     }
     if r.fallbacks > 0 {
-        counter!(FALLBACKS, "model" => model.clone()).increment(1);
+        counter!(FALLBACKS, "model" => model).increment(1);
     }
     if r.escalated {
         counter!(ESCALATIONS, "model" => model).increment(1);
@@ -367,7 +370,7 @@ pub(crate) fn record_request(r: &UsageRecord) {
 pub(crate) fn record_attempt(provider: &str, model: &str, status: &str, took: Duration) {
     let provider = PROVIDERS.get(provider);
     let model = MODELS.get(model);
-    counter!(ATTEMPTS, "provider" => provider.clone(), "model" => model.clone(), "status" => STATUSES.get(status))
+    counter!(ATTEMPTS, "provider" => provider, "model" => model, "status" => STATUSES.get(status))
         .increment(1);
     histogram!(ATTEMPT_DURATION, "provider" => provider, "model" => model)
         .record(took.as_secs_f64());
@@ -459,10 +462,9 @@ pub fn record_budget_status(caps: &[CapStatus]) {
         } else {
             used.as_nanos() as f64 / cap.limit.as_nanos() as f64
         };
-        gauge!(BUDGET_UTILIZATION, "scope" => scope.clone(), "window" => window).set(ratio);
-        gauge!(BUDGET_SPENT, "scope" => scope.clone(), "window" => window)
-            .set(cap.spent.as_dollars_f64());
-        gauge!(BUDGET_RESERVED, "scope" => scope.clone(), "window" => window)
+        gauge!(BUDGET_UTILIZATION, "scope" => scope, "window" => window).set(ratio);
+        gauge!(BUDGET_SPENT, "scope" => scope, "window" => window).set(cap.spent.as_dollars_f64());
+        gauge!(BUDGET_RESERVED, "scope" => scope, "window" => window)
             .set(cap.reserved.as_dollars_f64());
         gauge!(BUDGET_LIMIT, "scope" => scope, "window" => window).set(cap.limit.as_dollars_f64());
     }

@@ -14,11 +14,10 @@ use crate::types::{ChatRequest, ChatResponse, ModelSpec};
 /// later. Fields never hold prompt or answer text.
 pub(crate) fn request_span(req: &ChatRequest, stream: bool) -> tracing::Span {
     let model = req.model.as_deref().unwrap_or("auto");
-    let name = format!("chat {model}");
     let p = &req.params;
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "gen_ai.chat",
-        "otel.name" = name.as_str(),
+        "otel.name" = Empty,
         "otel.status_code" = Empty,
         "gen_ai.operation.name" = "chat",
         "gen_ai.request.model" = model,
@@ -54,7 +53,12 @@ pub(crate) fn request_span(req: &ChatRequest, stream: bool) -> tracing::Span {
         "tokenwise.latency_ms" = Empty,
         "tokenwise.ttft_ms" = Empty,
         "tokenwise.outcome" = Empty,
-    )
+    );
+    // The name is formatted only when a subscriber takes the span.
+    if !span.is_disabled() {
+        span.record("otel.name", format!("chat {model}").as_str());
+    }
+    span
 }
 
 /// Errors that are tokenwise refusing a request rather than something failing.

@@ -32,7 +32,7 @@ enum CacheChoice {
 ///
 /// Defaults: the built-in model catalogue, a [`CatalogRouter`] (with the default model
 /// and fallbacks set here), an in-memory [`ExactCache`] (10,000 entries, one hour, per-org
-/// scope), no rate limits, no spend caps, tiktoken counting, and the tokio clock. Rate
+/// scope), no rate limits, no spend caps, exact tiktoken counting, and the default clock (see [`clock`](crate::clock)). Rate
 /// limits and caps set here configure the in-memory [`GcraLimiter`] and
 /// [`MemoryBudget`]; [`limiter`](Self::limiter) and [`budget`](Self::budget) replace them.
 ///
@@ -350,7 +350,7 @@ impl PipelineBuilder {
         self
     }
 
-    /// The clock for TTLs, limits and windows (default: [`TokioClock`](crate::TokioClock)).
+    /// The clock for TTLs, limits and windows (default: [`TscClock`](crate::TscClock), or [`TokioClock`](crate::TokioClock) when built under paused tokio time; see [`clock`](crate::clock)).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = Some(clock);
         self

@@ -161,11 +161,13 @@ impl Pipeline {
                 return result;
             };
             match &result {
-                Ok(r) => rec.set_answer(r),
+                Ok(r) => {
+                    rec.set_answer(r);
+                    rec.finish_reason = Some(r.finish_reason.to_string());
+                }
                 Err(e) => rec.set_error(e),
             }
-            let finish = result.as_ref().ok().map(|r| r.finish_reason.to_string());
-            inner.record(rec, &tracing::Span::current(), finish.as_deref());
+            inner.record(rec, &tracing::Span::current(), None);
             result
         }
         .instrument(span)
