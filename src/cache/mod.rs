@@ -23,11 +23,9 @@ mod index;
 mod key;
 mod layer;
 mod memory;
-mod pages;
 #[cfg(feature = "redis")]
 mod redis;
 mod semantic;
-mod simd;
 
 use std::fmt;
 use std::time::Duration;

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use super::Inner;
-use crate::cache::{CacheQuery, GuardRejection};
+use crate::cache::CacheQuery;
 use crate::router::RoutePlan;
+use crate::types::GuardRejection;
 use crate::types::{CacheMode, ChatRequest, Cost, ModelSpec, TokenizerKind};
 use crate::{Error, Result};
 

@@ -3,6 +3,7 @@
 
 mod catalog;
 mod cost;
+mod guard;
 mod request;
 mod response;
 mod scope;
@@ -10,6 +11,7 @@ mod stream;
 
 pub use catalog::{Catalog, ModelSpec, TokenizerKind};
 pub use cost::{Cost, Price, Pricing};
+pub use guard::{GuardKind, GuardRejection};
 pub use request::{
     CacheMode, CachePolicy, ChatRequest, Document, GenerationParams, Message, Priority,
     RequestMeta, ResponseFormat, Role, Tier, Tool, ToolCall,

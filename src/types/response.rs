@@ -199,7 +199,7 @@ pub struct ChatResponse {
     /// A cached answer to a similar question that a semantic cache guard refused to
     /// serve for this one (so it was asked of a provider, or a lesser match was served).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guard_rejected: Option<crate::cache::GuardRejection>,
+    pub guard_rejected: Option<crate::types::GuardRejection>,
 }
 
 impl ChatResponse {

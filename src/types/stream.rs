@@ -59,7 +59,7 @@ pub struct StreamEnd {
     /// A cached answer to a similar question that a semantic cache guard refused to
     /// serve for this one (see [`ChatResponse::guard_rejected`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guard_rejected: Option<crate::cache::GuardRejection>,
+    pub guard_rejected: Option<crate::types::GuardRejection>,
 }
 
 /// Which limit ended a stream early.

@@ -1,6 +1,9 @@
 //! Nearest-neighbour search over unit vectors: a flat scan while a set is small, an HNSW
 //! graph ([hnsw_rs]) once it is large; removal by tombstones, compaction by rebuild.
 
+mod pages;
+mod simd;
+
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
@@ -11,7 +14,7 @@ use anndists::dist::Distance;
 use bytemuck::Pod;
 use hnsw_rs::hnsw::{Hnsw, Point};
 
-use super::pages::{Fetch, Pages};
+use self::pages::{Fetch, Pages};
 
 use crate::{Error, Result};
 
@@ -140,8 +143,8 @@ impl Distance<i8> for DotI8 {
     }
 }
 
-pub(crate) use super::simd::dot;
-use super::simd::{dot_codes, dot_codes_and_norm};
+pub(crate) use self::simd::dot;
+use self::simd::{dot_codes, dot_codes_and_norm};
 
 /// The cosine of two byte codes (each a unit vector scaled by its own factor, which
 /// the cosine cancels).

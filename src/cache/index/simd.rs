@@ -18,7 +18,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The integer dot product of two byte codes whose components lie in `-127..=127`
-/// (as [`code_of`](super::index) makes them; `-128` is never produced).
+/// (as [`code_of`](super) makes them; `-128` is never produced).
 pub(crate) fn dot_codes(a: &[i8], b: &[i8]) -> i32 {
     #[cfg(target_arch = "x86_64")]
     if let Some(simd) = pulp::x86::V3::try_new() {
