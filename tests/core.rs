@@ -7,17 +7,15 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use tokenwise::budget::BudgetWindow;
 use tokenwise::provider::SimulatedProvider;
 use tokenwise::resilience::{BreakerConfig, BreakerState, Hedge, RetryPolicy};
 use tokenwise::router::{Balance, Deployments, FnValidator, Verdict};
 use tokenwise::{
-    Anonymous, ChatRequest, ChatResponse, ChatStream, Cost, Error, FinishReason, Pipeline,
-    ScopeKind, Served, StreamEnd, StreamEvent,
+    Anonymous, ChatRequest, ChatResponse, Cost, Error, FinishReason, Pipeline, ScopeKind, Served,
 };
 
-use common::{sim, sim_paced, spent};
+use common::{drain, sim, sim_paced, spent};
 
 fn named(name: &str, first_token: Duration) -> SimulatedProvider {
     SimulatedProvider::builder()
@@ -26,20 +24,6 @@ fn named(name: &str, first_token: Duration) -> SimulatedProvider {
         .per_token(Duration::from_millis(1))
         .build()
         .unwrap()
-}
-
-/// Drains a stream: its text, its final event, or its error.
-async fn drain(mut s: ChatStream) -> (String, Option<StreamEnd>, Option<Error>) {
-    let mut text = String::new();
-    while let Some(ev) = s.next().await {
-        match ev {
-            Ok(StreamEvent::TextDelta { text: t }) => text.push_str(&t),
-            Ok(StreamEvent::Done(end)) => return (text, Some(end), None),
-            Ok(_) => {}
-            Err(e) => return (text, None, Some(e)),
-        }
-    }
-    (text, None, None)
 }
 
 #[tokio::test(start_paused = true)]

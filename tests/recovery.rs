@@ -15,6 +15,10 @@ use tokenwise::{
     ProviderErrorKind, Role, StreamEnd, StreamEvent, Usage,
 };
 
+mod common;
+
+use common::drain;
+
 const ANSWER: &str = "The quick brown fox jumps over the lazy dog and runs far away.";
 
 /// How one call of the test provider behaves.
@@ -143,19 +147,6 @@ fn pipeline(p: &Arc<Scripted>, model: &str) -> Pipeline {
         .idle_timeout(Duration::from_secs(2))
         .build()
         .unwrap()
-}
-
-async fn drain(mut s: ChatStream) -> (String, Option<StreamEnd>, Option<Error>) {
-    let mut text = String::new();
-    while let Some(ev) = s.next().await {
-        match ev {
-            Ok(StreamEvent::TextDelta { text: t }) => text.push_str(&t),
-            Ok(StreamEvent::Done(end)) => return (text, Some(end), None),
-            Ok(_) => {}
-            Err(e) => return (text, None, Some(e)),
-        }
-    }
-    (text, None, None)
 }
 
 #[tokio::test(start_paused = true)]

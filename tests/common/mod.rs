@@ -35,3 +35,24 @@ pub async fn spent(p: &Pipeline, user: &str) -> (Cost, Cost) {
         .unwrap();
     (st[0].spent, st[0].reserved)
 }
+
+/// Drains a stream: its text, its final event, or its error.
+pub async fn drain(
+    mut s: tokenwise::ChatStream,
+) -> (
+    String,
+    Option<tokenwise::StreamEnd>,
+    Option<tokenwise::Error>,
+) {
+    use futures_util::StreamExt;
+    let mut text = String::new();
+    while let Some(ev) = s.next().await {
+        match ev {
+            Ok(tokenwise::StreamEvent::TextDelta { text: t }) => text.push_str(&t),
+            Ok(tokenwise::StreamEvent::Done(end)) => return (text, Some(end), None),
+            Ok(_) => {}
+            Err(e) => return (text, None, Some(e)),
+        }
+    }
+    (text, None, None)
+}
