@@ -407,3 +407,41 @@ async fn streams_are_hedged_before_their_first_token() {
     assert_eq!(end.unwrap().model, "claude-haiku-4-5");
     assert_eq!((slow.calls(), fast.calls()), (1, 1));
 }
+
+/// Counts every text it is asked to count, at a fixed 3,000 tokens a text.
+#[derive(Debug, Default)]
+struct Tally(std::sync::atomic::AtomicUsize);
+
+impl tokenwise::context::TokenCounter for Tally {
+    fn count_text(&self, _text: &str, _tokenizer: tokenwise::TokenizerKind) -> u64 {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        3_000
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_router_reads_the_pipelines_one_count_of_the_prompt() {
+    let catalog = tokenwise::Catalog::builtin();
+    let router = tokenwise::router::ComplexityRouter::new(
+        &catalog,
+        ["gpt-4o-mini", "gpt-4.1-mini", "gpt-4o"],
+    )
+    .unwrap();
+    let tally = Arc::new(Tally::default());
+    let pipe = Pipeline::builder()
+        .provider(sim())
+        .router(Arc::new(router))
+        .token_counter(tally.clone())
+        .no_cache()
+        .build()
+        .unwrap();
+    let answer = pipe
+        .chat(ChatRequest::user_text("a short question"))
+        .await
+        .unwrap();
+    // The configured counter says 3,000 tokens, a long prompt: the router saw that
+    // count, not its own, and chose a higher tier than a short question would get.
+    assert_ne!(answer.model, "gpt-4o-mini", "the router counted on its own");
+    // One text, counted once for the router, admission, the budget and the provider.
+    assert_eq!(tally.0.load(std::sync::atomic::Ordering::Relaxed), 1);
+}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::Inner;
 use crate::cache::CacheQuery;
-use crate::router::RoutePlan;
+use crate::router::{Counted, PromptTokens, RoutePlan};
 use crate::types::GuardRejection;
 use crate::types::{CacheMode, ChatRequest, Cost, ModelSpec, TokenizerKind};
 use crate::{Error, Result};
@@ -17,8 +17,8 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub(super) struct Plan {
     pub(super) route: RoutePlan,
-    /// Prompt tokens per tokenizer kind of the candidate models.
-    pub(super) prompt_tokens: Vec<(TokenizerKind, u64)>,
+    /// Prompt tokens per tokenizer kind of the candidate models (and any the router read).
+    pub(super) prompt_tokens: Counted,
     /// The token charge for admission: prompt plus output allowance on the primary.
     pub(super) token_estimate: u64,
     /// The most the request may cost on any candidate (plus escalation, if validated).
@@ -37,7 +37,7 @@ pub(super) struct Plan {
 
 impl Plan {
     pub(super) fn prompt_tokens(&self, kind: TokenizerKind) -> u64 {
-        count_for(&self.prompt_tokens, kind)
+        self.prompt_tokens.get(kind)
     }
 
     /// The primary target's prompt tokens.
@@ -49,18 +49,12 @@ impl Plan {
     }
 }
 
-/// The count for tokenizer `kind` in per-tokenizer `counts` (0 if absent).
-fn count_for(counts: &[(TokenizerKind, u64)], kind: TokenizerKind) -> u64 {
-    counts
-        .iter()
-        .find(|(k, _)| *k == kind)
-        .map_or(0, |(_, n)| *n)
-}
-
 impl Inner {
     pub(super) fn plan(&self, req: &ChatRequest) -> Result<Plan> {
         req.validate()?;
-        let route = self.router.route(req, &self.catalog)?;
+        // One count per tokenizer, shared by the router and every later stage.
+        let tokens = PromptTokens::cached(req, &*self.counter, &self.counts);
+        let route = self.router.route_with_tokens(req, &self.catalog, &tokens)?;
         let Some(primary) = route.targets.first() else {
             return Err(Error::InvalidRequest(
                 "the router returned no target".into(),
@@ -72,21 +66,13 @@ impl Inner {
             Some(c) => c.max_tokens_for(req),
             None => req.params.max_tokens,
         };
-        let mut prompt_tokens: Vec<(TokenizerKind, u64)> = Vec::with_capacity(2);
         let escalation: &[Arc<ModelSpec>] = if validated { &route.escalation } else { &[] };
         let mut worst = Cost::ZERO;
         // With hedging two targets may run at once: reserve for both.
         let mut second = Cost::ZERO;
         let mut worst_escalation = Cost::ZERO;
         for (i, m) in route.targets.iter().chain(escalation).enumerate() {
-            let n = match prompt_tokens.iter().find(|(k, _)| *k == m.tokenizer) {
-                Some((_, n)) => *n,
-                None => {
-                    let n = self.counts.count_request(&*self.counter, req, m.tokenizer);
-                    prompt_tokens.push((m.tokenizer, n));
-                    n
-                }
-            };
+            let n = tokens.count(m.tokenizer);
             let c = m.worst_case_cost(n, max_tokens);
             if i < route.targets.len() {
                 if c > worst {
@@ -99,7 +85,8 @@ impl Inner {
                 worst_escalation = worst_escalation.max(c);
             }
         }
-        let primary_prompt = count_for(&prompt_tokens, primary.tokenizer);
+        let primary_prompt = tokens.count(primary.tokenizer);
+        let prompt_tokens = tokens.counted();
         let token_estimate = primary_prompt + primary.output_allowance(max_tokens);
         let prompt_cost = primary.pricing.input.cost_of(primary_prompt);
         let cache = match &self.cache {

@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use super::{MAX_TARGETS, RoutePlan, Router};
-use crate::context::{TiktokenCounter, TokenCounter};
+use super::{MAX_TARGETS, PromptTokens, RoutePlan, Router};
+use crate::context::TiktokenCounter;
 use crate::types::{Catalog, ChatRequest, ModelSpec, ResponseFormat, Tier, TokenizerKind};
 use crate::{Error, Result};
 
@@ -168,10 +168,15 @@ impl ComplexityRouter {
 
     /// The capability tier `req` needs, and why.
     pub fn estimate(&self, req: &ChatRequest) -> Estimate {
+        self.estimate_with(req, &PromptTokens::with_counter(req, &self.counter))
+    }
+
+    /// The capability tier `req` needs, reading the prompt's length from `tokens`.
+    pub fn estimate_with(&self, req: &ChatRequest, tokens: &PromptTokens<'_>) -> Estimate {
         let r = &self.rules;
         let mut tier = 1u8;
         let mut reasons = Vec::new();
-        let tokens = self.counter.count_request(req, TokenizerKind::O200k);
+        let tokens = tokens.count(TokenizerKind::O200k);
         if tokens >= r.long_prompt_tokens {
             tier += 1;
             reasons.push("long prompt");
@@ -217,6 +222,19 @@ impl ComplexityRouter {
 
 impl Router for ComplexityRouter {
     fn route(&self, req: &ChatRequest, catalog: &Catalog) -> Result<RoutePlan> {
+        self.route_with_tokens(
+            req,
+            catalog,
+            &PromptTokens::with_counter(req, &self.counter),
+        )
+    }
+
+    fn route_with_tokens(
+        &self,
+        req: &ChatRequest,
+        catalog: &Catalog,
+        tokens: &PromptTokens<'_>,
+    ) -> Result<RoutePlan> {
         let cap = self.max_tier(req.meta.tier).max(1);
         let need = match &req.model {
             Some(name) => {
@@ -228,7 +246,7 @@ impl Router for ComplexityRouter {
                 }
                 m.tier
             }
-            None => self.estimate(req).tier,
+            None => self.estimate_with(req, tokens).tier,
         };
         let mut targets: Vec<Arc<ModelSpec>> = Vec::new();
         if let Some(name) = &req.model {
