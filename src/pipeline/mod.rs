@@ -163,7 +163,7 @@ impl Pipeline {
             match &result {
                 Ok(r) => {
                     rec.set_answer(r);
-                    rec.finish_reason = Some(r.finish_reason.to_string());
+                    rec.set_finished(r);
                 }
                 Err(e) => rec.set_error(e),
             }
@@ -185,7 +185,7 @@ impl Pipeline {
             admitted.settle(0).await; // cache: a hit spends no budget and no token quota
             return Ok(hit);
         }
-        rec.guard_rejections = u32::from(plan.guard_rejected.is_some());
+        rec.set_guard_rejected(plan.guard_rejected.is_some());
         let (shared, leader) = inner.join_flight(&plan).await; // an identical miss in flight answers
         if let Some(hit) = shared {
             admitted.settle(0).await;
@@ -200,11 +200,11 @@ impl Pipeline {
         rec.used_if_abandoned(plan.primary_prompt_tokens(), plan.prompt_cost); // dropped from here on:
         admitted.used_if_abandoned(plan.primary_prompt_tokens()); // the prompt was sent
         let (answered, attempts) = inner.dispatch(req, &plan, inner.deadline()).await; // dispatch + validate
-        rec.attempts = attempts;
+        rec.set_attempts(attempts);
         let (usage, cost) = answered
             .as_ref()
             .map_or((Usage::default(), Cost::ZERO), |a| (a.usage, a.cost));
-        (rec.usage, rec.cost) = (usage, cost);
+        rec.set_used(usage, cost);
         inner
             .settle_use(&mut held, &mut admitted, &usage, cost)
             .await; // settle: cost and tokens
@@ -281,7 +281,7 @@ impl Pipeline {
             return Ok(stream::replay(&hit));
         }
         if let Some(r) = slot.as_mut() {
-            r.guard_rejections = u32::from(plan.guard_rejected.is_some());
+            r.set_guard_rejected(plan.guard_rejected.is_some());
         }
         let shared = match slot.as_ref() {
             Some(r) => inner.join_stream_flight(&plan, r, span).await,
@@ -305,7 +305,7 @@ impl Pipeline {
         let deadline = inner.deadline();
         let (opened, attempts) = inner.dispatch_stream(&req, &plan, deadline).await; // dispatch
         if let Some(r) = slot.as_mut() {
-            r.attempts = attempts;
+            r.set_attempts(attempts);
         }
         match opened {
             Ok(Opened::Live {
@@ -321,7 +321,7 @@ impl Pipeline {
                     ));
                 };
                 let mut record = rec(slot);
-                record.time_to_first_token = Some(answered.at.saturating_since(record.started_at));
+                record.set_first_token(answered.at);
                 let model = answered.model;
                 let (cache, guard_rejected) = (plan.cache.take(), plan.guard_rejected.take());
                 let prompt_tokens = plan.prompt_tokens(model.tokenizer);

@@ -60,6 +60,31 @@ impl UsageRecord {
             .max(u32::from(r.guard_rejected.is_some()));
     }
 
+    /// Notes how a whole answer ended.
+    pub(super) fn set_finished(&mut self, r: &ChatResponse) {
+        self.finish_reason = Some(r.finish_reason.to_string());
+    }
+
+    /// Notes whether a cache guard refused a semantic match (the cache stage's result).
+    pub(super) fn set_guard_rejected(&mut self, rejected: bool) {
+        self.guard_rejections = u32::from(rejected);
+    }
+
+    /// Notes how many attempts dispatch made.
+    pub(super) fn set_attempts(&mut self, attempts: u32) {
+        self.attempts = attempts;
+    }
+
+    /// Notes what the answer (every call behind it) used and cost.
+    pub(super) fn set_used(&mut self, usage: Usage, cost: Cost) {
+        (self.usage, self.cost) = (usage, cost);
+    }
+
+    /// Notes when the first token arrived.
+    pub(super) fn set_first_token(&mut self, at: crate::clock::Timestamp) {
+        self.time_to_first_token = Some(at.saturating_since(self.started_at));
+    }
+
     /// From dispatch on, a dropped call has sent its prompt: that is what it used.
     pub(super) fn used_if_abandoned(&mut self, prompt_tokens: u64, prompt_cost: Cost) {
         self.usage = Usage::new(prompt_tokens, 0).estimated();

@@ -252,9 +252,8 @@ impl Settle {
         );
         rec.model = Some(self.model.name.clone());
         rec.provider = Some(self.provider.clone());
-        rec.usage = total_usage;
-        rec.cost = total_cost;
-        rec.attempts = self.attempts;
+        rec.set_used(total_usage, total_cost);
+        rec.set_attempts(self.attempts);
         let served = Served::Provider {
             attempts: self.attempts,
             fallbacks: self.fallbacks,
