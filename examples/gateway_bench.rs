@@ -54,7 +54,8 @@ org_cents_per_day = 0
 }
 
 struct Target {
-    url: String,
+    /// Parsed once: parsing a URL costs about as much as the rest of building a request.
+    url: reqwest::Url,
     key: Option<&'static str>,
 }
 
@@ -63,7 +64,7 @@ async fn call(client: &reqwest::Client, t: &Target, n: u64) -> Result<(), String
         r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"Question number {n}: what does a gateway add?"}}]}}"#
     );
     let mut req = client
-        .post(&t.url)
+        .post(t.url.clone())
         .header("content-type", "application/json")
         .body(body);
     if let Some(k) = t.key {
@@ -96,8 +97,26 @@ fn us(d: Duration) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<u64> = std::env::args()
-        .skip(1)
+    let mut raw: Vec<String> = std::env::args().skip(1).collect();
+    // `profile TARGET N`: N sequential calls to one target and nothing else, for
+    // instruction counts under callgrind (see docs/performance.md).
+    let profile = match raw.first().map(String::as_str) {
+        Some("profile") => {
+            let target = raw.get(1).cloned().unwrap_or_default();
+            let n: u64 = raw
+                .get(2)
+                .map_or(Ok(1_000), |s| s.parse())
+                .map_err(|e| format!("usage: gateway_bench profile gateway|upstream N: {e}"))?;
+            if target != "gateway" && target != "upstream" {
+                return Err("usage: gateway_bench profile gateway|upstream N".into());
+            }
+            raw.clear();
+            Some((target == "gateway", n))
+        }
+        _ => None,
+    };
+    let args: Vec<u64> = raw
+        .iter()
         .map(|a| a.parse())
         .collect::<Result<_, _>>()
         .map_err(|e| format!("usage: gateway_bench [calls] [clients] [seconds]: {e}"))?;
@@ -125,11 +144,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::future::pending::<()>(),
     ));
     let alone = Arc::new(Target {
-        url: format!("http://{up_addr}/v1/chat/completions"),
+        url: format!("http://{up_addr}/v1/chat/completions").parse()?,
         key: None,
     });
     let through = Arc::new(Target {
-        url: format!("http://{gw_addr}/v1/chat/completions"),
+        url: format!("http://{gw_addr}/v1/chat/completions").parse()?,
         key: Some(KEYS[0]),
     });
     let client = tokenwise::provider::http_client_builder()?
@@ -138,6 +157,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     let next = AtomicU64::new(0);
     let unique = || next.fetch_add(1, Ordering::Relaxed);
+
+    if let Some((gateway, n)) = profile {
+        let t = if gateway { &through } else { &alone };
+        for _ in 0..n {
+            call(&client, t, unique()).await?;
+        }
+        println!(
+            "profile: {n} calls to the {}",
+            if gateway { "gateway" } else { "upstream" }
+        );
+        return Ok(());
+    }
 
     // 1. One client, interleaved.
     for _ in 0..(calls / 10) {

@@ -243,15 +243,17 @@ async fn get_model(
 }
 
 fn json_response(status: StatusCode, v: &Value) -> Response {
-    (
-        status,
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        v.to_string(),
-    )
-        .into_response()
+    json_body(status, v.to_string().into_bytes())
+}
+
+fn json_body(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut res = Response::new(Body::from(body));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
 }
 
 /// Reads at most `limit` bytes of body within `timeout`.
@@ -383,9 +385,9 @@ async fn handle_chat(
             .model
             .clone()
             .unwrap_or_else(|| gw.default_model.clone());
-        let stream = gw
-            .pipeline
-            .stream(req)
+        // Boxed here, and the whole answer's call below: the pipeline's futures are
+        // large, and the handler's future is moved on its way into the server.
+        let stream = Box::pin(gw.pipeline.stream(req))
             .await
             .map_err(|e| fail(ApiError::from_pipeline(&e, &redact)))?;
         let started = sse::start(
@@ -431,12 +433,10 @@ async fn handle_chat(
         tracing::debug!(request_id = %id, user = %who.user, cache, "stream started");
         return Ok(res);
     }
-    let answer = gw
-        .pipeline
-        .chat(req)
+    let answer = Box::pin(gw.pipeline.chat(req))
         .await
         .map_err(|e| fail(ApiError::from_pipeline(&e, &redact)))?;
-    let mut res = json_response(StatusCode::OK, &wire::completion(id, created, &answer));
+    let mut res = json_body(StatusCode::OK, wire::completion(id, created, &answer));
     let h = res.headers_mut();
     let hit = answer.served.is_cache_hit();
     h.insert(
