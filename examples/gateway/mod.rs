@@ -34,6 +34,45 @@ pub use error::ApiError;
 pub use keys::{KeyTable, Principal};
 pub use server::{Peer, serve};
 
+/// The environment variable that turns on per-request logging: `debug` logs every
+/// request, with the pipeline's spans as context.
+pub const LOG_ENV: &str = "TOKENWISE_GATEWAY_LOG";
+
+/// Logs to stderr. By default only events at `info` and above, and no spans: the
+/// pipeline opens an `info` span for every request, and recording its fields would
+/// cost every call more than the gateway's own work. With `TOKENWISE_GATEWAY_LOG=debug`,
+/// every event at `debug` and above, inside its request's span.
+pub fn init_logging() {
+    use tracing::level_filters::LevelFilter;
+    use tracing_subscriber::filter::DynFilterFn;
+    use tracing_subscriber::prelude::*;
+    let verbose = std::env::var(LOG_ENV).is_ok_and(|v| v.trim().eq_ignore_ascii_case("debug"));
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let registry = tracing_subscriber::registry();
+    let done = if verbose {
+        registry
+            .with(layer.with_filter(LevelFilter::DEBUG))
+            .try_init()
+    } else {
+        let wanted = |m: &tracing::Metadata<'_>| m.is_event() && *m.level() <= tracing::Level::INFO;
+        let filter = DynFilterFn::new(move |m, _| wanted(m)).with_callsite_filter(move |m| {
+            if wanted(m) {
+                tracing::subscriber::Interest::always()
+            } else {
+                tracing::subscriber::Interest::never()
+            }
+        });
+        registry
+            .with(layer.with_filter(filter).with_filter(LevelFilter::INFO))
+            .try_init()
+    };
+    if let Err(e) = done {
+        eprintln!("logging is already set up: {e}");
+    }
+}
+
 /// The bounds on what one client can make the gateway hold.
 #[derive(Debug, Clone)]
 pub struct Limits {
