@@ -6,11 +6,21 @@
 //! ```text
 //! cargo run --release --example gateway_bench                # defaults below
 //! cargo run --release --example gateway_bench -- 5000 32 3   # calls, clients, seconds
+//! cargo run --release --example gateway_bench -- --layout shared
+//! valgrind --tool=callgrind target/release/examples/gateway_bench profile gateway 1500
 //! ```
 //!
 //! 1. Latency at one client: `calls` requests to the upstream alone and as many through
 //!    the gateway, interleaved, after a warm-up; p50 and p99 of each and the difference.
-//! 2. Throughput: `clients` concurrent clients for `seconds` against each in turn.
+//! 2. Throughput: `clients` concurrent clients for `seconds` against each in turn, with
+//!    the CPU time a call (of the process, and in the split layout of each part).
+//!
+//! Layouts: `split` (default) runs the gateway on a multi-threaded runtime of two
+//! workers (`--gateway-workers N`; 1 for a single-threaded one), as the gateway example
+//! does, and the load generator and the upstream each on a single-threaded runtime of
+//! its own thread, as three processes would be; `shared` runs all three on one
+//! multi-threaded runtime of two workers. `profile gateway|upstream N` makes N
+//! sequential calls to one target and exits, for instruction counts under callgrind.
 //!
 //! See docs/performance.md for figures taken with it.
 
