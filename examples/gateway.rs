@@ -181,10 +181,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::process::exit(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    gateway::init_logging();
 
     let (plan, file_keys, file_port) = match plan(&opts) {
         Ok(p) => p,

@@ -6,11 +6,21 @@
 //! ```text
 //! cargo run --release --example gateway_bench                # defaults below
 //! cargo run --release --example gateway_bench -- 5000 32 3   # calls, clients, seconds
+//! cargo run --release --example gateway_bench -- --layout shared
+//! valgrind --tool=callgrind target/release/examples/gateway_bench profile gateway 1500
 //! ```
 //!
 //! 1. Latency at one client: `calls` requests to the upstream alone and as many through
 //!    the gateway, interleaved, after a warm-up; p50 and p99 of each and the difference.
-//! 2. Throughput: `clients` concurrent clients for `seconds` against each in turn.
+//! 2. Throughput: `clients` concurrent clients for `seconds` against each in turn, with
+//!    the CPU time a call (of the process, and in the split layout of each part).
+//!
+//! Layouts: `split` (default) runs the gateway on a multi-threaded runtime of two
+//! workers (`--gateway-workers N`; 1 for a single-threaded one), as the gateway example
+//! does, and the load generator and the upstream each on a single-threaded runtime of
+//! its own thread, as three processes would be; `shared` runs all three on one
+//! multi-threaded runtime of two workers. `profile gateway|upstream N` makes N
+//! sequential calls to one target and exits, for instruction counts under callgrind.
 //!
 //! See docs/performance.md for figures taken with it.
 
@@ -54,7 +64,8 @@ org_cents_per_day = 0
 }
 
 struct Target {
-    url: String,
+    /// Parsed once: parsing a URL costs about as much as the rest of building a request.
+    url: reqwest::Url,
     key: Option<&'static str>,
 }
 
@@ -63,7 +74,7 @@ async fn call(client: &reqwest::Client, t: &Target, n: u64) -> Result<(), String
         r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"Question number {n}: what does a gateway add?"}}]}}"#
     );
     let mut req = client
-        .post(&t.url)
+        .post(t.url.clone())
         .header("content-type", "application/json")
         .body(body);
     if let Some(k) = t.key {
@@ -94,42 +105,223 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<u64> = std::env::args()
-        .skip(1)
+/// How the three parts (load generator, gateway, upstream) share the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Each on its own runtime, as three processes would be (the default): the
+    /// gateway on a multi-threaded runtime of two workers, as `examples/gateway.rs`
+    /// runs it; the load generator and the upstream each on a single-threaded one.
+    Split,
+    /// All on one multi-threaded runtime of two workers.
+    Shared,
+}
+
+const USAGE: &str = "usage: gateway_bench [--layout split|shared] [--gateway-workers N] [calls] [clients] [seconds]\n       gateway_bench [--layout split|shared] [--gateway-workers N] profile gateway|upstream N";
+
+/// A thread's (or the process's) name and CPU time so far, user and system, from a
+/// Linux `stat` file.
+fn cpu_of(path: &std::path::Path) -> Option<(String, Duration)> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let name = stat.get(open + 1..close)?.to_owned();
+    // After the name: utime and stime are the 12th and 13th fields, in clock ticks of
+    // 1/100 s.
+    let mut f = stat.get(close + 2..)?.split_whitespace().skip(11);
+    let ticks: u64 = f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?;
+    Some((name, Duration::from_millis(ticks * 10)))
+}
+
+/// CPU time so far: the whole process's, and each named thread's (the gateway's, the
+/// upstream's; the load generator's is the main thread's).
+fn cpu_times() -> (Duration, BTreeMap<String, Duration>) {
+    let total = cpu_of(std::path::Path::new("/proc/self/stat")).map_or(Duration::ZERO, |c| c.1);
+    let mut by = BTreeMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+        for t in dir.flatten() {
+            if let Some((name, d)) = cpu_of(&t.path().join("stat")) {
+                *by.entry(name).or_insert(Duration::ZERO) += d;
+            }
+        }
+    }
+    (total, by)
+}
+
+fn single_threaded() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// Runs `serve` (made on the thread) on its own thread, on `rt`.
+fn own_thread<F, Fut>(rt: tokio::runtime::Runtime, name: &str, serve: F) -> std::io::Result<()>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || rt.block_on(serve()))?;
+    Ok(())
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // As `examples/gateway.rs` logs.
+    gateway::init_logging();
+    let mut raw: Vec<String> = std::env::args().skip(1).collect();
+    let mut layout = Layout::Split;
+    if let Some(i) = raw.iter().position(|a| a == "--layout") {
+        layout = match raw.get(i + 1).map(String::as_str) {
+            Some("split") => Layout::Split,
+            Some("shared") => Layout::Shared,
+            _ => return Err(USAGE.into()),
+        };
+        raw.drain(i..i + 2);
+    }
+    // In the split layout: the gateway's worker threads; 1 is a single-threaded runtime.
+    let mut workers = 2usize;
+    if let Some(i) = raw.iter().position(|a| a == "--gateway-workers") {
+        workers = match raw.get(i + 1).and_then(|n| n.parse().ok()) {
+            Some(n) if n > 0 => n,
+            _ => return Err(USAGE.into()),
+        };
+        raw.drain(i..i + 2);
+    }
+    let layout = (layout, workers);
+    match layout.0 {
+        Layout::Split => single_threaded()?.block_on(run(raw, layout)),
+        Layout::Shared => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(run(raw, layout)),
+    }
+}
+
+/// The gateway in front of `upstream`, as the bench configures it.
+fn bench_gateway(upstream: std::net::SocketAddr) -> Result<Arc<Gateway>, String> {
+    let cfg = GatewayConfig::from_toml(&config(&format!("http://{upstream}/v1")))?;
+    let none: BTreeMap<String, String> = BTreeMap::new();
+    let plan = Plan::from_config(&cfg, &Catalog::builtin(), &[], &none, false, None)?;
+    Ok(Arc::new(Gateway::new(
+        plan.pipeline()?,
+        KeyTable::demo(),
+        "gpt-4o-mini",
+    )))
+}
+
+async fn serve_gateway(gw: Arc<Gateway>, listener: std::net::TcpListener) {
+    match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => {
+            gateway::serve(
+                l,
+                gateway::router(gw),
+                Limits::default(),
+                std::future::pending::<()>(),
+            )
+            .await;
+        }
+        Err(e) => eprintln!("gateway listener: {e}"),
+    }
+}
+
+async fn serve_upstream(listener: std::net::TcpListener) {
+    match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => fixed_upstream::serve(l).await,
+        Err(e) => eprintln!("upstream listener: {e}"),
+    }
+}
+
+async fn run(
+    mut raw: Vec<String>,
+    (layout, workers): (Layout, usize),
+) -> Result<(), Box<dyn std::error::Error>> {
+    // `profile TARGET N`: N sequential calls to one target and nothing else, for
+    // instruction counts under callgrind (see docs/performance.md).
+    let profile = match raw.first().map(String::as_str) {
+        Some("profile") => {
+            let target = raw.get(1).cloned().unwrap_or_default();
+            let n: u64 = raw
+                .get(2)
+                .map_or(Ok(1_000), |s| s.parse())
+                .map_err(|e| format!("{USAGE}: {e}"))?;
+            if target != "gateway" && target != "upstream" {
+                return Err(USAGE.into());
+            }
+            raw.clear();
+            Some((target == "gateway", n))
+        }
+        _ => None,
+    };
+    let args: Vec<u64> = raw
+        .iter()
         .map(|a| a.parse())
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("usage: gateway_bench [calls] [clients] [seconds]: {e}"))?;
+        .map_err(|e| format!("{USAGE}: {e}"))?;
     let calls = args.first().copied().unwrap_or(5_000).max(100);
     let clients = args.get(1).copied().unwrap_or(32).max(1);
     let seconds = args.get(2).copied().unwrap_or(3).max(1);
 
-    let up = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let up_addr = up.local_addr()?;
-    tokio::spawn(fixed_upstream::serve(up));
-    let cfg = GatewayConfig::from_toml(&config(&format!("http://{up_addr}/v1")))?;
-    let none: BTreeMap<String, String> = BTreeMap::new();
-    let plan = Plan::from_config(&cfg, &Catalog::builtin(), &[], &none, false, None)?;
-    let gw = Arc::new(Gateway::new(
-        plan.pipeline()?,
-        KeyTable::demo(),
-        "gpt-4o-mini",
-    ));
-    let gw_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let gw_addr = gw_listener.local_addr()?;
-    tokio::spawn(gateway::serve(
-        gw_listener,
-        gateway::router(Arc::clone(&gw)),
-        Limits::default(),
-        std::future::pending::<()>(),
-    ));
+    let listener = || -> std::io::Result<(std::net::TcpListener, std::net::SocketAddr)> {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.set_nonblocking(true)?;
+        let a = l.local_addr()?;
+        Ok((l, a))
+    };
+    let (up, up_addr) = listener()?;
+    let (gw_listener, gw_addr) = listener()?;
+    let _gw = match layout {
+        Layout::Split => {
+            own_thread(single_threaded()?, "upstream", move || serve_upstream(up))?;
+            // The gateway (and its pipeline) is built on its own thread's runtime.
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let rt = if workers == 1 {
+                single_threaded()?
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(workers)
+                    .thread_name("gateway")
+                    .enable_all()
+                    .build()?
+            };
+            own_thread(rt, "gateway", move || async move {
+                match bench_gateway(up_addr) {
+                    Ok(gw) => {
+                        let _ = tx.send(Ok(Arc::clone(&gw)));
+                        serve_gateway(gw, gw_listener).await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            })?;
+            rx.recv().map_err(|e| e.to_string())??
+        }
+        Layout::Shared => {
+            tokio::spawn(serve_upstream(up));
+            let gw = bench_gateway(up_addr)?;
+            tokio::spawn(serve_gateway(Arc::clone(&gw), gw_listener));
+            gw
+        }
+    };
+    match layout {
+        Layout::Split => println!(
+            "layout: split (gateway on {}, load generator and upstream on a thread each)",
+            if workers == 1 {
+                "one thread".to_owned()
+            } else {
+                format!("{workers} workers")
+            }
+        ),
+        Layout::Shared => {
+            println!("layout: shared (one multi-threaded runtime of two workers for all three)");
+        }
+    }
     let alone = Arc::new(Target {
-        url: format!("http://{up_addr}/v1/chat/completions"),
+        url: format!("http://{up_addr}/v1/chat/completions").parse()?,
         key: None,
     });
     let through = Arc::new(Target {
-        url: format!("http://{gw_addr}/v1/chat/completions"),
+        url: format!("http://{gw_addr}/v1/chat/completions").parse()?,
         key: Some(KEYS[0]),
     });
     let client = tokenwise::provider::http_client_builder()?
@@ -138,6 +330,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     let next = AtomicU64::new(0);
     let unique = || next.fetch_add(1, Ordering::Relaxed);
+
+    if let Some((gateway, n)) = profile {
+        let t = if gateway { &through } else { &alone };
+        for _ in 0..n {
+            call(&client, t, unique()).await?;
+        }
+        println!(
+            "profile: {n} calls to the {}",
+            if gateway { "gateway" } else { "upstream" }
+        );
+        return Ok(());
+    }
 
     // 1. One client, interleaved.
     for _ in 0..(calls / 10) {
@@ -181,7 +385,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (name, target) in [("upstream alone", &alone), ("through gateway", &through)] {
         let done = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
-        let until = Instant::now() + Duration::from_secs(seconds);
+        let (cpu0, threads0) = cpu_times();
+        let began = Instant::now();
+        let until = began + Duration::from_secs(seconds);
         let mut tasks = Vec::new();
         for c in 0..clients {
             let (client, done, failed, next) = (
@@ -210,12 +416,37 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         for t in tasks {
             t.await?;
         }
-        let rate = done.load(Ordering::Relaxed) as f64 / seconds as f64;
+        let wall = began.elapsed();
+        let (cpu1, threads1) = cpu_times();
+        let n = done.load(Ordering::Relaxed);
+        let rate = n as f64 / seconds as f64;
         rates.push(rate);
+        let per_call = |d: Duration| us(d) / n.max(1) as f64;
         println!(
-            "{clients} clients, {seconds} s, {name}: {rate:.0} misses/s ({} failed)",
-            failed.load(Ordering::Relaxed)
+            "{clients} clients, {seconds} s, {name}: {rate:.0} misses/s ({} failed), CPU {:.1} us a call",
+            failed.load(Ordering::Relaxed),
+            per_call(cpu1.saturating_sub(cpu0)),
         );
+        if layout == Layout::Split {
+            let busy: Vec<String> = threads1
+                .iter()
+                .filter(|(t, _)| ["gateway", "upstream", "gateway_bench"].contains(&t.as_str()))
+                .map(|(t, d)| {
+                    let d = d.saturating_sub(threads0.get(t).copied().unwrap_or_default());
+                    let who = if t == "gateway_bench" {
+                        "load generator"
+                    } else {
+                        t.as_str()
+                    };
+                    format!(
+                        "{who} {:.0} % busy, {:.1} us a call",
+                        100.0 * d.as_secs_f64() / wall.as_secs_f64(),
+                        per_call(d)
+                    )
+                })
+                .collect();
+            println!("    {}", busy.join("; "));
+        }
     }
     println!(
         "summary: added_p50_us={:.1} added_p99_us={:.1} upstream_rps={:.0} gateway_rps={:.0}",

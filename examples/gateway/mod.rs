@@ -34,6 +34,45 @@ pub use error::ApiError;
 pub use keys::{KeyTable, Principal};
 pub use server::{Peer, serve};
 
+/// The environment variable that turns on per-request logging: `debug` logs every
+/// request, with the pipeline's spans as context.
+pub const LOG_ENV: &str = "TOKENWISE_GATEWAY_LOG";
+
+/// Logs to stderr. By default only events at `info` and above, and no spans: the
+/// pipeline opens an `info` span for every request, and recording its fields would
+/// cost every call more than the gateway's own work. With `TOKENWISE_GATEWAY_LOG=debug`,
+/// every event at `debug` and above, inside its request's span.
+pub fn init_logging() {
+    use tracing::level_filters::LevelFilter;
+    use tracing_subscriber::filter::DynFilterFn;
+    use tracing_subscriber::prelude::*;
+    let verbose = std::env::var(LOG_ENV).is_ok_and(|v| v.trim().eq_ignore_ascii_case("debug"));
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let registry = tracing_subscriber::registry();
+    let done = if verbose {
+        registry
+            .with(layer.with_filter(LevelFilter::DEBUG))
+            .try_init()
+    } else {
+        let wanted = |m: &tracing::Metadata<'_>| m.is_event() && *m.level() <= tracing::Level::INFO;
+        let filter = DynFilterFn::new(move |m, _| wanted(m)).with_callsite_filter(move |m| {
+            if wanted(m) {
+                tracing::subscriber::Interest::always()
+            } else {
+                tracing::subscriber::Interest::never()
+            }
+        });
+        registry
+            .with(layer.with_filter(filter).with_filter(LevelFilter::INFO))
+            .try_init()
+    };
+    if let Err(e) = done {
+        eprintln!("logging is already set up: {e}");
+    }
+}
+
 /// The bounds on what one client can make the gateway hold.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -243,15 +282,17 @@ async fn get_model(
 }
 
 fn json_response(status: StatusCode, v: &Value) -> Response {
-    (
-        status,
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        v.to_string(),
-    )
-        .into_response()
+    json_body(status, v.to_string().into_bytes())
+}
+
+fn json_body(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut res = Response::new(Body::from(body));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
 }
 
 /// Reads at most `limit` bytes of body within `timeout`.
@@ -383,9 +424,9 @@ async fn handle_chat(
             .model
             .clone()
             .unwrap_or_else(|| gw.default_model.clone());
-        let stream = gw
-            .pipeline
-            .stream(req)
+        // Boxed here, and the whole answer's call below: the pipeline's futures are
+        // large, and the handler's future is moved on its way into the server.
+        let stream = Box::pin(gw.pipeline.stream(req))
             .await
             .map_err(|e| fail(ApiError::from_pipeline(&e, &redact)))?;
         let started = sse::start(
@@ -431,12 +472,10 @@ async fn handle_chat(
         tracing::debug!(request_id = %id, user = %who.user, cache, "stream started");
         return Ok(res);
     }
-    let answer = gw
-        .pipeline
-        .chat(req)
+    let answer = Box::pin(gw.pipeline.chat(req))
         .await
         .map_err(|e| fail(ApiError::from_pipeline(&e, &redact)))?;
-    let mut res = json_response(StatusCode::OK, &wire::completion(id, created, &answer));
+    let mut res = json_body(StatusCode::OK, wire::completion(id, created, &answer));
     let h = res.headers_mut();
     let hit = answer.served.is_cache_hit();
     h.insert(

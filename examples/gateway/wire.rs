@@ -6,6 +6,7 @@
 //! does: a misspelt `max_token` must not silently lift a cost limit.
 
 use bytes::Bytes;
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 use tokenwise::{
     ChatRequest, ChatResponse, FinishReason, Message, ResponseFormat, Role, Tool, ToolCall,
@@ -581,47 +582,123 @@ pub fn usage(u: &Usage) -> Value {
     })
 }
 
-fn tool_calls(calls: &[ToolCall]) -> Value {
-    calls
-        .iter()
-        .map(|c| {
-            json!({
-                "id": c.id,
-                "type": "function",
-                "function": {"name": c.name, "arguments": c.arguments},
-            })
-        })
-        .collect()
+/// A whole answer as a `chat.completion` object, serialised straight from the answer
+/// (no intermediate JSON tree: this runs on every call).
+pub fn completion(id: &str, created: u64, r: &ChatResponse) -> Vec<u8> {
+    let body = Completion {
+        id,
+        object: "chat.completion",
+        created,
+        model: &r.model,
+        choices: [Choice {
+            index: 0,
+            message: AnswerMessage {
+                role: "assistant",
+                content: (r.tool_calls.is_empty() || !r.content.is_empty())
+                    .then_some(r.content.as_str()),
+                refusal: (),
+                annotations: [],
+                tool_calls: (!r.tool_calls.is_empty()).then_some(WireToolCalls(&r.tool_calls)),
+            },
+            logprobs: (),
+            finish_reason: finish_reason(&r.finish_reason),
+        }],
+        usage: WireUsage::from(&r.usage),
+        system_fingerprint: (),
+    };
+    // Serialising these types cannot fail (string keys, no maps of other keys).
+    serde_json::to_vec(&body).unwrap_or_default()
 }
 
-/// A whole answer as a `chat.completion` object.
-pub fn completion(id: &str, created: u64, r: &ChatResponse) -> Value {
-    let mut message = json!({
-        "role": "assistant",
-        "content": r.content,
-        "refusal": null,
-        "annotations": [],
-    });
-    if !r.tool_calls.is_empty() {
-        message["tool_calls"] = tool_calls(&r.tool_calls);
-        if r.content.is_empty() {
-            message["content"] = Value::Null;
+#[derive(Serialize)]
+struct Completion<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: [Choice<'a>; 1],
+    usage: WireUsage,
+    system_fingerprint: (),
+}
+
+#[derive(Serialize)]
+struct Choice<'a> {
+    index: u32,
+    message: AnswerMessage<'a>,
+    logprobs: (),
+    finish_reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct AnswerMessage<'a> {
+    role: &'static str,
+    content: Option<&'a str>,
+    refusal: (),
+    annotations: [(); 0],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<WireToolCalls<'a>>,
+}
+
+struct WireToolCalls<'a>(&'a [ToolCall]);
+
+impl Serialize for WireToolCalls<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Function<'a> {
+            name: &'a str,
+            arguments: &'a str,
+        }
+        #[derive(Serialize)]
+        struct Call<'a> {
+            id: &'a str,
+            #[serde(rename = "type")]
+            kind: &'static str,
+            function: Function<'a>,
+        }
+        s.collect_seq(self.0.iter().map(|c| Call {
+            id: &c.id,
+            kind: "function",
+            function: Function {
+                name: &c.name,
+                arguments: &c.arguments,
+            },
+        }))
+    }
+}
+
+#[derive(Serialize)]
+struct WireUsage {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: u64,
+    prompt_tokens_details: CachedTokens,
+    completion_tokens_details: ReasoningTokens,
+}
+
+#[derive(Serialize)]
+struct CachedTokens {
+    cached_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct ReasoningTokens {
+    reasoning_tokens: u64,
+}
+
+impl From<&Usage> for WireUsage {
+    fn from(u: &Usage) -> Self {
+        WireUsage {
+            prompt_tokens: u.input_tokens,
+            completion_tokens: u.output_tokens,
+            total_tokens: u.total(),
+            prompt_tokens_details: CachedTokens {
+                cached_tokens: u.cached_input_tokens,
+            },
+            completion_tokens_details: ReasoningTokens {
+                reasoning_tokens: 0,
+            },
         }
     }
-    json!({
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": r.model,
-        "choices": [{
-            "index": 0,
-            "message": message,
-            "logprobs": null,
-            "finish_reason": finish_reason(&r.finish_reason),
-        }],
-        "usage": usage(&r.usage),
-        "system_fingerprint": null,
-    })
 }
 
 /// Writes `chat.completion.chunk` events for one streamed answer.

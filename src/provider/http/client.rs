@@ -2,7 +2,7 @@
 //! within the deadlines, and keeping secrets out of messages.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,6 +23,10 @@ const MAX_ERROR_BODY_BYTES: usize = 64 << 10;
 /// Retry-After: one second on average, drawn evenly from half to one and a half, so
 /// that callers sharing the key do not all come back at once.
 const DEFAULT_KEY_REST: Duration = Duration::from_secs(1);
+
+/// Parsed request URLs kept per path: the few fixed paths a provider posts to are
+/// parsed once; paths beyond this many (ones carrying ids) are parsed each time.
+const MAX_CACHED_URLS: usize = 8;
 
 /// [`DEFAULT_KEY_REST`] with its jitter.
 fn jittered_rest() -> Duration {
@@ -46,6 +50,9 @@ pub(crate) struct HttpCore {
     pub(super) clock: Arc<dyn Clock>,
     pub(super) max_retry_after: Duration,
     pub(super) last_rate_limits: Mutex<Option<RateLimits>>,
+    /// `base_url` joined with each path posted to, parsed (at most
+    /// [`MAX_CACHED_URLS`]).
+    pub(super) urls: RwLock<Vec<(Box<str>, reqwest::Url)>>,
 }
 
 impl fmt::Debug for HttpCore {
@@ -96,6 +103,38 @@ impl HttpCore {
 
     pub(super) fn total_deadline(&self, start: Instant) -> Option<Instant> {
         after(start, self.deadlines.total)
+    }
+
+    /// `base_url` followed by `path`, parsed once per path (the parse costs more than
+    /// the rest of building a request).
+    fn url(&self, path: &str) -> std::result::Result<reqwest::Url, ProviderError> {
+        let cached = |urls: &[(Box<str>, reqwest::Url)]| {
+            urls.iter()
+                .find(|(p, _)| **p == *path)
+                .map(|(_, u)| u.clone())
+        };
+        let found = match self.urls.read() {
+            Ok(urls) => cached(&urls),
+            Err(p) => cached(&p.into_inner()),
+        };
+        if let Some(u) = found {
+            return Ok(u);
+        }
+        let joined = format!("{}{}", self.base_url, path);
+        let url = reqwest::Url::parse(&joined).map_err(|e| {
+            self.error(
+                ProviderErrorKind::Connection,
+                format!("sending the request: invalid URL `{joined}`: {e}"),
+            )
+        })?;
+        let mut urls = match self.urls.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if urls.len() < MAX_CACHED_URLS && cached(&urls).is_none() {
+            urls.push((path.into(), url.clone()));
+        }
+        Ok(url)
     }
 
     /// Posts `body` (JSON) for `model` to `path` and returns the response if its status
@@ -156,7 +195,7 @@ impl HttpCore {
             None => None,
         };
         let sent = Sent { start, key: lease };
-        let url = format!("{}{}", self.base_url, path);
+        let url = self.url(path)?;
         let mut req = self
             .client
             .request(method, url)
@@ -321,7 +360,9 @@ impl HttpCore {
                 }
             }
         }
-        let mut body = Vec::new();
+        // Room for the declared length up front (within reason: it may lie).
+        let declared = resp.content_length().unwrap_or(0).min(256 << 10);
+        let mut body = Vec::with_capacity(usize::try_from(declared).unwrap_or(0).min(cap));
         while let Some(chunk) = self.next_chunk(resp, sent, None).await? {
             if body.len().saturating_add(chunk.len()) > cap {
                 if truncate {

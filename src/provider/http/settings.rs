@@ -1,6 +1,6 @@
 //! The settings both HTTP providers share: deadlines, size limits, keys and the client.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
@@ -267,6 +267,7 @@ impl HttpSettings {
             clock,
             max_retry_after: self.max_retry_after,
             last_rate_limits: Mutex::new(None),
+            urls: RwLock::new(Vec::new()),
         })
     }
 }
