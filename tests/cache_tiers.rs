@@ -82,8 +82,10 @@ async fn a_fallbacks_answer_is_stored_under_its_own_tier() {
         .unwrap();
     // premium users get tier 2 at least
     let catalog = Catalog::builtin();
-    let mut rules = ComplexityRules::default();
-    rules.premium_min_tier = 2;
+    let rules = ComplexityRules {
+        premium_min_tier: 2,
+        ..ComplexityRules::default()
+    };
     let router = ComplexityRouter::new(&catalog, ["gpt-4o-mini", "gpt-4.1-mini", "gpt-4o"])
         .unwrap()
         .with_rules(rules);

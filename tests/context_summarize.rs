@@ -219,17 +219,18 @@ async fn a_pipeline_writes_the_summaries_itself_once_per_prefix() {
 
     // a longer one: only the turns dropped since go to the model
     pipeline.chat(conversation(12)).await.unwrap();
-    let seen = provider.seen.lock().unwrap();
-    assert_eq!(seen.len(), 5);
-    let update = &seen[3].messages[1].content;
-    assert!(update.starts_with("Summary so far:\ndigest 1\n\nNew turns:\n"));
-    assert!(!update.contains("Question 0"), "{update}");
-    assert_eq!(
-        seen[4].messages[1].content,
-        "Summary of the earlier conversation: digest 2"
-    );
+    {
+        let seen = provider.seen.lock().unwrap();
+        assert_eq!(seen.len(), 5);
+        let update = &seen[3].messages[1].content;
+        assert!(update.starts_with("Summary so far:\ndigest 1\n\nNew turns:\n"));
+        assert!(!update.contains("Question 0"), "{update}");
+        assert_eq!(
+            seen[4].messages[1].content,
+            "Summary of the earlier conversation: digest 2"
+        );
+    }
     // a short request has no history to drop: nothing is summarised
-    drop(seen);
     pipeline
         .chat(ChatRequest::user_text("hi").model("small").max_tokens(10))
         .await
