@@ -387,7 +387,7 @@ fn techniques_table(t: &Techniques, before: &Summary, after: &Summary) -> String
         "{:<22} {:>14} {:>14}\n",
         "total before -> after",
         "",
-        format!("${:.3} -> ${:.3}", before.cost_per_1k, after.cost_per_1k)
+        format!("${:.4} -> ${:.4}", before.cost_per_1k, after.cost_per_1k)
     ));
     s
 }
@@ -678,8 +678,8 @@ fn table(before: &Summary, after: &Summary) -> String {
     row(
         &mut s,
         "cost per 1K requests",
-        format!("${:.3}", before.cost_per_1k),
-        format!("${:.3}", after.cost_per_1k),
+        format!("${:.4}", before.cost_per_1k),
+        format!("${:.4}", after.cost_per_1k),
     );
     row(
         &mut s,

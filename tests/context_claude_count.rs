@@ -18,14 +18,16 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use tokenwise::context::{ClaudeTokenCounter, TiktokenCounter, TokenCounter};
-use tokenwise::provider::ApiKey;
-use tokenwise::{ChatRequest, Document, Message, TokenizerKind};
+use tokenwise::provider::{ApiKey, SimulatedProvider};
+use tokenwise::{CacheMode, ChatRequest, Cost, Document, Message, Pipeline, TokenizerKind};
 
 #[derive(Default)]
 struct Fake {
     calls: AtomicUsize,
     fail: Mutex<bool>,
     keys: Mutex<Vec<String>>,
+    /// Tokens per word (0: one).
+    per_word: AtomicUsize,
 }
 
 /// Counts like the real endpoint might: 5 tokens of overhead plus one per word.
@@ -48,7 +50,8 @@ async fn count(
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["model"], "claude-sonnet-4-5");
     let text = v["messages"][0]["content"].as_str().unwrap();
-    let n = 5 + text.split_whitespace().count();
+    let per_word = f.per_word.load(Ordering::SeqCst).max(1);
+    let n = 5 + per_word * text.split_whitespace().count();
     (StatusCode::OK, format!(r#"{{"input_tokens":{n}}}"#))
 }
 
@@ -162,4 +165,103 @@ async fn a_failing_endpoint_falls_back_to_the_estimate_and_the_cache_is_bounded(
     let dead =
         ClaudeTokenCounter::with_client(client(), "http://127.0.0.1:1", ApiKey::new("k"), "m");
     assert!(dead.count_exact("x y").await.is_err());
+}
+
+fn pipeline(counter: Arc<ClaudeTokenCounter>) -> Pipeline {
+    Pipeline::builder()
+        .provider(SimulatedProvider::builder().build().unwrap())
+        .default_model("claude-sonnet-4-5")
+        .token_counter(counter)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_pipeline_fetches_the_counts_by_itself_once_per_text() {
+    let (base, fake) = serve().await;
+    let counter = Arc::new(ClaudeTokenCounter::with_client(
+        client(),
+        &base,
+        ApiKey::new("k"),
+        "claude-sonnet-4-5",
+    ));
+    let pipe = pipeline(counter.clone());
+    let req = ChatRequest::new()
+        .message(Message::system("be brief please"))
+        .message(Message::user("one two three"))
+        .max_tokens(20);
+    pipe.chat(req.clone()).await.unwrap();
+    assert_eq!(
+        fake.calls.load(Ordering::SeqCst),
+        3,
+        "the overhead, then each text"
+    );
+    assert_eq!(counter.cached(), 2);
+    assert_eq!(counter.exact("one two three"), Some(3));
+    // the same texts again, and a stream: counted already
+    pipe.chat(req.clone().cache_mode(CacheMode::Bypass))
+        .await
+        .unwrap();
+    let mut s = pipe
+        .stream(req.clone().cache_mode(CacheMode::Bypass))
+        .await
+        .unwrap();
+    while futures_util::StreamExt::next(&mut s).await.is_some() {}
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 3, "cached");
+    // a request for an OpenAI model is counted locally
+    pipe.chat(ChatRequest::user_text("four five six").model("gpt-4o-mini"))
+        .await
+        .unwrap();
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 3);
+    // a new turn: only its text is counted (streams are prepared too)
+    let longer = req
+        .message(Message::assistant("ok"))
+        .message(Message::user("seven eight"));
+    let mut s = pipe.stream(longer).await.unwrap();
+    while futures_util::StreamExt::next(&mut s).await.is_some() {}
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 5, "two new texts");
+    assert_eq!(counter.cached(), 4);
+}
+
+#[tokio::test]
+async fn the_plan_uses_exact_counts_and_the_estimate_when_the_endpoint_fails() {
+    let (base, fake) = serve().await;
+    fake.per_word.store(1_000, Ordering::SeqCst);
+    // 50 words: about 55 tokens by the estimate, 50,000 by the endpoint; at $3 per
+    // million input tokens the worst case is under $0.001 or about $0.15
+    let req = ChatRequest::user_text("word ".repeat(50))
+        .max_tokens(10)
+        .max_cost(Cost::from_cents(1));
+    let exact = pipeline(Arc::new(ClaudeTokenCounter::with_client(
+        client(),
+        &base,
+        ApiKey::new("k"),
+        "claude-sonnet-4-5",
+    )));
+    let refused = exact.chat(req.clone()).await.unwrap_err();
+    assert_eq!(refused.reason(), "invalid_request", "{refused}");
+    assert!(refused.to_string().contains("may cost up to"), "{refused}");
+
+    *fake.fail.lock().unwrap() = true;
+    let counter = Arc::new(ClaudeTokenCounter::with_client(
+        client(),
+        &base,
+        ApiKey::new("k"),
+        "claude-sonnet-4-5",
+    ));
+    let estimated = pipeline(counter.clone());
+    let before = fake.calls.load(Ordering::SeqCst);
+    estimated.chat(req.clone()).await.unwrap();
+    assert_eq!(
+        fake.calls.load(Ordering::SeqCst),
+        before + 1,
+        "one failed call"
+    );
+    assert_eq!(counter.cached(), 0);
+    // the endpoint rests after a failure: the next request does not wait for it
+    estimated
+        .chat(req.cache_mode(CacheMode::Bypass))
+        .await
+        .unwrap();
+    assert_eq!(fake.calls.load(Ordering::SeqCst), before + 1, "resting");
 }

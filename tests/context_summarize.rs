@@ -4,7 +4,9 @@
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use tokenwise::context::{ContextBudget, ModelSummarizer, SUMMARY_INSTRUCTION};
+use tokenwise::context::{
+    ContextBudget, ModelSummarizer, Preparing, SUMMARY_INSTRUCTION, Summarizer,
+};
 use tokenwise::provider::{Provider, ProviderCall};
 use tokenwise::{
     Catalog, ChatRequest, ChatResponse, ChatStream, FinishReason, Message, ModelSpec, Pipeline,
@@ -166,4 +168,149 @@ async fn the_cache_is_bounded() {
         s.summarize_async(&pipeline, &dropped, &like).await.unwrap();
     }
     assert_eq!(s.cached(), 2);
+}
+
+#[tokio::test]
+async fn a_pipeline_writes_the_summaries_itself_once_per_prefix() {
+    let price = Pricing::per_mtok(1.0, 1.0, 0.1).unwrap();
+    let catalog = Catalog::empty()
+        .with_model(ModelSpec::new("small", "p", 1_200, 500, price, 2))
+        .unwrap()
+        .with_model(ModelSpec::new("cheap", "p", 100_000, 1_000, price, 1))
+        .unwrap();
+    let provider = Arc::new(Recorder::default());
+    let summarizer = Arc::new(ModelSummarizer::new("cheap"));
+    let pipeline = Pipeline::builder()
+        .catalog(catalog)
+        .provider_arc(provider.clone())
+        .context_budget(ContextBudget::default().summarizer(summarizer.clone()))
+        .build()
+        .unwrap();
+
+    // no prepare() call: the pipeline summarises the dropped turns before the answer
+    pipeline.chat(conversation(10)).await.unwrap();
+    let dropped = {
+        let seen = provider.seen.lock().unwrap();
+        assert_eq!(seen.len(), 2, "one summary, one answer");
+        assert_eq!(seen[0].meta.feature.as_deref(), Some("summary"));
+        assert_eq!(seen[0].meta.user.as_deref(), Some("u1"));
+        let sent = &seen[1];
+        assert_eq!(
+            sent.messages[1].content,
+            "Summary of the earlier conversation: digest 1"
+        );
+        2 + 21 - sent.messages.len()
+    };
+    assert!(dropped >= 2, "{dropped}");
+    let summaries = pipeline
+        .recent_usage()
+        .iter()
+        .filter(|r| r.feature.as_deref() == Some("summary"))
+        .count();
+    assert_eq!(summaries, 1, "the summary request has its own usage record");
+
+    // the same conversation again: the summary is reused
+    pipeline
+        .chat(conversation(10).cache_mode(tokenwise::CacheMode::Bypass))
+        .await
+        .unwrap();
+    assert_eq!(provider.seen.lock().unwrap().len(), 3, "no second summary");
+    assert_eq!(summarizer.cached(), 1);
+
+    // a longer one: only the turns dropped since go to the model
+    pipeline.chat(conversation(12)).await.unwrap();
+    {
+        let seen = provider.seen.lock().unwrap();
+        assert_eq!(seen.len(), 5);
+        let update = &seen[3].messages[1].content;
+        assert!(update.starts_with("Summary so far:\ndigest 1\n\nNew turns:\n"));
+        assert!(!update.contains("Question 0"), "{update}");
+        assert_eq!(
+            seen[4].messages[1].content,
+            "Summary of the earlier conversation: digest 2"
+        );
+    }
+    // a short request has no history to drop: nothing is summarised
+    pipeline
+        .chat(ChatRequest::user_text("hi").model("small").max_tokens(10))
+        .await
+        .unwrap();
+    assert_eq!(provider.seen.lock().unwrap().len(), 6);
+    assert_eq!(summarizer.cached(), 2);
+}
+
+/// A summarizer that prepares, and fails: the request goes on without a summary.
+#[derive(Debug, Default)]
+struct Failing {
+    asked: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait]
+impl Summarizer for Failing {
+    fn summarize(&self, _dropped: &[Message]) -> Option<Message> {
+        None
+    }
+
+    fn prepares(&self) -> bool {
+        true
+    }
+
+    async fn prepare(&self, ahead: Preparing<'_>) -> tokenwise::Result<usize> {
+        assert_eq!(ahead.model.name, "small", "the primary target");
+        self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Err(tokenwise::Error::InvalidRequest("no model today".into()))
+    }
+}
+
+/// A summarizer with nothing to prepare: never asked to.
+#[derive(Debug, Default)]
+struct Plain;
+
+impl Summarizer for Plain {
+    fn summarize(&self, dropped: &[Message]) -> Option<Message> {
+        Some(Message::system(format!("({} left out)", dropped.len())))
+    }
+}
+
+#[tokio::test]
+async fn a_failed_summary_leaves_the_turns_out_and_a_plain_summarizer_is_not_prepared() {
+    let price = Pricing::per_mtok(1.0, 1.0, 0.1).unwrap();
+    let catalog = || {
+        Catalog::empty()
+            .with_model(ModelSpec::new("small", "p", 1_200, 500, price, 2))
+            .unwrap()
+    };
+    let provider = Arc::new(Recorder::default());
+    let failing = Arc::new(Failing::default());
+    let pipeline = Pipeline::builder()
+        .catalog(catalog())
+        .provider_arc(provider.clone())
+        .context_budget(ContextBudget::default().summarizer(failing.clone()))
+        .build()
+        .unwrap();
+    pipeline.chat(conversation(10)).await.unwrap();
+    assert_eq!(failing.asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    {
+        let seen = provider.seen.lock().unwrap();
+        assert_eq!(seen.len(), 1, "the answer only");
+        assert!(seen[0].messages.len() < 22, "turns were dropped");
+        assert!(
+            seen[0]
+                .messages
+                .iter()
+                .all(|m| !m.content.starts_with("Summary")),
+            "no summary"
+        );
+    }
+
+    let pipeline = Pipeline::builder()
+        .catalog(catalog())
+        .provider_arc(provider.clone())
+        .context_budget(ContextBudget::default().summarizer(Arc::new(Plain)))
+        .build()
+        .unwrap();
+    pipeline.chat(conversation(10)).await.unwrap();
+    let seen = provider.seen.lock().unwrap();
+    assert_eq!(seen.len(), 2);
+    assert!(seen[1].messages[1].content.ends_with("left out)"));
 }

@@ -1,6 +1,8 @@
 //! Provider prompt caching over loopback: the exact `cache_control` breakpoints and
 //! `prompt_cache_key` sent, and what cache reads and writes cost.
 
+#[path = "observe_support/mod.rs"]
+mod observe_support;
 mod support;
 
 use serde_json::json;
@@ -214,4 +216,102 @@ async fn openai_sends_a_stable_key_per_tenant_and_prefix_and_prices_cached_token
     // 208 at $0.40, 1,792 at $0.10, 10 at $1.60 per million
     let nanos = 208 * 400 + 1_792 * 100 + 10 * 1_600;
     assert_eq!(m.cost(&r.usage), Cost::from_nanos(nanos));
+}
+
+#[tokio::test]
+async fn the_pipeline_counts_prompt_cache_reads_writes_and_savings_in_metrics() {
+    use metrics_util::debugging::DebuggingRecorder;
+    use tokenwise::Pipeline;
+    use tokenwise::observe::metrics as m;
+
+    let recorder = DebuggingRecorder::new();
+    let snap = recorder.snapshotter();
+    let _metrics = metrics::set_default_local_recorder(&recorder);
+    let server = Server::start(vec![
+        // the first call writes the prefix (five minutes), the second reads it
+        Reply::json(
+            200,
+            &answer(
+                r#"{"input_tokens":40,"cache_creation_input_tokens":1200,"cache_read_input_tokens":0,"output_tokens":5}"#,
+            ),
+        ),
+        Reply::json(
+            200,
+            &answer(
+                r#"{"input_tokens":40,"cache_creation_input_tokens":0,"cache_read_input_tokens":1200,"output_tokens":5}"#,
+            ),
+        ),
+    ])
+    .await;
+    let p = Anthropic::builder()
+        .base_url(server.url(""))
+        .api_key("k")
+        .http_client(client())
+        .build()
+        .unwrap();
+    let pipe = Pipeline::builder()
+        .provider(p)
+        .default_model("claude-sonnet-4-5")
+        .build()
+        .unwrap();
+    let ask = |q: &str| {
+        let mut r = agent_request();
+        r.messages
+            .push(Message::assistant("Yes, within thirty days."));
+        r.messages.push(Message::user(q));
+        r
+    };
+    pipe.chat(ask("How do I send it back?")).await.unwrap();
+    pipe.chat(ask("Who pays the postage?")).await.unwrap();
+
+    // the usage records: the write's premium, then the read's saving
+    let recs = pipe.recent_usage();
+    assert_eq!(recs.len(), 2);
+    // 1,200 written at $3.75 instead of $3; 1,200 read at $0.30 instead of $3
+    let premium = 1_200 * (3_750 - 3_000);
+    let saved = 1_200 * (3_000 - 300);
+    assert_eq!(
+        recs[0].prompt_cache_write_premium,
+        Cost::from_nanos(premium)
+    );
+    assert!(recs[0].prompt_cache_saved.is_zero());
+    assert_eq!(recs[1].prompt_cache_saved, Cost::from_nanos(saved));
+    assert!(recs[1].prompt_cache_write_premium.is_zero());
+    let cat = Catalog::builtin();
+    let model = cat.require("claude-sonnet-4-5").unwrap();
+    assert_eq!(
+        model.pricing.prompt_cache_saving(&recs[1].usage)
+            + model.pricing.prompt_cache_saving(&recs[0].usage),
+        i128::from(saved) - i128::from(premium),
+        "the counters' difference is the net saving"
+    );
+
+    // the metrics
+    let mx = observe_support::snapshot(&snap);
+    let sonnet = [("model", "claude-sonnet-4-5")];
+    let tokens = |t: &str| {
+        mx.counter(
+            m::PROMPT_CACHE_TOKENS,
+            &[("model", "claude-sonnet-4-5"), ("type", t)],
+        )
+    };
+    assert_eq!(tokens("read"), 1_200);
+    assert_eq!(tokens("write"), 1_200);
+    assert_eq!(mx.counter(m::PROMPT_CACHE_SAVED, &sonnet), saved);
+    assert_eq!(mx.counter(m::PROMPT_CACHE_WRITE_PREMIUM, &sonnet), premium);
+    assert_eq!(
+        mx.counter(
+            m::TOKENS,
+            &[("model", "claude-sonnet-4-5"), ("type", "input")]
+        ),
+        2 * 1_240,
+        "reads and writes are part of the input tokens"
+    );
+    for name in [
+        m::PROMPT_CACHE_TOKENS,
+        m::PROMPT_CACHE_SAVED,
+        m::PROMPT_CACHE_WRITE_PREMIUM,
+    ] {
+        assert!(m::ALL.contains(&name), "{name} is listed");
+    }
 }

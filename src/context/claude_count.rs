@@ -16,6 +16,9 @@ use crate::{Error, Result};
 /// The largest answer read from the endpoint.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
+/// The most calls to the endpoint one [`ClaudeTokenCounter::prepare`] has in flight.
+const PARALLEL_CALLS: usize = 4;
+
 /// A text's hash and length.
 type TextKey = (u64, usize);
 
@@ -23,13 +26,14 @@ type TextKey = (u64, usize);
 /// with the local estimate (`cl100k_base` + 10 %) as the fallback.
 ///
 /// [`TokenCounter`] is synchronous and counts run inside the pipeline, so the endpoint
-/// is asked ahead of time: [`prepare`](Self::prepare) (awaited before a request is
-/// sent) counts each of the request's texts not counted yet, one call per text, and
-/// caches the result (bounded, least recently used out). [`count_text`] then answers
-/// from the cache for `ClaudeApprox`, else falls back to the estimate; OpenAI tokenizers
-/// are counted locally as always. Give it to the pipeline with
-/// [`PipelineBuilder::token_counter`](crate::PipelineBuilder::token_counter), so admission estimates,
-/// reservations and context fitting use the exact counts.
+/// is asked ahead of time: [`prepare`](Self::prepare) counts each of the request's texts
+/// not counted yet, one call per text, and caches the result (bounded, least recently
+/// used out). [`count_text`] then answers from the cache for `ClaudeApprox`, else falls
+/// back to the estimate; OpenAI tokenizers are counted locally as always. Give it to the
+/// pipeline with [`PipelineBuilder::token_counter`](crate::PipelineBuilder::token_counter)
+/// and the pipeline calls `prepare` by itself before planning each request that may go
+/// to a Claude model, so admission estimates, reservations and context fitting use the
+/// exact counts; a failing endpoint leaves them on the estimate.
 ///
 /// A text's count is the endpoint's count for a one-message request holding it, less
 /// that request's fixed overhead (measured once, with a one-token text).
@@ -46,6 +50,8 @@ pub struct ClaudeTokenCounter {
     cache: Mutex<lru::LruCache<TextKey, u64>>,
     overhead: Mutex<Option<u64>>,
     hasher: hashbrown::DefaultHashBuilder,
+    rest: Duration,
+    failed_at: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl fmt::Debug for ClaudeTokenCounter {
@@ -91,6 +97,8 @@ impl ClaudeTokenCounter {
             )),
             overhead: Mutex::new(None),
             hasher: Default::default(),
+            rest: Duration::from_secs(30),
+            failed_at: Mutex::new(None),
         }
     }
 
@@ -106,6 +114,15 @@ impl ClaudeTokenCounter {
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// How long [`prepare`](Self::prepare) leaves the endpoint alone after it failed
+    /// (default 30 s): meanwhile requests are planned on the estimate at once, rather
+    /// than each waiting for a failing endpoint.
+    #[must_use]
+    pub fn rest_after_failure(mut self, rest: Duration) -> Self {
+        self.rest = rest;
         self
     }
 
@@ -178,16 +195,14 @@ impl ClaudeTokenCounter {
         if let Some(n) = self.exact(text) {
             return Ok(n);
         }
-        let known = *self.overhead.lock().unwrap_or_else(|p| p.into_inner());
-        let overhead = match known {
-            Some(o) => o,
-            None => {
-                let o = self.call("x").await?.saturating_sub(1);
-                *self.overhead.lock().unwrap_or_else(|p| p.into_inner()) = Some(o);
-                o
+        let overhead = self.overhead().await?;
+        let n = match self.call(text).await {
+            Ok(n) => n.saturating_sub(overhead),
+            Err(e) => {
+                self.note_failure();
+                return Err(e);
             }
         };
-        let n = self.call(text).await?.saturating_sub(overhead);
         self.cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -195,38 +210,108 @@ impl ClaudeTokenCounter {
         Ok(n)
     }
 
+    /// The fixed overhead of a one-message request, measured once.
+    async fn overhead(&self) -> Result<u64> {
+        let known = *self.overhead.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(o) = known {
+            return Ok(o);
+        }
+        let o = match self.call("x").await {
+            Ok(n) => n.saturating_sub(1),
+            Err(e) => {
+                self.note_failure();
+                return Err(e);
+            }
+        };
+        *self.overhead.lock().unwrap_or_else(|p| p.into_inner()) = Some(o);
+        Ok(o)
+    }
+
+    fn note_failure(&self) {
+        *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(tokio::time::Instant::now());
+    }
+
+    /// Whether the endpoint failed less than the rest period ago.
+    fn resting(&self) -> bool {
+        self.failed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < self.rest)
+    }
+
     /// Counts every text of `req` not counted yet (messages, tool calls, documents, tool
-    /// definitions). Returns how many texts fell back to the estimate because the
-    /// endpoint failed (the first failure ends the round: later texts are estimated too).
+    /// definitions), up to four calls at a time. Returns how many texts fell back to the
+    /// estimate because the endpoint failed: the first failure ends the round (later
+    /// texts are estimated too), and for the [rest period](Self::rest_after_failure)
+    /// after a failure the endpoint is not called at all.
     pub async fn prepare(&self, req: &ChatRequest) -> usize {
-        let mut texts: Vec<String> = Vec::new();
+        use futures_util::StreamExt;
+
+        let mut texts: Vec<&str> = Vec::new();
         for m in &req.messages {
-            texts.push(m.content.clone());
+            texts.push(&m.content);
             for c in &m.tool_calls {
-                texts.push(c.name.clone());
-                texts.push(c.arguments.clone());
+                texts.push(&c.name);
+                texts.push(&c.arguments);
             }
         }
-        texts.extend(req.documents.iter().map(|d| d.text.clone()));
-        for t in &req.params.tools {
-            texts.push(t.name.clone());
-            texts.push(t.description.clone());
-            texts.push(t.parameters.to_string());
+        texts.extend(req.documents.iter().map(|d| d.text.as_str()));
+        let schemas: Vec<String> = req
+            .params
+            .tools
+            .iter()
+            .map(|t| t.parameters.to_string())
+            .collect();
+        for (t, schema) in req.params.tools.iter().zip(&schemas) {
+            texts.push(&t.name);
+            texts.push(&t.description);
+            texts.push(schema);
         }
         texts.retain(|t| !t.is_empty() && self.exact(t).is_none());
         texts.sort_unstable();
         texts.dedup();
-        for (i, t) in texts.iter().enumerate() {
-            if let Err(e) = self.count_exact(t).await {
-                tracing::debug!(error = %e, "token counting endpoint failed; estimating");
-                return texts.len() - i;
+        if texts.is_empty() {
+            return 0;
+        }
+        if self.resting() {
+            return texts.len();
+        }
+        if let Err(e) = self.overhead().await {
+            tracing::debug!(error = %e, "token counting endpoint failed; estimating");
+            return texts.len();
+        }
+        let mut counted = 0;
+        // the futures are built up front (not by a lazy map), so that the stream's type
+        // holds no closure over borrowed texts, which a `Send` future cannot name
+        let pending: Vec<_> = texts.iter().map(|t| self.count_exact(t)).collect();
+        let mut calls = futures_util::stream::iter(pending).buffer_unordered(PARALLEL_CALLS);
+        while let Some(r) = calls.next().await {
+            match r {
+                Ok(_) => counted += 1,
+                Err(e) => {
+                    tracing::debug!(error = %e, "token counting endpoint failed; estimating");
+                    break;
+                }
             }
         }
-        0
+        texts.len() - counted
     }
 }
 
+#[async_trait::async_trait]
 impl TokenCounter for ClaudeTokenCounter {
+    /// `true` for Claude models (`ClaudeApprox`): a pipeline counts their requests'
+    /// texts with the endpoint before planning.
+    fn prepares_for(&self, tokenizer: TokenizerKind) -> bool {
+        tokenizer == TokenizerKind::ClaudeApprox
+    }
+
+    /// As [`ClaudeTokenCounter::prepare`].
+    async fn prepare(&self, request: &ChatRequest) -> usize {
+        ClaudeTokenCounter::prepare(self, request).await
+    }
+
     fn count_text(&self, text: &str, tokenizer: TokenizerKind) -> u64 {
         match tokenizer {
             TokenizerKind::ClaudeApprox => self

@@ -30,9 +30,52 @@ use crate::{Error, Result};
 ///     }
 /// }
 /// ```
+///
+/// A summarizer that needs I/O (a model, a store) does it ahead of the fit, in
+/// [`prepare`](Self::prepare): a pipeline whose context budget holds a summarizer that
+/// [`prepares`](Self::prepares) awaits it before planning each request, and `summarize`
+/// then answers from what it wrote. [`ModelSummarizer`](super::ModelSummarizer) works
+/// this way.
+#[async_trait::async_trait]
 pub trait Summarizer: Send + Sync + fmt::Debug {
     /// A message standing in for `dropped` (oldest first), or `None` to leave them out.
     fn summarize(&self, dropped: &[Message]) -> Option<Message>;
+
+    /// Whether [`prepare`](Self::prepare) has work to do (default `false`). A pipeline
+    /// asks once per request and awaits `prepare` only when this is `true`, so a
+    /// summarizer without it costs nothing more.
+    fn prepares(&self) -> bool {
+        false
+    }
+
+    /// Writes, ahead of the fit, what [`summarize`](Self::summarize) will need for
+    /// `ahead.request` on `ahead.model`. A pipeline calls it before planning, with the
+    /// model the request is routed to first; a failure is logged and the request goes
+    /// on without a summary. Returns how many messages the summary stands in for
+    /// (default: does nothing, 0).
+    async fn prepare(&self, ahead: Preparing<'_>) -> Result<usize> {
+        let _ = ahead;
+        Ok(0)
+    }
+}
+
+/// A request about to be planned, as a pipeline hands it to [`Summarizer::prepare`]:
+/// the pipeline (to ask a model through), its context budget and token counting, and
+/// the model the request is routed to first.
+#[derive(Debug, Clone, Copy)]
+pub struct Preparing<'a> {
+    /// The pipeline the request runs through.
+    pub pipeline: &'a crate::Pipeline,
+    /// Its context budget.
+    pub budget: &'a ContextBudget,
+    /// The model the fit will be for: the request's primary target.
+    pub model: &'a ModelSpec,
+    /// The request.
+    pub request: &'a ChatRequest,
+    /// The pipeline's token counter, which the fit counts with.
+    pub counter: &'a dyn TokenCounter,
+    /// The pipeline's cache of token counts.
+    pub counts: &'a CountCache,
 }
 
 /// An instruction asking for short answers, for [`RouteBudget::brevity`].

@@ -15,7 +15,9 @@ use std::fmt;
 pub use claude_count::ClaudeTokenCounter;
 pub use compress::{Compressed, Compressor, MAX_SENTENCES, normalize};
 pub(crate) use fit::current_turn_start;
-pub use fit::{BREVITY_INSTRUCTION, ContextBudget, CountCache, Fitted, RouteBudget, Summarizer};
+pub use fit::{
+    BREVITY_INSTRUCTION, ContextBudget, CountCache, Fitted, Preparing, RouteBudget, Summarizer,
+};
 pub use summarize::{ModelSummarizer, SUMMARY_INSTRUCTION};
 
 use crate::types::{ChatRequest, Message, TokenizerKind};
@@ -46,9 +48,33 @@ pub const TOKENS_PER_REPLY: u64 = 3;
 /// }
 /// assert_eq!(ByteQuarters.count_text("abcdefgh", TokenizerKind::O200k), 2);
 /// ```
+///
+/// A counter whose exact figures need I/O (a provider's counting endpoint) fetches them
+/// ahead of time in [`prepare`](Self::prepare): a pipeline awaits it before planning a
+/// request that may go to a model whose tokenizer the counter
+/// [`prepares_for`](Self::prepares_for), and the synchronous counts then use what it
+/// fetched. [`ClaudeTokenCounter`] works this way.
+#[async_trait::async_trait]
 pub trait TokenCounter: Send + Sync + fmt::Debug {
     /// Tokens in `text` under `tokenizer`.
     fn count_text(&self, text: &str, tokenizer: TokenizerKind) -> u64;
+
+    /// Whether [`prepare`](Self::prepare) has work to do for requests to models with
+    /// `tokenizer` (default `false`). A pipeline asks before planning each request and
+    /// awaits `prepare` only when some candidate model's tokenizer answers `true`, so a
+    /// counter without it costs nothing more.
+    fn prepares_for(&self, tokenizer: TokenizerKind) -> bool {
+        let _ = tokenizer;
+        false
+    }
+
+    /// Fetches, ahead of the counts, what this counter needs to count `request` exactly.
+    /// Returns how many texts fell back to an estimate (default: does nothing, 0). It
+    /// reports failures by that number, not an error: counting falls back to estimates.
+    async fn prepare(&self, request: &ChatRequest) -> usize {
+        let _ = request;
+        0
+    }
 
     /// Tokens of one chat message, overhead included.
     fn count_message(&self, message: &Message, tokenizer: TokenizerKind) -> u64 {

@@ -4,7 +4,7 @@ use std::fmt;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
-use super::{ContextBudget, CountCache, Summarizer, TokenCounter};
+use super::{ContextBudget, CountCache, Preparing, Summarizer, TokenCounter};
 use crate::types::{ChatRequest, Message, ModelSpec, Role};
 use crate::{Error, Pipeline, Result};
 
@@ -25,9 +25,14 @@ Write plain prose, at most 150 words. If a summary so far is given, update it wi
 /// so far and only the turns dropped since, so each turn is sent to the summarizing
 /// model once.
 ///
-/// Use it in two places: [`prepare`](Self::prepare), awaited before the request is sent,
-/// writes the summary that the fit will need; and as the budget's [`Summarizer`] (a
-/// cache lookup, never a call), so the fit puts it in place of the dropped turns.
+/// Give it to a pipeline's [`ContextBudget`] and the pipeline runs it by itself: before
+/// planning each request, it works out which turns the fit will drop on the request's
+/// primary target and has them summarised (once per prefix; a failure is logged and the
+/// turns are left out), and the fit puts the summary in their place. A fallback target
+/// with a smaller window may drop more turns than the summary covers; those are left
+/// out. Summary requests run through the same pipeline before the request they serve is
+/// admitted, so they are rate-limited and billed as the user's own and never wait for
+/// a slot it holds.
 ///
 /// ```no_run
 /// # async fn demo() -> tokenwise::Result<()> {
@@ -35,15 +40,15 @@ Write plain prose, at most 150 words. If a summary so far is given, update it wi
 /// use tokenwise::context::{ContextBudget, ModelSummarizer};
 /// use tokenwise::{ChatRequest, Pipeline};
 ///
-/// let summarizer = Arc::new(ModelSummarizer::new("gpt-4o-mini"));
-/// let budget = ContextBudget::default().summarizer(summarizer.clone());
-/// let pipeline = Pipeline::builder().context_budget(budget.clone()).build()?;
+/// let budget = ContextBudget::default().summarizer(Arc::new(ModelSummarizer::new("gpt-4o-mini")));
+/// let pipeline = Pipeline::builder().context_budget(budget).build()?;
 /// # let req = ChatRequest::user_text("hi");
-/// let model = pipeline.catalog().require("gpt-4o")?.clone();
-/// summarizer.prepare(&pipeline, &budget, &model, &req).await?;
-/// let answer = pipeline.chat(req).await?;
+/// let answer = pipeline.chat(req).await?; // the dropped turns summarised first
 /// # let _ = answer; Ok(()) }
 /// ```
+///
+/// [`prepare`](Self::prepare) does the same by hand, for a given model (a budget used
+/// outside a pipeline, or a target other than the primary).
 pub struct ModelSummarizer {
     model: String,
     max_tokens: u32,
@@ -233,19 +238,36 @@ impl ModelSummarizer {
         model: &ModelSpec,
         req: &ChatRequest,
     ) -> Result<Vec<Message>> {
-        let mut plain = budget.clone();
-        plain.summarizer = None;
-        let fitted = plain.fit(req, model, &*self.counter, &self.counts)?;
-        Ok(req
-            .messages
-            .iter()
-            .filter(|m| m.role != Role::System)
-            .take(fitted.dropped_messages)
-            .cloned()
-            .collect())
+        dropped_by(budget, model, req, &*self.counter, &self.counts)
     }
 }
 
+/// The messages `budget` drops from `req` on `model` (the oldest non-system ones),
+/// counted with `counter`.
+fn dropped_by(
+    budget: &ContextBudget,
+    model: &ModelSpec,
+    req: &ChatRequest,
+    counter: &dyn TokenCounter,
+    counts: &CountCache,
+) -> Result<Vec<Message>> {
+    let turn = super::current_turn_start(&req.messages);
+    if !req.messages[..turn].iter().any(|m| m.role != Role::System) {
+        return Ok(Vec::new()); // no history: nothing to drop
+    }
+    let mut plain = budget.clone();
+    plain.summarizer = None;
+    let fitted = plain.fit(req, model, counter, counts)?;
+    Ok(req
+        .messages
+        .iter()
+        .filter(|m| m.role != Role::System)
+        .take(fitted.dropped_messages)
+        .cloned()
+        .collect())
+}
+
+#[async_trait::async_trait]
 impl Summarizer for ModelSummarizer {
     /// The cached summary of exactly `dropped`, if [`prepare`](ModelSummarizer::prepare)
     /// or [`summarize_async`](ModelSummarizer::summarize_async) wrote one; never calls a
@@ -255,6 +277,28 @@ impl Summarizer for ModelSummarizer {
         keys.last()
             .and_then(|k| self.get(k))
             .map(|s| summary_message(&s))
+    }
+
+    /// `true`: a pipeline writes the summaries itself, before planning.
+    fn prepares(&self) -> bool {
+        true
+    }
+
+    /// As [`ModelSummarizer::prepare`], counting with the pipeline's own counter.
+    async fn prepare(&self, ahead: Preparing<'_>) -> Result<usize> {
+        let dropped = dropped_by(
+            ahead.budget,
+            ahead.model,
+            ahead.request,
+            ahead.counter,
+            ahead.counts,
+        )?;
+        if dropped.is_empty() {
+            return Ok(0);
+        }
+        self.summarize_async(ahead.pipeline, &dropped, ahead.request)
+            .await?;
+        Ok(dropped.len())
     }
 }
 

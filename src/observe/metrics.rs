@@ -12,6 +12,9 @@
 //! | `tokenwise_tokens_total` | counter | `model`, `type` | tokens billed; `type` is `input` or `output` |
 //! | `tokenwise_cost_nanodollars_total` | counter | `model` | money spent, in nano-dollars (divide by 1e9 for dollars) |
 //! | `tokenwise_cost_saved_nanodollars_total` | counter | `model` | money cache hits saved, in nano-dollars |
+//! | `tokenwise_prompt_cache_tokens_total` | counter | `model`, `type` | prompt tokens the provider's own prompt cache handled; `type` is `read` (served from it) or `write` (written to it); both are part of the `input` tokens above |
+//! | `tokenwise_prompt_cache_saved_nanodollars_total` | counter | `model` | money the provider's prompt cache saved: reads at the cached-input price instead of the input price, in nano-dollars |
+//! | `tokenwise_prompt_cache_write_premium_nanodollars_total` | counter | `model` | money paid above the input price for prompt-cache writes, in nano-dollars; the net saving is the saved counter less this one |
 //! | `tokenwise_attempts_total` | counter | `provider`, `model`, `status` | provider calls; `status` is `ok`, an error reason, or `cancelled` |
 //! | `tokenwise_attempt_duration_seconds` | histogram | `provider`, `model` | provider call latency (a stream: to its first event) |
 //! | `tokenwise_fallbacks_total` | counter | `model` | answers that came from a fallback target (`model` answered) |
@@ -69,6 +72,16 @@ pub const TOKENS: &str = "tokenwise_tokens_total";
 pub const COST: &str = "tokenwise_cost_nanodollars_total";
 /// `tokenwise_cost_saved_nanodollars_total`: what cache hits saved by `model`, in nano-dollars.
 pub const COST_SAVED: &str = "tokenwise_cost_saved_nanodollars_total";
+/// `tokenwise_prompt_cache_tokens_total`: prompt tokens the provider's prompt cache
+/// handled, by `model` and `type` (`read`, `write`).
+pub const PROMPT_CACHE_TOKENS: &str = "tokenwise_prompt_cache_tokens_total";
+/// `tokenwise_prompt_cache_saved_nanodollars_total`: what prompt-cache reads saved by
+/// `model`, in nano-dollars.
+pub const PROMPT_CACHE_SAVED: &str = "tokenwise_prompt_cache_saved_nanodollars_total";
+/// `tokenwise_prompt_cache_write_premium_nanodollars_total`: what prompt-cache writes
+/// cost above the input price, by `model`, in nano-dollars.
+pub const PROMPT_CACHE_WRITE_PREMIUM: &str =
+    "tokenwise_prompt_cache_write_premium_nanodollars_total";
 /// `tokenwise_attempts_total`: provider calls by `provider`, `model`, `status`.
 pub const ATTEMPTS: &str = "tokenwise_attempts_total";
 /// `tokenwise_attempt_duration_seconds`: provider call latency by `provider`, `model`.
@@ -116,6 +129,9 @@ pub const ALL: &[&str] = &[
     TOKENS,
     COST,
     COST_SAVED,
+    PROMPT_CACHE_TOKENS,
+    PROMPT_CACHE_SAVED,
+    PROMPT_CACHE_WRITE_PREMIUM,
     ATTEMPTS,
     ATTEMPT_DURATION,
     FALLBACKS,
@@ -233,6 +249,21 @@ pub fn describe() {
         "Money cache hits saved, in nano-dollars, by model."
     );
     describe_counter!(
+        PROMPT_CACHE_TOKENS,
+        Unit::Count,
+        "Prompt tokens the provider's prompt cache served (read) or stored (write), by model and type."
+    );
+    describe_counter!(
+        PROMPT_CACHE_SAVED,
+        Unit::Count,
+        "Money the provider's prompt cache saved (reads at the cached-input price), in nano-dollars, by model."
+    );
+    describe_counter!(
+        PROMPT_CACHE_WRITE_PREMIUM,
+        Unit::Count,
+        "Money paid above the input price for prompt-cache writes, in nano-dollars, by model."
+    );
+    describe_counter!(
         ATTEMPTS,
         Unit::Count,
         "Provider calls, by provider, model and status."
@@ -344,6 +375,24 @@ pub(crate) fn record_request(r: &UsageRecord) {
     }
     if !r.saved.is_zero() {
         counter!(COST_SAVED, "model" => model).increment(r.saved.as_nanos());
+    }
+    let cached = r.usage.cached_input_tokens.min(r.usage.input_tokens);
+    if cached > 0 {
+        counter!(PROMPT_CACHE_TOKENS, "model" => model, "type" => "read").increment(cached);
+    }
+    let written = r
+        .usage
+        .cache_write_tokens
+        .min(r.usage.input_tokens - cached);
+    if written > 0 {
+        counter!(PROMPT_CACHE_TOKENS, "model" => model, "type" => "write").increment(written);
+    }
+    if !r.prompt_cache_saved.is_zero() {
+        counter!(PROMPT_CACHE_SAVED, "model" => model).increment(r.prompt_cache_saved.as_nanos());
+    }
+    if !r.prompt_cache_write_premium.is_zero() {
+        counter!(PROMPT_CACHE_WRITE_PREMIUM, "model" => model)
+            .increment(r.prompt_cache_write_premium.as_nanos());
     }
     if r.fallbacks > 0 {
         counter!(FALLBACKS, "model" => model).increment(1);

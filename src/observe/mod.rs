@@ -50,7 +50,7 @@ use crate::Error;
 use crate::budget::Degrade;
 use crate::clock::Timestamp;
 use crate::router::RoutePlan;
-use crate::types::{Cost, RequestMeta, ScopeKind, Served, Usage};
+use crate::types::{Cost, Pricing, RequestMeta, ScopeKind, Served, Usage};
 
 /// How a request ended.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -124,6 +124,16 @@ pub struct UsageRecord {
     pub cost: Cost,
     /// What a cache hit saved.
     pub saved: Cost,
+    /// What the provider's prompt cache saved on the billed calls: the prompt tokens it
+    /// served at the cached-input price instead of the input price (see
+    /// [`price_prompt_cache`](Self::price_prompt_cache)).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub prompt_cache_saved: Cost,
+    /// What writing to the provider's prompt cache cost above the input price (Anthropic
+    /// bills writes at 1.25× or 2× input). The net saving is `prompt_cache_saved` less
+    /// this.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub prompt_cache_write_premium: Cost,
     /// Provider calls made.
     pub attempts: u32,
     /// Targets given up on before the one that answered.
@@ -173,6 +183,8 @@ impl UsageRecord {
             usage: Usage::default(),
             cost: Cost::ZERO,
             saved: Cost::ZERO,
+            prompt_cache_saved: Cost::ZERO,
+            prompt_cache_write_premium: Cost::ZERO,
             attempts: 0,
             fallbacks: 0,
             escalated: false,
@@ -184,6 +196,26 @@ impl UsageRecord {
             stream,
             outcome: Outcome::Provider,
         }
+    }
+
+    /// Prices the provider prompt cache's part of `usage` at `pricing` (the answering
+    /// model's): sets [`prompt_cache_saved`](Self::prompt_cache_saved) and
+    /// [`prompt_cache_write_premium`](Self::prompt_cache_write_premium). The pipeline
+    /// calls it when it writes the record. An escalated request's usage covers both
+    /// tiers and is priced at the model that answered.
+    pub fn price_prompt_cache(&mut self, pricing: &Pricing) {
+        let u = &self.usage;
+        let cached = u.cached_input_tokens.min(u.input_tokens);
+        let writes = u.cache_write_tokens.min(u.input_tokens - cached);
+        let writes_1h = u.cache_write_1h_tokens.min(writes);
+        self.prompt_cache_saved = pricing
+            .input
+            .cost_of(cached)
+            .saturating_sub(pricing.cached_input.cost_of(cached));
+        let plain = pricing.input.cost_of(writes);
+        self.prompt_cache_write_premium = (pricing.cache_write_price().cost_of(writes - writes_1h)
+            + pricing.cache_write_1h_price().cost_of(writes_1h))
+        .saturating_sub(plain);
     }
 
     /// Whether the cache answered.
@@ -238,6 +270,10 @@ impl UsageRecord {
     pub(crate) fn set_route(&mut self, route: &RoutePlan) {
         self.route = route.targets.iter().map(|m| m.name.clone()).collect();
     }
+}
+
+fn is_zero(c: &Cost) -> bool {
+    c.is_zero()
 }
 
 /// Receives one [`UsageRecord`] per request.

@@ -2,9 +2,71 @@
 //! token quota; a complete answer is stored when the request settles; a stale answer
 //! may stand in when every target is down.
 
+use std::borrow::Cow;
+
 use super::{Inner, Plan};
-use crate::cache::{CacheQuery, is_cacheable};
+use crate::cache::{CacheKey, CacheQuery, is_cacheable};
 use crate::types::{ChatResponse, Cost, Served};
+
+/// The model name a routed request is keyed with before it is narrowed to a tier.
+pub(super) const ROUTED: &str = "auto";
+
+/// The capability tiers a lookup tries above the request's own, at most.
+const MAX_HIGHER_TIERS: usize = 3;
+
+/// How a routed request's cache query is keyed: its keys before narrowing, and the
+/// capability tier of its primary target.
+///
+/// A routed request is served answers from models of its primary target's tier or a
+/// higher one: a stronger model's answer is fine for a request the router sent to a
+/// weaker one, never the reverse. Its answer is stored under the tier of the model that
+/// gave it (a fallback or an escalation may be of another tier).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TierKeys {
+    key: CacheKey,
+    context_key: CacheKey,
+    base_key: CacheKey,
+    /// The primary target's capability tier.
+    pub(super) tier: u8,
+}
+
+impl TierKeys {
+    /// The keys of `q` (not yet narrowed), for a request whose primary is of `tier`.
+    pub(super) fn of(q: &CacheQuery, tier: u8) -> Self {
+        TierKeys {
+            key: q.key,
+            context_key: q.context_key,
+            base_key: q.base_key,
+            tier,
+        }
+    }
+
+    /// `q` (the same request's query, keyed any way) keyed for answers of `tier`.
+    pub(super) fn query(&self, mut q: CacheQuery, tier: u8) -> CacheQuery {
+        q.key = self.key;
+        q.context_key = self.context_key;
+        q.base_key = self.base_key;
+        let mut buf = [0u8; 8];
+        q.answered_by(tier_tag(tier, &mut buf))
+    }
+}
+
+/// `tier:<n>`, written into `buf` (no allocation on the request path).
+fn tier_tag(tier: u8, buf: &mut [u8; 8]) -> &str {
+    buf[..5].copy_from_slice(b"tier:");
+    let mut n = 5;
+    if tier >= 100 {
+        buf[n] = b'0' + tier / 100;
+        n += 1;
+    }
+    if tier >= 10 {
+        buf[n] = b'0' + tier / 10 % 10;
+        n += 1;
+    }
+    buf[n] = b'0' + tier % 10;
+    n += 1;
+    std::str::from_utf8(&buf[..n]).unwrap_or("tier:?")
+}
 
 /// A stored answer as a response served from the cache: what it saved (its original
 /// usage and cost) is reported and it costs nothing. The one conversion used by cache
@@ -25,19 +87,75 @@ impl Inner {
         if !plan.cache_read {
             return None; // `refresh`: skip the read, still write
         }
-        match cache.lookup(q).await {
+        let hit = match cache.lookup(q).await {
             Ok(found) => {
                 plan.guard_rejected = found.rejected;
-                let hit = found.answer?;
-                let mut r = served_from_cache(hit.response, hit.similarity);
-                r.guard_rejected = plan.guard_rejected.take();
-                Some(r)
+                found.answer
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cache read failed; treated as a miss");
-                None
+                return None;
             }
-        }
+        };
+        let hit = match (hit, plan.cache_tier) {
+            (Some(hit), _) => hit,
+            // a routed request: a stronger model's answer serves it too
+            (None, Some(tiers)) => {
+                let mut found = None;
+                for tier in self.higher_tiers(tiers.tier) {
+                    let q = tiers.query(q.clone(), tier);
+                    match cache.lookup(&q).await {
+                        Ok(l) if l.answer.is_some() => {
+                            found = l.answer;
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cache read failed; treated as a miss");
+                            return None;
+                        }
+                    }
+                }
+                found?
+            }
+            (None, None) => return None,
+        };
+        let mut r = served_from_cache(hit.response, hit.similarity);
+        r.guard_rejected = plan.guard_rejected.take();
+        Some(r)
+    }
+
+    /// The capability tiers above `tier` that some model of the catalogue has,
+    /// ascending (at most [`MAX_HIGHER_TIERS`]).
+    fn higher_tiers(&self, tier: u8) -> Vec<u8> {
+        let mut tiers: Vec<u8> = self
+            .catalog
+            .models()
+            .map(|m| m.tier)
+            .filter(|t| *t > tier)
+            .collect();
+        tiers.sort_unstable();
+        tiers.dedup();
+        tiers.truncate(MAX_HIGHER_TIERS);
+        tiers
+    }
+
+    /// The query an answer from `model` is stored under: for a routed request, keyed
+    /// by that model's tier (a fallback or escalation may differ from the primary's);
+    /// otherwise the plan's own.
+    pub(super) fn stored_under<'p>(
+        &self,
+        plan: &'p Plan,
+        model: &str,
+    ) -> Option<Cow<'p, CacheQuery>> {
+        let q = plan.cache.as_ref()?;
+        let Some(tiers) = plan.cache_tier else {
+            return Some(Cow::Borrowed(q));
+        };
+        // derived afresh even for the primary's tier: a degrade mode may have re-keyed
+        // the plan's query for the cheaper model it switched to
+        let tier = self.catalog.get(model).map_or(tiers.tier, |m| m.tier);
+        Some(Cow::Owned(tiers.query(q.clone(), tier)))
     }
 
     pub(super) async fn cache_put(&self, q: &CacheQuery, response: &ChatResponse) {
@@ -67,6 +185,17 @@ impl Inner {
                 Some(served_from_cache(hit.response, hit.similarity))
             }
             _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tier_tags() {
+        let mut buf = [0u8; 8];
+        for t in [0u8, 3, 10, 42, 100, 255] {
+            assert_eq!(super::tier_tag(t, &mut buf), format!("tier:{t}"));
         }
     }
 }

@@ -3,6 +3,8 @@
 //! ```text
 //! request
 //!   │  observe   span + usage record around everything below (cache hits and refusals too)
+//!   │  prepare   only with a token counter or summarizer that prepares: exact counts from
+//!   │            a counting endpoint, summaries of the turns the fit will drop
 //!   │  plan      validate the request; the router names the candidate models (pure, no I/O)
 //!   │  admit     bounded concurrency (shed at once), then rate limits on every scope at once
 //!   │  cache     exact match; a hit returns here, spending no budget and no token quota
@@ -16,10 +18,13 @@
 //!
 //! The order is the contract and lives in one function, `Pipeline::funnel` (whole
 //! answers) and its streamed twin `Pipeline::open_stream`, which call the same stages:
-//! one file each (`plan`, `admit`, `cache`, `budget`, `dispatch`, `settle`), and one
+//! one file each (`prepare`, `plan`, `admit`, `cache`, `budget`, `dispatch`, `settle`), and one
 //! attempt loop (`dispatch`) for whole answers and streams alike. Planning happens before
 //! admission because the worst-case cost and the token estimate depend on which models
-//! may answer; the router is a pure function, so no request is charged for it. A
+//! may answer; the router is a pure function, so no request is charged for it. The
+//! prepare stage, when there is one, runs before admission: a summary is asked through
+//! the pipeline itself, admitted on its own, and never waits for a slot its request
+//! holds. A
 //! request refused at any stage consumes nothing of the stages after it, and a token
 //! charge made by admission is refunded when a later stage refuses.
 
@@ -31,10 +36,12 @@ mod cache;
 mod dispatch;
 mod flight;
 mod plan;
+mod prepare;
 mod service;
 mod settle;
 mod stream;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -177,6 +184,9 @@ impl Pipeline {
     /// The funnel for whole answers. The order of these lines is the contract.
     async fn funnel(&self, req: &ChatRequest, rec: &mut UsageRecord) -> Result<ChatResponse> {
         let inner = &self.inner;
+        if self.prepares() {
+            self.prepare(req).await; // prepare: exact counts, summaries (only when configured)
+        }
         let mut plan = inner.plan(req)?; // plan: validate, route, count, worst case
         rec.set_route(&plan.route);
         inner.check_max_cost(req, &plan)?; // a whole answer cannot be cut: refuse up front
@@ -212,8 +222,8 @@ impl Pipeline {
             Ok(a) => a.response,
             Err(e) => return inner.stale(&plan, &e).await.ok_or(e), // every target down: stale
         };
-        if let Some(q) = &plan.cache {
-            inner.cache_put(q, &answer).await; // a complete answer is stored
+        if let Some(q) = inner.stored_under(&plan, &answer.model) {
+            inner.cache_put(&q, &answer).await; // a complete answer is stored
         }
         if let Some(l) = leader.filter(|_| is_cacheable(&answer)) {
             l.publish(answer.clone()); // for the identical requests that waited
@@ -270,6 +280,9 @@ impl Pipeline {
             slot.take()
                 .unwrap_or_else(|| UsageRecord::new(started, &RequestMeta::default(), true))
         };
+        if self.prepares() {
+            self.prepare(&req).await; // prepare
+        }
         let mut plan = inner.plan(&req)?; // plan
         if let Some(r) = slot.as_mut() {
             r.set_route(&plan.route);
@@ -323,7 +336,9 @@ impl Pipeline {
                 let mut record = rec(slot);
                 record.set_first_token(answered.at);
                 let model = answered.model;
-                let (cache, guard_rejected) = (plan.cache.take(), plan.guard_rejected.take());
+                let cache = inner.stored_under(&plan, &model.name).map(Cow::into_owned);
+                plan.cache = None; // the stream stores its answer under `cache`
+                let guard_rejected = plan.guard_rejected.take();
                 let prompt_tokens = plan.prompt_tokens(model.tokenizer);
                 let (max_tokens, max_cost) = (
                     req.params.max_tokens.map(u64::from),
@@ -379,8 +394,8 @@ impl Pipeline {
                     .settle_use(&mut held, &mut admitted, &answer.usage, answer.cost)
                     .await;
                 let mut response = answer.response;
-                if let Some(q) = &plan.cache {
-                    inner.cache_put(q, &response).await;
+                if let Some(q) = inner.stored_under(&plan, &response.model) {
+                    inner.cache_put(&q, &response).await;
                 }
                 response.guard_rejected = plan.guard_rejected.take();
                 let mut record = rec(slot);

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use super::Inner;
+use super::cache::{ROUTED, TierKeys};
 use crate::cache::CacheQuery;
 use crate::router::{Counted, PromptTokens, RoutePlan};
 use crate::types::GuardRejection;
@@ -27,6 +28,9 @@ pub(super) struct Plan {
     /// charged, since the provider received the prompt.
     pub(super) prompt_cost: Cost,
     pub(super) cache: Option<CacheQuery>,
+    /// For a routed request, how `cache` was keyed: by the primary target's capability
+    /// tier (see [`TierKeys`]).
+    pub(super) cache_tier: Option<TierKeys>,
     /// False under `CacheMode::Refresh`: the answer is written, never read.
     pub(super) cache_read: bool,
     /// A semantic match a cache guard refused, reported on the answer.
@@ -89,16 +93,21 @@ impl Inner {
         let prompt_tokens = tokens.counted();
         let token_estimate = primary_prompt + primary.output_allowance(max_tokens);
         let prompt_cost = primary.pricing.input.cost_of(primary_prompt);
-        let cache = match &self.cache {
-            // A routed request is keyed by the model the router chose, never by
-            // `auto`: an answer from a cheaper model is not served to a request routed
-            // to a better one.
-            Some(_) => CacheQuery::for_model(
-                req,
-                self.cache_scope,
-                req.model.as_deref().unwrap_or(&primary.name),
-            ),
-            None => None,
+        let (cache, cache_tier) = match (&self.cache, req.model.as_deref()) {
+            (None, _) => (None, None),
+            // A request naming its model is only ever served that model's answers.
+            (Some(_), Some(named)) => (CacheQuery::for_model(req, self.cache_scope, named), None),
+            // A routed request is keyed by the capability tier of the model the router
+            // chose, never by `auto`: an answer from a weaker model is not served to a
+            // request routed to a stronger one (answers of a higher tier may be; see
+            // `cache_get`).
+            (Some(_), None) => match CacheQuery::for_model(req, self.cache_scope, ROUTED) {
+                Some(q) => {
+                    let tier = TierKeys::of(&q, primary.tier);
+                    (Some(tier.query(q, primary.tier)), Some(tier))
+                }
+                None => (None, None),
+            },
         };
         Ok(Plan {
             route,
@@ -113,6 +122,7 @@ impl Inner {
                 },
             prompt_cost,
             cache,
+            cache_tier,
             cache_read: req.meta.cache.mode == CacheMode::Use,
             guard_rejected: None,
             validated,

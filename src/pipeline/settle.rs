@@ -108,6 +108,9 @@ impl Inner {
     /// Writes the usage record: its latency, the span, the sink and the in-memory report.
     pub(super) fn record(&self, mut rec: UsageRecord, span: &tracing::Span, finish: Option<&str>) {
         rec.latency = self.clock.now().saturating_since(rec.started_at);
+        if let Some(m) = rec.model.as_deref().and_then(|m| self.catalog.get(m)) {
+            rec.price_prompt_cache(&m.pricing); // what the provider's prompt cache saved
+        }
         observe::finish(span, &mut rec, finish);
         if let Some(s) = &self.sink {
             s.record(&rec);
