@@ -112,3 +112,67 @@ async fn a_fallbacks_answer_is_stored_under_its_own_tier() {
             .is_cache_hit()
     );
 }
+
+/// Counts lookups on an exact cache.
+#[derive(Debug)]
+struct Counting(tokenwise::cache::ExactCache, std::sync::atomic::AtomicUsize);
+
+#[async_trait::async_trait]
+impl tokenwise::cache::Cache for Counting {
+    async fn get(
+        &self,
+        q: &tokenwise::cache::CacheQuery,
+    ) -> tokenwise::Result<Option<tokenwise::cache::CachedAnswer>> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.get(q).await
+    }
+    async fn put(
+        &self,
+        q: &tokenwise::cache::CacheQuery,
+        r: &tokenwise::ChatResponse,
+    ) -> tokenwise::Result<()> {
+        self.0.put(q, r).await
+    }
+    async fn invalidate(&self, what: &tokenwise::cache::Invalidation) -> tokenwise::Result<u64> {
+        self.0.invalidate(what).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_miss_looks_only_in_tiers_that_hold_answers() {
+    let cache = Arc::new(Counting(
+        tokenwise::cache::ExactCache::builder()
+            .max_entries(100)
+            .build()
+            .unwrap(),
+        Default::default(),
+    ));
+    let pipe = Pipeline::builder()
+        .provider(SimulatedProvider::builder().build().unwrap())
+        .default_model("gpt-4o-mini")
+        .cache(cache.clone())
+        .build()
+        .unwrap();
+    let lookups = || cache.1.load(std::sync::atomic::Ordering::Relaxed);
+    for i in 0..5 {
+        pipe.chat(ask(&format!("question {i}"), Tier::Standard))
+            .await
+            .unwrap();
+    }
+    // every request goes to one tier: one lookup per miss, none in the empty tiers above
+    assert_eq!(lookups(), 5);
+
+    // once a higher tier holds an answer, a miss looks there too
+    pipe.chat(ask("named", Tier::Standard).model("gpt-4o"))
+        .await
+        .unwrap();
+    let before = lookups();
+    pipe.chat(ask("a new question", Tier::Standard))
+        .await
+        .unwrap();
+    assert_eq!(
+        lookups() - before,
+        1,
+        "a named model's answer is not a routed tier"
+    );
+}

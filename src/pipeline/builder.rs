@@ -649,6 +649,7 @@ impl PipelineBuilder {
                 hedge: self.hedge,
                 latencies: Latencies::default(),
                 serve_stale: self.serve_stale,
+                cache_tiers: super::cache::StoredTiers::default(),
                 context: self.context,
                 counts: CountCache::default(),
                 deployments: self.deployments,

@@ -51,6 +51,35 @@ impl TierKeys {
     }
 }
 
+/// The capability tiers this pipeline has stored a routed answer under, as a bit set
+/// (tiers 0 to 63; higher tiers share the last bit). A routed miss looks in a higher
+/// tier only when this pipeline has stored an answer there, so a pipeline whose
+/// requests all go to one tier makes one lookup per miss, not one per tier of the
+/// catalogue.
+#[derive(Debug, Default)]
+pub(super) struct StoredTiers(std::sync::atomic::AtomicU64);
+
+impl StoredTiers {
+    fn bit(tier: u8) -> u64 {
+        1u64 << tier.min(63)
+    }
+
+    fn note(&self, tier: u8) {
+        let bit = Self::bit(tier);
+        if self.0.load(std::sync::atomic::Ordering::Relaxed) & bit == 0 {
+            self.0.fetch_or(bit, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Up to [`MAX_HIGHER_TIERS`] stored tiers above `tier`, ascending.
+    fn above(&self, tier: u8) -> impl Iterator<Item = u8> {
+        let set = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        (tier.saturating_add(1)..=63)
+            .filter(move |t| set & Self::bit(*t) != 0)
+            .take(MAX_HIGHER_TIERS)
+    }
+}
+
 /// `tier:<n>`, written into `buf` (no allocation on the request path).
 fn tier_tag(tier: u8, buf: &mut [u8; 8]) -> &str {
     buf[..5].copy_from_slice(b"tier:");
@@ -102,7 +131,7 @@ impl Inner {
             // a routed request: a stronger model's answer serves it too
             (None, Some(tiers)) => {
                 let mut found = None;
-                for tier in self.higher_tiers(tiers.tier) {
+                for tier in self.cache_tiers.above(tiers.tier) {
                     let q = tiers.query(q.clone(), tier);
                     match cache.lookup(&q).await {
                         Ok(l) if l.answer.is_some() => {
@@ -125,21 +154,6 @@ impl Inner {
         Some(r)
     }
 
-    /// The capability tiers above `tier` that some model of the catalogue has,
-    /// ascending (at most [`MAX_HIGHER_TIERS`]).
-    fn higher_tiers(&self, tier: u8) -> Vec<u8> {
-        let mut tiers: Vec<u8> = self
-            .catalog
-            .models()
-            .map(|m| m.tier)
-            .filter(|t| *t > tier)
-            .collect();
-        tiers.sort_unstable();
-        tiers.dedup();
-        tiers.truncate(MAX_HIGHER_TIERS);
-        tiers
-    }
-
     /// The query an answer from `model` is stored under: for a routed request, keyed
     /// by that model's tier (a fallback or escalation may differ from the primary's);
     /// otherwise the plan's own.
@@ -155,6 +169,7 @@ impl Inner {
         // derived afresh even for the primary's tier: a degrade mode may have re-keyed
         // the plan's query for the cheaper model it switched to
         let tier = self.catalog.get(model).map_or(tiers.tier, |m| m.tier);
+        self.cache_tiers.note(tier);
         Some(Cow::Owned(tiers.query(q.clone(), tier)))
     }
 

@@ -115,6 +115,9 @@ pub(crate) struct Inner {
     hedge: Option<Hedge>,
     latencies: Latencies,
     serve_stale: Option<Duration>,
+    /// The capability tiers of a routed request's cache: those this pipeline has stored
+    /// an answer under (see `cache.rs`).
+    cache_tiers: cache::StoredTiers,
     context: Option<ContextBudget>,
     counts: CountCache,
     deployments: HashMap<String, Deployments>,
