@@ -376,10 +376,12 @@ impl<T: Elem> Graph<T> {
     }
 
     /// Picks up to `m` of `candidates` (best first, scored against the node being
-    /// linked) by HNSW's heuristic: a candidate is kept unless a kept one is nearer to
-    /// it than the node is, so that links spread in every direction.
+    /// linked) by HNSW's heuristic: a candidate is taken unless one taken already is
+    /// nearer to it than the node is, so that links spread in every direction; then,
+    /// if fewer than `m` were taken, the nearest of the others fill the list.
     fn select(&self, candidates: &[(u32, f32)], m: usize) -> Vec<u32> {
         let mut kept: Vec<u32> = Vec::with_capacity(m);
+        let mut pruned: Vec<u32> = Vec::new();
         for &(c, s) in candidates {
             if kept.len() >= m {
                 break;
@@ -387,8 +389,12 @@ impl<T: Elem> Graph<T> {
             let vc = self.vector(c);
             if kept.iter().all(|&k| T::sim(vc, self.vector(k)) <= s) {
                 kept.push(c);
+            } else {
+                pruned.push(c);
             }
         }
+        let room = m.saturating_sub(kept.len());
+        kept.extend(pruned.into_iter().take(room));
         kept
     }
 
@@ -405,8 +411,9 @@ impl<T: Elem> Graph<T> {
         count.store(n as u32, AtomicOrdering::Release);
     }
 
-    /// Adds a link from `e` to `new` (scored `s` against `e`) on `level`; a full list
-    /// is cut back to its cap by the heuristic.
+    /// Adds a link from `e` to `new` (scored `s` against `e`) on `level`. A full
+    /// list keeps its nearest: `new` replaces the farthest link if it is nearer (one
+    /// similarity per link, where re-running the heuristic would cost one per pair).
     fn add_link(&self, e: u32, new: u32, s: f32, level: usize) {
         let list = self.list(e, level);
         let Some((count, slots)) = list.split_first() else {
@@ -419,15 +426,19 @@ impl<T: Elem> Graph<T> {
             return;
         }
         let ve = self.vector(e);
-        let mut candidates: Vec<(u32, f32)> = Vec::with_capacity(c + 1);
-        candidates.push((new, s));
-        for slot in &slots[..c] {
+        let mut worst: Option<(usize, f32)> = None;
+        for (at, slot) in slots[..c].iter().enumerate() {
             let n = slot.load(AtomicOrdering::Relaxed);
-            candidates.push((n, T::sim(ve, self.vector(n))));
+            let sn = T::sim(ve, self.vector(n));
+            if worst.is_none_or(|(_, w)| sn < w) {
+                worst = Some((at, sn));
+            }
         }
-        candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
-        let kept = self.select(&candidates, self.shape.cap(level));
-        self.set_list(e, level, &kept);
+        if let Some((at, w)) = worst {
+            if s > w {
+                slots[at].store(new, AtomicOrdering::Relaxed);
+            }
+        }
     }
 
     /// Links node `i` (already stored, `i == self.n`) into the graph.
@@ -464,7 +475,7 @@ impl<T: Elem> Graph<T> {
                 visited,
                 fetch,
             );
-            let kept = self.select(&found, self.shape.m);
+            let kept = self.select(&found, self.shape.cap(l));
             self.set_list(i, l, &kept);
             for (&n, s) in kept
                 .iter()

@@ -1013,9 +1013,13 @@ impl VectorIndex {
 }
 
 /// Drops the vectors of slots below `end` from `delta` (which starts at slot `from`).
-fn drop_before<T>(delta: &mut Vec<T>, end: usize, from: usize, dims: usize) {
+/// A delta that was large (a batch) gives its memory back.
+fn drop_before<T: Copy>(delta: &mut Vec<T>, end: usize, from: usize, dims: usize) {
     let n = end.saturating_sub(from).saturating_mul(dims).min(delta.len());
     delta.drain(..n);
+    if delta.capacity() > 2 * (MAX_DELTA * dims).max(delta.len()) {
+        *delta = delta.as_slice().to_vec();
+    }
 }
 
 /// The k best (id, similarity) pairs seen, best first.
