@@ -600,7 +600,9 @@ mod tests {
             m: 8,
             ef_construction: 64,
         };
-        let data: Vec<f32> = (0..(CHUNK as u64 + 700)).flat_map(|i| unit(i, dims)).collect();
+        let data: Vec<f32> = (0..(CHUNK as u64 + 700))
+            .flat_map(|i| unit(i, dims))
+            .collect();
         let (a, b) = data.split_at((CHUNK + 300) * dims);
         let g1 = Graph::new(shape)
             .extended(CHUNK + 300, a.chunks_exact(dims))
@@ -609,8 +611,14 @@ mod tests {
         let g2 = g1.extended(400, b.chunks_exact(dims)).unwrap();
         assert!(g1.extended(10, b[..dims * 9].chunks_exact(dims)).is_none());
         assert_eq!(g2.len(), CHUNK + 700);
-        assert!(Arc::ptr_eq(&g1.chunks[0], &g2.chunks[0]), "full chunk shared");
-        assert!(!Arc::ptr_eq(&g1.chunks[1], &g2.chunks[1]), "partial one copied");
+        assert!(
+            Arc::ptr_eq(&g1.chunks[0], &g2.chunks[0]),
+            "full chunk shared"
+        );
+        assert!(
+            !Arc::ptr_eq(&g1.chunks[1], &g2.chunks[1]),
+            "partial one copied"
+        );
         // every layer-0 list is within its cap and names nodes of the graph
         for i in 0..g2.len() as u32 {
             let mut n = 0;

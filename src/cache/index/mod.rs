@@ -956,7 +956,13 @@ impl VectorIndex {
         }
     }
 
-    fn search_core<T: Elem>(&self, core: &Core<T>, q: &[T], ef: usize, k: usize) -> Vec<(u64, f32)> {
+    fn search_core<T: Elem>(
+        &self,
+        core: &Core<T>,
+        q: &[T],
+        ef: usize,
+        k: usize,
+    ) -> Vec<(u64, f32)> {
         let mut top = TopK::new(k);
         if let Some(g) = &core.graph {
             let live = |i: u32| !self.dead.get(i as usize).copied().unwrap_or(true);
@@ -1015,7 +1021,10 @@ impl VectorIndex {
 /// Drops the vectors of slots below `end` from `delta` (which starts at slot `from`).
 /// A delta that was large (a batch) gives its memory back.
 fn drop_before<T: Copy>(delta: &mut Vec<T>, end: usize, from: usize, dims: usize) {
-    let n = end.saturating_sub(from).saturating_mul(dims).min(delta.len());
+    let n = end
+        .saturating_sub(from)
+        .saturating_mul(dims)
+        .min(delta.len());
     delta.drain(..n);
     if delta.capacity() > 2 * (MAX_DELTA * dims).max(delta.len()) {
         *delta = delta.as_slice().to_vec();
