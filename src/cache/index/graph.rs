@@ -554,7 +554,7 @@ impl<T: Elem> Graph<T> {
         self.chunks
             .iter()
             .map(|c| {
-                c.vectors.as_slice().len() * size_of::<T>()
+                size_of_val(c.vectors.as_slice())
                     + (c.links.len() + c.upper.len() + c.upper_at.len()) * 4
             })
             .sum()
