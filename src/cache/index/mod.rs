@@ -108,8 +108,8 @@ impl IndexConfig {
 
     fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::Config(format!("vector index: {m}")));
-        if self.capacity == 0 || self.capacity >= (u32::MAX / 4) as usize {
-            return bad("capacity must be at least 1 and below 2^30");
+        if self.capacity == 0 || self.capacity >= u32::MAX as usize {
+            return bad("capacity must be at least 1 and below 2^32");
         }
         if !(2..=64).contains(&self.max_connections) {
             return bad("max_connections must be between 2 and 64");
