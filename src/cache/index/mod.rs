@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use bytemuck::Pod;
 
 use self::graph::{Graph, Shape};
+use self::pages::Pages;
 
 use crate::{Error, Result};
 
@@ -389,14 +390,14 @@ enum WorkOf<T> {
     Extend {
         graph: Graph<T>,
         end: usize,
-        delta: Vec<T>,
+        delta: Pages<T>,
     },
     /// Rebuild from the live vectors of slots `..end`: the graph's and the delta's
     /// (slots `delta_from..end`).
     Rebuild {
         graph: Option<Graph<T>>,
         delta_from: usize,
-        delta: Vec<T>,
+        delta: Pages<T>,
         ids: Vec<u64>,
         dead: Vec<bool>,
         end: usize,
@@ -427,12 +428,12 @@ impl<T: Elem> WorkOf<T> {
     fn run(self) -> DoneOf<T> {
         match self {
             WorkOf::Extend { graph, end, delta } => {
-                let dims = delta.len() / end.saturating_sub(graph.len()).max(1);
+                let dims = delta.as_slice().len() / end.saturating_sub(graph.len()).max(1);
                 let added = end.saturating_sub(graph.len());
                 let graph = if dims == 0 {
                     None
                 } else {
-                    graph.extended(added, delta.chunks_exact(dims))
+                    graph.extended(added, delta.as_slice().chunks_exact(dims))
                 };
                 // Tombstones are the index's, by slot: nothing to carry over.
                 DoneOf::Extend { graph, end }
@@ -457,7 +458,7 @@ impl<T: Elem> WorkOf<T> {
                         }
                     }
                 }
-                for (i, v) in delta.chunks_exact(dims.max(1)).enumerate() {
+                for (i, v) in delta.as_slice().chunks_exact(dims.max(1)).enumerate() {
                     if live(delta_from + i) {
                         kept.push((delta_from + i, v));
                     }
@@ -698,7 +699,9 @@ impl VectorIndex {
 
     fn work_of<T: Elem>(&self, core: &Core<T>, rebuild: bool) -> WorkOf<T> {
         let end = self.ids.len();
-        let delta = core.delta.clone();
+        // A copy of the delta in its own mapping, returned to the system when the job
+        // ends (a heap copy of a large batch would stay in the process's memory).
+        let delta = Pages::from_slice(&core.delta);
         match &core.graph {
             Some(g) if !rebuild => WorkOf::Extend {
                 graph: g.clone(),

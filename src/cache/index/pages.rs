@@ -42,8 +42,8 @@ impl<T: Pod> Pages<T> {
         Pages::Vec(vec![T::zeroed(); len])
     }
 
-    /// A copy of `items`.
-    #[cfg(test)]
+    /// A copy of `items` (a large one in its own mapping, given back to the system
+    /// as soon as it is dropped).
     pub(crate) fn from_slice(items: &[T]) -> Self {
         let mut pages = Pages::zeroed(items.len());
         pages.as_mut_slice().copy_from_slice(items);
