@@ -1,20 +1,19 @@
 //! Nearest-neighbour search over unit vectors: a flat scan while a set is small, an HNSW
-//! graph ([hnsw_rs]) once it is large; removal by tombstones, compaction by rebuild.
+//! graph the index owns ([`graph`]) once it is large; removal by tombstones,
+//! compaction by rebuild.
 
+mod graph;
 mod pages;
 mod simd;
 
-use std::cmp::{Ordering, Reverse};
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 
-use anndists::dist::Distance;
 use bytemuck::Pod;
-use hnsw_rs::hnsw::{Hnsw, Point};
 
-use self::pages::{Fetch, Pages};
+use self::graph::{Graph, Shape};
+use self::pages::Pages;
 
 use crate::{Error, Result};
 
@@ -41,7 +40,8 @@ pub struct IndexConfig {
     pub graph_from: usize,
     /// The most vectors held; inserting past it evicts the oldest (default 1,000,000).
     pub capacity: usize,
-    /// Links per node of the graph (HNSW `M`, default 16, at most 64).
+    /// Links per node of the graph (HNSW `M`, default 16, at most 64); layer 0 keeps
+    /// twice as many.
     pub max_connections: usize,
     /// Candidates considered while linking a new node (default 100).
     pub ef_construction: usize,
@@ -120,142 +120,24 @@ impl IndexConfig {
         }
         Ok(())
     }
-}
 
-/// `1 - a·b`, never negative (the graph requires distances ≥ 0).
-#[derive(Debug, Clone, Copy, Default)]
-struct DotF32;
-
-impl Distance<f32> for DotF32 {
-    fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
-        (1.0 - dot(a, b)).max(0.0)
+    fn shape(&self, dims: usize) -> Shape {
+        Shape {
+            dims,
+            m: self.max_connections,
+            ef_construction: self.ef_construction,
+        }
     }
 }
-
-#[derive(Debug, Clone, Copy, Default)]
-struct DotI8;
 
 const I8_SCALE: f32 = 127.0;
-
-impl Distance<i8> for DotI8 {
-    fn eval(&self, a: &[i8], b: &[i8]) -> f32 {
-        (1.0 - dot_i8(a, b)).max(0.0)
-    }
-}
 
 pub(crate) use self::simd::dot;
 use self::simd::{dot_codes, dot_codes_and_norm};
 
-/// The cosine of two byte codes (each a unit vector scaled by its own factor, which
-/// the cosine cancels).
-fn dot_i8(a: &[i8], b: &[i8]) -> f32 {
-    i8::sim_to(a)(b)
-}
-
 /// The stored form of a vector under [`Quantization::Int8`]: its byte code.
 fn quantize(v: &[f32]) -> Vec<i8> {
     code_of(v).0
-}
-
-/// Vectors by slot: every vector in flat mode, the delta (slots from the snapshot's
-/// end on) in graph mode.
-enum Store {
-    F32(Vec<f32>),
-    I8(Vec<i8>),
-}
-
-/// The graph of one element type: hnsw_rs's graph, extended and rebuilt by maintenance
-/// only, and the read-only copy that searches walk. Both are shared with a maintenance
-/// job in flight, so that searches go on while it runs.
-struct GraphState<T: Elem> {
-    hnsw: Arc<Hnsw<'static, T, T::Dist>>,
-    frozen: Arc<Frozen<T>>,
-}
-
-enum Graph {
-    F32(GraphState<f32>),
-    I8(GraphState<i8>),
-}
-
-/// Vectors inserted since the graph's snapshot that start maintenance: they are
-/// scanned exactly on every search until a snapshot takes them in.
-const MAX_DELTA: usize = 2_048;
-
-/// A vector component the index can store.
-trait Elem: Pod + Send + Sync + 'static {
-    /// The graph's distance on this type.
-    type Dist: Distance<Self> + Default + Send + Sync + 'static;
-    /// The flat store of this type, if `store` holds it.
-    fn store(store: &Store) -> Option<&[Self]>;
-    /// Wraps a graph of this type.
-    fn graph(g: GraphState<Self>) -> Graph;
-    /// Wraps a flat store of this type.
-    fn wrap_store(v: Vec<Self>) -> Store;
-    fn sim(a: &[Self], b: &[Self]) -> f32;
-    /// [`sim`](Self::sim) to one query, with what depends on the query alone worked
-    /// out once.
-    fn sim_to(q: &[Self]) -> impl Fn(&[Self]) -> f32 + '_;
-    /// A byte code of `v` for the graph walk (see [`Frozen::codes`]), if this type
-    /// takes one.
-    fn code(v: &[Self]) -> Option<Vec<i8>>;
-}
-
-impl Elem for f32 {
-    type Dist = DotF32;
-    fn store(store: &Store) -> Option<&[f32]> {
-        match store {
-            Store::F32(s) => Some(s),
-            Store::I8(_) => None,
-        }
-    }
-    fn graph(g: GraphState<f32>) -> Graph {
-        Graph::F32(g)
-    }
-    fn wrap_store(v: Vec<f32>) -> Store {
-        Store::F32(v)
-    }
-    fn sim(a: &[f32], b: &[f32]) -> f32 {
-        dot(a, b)
-    }
-    fn sim_to(q: &[f32]) -> impl Fn(&[f32]) -> f32 + '_ {
-        move |v| dot(q, v)
-    }
-    fn code(v: &[f32]) -> Option<Vec<i8>> {
-        Some(code_of(v).0)
-    }
-}
-
-impl Elem for i8 {
-    type Dist = DotI8;
-    fn store(store: &Store) -> Option<&[i8]> {
-        match store {
-            Store::I8(s) => Some(s),
-            Store::F32(_) => None,
-        }
-    }
-    fn graph(g: GraphState<i8>) -> Graph {
-        Graph::I8(g)
-    }
-    fn wrap_store(v: Vec<i8>) -> Store {
-        Store::I8(v)
-    }
-    fn sim(a: &[i8], b: &[i8]) -> f32 {
-        dot_i8(a, b)
-    }
-    fn sim_to(q: &[i8]) -> impl Fn(&[i8]) -> f32 + '_ {
-        let qn = (dot_codes(q, q) as f32).sqrt();
-        move |v| {
-            let (d, vn) = dot_codes_and_norm(q, v);
-            if vn == 0 || qn == 0.0 {
-                0.0
-            } else {
-                d as f32 / (qn * (vn as f32).sqrt())
-            }
-        }
-    }
-    fn code(_: &[i8]) -> Option<Vec<i8>> {
-        None // already bytes
-    }
 }
 
 /// `v` as bytes scaled to its own largest component: `v ≈ code · scale`. A unit
@@ -274,337 +156,91 @@ fn code_of(v: &[f32]) -> (Vec<i8>, f32) {
     (code, scale)
 }
 
-/// Candidates re-scored on full vectors after a walk on codes (at least `k`).
-const RESCORE: usize = 32;
+/// A vector component the index can store.
+trait Elem: Pod + Send + Sync + 'static {
+    /// The similarity of two stored vectors.
+    fn sim(a: &[Self], b: &[Self]) -> f32;
+    /// [`sim`](Self::sim) to one query, with what depends on the query alone worked
+    /// out once.
+    fn sim_to(q: &[Self]) -> impl Fn(&[Self]) -> f32 + '_;
+    /// Wraps a core of this type.
+    fn wrap(core: Core<Self>) -> Cores;
+}
 
-/// `f32` ordered by `total_cmp`, for the search heaps.
-#[derive(Clone, Copy, PartialEq)]
-struct Sim(f32);
-
-impl Eq for Sim {}
-
-impl PartialOrd for Sim {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
+impl Elem for f32 {
+    fn sim(a: &[f32], b: &[f32]) -> f32 {
+        dot(a, b)
+    }
+    fn sim_to(q: &[f32]) -> impl Fn(&[f32]) -> f32 + '_ {
+        move |v| dot(q, v)
+    }
+    fn wrap(core: Core<f32>) -> Cores {
+        Cores::F32(core)
     }
 }
 
-impl Ord for Sim {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.0.total_cmp(&other.0)
+impl Elem for i8 {
+    /// The cosine of two byte codes (each a unit vector scaled by its own factor,
+    /// which the cosine cancels).
+    fn sim(a: &[i8], b: &[i8]) -> f32 {
+        i8::sim_to(a)(b)
+    }
+    fn sim_to(q: &[i8]) -> impl Fn(&[i8]) -> f32 + '_ {
+        let qn = (dot_codes(q, q) as f32).sqrt();
+        move |v| {
+            let (d, vn) = dot_codes_and_norm(q, v);
+            if vn == 0 || qn == 0.0 {
+                0.0
+            } else {
+                d as f32 / (qn * (vn as f32).sqrt())
+            }
+        }
+    }
+    fn wrap(core: Core<i8>) -> Cores {
+        Cores::I8(core)
     }
 }
 
-/// A compact, read-only copy of the graph's links: hnsw_rs builds and extends the
-/// graph; searches walk this copy (flat arrays, a bitset of visited nodes, no locks or
-/// per-node allocations), which is several times faster than hnsw_rs's own search.
-/// Points inserted after the copy was taken are scanned exactly until the next copy.
-struct Frozen<T: Elem> {
-    dims: usize,
-    /// Vectors by dense index, contiguous (a copy: pointer-chasing into the graph's
-    /// own points costs a cache miss or two per visited node).
-    vectors: Pages<T>,
-    /// Slot by dense index.
-    slots: Vec<u32>,
-    /// Layer-0 links of dense index `i`: `links[offsets[i]..offsets[i + 1]]`.
-    offsets: Pages<u32>,
-    links: Pages<u32>,
-    /// Links on layers 1.. of the few points that reach them.
-    upper: HashMap<u32, Vec<Vec<u32>>>,
-    entry: u32,
-    top: usize,
-    /// Slots below this are in the copy; slots from it on are the delta.
-    upto: usize,
-    /// Byte codes of the vectors, walked instead of the vectors themselves (for
-    /// full-precision vectors): a quarter of the memory read per visited node, which
-    /// is what a search at scale waits on. A node is scored by the cosine of its code
-    /// and the query's, so no scale is read per node. The walk's best candidates are
-    /// then re-scored on the full vectors, so results and their similarities are
-    /// exact for what the walk found.
-    codes: Option<Pages<i8>>,
-    /// Dense index by slot (`u32::MAX`: not in the copy).
-    dense_of: Vec<u32>,
-    /// Tombstones by dense index, one bit each: checked for every candidate, so kept
-    /// next to the walk rather than behind a slot lookup. Atomic, so that a removal
-    /// marks the copy while a maintenance job shares it.
-    dead: Box<[AtomicU64]>,
+/// The vectors of one element type: the graph (slots `..graph.len()`, a slot's node
+/// number is the slot) and the delta, the vectors of later slots, which searches scan
+/// exactly. In flat mode there is no graph and the delta holds every vector.
+struct Core<T> {
+    graph: Option<Graph<T>>,
+    delta: Vec<T>,
 }
 
-impl<T: Elem> Frozen<T> {
-    fn take<D: Distance<T> + Send + Sync>(
-        g: &Hnsw<'static, T, D>,
-        slots: usize,
-        tombstones: &[bool],
-    ) -> Option<Self> {
-        let points: Vec<Arc<Point<'static, T>>> = g.get_point_indexation().into_iter().collect();
-        let dims = points.first().map_or(0, |p| p.get_v().len());
-        let mut vectors = Pages::zeroed(points.len() * dims);
-        let mut slot_of = Vec::with_capacity(points.len());
-        for (p, to) in points
-            .iter()
-            .zip(vectors.as_mut_slice().chunks_exact_mut(dims.max(1)))
-        {
-            if p.get_v().len() != dims {
-                return None;
-            }
-            to.copy_from_slice(p.get_v());
-            slot_of.push(u32::try_from(p.get_origin_id()).ok()?);
-        }
-        let mut dense = vec![u32::MAX; slots];
-        for (i, p) in points.iter().enumerate() {
-            let d = dense.get_mut(p.get_origin_id())?;
-            *d = u32::try_from(i).ok()?;
-        }
-        let id = |slot: usize| dense.get(slot).copied().filter(|d| *d != u32::MAX);
-        let mut offsets = Vec::with_capacity(points.len() + 1);
-        let mut links = Vec::new();
-        let mut upper = HashMap::new();
-        let (mut entry, mut top) = (0u32, 0usize);
-        for (i, p) in points.iter().enumerate() {
-            offsets.push(u32::try_from(links.len()).ok()?);
-            let hood = p.get_neighborhood_id();
-            if let Some(l0) = hood.first() {
-                links.extend(l0.iter().filter_map(|n| id(n.d_id)));
-            }
-            let level = usize::from(p.get_point_id().0);
-            if level > 0 {
-                let layers: Vec<Vec<u32>> = (1..=level)
-                    .map(|l| {
-                        hood.get(l)
-                            .map(|ns| ns.iter().filter_map(|n| id(n.d_id)).collect())
-                            .unwrap_or_default()
-                    })
-                    .collect();
-                upper.insert(u32::try_from(i).ok()?, layers);
-            }
-            if level > top || i == 0 {
-                top = level;
-                entry = u32::try_from(i).ok()?;
-            }
-        }
-        offsets.push(u32::try_from(links.len()).ok()?);
-        let all = vectors.as_slice();
-        // None for a type that takes no codes (its first vector has none).
-        let codes = (|| {
-            let mut codes = Pages::zeroed(all.len());
-            for (v, to) in all
-                .chunks_exact(dims.max(1))
-                .zip(codes.as_mut_slice().chunks_exact_mut(dims.max(1)))
-            {
-                to.copy_from_slice(&T::code(v)?);
-            }
-            Some(codes)
-        })();
-        let mut dead = vec![0u64; points.len().div_ceil(64)];
-        for (i, slot) in slot_of.iter().enumerate() {
-            if tombstones.get(*slot as usize).copied().unwrap_or(false) {
-                dead[i / 64] |= 1 << (i % 64);
-            }
-        }
-        let dead: Box<[AtomicU64]> = dead.into_iter().map(AtomicU64::new).collect();
-        Some(Frozen {
-            dense_of: dense,
-            dead,
-            codes,
-            dims,
-            vectors,
-            slots: slot_of,
-            offsets: Pages::from_slice(&offsets),
-            links: Pages::from_slice(&links),
-            upper,
-            entry,
-            top,
-            upto: slots,
-        })
-    }
-
-    fn vector(&self, i: u32) -> &[T] {
-        let at = i as usize * self.dims;
-        self.vectors
-            .as_slice()
-            .get(at..at + self.dims)
-            .unwrap_or(&[])
-    }
-
-    fn slot(&self, i: u32) -> usize {
-        self.slots[i as usize] as usize
-    }
-
-    /// Marks `slot` dead in the copy (if it is in it).
-    fn kill(&self, slot: usize) {
-        if let Some(&d) = self.dense_of.get(slot) {
-            if let Some(w) = self.dead.get(d as usize / 64) {
-                w.fetch_or(1 << (d % 64), AtomicOrdering::Relaxed);
-            }
+impl<T: Elem> Core<T> {
+    fn empty() -> Self {
+        Core {
+            graph: None,
+            delta: Vec::new(),
         }
     }
 
-    fn is_dead(&self, i: u32) -> bool {
-        self.dead
-            .get(i as usize / 64)
-            .is_none_or(|w| w.load(AtomicOrdering::Relaxed) >> (i % 64) & 1 == 1)
-    }
-
-    /// Points in the copy (dead ones included).
-    fn points(&self) -> usize {
-        self.slots.len()
-    }
-
-    fn layer0(&self, i: u32) -> &[u32] {
-        let offsets = self.offsets.as_slice();
-        let (Some(&a), Some(&b)) = (offsets.get(i as usize), offsets.get(i as usize + 1)) else {
-            return &[];
-        };
-        self.links
-            .as_slice()
-            .get(a as usize..b as usize)
-            .unwrap_or(&[])
-    }
-
-    /// The `ef`-wide HNSW search for the `k` best; dead slots are walked through but
-    /// never returned. Returns (slot, similarity), best first.
-    fn search(&self, q: &[T], ef: usize, k: usize) -> Vec<(usize, f32)> {
-        let fetch = Fetch::new();
-        let coded = self.codes.as_ref().zip(T::code(q));
-        let Some((codes, qc)) = coded else {
-            let found = self.walk(
-                ef,
-                fetch,
-                {
-                    let sim = T::sim_to(q);
-                    move |i| sim(self.vector(i))
-                },
-                |i| fetch.lines(self.vector(i)),
-            );
-            return found.into_iter().map(|(i, s)| (self.slot(i), s)).collect();
-        };
-        let dims = self.dims;
-        let all = codes.as_slice();
-        let code = |i: u32| {
-            let at = i as usize * dims;
-            all.get(at..at + dims).unwrap_or(&[])
-        };
-        let found = self.walk(
-            ef,
-            fetch,
-            {
-                // The cosine of the codes: a unit vector's code has norm 1 / its scale,
-                // so no scale is read per node.
-                let sim = i8::sim_to(&qc);
-                move |i| sim(code(i))
-            },
-            |i| fetch.lines(code(i)),
-        );
-        // Re-score the walk's best on the full vectors (fetched first, so that their
-        // loads overlap).
-        let best = &found[..found.len().min(RESCORE.max(k))];
-        let fetched = best
-            .iter()
-            .fold(0u32, |a, (i, _)| a ^ fetch.lines(self.vector(*i)));
-        std::hint::black_box(fetched);
-        let mut out: Vec<(usize, f32)> = best
-            .iter()
-            .map(|(i, _)| (self.slot(*i), T::sim(q, self.vector(*i))))
-            .collect();
-        out.sort_by(|a, b| b.1.total_cmp(&a.1));
-        out
-    }
-
-    /// The walk: greedy descent through the upper layers, then a beam of width `ef` on
-    /// layer 0, scoring nodes with `sim`. Returns (dense index, score), best first.
-    fn walk(
-        &self,
-        ef: usize,
-        fetch: Fetch,
-        sim: impl Fn(u32) -> f32,
-        prefetch: impl Fn(u32) -> u32,
-    ) -> Vec<(u32, f32)> {
-        if self.slots.is_empty() {
-            return Vec::new();
-        }
-        let is_dead = |i: u32| self.is_dead(i);
-        // Greedy descent through the upper layers.
-        let mut cur = self.entry;
-        let mut cur_sim = sim(cur);
-        for layer in (1..=self.top).rev() {
-            loop {
-                let mut moved = false;
-                let next = self
-                    .upper
-                    .get(&cur)
-                    .and_then(|ls| ls.get(layer - 1))
-                    .map_or(&[][..], Vec::as_slice);
-                for &n in next {
-                    let s = sim(n);
-                    if s > cur_sim {
-                        (cur, cur_sim, moved) = (n, s, true);
-                    }
-                }
-                if !moved {
-                    break;
-                }
-            }
-        }
-        // Beam search on layer 0.
-        let mut visited = vec![0u64; self.slots.len().div_ceil(64)];
-        let mut seen = |i: u32| {
-            let (w, b) = ((i / 64) as usize, i % 64);
-            let was = visited[w] >> b & 1 == 1;
-            visited[w] |= 1 << b;
-            was
-        };
-        seen(cur);
-        let mut fresh: Vec<u32> = Vec::with_capacity(64);
-        let mut candidates: BinaryHeap<(Sim, u32)> = BinaryHeap::with_capacity(ef * 4);
-        let mut best: BinaryHeap<Reverse<(Sim, u32)>> = BinaryHeap::with_capacity(ef + 1);
-        candidates.push((Sim(cur_sim), cur));
-        if !is_dead(cur) {
-            best.push(Reverse((Sim(cur_sim), cur)));
-        }
-        while let Some((Sim(s), c)) = candidates.pop() {
-            let worst = best.peek().map_or(f32::MIN, |Reverse((Sim(w), _))| *w);
-            if best.len() >= ef && s < worst {
-                break;
-            }
-            // Gather the unvisited neighbours and ask for every cache line of each
-            // first: independent loads that the processor overlaps, where the
-            // similarities one after another would wait for memory each time. The
-            // links of the next candidate are asked for too.
-            fresh.clear();
-            fresh.extend(self.layer0(c).iter().copied().filter(|n| !seen(*n)));
-            let mut fetched = 0u32;
-            for &n in &fresh {
-                fetched ^= prefetch(n);
-            }
-            if let Some((_, next)) = candidates.peek() {
-                fetched ^= fetch.lines(self.layer0(*next));
-            }
-            std::hint::black_box(fetched);
-            for &n in &fresh {
-                let sn = sim(n);
-                let worst = best.peek().map_or(f32::MIN, |Reverse((Sim(w), _))| *w);
-                if best.len() < ef || sn > worst {
-                    candidates.push((Sim(sn), n));
-                    if !is_dead(n) {
-                        best.push(Reverse((Sim(sn), n)));
-                        if best.len() > ef {
-                            best.pop();
-                        }
-                    }
-                }
-            }
-        }
-        let mut out: Vec<(u32, f32)> = best
-            .into_iter()
-            .map(|Reverse((Sim(s), i))| (i, s))
-            .collect();
-        out.sort_by(|a, b| b.1.total_cmp(&a.1));
-        out
+    /// The first slot held in `delta`.
+    fn delta_from(&self) -> usize {
+        self.graph.as_ref().map_or(0, Graph::len)
     }
 }
 
-/// Layers of the graph (hnsw_rs's maximum).
-const GRAPH_LAYERS: usize = 16;
+enum Cores {
+    F32(Core<f32>),
+    I8(Core<i8>),
+}
+
+/// Runs `$body` with `$c` bound to the index's core, whatever its element type.
+macro_rules! with_core {
+    ($cores:expr, $c:ident => $body:expr) => {
+        match $cores {
+            Cores::F32($c) => $body,
+            Cores::I8($c) => $body,
+        }
+    };
+}
+
+/// Vectors inserted since the graph was last extended that start maintenance: they
+/// are scanned exactly on every search until linked into the graph.
+const MAX_DELTA: usize = 2_048;
 
 /// Ids of maintenance jobs, unique in the process: a job's result is applied only to
 /// the index that started it, and only if nothing has superseded it since.
@@ -614,25 +250,28 @@ static NEXT_JOB: AtomicU64 = AtomicU64::new(1);
 ///
 /// Below [`IndexConfig::graph_from`] vectors a search scans them all (exact); from there
 /// on they live in an HNSW graph (approximate: recall@1 is measured by
-/// `benches/cache_index.rs` and `examples/cache_index_scale.rs`). The graph cannot
-/// delete, so removal marks a tombstone that searches skip; once tombstones outnumber
-/// live vectors the index is rebuilt from the live ones. Past
-/// [`capacity`](IndexConfig::capacity) an insert evicts the oldest vector.
+/// `benches/cache_index.rs` and `examples/cache_index_scale.rs`). The index keeps one
+/// copy of each vector and of each link list: vectors in contiguous chunks of 4,096,
+/// links as fixed-size `u32` arrays beside them. Removal marks a tombstone that
+/// searches walk through but never return; once tombstones outnumber live vectors the
+/// index is rebuilt from the live ones. Past [`capacity`](IndexConfig::capacity) an
+/// insert evicts the oldest vector.
 ///
 /// # Maintenance
 ///
 /// An insert only appends to a *delta* that searches scan exactly. The heavy work, all
 /// of it [maintenance](Maintenance), comes in three kinds: building the graph once the
-/// set reaches `graph_from`, linking a full delta (2,048 vectors) into the graph and
-/// taking a new snapshot of it, and rebuilding without tombstones. By default it runs
-/// inside the `insert` or `remove` that calls for it. After
-/// [`defer_maintenance`](Self::defer_maintenance) it never does: the owner takes the
-/// job with [`maintenance`](Self::maintenance), [runs](Maintenance::run) it anywhere
-/// (it holds no borrow of the index, so searches and inserts go on meanwhile) and
-/// [applies](Self::apply) the result, a swap of shared pointers plus work linear in
-/// the slots (no vector copied). A [`SemanticCache`](super::SemanticCache) does so on a
-/// blocking thread. One job is in flight at a time, so memory stays bounded: at most
-/// one extra snapshot while a job runs.
+/// set reaches `graph_from`, linking a full delta (2,048 vectors) into the graph, and
+/// rebuilding without tombstones. By default it runs inside the `insert` or `remove`
+/// that calls for it. After [`defer_maintenance`](Self::defer_maintenance) it never
+/// does: the owner takes the job with [`maintenance`](Self::maintenance),
+/// [runs](Maintenance::run) it anywhere (it holds no borrow of the index, so searches
+/// and inserts go on meanwhile) and [applies](Self::apply) the result, a swap of
+/// shared pointers plus work linear in the slots (no vector copied). Linking a delta
+/// shares the graph's chunks with the index and copies at most one partly filled
+/// chunk; a rebuild makes a new graph, so while it runs the old one and the new one
+/// both exist. A [`SemanticCache`](super::SemanticCache) runs jobs on a blocking
+/// thread. One job is in flight at a time, so memory stays bounded.
 ///
 /// ```
 /// use tokenwise::cache::{IndexConfig, VectorIndex};
@@ -651,27 +290,25 @@ pub struct VectorIndex {
     config: IndexConfig,
     /// Caller id by slot.
     ids: Vec<u64>,
+    /// Tombstones by slot.
     dead: Vec<bool>,
     by_id: HashMap<u64, usize>,
     live: usize,
     /// Slots below this are all dead (the eviction cursor).
     oldest: usize,
-    /// Flat mode: every vector by slot. Graph mode: the delta, vectors of slots from
-    /// the snapshot's `upto` on.
-    store: Store,
-    graph: Option<Graph>,
+    core: Cores,
     /// Maintenance runs only when asked for (see [`Maintenance`]).
     deferred: bool,
     /// The job in flight, if any.
     job: Option<u64>,
-    /// The graph may hold points its snapshot does not (a job failed part way): the
-    /// next job rebuilds.
+    /// A job failed or was abandoned part way, and may have linked nodes into the
+    /// graph's shared chunks: the next job rebuilds.
     dirty: bool,
     /// What the last applied job replaced, for the owner to drop outside its lock.
     retired: Retired,
 }
 
-/// What an applied [`Maintenance`] job replaced (an old graph or snapshot), taken with
+/// What an applied [`Maintenance`] job replaced (an old graph), taken with
 /// [`VectorIndex::take_retired`] so that it is freed outside any lock: freeing a large
 /// graph takes a while. Dropping it frees it.
 #[derive(Default)]
@@ -691,7 +328,7 @@ impl fmt::Debug for VectorIndex {
             .field("dims", &self.dims)
             .field("live", &self.live)
             .field("tombstones", &self.tombstones())
-            .field("graph", &self.graph.is_some())
+            .field("graph", &self.is_graph())
             .field("delta", &self.delta())
             .field("config", &self.config)
             .finish()
@@ -699,8 +336,8 @@ impl fmt::Debug for VectorIndex {
 }
 
 /// Heavy work on a [`VectorIndex`], taken from it by
-/// [`VectorIndex::maintenance`]: it owns what it needs (shared pointers to the graph
-/// and its snapshot, a copy of the delta and of the slot table), so it can run on
+/// [`VectorIndex::maintenance`]: it owns what it needs (shared pointers to the graph's
+/// chunks, a copy of the delta and, for a rebuild, of the slot table), so it can run on
 /// another thread while the index is searched and written.
 #[must_use = "a maintenance job does nothing until it is run and applied"]
 pub struct Maintenance {
@@ -710,9 +347,10 @@ pub struct Maintenance {
 
 impl fmt::Debug for Maintenance {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match &self.work {
-            Work::F32(w) => w.kind(),
-            Work::I8(w) => w.kind(),
+        let kind = if self.is_rebuild() {
+            "rebuild"
+        } else {
+            "extend"
         };
         f.debug_struct("Maintenance")
             .field("job", &self.job)
@@ -747,20 +385,19 @@ enum Done {
 }
 
 /// What a job needs.
-enum WorkOf<T: Elem> {
-    /// Link the delta (slots `from..end`) into the graph, then snapshot it.
+enum WorkOf<T> {
+    /// Link the delta (slots `graph.len()..end`) into the graph.
     Extend {
-        hnsw: Arc<Hnsw<'static, T, T::Dist>>,
-        from: usize,
+        graph: Graph<T>,
         end: usize,
-        delta: Vec<T>,
+        delta: Pages<T>,
     },
-    /// Rebuild from the live vectors of slots `..end`: the snapshot's and the delta's
+    /// Rebuild from the live vectors of slots `..end`: the graph's and the delta's
     /// (slots `delta_from..end`).
     Rebuild {
-        frozen: Option<Arc<Frozen<T>>>,
+        graph: Option<Graph<T>>,
         delta_from: usize,
-        delta: Vec<T>,
+        delta: Pages<T>,
         ids: Vec<u64>,
         dead: Vec<bool>,
         end: usize,
@@ -769,14 +406,15 @@ enum WorkOf<T: Elem> {
     },
 }
 
-enum DoneOf<T: Elem> {
+enum DoneOf<T> {
     Extend {
-        frozen: Option<Frozen<T>>,
+        /// `None` if the graph could not take the delta.
+        graph: Option<Graph<T>>,
         end: usize,
     },
     Rebuild {
         /// The new graph, or `None` for a flat store of `flat`.
-        graph: Option<GraphState<T>>,
+        graph: Option<Graph<T>>,
         flat: Vec<T>,
         /// Old slot by new slot.
         old_slot: Vec<usize>,
@@ -787,36 +425,21 @@ enum DoneOf<T: Elem> {
 }
 
 impl<T: Elem> WorkOf<T> {
-    fn kind(&self) -> &'static str {
-        match self {
-            WorkOf::Extend { .. } => "extend",
-            WorkOf::Rebuild { .. } => "rebuild",
-        }
-    }
-
     fn run(self) -> DoneOf<T> {
         match self {
-            WorkOf::Extend {
-                hnsw,
-                from,
-                end,
-                delta,
-            } => {
-                let dims = delta.len() / (end - from).max(1);
-                let data: Vec<(&[T], usize)> = delta
-                    .chunks_exact(dims.max(1))
-                    .enumerate()
-                    .map(|(i, v)| (v, from + i))
-                    .collect();
-                hnsw.parallel_insert_slice(&data);
-                // Tombstones are applied when the result is: they may change meanwhile.
-                DoneOf::Extend {
-                    frozen: Frozen::take(&hnsw, end, &[]),
-                    end,
-                }
+            WorkOf::Extend { graph, end, delta } => {
+                let dims = delta.as_slice().len() / end.saturating_sub(graph.len()).max(1);
+                let added = end.saturating_sub(graph.len());
+                let graph = if dims == 0 {
+                    None
+                } else {
+                    graph.extended(added, delta.as_slice().chunks_exact(dims))
+                };
+                // Tombstones are the index's, by slot: nothing to carry over.
+                DoneOf::Extend { graph, end }
             }
             WorkOf::Rebuild {
-                frozen,
+                graph,
                 delta_from,
                 delta,
                 ids,
@@ -826,67 +449,44 @@ impl<T: Elem> WorkOf<T> {
                 config,
             } => {
                 let live = |slot: usize| slot < end && !dead.get(slot).copied().unwrap_or(true);
+                // Oldest first, so that eviction stays oldest-first.
                 let mut kept: Vec<(usize, &[T])> = Vec::new();
-                if let Some(f) = &frozen {
-                    for i in 0..f.points() {
-                        let i = i as u32;
-                        let slot = f.slot(i);
-                        if slot < delta_from && live(slot) {
-                            kept.push((slot, f.vector(i)));
+                if let Some(g) = &graph {
+                    for (slot, v) in g.vectors().enumerate().take(delta_from) {
+                        if live(slot) {
+                            kept.push((slot, v));
                         }
                     }
                 }
-                for (i, v) in delta.chunks_exact(dims).enumerate() {
+                for (i, v) in delta.as_slice().chunks_exact(dims.max(1)).enumerate() {
                     if live(delta_from + i) {
                         kept.push((delta_from + i, v));
                     }
                 }
-                // Oldest first, so that eviction stays oldest-first.
-                kept.sort_unstable_by_key(|(slot, _)| *slot);
                 let n = kept.len();
                 let old_slot: Vec<usize> = kept.iter().map(|(s, _)| *s).collect();
-                let new_ids: Vec<u64> = old_slot.iter().map(|s| ids[*s]).collect();
+                let new_ids: Vec<u64> = old_slot
+                    .iter()
+                    .map(|s| ids.get(*s).copied().unwrap_or(u64::MAX))
+                    .collect();
                 let by_id = new_ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-                let flat = |kept: &[(usize, &[T])]| {
-                    let mut flat = Vec::with_capacity(kept.len() * dims);
-                    for (_, v) in kept {
-                        flat.extend_from_slice(v);
-                    }
-                    flat
-                };
-                let graph = if n >= config.graph_from {
-                    let hint = n
-                        .saturating_mul(2)
-                        .max(config.graph_from)
-                        .min(config.capacity.max(1));
-                    let hnsw = Hnsw::new(
-                        config.max_connections,
-                        hint,
-                        GRAPH_LAYERS,
-                        config.ef_construction,
-                        T::Dist::default(),
-                    );
-                    let data: Vec<(&[T], usize)> = kept
-                        .iter()
-                        .enumerate()
-                        .map(|(slot, (_, v))| (*v, slot))
-                        .collect();
-                    hnsw.parallel_insert_slice(&data);
-                    Frozen::take(&hnsw, n, &[]).map(|f| GraphState {
-                        hnsw: Arc::new(hnsw),
-                        frozen: Arc::new(f),
-                    })
+                let new_graph = if n >= config.graph_from {
+                    Graph::new(config.shape(dims)).extended(n, kept.iter().map(|(_, v)| *v))
                 } else {
                     None
                 };
-                // No snapshot could be taken (more points than u32 counts): stay flat.
-                let flat = if graph.is_none() {
-                    flat(&kept)
+                // Small, or no graph could be made (more points than u32 counts): flat.
+                let flat = if new_graph.is_none() {
+                    let mut flat = Vec::with_capacity(n * dims);
+                    for (_, v) in &kept {
+                        flat.extend_from_slice(v);
+                    }
+                    flat
                 } else {
                     Vec::new()
                 };
                 DoneOf::Rebuild {
-                    graph,
+                    graph: new_graph,
                     flat,
                     old_slot,
                     ids: new_ids,
@@ -899,9 +499,8 @@ impl<T: Elem> WorkOf<T> {
 }
 
 impl Maintenance {
-    /// Does the work: links vectors into the graph or rebuilds it, and takes a
-    /// snapshot. Takes time (a graph of n vectors costs about n inserts, spread over
-    /// rayon's threads); holds no lock.
+    /// Does the work: links vectors into the graph or rebuilds it. Takes time (a graph
+    /// of n vectors costs n links, each about one search); holds no lock.
     pub fn run(self) -> MaintenanceDone {
         let done = match self.work {
             Work::F32(w) => Done::F32(w.run()),
@@ -939,8 +538,7 @@ impl VectorIndex {
             by_id: HashMap::new(),
             live: 0,
             oldest: 0,
-            store: Self::empty_store(config.quantization),
-            graph: None,
+            core: Self::empty_core(config.quantization),
             deferred: false,
             job: None,
             dirty: false,
@@ -948,10 +546,10 @@ impl VectorIndex {
         })
     }
 
-    fn empty_store(q: Quantization) -> Store {
+    fn empty_core(q: Quantization) -> Cores {
         match q {
-            Quantization::None => Store::F32(Vec::new()),
-            Quantization::Int8 => Store::I8(Vec::new()),
+            Quantization::None => Cores::F32(Core::empty()),
+            Quantization::Int8 => Cores::I8(Core::empty()),
         }
     }
 
@@ -988,11 +586,11 @@ impl VectorIndex {
 
     /// Whether searches use the graph (rather than a flat scan).
     pub fn is_graph(&self) -> bool {
-        self.graph.is_some()
+        with_core!(&self.core, c => c.graph.is_some())
     }
 
     /// Vectors (live or not) that searches scan exactly: every one in flat mode, those
-    /// inserted since the graph's snapshot in graph mode.
+    /// inserted since the graph was last extended in graph mode.
     pub fn delta(&self) -> usize {
         self.ids.len() - self.store_from()
     }
@@ -1045,9 +643,9 @@ impl VectorIndex {
     }
 
     fn push_store(&mut self, v: &[f32]) {
-        match &mut self.store {
-            Store::F32(s) => s.extend_from_slice(v),
-            Store::I8(s) => s.extend(quantize(v)),
+        match &mut self.core {
+            Cores::F32(c) => c.delta.extend_from_slice(v),
+            Cores::I8(c) => c.delta.extend(quantize(v)),
         }
     }
 
@@ -1056,7 +654,7 @@ impl VectorIndex {
         if self.deferred {
             return;
         }
-        // A rebuild may leave a delta due for a snapshot: at most two jobs.
+        // A rebuild may leave a delta due for linking: at most two jobs.
         for _ in 0..2 {
             let Some(job) = self.maintenance() else {
                 return;
@@ -1067,10 +665,11 @@ impl VectorIndex {
         }
     }
 
-    /// What maintenance is due, if any and none is in flight: building the graph, a
-    /// snapshot of a full delta, or a rebuild once tombstones outnumber live vectors
-    /// (and number at least 64). The index is usable meanwhile; a job taken and never
-    /// applied blocks later ones until [`abandon_maintenance`](Self::abandon_maintenance).
+    /// What maintenance is due, if any and none is in flight: building the graph,
+    /// linking a full delta into it, or a rebuild once tombstones outnumber live
+    /// vectors (and number at least 64). The index is usable meanwhile; a job taken
+    /// and never applied blocks later ones until
+    /// [`abandon_maintenance`](Self::abandon_maintenance).
     pub fn maintenance(&mut self) -> Option<Maintenance> {
         if self.job.is_some() {
             return None;
@@ -1079,8 +678,8 @@ impl VectorIndex {
         let dead = self.tombstones();
         let rebuild = self.dirty
             || (dead >= 64 && dead > self.live)
-            || (self.graph.is_none() && slots >= self.config.graph_from);
-        let extend = self.graph.is_some() && self.delta() >= MAX_DELTA;
+            || (!self.is_graph() && slots >= self.config.graph_from);
+        let extend = self.is_graph() && self.delta() >= MAX_DELTA;
         if !rebuild && !extend {
             return None;
         }
@@ -1091,31 +690,27 @@ impl VectorIndex {
         let job = NEXT_JOB.fetch_add(1, AtomicOrdering::Relaxed);
         self.job = Some(job);
         self.dirty = false;
-        let work = match &self.graph {
-            Some(Graph::F32(g)) => Work::F32(self.work_of(Some(g), rebuild)),
-            Some(Graph::I8(g)) => Work::I8(self.work_of(Some(g), rebuild)),
-            None => match self.config.quantization {
-                Quantization::None => Work::F32(self.work_of::<f32>(None, true)),
-                Quantization::Int8 => Work::I8(self.work_of::<i8>(None, true)),
-            },
+        let work = match &self.core {
+            Cores::F32(c) => Work::F32(self.work_of(c, rebuild)),
+            Cores::I8(c) => Work::I8(self.work_of(c, rebuild)),
         };
         Maintenance { job, work }
     }
 
-    fn work_of<T: Elem>(&self, g: Option<&GraphState<T>>, rebuild: bool) -> WorkOf<T> {
-        let from = self.store_from();
+    fn work_of<T: Elem>(&self, core: &Core<T>, rebuild: bool) -> WorkOf<T> {
         let end = self.ids.len();
-        let delta = T::store(&self.store).unwrap_or(&[]).to_vec();
-        match g {
+        // A copy of the delta in its own mapping, returned to the system when the job
+        // ends (a heap copy of a large batch would stay in the process's memory).
+        let delta = Pages::from_slice(&core.delta);
+        match &core.graph {
             Some(g) if !rebuild => WorkOf::Extend {
-                hnsw: Arc::clone(&g.hnsw),
-                from,
+                graph: g.clone(),
                 end,
                 delta,
             },
-            _ => WorkOf::Rebuild {
-                frozen: g.map(|g| Arc::clone(&g.frozen)),
-                delta_from: from,
+            g => WorkOf::Rebuild {
+                graph: g.clone(),
+                delta_from: core.delta_from(),
                 delta,
                 ids: self.ids.clone(),
                 dead: self.dead.clone(),
@@ -1126,9 +721,9 @@ impl VectorIndex {
         }
     }
 
-    /// Applies a finished job: the new snapshot or graph replaces the old one, with
-    /// every insert and removal made while the job ran. Returns false (and changes
-    /// nothing) for a job this index did not start or that was superseded by
+    /// Applies a finished job: the new graph replaces the old one, with every insert
+    /// and removal made while the job ran. Returns false (and changes nothing) for a
+    /// job this index did not start or that was superseded by
     /// [`clear`](Self::clear), [`rebuild`](Self::rebuild) or
     /// [`abandon_maintenance`](Self::abandon_maintenance).
     pub fn apply(&mut self, done: MaintenanceDone) -> bool {
@@ -1139,41 +734,36 @@ impl VectorIndex {
         // At most one job's leftovers are kept (the owner may never take them).
         self.retired = Retired::default();
         // A job's element type is the index's: its quantization never changes.
-        match (done.done, self.graph.take()) {
-            (Done::F32(d), Some(Graph::F32(g))) => self.apply_of(d, Some(g)),
-            (Done::F32(d), None) => self.apply_of::<f32>(d, None),
-            (Done::I8(d), Some(Graph::I8(g))) => self.apply_of(d, Some(g)),
-            (Done::I8(d), None) => self.apply_of::<i8>(d, None),
+        let core = std::mem::replace(&mut self.core, Cores::F32(Core::empty()));
+        match (done.done, core) {
+            (Done::F32(d), Cores::F32(c)) => self.apply_of(d, c),
+            (Done::I8(d), Cores::I8(c)) => self.apply_of(d, c),
             (_, other) => {
-                self.graph = other;
+                self.core = other;
                 false
             }
         }
     }
 
-    fn apply_of<T: Elem>(&mut self, done: DoneOf<T>, graph: Option<GraphState<T>>) -> bool {
-        let from = self.store_from_of(graph.as_ref());
+    fn apply_of<T: Elem>(&mut self, done: DoneOf<T>, mut core: Core<T>) -> bool {
+        let from = core.delta_from();
         match done {
-            DoneOf::Extend { frozen, end } => {
-                let Some(mut g) = graph else {
-                    return false;
-                };
-                let Some(frozen) = frozen else {
-                    // No snapshot could be taken: the graph holds points no snapshot
-                    // does; start over next time.
+            DoneOf::Extend { graph, end } => {
+                let Some(graph) = graph else {
+                    // The graph could not take the delta, and its shared chunks may
+                    // hold links to nodes it never got: start over next time.
                     self.dirty = true;
-                    self.graph = Some(T::graph(g));
+                    self.core = T::wrap(core);
                     return false;
                 };
-                for (slot, dead) in self.dead[..end].iter().enumerate() {
-                    if *dead {
-                        frozen.kill(slot);
-                    }
+                drop_before(&mut core.delta, end, from, self.dims);
+                if let Some(old) = core.graph.replace(graph) {
+                    self.retired.0.push(Box::new(T::wrap(Core {
+                        graph: Some(old),
+                        delta: Vec::new(),
+                    })));
                 }
-                let old = std::mem::replace(&mut g.frozen, Arc::new(frozen));
-                self.retired.0.push(Box::new(old));
-                self.drop_store_before(end, from);
-                self.graph = Some(T::graph(g));
+                self.core = T::wrap(core);
                 true
             }
             DoneOf::Rebuild {
@@ -1185,7 +775,10 @@ impl VectorIndex {
                 end,
             } => {
                 let n = ids.len();
-                let mut dead: Vec<bool> = old_slot.iter().map(|s| self.dead[*s]).collect();
+                let mut dead: Vec<bool> = old_slot
+                    .iter()
+                    .map(|s| self.dead.get(*s).copied().unwrap_or(true))
+                    .collect();
                 for (i, d) in dead.iter().enumerate() {
                     if *d && by_id.get(&ids[i]) == Some(&i) {
                         by_id.remove(&ids[i]);
@@ -1199,42 +792,26 @@ impl VectorIndex {
                         by_id.insert(self.ids[slot], n + j);
                     }
                 }
-                if let Some(g) = &new_graph {
-                    for (i, d) in dead[..n].iter().enumerate() {
-                        if *d {
-                            g.frozen.kill(i);
-                        }
-                    }
-                }
-                self.drop_store_before(end, from);
+                drop_before(&mut core.delta, end, from, self.dims);
+                let mut delta = std::mem::take(&mut core.delta);
                 if new_graph.is_none() {
                     let mut store = flat;
-                    store.extend_from_slice(T::store(&self.store).unwrap_or(&[]));
-                    self.store = T::wrap_store(store);
+                    store.append(&mut delta);
+                    delta = store;
                 }
                 self.live = by_id.len();
                 self.ids = ids;
                 self.dead = dead;
                 self.by_id = by_id;
                 self.oldest = 0;
-                self.graph = new_graph.map(T::graph);
-                if let Some(old) = graph {
-                    self.retired.0.push(Box::new(T::graph(old)));
+                if core.graph.is_some() {
+                    self.retired.0.push(Box::new(T::wrap(core)));
                 }
+                self.core = T::wrap(Core {
+                    graph: new_graph,
+                    delta,
+                });
                 true
-            }
-        }
-    }
-
-    /// Drops the stored vectors of slots below `end` (the store starts at `from`).
-    fn drop_store_before(&mut self, end: usize, from: usize) {
-        let n = end.saturating_sub(from) * self.dims;
-        match &mut self.store {
-            Store::F32(s) => {
-                s.drain(..n.min(s.len()));
-            }
-            Store::I8(s) => {
-                s.drain(..n.min(s.len()));
             }
         }
     }
@@ -1247,15 +824,15 @@ impl VectorIndex {
 
     /// Forgets the job in flight (it failed, or will not be applied): the next
     /// [`maintenance`](Self::maintenance) starts afresh, with a rebuild, since the
-    /// failed job may have changed the graph.
+    /// failed job may have changed the graph's links.
     pub fn abandon_maintenance(&mut self) {
         if self.job.take().is_some() {
             self.dirty = true;
         }
     }
 
-    /// Adds many vectors at once (ids already present are replaced); a graph is
-    /// extended on rayon's threads. Returns the ids evicted to make room.
+    /// Adds many vectors at once (ids already present are replaced). Returns the ids
+    /// evicted to make room.
     pub fn insert_batch(&mut self, items: &[(u64, &[f32])]) -> Result<Vec<u64>> {
         for (_, v) in items {
             self.check(v)?;
@@ -1327,15 +904,10 @@ impl VectorIndex {
         true
     }
 
-    /// Marks `slot` dead, here and in the graph's copy.
+    /// Marks `slot` dead.
     fn kill(&mut self, slot: usize) {
         if let Some(d) = self.dead.get_mut(slot) {
             *d = true;
-        }
-        match &self.graph {
-            Some(Graph::F32(g)) => g.frozen.kill(slot),
-            Some(Graph::I8(g)) => g.frozen.kill(slot),
-            None => {}
         }
     }
 
@@ -1346,23 +918,16 @@ impl VectorIndex {
         self.by_id.clear();
         self.live = 0;
         self.oldest = 0;
-        self.store = Self::empty_store(self.config.quantization);
-        self.graph = None;
+        let old = std::mem::replace(&mut self.core, Self::empty_core(self.config.quantization));
+        self.retired.0.push(Box::new(old));
         self.job = None;
         self.dirty = false;
     }
 
-    /// The first slot held in `store` (0 in flat mode; the snapshot's end in graph mode).
+    /// The first slot held in the delta (0 in flat mode; the graph's size in graph
+    /// mode).
     fn store_from(&self) -> usize {
-        match &self.graph {
-            None => 0,
-            Some(Graph::F32(g)) => g.frozen.upto,
-            Some(Graph::I8(g)) => g.frozen.upto,
-        }
-    }
-
-    fn store_from_of<T: Elem>(&self, g: Option<&GraphState<T>>) -> usize {
-        g.map_or(0, |g| g.frozen.upto)
+        with_core!(&self.core, c => c.delta_from())
     }
 
     /// A job rebuilding the index from its live vectors, due or not (a job in flight
@@ -1388,19 +953,30 @@ impl VectorIndex {
             return Vec::new();
         }
         let ef = self.config.ef_search.max(k);
-        let found = match &self.graph {
-            None => return self.scan(query, k),
-            Some(Graph::F32(g)) => g.frozen.search(query, ef, k),
-            Some(Graph::I8(g)) => g.frozen.search(&quantize(query), ef, k),
-        };
+        match &self.core {
+            Cores::F32(c) => self.search_core(c, query, ef, k),
+            Cores::I8(c) => self.search_core(c, &quantize(query), ef, k),
+        }
+    }
+
+    fn search_core<T: Elem>(
+        &self,
+        core: &Core<T>,
+        q: &[T],
+        ef: usize,
+        k: usize,
+    ) -> Vec<(u64, f32)> {
         let mut top = TopK::new(k);
-        for (slot, sim) in found {
-            top.offer(self.ids[slot], sim);
+        if let Some(g) = &core.graph {
+            let live = |i: u32| !self.dead.get(i as usize).copied().unwrap_or(true);
+            for (slot, sim) in g.search(q, ef, live).into_iter().take(k) {
+                if let Some(id) = self.ids.get(slot as usize) {
+                    top.offer(*id, sim);
+                }
+            }
         }
-        // The delta: inserted since the snapshot, scanned exactly.
-        for (id, sim) in self.scan(query, k) {
-            top.offer(id, sim);
-        }
+        // The delta: inserted since the graph was extended, scanned exactly.
+        self.scan_delta(core, q, &mut top);
         top.into_vec()
     }
 
@@ -1410,52 +986,51 @@ impl VectorIndex {
         if k == 0 || self.live == 0 || self.check(query).is_err() {
             return Vec::new();
         }
-        let mut top = self.scan_top(query, k);
-        match &self.graph {
-            None => {}
-            Some(Graph::F32(g)) => self.scan_frozen(&g.frozen, query, &mut top),
-            Some(Graph::I8(g)) => self.scan_frozen(&g.frozen, &quantize(query), &mut top),
+        match &self.core {
+            Cores::F32(c) => self.exact_core(c, query, k),
+            Cores::I8(c) => self.exact_core(c, &quantize(query), k),
         }
+    }
+
+    fn exact_core<T: Elem>(&self, core: &Core<T>, q: &[T], k: usize) -> Vec<(u64, f32)> {
+        let mut top = TopK::new(k);
+        if let Some(g) = &core.graph {
+            let sim = T::sim_to(q);
+            for (slot, v) in g.vectors().enumerate() {
+                if !self.dead.get(slot).copied().unwrap_or(true) {
+                    top.offer(self.ids[slot], sim(v));
+                }
+            }
+        }
+        self.scan_delta(core, q, &mut top);
         top.into_vec()
     }
 
-    fn scan_frozen<T: Elem>(&self, f: &Frozen<T>, q: &[T], top: &mut TopK) {
+    /// Scans the delta (every vector in flat mode).
+    fn scan_delta<T: Elem>(&self, core: &Core<T>, q: &[T], top: &mut TopK) {
+        let from = core.delta_from();
         let sim = T::sim_to(q);
-        for i in 0..f.points() as u32 {
-            if !f.is_dead(i) {
-                top.offer(self.ids[f.slot(i)], sim(f.vector(i)));
-            }
-        }
-    }
-
-    /// Scans `store` (every vector in flat mode, the delta in graph mode).
-    fn scan(&self, query: &[f32], k: usize) -> Vec<(u64, f32)> {
-        self.scan_top(query, k).into_vec()
-    }
-
-    fn scan_top(&self, query: &[f32], k: usize) -> TopK {
-        let from = self.store_from();
-        let live = |i: usize| !self.dead.get(from + i).copied().unwrap_or(true);
-        let mut top = TopK::new(k);
-        match &self.store {
-            Store::F32(s) => {
-                for (i, v) in s.chunks_exact(self.dims).enumerate() {
-                    if live(i) {
-                        top.offer(self.ids[from + i], dot(query, v));
-                    }
-                }
-            }
-            Store::I8(s) => {
-                let q = quantize(query);
-                let sim = i8::sim_to(&q);
-                for (i, v) in s.chunks_exact(self.dims).enumerate() {
-                    if live(i) {
-                        top.offer(self.ids[from + i], sim(v));
-                    }
+        for (i, v) in core.delta.chunks_exact(self.dims).enumerate() {
+            let slot = from + i;
+            if !self.dead.get(slot).copied().unwrap_or(true) {
+                if let Some(id) = self.ids.get(slot) {
+                    top.offer(*id, sim(v));
                 }
             }
         }
-        top
+    }
+}
+
+/// Drops the vectors of slots below `end` from `delta` (which starts at slot `from`).
+/// A delta that was large (a batch) gives its memory back.
+fn drop_before<T: Copy>(delta: &mut Vec<T>, end: usize, from: usize, dims: usize) {
+    let n = end
+        .saturating_sub(from)
+        .saturating_mul(dims)
+        .min(delta.len());
+    delta.drain(..n);
+    if delta.capacity() > 2 * (MAX_DELTA * dims).max(delta.len()) {
+        *delta = delta.as_slice().to_vec();
     }
 }
 
