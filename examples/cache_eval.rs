@@ -555,7 +555,7 @@ fn served(j: &Judged, judge: &PairJudge, recall: f32) -> bool {
     };
     p.similarity >= recall
         && judge.accepts(&p.question)
-        && p.context.as_ref().is_none_or(|c| judge.accepts(c))
+        && p.context.as_ref().is_none_or(|c| judge.accepts_context(c))
 }
 
 struct Score {
@@ -658,37 +658,43 @@ async fn train(args: &Args) -> Result<(), String> {
         "calibration samples: {} ({positives} same answer)",
         samples.len()
     );
-    let base = PairJudge::fit(&samples, 0.001, 0.5, 0.5).map_err(|e| e.to_string())?;
-    let mut best: Option<(f64, f32, f32)> = None;
-    for r in 0..=8 {
+    let base = PairJudge::fit(&samples, 1e-4, 0.5, 0.5).map_err(|e| e.to_string())?;
+    // The settings are tried from the strictest down; the first best is kept.
+    let mut best: Option<(f64, PairJudge)> = None;
+    for r in (0..=8).rev() {
         let recall = 0.5 + 0.05 * r as f32;
-        for c in 0..=48 {
-            let cutoff = 0.5 + 0.01 * c as f32;
-            let judge = base
-                .clone()
-                .with_cutoff(cutoff)
-                .and_then(|j| j.with_recall_threshold(recall))
-                .map_err(|e| e.to_string())?;
-            let s = score(&validation, &judge, recall);
-            if s.single_diff > 0.01 || s.worst > 0.02 || s.multi_diff > 0.0 {
-                continue;
-            }
-            let value = s.single_same + s.multi_same.min(0.5);
-            if best.is_none_or(|(v, _, _)| value > v + 1e-9) {
-                best = Some((value, recall, cutoff));
+        for context in [0.97, 0.95, 0.93, 0.9, 0.0] {
+            for c in (0..=48).rev() {
+                let cutoff = 0.5 + 0.01 * c as f32;
+                let judge = base
+                    .clone()
+                    .with_cutoff(cutoff)
+                    .and_then(|j| j.with_recall_threshold(recall))
+                    .and_then(|j| j.with_context_similarity(context))
+                    .map_err(|e| e.to_string())?;
+                let s = score(&validation, &judge, recall);
+                if s.single_diff > 0.01 || s.worst > 0.02 || s.multi_diff > 0.0 {
+                    continue;
+                }
+                let value = s.single_same + s.multi_same.min(0.5);
+                if best.as_ref().is_none_or(|(v, _)| value > v + 1e-9) {
+                    best = Some((value, judge));
+                }
             }
         }
     }
-    let (_, recall, cutoff) = best.ok_or("no setting meets the limits on validation")?;
-    let judge = base
-        .with_cutoff(cutoff)
-        .and_then(|j| j.with_recall_threshold(recall))
-        .map_err(|e| e.to_string())?;
+    let (_, judge) = best.ok_or("no setting meets the limits on validation")?;
+    let (recall, cutoff) = (judge.recall_threshold(), judge.cutoff());
     for (name, set) in [("calibration", &calibration), ("validation", &validation)] {
         let s = score(set, &judge, recall);
         println!(
-            "{name}: recall {recall:.2} cutoff {cutoff:.2}: single_same={:.3} single_different={:.3} worst_different_category={:.3} multi_same={:.3} multi_different={:.3}",
-            s.single_same, s.single_diff, s.worst, s.multi_same, s.multi_diff
+            "{name}: recall {recall:.2} cutoff {cutoff:.2} context {:.2}: single_same={:.3} single_different={:.3} worst_different_category={:.3} multi_same={:.3} multi_different={:.3}",
+            judge.context_similarity(),
+            s.single_same,
+            s.single_diff,
+            s.worst,
+            s.multi_same,
+            s.multi_diff
         );
     }
     let text = format!(

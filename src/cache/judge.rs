@@ -93,6 +93,7 @@ pub struct PairJudge {
     bias: f32,
     cutoff: f32,
     recall: f32,
+    context: f32,
 }
 
 impl PairJudge {
@@ -113,6 +114,7 @@ impl PairJudge {
             bias: 0.0,
             cutoff: f32::NAN,
             recall: f32::NAN,
+            context: 0.0,
         };
         let mut seen = [false; 6];
         for line in text.lines() {
@@ -167,6 +169,10 @@ impl PairJudge {
                     j.recall = one(&values)?;
                     5
                 }
+                "context" => {
+                    j.context = one(&values)?;
+                    continue;
+                }
                 other => return Err(bad(&format!("unknown line `{other}`"))),
             };
             seen[slot] = true;
@@ -187,6 +193,11 @@ impl PairJudge {
         if !(self.cutoff > 0.0 && self.cutoff < 1.0) {
             return Err(Error::Config(
                 "pair judge: the cutoff must be in (0, 1)".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.context) {
+            return Err(Error::Config(
+                "pair judge: the context similarity must be in [0, 1]".into(),
             ));
         }
         if !(self.recall > 0.0 && self.recall <= 1.0) {
@@ -214,6 +225,7 @@ impl PairJudge {
         let _ = writeln!(s, "bias {}", self.bias);
         let _ = writeln!(s, "cutoff {}", self.cutoff);
         let _ = writeln!(s, "recall {}", self.recall);
+        let _ = writeln!(s, "context {}", self.context);
         s
     }
 
@@ -289,6 +301,7 @@ impl PairJudge {
             bias: b as f32,
             cutoff,
             recall,
+            context: 0.0,
         };
         j.check()?;
         Ok(j)
@@ -303,9 +316,32 @@ impl PairJudge {
         1.0 / (1.0 + (-z).exp())
     }
 
-    /// Whether the pair is served: no hard refusal and a probability from the cutoff.
+    /// Whether the pair of questions is served: no hard refusal and a probability
+    /// from the cutoff.
     pub fn accepts(&self, f: &PairFeatures) -> bool {
         f.hard.is_none() && self.probability(f) >= self.cutoff
+    }
+
+    /// Whether two turns of context a follow-up depends on agree: as for
+    /// [`accepts`](Self::accepts), and their own similarity is at least
+    /// [`context_similarity`](Self::context_similarity). Who did what ("I cancelled my
+    /// flight" / "the airline cancelled my flight") is in no word of either, so a context
+    /// reworded much is not taken for the same.
+    pub fn accepts_context(&self, f: &PairFeatures) -> bool {
+        self.accepts(f) && f.values[0] >= self.context
+    }
+
+    /// The similarity two turns of context need of their own (see
+    /// [`accepts_context`](Self::accepts_context)).
+    pub fn context_similarity(&self) -> f32 {
+        self.context
+    }
+
+    /// The same judge asking `similarity`, in [0, 1], of two turns of context.
+    pub fn with_context_similarity(mut self, similarity: f32) -> Result<Self> {
+        self.context = similarity;
+        self.check()?;
+        Ok(self)
     }
 
     /// The probability from which a pair is served.

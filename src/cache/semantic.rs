@@ -882,7 +882,12 @@ impl SemanticCache {
                 return Some((kind, format!("{place}{detail}")));
             }
             let p = judge.probability(&f);
-            if p < judge.cutoff() {
+            let accepted = if i == 0 {
+                judge.accepts(&f)
+            } else {
+                judge.accepts_context(&f)
+            };
+            if !accepted {
                 let objecting = Guards::all()
                     .with(GuardKind::Numbers, false)
                     .with(GuardKind::Entities, false)
@@ -893,8 +898,9 @@ impl SemanticCache {
                 return Some((
                     kind,
                     format!(
-                        "{place}the pair judge gives {p:.2}, below {:.2}{why}",
-                        judge.cutoff()
+                        "{place}the pair judge gives {p:.2} (serves from {:.2}) at similarity {:.2}{why}",
+                        judge.cutoff(),
+                        f.values()[0]
                     ),
                 ));
             }
