@@ -232,6 +232,7 @@ impl PairJudge {
     /// Fits a logistic model on `samples` (features, same answer), standardising each
     /// feature, by gradient descent with an L2 penalty `l2`, deterministically.
     /// `cutoff` and `recall` are set as given.
+    #[allow(clippy::needless_range_loop)] // one index over several arrays of features
     pub fn fit(
         samples: &[(PairFeatures, bool)],
         l2: f32,
