@@ -30,9 +30,22 @@
 //! and the lookup p99. The last line is
 //! `same_answer_served=0.xx different_answer_served=0.xx` (over every pair).
 //!
-//! Options: `--threshold T` (default: the embedder's calibrated threshold, 0.9 for
-//! all-MiniLM-L6-v2, else 0.95), `--no-guards`, `--show` (print every pair
+//! Options: `--threshold T` (default: the judge's recall threshold when the embedder
+//! has a judge, else its calibrated threshold, else 0.95), `--no-guards`, `--no-judge`
+//! (the threshold and the lexical guards only), `--show` (print every pair
 //! whose outcome is wrong: a same-answer pair not served, a different-answer one served).
+//!
+//! `--train` fits the pair judge instead (see `src/cache/judge.rs`): its weights on the
+//! calibration split's pairs (each question pair, and each pair of context turns of a
+//! follow-up), then its recall threshold and cutoff on the validation split (the most
+//! same-answer pairs served with at most 1 % of different-answer single-turn pairs, no
+//! category above 2 % and no different-answer follow-up), and writes it to
+//! `src/cache/judge_minilm_l6.txt` (or `--judge-out FILE`):
+//!
+//! ```text
+//! cargo run --release --features local-embeddings --example cache_eval -- \
+//!     --train --embedder minilm:/path/to/all-MiniLM-L6-v2
+//! ```
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -40,7 +53,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use tokenwise::cache::{
     Cache, CacheQuery, CacheScope, ConversationMatching, Embedder, Guards, HashingEmbedder,
-    SemanticCache,
+    JudgedPair, PairFeatures, PairJudge, SemanticCache,
 };
 use tokenwise::{ChatRequest, ChatResponse, FinishReason, Message, Role, Usage};
 
@@ -105,6 +118,10 @@ struct Args {
     guards: bool,
     show: bool,
     condensed: bool,
+    judge: bool,
+    train: bool,
+    judge_out: String,
+    dump: Option<String>,
 }
 
 fn args() -> Result<Args, String> {
@@ -116,6 +133,13 @@ fn args() -> Result<Args, String> {
         guards: true,
         show: false,
         condensed: false,
+        judge: true,
+        train: false,
+        dump: None,
+        judge_out: format!(
+            "{}/src/cache/judge_minilm_l6.txt",
+            env!("CARGO_MANIFEST_DIR")
+        ),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -151,6 +175,10 @@ fn args() -> Result<Args, String> {
                 );
             }
             "--no-guards" => a.guards = false,
+            "--no-judge" => a.judge = false,
+            "--train" => a.train = true,
+            "--dump-features" => a.dump = Some(it.next().ok_or("--dump-features needs a file")?),
+            "--judge-out" => a.judge_out = it.next().ok_or("--judge-out needs a file")?,
             "--conversations" => {
                 a.condensed = match it.next().as_deref() {
                     Some("strict") => false,
@@ -162,7 +190,7 @@ fn args() -> Result<Args, String> {
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
-    if a.pairs.is_empty() {
+    if a.pairs.is_empty() && !a.train {
         return Err("usage: cache_eval (--split calibration|validation|test | --pairs FILE) [--embedder hashing|minilm:DIR] [--threshold T] [--no-guards] [--conversations strict|condensed] [--show] [--latency-entries N]".into());
     }
     Ok(a)
@@ -207,14 +235,10 @@ async fn main() {
 
 async fn run() -> Result<(), String> {
     let args = args()?;
-    let text = std::fs::read_to_string(&args.pairs)
-        .map_err(|e| format!("cannot read {}: {e}", args.pairs))?;
-    let pairs: Vec<Pair> = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("line {}: {e}", i + 1)))
-        .collect::<Result<_, _>>()?;
+    if args.train {
+        return train(&args).await;
+    }
+    let pairs = read_pairs(&args.pairs)?;
     let mut builder = SemanticCache::builder()
         .embedder(embedder(&args.embedder)?)
         .conversations(if args.condensed {
@@ -224,6 +248,9 @@ async fn run() -> Result<(), String> {
         });
     if let Some(t) = args.threshold {
         builder = builder.threshold(t);
+    }
+    if !args.judge {
+        builder = builder.no_judge();
     }
     let cache = builder
         .guards(if args.guards {
@@ -298,11 +325,14 @@ async fn run() -> Result<(), String> {
         }
     };
     println!(
-        "pairs={} embedder={} threshold={} guards={} seconds={:.1}",
+        "pairs={} embedder={} threshold={} guards={} judge={} seconds={:.1}",
         pairs.len(),
         args.embedder.split(':').next().unwrap_or("?"),
         cache.threshold_for("pair-0"),
         if args.guards { "on" } else { "off" },
+        cache
+            .judge()
+            .map_or_else(|| "off".to_owned(), |j| format!("cutoff {}", j.cutoff())),
         started.elapsed().as_secs_f64()
     );
     println!(
@@ -398,6 +428,9 @@ async fn latency(args: &Args, pairs: &[Pair]) -> Result<(f64, f64), String> {
     if let Some(t) = args.threshold {
         builder = builder.threshold(t);
     }
+    if !args.judge {
+        builder = builder.no_judge();
+    }
     let cache = builder
         .guards(if args.guards {
             Guards::all()
@@ -447,4 +480,229 @@ async fn latency(args: &Args, pairs: &[Pair]) -> Result<(f64, f64), String> {
             .unwrap_or(0.0)
     };
     Ok((pct(0.5), pct(0.99)))
+}
+
+fn read_pairs(path: &str) -> Result<Vec<Pair>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("{path} line {}: {e}", i + 1)))
+        .collect()
+}
+
+/// The user turns of a question.
+fn user_turns(q: &Question) -> Vec<&str> {
+    match q {
+        Question::Text(t) => vec![t.as_str()],
+        Question::Conversation(turns) => turns
+            .iter()
+            .filter(|t| t.role == "user")
+            .map(|t| t.content.as_str())
+            .collect(),
+    }
+}
+
+/// One pair as the judge sees it, with what it is.
+struct Judged {
+    pair: Option<JudgedPair>,
+    same: bool,
+    multi: bool,
+    category: String,
+    /// Whether the final questions differ (else only the context does).
+    questions_differ: bool,
+    /// Whether the earlier user turns differ.
+    contexts_differ: bool,
+}
+
+async fn judge_split(cache: &SemanticCache, split: &str) -> Result<Vec<Judged>, String> {
+    let path = format!(
+        "{}/tests/data/cache_pairs_{split}.jsonl",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let pairs = read_pairs(&path)?;
+    let mut out = Vec::with_capacity(pairs.len());
+    for (i, p) in pairs.iter().enumerate() {
+        let ns = format!("pair-{i}");
+        let q = |x: &Question| -> Result<CacheQuery, String> {
+            CacheQuery::for_request(&request(x, &ns)?, CacheScope::Global)
+                .ok_or_else(|| "the request may not use the cache".to_owned())
+        };
+        let judged = cache
+            .judge_pair(&q(&p.a)?, &q(&p.b)?)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (ua, ub) = (user_turns(&p.a), user_turns(&p.b));
+        let norm = |t: &str| t.to_lowercase();
+        out.push(Judged {
+            pair: judged,
+            same: p.same_answer,
+            multi: is_multi_turn(p),
+            category: p.category.clone().unwrap_or_default(),
+            questions_differ: norm(ua.last().copied().unwrap_or(""))
+                != norm(ub.last().copied().unwrap_or("")),
+            contexts_differ: ua.len() != ub.len()
+                || ua.iter().zip(&ub).any(|(x, y)| norm(x) != norm(y)),
+        });
+    }
+    Ok(out)
+}
+
+/// Whether `judge` serves the pair (recall threshold `recall`).
+fn served(j: &Judged, judge: &PairJudge, recall: f32) -> bool {
+    let Some(p) = &j.pair else {
+        return false;
+    };
+    p.similarity >= recall
+        && judge.accepts(&p.question)
+        && p.context.as_ref().is_none_or(|c| judge.accepts_context(c))
+}
+
+struct Score {
+    single_same: f64,
+    single_diff: f64,
+    worst: f64,
+    multi_same: f64,
+    multi_diff: f64,
+}
+
+fn score(set: &[Judged], judge: &PairJudge, recall: f32) -> Score {
+    let mut cats: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
+    let (mut ss, mut sd, mut ms, mut md) = ((0, 0), (0, 0), (0, 0), (0, 0));
+    for j in set {
+        let s = u32::from(served(j, judge, recall));
+        let t = match (j.multi, j.same) {
+            (false, true) => &mut ss,
+            (false, false) => &mut sd,
+            (true, true) => &mut ms,
+            (true, false) => &mut md,
+        };
+        t.0 += s;
+        t.1 += 1;
+        if !j.same {
+            let c = cats.entry(j.category.as_str()).or_default();
+            c.0 += s;
+            c.1 += 1;
+        }
+    }
+    let f = |(n, d): (u32, u32)| {
+        if d == 0 {
+            0.0
+        } else {
+            f64::from(n) / f64::from(d)
+        }
+    };
+    Score {
+        single_same: f(ss),
+        single_diff: f(sd),
+        worst: cats.values().map(|c| f(*c)).fold(0.0, f64::max),
+        multi_same: f(ms),
+        multi_diff: f(md),
+    }
+}
+
+/// Fits the judge on calibration, chooses its recall threshold and cutoff on
+/// validation, writes it, and prints both splits' figures.
+async fn train(args: &Args) -> Result<(), String> {
+    let cache = SemanticCache::builder()
+        .embedder(embedder(&args.embedder)?)
+        .conversations(ConversationMatching::Condensed)
+        .no_judge()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let calibration = judge_split(&cache, "calibration").await?;
+    let validation = judge_split(&cache, "validation").await?;
+    if let Some(path) = &args.dump {
+        let mut out = String::new();
+        for (name, set) in [("calibration", &calibration), ("validation", &validation)] {
+            for j in set {
+                let line = serde_json::json!({
+                    "split": name,
+                    "category": j.category,
+                    "same": j.same,
+                    "multi": j.multi,
+                    "questions_differ": j.questions_differ,
+                    "contexts_differ": j.contexts_differ,
+                    "similarity": j.pair.as_ref().map(|p| p.similarity),
+                    "question": j.pair.as_ref().map(|p| p.question.values().to_vec()),
+                    "question_hard": j.pair.as_ref().map(|p| p.question.hard_refusal().is_some()),
+                    "context": j.pair.as_ref().and_then(|p| p.context.map(|c| c.values().to_vec())),
+                    "context_hard": j.pair.as_ref().and_then(|p| p.context.map(|c| c.hard_refusal().is_some())),
+                });
+                out.push_str(&line.to_string());
+                out.push('\n');
+            }
+        }
+        std::fs::write(path, out).map_err(|e| format!("cannot write {path}: {e}"))?;
+    }
+    // Calibration samples: each question pair, and each pair of context turns; for a
+    // different-answer follow-up only the part that differs is a negative example.
+    let mut samples: Vec<(PairFeatures, bool)> = Vec::new();
+    for j in &calibration {
+        let Some(p) = &j.pair else {
+            continue;
+        };
+        if j.same || !j.multi || j.questions_differ {
+            samples.push((p.question, j.same));
+        }
+        if let Some(c) = &p.context {
+            if j.same || j.contexts_differ {
+                samples.push((*c, j.same));
+            }
+        }
+    }
+    // Only the pairs a cache would judge: the hard guards refuse the rest anyway.
+    samples.retain(|(f, _)| f.hard_refusal().is_none());
+    let positives = samples.iter().filter(|(_, s)| *s).count();
+    println!(
+        "calibration samples: {} ({positives} same answer)",
+        samples.len()
+    );
+    let base = PairJudge::fit(&samples, 1e-4, 0.5, 0.5).map_err(|e| e.to_string())?;
+    // The settings are tried from the strictest down; the first best is kept.
+    let mut best: Option<(f64, PairJudge)> = None;
+    for r in (0..=8).rev() {
+        let recall = 0.5 + 0.05 * r as f32;
+        for context in [0.97, 0.95, 0.93, 0.9, 0.0] {
+            for c in (0..=48).rev() {
+                let cutoff = 0.5 + 0.01 * c as f32;
+                let judge = base
+                    .clone()
+                    .with_cutoff(cutoff)
+                    .and_then(|j| j.with_recall_threshold(recall))
+                    .and_then(|j| j.with_context_similarity(context))
+                    .map_err(|e| e.to_string())?;
+                let s = score(&validation, &judge, recall);
+                if s.single_diff > 0.01 || s.worst > 0.02 || s.multi_diff > 0.0 {
+                    continue;
+                }
+                let value = s.single_same + s.multi_same.min(0.5);
+                if best.as_ref().is_none_or(|(v, _)| value > v + 1e-9) {
+                    best = Some((value, judge));
+                }
+            }
+        }
+    }
+    let (_, judge) = best.ok_or("no setting meets the limits on validation")?;
+    let (recall, cutoff) = (judge.recall_threshold(), judge.cutoff());
+    for (name, set) in [("calibration", &calibration), ("validation", &validation)] {
+        let s = score(set, &judge, recall);
+        println!(
+            "{name}: recall {recall:.2} cutoff {cutoff:.2} context {:.2}: single_same={:.3} single_different={:.3} worst_different_category={:.3} multi_same={:.3} multi_different={:.3}",
+            judge.context_similarity(),
+            s.single_same,
+            s.single_diff,
+            s.worst,
+            s.multi_same,
+            s.multi_diff
+        );
+    }
+    let text = format!(
+        "# The pair judge for all-MiniLM-L6-v2, written by\n# cargo run --release --features local-embeddings --example cache_eval -- --train --embedder minilm:DIR\n{}",
+        judge.to_text()
+    );
+    std::fs::write(&args.judge_out, text)
+        .map_err(|e| format!("cannot write {}: {e}", args.judge_out))?;
+    println!("wrote {}", args.judge_out);
+    Ok(())
 }

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use tokenwise::cache::{
-    Cache, CacheQuery, CacheScope, Embedder, GuardKind, MiniLmEmbedder, SemanticCache,
+    Cache, CacheQuery, CacheScope, Embedder, GuardKind, MiniLmEmbedder, PairJudge, SemanticCache,
 };
 use tokenwise::{ChatRequest, ChatResponse, Error, FinishReason, Usage};
 
@@ -73,12 +73,25 @@ async fn a_semantic_cache_on_minilm_serves_paraphrases_and_refuses_near_misses()
     );
     let uncalibrated = m.clone().with_calibrated_threshold(None);
     assert_eq!(uncalibrated.calibrated_threshold(), None);
-    // no .threshold(): the embedder's calibrated one applies
+    // no .threshold() and no judge: the embedder's calibrated threshold applies
+    let plain = SemanticCache::builder()
+        .embedder(Arc::new(m.clone()))
+        .no_judge()
+        .build()
+        .unwrap();
+    assert_eq!(plain.threshold_for("default"), 0.9);
+    assert!(plain.judge().is_none());
+    // by default the model's judge decides, recalling from its looser threshold
+    let judge = m
+        .calibrated_judge()
+        .expect("all-MiniLM-L6-v2 comes with a judge");
+    assert_eq!(judge, PairJudge::minilm_l6().unwrap());
     let cache = SemanticCache::builder()
         .embedder(Arc::new(m))
         .build()
         .unwrap();
-    assert_eq!(cache.threshold_for("default"), 0.9);
+    assert_eq!(cache.threshold_for("default"), judge.recall_threshold());
+    assert!(judge.recall_threshold() < 0.9);
     let q =
         |t: &str| CacheQuery::for_request(&ChatRequest::user_text(t), CacheScope::Global).unwrap();
     let answer = ChatResponse::new("stored", "m", "p", Usage::new(9, 9), FinishReason::Stop);
@@ -96,7 +109,7 @@ async fn a_semantic_cache_on_minilm_serves_paraphrases_and_refuses_near_misses()
         .unwrap();
     assert!(
         hit.answer
-            .is_some_and(|a| a.similarity >= 0.9 && a.similarity < 1.0)
+            .is_some_and(|a| a.similarity >= judge.recall_threshold() && a.similarity < 1.0)
     );
     let refused = cache
         .lookup(&q("Is the clinic closed on Sundays?"))

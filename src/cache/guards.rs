@@ -89,41 +89,82 @@ impl Guards {
         }
         let a = Features::of(stored);
         let b = Features::of(asked);
-        let directed = a.directed || b.directed;
-        if self.is_on(GuardKind::Numbers) {
+        GuardKind::ALL
+            .into_iter()
+            .filter(|k| self.is_on(*k))
+            .find_map(|k| verdict(k, &a, &b).map(|d| (k, d)))
+    }
+
+    /// What every guard (on or off) says of a pair, and the content words of each
+    /// question that have no counterpart in the other: what a [pair
+    /// judge](super::PairJudge) reads.
+    pub(crate) fn signals(stored: &str, asked: &str) -> PairSignals {
+        let a = Features::of(stored);
+        let b = Features::of(asked);
+        let refused = GuardKind::ALL.map(|k| verdict(k, &a, &b).is_some());
+        let (only_a, only_b) = unmatched_terms(&a.content, &b.content);
+        let raw = |f: &Features| f.content.iter().map(|t| t.raw.clone()).collect::<Vec<_>>();
+        PairSignals {
+            refused,
+            only_stored: only_a
+                .into_iter()
+                .map(|i| a.content[i].raw.clone())
+                .collect(),
+            only_asked: only_b
+                .into_iter()
+                .map(|j| b.content[j].raw.clone())
+                .collect(),
+            stored_words: raw(&a),
+            asked_words: raw(&b),
+            stored_negations: a.negations.len(),
+            asked_negations: b.negations.len(),
+        }
+    }
+}
+
+/// What the guards see in a pair of questions (see [`Guards::signals`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PairSignals {
+    /// Whether each guard, in [`GuardKind::ALL`] order, refuses the pair.
+    pub refused: [bool; 5],
+    /// Content words of the stored question without a counterpart in the asked one.
+    pub only_stored: Vec<String>,
+    /// Content words of the asked question without a counterpart in the stored one.
+    pub only_asked: Vec<String>,
+    /// Every content word of the stored question, as written (lowercased).
+    pub stored_words: Vec<String>,
+    /// Every content word of the asked question, as written (lowercased).
+    pub asked_words: Vec<String>,
+    /// Negations in the stored question.
+    pub stored_negations: usize,
+    /// Negations in the asked question.
+    pub asked_negations: usize,
+}
+
+/// Whether guard `kind` refuses to treat `a` and `b` as the same question, and why.
+fn verdict(kind: GuardKind, a: &Features, b: &Features) -> Option<String> {
+    let directed = a.directed || b.directed;
+    match kind {
+        GuardKind::Numbers => {
             let (mut x, mut y) = (a.numbers.clone(), b.numbers.clone());
             if !directed {
                 x.sort_unstable();
                 y.sort_unstable();
             }
-            if x != y {
-                return Some((
-                    GuardKind::Numbers,
-                    format!("numbers differ: {:?} vs {:?}", a.numbers, b.numbers),
-                ));
-            }
+            (x != y).then(|| format!("numbers differ: {:?} vs {:?}", a.numbers, b.numbers))
         }
-        if self.is_on(GuardKind::Entities) {
-            if let Some(d) = entity_difference(&a, &b, directed) {
-                return Some((GuardKind::Entities, d));
-            }
-        }
-        if self.is_on(GuardKind::Negation) {
+        GuardKind::Entities => entity_difference(a, b, directed),
+        GuardKind::Negation => {
             if a.negations != b.negations {
-                return Some((
-                    GuardKind::Negation,
-                    format!(
-                        "negations differ: {} vs {}",
-                        a.negations.len(),
-                        b.negations.len()
-                    ),
+                return Some(format!(
+                    "negations differ: {} vs {}",
+                    a.negations.len(),
+                    b.negations.len()
                 ));
             }
-            if let Some(d) = polarity_difference(&a, &b) {
-                return Some((GuardKind::Negation, d));
-            }
+            polarity_difference(a, b)
         }
-        if self.is_on(GuardKind::Scope) {
+        GuardKind::Scope => {
             let strong = |s: &Vec<&'static str>| -> Vec<&'static str> {
                 s.iter()
                     .copied()
@@ -133,30 +174,18 @@ impl Guards {
             let differs = strong(&a.scope) != strong(&b.scope)
                 || (!a.scope.is_empty() && !b.scope.is_empty() && a.scope != b.scope);
             if differs {
-                return Some((
-                    GuardKind::Scope,
-                    format!("scope differs: {:?} vs {:?}", a.scope, b.scope),
-                ));
+                return Some(format!("scope differs: {:?} vs {:?}", a.scope, b.scope));
             }
             if !a.persons.is_empty() && !b.persons.is_empty() && a.persons != b.persons {
-                return Some((
-                    GuardKind::Scope,
-                    format!("person differs: {:?} vs {:?}", a.persons, b.persons),
+                return Some(format!(
+                    "person differs: {:?} vs {:?}",
+                    a.persons, b.persons
                 ));
             }
-            if a.parties != b.parties {
-                return Some((
-                    GuardKind::Scope,
-                    format!("parties differ: {:?} vs {:?}", a.parties, b.parties),
-                ));
-            }
+            (a.parties != b.parties)
+                .then(|| format!("parties differ: {:?} vs {:?}", a.parties, b.parties))
         }
-        if self.is_on(GuardKind::Terms) {
-            if let Some(d) = terms_difference(&a.content, &b.content) {
-                return Some((GuardKind::Terms, d));
-            }
-        }
-        None
+        GuardKind::Terms => terms_difference(&a.content, &b.content),
     }
 }
 
@@ -1554,9 +1583,9 @@ fn edit_distance_at_most_one(a: &str, b: &str) -> bool {
 /// more is a rewording that the similarity judges.
 const MAX_TERM_DIFFERENCE: usize = 2;
 
-/// A substituted or added content word between two questions, if any.
-fn terms_difference(a: &[Term], b: &[Term]) -> Option<String> {
-    // The words of each without a counterpart in the other (typos forgiven).
+/// The content words of each of two questions without a counterpart in the other
+/// (typos forgiven), by position.
+fn unmatched_terms(a: &[Term], b: &[Term]) -> (Vec<usize>, Vec<usize>) {
     let mut only_a: Vec<usize> = Vec::new();
     let mut used = vec![false; b.len()];
     for (i, w) in a.iter().enumerate() {
@@ -1570,6 +1599,12 @@ fn terms_difference(a: &[Term], b: &[Term]) -> Option<String> {
     let only_b: Vec<usize> = (0..b.len())
         .filter(|&j| !used[j] && !a.iter().any(|t| b[j].same(t)))
         .collect();
+    (only_a, only_b)
+}
+
+/// A substituted or added content word between two questions, if any.
+fn terms_difference(a: &[Term], b: &[Term]) -> Option<String> {
+    let (only_a, only_b) = unmatched_terms(a, b);
     if only_a.len() > MAX_TERM_DIFFERENCE || only_b.len() > MAX_TERM_DIFFERENCE {
         return None;
     }

@@ -20,6 +20,7 @@ mod embed;
 mod flight;
 mod guards;
 mod index;
+mod judge;
 mod key;
 mod layer;
 mod memory;
@@ -40,14 +41,15 @@ pub(crate) use flight::{Join, Leader, OnEnd, SharedStream, SingleFlight, share_s
 pub use flight::{MAX_SHARED_STREAM_BYTES, MAX_SHARED_STREAM_EVENTS};
 pub use guards::{GuardKind, GuardRejection, Guards};
 pub use index::{IndexConfig, Maintenance, MaintenanceDone, Quantization, Retired, VectorIndex};
+pub use judge::{JUDGE_FEATURE_NAMES, JUDGE_FEATURES, PairFeatures, PairJudge};
 pub use key::{CacheKey, CacheQuery, MAX_HISTORY_BYTES, MAX_HISTORY_TURNS};
 pub use layer::{CacheLayer, CacheService};
 pub use memory::{ExactCache, ExactCacheBuilder};
 #[cfg(feature = "redis")]
 pub use redis::RedisCache;
 pub use semantic::{
-    CacheEvent, CacheHook, CacheStats, ConversationMatching, DEFAULT_THRESHOLD, SemanticCache,
-    SemanticCacheBuilder,
+    CacheEvent, CacheHook, CacheStats, ConversationMatching, DEFAULT_THRESHOLD, JudgedPair,
+    SemanticCache, SemanticCacheBuilder,
 };
 
 /// The embedder over an OpenAI-compatible `/v1/embeddings` endpoint (defined with the

@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 use super::embed::{CachedEmbedder, Embedder, HashingEmbedder};
 use super::guards::{GuardKind, GuardRejection, Guards, is_chatter, strip_lead_chatter};
 use super::index::{IndexConfig, VectorIndex};
+use super::judge::{PairFeatures, PairJudge, WordVectors, pair_features};
 use super::{
     Cache, CacheKey, CacheLookup, CacheQuery, CachedAnswer, ExactCache, ExactCacheBuilder,
     Invalidation, is_cacheable,
@@ -114,15 +115,29 @@ pub enum ConversationMatching {
     /// names a number, date or name ("Order 1182: two blue mugs"), or that holds a tool
     /// call or result, is always matched strictly.
     ///
-    /// Opt in: on the repository's held-out test split with all-MiniLM-L6-v2 it serves
-    /// about half of the same-context follow-ups but still 3 % of follow-ups whose
-    /// context differs (see `docs/caching.md`), so it is not the default.
+    /// Opt in: on the repository's held-out test split, all-MiniLM-L6-v2 with its
+    /// [pair judge](super::PairJudge) serves 38 % of the same-context follow-ups and
+    /// none whose context differs, but the lexical guards alone (no judge) let 9 % of
+    /// context swaps through (see `docs/caching.md`), so it is not the default.
     Condensed,
     /// The default: only follow-ups with exactly the same history (every turn,
     /// assistant ones included) are compared. A follow-up whose context differs in
     /// any way is never served.
     #[default]
     Strict,
+}
+
+/// A stored request and an asked one as a [`SemanticCache`]'s judge sees them (see
+/// [`SemanticCache::judge_pair`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct JudgedPair {
+    /// The similarity the recall stage compares with the threshold.
+    pub similarity: f32,
+    /// The features of the two final questions.
+    pub question: PairFeatures,
+    /// The features of the two turns of context, for follow-ups.
+    pub context: Option<PairFeatures>,
 }
 
 /// Builds a [`SemanticCache`].
@@ -140,6 +155,8 @@ pub struct SemanticCacheBuilder {
     candidates: usize,
     hook: Option<CacheHook>,
     conversations: ConversationMatching,
+    /// `None`: the embedder's calibrated judge; `Some(None)`: no judge.
+    judge: Option<Option<PairJudge>>,
 }
 
 impl fmt::Debug for SemanticCacheBuilder {
@@ -187,6 +204,23 @@ impl SemanticCacheBuilder {
     pub fn exact_only(mut self, namespace: impl Into<String>) -> Self {
         self.namespace_threshold
             .insert(namespace.into(), f32::INFINITY);
+        self
+    }
+
+    /// The precision stage: a [`PairJudge`] decides whether a recalled candidate asks
+    /// the same thing, in place of the negation, scope and terms guards (the numbers
+    /// and entities guards still refuse on their own). Default: the embedder's
+    /// [calibrated judge](Embedder::calibrated_judge), if it has one; candidates are
+    /// then recalled from the judge's threshold unless
+    /// [`threshold`](Self::threshold) says otherwise.
+    pub fn judge(mut self, judge: PairJudge) -> Self {
+        self.judge = Some(Some(judge));
+        self
+    }
+
+    /// No judge, even if the embedder has one: the threshold and every guard decide.
+    pub fn no_judge(mut self) -> Self {
+        self.judge = Some(None);
         self
     }
 
@@ -260,8 +294,10 @@ impl SemanticCacheBuilder {
         let embedder = self
             .embedder
             .unwrap_or_else(|| Arc::new(HashingEmbedder::default()));
+        let judge = self.judge.unwrap_or_else(|| embedder.calibrated_judge());
         let threshold = self
             .threshold
+            .or_else(|| judge.as_ref().map(PairJudge::recall_threshold))
             .or_else(|| embedder.calibrated_threshold())
             .unwrap_or(DEFAULT_THRESHOLD);
         let valid = |t: f32| (t > 0.0 && t <= 1.0) || t == f32::INFINITY;
@@ -288,6 +324,8 @@ impl SemanticCacheBuilder {
                 threshold,
                 namespace_threshold: self.namespace_threshold,
                 guards: self.guards,
+                judge,
+                words: WordVectors::default(),
                 index,
                 candidates: self.candidates,
                 conversations: self.conversations,
@@ -466,6 +504,8 @@ struct Shared {
     threshold: f32,
     namespace_threshold: HashMap<String, f32>,
     guards: Guards,
+    judge: Option<PairJudge>,
+    words: WordVectors,
     index: IndexConfig,
     candidates: usize,
     conversations: ConversationMatching,
@@ -566,6 +606,7 @@ impl SemanticCache {
             candidates: 4,
             hook: None,
             conversations: ConversationMatching::default(),
+            judge: None,
         }
     }
 
@@ -742,11 +783,22 @@ impl SemanticCache {
             if stored_context.is_some() != place.context.is_some() {
                 continue;
             }
-            let verdict = s.guards.check(&stored, place.text).or_else(|| {
-                let (stored, asked) = (stored_context.as_deref()?, place.context?);
-                let (guard, detail) = s.guards.check_context(stored, asked)?;
-                Some((guard, format!("in the context: {detail}")))
-            });
+            let verdict = match &s.judge {
+                Some(judge) => {
+                    self.judged(
+                        judge,
+                        (&stored, place.text),
+                        stored_context.as_deref().zip(place.context),
+                        similarity,
+                    )
+                    .await
+                }
+                None => s.guards.check(&stored, place.text).or_else(|| {
+                    let (stored, asked) = (stored_context.as_deref()?, place.context?);
+                    let (guard, detail) = s.guards.check_context(stored, asked)?;
+                    Some((guard, format!("in the context: {detail}")))
+                }),
+            };
             if let Some((guard, detail)) = verdict {
                 let r = GuardRejection::new(guard, similarity, detail);
                 bump(&s.counters.rejected[guard as usize]);
@@ -792,6 +844,142 @@ impl SemanticCache {
             }
             None => self.miss(rejected),
         }
+    }
+
+    /// The judge's verdict on a candidate: `question` (stored, asked) recalled at
+    /// `similarity`, with its context turns (stored, asked) if it is a follow-up. A
+    /// refusal is reported under the hard guard that refused, else under the first
+    /// lexical guard that objects (terms if none does).
+    async fn judged(
+        &self,
+        judge: &PairJudge,
+        question: (&str, &str),
+        context: Option<(&str, &str)>,
+        similarity: f32,
+    ) -> Option<(GuardKind, String)> {
+        let mut parts = vec![question];
+        parts.extend(context);
+        for (i, (stored, asked)) in parts.into_iter().enumerate() {
+            let sim = if context.is_none() {
+                Some(similarity)
+            } else {
+                None // the recall compared context and question together
+            };
+            let f = match self.features_at(stored, asked, sim).await {
+                Ok(f) => f,
+                Err(e) => {
+                    bump(&self.inner.counters.embed_failures);
+                    tracing::warn!(target: "tokenwise::cache", error = %e, "embedding failed; candidate refused");
+                    return Some((GuardKind::Terms, format!("the judge could not embed: {e}")));
+                }
+            };
+            let place = if i == 0 { "" } else { "in the context: " };
+            if let Some(kind) = f.hard_refusal() {
+                let detail = self
+                    .inner
+                    .guards
+                    .check(stored, asked)
+                    .map_or_else(|| kind.to_string(), |(_, d)| d);
+                return Some((kind, format!("{place}{detail}")));
+            }
+            let p = judge.probability(&f);
+            let accepted = if i == 0 {
+                judge.accepts(&f)
+            } else {
+                judge.accepts_context(&f)
+            };
+            if !accepted {
+                let objecting = Guards::all()
+                    .with(GuardKind::Numbers, false)
+                    .with(GuardKind::Entities, false)
+                    .check(stored, asked);
+                let (kind, why) = objecting.map_or((GuardKind::Terms, String::new()), |(k, d)| {
+                    (k, format!("; {d}"))
+                });
+                return Some((
+                    kind,
+                    format!(
+                        "{place}the pair judge gives {p:.2} (serves from {:.2}) at similarity {:.2}{why}",
+                        judge.cutoff(),
+                        f.values()[0]
+                    ),
+                ));
+            }
+        }
+        None
+    }
+
+    /// What this cache's judge reads of a stored request and an asked one, without
+    /// storing or serving anything: `None` when they would never be compared (no final
+    /// user turn, another group, or a follow-up against a question without context).
+    /// `cache_eval --train` fits a judge on these.
+    pub async fn judge_pair(
+        &self,
+        stored: &CacheQuery,
+        asked: &CacheQuery,
+    ) -> Result<Option<JudgedPair>> {
+        let (Some(a), Some(b)) = (self.place(stored), self.place(asked)) else {
+            return Ok(None);
+        };
+        if a.group != b.group || a.context.is_some() != b.context.is_some() {
+            return Ok(None);
+        }
+        let va = self.inner.embedder.embed_one(&embedded_form(&a)).await?;
+        let vb = self.inner.embedder.embed_one(&embedded_form(&b)).await?;
+        let similarity = va
+            .iter()
+            .zip(vb.iter())
+            .map(|(x, y)| x * y)
+            .sum::<f32>()
+            .min(1.0);
+        let single = a.context.is_none();
+        let question = self
+            .features_at(a.text, b.text, single.then_some(similarity))
+            .await?;
+        let context = match a.context.zip(b.context) {
+            Some((x, y)) => Some(self.features_at(x, y, None).await?),
+            None => None,
+        };
+        Ok(Some(JudgedPair {
+            similarity,
+            question,
+            context,
+        }))
+    }
+
+    async fn features_at(
+        &self,
+        stored: &str,
+        asked: &str,
+        similarity: Option<f32>,
+    ) -> Result<PairFeatures> {
+        let s = &self.inner;
+        let similarity = match similarity {
+            Some(x) => x,
+            None => {
+                let a = s.embedder.embed_one(&embedding_text(stored)).await?;
+                let b = s.embedder.embed_one(&embedding_text(asked)).await?;
+                a.iter()
+                    .zip(b.iter())
+                    .map(|(x, y)| x * y)
+                    .sum::<f32>()
+                    .min(1.0)
+            }
+        };
+        pair_features(
+            s.embedder.inner().as_ref(),
+            &s.words,
+            &s.guards,
+            stored,
+            asked,
+            similarity,
+        )
+        .await
+    }
+
+    /// The judge this cache decides with, if any.
+    pub fn judge(&self) -> Option<&PairJudge> {
+        self.inner.judge.as_ref()
     }
 
     /// Stores `response` for `query`; answers that fail [`is_cacheable`] are ignored.

@@ -769,6 +769,11 @@ def conv_pairs(c, rng, per_kind):
     def add(a, b, same, cat):
         if rng.random() < 0.5:
             a, b = b, a
+        users = lambda c: [t for r, t in c if r == "user"]
+        if not same and users(a) == users(b):
+            # a swap that changed nothing the user said (a context without the swapped
+            # slot) is no different-answer pair
+            return
         out.append({"a": convo(a), "b": convo(b), "same_answer": same, "category": cat, "domain": dom})
 
     for _ in range(per_kind):

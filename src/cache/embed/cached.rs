@@ -146,6 +146,10 @@ impl Embedder for CachedEmbedder {
         self.inner.calibrated_threshold()
     }
 
+    fn calibrated_judge(&self) -> Option<crate::cache::PairJudge> {
+        self.inner.calibrated_judge()
+    }
+
     async fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
         let mut out = Vec::with_capacity(texts.len());
         for t in texts {

@@ -55,6 +55,7 @@ struct Model {
 pub struct MiniLmEmbedder {
     model: Arc<Model>,
     calibrated: Option<f32>,
+    judge: Option<crate::cache::PairJudge>,
 }
 
 impl fmt::Debug for MiniLmEmbedder {
@@ -128,6 +129,11 @@ impl MiniLmEmbedder {
                 dir: dir.to_owned(),
             }),
             calibrated: minilm_l6.then_some(MINILM_L6_THRESHOLD),
+            judge: if minilm_l6 {
+                Some(crate::cache::PairJudge::minilm_l6()?)
+            } else {
+                None
+            },
         })
     }
 
@@ -136,6 +142,14 @@ impl MiniLmEmbedder {
     #[must_use]
     pub fn with_calibrated_threshold(mut self, t: Option<f32>) -> Self {
         self.calibrated = t;
+        self
+    }
+
+    /// Sets the [pair judge](crate::cache::PairJudge) this model comes with (`None`:
+    /// the cache uses its threshold and the lexical guards only).
+    #[must_use]
+    pub fn with_judge(mut self, judge: Option<crate::cache::PairJudge>) -> Self {
+        self.judge = judge;
         self
     }
 
@@ -200,6 +214,14 @@ impl Embedder for MiniLmEmbedder {
     /// [`with_calibrated_threshold`](MiniLmEmbedder::with_calibrated_threshold) says so.
     fn calibrated_threshold(&self) -> Option<f32> {
         self.calibrated
+    }
+
+    /// The judge fitted on the repository's calibration split
+    /// ([`PairJudge::minilm_l6`](crate::cache::PairJudge::minilm_l6)) for a model of
+    /// all-MiniLM-L6-v2's shape; none for other models unless
+    /// [`with_judge`](MiniLmEmbedder::with_judge) gives one.
+    fn calibrated_judge(&self) -> Option<crate::cache::PairJudge> {
+        self.judge.clone()
     }
 
     async fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {

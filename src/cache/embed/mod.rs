@@ -71,6 +71,14 @@ pub trait Embedder: Send + Sync + fmt::Debug {
     fn calibrated_threshold(&self) -> Option<f32> {
         None
     }
+
+    /// The [pair judge](super::PairJudge) fitted for this embedder's vectors, if any: a
+    /// [`SemanticCache`](super::SemanticCache) built without
+    /// [`judge`](super::SemanticCacheBuilder::judge) uses it as its precision stage,
+    /// and recalls candidates from the judge's looser threshold. Default: none.
+    fn calibrated_judge(&self) -> Option<super::PairJudge> {
+        None
+    }
 }
 
 /// An offline embedder by feature hashing: lowercased word unigrams and bigrams plus
