@@ -759,13 +759,14 @@ fn quantity(toks: &[Token], i: usize, n: String) -> (String, usize) {
             Some('°' | 'º') => {
                 unit = Some("°");
             }
-            Some(_) => {}
-            None => {
+            // "5 minutes", "a 5-minute walk"
+            Some('-') | None if t.post.trim() == "-" || first(&t.post).is_none() => {
                 if let Some(u) = word(i + 1).and_then(unit_of) {
                     unit = Some(u);
                     end = i + 1;
                 }
             }
+            _ => {}
         }
     }
     // "20 °C", "20 degrees Fahrenheit", "20 deg C"
@@ -817,9 +818,7 @@ fn quantity(toks: &[Token], i: usize, n: String) -> (String, usize) {
 
 /// Whether a canonical unit is a currency.
 fn is_currency(u: &str) -> bool {
-    u == "cent" || u == "pence" || u == "try" || u == "krona" || u == "peso" || {
-        CURRENCY_CODES.contains(&u)
-    }
+    matches!(u, "cent" | "pence" | "try" | "krona" | "peso") || CURRENCY_CODES.contains(&u)
 }
 
 /// "daily" for "day" (so "one day", "a day" and "per day" read as "daily").
@@ -2077,6 +2076,8 @@ mod tests {
             ("10 GB", "10 gigabytes"),
             ("for 2 hrs", "for 2 hours"),
             ("for 30 secs", "for 30 seconds"),
+            ("a 5-minute walk", "a 5 minute walk"),
+            ("a 30-kg bag", "a 30 kilo bag"),
         ] {
             assert_eq!(numbers(a), numbers(b), "{a} / {b}");
             assert!(!numbers(a).is_empty(), "{a}");
