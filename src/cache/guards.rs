@@ -8,7 +8,7 @@
 //!
 //! | guard | the two questions must agree on |
 //! | --- | --- |
-//! | [`Numbers`](GuardKind::Numbers) | every number (digits or words, ordinals included), date, month, weekday and relative day ("tomorrow", "next week"); their order when the question has a direction ("from … to", "than") |
+//! | [`Numbers`](GuardKind::Numbers) | every quantity: a number (digits or words, ordinals included) with its unit ("30 kg" = "30 kilograms", not "30 lb"; "$50", "20 °C", "5 km/h", "3 days", "10 GB", "5 %"), date, month, weekday and relative day ("tomorrow", "next week"); their order when the question has a direction ("from … to", "than") |
 //! | [`Entities`](GuardKind::Entities) | every capitalised name or acronym one of them mentions must appear in the other, in the same order when the question has a direction |
 //! | [`Negation`](GuardKind::Negation) | how many negations they carry ("not", "never", "isn't", "without"…), and the side of every polar pair both mention (open/closed, enable/disable, safe/unsafe, un-/dis- prefixes…) |
 //! | [`Scope`](GuardKind::Scope) | their quantifiers and scope words: all/every, only/just, most, both, either, total vs average, always/usually/sometimes/rarely, except, also/including, past vs present ("previously", "ago"); whose question it is: the person of their pronouns when both have one ("my" vs "your"), and any other party named ("my kids", "our team", "contractors") |
@@ -198,16 +198,22 @@ struct Token {
     lower: String,
     /// First word of a sentence.
     initial: bool,
+    /// The characters between the previous word and this one ("$" in "$50").
+    pre: String,
+    /// The characters between this word and the next one ("%" in "50%").
+    post: String,
 }
 
 /// Splits `text` into words. Apostrophes inside words stay ("isn't"); `.,:/-` between
 /// two digits stay ("3.5", "1,000", "10:30", "2026-05-01").
 fn tokens(text: &str) -> Vec<Token> {
     let chars: Vec<char> = text.chars().collect();
-    let mut out = Vec::new();
+    let mut out: Vec<Token> = Vec::new();
     let mut cur = String::new();
     let mut initial = true;
     let mut next_initial = true;
+    let mut gap = String::new();
+    let mut pre = String::new();
     for (i, &c) in chars.iter().enumerate() {
         let prev = i.checked_sub(1).and_then(|j| chars.get(j)).copied();
         let next = chars.get(i + 1).copied();
@@ -221,25 +227,36 @@ fn tokens(text: &str) -> Vec<Token> {
         if keep {
             if cur.is_empty() {
                 initial = next_initial;
+                if let Some(last) = out.last_mut() {
+                    last.post.clone_from(&gap);
+                }
+                pre = std::mem::take(&mut gap);
             }
             cur.push(if c == '\u{2019}' { '\'' } else { c });
         } else {
             if !cur.is_empty() {
-                out.push(token(std::mem::take(&mut cur), initial));
+                out.push(token(
+                    std::mem::take(&mut cur),
+                    initial,
+                    std::mem::take(&mut pre),
+                ));
                 next_initial = false;
             }
+            gap.push(c);
             if matches!(c, '.' | '?' | '!' | '\n' | ':' | ';' | '"' | '(') {
                 next_initial = true;
             }
         }
     }
     if !cur.is_empty() {
-        out.push(token(cur, initial));
+        out.push(token(cur, initial, pre));
+    } else if let Some(last) = out.last_mut() {
+        last.post = gap;
     }
     out
 }
 
-fn token(raw: String, initial: bool) -> Token {
+fn token(raw: String, initial: bool, pre: String) -> Token {
     let mut lower = raw.to_lowercase();
     if lower.len() > 2 && lower.ends_with("'s") {
         lower.truncate(lower.len() - 2);
@@ -248,6 +265,8 @@ fn token(raw: String, initial: bool) -> Token {
         raw,
         lower,
         initial,
+        pre,
+        post: String::new(),
     }
 }
 
@@ -283,6 +302,8 @@ impl Features {
         let upper = text.chars().filter(|c| c.is_uppercase()).count();
         let shouted = letters >= 8 && upper * 10 >= letters * 6;
         let mut f = Features::default();
+        // Words up to this index are the unit of a number before them.
+        let mut unit_until = 0;
         for (i, t) in toks.iter().enumerate() {
             let w = t.lower.as_str();
             let next = toks.get(i + 1).map(|t| t.lower.as_str());
@@ -305,7 +326,15 @@ impl Features {
             let per_period = matches!(w, "one" | "1" | "a" | "an" | "per")
                 .then(|| next.and_then(period_adverb))
                 .flatten();
-            if let Some(adverb) = per_period {
+            // A unit read with the number before it ("30 kg", "5 km/h"), or a currency
+            // code read with the number after it ("USD 50"), is part of that quantity.
+            let unit_word = i < unit_until
+                || (CURRENCY_CODES.contains(&w)
+                    && toks
+                        .get(i + 1)
+                        .is_some_and(|n| number_of(&n.lower).is_some()));
+            if unit_word {
+            } else if let Some(adverb) = per_period {
                 f.numbers.push(adverb.to_owned());
             } else if matches!(w, "am" | "pm") {
                 // a time after a number ("7 am"), else a verb ("am I eligible")
@@ -322,7 +351,11 @@ impl Features {
                         f.numbers.push(n[..n.len() - 2].to_owned());
                         f.numbers.push((*s).to_owned());
                     }
-                    None => f.numbers.push(n),
+                    None => {
+                        let (quantity, used) = quantity(&toks, i, n);
+                        unit_until = unit_until.max(i + 1 + used);
+                        f.numbers.push(quantity);
+                    }
                 }
             } else if let Some(d) = date_of(w, next) {
                 f.numbers.push(d.to_owned());
@@ -353,7 +386,10 @@ impl Features {
             if let Some(p) = party_of(w) {
                 f.parties.push(p);
             }
-            if let Some(canon) = content_word(w) {
+            // A unit stays a content word, in its canonical spelling ("kilometres" is
+            // "km"): the numbers guard compares it, with its number.
+            let unit_canon = unit_word.then(|| unit_of(w)).flatten();
+            if let Some(canon) = content_word(w).map(|c| unit_canon.map_or(c, str::to_owned)) {
                 f.content.push(Term {
                     canon,
                     raw: w.to_owned(),
@@ -524,6 +560,268 @@ const RELATIVE_DAYS: &[&str] = &[
 const PERIODS: &[&str] = &[
     "week", "month", "year", "day", "quarter", "weekend", "time", "season", "semester",
 ];
+
+/// Currency codes, read as the unit of a number before or after them ("USD 50", "50 EUR").
+const CURRENCY_CODES: &[&str] = &[
+    "usd", "eur", "gbp", "jpy", "cny", "rmb", "inr", "chf", "cad", "aud", "nzd", "sek", "nok",
+    "dkk", "pln", "mxn", "brl", "zar", "krw", "sgd", "hkd", "rub", "btc", "eth",
+];
+
+/// The canonical unit of a word written after a number: "kg", "kilo" and "kilograms" are
+/// all "kg". Single letters that are also something else ("b", "t", "k", "c", "f", "in",
+/// "p") are left out; "°C" and "°F" are read from their degree sign (see [`quantity`]).
+fn unit_of(w: &str) -> Option<&'static str> {
+    Some(match w {
+        // mass
+        "mg" | "milligram" | "milligrams" | "milligramme" | "milligrammes" => "mg",
+        "g" | "gram" | "grams" | "gramme" | "grammes" => "g",
+        "kg" | "kgs" | "kilo" | "kilos" | "kilogram" | "kilograms" | "kilogramme"
+        | "kilogrammes" => "kg",
+        "tonne" | "tonnes" => "tonne",
+        "ton" | "tons" => "ton",
+        "lb" | "lbs" | "pound" | "pounds" => "lb",
+        "oz" | "ounce" | "ounces" => "oz",
+        "stone" | "stones" => "stone",
+        // length
+        "nm" | "nanometre" | "nanometres" | "nanometer" | "nanometers" => "nm",
+        "mm" | "millimetre" | "millimetres" | "millimeter" | "millimeters" => "mm",
+        "cm" | "centimetre" | "centimetres" | "centimeter" | "centimeters" => "cm",
+        "m" | "metre" | "metres" | "meter" | "meters" => "m",
+        "km" | "kms" | "kilometre" | "kilometres" | "kilometer" | "kilometers" | "klick"
+        | "klicks" => "km",
+        "inch" | "inches" => "in",
+        "ft" | "foot" | "feet" => "ft",
+        "yd" | "yds" | "yard" | "yards" => "yd",
+        "mi" | "mile" | "miles" => "mi",
+        "nmi" => "nmi",
+        // area
+        "acre" | "acres" => "acre",
+        "hectare" | "hectares" | "ha" => "ha",
+        "sqft" => "ft2",
+        "sqm" => "m2",
+        // volume
+        "ml" | "millilitre" | "millilitres" | "milliliter" | "milliliters" | "cc" => "ml",
+        "cl" | "centilitre" | "centilitres" | "centiliter" | "centiliters" => "cl",
+        "dl" | "decilitre" | "decilitres" | "deciliter" | "deciliters" => "dl",
+        "l" | "ltr" | "ltrs" | "litre" | "litres" | "liter" | "liters" => "l",
+        "gal" | "gals" | "gallon" | "gallons" => "gal",
+        "qt" | "quart" | "quarts" => "qt",
+        "pint" | "pints" => "pint",
+        "cup" | "cups" => "cup",
+        "tbsp" | "tbs" | "tablespoon" | "tablespoons" => "tbsp",
+        "tsp" | "teaspoon" | "teaspoons" => "tsp",
+        // temperature
+        "celsius" | "centigrade" => "°c",
+        "fahrenheit" => "°f",
+        "kelvin" | "kelvins" => "kelvin",
+        "degree" | "degrees" | "deg" => "°",
+        // time spans
+        "ns" | "nanosecond" | "nanoseconds" => "ns",
+        "ms" | "millisecond" | "milliseconds" | "msec" | "msecs" => "ms",
+        "s" | "sec" | "secs" | "second" | "seconds" => "s",
+        "min" | "mins" | "minute" | "minutes" => "min",
+        "h" | "hr" | "hrs" | "hour" | "hours" => "h",
+        "day" | "days" => "day",
+        "wk" | "wks" | "week" | "weeks" => "week",
+        "fortnight" | "fortnights" => "fortnight",
+        "mo" | "mos" | "month" | "months" => "month",
+        "yr" | "yrs" | "year" | "years" => "year",
+        "decade" | "decades" => "decade",
+        "century" | "centuries" => "century",
+        // data sizes and rates
+        "byte" | "bytes" => "byte",
+        "bit" | "bits" => "bit",
+        "kb" | "kib" | "kilobyte" | "kilobytes" => "kb",
+        "mb" | "mib" | "megabyte" | "megabytes" | "meg" | "megs" => "mb",
+        "gb" | "gib" | "gigabyte" | "gigabytes" | "gig" | "gigs" => "gb",
+        "tb" | "tib" | "terabyte" | "terabytes" => "tb",
+        "pb" | "pib" | "petabyte" | "petabytes" => "pb",
+        "kbps" => "kbit/s",
+        "mbps" => "mbit/s",
+        "gbps" => "gbit/s",
+        // currencies
+        "usd" | "dollar" | "dollars" | "buck" | "bucks" => "usd",
+        "eur" | "euro" | "euros" => "eur",
+        "gbp" | "sterling" | "quid" => "gbp",
+        "pence" | "penny" | "pennies" => "pence",
+        "cent" | "cents" => "cent",
+        "jpy" | "yen" => "jpy",
+        "cny" | "rmb" | "yuan" | "renminbi" => "cny",
+        "inr" | "rupee" | "rupees" => "inr",
+        "chf" | "franc" | "francs" => "chf",
+        "cad" => "cad",
+        "aud" => "aud",
+        "nzd" => "nzd",
+        "sek" | "nok" | "dkk" | "krona" | "kronor" | "krone" | "kroner" => "krona",
+        "pln" | "zloty" | "zlotys" => "pln",
+        "mxn" | "peso" | "pesos" => "peso",
+        "brl" | "reais" => "brl",
+        "zar" | "rand" => "zar",
+        "krw" => "krw",
+        "sgd" => "sgd",
+        "hkd" => "hkd",
+        "lira" | "liras" => "try",
+        "rub" | "rouble" | "roubles" | "ruble" | "rubles" => "rub",
+        "btc" | "bitcoin" | "bitcoins" => "btc",
+        "eth" | "ether" => "eth",
+        // shares
+        "percent" | "pct" | "percentage" => "%",
+        "permille" => "‰",
+        "bp" | "bps" | "basis" => "bp",
+        // speeds, energy and power
+        "mph" => "mi/h",
+        "kph" | "kmh" | "kmph" => "km/h",
+        "knot" | "knots" | "kts" => "knot",
+        "cal" | "calorie" | "calories" => "cal",
+        "kcal" | "kilocalorie" | "kilocalories" => "kcal",
+        "kj" | "kilojoule" | "kilojoules" => "kj",
+        "w" | "watt" | "watts" => "w",
+        "kw" | "kilowatt" | "kilowatts" => "kw",
+        "kwh" => "kwh",
+        "volt" | "volts" => "v",
+        "mah" => "mah",
+        "hz" | "hertz" => "hz",
+        "khz" => "khz",
+        "mhz" => "mhz",
+        "ghz" => "ghz",
+        _ => return None,
+    })
+}
+
+/// The unit of a currency symbol.
+fn currency_symbol(c: char) -> Option<&'static str> {
+    Some(match c {
+        '$' => "usd",
+        '€' => "eur",
+        '£' => "gbp",
+        '¥' => "jpy",
+        '₹' => "inr",
+        '¢' => "cent",
+        '₩' => "krw",
+        '₽' => "rub",
+        '₺' => "try",
+        '₿' => "btc",
+        _ => return None,
+    })
+}
+
+/// Whether a canonical unit is a time span (what a speed or a rate is per).
+fn is_time_unit(u: &str) -> bool {
+    matches!(
+        u,
+        "ns" | "ms" | "s" | "min" | "h" | "day" | "week" | "fortnight" | "month" | "year"
+    )
+}
+
+/// The quantity of the number `n` read at word `i`: the number with its unit ("30 kg",
+/// "50 usd", "20 °c", "5 km/h"), or the number alone when no unit goes with it; and how
+/// many words after `i` the unit took.
+fn quantity(toks: &[Token], i: usize, n: String) -> (String, usize) {
+    let Some(t) = toks.get(i) else {
+        return (n, 0);
+    };
+    let word = |j: usize| toks.get(j).map(|t| t.lower.as_str());
+    let first = |s: &str| s.chars().find(|c| !c.is_whitespace());
+    let last = |s: &str| s.chars().rev().find(|c| !c.is_whitespace());
+    // A currency before the number: "$50", "€ 3.50", "USD 50".
+    let before = last(&t.pre).and_then(currency_symbol).or_else(|| {
+        i.checked_sub(1)
+            .and_then(word)
+            .filter(|w| CURRENCY_CODES.contains(w) && first(&t.pre).is_none())
+            .and_then(unit_of)
+    });
+    // A unit written into the number: "30kg", "5km", "10GB" (not "10k" or "5m", which
+    // are as often thousands and millions).
+    let split = n.find(|c: char| c.is_alphabetic()).unwrap_or(n.len());
+    let glued = (split > 0 && split < n.len() && n[..split].parse::<f64>().is_ok())
+        .then(|| &n[split..])
+        .filter(|s| !matches!(*s, "k" | "m" | "b" | "bn" | "mn" | "s"))
+        .and_then(unit_of);
+    let (num, mut unit) = match glued {
+        Some(u) => (n[..split].to_owned(), Some(u)),
+        None => (n, None),
+    };
+    let mut used = 0;
+    if let Some(c) = before {
+        // "$50", also "$50 dollars"
+        if word(i + 1).and_then(unit_of) == Some(c) && unit.is_none() {
+            used = 1;
+        }
+        return (format!("{num} {c}"), used);
+    }
+    // The last word the unit is written in ("km" of "5 km/h"): `i` when glued.
+    let mut end = i;
+    if unit.is_none() {
+        match first(&t.post) {
+            Some('%') => unit = Some("%"),
+            Some('‰') => unit = Some("‰"),
+            Some('℃') => unit = Some("°c"),
+            Some('℉') => unit = Some("°f"),
+            Some(c) if currency_symbol(c).is_some() => unit = currency_symbol(c),
+            Some('°' | 'º') => {
+                unit = Some("°");
+            }
+            // "5 minutes", "a 5-minute walk"
+            Some('-') | None if t.post.trim() == "-" || first(&t.post).is_none() => {
+                if let Some(u) = word(i + 1).and_then(unit_of) {
+                    unit = Some(u);
+                    end = i + 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    // "20 °C", "20 degrees Fahrenheit", "20 deg C"
+    if unit == Some("°") {
+        let scale = match word(end + 1) {
+            Some("c" | "celsius" | "centigrade") => Some("°c"),
+            Some("f" | "fahrenheit") => Some("°f"),
+            _ => None,
+        };
+        if let Some(s) = scale {
+            unit = Some(s);
+            end += 1;
+        }
+    }
+    // "percentage points", "basis points", "per cent"
+    if matches!(word(end), Some("percentage" | "basis")) && word(end + 1) == Some("points") {
+        unit = unit.map(|u| if u == "%" { "pp" } else { u });
+        end += 1;
+    } else if unit.is_none() && word(i + 1) == Some("per") && word(i + 2) == Some("cent") {
+        unit = Some("%");
+        end = i + 2;
+    }
+    let Some(u) = unit else {
+        return (num, 0);
+    };
+    // A rate: "5 km/h", "5 km per hour", "3 GB a month".
+    let mut unit = u.to_owned();
+    if !is_time_unit(u) && u != "%" && !is_currency(u) {
+        let slash = toks.get(end).is_some_and(|t| first(&t.post) == Some('/'));
+        let per = match word(end + 1) {
+            Some("per" | "a" | "an") => Some(end + 2),
+            _ if slash => Some(end + 1),
+            _ => None,
+        };
+        if let Some(j) = per {
+            let time = word(j).and_then(unit_of).filter(|t| is_time_unit(t));
+            if let Some(time) = time {
+                unit = match (u, time) {
+                    ("mi", "h") => "mi/h".to_owned(),
+                    _ => format!("{u}/{time}"),
+                };
+                end = j;
+            }
+        }
+    }
+    used = end - i;
+    (format!("{num} {unit}"), used)
+}
+
+/// Whether a canonical unit is a currency.
+fn is_currency(u: &str) -> bool {
+    matches!(u, "cent" | "pence" | "try" | "krona" | "peso") || CURRENCY_CODES.contains(&u)
+}
 
 /// "daily" for "day" (so "one day", "a day" and "per day" read as "daily").
 fn period_adverb(period: &str) -> Option<&'static str> {
@@ -1708,6 +2006,107 @@ mod tests {
             assert_eq!(rejects(a, b), Some(kind), "{a} / {b}");
             assert_eq!(rejects(b, a), Some(kind), "{b} / {a}");
         }
+    }
+
+    #[test]
+    fn quantities_in_other_units_are_refused() {
+        for (a, b) in [
+            (
+                "How much to ship 30 kg to Canada?",
+                "How much to ship 30 lb to Canada?",
+            ),
+            (
+                "How long does it take to walk 5 km?",
+                "How long does it take to walk 5 miles?",
+            ),
+            (
+                "Is 20 °C warm enough to swim?",
+                "Is 20 °F warm enough to swim?",
+            ),
+            (
+                "Is 20°C warm enough to swim?",
+                "Is 20 degrees Fahrenheit warm enough to swim?",
+            ),
+            (
+                "Can I return it within 3 days?",
+                "Can I return it within 3 weeks?",
+            ),
+            ("Is $50 a fair tip?", "Is €50 a fair tip?"),
+            ("Is USD 50 a fair tip?", "Is 50 euros a fair tip?"),
+            (
+                "Is a 10 GB attachment allowed?",
+                "Is a 10 MB attachment allowed?",
+            ),
+            (
+                "Is a 10GB attachment allowed?",
+                "Is a 10 kb attachment allowed?",
+            ),
+            ("Can I park for 2 hours?", "Can I park for 2 minutes?"),
+            ("Can I park for 30 second?", "Can I park for 30 min?"),
+            ("Is a 5% fee normal?", "Is a 5 dollar fee normal?"),
+            (
+                "Is 60 km/h safe in the rain?",
+                "Is 60 mph safe in the rain?",
+            ),
+            ("Is 60 km per hour safe here?", "Is 60 km safe here?"),
+            ("Add 2 cups of flour", "Add 2 tbsp of flour"),
+            ("Drink 2 litres of water", "Drink 2 gallons of water"),
+        ] {
+            assert_eq!(rejects(a, b), Some(GuardKind::Numbers), "{a} / {b}");
+            assert_eq!(rejects(b, a), Some(GuardKind::Numbers), "{b} / {a}");
+        }
+    }
+
+    #[test]
+    fn a_unit_is_read_in_any_of_its_spellings() {
+        let numbers = |t: &str| Features::of(t).numbers;
+        for (a, b) in [
+            ("ship 30 kg", "ship 30 kilograms"),
+            ("ship 30kg", "ship 30 kilos"),
+            ("walk 5 km", "walk 5 kilometers"),
+            ("walk 5 miles", "walk five mi"),
+            ("tip $50", "tip 50 dollars"),
+            ("tip $50", "tip USD 50"),
+            ("tip €50", "tip 50 EUR"),
+            ("a 5% fee", "a 5 percent fee"),
+            ("a 5% fee", "a 5 per cent fee"),
+            ("at 20 °C", "at 20 degrees celsius"),
+            ("at 20°C", "at 20 deg C"),
+            ("60 km/h", "60 kph"),
+            ("60 km/h", "60 kilometres per hour"),
+            ("60 mph", "60 miles an hour"),
+            ("10 GB", "10 gigabytes"),
+            ("for 2 hrs", "for 2 hours"),
+            ("for 30 secs", "for 30 seconds"),
+            ("a 5-minute walk", "a 5 minute walk"),
+            ("a 30-kg bag", "a 30 kilo bag"),
+        ] {
+            assert_eq!(numbers(a), numbers(b), "{a} / {b}");
+            assert!(!numbers(a).is_empty(), "{a}");
+        }
+        assert_eq!(numbers("ship 30kg"), ["30 kg"]);
+        assert_eq!(numbers("$3.50 or 20%"), ["3.5 usd", "20 %"]);
+        assert_eq!(numbers("a 30 second ad"), ["30 s"]);
+        // Not units: thousands, a number on its own, words that only look like one.
+        assert_eq!(numbers("a 10k run"), ["10k"]);
+        assert_eq!(numbers("try 5 times"), ["5"]);
+        assert_eq!(numbers("win 3 v 3"), ["3", "3"]);
+    }
+
+    #[test]
+    fn a_unit_on_one_side_only_is_refused_like_a_number() {
+        assert_eq!(
+            rejects("Can I carry 30 kg on board?", "Can I carry 30 on board?"),
+            Some(GuardKind::Numbers)
+        );
+        assert_eq!(
+            rejects("How far is 5 km?", "How far is 5 kilometres?"),
+            None
+        );
+        assert_eq!(
+            rejects("Is 50 USD a fair tip?", "Is 50 dollars a fair tip?"),
+            None
+        );
     }
 
     #[test]
