@@ -521,6 +521,12 @@ impl Metered {
             if let Some(r) = &settle.recovery {
                 settle.prompt_tokens = r.plan.prompt_tokens(answered.model.tokenizer);
             }
+            if settle.model.name != answered.model.name {
+                // The cache query is keyed for the model the stream opened on (its
+                // tier, for a routed request): an answer finished by another model is
+                // not stored under it.
+                settle.cache = None;
+            }
             settle.model = answered.model;
             settle.provider = answered.provider;
             settle.owed = answered.owed;
