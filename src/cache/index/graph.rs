@@ -565,20 +565,7 @@ impl<T: Elem> Graph<T> {
 mod tests {
     use super::*;
 
-    fn unit(seed: u64, dims: usize) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut v: Vec<f32> = (0..dims)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect();
-        let n = super::super::dot(&v, &v).sqrt();
-        v.iter_mut().for_each(|c| *c /= n);
-        v
-    }
+    use crate::cache::index::tests::unit;
 
     #[test]
     fn levels_fall_off_geometrically() {

@@ -1066,7 +1066,7 @@ impl TopK {
 mod tests {
     use super::*;
 
-    fn unit(seed: u64, dims: usize) -> Vec<f32> {
+    pub(super) fn unit(seed: u64, dims: usize) -> Vec<f32> {
         // A small xorshift: deterministic vectors without a dependency.
         let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let mut v: Vec<f32> = (0..dims)
