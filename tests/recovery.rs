@@ -323,3 +323,56 @@ async fn recovery_is_bounded_and_can_be_turned_off() {
     assert!(end.is_none() && err.is_some());
     assert_eq!(p.calls(), 1);
 }
+
+/// A pipeline with an exact cache and, if given, `fallback` behind `model`.
+fn cached_pipeline(p: &Arc<Scripted>, model: &str, fallback: Option<&str>) -> Pipeline {
+    let mut b = Pipeline::builder()
+        .provider_arc(p.clone())
+        .default_model(model)
+        .exact_cache(100, Duration::from_secs(600))
+        .no_breaker()
+        .idle_timeout(Duration::from_secs(2));
+    if let Some(f) = fallback {
+        b = b.fallbacks(model, [f]);
+    }
+    b.build().unwrap()
+}
+
+/// Streams `question` to its end (the cache write happens before the final event).
+async fn stream_whole(pipe: &Pipeline, question: &str) -> String {
+    let (text, end, err) =
+        drain(pipe.stream(ChatRequest::user_text(question)).await.unwrap()).await;
+    assert!(err.is_none(), "{err:?}");
+    assert!(end.is_some());
+    text
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_recovered_on_its_own_model_is_cached() {
+    let p = Scripted::new(&[Call::CutAfter(3), Call::Whole]);
+    let pipe = cached_pipeline(&p, "gpt-4o-mini", None);
+    assert_eq!(stream_whole(&pipe, "fox?").await, ANSWER);
+    assert_eq!(p.calls(), 2, "cut, restart");
+    let rec = pipe.recent_usage().pop().unwrap();
+    assert_eq!(rec.model.as_deref(), Some("gpt-4o-mini"));
+    // the same question again: the recovered answer, from the cache
+    assert_eq!(stream_whole(&pipe, "fox?").await, ANSWER);
+    assert_eq!(p.calls(), 2, "served from the cache");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_finished_by_another_model_is_not_cached_under_the_first() {
+    let p = Scripted::new(&[Call::CutAfter(3), Call::Whole]);
+    let pipe = cached_pipeline(&p, "gpt-4o-mini", Some("gpt-4.1-mini"));
+    assert_eq!(stream_whole(&pipe, "fox?").await, ANSWER);
+    assert_eq!(p.calls(), 2, "cut, then recovered on the next target");
+    let rec = pipe.recent_usage().pop().unwrap();
+    assert_eq!(
+        rec.model.as_deref(),
+        Some("gpt-4.1-mini"),
+        "the fallback finished the answer"
+    );
+    // the opening model's key holds no answer that another model wrote
+    assert_eq!(stream_whole(&pipe, "fox?").await, ANSWER);
+    assert_eq!(p.calls(), 3, "asked the provider again, not the cache");
+}
