@@ -706,7 +706,8 @@ async fn identical_items_are_sent_once_and_share_the_answer() {
 #[derive(Debug, Clone)]
 struct Kept {
     inner: SimulatedBatch,
-    sent: std::sync::Arc<std::sync::Mutex<Vec<ChatRequest>>>,
+    sent: Arc<std::sync::Mutex<Vec<ChatRequest>>>,
+    cancelled: Arc<AtomicUsize>,
 }
 
 impl Kept {
@@ -714,6 +715,7 @@ impl Kept {
         Kept {
             inner,
             sent: Default::default(),
+            cancelled: Default::default(),
         }
     }
 
@@ -753,6 +755,7 @@ impl BatchProvider for Kept {
     }
 
     async fn cancel(&self, id: &str) -> tokenwise::Result<()> {
+        self.cancelled.fetch_add(1, Ordering::Relaxed);
         self.inner.cancel(id).await
     }
 }
@@ -871,7 +874,7 @@ async fn batched_and_deferred_requests_are_prepared_and_fitted_like_live_ones() 
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_deferred_request_answered_live_is_not_sent_in_a_later_batch() {
+async fn a_deferred_request_answered_live_is_not_billed_again_by_its_batch() {
     let live = SimulatedProvider::new();
     // batches that take far longer than the callers can wait
     let batch = Kept::new(
@@ -901,24 +904,62 @@ async fn a_deferred_request_answered_live_is_not_sent_in_a_later_batch() {
     assert_eq!(live.calls(), 2, "both late: answered live");
     assert_eq!(batch.sent().len(), 1, "one sent, one held by the quota");
 
-    // the first batch ends: the request held back is not sent any more, since its caller
-    // has its answer; the one already sent is billed at the batch price
+    // the request held back is never sent, and the batch of the one sent, which nobody
+    // waits for any more, is cancelled: only the live calls are billed
     tokio::time::sleep(Duration::from_secs(6 * 3600)).await;
     assert_eq!(
         batch.sent().len(),
         1,
-        "never sent: it would be billed twice"
+        "sent later, it would be billed twice"
     );
-    let spent = p.usage().totals.cost;
-    let batch_cost = spent.saturating_sub(live_cost);
-    assert!(batch_cost > Cost::ZERO, "the batch that ran is billed");
-    assert!(batch_cost < live_cost, "{batch_cost:?} {live_cost:?}");
+    assert_eq!(batch.cancelled.load(Ordering::Relaxed), 1);
+    assert_eq!(p.usage().totals.cost, live_cost);
     let records = p.recent_usage();
-    assert_eq!(records.len(), 3, "two live calls and one batch answer");
+    assert_eq!(
+        records.len(),
+        2,
+        "the live calls' records, no error for the batch"
+    );
     assert!(
         records
             .iter()
             .all(|r| r.outcome == tokenwise::observe::Outcome::Provider),
         "{records:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_some_caller_still_waits_for_runs_to_its_end() {
+    let live = SimulatedProvider::new();
+    let batch = Kept::new(
+        sim_batch()
+            .latency(Duration::from_secs(5 * 3600))
+            .build()
+            .unwrap(),
+    );
+    let mut o = defer_options();
+    o.defer_batch_size = 2;
+    let p = Pipeline::builder()
+        .provider(live.clone())
+        .default_model(MODEL)
+        .batch_provider(batch.clone())
+        .batch_options(o)
+        .build()
+        .unwrap();
+    let mut qs = questions(2);
+    let patient = qs.remove(1).deferrable(Duration::from_secs(10 * 3600));
+    let hurried = qs.remove(0).deferrable(Duration::from_secs(3600));
+    let (hurried, patient) = tokio::join!(p.chat(hurried), p.chat(patient));
+    let (hurried, patient) = (hurried.unwrap(), patient.unwrap());
+    assert_eq!(live.calls(), 1, "the hurried one went live");
+    assert_eq!(batch.sent().len(), 2, "both were in the batch");
+    assert_eq!(batch.cancelled.load(Ordering::Relaxed), 0);
+    let mini = p.catalog().require(MODEL).unwrap().clone();
+    assert_eq!(patient.cost, mini.batch_cost(&patient.usage));
+    // the hurried one's batch answer ran, so it is billed and recorded too
+    assert_eq!(p.recent_usage().len(), 3);
+    assert_eq!(
+        p.usage().totals.cost,
+        hurried.cost + patient.cost + mini.batch_cost(&hurried.usage)
     );
 }

@@ -328,6 +328,8 @@ struct Open {
     id: String,
     journal: usize,
     failures: u32,
+    /// Whether it was cancelled because every caller it served went live.
+    cancelled: bool,
 }
 
 /// Follows one call's items to their outcomes.
@@ -349,8 +351,9 @@ struct Driver {
     /// Followers whose leader failed: sent themselves at the next submission.
     promoted: Vec<usize>,
     /// For deferred requests, each item's caller (by item index): outcomes go to it
-    /// instead of the handle, and an item whose caller has stopped waiting (it went
-    /// live) is withdrawn before it is sent.
+    /// instead of the handle, an item whose caller has stopped waiting (it went live)
+    /// is withdrawn before it is sent, and a batch whose callers all went live is
+    /// cancelled.
     callers: Vec<Option<Caller>>,
 }
 
@@ -581,6 +584,7 @@ impl Driver {
                 id: jb.id.clone(),
                 journal: b,
                 failures: 0,
+                cancelled: false,
             });
         }
         let fresh = self.dedupe(fresh);
@@ -798,13 +802,7 @@ impl Driver {
             self.group(promoted, false).await;
         }
         let quota = self.inner().batch.options.max_enqueued_tokens;
-        while let Some(g) = self.queue.front() {
-            if quota.is_some_and(|q| self.enqueued + g.tokens > q) && !self.open.is_empty() {
-                break;
-            }
-            let Some(mut g) = self.queue.pop_front() else {
-                break;
-            };
+        while let Some(mut g) = self.queue.pop_front() {
             // Deferred requests whose callers went live meanwhile are not sent.
             let (gone, keep): (Vec<usize>, Vec<usize>) =
                 g.items.iter().partition(|&&p| self.abandoned(p));
@@ -821,6 +819,10 @@ impl Driver {
                 if g.items.is_empty() {
                     continue;
                 }
+            }
+            if quota.is_some_and(|q| self.enqueued + g.tokens > q) && !self.open.is_empty() {
+                self.queue.push_front(g);
+                break;
             }
             let submitted = {
                 let calls: Vec<BatchCall<'_>> = g
@@ -864,6 +866,7 @@ impl Driver {
                         id,
                         journal,
                         failures: 0,
+                        cancelled: false,
                     });
                 }
                 Err(e) => {
@@ -882,6 +885,7 @@ impl Driver {
         let max_failures = self.inner().batch.options.max_poll_failures;
         let mut i = 0;
         while i < self.open.len() {
+            self.cancel_if_abandoned(i).await;
             let status = {
                 let o = &self.open[i];
                 o.group.provider.status(&o.id).await
@@ -914,6 +918,31 @@ impl Driver {
             }
         }
         self.publish();
+    }
+
+    /// Cancels open batch `i` once every deferred caller it still serves has gone live:
+    /// nobody waits for it any more, and what has not run yet is then not billed. What
+    /// has run is still read, billed and cached when the batch ends.
+    async fn cancel_if_abandoned(&mut self, i: usize) {
+        let o = &self.open[i];
+        let waiting: Vec<usize> = o
+            .group
+            .items
+            .iter()
+            .copied()
+            .filter(|&p| !self.items[p].done)
+            .collect();
+        if o.cancelled || waiting.is_empty() || !waiting.iter().all(|&p| self.abandoned(p)) {
+            return;
+        }
+        let (provider, id) = (Arc::clone(&o.group.provider), o.id.clone());
+        match provider.cancel(&id).await {
+            Ok(()) => {
+                tracing::info!(batch = %id, "every caller of this batch went live: cancelled");
+                self.open[i].cancelled = true;
+            }
+            Err(e) => tracing::warn!(batch = %id, error = %e, "batch cancel failed"),
+        }
     }
 
     /// Removes open batch `i`, marking it done in the journal.
@@ -1093,8 +1122,13 @@ impl Driver {
         });
     }
 
-    /// Settles item `p` with an error: releases what it held, records it.
+    /// Settles item `p` with an error: releases what it held, records it. A deferred
+    /// request whose caller went live is only withdrawn: the live call has its record.
     async fn fail(&mut self, p: usize, e: Error) {
+        if self.abandoned(p) {
+            self.withdraw(p).await;
+            return;
+        }
         let inner = Arc::clone(self.inner());
         let it = &mut self.items[p];
         if it.done {
@@ -1167,9 +1201,10 @@ impl Driver {
         })
     }
 
-    /// Settles item `p`, not yet sent, whose caller went live instead: releases what it
-    /// held and sends nothing, so the provider does not bill it a second time. No usage
-    /// record: the live call wrote the request's own.
+    /// Settles item `p`, whose caller went live instead, without an answer from its batch
+    /// (not sent, so the provider does not bill it a second time, or failed or cancelled
+    /// in its batch): releases what it held. No usage record: the live call wrote the
+    /// request's own.
     async fn withdraw(&mut self, p: usize) {
         let inner = Arc::clone(self.inner());
         let it = &mut self.items[p];
