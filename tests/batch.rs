@@ -963,3 +963,38 @@ async fn a_batch_some_caller_still_waits_for_runs_to_its_end() {
         hurried.cost + patient.cost + mini.batch_cost(&hurried.usage)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_is_not_cancelled_while_a_twin_of_its_item_waits() {
+    let live = SimulatedProvider::new();
+    let batch = Kept::new(
+        sim_batch()
+            .latency(Duration::from_secs(5 * 3600))
+            .build()
+            .unwrap(),
+    );
+    let mut o = defer_options();
+    o.defer_batch_size = 2;
+    let p = Pipeline::builder()
+        .provider(live.clone())
+        .default_model(MODEL)
+        .batch_provider(batch.clone())
+        .batch_options(o)
+        .build()
+        .unwrap();
+    // the same question twice: sent once, by the hurried caller's item
+    let q = questions(1).remove(0);
+    let hurried = q.clone().deferrable(Duration::from_secs(3600));
+    let patient = q.deferrable(Duration::from_secs(10 * 3600));
+    let (hurried, patient) = tokio::join!(p.chat(hurried), p.chat(patient));
+    assert!(!hurried.unwrap().served.is_cache_hit(), "answered live");
+    assert_eq!(batch.sent().len(), 1, "the twins were sent once");
+    assert_eq!(
+        batch.cancelled.load(Ordering::Relaxed),
+        0,
+        "the patient twin still waited for it"
+    );
+    let patient = patient.unwrap();
+    assert!(patient.served.is_cache_hit(), "the batch answer, shared");
+    assert_eq!(live.calls(), 1);
+}

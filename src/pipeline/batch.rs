@@ -925,11 +925,14 @@ impl Driver {
     /// has run is still read, billed and cached when the batch ends.
     async fn cancel_if_abandoned(&mut self, i: usize) {
         let o = &self.open[i];
+        // the items sent in it, and the identical items that share their answers
         let waiting: Vec<usize> = o
             .group
             .items
             .iter()
-            .copied()
+            .flat_map(|p| {
+                std::iter::once(*p).chain(self.followers.get(p).into_iter().flatten().copied())
+            })
             .filter(|&p| !self.items[p].done)
             .collect();
         if o.cancelled || waiting.is_empty() || !waiting.iter().all(|&p| self.abandoned(p)) {
