@@ -9,7 +9,17 @@
 //! cargo run --release --example replay -- --generate 5000 --write-workload w.jsonl
 //! cargo run --release --example replay -- --workload w.jsonl
 //! cargo run --release --example replay -- --context             # with a support context
+//! cargo run --release --example replay -- --breakdown           # where the money goes
+//! cargo run --release --example replay -- --weak 0.1            # a tenth of nano's answers weak
+//! cargo run --release --example replay -- --ladder gpt-4o-mini,gpt-4.1-mini,gpt-4o,claude-sonnet-4-5
 //! ```
+//!
+//! The pipeline routes over a ladder of models (`--ladder`, cheapest capability tier
+//! first; default `gpt-4.1-nano,gpt-4o-mini,gpt-4.1-mini,gpt-4o,claude-sonnet-4-5`) and
+//! escalates weak answers to the next tier. The simulated provider answers equally well
+//! on every model, so nothing is ever escalated unless told: `--weak P` makes that share
+//! of the first model's answers hedge ("I'm not sure..."), each billed, then escalated
+//! and billed again, to show what the cheap first rung is worth if it is weaker.
 //!
 //! `--context` gives every request what a support assistant sends along: a long, stable
 //! system prompt (the knowledge base's policies) and six retrieved documents (chosen by
@@ -195,10 +205,15 @@ impl Context {
 /// prefix (system messages, then documents, as the OpenAI wire format sends them) is
 /// read from the cache when at least 1,024 tokens of it were sent to the same model in
 /// the last five minutes, in 128-token steps.
+///
+/// With a `weak` model, that share of its answers (chosen by the request, so the same
+/// request is always answered the same way) hedge instead: billed as usual, and judged
+/// weak by the validator.
 #[derive(Debug)]
 struct PrefixCached {
     sim: SimulatedProvider,
     seen: std::sync::Mutex<lru::LruCache<(String, [u8; 32]), tokio::time::Instant>>,
+    weak: Option<(String, f64)>,
 }
 
 impl PrefixCached {
@@ -208,7 +223,30 @@ impl PrefixCached {
             seen: std::sync::Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(4_096).unwrap_or(std::num::NonZeroUsize::MIN),
             )),
+            weak: None,
         }
+    }
+
+    fn weak(mut self, model: &str, share: f64) -> Self {
+        self.weak = (share > 0.0).then(|| (model.to_owned(), share));
+        self
+    }
+
+    /// Whether this call's answer hedges.
+    fn hedges(&self, call: &ProviderCall<'_>) -> bool {
+        let Some((model, share)) = &self.weak else {
+            return false;
+        };
+        if *model != call.model.name {
+            return false;
+        }
+        let mut h = blake3::Hasher::new();
+        for m in &call.request.messages {
+            h.update(m.content.as_bytes());
+        }
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&h.finalize().as_bytes()[..8]);
+        (u64::from_le_bytes(first) as f64 / u64::MAX as f64) < *share
     }
 
     /// Cached tokens for a call: the longest prefix of the system prompt and documents
@@ -255,8 +293,12 @@ impl Provider for PrefixCached {
 
     async fn chat(&self, call: ProviderCall<'_>) -> tokenwise::Result<tokenwise::ChatResponse> {
         let cached = self.cached(&call);
+        let hedges = self.hedges(&call);
         let mut r = self.sim.chat(call).await?;
         r.usage = r.usage.with_cached_input(cached.min(r.usage.input_tokens));
+        if hedges {
+            r.content = format!("I'm not sure. {}", r.content);
+        }
         Ok(r)
     }
 
@@ -293,6 +335,9 @@ struct Outcome {
     /// 1.0 for an exact cache hit, below for a semantic one.
     similarity: f32,
     usage: Usage,
+    /// Of `cost`, what was billed on no answer (the weak answers escalations replaced:
+    /// an escalated answer reports its final call's cost), put on the first call.
+    unanswered: Cost,
     /// What the provider's prompt cache saved, in nano-dollars.
     prompt_cache_saved: i128,
     /// Prompt tokens the context budget cut (section budgets, then compression).
@@ -514,15 +559,20 @@ async fn replay_naive(
     Ok(out)
 }
 
+/// The default ladder: each capability tier's cheapest model first. Tier 1 opens on
+/// `gpt-4.1-nano` (which OpenAI's launch figures put above `gpt-4o-mini` on MMLU, GPQA
+/// and Aider polyglot, at two thirds of its price), with `gpt-4o-mini` as its fallback.
+const LADDER: &str = "gpt-4.1-nano,gpt-4o-mini,gpt-4.1-mini,gpt-4o,claude-sonnet-4-5";
+
 async fn replay_pipeline(
     items: &[Item],
     context: Option<Arc<Context>>,
+    ladder: &[String],
+    weak: f64,
 ) -> tokenwise::Result<Vec<Outcome>> {
     let catalog = Catalog::builtin();
-    let router = ComplexityRouter::new(
-        &catalog,
-        ["gpt-4o-mini", "gpt-4.1-mini", "gpt-4o", "claude-sonnet-4-5"],
-    )?;
+    let router = ComplexityRouter::new(&catalog, ladder)?;
+    let first = ladder.first().map_or("", String::as_str);
     // documents are budgeted (1,000 tokens at most) and compressed; answers have a
     // default ceiling; history keeps the last 8 turns
     let budget = ContextBudget::default()
@@ -531,7 +581,7 @@ async fn replay_pipeline(
         .default_max_tokens(400)
         .compressor(Compressor::new());
     let pipe = Pipeline::builder()
-        .provider(PrefixCached::new(provider()?))
+        .provider(PrefixCached::new(provider()?).weak(first, weak))
         .cache(Arc::new(SemanticCache::builder().build()?))
         .context_budget(budget.clone())
         .router(Arc::new(router))
@@ -590,6 +640,7 @@ async fn replay_pipeline(
                             _ => 0.0,
                         },
                         usage: r.usage,
+                        unanswered: Cost::ZERO,
                         prompt_cache_saved: spec
                             .as_deref()
                             .map_or(0, |m| m.pricing.prompt_cache_saving(&r.usage)),
@@ -618,7 +669,8 @@ async fn replay_pipeline(
     let counted: Cost = out.iter().map(|o| o.cost).sum();
     if total > counted {
         if let Some(first) = out.iter_mut().find(|o| o.ok && !o.cache_hit) {
-            first.cost += total.saturating_sub(counted);
+            first.unanswered = total.saturating_sub(counted);
+            first.cost += first.unanswered;
         }
     }
     Ok(out)
@@ -643,6 +695,51 @@ fn prompt_cuts(
     let budgeted = fitted(&plain).min(whole);
     let compressed = fitted(budget).min(budgeted);
     (whole - budgeted, budgeted - compressed)
+}
+
+/// What the pipeline's provider calls cost, by kind of question and answering model
+/// (cache hits cost nothing and are left out; escalations count on the final model).
+fn breakdown(items: &[Item], outcomes: &[Outcome]) -> String {
+    let mut rows: BTreeMap<(&str, String), (usize, u64)> = BTreeMap::new();
+    let unanswered: u64 = outcomes.iter().map(|o| o.unanswered.as_nanos()).sum();
+    for (it, o) in items.iter().zip(outcomes) {
+        if !o.ok || o.cache_hit {
+            continue;
+        }
+        let kind = if it.text.contains("(context: team") {
+            "hard question"
+        } else if it.text.contains("order ") {
+            "order question"
+        } else {
+            "other"
+        };
+        let row = rows
+            .entry((kind, o.model.clone().unwrap_or_default()))
+            .or_default();
+        row.0 += 1;
+        row.1 += o.cost.saturating_sub(o.unanswered).as_nanos();
+    }
+    let n = outcomes.len().max(1) as f64;
+    let mut s = format!(
+        "{:<16} {:<20} {:>8} {:>14}\n",
+        "provider calls", "model", "answers", "$ per 1K req"
+    );
+    for ((kind, model), (count, nanos)) in rows {
+        s.push_str(&format!(
+            "{kind:<16} {model:<20} {count:>8} {:>14}\n",
+            format!("${:.4}", nanos as f64 / 1e9 * 1_000.0 / n)
+        ));
+    }
+    if unanswered > 0 {
+        s.push_str(&format!(
+            "{:<16} {:<20} {:>8} {:>14}\n",
+            "escalated away",
+            "(weak answers)",
+            "",
+            format!("${:.4}", unanswered as f64 / 1e9 * 1_000.0 / n)
+        ));
+    }
+    s
 }
 
 fn table(before: &Summary, after: &Summary) -> String {
@@ -837,13 +934,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         true => Some(Arc::new(Context::load()?)),
         false => None,
     };
+    let ladder: Vec<String> = arg(&args, "--ladder")
+        .unwrap_or_else(|| LADDER.to_owned())
+        .split(',')
+        .map(|m| m.trim().to_owned())
+        .filter(|m| !m.is_empty())
+        .collect();
+    let weak: f64 = arg(&args, "--weak")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&weak) {
+        return Err(format!("--weak takes a share between 0 and 1, not {weak}").into());
+    }
     let naive = replay_naive(&items, context.clone()).await?;
-    let piped = replay_pipeline(&items, context).await?;
+    let piped = replay_pipeline(&items, context, &ladder, weak).await?;
     let before = summarize("naive", &naive);
     let after = summarize("tokenwise", &piped);
     let saved = techniques(&naive, &piped);
     print!("{}", table(&before, &after));
     print!("{}", techniques_table(&saved, &before, &after));
+    if args.iter().any(|a| a == "--breakdown") {
+        print!("{}", breakdown(&items, &piped));
+    }
     if let Some(path) = arg(&args, "--html") {
         std::fs::write(&path, html(&before, &after, &saved))?;
         println!("report written to {path}");

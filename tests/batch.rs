@@ -3,14 +3,20 @@
 //! cache warming and deferrable requests.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokenwise::batch::{BatchLimits, SimulatedBatch, SimulatedBatchBuilder};
+use tokenwise::batch::{
+    BatchCall, BatchLimits, BatchProvider, BatchResults, BatchStatus, SimulatedBatch,
+    SimulatedBatchBuilder,
+};
 use tokenwise::budget::BudgetWindow;
+use tokenwise::context::{ContextBudget, ModelSummarizer, TiktokenCounter, TokenCounter};
 use tokenwise::provider::SimulatedProvider;
 use tokenwise::{
-    BatchJournal, BatchOptions, BatchOutcome, ChatRequest, Cost, Error, Pipeline,
-    ProviderErrorKind, ScopeKind, WarmOptions,
+    BatchJournal, BatchOptions, BatchOutcome, Catalog, ChatRequest, Cost, Error, Message,
+    ModelSpec, Pipeline, Pricing, ProviderErrorKind, ScopeKind, TokenizerKind, WarmOptions,
 };
 
 const MODEL: &str = "gpt-4o-mini";
@@ -694,4 +700,301 @@ async fn identical_items_are_sent_once_and_share_the_answer() {
         .await
         .unwrap();
     assert_eq!(st[0].reserved, Cost::ZERO);
+}
+
+/// The batch API of `SimulatedBatch`, keeping every request submitted.
+#[derive(Debug, Clone)]
+struct Kept {
+    inner: SimulatedBatch,
+    sent: Arc<std::sync::Mutex<Vec<ChatRequest>>>,
+    cancelled: Arc<AtomicUsize>,
+}
+
+impl Kept {
+    fn new(inner: SimulatedBatch) -> Self {
+        Kept {
+            inner,
+            sent: Default::default(),
+            cancelled: Default::default(),
+        }
+    }
+
+    fn sent(&self) -> Vec<ChatRequest> {
+        self.sent.lock().unwrap().clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl BatchProvider for Kept {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn limits(&self) -> BatchLimits {
+        self.inner.limits()
+    }
+
+    fn encode(&self, call: &BatchCall<'_>) -> tokenwise::Result<Vec<u8>> {
+        self.inner.encode(call)
+    }
+
+    async fn submit(&self, calls: &[BatchCall<'_>]) -> tokenwise::Result<String> {
+        self.sent
+            .lock()
+            .unwrap()
+            .extend(calls.iter().map(|c| c.request.clone()));
+        self.inner.submit(calls).await
+    }
+
+    async fn status(&self, id: &str) -> tokenwise::Result<BatchStatus> {
+        self.inner.status(id).await
+    }
+
+    async fn results(&self, id: &str, calls: &[BatchCall<'_>]) -> tokenwise::Result<BatchResults> {
+        self.inner.results(id, calls).await
+    }
+
+    async fn cancel(&self, id: &str) -> tokenwise::Result<()> {
+        self.cancelled.fetch_add(1, Ordering::Relaxed);
+        self.inner.cancel(id).await
+    }
+}
+
+/// tiktoken's counts, with a prepare stage that only counts the requests it sees.
+#[derive(Debug, Default)]
+struct CountsAhead {
+    prepared: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl TokenCounter for CountsAhead {
+    fn count_text(&self, text: &str, tokenizer: TokenizerKind) -> u64 {
+        TiktokenCounter::new().count_text(text, tokenizer)
+    }
+
+    fn prepares_for(&self, _tokenizer: TokenizerKind) -> bool {
+        true
+    }
+
+    async fn prepare(&self, _request: &ChatRequest) -> usize {
+        self.prepared.fetch_add(1, Ordering::Relaxed);
+        0
+    }
+}
+
+/// A conversation of `turns` long turns on `small`, with no `max_tokens`.
+fn conversation(turns: usize) -> ChatRequest {
+    let mut req = ChatRequest::new()
+        .model("small")
+        .message(Message::system("You help with orders."))
+        .user("nightly");
+    for i in 0..turns {
+        req = req
+            .message(Message::user(format!("Question {i}: ").repeat(20)))
+            .message(Message::assistant(format!("Answer {i}: ").repeat(20)));
+    }
+    req.message(Message::user("And now?"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn batched_and_deferred_requests_are_prepared_and_fitted_like_live_ones() {
+    let price = Pricing::per_mtok(1.0, 1.0, 0.1).unwrap();
+    let catalog = Catalog::empty()
+        .with_model(ModelSpec::new("small", "p", 1_200, 500, price, 2))
+        .unwrap()
+        .with_model(ModelSpec::new("cheap", "p", 100_000, 1_000, price, 1))
+        .unwrap();
+    let live = SimulatedProvider::builder().name("p").build().unwrap();
+    let batch = Kept::new(sim_batch().name("p").build().unwrap());
+    let counter = Arc::new(CountsAhead::default());
+    let budget = ContextBudget::default()
+        .summarizer(Arc::new(ModelSummarizer::new("cheap")))
+        .default_max_tokens(100);
+    let p = Pipeline::builder()
+        .catalog(catalog)
+        .provider(live.clone())
+        .token_counter(counter.clone())
+        .context_budget(budget)
+        .batch_provider(batch.clone())
+        .batch_options(defer_options())
+        .build()
+        .unwrap();
+    let whole = conversation(10);
+    assert!(
+        TiktokenCounter::new().count_request(&whole, TokenizerKind::O200k) > 1_200,
+        "the conversation does not fit the window whole"
+    );
+
+    // a batch call: each item prepared (exact counts, the summary written live), then
+    // sent as the live call would send it
+    let out = p.batch(vec![whole.clone()]).await.unwrap().collect().await;
+    assert!(out[0].result.is_ok(), "{:?}", out[0].result);
+    assert_eq!(
+        counter.prepared.load(Ordering::Relaxed),
+        2,
+        "the item and its summary"
+    );
+    assert_eq!(live.calls(), 1, "the summary, asked live");
+    let sent = batch.sent();
+    assert_eq!(sent.len(), 1);
+    assert!(
+        sent[0].messages[1]
+            .content
+            .starts_with("Summary of the earlier conversation: "),
+        "{:?}",
+        sent[0].messages[1]
+    );
+    assert!(sent[0].messages.len() < whole.messages.len());
+    assert_eq!(
+        sent[0].params.max_tokens,
+        Some(100),
+        "the default answer ceiling"
+    );
+    let fits = TiktokenCounter::new().count_request(&sent[0], TokenizerKind::O200k);
+    assert!(fits + 100 <= 1_200, "{fits}");
+
+    // a deferred request takes the same way
+    let longer = conversation(12);
+    let r = p
+        .chat(longer.clone().deferrable(Duration::from_secs(4 * 3600)))
+        .await
+        .unwrap();
+    assert!(!r.served.is_cache_hit());
+    assert_eq!(live.calls(), 2, "one more summary, and no live answer");
+    let sent = batch.sent();
+    assert_eq!(sent.len(), 2);
+    assert!(
+        sent[1].messages[1]
+            .content
+            .starts_with("Summary of the earlier conversation: ")
+    );
+    assert!(sent[1].messages.len() < longer.messages.len());
+    assert_eq!(sent[1].params.max_tokens, Some(100));
+    assert!(counter.prepared.load(Ordering::Relaxed) >= 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deferred_request_answered_live_is_not_billed_again_by_its_batch() {
+    let live = SimulatedProvider::new();
+    // batches that take far longer than the callers can wait
+    let batch = Kept::new(
+        sim_batch()
+            .latency(Duration::from_secs(5 * 3600))
+            .build()
+            .unwrap(),
+    );
+    let mut o = defer_options();
+    o.defer_batch_size = 2;
+    // room for one request in open batches: the second waits for the first batch
+    o.max_enqueued_tokens = Some(400);
+    let p = Pipeline::builder()
+        .provider(live.clone())
+        .default_model(MODEL)
+        .batch_provider(batch.clone())
+        .batch_options(o)
+        .spend_cap(ScopeKind::User, Cost::from_dollars(10), BudgetWindow::Day)
+        .build()
+        .unwrap();
+    let wait = Duration::from_secs(3600);
+    let calls = questions(2).into_iter().map(|q| p.chat(q.deferrable(wait)));
+    let start = tokio::time::Instant::now();
+    let answers = futures_util::future::join_all(calls).await;
+    assert!(start.elapsed() < wait);
+    let live_cost: Cost = answers.iter().map(|a| a.as_ref().unwrap().cost).sum();
+    assert_eq!(live.calls(), 2, "both late: answered live");
+    assert_eq!(batch.sent().len(), 1, "one sent, one held by the quota");
+
+    // the request held back is never sent, and the batch of the one sent, which nobody
+    // waits for any more, is cancelled: only the live calls are billed
+    tokio::time::sleep(Duration::from_secs(6 * 3600)).await;
+    assert_eq!(
+        batch.sent().len(),
+        1,
+        "sent later, it would be billed twice"
+    );
+    assert_eq!(batch.cancelled.load(Ordering::Relaxed), 1);
+    assert_eq!(p.usage().totals.cost, live_cost);
+    let records = p.recent_usage();
+    assert_eq!(
+        records.len(),
+        2,
+        "the live calls' records, no error for the batch"
+    );
+    assert!(
+        records
+            .iter()
+            .all(|r| r.outcome == tokenwise::observe::Outcome::Provider),
+        "{records:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_some_caller_still_waits_for_runs_to_its_end() {
+    let live = SimulatedProvider::new();
+    let batch = Kept::new(
+        sim_batch()
+            .latency(Duration::from_secs(5 * 3600))
+            .build()
+            .unwrap(),
+    );
+    let mut o = defer_options();
+    o.defer_batch_size = 2;
+    let p = Pipeline::builder()
+        .provider(live.clone())
+        .default_model(MODEL)
+        .batch_provider(batch.clone())
+        .batch_options(o)
+        .build()
+        .unwrap();
+    let mut qs = questions(2);
+    let patient = qs.remove(1).deferrable(Duration::from_secs(10 * 3600));
+    let hurried = qs.remove(0).deferrable(Duration::from_secs(3600));
+    let (hurried, patient) = tokio::join!(p.chat(hurried), p.chat(patient));
+    let (hurried, patient) = (hurried.unwrap(), patient.unwrap());
+    assert_eq!(live.calls(), 1, "the hurried one went live");
+    assert_eq!(batch.sent().len(), 2, "both were in the batch");
+    assert_eq!(batch.cancelled.load(Ordering::Relaxed), 0);
+    let mini = p.catalog().require(MODEL).unwrap().clone();
+    assert_eq!(patient.cost, mini.batch_cost(&patient.usage));
+    // the hurried one's batch answer ran, so it is billed and recorded too
+    assert_eq!(p.recent_usage().len(), 3);
+    assert_eq!(
+        p.usage().totals.cost,
+        hurried.cost + patient.cost + mini.batch_cost(&hurried.usage)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_is_not_cancelled_while_a_twin_of_its_item_waits() {
+    let live = SimulatedProvider::new();
+    let batch = Kept::new(
+        sim_batch()
+            .latency(Duration::from_secs(5 * 3600))
+            .build()
+            .unwrap(),
+    );
+    let mut o = defer_options();
+    o.defer_batch_size = 2;
+    let p = Pipeline::builder()
+        .provider(live.clone())
+        .default_model(MODEL)
+        .batch_provider(batch.clone())
+        .batch_options(o)
+        .build()
+        .unwrap();
+    // the same question twice: sent once, by the hurried caller's item
+    let q = questions(1).remove(0);
+    let hurried = q.clone().deferrable(Duration::from_secs(3600));
+    let patient = q.deferrable(Duration::from_secs(10 * 3600));
+    let (hurried, patient) = tokio::join!(p.chat(hurried), p.chat(patient));
+    assert!(!hurried.unwrap().served.is_cache_hit(), "answered live");
+    assert_eq!(batch.sent().len(), 1, "the twins were sent once");
+    assert_eq!(
+        batch.cancelled.load(Ordering::Relaxed),
+        0,
+        "the patient twin still waited for it"
+    );
+    let patient = patient.unwrap();
+    assert!(patient.served.is_cache_hit(), "the batch answer, shared");
+    assert_eq!(live.calls(), 1);
 }

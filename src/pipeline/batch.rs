@@ -295,11 +295,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     }
 }
 
+/// How many items of one call go through the prepare stage at once.
+const PREPARE_CONCURRENCY: usize = 8;
+
 /// One item while the driver follows it.
 struct Item {
     index: usize,
     key: String,
     req: ChatRequest,
+    /// The request as sent: fitted to the model by the context budget, if any.
+    wire: ChatRequest,
     plan: Plan,
     model: Arc<ModelSpec>,
     charged: u64,
@@ -323,6 +328,8 @@ struct Open {
     id: String,
     journal: usize,
     failures: u32,
+    /// Whether it was cancelled because every caller it served went live.
+    cancelled: bool,
 }
 
 /// Follows one call's items to their outcomes.
@@ -343,7 +350,15 @@ struct Driver {
     followers: HashMap<usize, Vec<usize>>,
     /// Followers whose leader failed: sent themselves at the next submission.
     promoted: Vec<usize>,
+    /// For deferred requests, each item's caller (by item index): outcomes go to it
+    /// instead of the handle, an item whose caller has stopped waiting (it went live)
+    /// is withdrawn before it is sent, and a batch whose callers all went live is
+    /// cancelled.
+    callers: Vec<Option<Caller>>,
 }
+
+/// Where a deferred request's answer goes.
+type Caller = oneshot::Sender<Result<ChatResponse>>;
 
 impl Pipeline {
     /// Sends `requests` through the provider batch APIs (at their batch discount), and
@@ -360,24 +375,34 @@ impl Pipeline {
     /// expired batch are sent once more, then reported as timeouts; a result line that
     /// cannot be read is that item's `InvalidResponse` error.
     pub async fn batch(&self, requests: Vec<ChatRequest>) -> Result<BatchHandle> {
-        self.batch_with(requests, false)
+        self.batch_with(requests, false, Vec::new())
     }
 
+    /// A batch call; with `callers` (deferred requests, one each), outcomes go to them
+    /// instead of the handle.
     fn batch_with(
         &self,
         requests: Vec<ChatRequest>,
         past_refuse_gate: bool,
+        callers: Vec<Option<Caller>>,
     ) -> Result<BatchHandle> {
         let setup = &self.inner.batch;
-        if setup.providers.is_empty() {
-            return Err(Error::Config("no batch provider is configured".into()));
-        }
-        if requests.len() > setup.options.max_items {
-            return Err(Error::InvalidRequest(format!(
+        let refused = if setup.providers.is_empty() {
+            Some(Error::Config("no batch provider is configured".into()))
+        } else if requests.len() > setup.options.max_items {
+            Some(Error::InvalidRequest(format!(
                 "a batch call takes at most {} requests, not {}",
                 setup.options.max_items,
                 requests.len()
-            )));
+            )))
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            for caller in callers.into_iter().flatten() {
+                let _ = caller.send(Err(clone_error(&e)));
+            }
+            return Err(e);
         }
         let journal = BatchJournal {
             items: requests
@@ -392,7 +417,7 @@ impl Pipeline {
                 .collect(),
             batches: Vec::new(),
         };
-        Ok(self.start(journal, past_refuse_gate))
+        Ok(self.start(journal, past_refuse_gate, callers))
     }
 
     /// Picks up a call from its `journal` (see [`BatchHandle::journal`]): batches already
@@ -409,10 +434,15 @@ impl Pipeline {
                 journal.items.len()
             )));
         }
-        Ok(self.start(journal, false))
+        Ok(self.start(journal, false, Vec::new()))
     }
 
-    fn start(&self, journal: BatchJournal, past_refuse_gate: bool) -> BatchHandle {
+    fn start(
+        &self,
+        journal: BatchJournal,
+        past_refuse_gate: bool,
+        callers: Vec<Option<Caller>>,
+    ) -> BatchHandle {
         let (out, outcomes) = mpsc::unbounded_channel();
         let total = journal.items.iter().filter(|i| !i.done).count();
         let progress = BatchProgress {
@@ -435,6 +465,7 @@ impl Pipeline {
             past_refuse_gate,
             followers: HashMap::new(),
             promoted: Vec::new(),
+            callers,
         };
         let task = tokio::spawn(driver.run(stop_rx));
         BatchHandle {
@@ -497,6 +528,19 @@ impl Driver {
                 }
             }
         }
+        // The prepare stage, as for a live call (exact counts, summaries), for the items
+        // not yet sent; a few at a time.
+        if self.pipeline.prepares() {
+            let pipeline = &self.pipeline;
+            futures_util::stream::iter(
+                journal
+                    .items
+                    .iter()
+                    .filter(|ji| !ji.done && !in_batch.contains_key(ji.key.as_str())),
+            )
+            .for_each_concurrent(PREPARE_CONCURRENCY, |ji| pipeline.prepare(&ji.request))
+            .await;
+        }
         let mut attach: HashMap<usize, Vec<usize>> = HashMap::new();
         let mut fresh: Vec<usize> = Vec::new();
         for (index, ji) in journal.items.iter().enumerate() {
@@ -540,6 +584,7 @@ impl Driver {
                 id: jb.id.clone(),
                 journal: b,
                 failures: 0,
+                cancelled: false,
             });
         }
         let fresh = self.dedupe(fresh);
@@ -589,7 +634,7 @@ impl Driver {
                 inner.record(rec, &observe::request_span(req, false), Some(&finish));
                 self.progress.cached += 1;
                 self.mark_done(index);
-                let _ = self.out.send(BatchOutcome {
+                self.deliver(BatchOutcome {
                     index,
                     key: ji.key.clone(),
                     result: Ok(hit),
@@ -597,13 +642,6 @@ impl Driver {
                 return Ok(None);
             }
         }
-        let mut degraded = None;
-        let spent = inner
-            .spend(req, &mut plan, &mut admitted, &mut degraded)
-            .await;
-        rec.set_degrade(degraded.as_ref());
-        let mut held = spent.map_err(|e| (Some(rec.clone()), e))?;
-        let reservation = held.take();
         // A resumed item settles on the model it was sent to.
         let model = match ji.model.as_deref().filter(|_| sent) {
             Some(name) => inner.catalog.resolve(name),
@@ -614,19 +652,32 @@ impl Driver {
                 .cloned()
                 .ok_or_else(|| Error::InvalidRequest("the router returned no target".into())),
         };
-        let model = match model {
-            Ok(m) => m,
+        // The request as a live call would send it: fitted by the context budget (with
+        // the summary and counts the prepare stage wrote), its default `max_tokens` set.
+        let wire = model.and_then(|m| {
+            let wire = inner.fit(req, &plan, &m)?.into_owned();
+            Ok((m, wire))
+        });
+        let (model, wire) = match wire {
+            Ok(w) => w,
             Err(e) => {
-                inner.commit(reservation, Cost::ZERO).await;
                 admitted.settle(0).await;
                 return Err((Some(rec), e));
             }
         };
+        let mut degraded = None;
+        let spent = inner
+            .spend(req, &mut plan, &mut admitted, &mut degraded)
+            .await;
+        rec.set_degrade(degraded.as_ref());
+        let mut held = spent.map_err(|e| (Some(rec.clone()), e))?;
+        let reservation = held.take();
         let tokens = plan.token_estimate;
         self.items.push(Item {
             index,
             key: ji.key.clone(),
             req: req.clone(),
+            wire,
             plan,
             model,
             charged: admitted.release_charge(),
@@ -687,7 +738,7 @@ impl Driver {
                 }
             };
             let item = &self.items[pos];
-            let line = provider.encode(&BatchCall::new(&item.key, &item.req, &item.model));
+            let line = provider.encode(&BatchCall::new(&item.key, &item.wire, &item.model));
             let limits = provider.limits();
             let bytes = match line {
                 Ok(l) if l.len() < limits.max_bytes => l.len() + 1,
@@ -751,20 +802,35 @@ impl Driver {
             self.group(promoted, false).await;
         }
         let quota = self.inner().batch.options.max_enqueued_tokens;
-        while let Some(g) = self.queue.front() {
+        while let Some(mut g) = self.queue.pop_front() {
+            // Deferred requests whose callers went live meanwhile are not sent.
+            let (gone, keep): (Vec<usize>, Vec<usize>) =
+                g.items.iter().partition(|&&p| self.abandoned(p));
+            if !gone.is_empty() {
+                for &p in &gone {
+                    g.tokens = g.tokens.saturating_sub(self.items[p].tokens);
+                    self.withdraw(p).await;
+                }
+                tracing::debug!(
+                    items = gone.len(),
+                    "deferred requests answered live; not sent"
+                );
+                g.items = keep;
+                if g.items.is_empty() {
+                    continue;
+                }
+            }
             if quota.is_some_and(|q| self.enqueued + g.tokens > q) && !self.open.is_empty() {
+                self.queue.push_front(g);
                 break;
             }
-            let Some(g) = self.queue.pop_front() else {
-                break;
-            };
             let submitted = {
                 let calls: Vec<BatchCall<'_>> = g
                     .items
                     .iter()
                     .map(|&p| {
                         let it = &self.items[p];
-                        BatchCall::new(&it.key, &it.req, &it.model)
+                        BatchCall::new(&it.key, &it.wire, &it.model)
                     })
                     .collect();
                 g.provider.submit(&calls).await
@@ -800,6 +866,7 @@ impl Driver {
                         id,
                         journal,
                         failures: 0,
+                        cancelled: false,
                     });
                 }
                 Err(e) => {
@@ -818,6 +885,7 @@ impl Driver {
         let max_failures = self.inner().batch.options.max_poll_failures;
         let mut i = 0;
         while i < self.open.len() {
+            self.cancel_if_abandoned(i).await;
             let status = {
                 let o = &self.open[i];
                 o.group.provider.status(&o.id).await
@@ -850,6 +918,34 @@ impl Driver {
             }
         }
         self.publish();
+    }
+
+    /// Cancels open batch `i` once every deferred caller it still serves has gone live:
+    /// nobody waits for it any more, and what has not run yet is then not billed. What
+    /// has run is still read, billed and cached when the batch ends.
+    async fn cancel_if_abandoned(&mut self, i: usize) {
+        let o = &self.open[i];
+        // the items sent in it, and the identical items that share their answers
+        let waiting: Vec<usize> = o
+            .group
+            .items
+            .iter()
+            .flat_map(|p| {
+                std::iter::once(*p).chain(self.followers.get(p).into_iter().flatten().copied())
+            })
+            .filter(|&p| !self.items[p].done)
+            .collect();
+        if o.cancelled || waiting.is_empty() || !waiting.iter().all(|&p| self.abandoned(p)) {
+            return;
+        }
+        let (provider, id) = (Arc::clone(&o.group.provider), o.id.clone());
+        match provider.cancel(&id).await {
+            Ok(()) => {
+                tracing::info!(batch = %id, "every caller of this batch went live: cancelled");
+                self.open[i].cancelled = true;
+            }
+            Err(e) => tracing::warn!(batch = %id, error = %e, "batch cancel failed"),
+        }
     }
 
     /// Removes open batch `i`, marking it done in the journal.
@@ -890,7 +986,7 @@ impl Driver {
                 .iter()
                 .map(|&p| {
                     let it = &self.items[p];
-                    BatchCall::new(&it.key, &it.req, &it.model)
+                    BatchCall::new(&it.key, &it.wire, &it.model)
                 })
                 .collect();
             provider.results(&id, &calls).await?
@@ -995,7 +1091,7 @@ impl Driver {
                 self.promoted.extend(followers);
             }
         }
-        let _ = self.out.send(BatchOutcome {
+        self.deliver(BatchOutcome {
             index,
             key,
             result: Ok(r),
@@ -1022,15 +1118,20 @@ impl Driver {
         let (index, key) = (it.index, it.key.clone());
         self.progress.cached += 1;
         self.mark_done(index);
-        let _ = self.out.send(BatchOutcome {
+        self.deliver(BatchOutcome {
             index,
             key,
             result: Ok(hit),
         });
     }
 
-    /// Settles item `p` with an error: releases what it held, records it.
+    /// Settles item `p` with an error: releases what it held, records it. A deferred
+    /// request whose caller went live is only withdrawn: the live call has its record.
     async fn fail(&mut self, p: usize, e: Error) {
+        if self.abandoned(p) {
+            self.withdraw(p).await;
+            return;
+        }
         let inner = Arc::clone(self.inner());
         let it = &mut self.items[p];
         if it.done {
@@ -1051,7 +1152,7 @@ impl Driver {
             // they may fare better on their own
             self.promoted.extend(followers);
         }
-        let _ = self.out.send(BatchOutcome {
+        self.deliver(BatchOutcome {
             index,
             key,
             result: Err(e),
@@ -1074,11 +1175,61 @@ impl Driver {
         }
         self.progress.failed += 1;
         self.mark_done(index);
-        let _ = self.out.send(BatchOutcome {
+        self.deliver(BatchOutcome {
             index,
             key: key.to_owned(),
             result: Err(e),
         });
+    }
+
+    /// Sends an outcome to the item's deferred caller, or else to the handle.
+    fn deliver(&mut self, outcome: BatchOutcome) {
+        match self.callers.get_mut(outcome.index).and_then(Option::take) {
+            Some(caller) => {
+                let _ = caller.send(outcome.result);
+            }
+            None => {
+                let _ = self.out.send(outcome);
+            }
+        }
+    }
+
+    /// Whether item `p` is a deferred request whose caller no longer waits for it.
+    fn abandoned(&self, p: usize) -> bool {
+        self.items.get(p).is_some_and(|it| {
+            self.callers
+                .get(it.index)
+                .and_then(Option::as_ref)
+                .is_some_and(oneshot::Sender::is_closed)
+        })
+    }
+
+    /// Settles item `p`, whose caller went live instead, without an answer from its batch
+    /// (not sent, so the provider does not bill it a second time, or failed or cancelled
+    /// in its batch): releases what it held. No usage record: the live call wrote the
+    /// request's own.
+    async fn withdraw(&mut self, p: usize) {
+        let inner = Arc::clone(self.inner());
+        let it = &mut self.items[p];
+        if it.done {
+            return;
+        }
+        it.done = true;
+        inner.commit(it.reservation.take(), Cost::ZERO).await;
+        if it.charged > 0 {
+            inner.reconcile_tokens(&it.req.meta, it.charged, 0).await;
+        }
+        let index = it.index;
+        if let Some(c) = self.callers.get_mut(index) {
+            c.take();
+        }
+        // counted with the failures: it had no answer from this call
+        self.progress.failed += 1;
+        self.mark_done(index);
+        if let Some(followers) = self.followers.remove(&p) {
+            // their callers may still be waiting
+            self.promoted.extend(followers);
+        }
     }
 
     fn mark_done(&mut self, index: usize) {
@@ -1367,25 +1518,14 @@ impl Pipeline {
         if waiting.is_empty() {
             return;
         }
-        let mut reqs = Vec::with_capacity(waiting.len());
-        let mut senders = Vec::with_capacity(waiting.len());
-        for (req, tx, _) in waiting {
-            reqs.push(req);
-            senders.push(Some(tx));
-        }
-        match self.batch_with(reqs, past_refuse_gate) {
-            Ok(mut handle) => {
-                while let Some(o) = handle.next().await {
-                    if let Some(tx) = senders.get_mut(o.index).and_then(Option::take) {
-                        let _ = tx.send(o.result);
-                    }
-                }
-            }
-            Err(e) => {
-                for tx in senders.into_iter().flatten() {
-                    let _ = tx.send(Err(clone_error(&e)));
-                }
-            }
+        let (reqs, callers): (Vec<ChatRequest>, Vec<Option<Caller>>) = waiting
+            .into_iter()
+            .map(|(req, tx, _)| (req, Some(tx)))
+            .unzip();
+        // outcomes go to the callers; the handle only says when the call is over (an
+        // error here has already been sent to each of them)
+        if let Ok(handle) = self.batch_with(reqs, past_refuse_gate, callers) {
+            let _ = handle.collect().await;
         }
     }
 }
