@@ -166,10 +166,14 @@ impl Inner {
         let Some(tiers) = plan.cache_tier else {
             return Some(Cow::Borrowed(q));
         };
-        // derived afresh even for the primary's tier: a degrade mode may have re-keyed
-        // the plan's query for the cheaper model it switched to
         let tier = self.catalog.get(model).map_or(tiers.tier, |m| m.tier);
         self.cache_tiers.note(tier);
+        // the plan's own query while it is keyed for this tier; derived afresh
+        // otherwise (another tier, or a degrade mode re-keyed the plan's query for the
+        // cheaper model it switched to)
+        if plan.cache_keyed_tier == Some(tier) {
+            return Some(Cow::Borrowed(q));
+        }
         Some(Cow::Owned(tiers.query(q.clone(), tier)))
     }
 
