@@ -1,6 +1,6 @@
 //! Retries: exponential backoff with full jitter, Retry-After, and a retry budget.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
