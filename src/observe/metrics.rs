@@ -665,6 +665,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn keys_built_once_still_reach_the_recorder_in_place() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let (provider, model) = (provider_label("p-keys"), model_label(Some("m-keys")));
+        // without a recorder: the key is built and kept
+        record_attempt(provider, model, "ok", Duration::from_millis(1));
+        let recorder = DebuggingRecorder::new();
+        let snap = recorder.snapshotter();
+        ::metrics::with_local_recorder(&recorder, || {
+            record_attempt(provider, model, "ok", Duration::from_millis(1));
+            record_attempt(provider, model, "ok", Duration::from_millis(1));
+        });
+        let counted: u64 = snap
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(k, ..)| k.key().name() == ATTEMPTS)
+            .map(|(.., v)| match v {
+                DebugValue::Counter(n) => n,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(counted, 2);
+        assert!(
+            KeyId::of(ATTEMPTS, &[("a", "b"); 4]).is_none(),
+            "past three labels"
+        );
+    }
+
+    #[test]
     fn labels_are_bounded_and_truncated() {
         let labels = Labels::new();
         for i in 0..MAX_LABEL_VALUES {
