@@ -17,6 +17,11 @@
 //! provider's own answer included (a bare call's count is printed above it; the request
 //! itself is built before counting starts), measured by a counting allocator that is
 //! switched on only for the sequential phases.
+//!
+//! `cargo run --release --example overhead -- profile miss` (or `hit`) runs only
+//! 20,000 sequential misses (or hits) through the pipeline, untimed, for a profiler:
+//! `valgrind --tool=callgrind target/release/examples/overhead profile miss`, then
+//! `callgrind_annotate` gives the instructions per call by function.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
@@ -144,7 +149,47 @@ fn main() -> tokenwise::Result<()> {
         .enable_all()
         .build()
         .map_err(|e| tokenwise::Error::Config(e.to_string()))?;
-    rt.block_on(run())
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("profile") => rt.block_on(profile(args.get(1).map(String::as_str))),
+        _ => rt.block_on(run()),
+    }
+}
+
+/// 20,000 sequential misses (`miss`) or hits (`hit`), untimed, with the heap
+/// allocations per call: for a profiler.
+async fn profile(mode: Option<&str>) -> tokenwise::Result<()> {
+    const N: usize = 20_000;
+    let pipe = pipeline()?;
+    let hits = match mode {
+        Some("miss") => false,
+        Some("hit") => true,
+        _ => {
+            return Err(tokenwise::Error::Config(
+                "usage: overhead profile miss|hit".into(),
+            ));
+        }
+    };
+    let hot = question(7);
+    pipe.chat(hot.clone()).await?;
+    let a0 = allocs_counted();
+    COUNTING.store(true, Ordering::Relaxed);
+    for i in 0..N {
+        let req = if hits {
+            hot.clone()
+        } else {
+            question(2_000_000 + i)
+        };
+        let r = pipe.chat(req).await?;
+        assert_eq!(r.served.is_cache_hit(), hits);
+    }
+    COUNTING.store(false, Ordering::Relaxed);
+    let per_call = (allocs_counted() - a0) as f64 / N as f64;
+    println!(
+        "{N} {} through the pipeline, {per_call:.1} heap allocations per call (the request built inside the loop included)",
+        if hits { "hits" } else { "misses" }
+    );
+    Ok(())
 }
 
 async fn run() -> tokenwise::Result<()> {

@@ -1,11 +1,12 @@
 //! The in-memory spend-cap budget.
 
-use std::collections::HashMap;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
+use smallvec::SmallVec;
 
 use super::{Budget, BudgetAlert, BudgetWindow, CapStatus, ROLLING_STEPS, Reservation, SpendCap};
 use crate::clock::{Clock, Timestamp, default_clock, duration_nanos};
@@ -101,7 +102,7 @@ impl MemoryBudgetBuilder {
         Ok(MemoryBudget {
             inner: Arc::new(Inner {
                 caps: self.caps,
-                accounts: Mutex::new(HashMap::new()),
+                accounts: Mutex::new(Accounts::default()),
                 max_accounts: self.max_accounts,
                 thresholds: self.thresholds,
                 hook: self.hook,
@@ -112,26 +113,99 @@ impl MemoryBudgetBuilder {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// A stored account: cap, scope key and window.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct AccountKey {
     cap: usize,
     key: Box<str>,
     window: u64,
 }
 
+/// An account looked up, borrowing its scope key: hashes and compares as the stored
+/// [`AccountKey`] does, so a lookup allocates nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AccountRef<'a> {
+    cap: usize,
+    key: &'a str,
+    window: u64,
+}
+
+impl Hash for AccountKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_ref().hash(state);
+    }
+}
+
+impl Hash for AccountRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.cap.hash(state);
+        self.key.hash(state);
+        self.window.hash(state);
+    }
+}
+
+impl hashbrown::Equivalent<AccountKey> for AccountRef<'_> {
+    fn equivalent(&self, k: &AccountKey) -> bool {
+        *self == k.as_ref()
+    }
+}
+
 impl AccountKey {
-    fn name(&self) -> String {
-        format!("{}|{}|{}", self.cap, self.window, self.key)
+    fn as_ref(&self) -> AccountRef<'_> {
+        AccountRef {
+            cap: self.cap,
+            key: &self.key,
+            window: self.window,
+        }
+    }
+}
+
+impl<'a> AccountRef<'a> {
+    fn stored(self) -> AccountKey {
+        AccountKey {
+            cap: self.cap,
+            key: self.key.into(),
+            window: self.window,
+        }
     }
 
-    fn parse(s: &str) -> Option<AccountKey> {
+    /// The account's name in a [`Reservation`]: `cap|window|key`.
+    fn name(self) -> String {
+        let mut s = String::with_capacity(self.key.len() + 24);
+        push_u64(&mut s, self.cap as u64);
+        s.push('|');
+        push_u64(&mut s, self.window);
+        s.push('|');
+        s.push_str(self.key);
+        s
+    }
+
+    /// Reads a name written by [`name`](Self::name), borrowing its key.
+    fn parse(s: &'a str) -> Option<Self> {
         let mut it = s.splitn(3, '|');
         let cap = it.next()?.parse().ok()?;
         let window = it.next()?.parse().ok()?;
-        let key = it.next()?.into();
-        Some(AccountKey { cap, key, window })
+        let key = it.next()?;
+        Some(AccountRef { cap, key, window })
     }
 }
+
+/// Appends `n` in decimal (no formatting machinery on the request path).
+fn push_u64(s: &mut String, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    s.extend(buf[i..].iter().map(|b| char::from(*b)));
+}
+
+type Accounts = hashbrown::HashMap<AccountKey, Account>;
 
 /// Spend of a rolling window in steps; `head` is the index of the newest step.
 #[derive(Debug, Clone)]
@@ -200,7 +274,7 @@ impl Account {
 #[derive(Debug)]
 struct Inner {
     caps: Vec<SpendCap>,
-    accounts: Mutex<HashMap<AccountKey, Account>>,
+    accounts: Mutex<Accounts>,
     max_accounts: usize,
     thresholds: Vec<u8>,
     hook: Option<AlertHook>,
@@ -244,7 +318,7 @@ impl MemoryBudget {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<AccountKey, Account>> {
+    fn lock(&self) -> MutexGuard<'_, Accounts> {
         // Every mutation is applied after all checks, so a poisoned map is consistent.
         self.inner
             .accounts
@@ -252,29 +326,49 @@ impl MemoryBudget {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    fn keys_for(&self, meta: &RequestMeta, now: Timestamp) -> Vec<AccountKey> {
+    /// The accounts `meta` falls under at `now`, borrowing its identities.
+    fn keys_for<'m>(&self, meta: &'m RequestMeta, now: Timestamp) -> SmallVec<[AccountRef<'m>; 4]> {
         self.inner
             .caps
             .iter()
             .enumerate()
             .filter_map(|(cap, c)| {
-                Some(AccountKey {
+                Some(AccountRef {
                     cap,
-                    key: c.scope.key_of(meta)?.into(),
+                    key: c.scope.key_of(meta)?,
                     window: c.window.index(now),
                 })
             })
             .collect()
     }
 
-    fn status_of(&self, k: &AccountKey, acc: &mut Account, now: Timestamp) -> CapStatus {
+    fn status_of(&self, k: AccountRef<'_>, acc: &mut Account, now: Timestamp) -> CapStatus {
         let cap = &self.inner.caps[k.cap];
         CapStatus {
-            scope: cap.scope.with_key(&k.key),
+            scope: cap.scope.with_key(k.key),
             window: cap.window,
             limit: cap.limit,
             spent: acc.spent(now),
             reserved: acc.reserved,
+        }
+    }
+
+    /// Spent and reserved on account `k` at `now`, without changing it (a rolling
+    /// window is aged on a copy of its steps).
+    fn standing(accounts: &Accounts, k: AccountRef<'_>, now: Timestamp) -> (Cost, Cost) {
+        match accounts.get(&k) {
+            None => (Cost::ZERO, Cost::ZERO),
+            Some(acc) => {
+                let spent = match &acc.ring {
+                    Some(r) => {
+                        let mut r = (**r).clone();
+                        r.advance(now);
+                        r.total()
+                    }
+                    None => acc.spent,
+                };
+                (spent, acc.reserved)
+            }
         }
     }
 
@@ -283,25 +377,25 @@ impl MemoryBudget {
         let now = self.inner.clock.now();
         let keys = self.keys_for(meta, now);
         let mut accounts = self.lock();
-        let mut tightest: Option<CapStatus> = None;
-        for k in &keys {
+        // the cap closest to its limit: its account, spent and reserved
+        let mut tightest: Option<(AccountRef<'_>, Cost, Cost, u64)> = None;
+        for &k in &keys {
             let cap = self.inner.caps[k.cap];
-            let mut acc = accounts.get(k).cloned().unwrap_or_default();
-            let status = self.status_of(k, &mut acc, now);
-            let committed = status.spent.saturating_add(status.reserved);
+            let (spent, reserved) = Self::standing(&accounts, k, now);
+            let committed = spent.saturating_add(reserved);
             if committed.saturating_add(amount) > cap.limit {
                 return Err(Error::BudgetExceeded {
-                    scope: status.scope,
+                    scope: cap.scope.with_key(k.key),
                     limit: cap.limit,
                     spent: committed,
                     retry_after: cap.window.until_reset(now),
                 });
             }
-            if tightest
-                .as_ref()
-                .is_none_or(|t| status.used_percent() > t.used_percent())
-            {
-                tightest = Some(status);
+            let used =
+                u128::from(committed.as_nanos()) * 100 / u128::from(cap.limit.as_nanos()).max(1);
+            let used = u64::try_from(used).unwrap_or(u64::MAX);
+            if tightest.is_none_or(|(_, _, _, t)| used > t) {
+                tightest = Some((k, spent, reserved, used));
             }
         }
         let new = keys.iter().filter(|k| !accounts.contains_key(*k)).count();
@@ -311,30 +405,45 @@ impl MemoryBudget {
                 return Err(Error::Overloaded { retry_after: None });
             }
         }
-        for k in &keys {
-            let window = self.inner.caps[k.cap].window;
-            let acc = accounts.entry(k.clone()).or_insert_with(|| Account {
-                ring: match window {
-                    BudgetWindow::Rolling(w) => Some(Box::new(Ring::new(w, now))),
-                    _ => None,
-                },
-                ..Account::default()
-            });
+        for &k in &keys {
+            let acc = match accounts.get_mut(&k) {
+                Some(acc) => acc,
+                None => {
+                    let window = self.inner.caps[k.cap].window;
+                    accounts.entry(k.stored()).or_insert_with(|| Account {
+                        ring: match window {
+                            BudgetWindow::Rolling(w) => Some(Box::new(Ring::new(w, now))),
+                            _ => None,
+                        },
+                        ..Account::default()
+                    })
+                }
+            };
             acc.reserved = acc.reserved.saturating_add(amount);
         }
+        drop(accounts);
         let r = Reservation::new(
             self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             amount,
-            keys.iter().map(AccountKey::name).collect(),
+            keys.iter().map(|k| k.name()).collect(),
         );
         Ok(match tightest {
-            Some(t) => r.with_tightest(t),
+            Some((k, spent, reserved, _)) => {
+                let cap = &self.inner.caps[k.cap];
+                r.with_tightest(CapStatus {
+                    scope: cap.scope.with_key(k.key),
+                    window: cap.window,
+                    limit: cap.limit,
+                    spent,
+                    reserved,
+                })
+            }
             None => r,
         })
     }
 
     /// Drops accounts of past windows and accounts with nothing spent or reserved.
-    fn evict(&self, accounts: &mut HashMap<AccountKey, Account>, now: Timestamp) {
+    fn evict(&self, accounts: &mut Accounts, now: Timestamp) {
         let caps = &self.inner.caps;
         accounts.retain(|k, a| {
             let current = caps[k.cap].window.index(now) == k.window;
@@ -349,13 +458,16 @@ impl MemoryBudget {
         {
             let mut accounts = self.lock();
             for name in &reservation.accounts {
-                let Some(k) = AccountKey::parse(name) else {
+                let Some(k) = AccountRef::parse(name) else {
                     continue;
                 };
                 let Some(cap) = self.inner.caps.get(k.cap).copied() else {
                     continue;
                 };
-                let acc = accounts.entry(k.clone()).or_default();
+                let acc = match accounts.get_mut(&k) {
+                    Some(acc) => acc,
+                    None => accounts.entry(k.stored()).or_default(),
+                };
                 acc.reserved = acc.reserved.saturating_sub(reservation.amount);
                 match &mut acc.ring {
                     Some(r) => r.add(now, actual),
@@ -370,7 +482,7 @@ impl MemoryBudget {
                         if acc.alerted & bit == 0 {
                             acc.alerted |= bit;
                             alerts.push(BudgetAlert {
-                                scope: cap.scope.with_key(&k.key),
+                                scope: cap.scope.with_key(k.key),
                                 window: cap.window,
                                 limit: cap.limit,
                                 spent,
@@ -399,7 +511,7 @@ impl MemoryBudget {
         let keys = self.keys_for(meta, now);
         let mut accounts = self.lock();
         keys.iter()
-            .map(|k| match accounts.get_mut(k) {
+            .map(|&k| match accounts.get_mut(&k) {
                 Some(acc) => self.status_of(k, acc, now),
                 None => self.status_of(k, &mut Account::default(), now),
             })

@@ -37,14 +37,17 @@ struct Slot<V> {
     waiters: AtomicUsize,
 }
 
+/// Flights by key (digests: hashed by their first bytes).
+type Flights<V> = HashMap<CacheKey, Arc<Slot<V>>, super::BuildKeyHasher>;
+
 struct Map<V> {
-    flights: Mutex<HashMap<CacheKey, Arc<Slot<V>>>>,
+    flights: Mutex<Flights<V>>,
     max_keys: usize,
     max_waiters: usize,
 }
 
 impl<V> Map<V> {
-    fn lock(&self) -> MutexGuard<'_, HashMap<CacheKey, Arc<Slot<V>>>> {
+    fn lock(&self) -> MutexGuard<'_, Flights<V>> {
         // Each critical section is one map operation: a poisoned map is consistent.
         self.flights.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -98,7 +101,7 @@ impl<V> SingleFlight<V> {
     pub(crate) fn new(max_keys: usize, max_waiters: usize) -> Self {
         SingleFlight {
             map: Arc::new(Map {
-                flights: Mutex::new(HashMap::new()),
+                flights: Mutex::new(HashMap::default()),
                 max_keys,
                 max_waiters,
             }),

@@ -24,6 +24,34 @@ impl CacheKey {
     }
 }
 
+/// Hashes a [`CacheKey`] for a hash map by eight of its bytes (the second eight: the
+/// first pick an exact cache's shard): a digest is already uniform, so hashing it again
+/// is wasted work on every lookup.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // A digest arrives as one write of its 32 bytes (after its length).
+        let bytes = bytes.get(8..).filter(|b| b.len() >= 8).unwrap_or(bytes);
+        let mut word = [0u8; 8];
+        let n = bytes.len().min(8);
+        word[..n].copy_from_slice(&bytes[..n]);
+        self.0 = self.0.rotate_left(8) ^ u64::from_le_bytes(word);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.0 = self.0.rotate_left(8) ^ n as u64;
+    }
+}
+
+/// Builds [`KeyHasher`]s: for maps keyed by [`CacheKey`] only.
+pub(crate) type BuildKeyHasher = std::hash::BuildHasherDefault<KeyHasher>;
+
 impl fmt::Display for CacheKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for b in &self.0 {
@@ -40,16 +68,49 @@ impl fmt::Debug for CacheKey {
 }
 
 /// Everything that changes an answer but the final user turn, in a fixed order. Field
-/// order is part of the key format: changing it changes every key (bump `v`).
+/// order is part of the key format: changing it changes every key (bump `v`). Keys are
+/// digests of this view serialized as JSON, written as [`SharedView`] then the
+/// messages; the tests check the two give the same bytes.
+#[cfg(test)]
 #[derive(Serialize, Clone, Copy)]
-struct ContextView<'a> {
+struct ContextView<'a, M> {
     v: u8,
     partition: &'a str,
     namespace: &'a str,
     model: &'a str,
     params: &'a GenerationParams,
     documents: &'a [Document],
-    messages: &'a [Message],
+    messages: M,
+}
+
+/// The fields of [`ContextView`] before its messages, in its order.
+#[derive(Serialize)]
+struct SharedView<'a> {
+    v: u8,
+    partition: &'a str,
+    namespace: &'a str,
+    model: &'a str,
+    params: &'a GenerationParams,
+    documents: &'a [Document],
+}
+
+/// Appends `value` as JSON. Serializing plain data into memory cannot fail (no maps
+/// with non-string keys, no I/O errors from a vector); were it to, a marker is written.
+fn write_json(buf: &mut Vec<u8>, value: &impl Serialize) {
+    if serde_json::to_writer(&mut *buf, value).is_err() {
+        buf.extend_from_slice(b"\x00unserializable");
+    }
+}
+
+/// The system messages of a conversation, serialized as the JSON array of them (the
+/// same bytes as a slice of just those messages), without copying them.
+#[derive(Clone, Copy)]
+struct SystemOnly<'a>(&'a [Message]);
+
+impl Serialize for SystemOnly<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().filter(|m| m.role == Role::System))
+    }
 }
 
 /// Serializes `value` and hashes the bytes in one update (many small updates, one per
@@ -57,11 +118,7 @@ struct ContextView<'a> {
 fn digest(buf: &mut Vec<u8>, prefix: &[u8], value: &impl Serialize, suffix: &[u8]) -> CacheKey {
     buf.clear();
     buf.extend_from_slice(prefix);
-    // Serializing plain data into memory cannot fail: no maps with non-string keys, no
-    // I/O errors from a vector.
-    if serde_json::to_writer(&mut *buf, value).is_err() {
-        buf.extend_from_slice(b"\x00unserializable");
-    }
+    write_json(buf, value);
     buf.extend_from_slice(suffix);
     CacheKey(*blake3::hash(buf).as_bytes())
 }
@@ -133,31 +190,31 @@ impl CacheQuery {
         // the final user turn; the exact key digests the context key and that turn, so
         // it still covers everything. Each input is a self-delimiting JSON value plus a
         // closing tag (`C`, `E`), so no two requests hash the same bytes.
+        // The context and base views differ only in their messages, the last field:
+        // the fields before it are serialized once, and each view's messages after
+        // them (the same bytes as serializing each whole view).
         let mut buf = Vec::with_capacity(512);
-        let view = ContextView {
+        let shared = SharedView {
             v: 2,
             partition: &partition,
             namespace,
             model,
             params: &request.params,
             documents: &request.documents,
-            messages: context,
         };
-        let context_key = digest(&mut buf, b"", &view, b"C");
-        let system: Vec<Message> = context
-            .iter()
-            .filter(|m| m.role == Role::System)
-            .cloned()
-            .collect();
-        let base_key = digest(
-            &mut buf,
-            b"",
-            &ContextView {
-                messages: &system,
-                ..view
-            },
-            b"B",
-        );
+        write_json(&mut buf, &shared);
+        if buf.last() == Some(&b'}') {
+            buf.pop();
+        }
+        buf.extend_from_slice(b",\"messages\":");
+        let fields = buf.len();
+        write_json(&mut buf, &context);
+        buf.extend_from_slice(b"}C");
+        let context_key = CacheKey(*blake3::hash(&buf).as_bytes());
+        buf.truncate(fields);
+        write_json(&mut buf, &SystemOnly(context));
+        buf.extend_from_slice(b"}B");
+        let base_key = CacheKey(*blake3::hash(&buf).as_bytes());
         // Tool traffic, or an assistant turn that names a detail ("Order 1182: two
         // blue mugs"), makes the history part of the question: matched strictly.
         let strict = context.iter().any(|m| {
@@ -217,13 +274,34 @@ impl CacheQuery {
     /// ```
     #[must_use]
     pub fn answered_by(mut self, answered_by: &str) -> CacheQuery {
+        const PREFIX: &[u8] = b"answered_by\x00";
+        let name = answered_by.as_bytes();
+        // The digest of `PREFIX, tag, key, name length, name`: hashed from one stack
+        // buffer when it fits (one call, no incremental hasher), else incrementally;
+        // both give the same digest of the same bytes.
         let narrow = |k: &CacheKey, tag: &[u8]| {
+            let mut buf = [0u8; 128];
+            let n = PREFIX.len() + tag.len() + 32 + 8 + name.len();
+            if n <= buf.len() {
+                let mut at = 0;
+                for part in [
+                    PREFIX,
+                    tag,
+                    k.as_bytes(),
+                    &(name.len() as u64).to_le_bytes(),
+                    name,
+                ] {
+                    buf[at..at + part.len()].copy_from_slice(part);
+                    at += part.len();
+                }
+                return CacheKey(*blake3::hash(&buf[..n]).as_bytes());
+            }
             let mut h = blake3::Hasher::new();
-            h.update(b"answered_by\x00");
+            h.update(PREFIX);
             h.update(tag);
             h.update(k.as_bytes());
-            h.update(&(answered_by.len() as u64).to_le_bytes());
-            h.update(answered_by.as_bytes());
+            h.update(&(name.len() as u64).to_le_bytes());
+            h.update(name);
             CacheKey(*h.finalize().as_bytes())
         };
         self.key = narrow(&self.key, b"E");
@@ -308,6 +386,57 @@ mod tests {
         assert_ne!(q(&a).key, q(&b).key);
         assert_ne!(q(&a).context_key, q(&c).context_key);
         assert_eq!(q(&a).final_user_text.as_deref(), Some("cancel it"));
+    }
+
+    #[test]
+    fn narrowing_digests_the_same_bytes_however_long_the_name() {
+        let q = q(&ChatRequest::user_text("hi"));
+        for name in ["tier:3".to_owned(), "m".repeat(300)] {
+            let expect = |k: &CacheKey, tag: &[u8]| {
+                let mut h = blake3::Hasher::new();
+                h.update(b"answered_by\x00");
+                h.update(tag);
+                h.update(k.as_bytes());
+                h.update(&(name.len() as u64).to_le_bytes());
+                h.update(name.as_bytes());
+                CacheKey(*h.finalize().as_bytes())
+            };
+            let n = q.clone().answered_by(&name);
+            assert_eq!(n.key, expect(&q.key, b"E"));
+            assert_eq!(n.context_key, expect(&q.context_key, b"C"));
+            assert_eq!(n.base_key, expect(&q.base_key, b"B"));
+        }
+    }
+
+    #[test]
+    fn the_base_key_digests_the_system_messages_as_an_array() {
+        let r = ChatRequest::new()
+            .message(Message::system("be brief"))
+            .message(Message::user("first"))
+            .message(Message::system("and kind"))
+            .message(Message::assistant("ok"))
+            .message(Message::user("second"));
+        let system: Vec<Message> = r.messages[..4]
+            .iter()
+            .filter(|m| m.role == Role::System)
+            .cloned()
+            .collect();
+        let view = ContextView {
+            v: 2,
+            partition: "",
+            namespace: "default",
+            model: "auto",
+            params: &r.params,
+            documents: &r.documents,
+            messages: &system[..],
+        };
+        let mut buf = Vec::new();
+        assert_eq!(q(&r).base_key, digest(&mut buf, b"", &view, b"B"));
+        let context = ContextView {
+            messages: &r.messages[..4],
+            ..view
+        };
+        assert_eq!(q(&r).context_key, digest(&mut buf, b"", &context, b"C"));
     }
 
     #[test]

@@ -8,10 +8,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use lru::LruCache;
 
-use super::{Cache, CacheKey, CacheQuery, CachedAnswer, DEFAULT_TTL, Invalidation};
+use super::{BuildKeyHasher, Cache, CacheKey, CacheQuery, CachedAnswer, DEFAULT_TTL, Invalidation};
 use crate::clock::{Clock, Timestamp, default_clock};
 use crate::types::ChatResponse;
 use crate::{Error, Result};
+
+/// One shard: an LRU map from digest to entry (digests hashed by their bytes).
+type Shard = LruCache<CacheKey, Entry, BuildKeyHasher>;
 
 #[derive(Debug)]
 struct Entry {
@@ -77,8 +80,9 @@ impl ExactCacheBuilder {
         let entries = (0..shards)
             .map(|i| {
                 let share = cap.get() / shards + usize::from(i < cap.get() % shards);
-                Mutex::new(LruCache::new(
+                Mutex::new(LruCache::with_hasher(
                     NonZeroUsize::new(share).unwrap_or(NonZeroUsize::MIN),
+                    BuildKeyHasher::default(),
                 ))
             })
             .collect();
@@ -116,7 +120,7 @@ impl ExactCacheBuilder {
 /// ```
 #[derive(Debug, Clone)]
 pub struct ExactCache {
-    entries: Arc<Vec<Mutex<LruCache<CacheKey, Entry>>>>,
+    entries: Arc<Vec<Mutex<Shard>>>,
     ttl: Duration,
     namespace_ttl: Arc<HashMap<String, Duration>>,
     keep_stale: Duration,
@@ -136,7 +140,7 @@ impl ExactCache {
     }
 
     /// The shard holding `key` (digests are uniform, so their first bytes pick it).
-    fn lock(&self, key: &CacheKey) -> MutexGuard<'_, LruCache<CacheKey, Entry>> {
+    fn lock(&self, key: &CacheKey) -> MutexGuard<'_, Shard> {
         let b = key.as_bytes();
         let h = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
         let i = (h % self.entries.len().max(1) as u64) as usize;
@@ -263,7 +267,7 @@ impl ExactCache {
     }
 }
 
-fn lock(m: &Mutex<LruCache<CacheKey, Entry>>) -> MutexGuard<'_, LruCache<CacheKey, Entry>> {
+fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     // A panic while holding the lock cannot leave an entry half-written (every
     // mutation is a single LruCache call), so a poisoned map is still consistent.
     m.lock().unwrap_or_else(|p| p.into_inner())

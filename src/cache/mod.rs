@@ -42,6 +42,7 @@ pub use flight::{MAX_SHARED_STREAM_BYTES, MAX_SHARED_STREAM_EVENTS};
 pub use guards::{GuardKind, GuardRejection, Guards};
 pub use index::{IndexConfig, Maintenance, MaintenanceDone, Quantization, Retired, VectorIndex};
 pub use judge::{JUDGE_FEATURE_NAMES, JUDGE_FEATURES, PairFeatures, PairJudge};
+pub(crate) use key::BuildKeyHasher;
 pub use key::{CacheKey, CacheQuery, MAX_HISTORY_BYTES, MAX_HISTORY_TURNS};
 pub use layer::{CacheLayer, CacheService};
 pub use memory::{ExactCache, ExactCacheBuilder};

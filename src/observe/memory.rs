@@ -164,9 +164,39 @@ impl fmt::Display for UsageReport {
     }
 }
 
+/// A breakdown as kept: hashed with `hashbrown`'s default hasher, faster than the
+/// standard library's for these short keys; copied into a [`UsageReport`] on demand.
+type Breakdown<T> = hashbrown::HashMap<String, T>;
+
+#[derive(Debug, Default)]
+struct Tallies {
+    totals: Totals,
+    by_model: Breakdown<Totals>,
+    by_user: Breakdown<Totals>,
+    by_org: Breakdown<Totals>,
+    by_feature: Breakdown<Totals>,
+    errors_by_reason: Breakdown<u64>,
+}
+
+impl Tallies {
+    fn report(&self) -> UsageReport {
+        fn copy<T: Copy>(m: &Breakdown<T>) -> HashMap<String, T> {
+            m.iter().map(|(k, v)| (k.clone(), *v)).collect()
+        }
+        UsageReport {
+            totals: self.totals,
+            by_model: copy(&self.by_model),
+            by_user: copy(&self.by_user),
+            by_org: copy(&self.by_org),
+            by_feature: copy(&self.by_feature),
+            errors_by_reason: copy(&self.errors_by_reason),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct MemoryState {
-    report: UsageReport,
+    tallies: Tallies,
     recent: VecDeque<UsageRecord>,
 }
 
@@ -221,7 +251,7 @@ impl MemoryUsage {
 
     /// The report so far.
     pub fn report(&self) -> UsageReport {
-        self.lock().report.clone()
+        self.lock().tallies.report()
     }
 
     /// The most recent records, oldest first.
@@ -232,12 +262,7 @@ impl MemoryUsage {
 
 /// Adds to `key`'s entry (or `(other)` once `max` keys are tracked). A key already
 /// present costs one lookup and no allocation.
-fn bucket<T: Default>(
-    map: &mut HashMap<String, T>,
-    key: &str,
-    max: usize,
-    add: impl FnOnce(&mut T),
-) {
+fn bucket<T: Default>(map: &mut Breakdown<T>, key: &str, max: usize, add: impl FnOnce(&mut T)) {
     if let Some(v) = map.get_mut(key) {
         return add(v);
     }
@@ -256,7 +281,7 @@ impl MemoryUsage {
 
     fn add(&self, st: &mut MemoryState, r: &UsageRecord) {
         let max = self.max_keys;
-        let rep = &mut st.report;
+        let rep = &mut st.tallies;
         rep.totals.add(r);
         let model = r.model.as_deref().unwrap_or(NONE);
         bucket(&mut rep.by_model, model, max, |t| t.add(r));

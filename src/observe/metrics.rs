@@ -43,14 +43,14 @@
 //! against it; it is emitted once the semantic cache's near-miss guard reports through
 //! the [`UsageRecord`] field `guard_rejections`.
 
-use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::{LazyLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ::metrics::{
-    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+    Counter, Gauge, Histogram, Key, Label, Level, Metadata, Unit, counter, describe_counter,
+    describe_gauge, describe_histogram, gauge,
 };
 use futures_core::Stream;
 
@@ -166,11 +166,11 @@ const OTHER: &str = "other";
 /// A bounded set of label values, interned: each distinct value is stored once for the
 /// life of the process (at most [`MAX_LABEL_VALUES`] of at most 64 bytes per label), so
 /// labelling a metric allocates nothing once its values have been seen.
-struct Labels(LazyLock<RwLock<HashSet<&'static str>>>);
+struct Labels(LazyLock<RwLock<hashbrown::HashSet<&'static str>>>);
 
 impl Labels {
     const fn new() -> Self {
-        Labels(LazyLock::new(|| RwLock::new(HashSet::new())))
+        Labels(LazyLock::new(|| RwLock::new(hashbrown::HashSet::new())))
     }
 
     fn get(&self, value: &str) -> &'static str {
@@ -215,8 +215,14 @@ static STATUSES: Labels = Labels::new();
 static MODES: Labels = Labels::new();
 static SCOPES: Labels = Labels::new();
 
-fn model_label(model: Option<&str>) -> &'static str {
+/// The `model` label of `model` (`none` without one), interned.
+pub(crate) fn model_label(model: Option<&str>) -> &'static str {
     MODELS.get(model.unwrap_or("none"))
+}
+
+/// The `provider` label of `provider`, interned.
+pub(crate) fn provider_label(provider: &str) -> &'static str {
+    PROVIDERS.get(provider)
 }
 
 /// Attaches units and help texts to every metric, on the recorder installed now.
@@ -350,6 +356,101 @@ pub fn describe() {
     );
 }
 
+/// The most metric keys (a name with its label values) kept built; past it, a key is
+/// built for each use.
+const MAX_KEYS: usize = 4_096;
+
+/// A metric name and up to three label pairs, by the address and length of each
+/// `'static` string (unused pairs are zero): what a key is looked up by, hashed as
+/// integers. Label values are interned (see [`Labels`]) and names are constants, so one
+/// key has one identity; were the same text ever at two addresses, it would only be
+/// built twice.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct KeyId([usize; 14]);
+
+impl KeyId {
+    /// `None` past three labels.
+    fn of(name: &'static str, labels: &[(&'static str, &'static str)]) -> Option<Self> {
+        if labels.len() > 3 {
+            return None;
+        }
+        let mut id = [0usize; 14];
+        let words = std::iter::once(name)
+            .chain(labels.iter().flat_map(|(k, v)| [*k, *v]))
+            .flat_map(|s| [s.as_ptr() as usize, s.len()]);
+        for (slot, w) in id.iter_mut().zip(words) {
+            *slot = w;
+        }
+        Some(KeyId(id))
+    }
+}
+
+/// Metric keys built once per name and label values: recording a metric through them
+/// allocates nothing and hashes no label set again. The recorder is asked for the
+/// handle every time, as the `metrics` macros do, so a recorder installed at any time
+/// (or a thread's local one) receives what follows. Bounded by [`MAX_KEYS`] keys, each
+/// from interned label values.
+static KEYS: LazyLock<RwLock<hashbrown::HashMap<KeyId, &'static Key>>> =
+    LazyLock::new(|| RwLock::new(hashbrown::HashMap::new()));
+
+/// What the `metrics` macros would attach to a metric emitted from this module.
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+/// Runs `f` on the key of `name` with `labels`, built once.
+fn with_key<T>(
+    name: &'static str,
+    labels: &[(&'static str, &'static str)],
+    f: impl FnOnce(&Key) -> T,
+) -> T {
+    let build = || {
+        let labels: Vec<Label> = labels
+            .iter()
+            .map(|(k, v)| Label::from_static_parts(k, v))
+            .collect();
+        Key::from_parts(name, labels)
+    };
+    let Some(id) = KeyId::of(name, labels) else {
+        return f(&build());
+    };
+    if let Some(k) = KEYS.read().unwrap_or_else(|p| p.into_inner()).get(&id) {
+        return f(k);
+    }
+    let mut keys = KEYS.write().unwrap_or_else(|p| p.into_inner());
+    if let Some(k) = keys.get(&id) {
+        return f(k);
+    }
+    if keys.len() >= MAX_KEYS {
+        drop(keys);
+        return f(&build());
+    }
+    // Bounded above: at most MAX_KEYS keys.
+    let k: &'static Key = Box::leak(Box::new(build()));
+    keys.insert(id, k);
+    f(k)
+}
+
+/// The counter `name` with `labels`, from the recorder in place now.
+fn counter_of(name: &'static str, labels: &[(&'static str, &'static str)]) -> Counter {
+    with_key(name, labels, |k| {
+        ::metrics::with_recorder(|r| r.register_counter(k, &METADATA))
+    })
+}
+
+/// The histogram `name` with `labels`, from the recorder in place now.
+fn histogram_of(name: &'static str, labels: &[(&'static str, &'static str)]) -> Histogram {
+    with_key(name, labels, |k| {
+        ::metrics::with_recorder(|r| r.register_histogram(k, &METADATA))
+    })
+}
+
+/// The gauge `name` with `labels`, from the recorder in place now.
+fn gauge_of(name: &'static str, labels: &[(&'static str, &'static str)]) -> Gauge {
+    with_key(name, labels, |k| {
+        ::metrics::with_recorder(|r| r.register_gauge(k, &METADATA))
+    })
+}
+
 /// Emits the metrics of one finished request.
 pub(crate) fn record_request(r: &UsageRecord) {
     let model = model_label(r.model.as_deref());
@@ -358,52 +459,66 @@ pub(crate) fn record_request(r: &UsageRecord) {
         Outcome::Error(reason) => (STATUSES.get(reason), "error"),
         _ => ("ok", "ok"),
     };
-    counter!(REQUESTS, "model" => model, "status" => status, "cache" => cache).increment(1);
-    histogram!(REQUEST_DURATION, "model" => model, "cache" => cache, "result" => result)
-        .record(r.latency.as_secs_f64());
+    counter_of(
+        REQUESTS,
+        &[("model", model), ("status", status), ("cache", cache)],
+    )
+    .increment(1);
+    histogram_of(
+        REQUEST_DURATION,
+        &[("model", model), ("cache", cache), ("result", result)],
+    )
+    .record(r.latency.as_secs_f64());
     if let Some(t) = r.time_to_first_token {
-        histogram!(TIME_TO_FIRST_TOKEN, "model" => model, "cache" => cache).record(t.as_secs_f64());
+        histogram_of(TIME_TO_FIRST_TOKEN, &[("model", model), ("cache", cache)])
+            .record(t.as_secs_f64());
     }
     if r.usage.input_tokens > 0 {
-        counter!(TOKENS, "model" => model, "type" => "input").increment(r.usage.input_tokens);
+        counter_of(TOKENS, &[("model", model), ("type", "input")]).increment(r.usage.input_tokens);
     }
     if r.usage.output_tokens > 0 {
-        counter!(TOKENS, "model" => model, "type" => "output").increment(r.usage.output_tokens);
+        counter_of(TOKENS, &[("model", model), ("type", "output")])
+            .increment(r.usage.output_tokens);
     }
     if !r.cost.is_zero() {
-        counter!(COST, "model" => model).increment(r.cost.as_nanos());
+        counter_of(COST, &[("model", model)]).increment(r.cost.as_nanos());
     }
     if !r.saved.is_zero() {
-        counter!(COST_SAVED, "model" => model).increment(r.saved.as_nanos());
+        counter_of(COST_SAVED, &[("model", model)]).increment(r.saved.as_nanos());
     }
     let cached = r.usage.cached_input_tokens.min(r.usage.input_tokens);
     if cached > 0 {
-        counter!(PROMPT_CACHE_TOKENS, "model" => model, "type" => "read").increment(cached);
+        counter_of(PROMPT_CACHE_TOKENS, &[("model", model), ("type", "read")]).increment(cached);
     }
     let written = r
         .usage
         .cache_write_tokens
         .min(r.usage.input_tokens - cached);
     if written > 0 {
-        counter!(PROMPT_CACHE_TOKENS, "model" => model, "type" => "write").increment(written);
+        counter_of(PROMPT_CACHE_TOKENS, &[("model", model), ("type", "write")]).increment(written);
     }
     if !r.prompt_cache_saved.is_zero() {
-        counter!(PROMPT_CACHE_SAVED, "model" => model).increment(r.prompt_cache_saved.as_nanos());
+        counter_of(PROMPT_CACHE_SAVED, &[("model", model)])
+            .increment(r.prompt_cache_saved.as_nanos());
     }
     if !r.prompt_cache_write_premium.is_zero() {
-        counter!(PROMPT_CACHE_WRITE_PREMIUM, "model" => model)
+        counter_of(PROMPT_CACHE_WRITE_PREMIUM, &[("model", model)])
             .increment(r.prompt_cache_write_premium.as_nanos());
     }
     if r.fallbacks > 0 {
-        counter!(FALLBACKS, "model" => model).increment(1);
+        counter_of(FALLBACKS, &[("model", model)]).increment(1);
     }
     if r.escalated {
-        counter!(ESCALATIONS, "model" => model).increment(1);
+        counter_of(ESCALATIONS, &[("model", model)]).increment(1);
     }
     if let (Outcome::Error(reason), Some(scope)) = (&r.outcome, r.refusal_scope) {
         match reason.as_str() {
-            "rate_limited" => counter!(LIMITER_REFUSALS, "scope" => scope.as_str()).increment(1),
-            "budget_exceeded" => counter!(BUDGET_REFUSALS, "scope" => scope.as_str()).increment(1),
+            "rate_limited" => {
+                counter_of(LIMITER_REFUSALS, &[("scope", scope.as_str())]).increment(1)
+            }
+            "budget_exceeded" => {
+                counter_of(BUDGET_REFUSALS, &[("scope", scope.as_str())]).increment(1)
+            }
             _ => {}
         }
     }
@@ -411,29 +526,49 @@ pub(crate) fn record_request(r: &UsageRecord) {
         counter!(CACHE_GUARD_REJECTIONS).increment(u64::from(r.guard_rejections));
     }
     if let Some(mode) = &r.degrade_mode {
-        counter!(DEGRADED, "mode" => MODES.get(mode)).increment(1);
+        counter_of(DEGRADED, &[("mode", MODES.get(mode))]).increment(1);
     }
 }
 
-/// Emits the metrics of one provider call.
-pub(crate) fn record_attempt(provider: &str, model: &str, status: &str, took: Duration) {
-    let provider = PROVIDERS.get(provider);
-    let model = MODELS.get(model);
-    counter!(ATTEMPTS, "provider" => provider, "model" => model, "status" => STATUSES.get(status))
-        .increment(1);
-    histogram!(ATTEMPT_DURATION, "provider" => provider, "model" => model)
-        .record(took.as_secs_f64());
+/// Emits the metrics of one provider call, labelled with interned labels (see
+/// [`provider_label`], [`model_label`]).
+pub(crate) fn record_attempt(
+    provider: &'static str,
+    model: &'static str,
+    status: &str,
+    took: Duration,
+) {
+    counter_of(
+        ATTEMPTS,
+        &[
+            ("provider", provider),
+            ("model", model),
+            ("status", STATUSES.get(status)),
+        ],
+    )
+    .increment(1);
+    histogram_of(
+        ATTEMPT_DURATION,
+        &[("provider", provider), ("model", model)],
+    )
+    .record(took.as_secs_f64());
 }
 
 /// Counts a stream recovery.
 pub(crate) fn record_stream_recovery(provider: &str, model: &str) {
-    counter!(STREAM_RECOVERIES, "provider" => PROVIDERS.get(provider), "model" => MODELS.get(model))
-        .increment(1);
+    counter_of(
+        STREAM_RECOVERIES,
+        &[
+            ("provider", PROVIDERS.get(provider)),
+            ("model", MODELS.get(model)),
+        ],
+    )
+    .increment(1);
 }
 
 /// Counts usage records a sink could not keep.
 pub(crate) fn record_dropped(sink: &'static str, reason: &'static str, n: u64) {
-    counter!(USAGE_RECORDS_DROPPED, "sink" => sink, "reason" => reason).increment(n);
+    counter_of(USAGE_RECORDS_DROPPED, &[("sink", sink), ("reason", reason)]).increment(n);
 }
 
 /// A request in flight: counted in `tokenwise_in_flight_requests` until dropped.
@@ -484,8 +619,14 @@ pub(crate) fn track_stream(stream: ChatStream, in_flight: InFlight) -> ChatStrea
 /// pipeline with circuit breakers calls this after every call through a breaker; a
 /// breaker of your own can call it too.
 pub fn record_breaker_state(provider: &str, model: &str, state: BreakerState) {
-    gauge!(BREAKER_STATE, "provider" => PROVIDERS.get(provider), "model" => MODELS.get(model))
-        .set(state.as_gauge());
+    gauge_of(
+        BREAKER_STATE,
+        &[
+            ("provider", PROVIDERS.get(provider)),
+            ("model", MODELS.get(model)),
+        ],
+    )
+    .set(state.as_gauge());
 }
 
 /// Sets the budget gauges (`tokenwise_budget_utilization_ratio`, `_spent_usd`,
@@ -522,6 +663,35 @@ pub fn record_budget_status(caps: &[CapStatus]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_built_once_still_reach_the_recorder_in_place() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let (provider, model) = (provider_label("p-keys"), model_label(Some("m-keys")));
+        // without a recorder: the key is built and kept
+        record_attempt(provider, model, "ok", Duration::from_millis(1));
+        let recorder = DebuggingRecorder::new();
+        let snap = recorder.snapshotter();
+        ::metrics::with_local_recorder(&recorder, || {
+            record_attempt(provider, model, "ok", Duration::from_millis(1));
+            record_attempt(provider, model, "ok", Duration::from_millis(1));
+        });
+        let counted: u64 = snap
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(k, ..)| k.key().name() == ATTEMPTS)
+            .map(|(.., v)| match v {
+                DebugValue::Counter(n) => n,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(counted, 2);
+        assert!(
+            KeyId::of(ATTEMPTS, &[("a", "b"); 4]).is_none(),
+            "past three labels"
+        );
+    }
 
     #[test]
     fn labels_are_bounded_and_truncated() {

@@ -90,8 +90,11 @@ pub(crate) fn finish(span: &tracing::Span, rec: &mut UsageRecord, finish: Option
     metrics::record_request(rec);
 }
 
-/// Records a finished request on its span.
+/// Records a finished request on its span (nothing when no subscriber takes it).
 pub(crate) fn record_on_span(span: &tracing::Span, r: &UsageRecord) {
+    if span.is_disabled() {
+        return;
+    }
     if let Some(p) = &r.provider {
         span.record("gen_ai.provider.name", p.as_str());
     }
@@ -153,8 +156,9 @@ pub(crate) struct Attempt {
     span: tracing::Span,
     clock: Arc<dyn Clock>,
     started: Timestamp,
-    provider: String,
-    model: String,
+    /// The metric labels, interned (see [`metrics`]).
+    provider: &'static str,
+    model: &'static str,
     done: bool,
 }
 
@@ -168,10 +172,9 @@ impl Attempt {
         number: u32,
         retry: u32,
     ) -> Self {
-        let name = format!("chat {}", model.name);
         let span = tracing::info_span!(
             "gen_ai.attempt",
-            "otel.name" = name.as_str(),
+            "otel.name" = Empty,
             "otel.kind" = "client",
             "otel.status_code" = Empty,
             "gen_ai.operation.name" = "chat",
@@ -187,12 +190,16 @@ impl Attempt {
             "tokenwise.stream" = Empty,
             "tokenwise.latency_ms" = Empty,
         );
+        // The name is formatted only when a subscriber takes the span.
+        if !span.is_disabled() {
+            span.record("otel.name", format!("chat {}", model.name).as_str());
+        }
         Attempt {
             span,
             clock: Arc::clone(clock),
             started: clock.now(),
-            provider: provider.to_owned(),
-            model: model.name.clone(),
+            provider: metrics::provider_label(provider),
+            model: metrics::model_label(Some(&model.name)),
             done: false,
         }
     }
@@ -233,7 +240,7 @@ impl Attempt {
             self.span.record("otel.status_code", "error");
             self.span.record("error.type", status);
         }
-        metrics::record_attempt(&self.provider, &self.model, status, took);
+        metrics::record_attempt(self.provider, self.model, status, took);
     }
 }
 

@@ -131,6 +131,7 @@ impl Inner {
                 let model = self.catalog.resolve(&name)?;
                 if plan.cache.is_some() {
                     plan.cache = CacheQuery::for_model(req, self.cache_scope, &model.name);
+                    plan.cache_keyed_tier = None;
                 }
                 plan.route = RoutePlan::new(vec![model]);
                 Ok(held)

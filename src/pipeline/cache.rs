@@ -74,9 +74,19 @@ impl StoredTiers {
     /// Up to [`MAX_HIGHER_TIERS`] stored tiers above `tier`, ascending.
     fn above(&self, tier: u8) -> impl Iterator<Item = u8> {
         let set = self.0.load(std::sync::atomic::Ordering::Relaxed);
-        (tier.saturating_add(1)..=63)
-            .filter(move |t| set & Self::bit(*t) != 0)
-            .take(MAX_HIGHER_TIERS)
+        // the stored tiers strictly above `tier`, lowest first, by their set bits
+        let mut rest = match tier {
+            t if t >= 63 => 0,
+            t => set & !((2u64 << t) - 1),
+        };
+        std::iter::from_fn(move || {
+            (rest != 0).then(|| {
+                let t = rest.trailing_zeros();
+                rest &= rest - 1;
+                u8::try_from(t).unwrap_or(63)
+            })
+        })
+        .take(MAX_HIGHER_TIERS)
     }
 }
 
@@ -166,10 +176,14 @@ impl Inner {
         let Some(tiers) = plan.cache_tier else {
             return Some(Cow::Borrowed(q));
         };
-        // derived afresh even for the primary's tier: a degrade mode may have re-keyed
-        // the plan's query for the cheaper model it switched to
         let tier = self.catalog.get(model).map_or(tiers.tier, |m| m.tier);
         self.cache_tiers.note(tier);
+        // the plan's own query while it is keyed for this tier; derived afresh
+        // otherwise (another tier, or a degrade mode re-keyed the plan's query for the
+        // cheaper model it switched to)
+        if plan.cache_keyed_tier == Some(tier) {
+            return Some(Cow::Borrowed(q));
+        }
         Some(Cow::Owned(tiers.query(q.clone(), tier)))
     }
 
@@ -206,6 +220,21 @@ impl Inner {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stored_tiers_above_a_tier() {
+        let tiers = super::StoredTiers::default();
+        for t in [0u8, 2, 5, 7, 9, 63, 200] {
+            tiers.note(t);
+        }
+        let above = |t: u8| tiers.above(t).collect::<Vec<_>>();
+        assert_eq!(above(0), [2, 5, 7]);
+        assert_eq!(above(5), [7, 9, 63]);
+        assert_eq!(above(9), [63]);
+        assert_eq!(above(62), [63]);
+        assert!(above(63).is_empty());
+        assert!(above(255).is_empty());
+    }
+
     #[test]
     fn tier_tags() {
         let mut buf = [0u8; 8];

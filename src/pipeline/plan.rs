@@ -31,6 +31,10 @@ pub(super) struct Plan {
     /// For a routed request, how `cache` was keyed: by the primary target's capability
     /// tier (see [`TierKeys`]).
     pub(super) cache_tier: Option<TierKeys>,
+    /// The capability tier `cache` is keyed for, while it is (a degrade mode that
+    /// re-keys the query clears it): an answer of that tier is stored under `cache`
+    /// itself, with no keys derived again.
+    pub(super) cache_keyed_tier: Option<u8>,
     /// False under `CacheMode::Refresh`: the answer is written, never read.
     pub(super) cache_read: bool,
     /// A semantic match a cache guard refused, reported on the answer.
@@ -123,6 +127,7 @@ impl Inner {
             prompt_cost,
             cache,
             cache_tier,
+            cache_keyed_tier: cache_tier.map(|t| t.tier),
             cache_read: req.meta.cache.mode == CacheMode::Use,
             guard_rejected: None,
             validated,

@@ -1,6 +1,6 @@
 //! Circuit breakers, one per target.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 

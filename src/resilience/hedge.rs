@@ -1,6 +1,8 @@
 //! Hedging: when the first target is slow, ask the next one too.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use hashbrown::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -54,10 +56,16 @@ impl Latencies {
     /// Records a successful call's latency.
     pub(crate) fn record(&self, target: &str, latency: Duration) {
         let mut map = self.lock();
-        if !map.contains_key(target) && map.len() >= 1_024 {
-            return;
+        if !map.contains_key(target) {
+            if map.len() >= 1_024 {
+                return;
+            }
+            map.insert(target.to_owned(), VecDeque::new());
         }
-        let q = map.entry(target.to_owned()).or_default();
+        // a known target's key is not allocated again
+        let Some(q) = map.get_mut(target) else {
+            return;
+        };
         if q.len() == SAMPLES {
             q.pop_front();
         }

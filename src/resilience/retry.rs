@@ -1,6 +1,6 @@
 //! Retries: exponential backoff with full jitter, Retry-After, and a retry budget.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -149,12 +149,16 @@ impl RetryBudget {
     pub fn deposit(&self, target: &str) {
         let now = self.clock.now().as_nanos();
         let mut map = self.lock();
-        if !map.contains_key(target) && map.len() >= 1_024 {
-            return;
+        if !map.contains_key(target) {
+            if map.len() >= 1_024 {
+                return;
+            }
+            map.insert(target.to_owned(), [Step::default(); STEPS]);
         }
-        let steps = map
-            .entry(target.to_owned())
-            .or_insert([Step::default(); STEPS]);
+        // a known target's key is not allocated again
+        let Some(steps) = map.get_mut(target) else {
+            return;
+        };
         Self::step(steps, now).calls += 1;
     }
 

@@ -1,7 +1,7 @@
 //! The model catalogue: what each model costs, how much it can read and write, and
 //! how capable it is.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
