@@ -28,6 +28,11 @@ const DEFAULT_KEY_REST: Duration = Duration::from_secs(1);
 /// parsed once; paths beyond this many (ones carrying ids) are parsed each time.
 const MAX_CACHED_URLS: usize = 8;
 
+/// `application/json`, made once.
+static JSON: HeaderValue = HeaderValue::from_static("application/json");
+/// `text/event-stream`, made once.
+static EVENT_STREAM: HeaderValue = HeaderValue::from_static("text/event-stream");
+
 /// [`DEFAULT_KEY_REST`] with its jitter.
 fn jittered_rest() -> Duration {
     use rand::Rng;
@@ -148,17 +153,13 @@ impl HttpCore {
         streaming: bool,
         tokens: u64,
     ) -> std::result::Result<(reqwest::Response, Sent), ProviderError> {
-        let accept = if streaming {
-            "text/event-stream"
-        } else {
-            "application/json"
-        };
-        self.send(
+        let accept = if streaming { &EVENT_STREAM } else { &JSON };
+        self.send_with(
             reqwest::Method::POST,
             path,
             model,
-            Some(("application/json", body)),
-            accept,
+            Some((JSON.clone(), body)),
+            accept.clone(),
             tokens,
         )
         .await
@@ -174,6 +175,32 @@ impl HttpCore {
         model: &str,
         body: Option<(&str, Vec<u8>)>,
         accept: &str,
+        tokens: u64,
+    ) -> std::result::Result<(reqwest::Response, Sent), ProviderError> {
+        let header = |v: &str| {
+            HeaderValue::from_str(v).map_err(|_| {
+                self.error(
+                    ProviderErrorKind::Connection,
+                    format!("sending the request: invalid header value `{v}`"),
+                )
+            })
+        };
+        let body = match body {
+            Some((content_type, body)) => Some((header(content_type)?, body)),
+            None => None,
+        };
+        self.send_with(method, path, model, body, header(accept)?, tokens)
+            .await
+    }
+
+    /// [`send`](Self::send) with the header values made.
+    async fn send_with(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        model: &str,
+        body: Option<(HeaderValue, Vec<u8>)>,
+        accept: HeaderValue,
         tokens: u64,
     ) -> std::result::Result<(reqwest::Response, Sent), ProviderError> {
         let start = Instant::now();
