@@ -45,6 +45,9 @@ pub(crate) struct HttpCore {
     pub(super) client: reqwest::Client,
     pub(super) base_url: String,
     pub(super) auth: Auth,
+    /// The authentication header's value for each key of `keys`, by its index, made
+    /// once (none for a key a header cannot carry).
+    pub(super) auth_values: Box<[Option<HeaderValue>]>,
     pub(super) headers: HeaderMap,
     pub(super) keys: Option<KeyPool>,
     pub(crate) deadlines: Deadlines,
@@ -228,20 +231,21 @@ impl HttpCore {
             .request(method, url)
             .header(reqwest::header::ACCEPT, accept);
         if let Some(lease) = &sent.key {
-            let (name, value) = match &self.auth {
-                Auth::Bearer => (
-                    reqwest::header::AUTHORIZATION,
-                    format!("Bearer {}", lease.key().expose_secret()),
-                ),
-                Auth::Header(n) => (n.clone(), lease.key().expose_secret().to_owned()),
+            let value = self
+                .auth_values
+                .get(lease.index())
+                .cloned()
+                .flatten()
+                .ok_or_else(|| {
+                    self.error(
+                        ProviderErrorKind::Auth,
+                        "the API key holds characters a header cannot carry",
+                    )
+                })?;
+            let name = match &self.auth {
+                Auth::Bearer => reqwest::header::AUTHORIZATION,
+                Auth::Header(n) => n.clone(),
             };
-            let mut value = HeaderValue::from_str(&value).map_err(|_| {
-                self.error(
-                    ProviderErrorKind::Auth,
-                    "the API key holds characters a header cannot carry",
-                )
-            })?;
-            value.set_sensitive(true);
             req = req.header(name, value);
         }
         for (name, value) in &self.headers {
