@@ -714,17 +714,6 @@ pub fn finish_reason(f: &FinishReason) -> &'static str {
     }
 }
 
-/// OpenAI's `usage` object.
-pub fn usage(u: &Usage) -> Value {
-    json!({
-        "prompt_tokens": u.input_tokens,
-        "completion_tokens": u.output_tokens,
-        "total_tokens": u.total(),
-        "prompt_tokens_details": {"cached_tokens": u.cached_input_tokens},
-        "completion_tokens_details": {"reasoning_tokens": 0},
-    })
-}
-
 /// A whole answer as a `chat.completion` object, serialised straight from the answer
 /// (no intermediate JSON tree: this runs on every call).
 pub fn completion(id: &str, created: u64, r: &ChatResponse) -> Vec<u8> {
@@ -871,66 +860,142 @@ pub struct Chunks {
 }
 
 impl Chunks {
-    fn chunk(&self, model: &str, choices: Value, usage: Option<Value>) -> Bytes {
-        let mut c = json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": model,
-            "system_fingerprint": null,
-            "choices": choices,
-        });
-        if self.include_usage {
-            c["usage"] = usage.unwrap_or(Value::Null);
+    /// One chunk as an SSE event, serialised straight from its parts (no JSON tree:
+    /// this runs for every piece of every stream).
+    fn chunk<C: Serialize>(&self, model: &str, choices: C, usage: Option<&Usage>) -> Bytes {
+        let body = ChunkOut {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model,
+            system_fingerprint: (),
+            choices,
+            usage: self.include_usage.then(|| usage.map(WireUsage::from)),
+        };
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(b"data: ");
+        // Serialising these types cannot fail (string keys, no maps of other keys).
+        if serde_json::to_writer(&mut out, &body).is_err() {
+            return Bytes::new();
         }
-        event(&c)
+        out.extend_from_slice(b"\n\n");
+        Bytes::from(out)
     }
 
-    fn delta(&self, delta: Value) -> Bytes {
+    fn delta<D: Serialize>(&self, delta: D) -> Bytes {
         self.chunk(
             &self.model,
-            json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]),
+            [ChoiceOut {
+                index: 0,
+                delta,
+                logprobs: (),
+                finish_reason: None,
+            }],
             None,
         )
     }
 
     /// The first chunk: the role.
     pub fn role(&self) -> Bytes {
-        self.delta(json!({"role": "assistant", "content": ""}))
+        #[derive(Serialize)]
+        struct RoleDelta {
+            role: &'static str,
+            content: &'static str,
+        }
+        self.delta(RoleDelta {
+            role: "assistant",
+            content: "",
+        })
     }
 
     /// More text.
     pub fn text(&self, text: &str) -> Bytes {
-        self.delta(json!({"content": text}))
+        #[derive(Serialize)]
+        struct TextDelta<'a> {
+            content: &'a str,
+        }
+        self.delta(TextDelta { content: text })
     }
 
     /// More of a tool call.
     pub fn tool_call(&self, d: &ToolCallDelta) -> Bytes {
-        let mut call = json!({"index": d.index, "function": {"arguments": d.arguments}});
-        if let Some(id) = &d.id {
-            call["id"] = json!(id);
-            call["type"] = json!("function");
+        #[derive(Serialize)]
+        struct Function<'a> {
+            arguments: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            name: Option<&'a str>,
         }
-        if let Some(name) = &d.name {
-            call["function"]["name"] = json!(name);
+        #[derive(Serialize)]
+        struct Call<'a> {
+            index: u32,
+            function: Function<'a>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            id: Option<&'a str>,
+            #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+            kind: Option<&'static str>,
         }
-        self.delta(json!({"tool_calls": [call]}))
+        #[derive(Serialize)]
+        struct CallsDelta<'a> {
+            tool_calls: [Call<'a>; 1],
+        }
+        self.delta(CallsDelta {
+            tool_calls: [Call {
+                index: d.index,
+                function: Function {
+                    arguments: &d.arguments,
+                    name: d.name.as_deref(),
+                },
+                id: d.id.as_deref(),
+                kind: d.id.as_ref().map(|_| "function"),
+            }],
+        })
     }
 
     /// The last chunk with a choice: the finish reason, and the model that answered.
     pub fn finish(&self, reason: &FinishReason, model: &str) -> Bytes {
         self.chunk(
             model,
-            json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason(reason)}]),
+            [ChoiceOut {
+                index: 0,
+                delta: EmptyObject {},
+                logprobs: (),
+                finish_reason: Some(finish_reason(reason)),
+            }],
             None,
         )
     }
 
     /// The usage chunk: no choices, the usage of the whole request.
     pub fn usage(&self, u: &Usage, model: &str) -> Bytes {
-        self.chunk(model, json!([]), Some(usage(u)))
+        self.chunk(model, [(); 0], Some(u))
     }
 }
+
+/// A `chat.completion.chunk` object.
+#[derive(Serialize)]
+struct ChunkOut<'a, C> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    system_fingerprint: (),
+    choices: C,
+    /// Only when the client asked for usage: then `null` but in the usage chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Option<WireUsage>>,
+}
+
+#[derive(Serialize)]
+struct ChoiceOut<D> {
+    index: u32,
+    delta: D,
+    logprobs: (),
+    finish_reason: Option<&'static str>,
+}
+
+/// `{}`.
+#[derive(Serialize)]
+struct EmptyObject {}
 
 /// One SSE event carrying `v`.
 pub fn event(v: &Value) -> Bytes {
@@ -1139,5 +1204,85 @@ mod tests {
         assert_eq!(format!("{p:?}"), format!("{:?}", parse_tree(body).unwrap()));
         assert!(p.stream && p.include_usage);
         assert_eq!(p.request.messages[1].content, "Hi é");
+    }
+
+    /// Each chunk, as the client reads it.
+    #[test]
+    fn chunks_have_openais_shape() {
+        use tokenwise::{FinishReason, ToolCallDelta, Usage};
+
+        use super::Chunks;
+        let parse = |b: bytes::Bytes| -> Value {
+            let text = std::str::from_utf8(&b).unwrap();
+            let json = text
+                .strip_prefix("data: ")
+                .unwrap()
+                .strip_suffix("\n\n")
+                .unwrap();
+            serde_json::from_str(json).unwrap()
+        };
+        let head = |usage: bool| {
+            let mut v = json!({"id": "c1", "object": "chat.completion.chunk", "created": 7,
+                "model": "m", "system_fingerprint": null});
+            if usage {
+                v["usage"] = Value::Null;
+            }
+            v
+        };
+        let with = |mut v: Value, choices: Value| {
+            v["choices"] = choices;
+            v
+        };
+        for include_usage in [false, true] {
+            let c = Chunks {
+                id: "c1".into(),
+                created: 7,
+                model: "m".into(),
+                include_usage,
+            };
+            let delta = |d: Value| {
+                with(
+                    head(include_usage),
+                    json!([{"index": 0, "delta": d, "logprobs": null, "finish_reason": null}]),
+                )
+            };
+            assert_eq!(
+                parse(c.role()),
+                delta(json!({"role": "assistant", "content": ""}))
+            );
+            assert_eq!(parse(c.text("a\"b")), delta(json!({"content": "a\"b"})));
+            let mut d = ToolCallDelta::new(1, "{\"x\":");
+            assert_eq!(
+                parse(c.tool_call(&d)),
+                delta(json!({"tool_calls": [{"index": 1, "function": {"arguments": "{\"x\":"}}]}))
+            );
+            d.id = Some("call_1".into());
+            d.name = Some("f".into());
+            assert_eq!(
+                parse(c.tool_call(&d)),
+                delta(
+                    json!({"tool_calls": [{"index": 1, "id": "call_1", "type": "function",
+                    "function": {"arguments": "{\"x\":", "name": "f"}}]})
+                )
+            );
+            let mut fin = with(
+                head(include_usage),
+                json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": "length"}]),
+            );
+            fin["model"] = json!("other");
+            assert_eq!(parse(c.finish(&FinishReason::Length, "other")), fin);
+        }
+        let c = Chunks {
+            id: "c1".into(),
+            created: 7,
+            model: "m".into(),
+            include_usage: true,
+        };
+        let u = Usage::new(10, 3).with_cached_input(4);
+        let mut want = with(head(true), json!([]));
+        want["usage"] = json!({"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13,
+            "prompt_tokens_details": {"cached_tokens": 4},
+            "completion_tokens_details": {"reasoning_tokens": 0}});
+        assert_eq!(parse(c.usage(&u, "m")), want);
     }
 }
