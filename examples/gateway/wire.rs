@@ -324,20 +324,20 @@ mod fast {
         stream_options: Option<StreamOptions>,
         // Accepted and ignored whatever their value (see `IGNORED`); read whole, so that
         // a body is refused or taken as the tree would.
-        #[serde(default)]
-        user: Option<Value>,
-        #[serde(default)]
-        metadata: Option<Value>,
-        #[serde(default)]
-        store: Option<Value>,
-        #[serde(default)]
-        service_tier: Option<Value>,
-        #[serde(default)]
-        safety_identifier: Option<Value>,
-        #[serde(default)]
-        prompt_cache_key: Option<Value>,
-        #[serde(default)]
-        parallel_tool_calls: Option<Value>,
+        #[serde(default, rename = "user")]
+        _user: Option<Value>,
+        #[serde(default, rename = "metadata")]
+        _metadata: Option<Value>,
+        #[serde(default, rename = "store")]
+        _store: Option<Value>,
+        #[serde(default, rename = "service_tier")]
+        _service_tier: Option<Value>,
+        #[serde(default, rename = "safety_identifier")]
+        _safety_identifier: Option<Value>,
+        #[serde(default, rename = "prompt_cache_key")]
+        _prompt_cache_key: Option<Value>,
+        #[serde(default, rename = "parallel_tool_calls")]
+        _parallel_tool_calls: Option<Value>,
     }
 
     #[derive(Deserialize)]
@@ -354,8 +354,8 @@ mod fast {
     struct StreamOptions {
         #[serde(default)]
         include_usage: Option<bool>,
-        #[serde(default)]
-        include_obfuscation: Option<Value>,
+        #[serde(default, rename = "include_obfuscation")]
+        _include_obfuscation: Option<Value>,
     }
 
     /// A whole number from 1 to `u32::MAX`, as `positive_u32` takes it.
