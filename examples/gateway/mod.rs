@@ -44,29 +44,30 @@ pub const LOG_ENV: &str = "TOKENWISE_GATEWAY_LOG";
 /// every event at `debug` and above, inside its request's span.
 pub fn init_logging() {
     use tracing::level_filters::LevelFilter;
-    use tracing_subscriber::filter::DynFilterFn;
     use tracing_subscriber::prelude::*;
     let verbose = std::env::var(LOG_ENV).is_ok_and(|v| v.trim().eq_ignore_ascii_case("debug"));
-    let layer = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_target(false);
+    macro_rules! layer {
+        () => {
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false)
+        };
+    }
     let registry = tracing_subscriber::registry();
     let done = if verbose {
         registry
-            .with(layer.with_filter(LevelFilter::DEBUG))
+            .with(layer!().with_filter(LevelFilter::DEBUG))
             .try_init()
     } else {
-        let wanted = |m: &tracing::Metadata<'_>| m.is_event() && *m.level() <= tracing::Level::INFO;
-        let filter = DynFilterFn::new(move |m, _| wanted(m)).with_callsite_filter(move |m| {
-            if wanted(m) {
-                tracing::subscriber::Interest::always()
-            } else {
-                tracing::subscriber::Interest::never()
-            }
-        });
-        registry
-            .with(layer.with_filter(filter).with_filter(LevelFilter::INFO))
-            .try_init()
+        // A global filter, decided once per callsite: spans are never enabled, so the
+        // pipeline's spans are not even created (a per-layer filter would leave them
+        // created in the registry, entered and recorded, only to be skipped by the
+        // layer).
+        let filter = tracing_subscriber::filter::filter_fn(|m| {
+            m.is_event() && *m.level() <= tracing::Level::INFO
+        })
+        .with_max_level_hint(LevelFilter::INFO);
+        registry.with(filter).with(layer!()).try_init()
     };
     if let Err(e) = done {
         eprintln!("logging is already set up: {e}");

@@ -148,7 +148,19 @@ fn positive_u32(v: &Value, param: &str) -> Result<u32, ApiError> {
 }
 
 /// Parses a chat completions request body.
+///
+/// The common request (text messages, the sampling parameters, `stream`) is read
+/// straight into its shape; any other body, and any body that is refused, is walked as
+/// a JSON tree, which gives the same request or names the parameter at fault.
 pub fn parse_chat(body: &[u8]) -> Result<Parsed, ApiError> {
+    match fast::parse(body) {
+        Some(parsed) => Ok(parsed),
+        None => parse_tree(body),
+    }
+}
+
+/// [`parse_chat`] through a JSON tree.
+fn parse_tree(body: &[u8]) -> Result<Parsed, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::invalid(
             "invalid_json",
@@ -274,6 +286,137 @@ pub fn parse_chat(body: &[u8]) -> Result<Parsed, ApiError> {
         stream,
         include_usage: stream && include_usage,
     })
+}
+
+/// The common request read straight into its shape, without a JSON tree. Gives up
+/// (`None`) on anything it does not take exactly as [`parse_tree`] does: a field it does
+/// not know, a value of another type or out of range, content parts, tool calls, a
+/// repeated field. The tree then decides.
+mod fast {
+    use std::borrow::Cow;
+
+    use serde::Deserialize;
+    use serde_json::Value;
+    use tokenwise::{ChatRequest, Message, Role};
+
+    use super::Parsed;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body<'a> {
+        #[serde(borrow, default)]
+        model: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        messages: Option<Vec<Msg<'a>>>,
+        #[serde(default)]
+        max_tokens: Option<u64>,
+        #[serde(default)]
+        max_completion_tokens: Option<u64>,
+        #[serde(default)]
+        temperature: Option<f64>,
+        #[serde(default)]
+        top_p: Option<f64>,
+        #[serde(default)]
+        seed: Option<u64>,
+        #[serde(default)]
+        stream: Option<bool>,
+        #[serde(default)]
+        stream_options: Option<StreamOptions>,
+        // Accepted and ignored whatever their value (see `IGNORED`); read whole, so that
+        // a body is refused or taken as the tree would.
+        #[serde(default, rename = "user")]
+        _user: Option<Value>,
+        #[serde(default, rename = "metadata")]
+        _metadata: Option<Value>,
+        #[serde(default, rename = "store")]
+        _store: Option<Value>,
+        #[serde(default, rename = "service_tier")]
+        _service_tier: Option<Value>,
+        #[serde(default, rename = "safety_identifier")]
+        _safety_identifier: Option<Value>,
+        #[serde(default, rename = "prompt_cache_key")]
+        _prompt_cache_key: Option<Value>,
+        #[serde(default, rename = "parallel_tool_calls")]
+        _parallel_tool_calls: Option<Value>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Msg<'a> {
+        #[serde(borrow)]
+        role: Cow<'a, str>,
+        #[serde(borrow, default)]
+        content: Option<Cow<'a, str>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct StreamOptions {
+        #[serde(default)]
+        include_usage: Option<bool>,
+        #[serde(default, rename = "include_obfuscation")]
+        _include_obfuscation: Option<Value>,
+    }
+
+    /// A whole number from 1 to `u32::MAX`, as `positive_u32` takes it.
+    fn positive(n: Option<u64>) -> Option<Option<u32>> {
+        match n {
+            None => Some(None),
+            Some(n) => u32::try_from(n).ok().filter(|n| *n > 0).map(Some),
+        }
+    }
+
+    /// A number within `lo..=hi`, as `number` takes it.
+    fn within(x: Option<f64>, lo: f64, hi: f64) -> Option<Option<f32>> {
+        match x {
+            None => Some(None),
+            Some(x) => (lo..=hi).contains(&x).then_some(Some(x as f32)),
+        }
+    }
+
+    pub(super) fn parse(body: &[u8]) -> Option<Parsed> {
+        let b: Body<'_> = serde_json::from_slice(body).ok()?;
+        let mut req = ChatRequest::new();
+        if let Some(m) = &b.model {
+            let m = m.trim();
+            if m.is_empty() {
+                return None;
+            }
+            if m != "auto" {
+                req.model = Some(m.to_owned());
+            }
+        }
+        let messages = b.messages?;
+        if messages.is_empty() {
+            return None;
+        }
+        req.messages.reserve_exact(messages.len());
+        for m in messages {
+            let text = m.content?.into_owned();
+            req.messages.push(match &*m.role {
+                "system" | "developer" => Message::new(Role::System, text),
+                "user" => Message::new(Role::User, text),
+                "assistant" => Message::assistant(text).with_tool_calls(Vec::new()),
+                _ => return None,
+            });
+        }
+        let max_tokens = positive(b.max_tokens)?;
+        let max_completion_tokens = positive(b.max_completion_tokens)?;
+        req.params.max_tokens = max_completion_tokens.or(max_tokens);
+        req.params.temperature = within(b.temperature, 0.0, 2.0)?;
+        req.params.top_p = within(b.top_p, 0.0, 1.0)?;
+        req.params.seed = b.seed;
+        let stream = b.stream.unwrap_or(false);
+        let include_usage = b
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        Some(Parsed {
+            request: req,
+            stream,
+            include_usage: stream && include_usage,
+        })
+    }
 }
 
 /// Text content: a string, or an array of text parts joined by newlines.
@@ -571,17 +714,6 @@ pub fn finish_reason(f: &FinishReason) -> &'static str {
     }
 }
 
-/// OpenAI's `usage` object.
-pub fn usage(u: &Usage) -> Value {
-    json!({
-        "prompt_tokens": u.input_tokens,
-        "completion_tokens": u.output_tokens,
-        "total_tokens": u.total(),
-        "prompt_tokens_details": {"cached_tokens": u.cached_input_tokens},
-        "completion_tokens_details": {"reasoning_tokens": 0},
-    })
-}
-
 /// A whole answer as a `chat.completion` object, serialised straight from the answer
 /// (no intermediate JSON tree: this runs on every call).
 pub fn completion(id: &str, created: u64, r: &ChatResponse) -> Vec<u8> {
@@ -606,8 +738,21 @@ pub fn completion(id: &str, created: u64, r: &ChatResponse) -> Vec<u8> {
         usage: WireUsage::from(&r.usage),
         system_fingerprint: (),
     };
+    // Room for the whole object at once (the fixed parts are about 330 bytes).
+    let size = 384
+        + id.len()
+        + r.model.len()
+        + r.content.len()
+        + r.tool_calls
+            .iter()
+            .map(|c| 64 + c.id.len() + c.name.len() + c.arguments.len())
+            .sum::<usize>();
+    let mut out = Vec::with_capacity(size.min(1 << 20));
     // Serialising these types cannot fail (string keys, no maps of other keys).
-    serde_json::to_vec(&body).unwrap_or_default()
+    match serde_json::to_writer(&mut out, &body) {
+        Ok(()) => out,
+        Err(_) => Vec::new(),
+    }
 }
 
 #[derive(Serialize)]
@@ -715,66 +860,142 @@ pub struct Chunks {
 }
 
 impl Chunks {
-    fn chunk(&self, model: &str, choices: Value, usage: Option<Value>) -> Bytes {
-        let mut c = json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": model,
-            "system_fingerprint": null,
-            "choices": choices,
-        });
-        if self.include_usage {
-            c["usage"] = usage.unwrap_or(Value::Null);
+    /// One chunk as an SSE event, serialised straight from its parts (no JSON tree:
+    /// this runs for every piece of every stream).
+    fn chunk<C: Serialize>(&self, model: &str, choices: C, usage: Option<&Usage>) -> Bytes {
+        let body = ChunkOut {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model,
+            system_fingerprint: (),
+            choices,
+            usage: self.include_usage.then(|| usage.map(WireUsage::from)),
+        };
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(b"data: ");
+        // Serialising these types cannot fail (string keys, no maps of other keys).
+        if serde_json::to_writer(&mut out, &body).is_err() {
+            return Bytes::new();
         }
-        event(&c)
+        out.extend_from_slice(b"\n\n");
+        Bytes::from(out)
     }
 
-    fn delta(&self, delta: Value) -> Bytes {
+    fn delta<D: Serialize>(&self, delta: D) -> Bytes {
         self.chunk(
             &self.model,
-            json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]),
+            [ChoiceOut {
+                index: 0,
+                delta,
+                logprobs: (),
+                finish_reason: None,
+            }],
             None,
         )
     }
 
     /// The first chunk: the role.
     pub fn role(&self) -> Bytes {
-        self.delta(json!({"role": "assistant", "content": ""}))
+        #[derive(Serialize)]
+        struct RoleDelta {
+            role: &'static str,
+            content: &'static str,
+        }
+        self.delta(RoleDelta {
+            role: "assistant",
+            content: "",
+        })
     }
 
     /// More text.
     pub fn text(&self, text: &str) -> Bytes {
-        self.delta(json!({"content": text}))
+        #[derive(Serialize)]
+        struct TextDelta<'a> {
+            content: &'a str,
+        }
+        self.delta(TextDelta { content: text })
     }
 
     /// More of a tool call.
     pub fn tool_call(&self, d: &ToolCallDelta) -> Bytes {
-        let mut call = json!({"index": d.index, "function": {"arguments": d.arguments}});
-        if let Some(id) = &d.id {
-            call["id"] = json!(id);
-            call["type"] = json!("function");
+        #[derive(Serialize)]
+        struct Function<'a> {
+            arguments: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            name: Option<&'a str>,
         }
-        if let Some(name) = &d.name {
-            call["function"]["name"] = json!(name);
+        #[derive(Serialize)]
+        struct Call<'a> {
+            index: u32,
+            function: Function<'a>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            id: Option<&'a str>,
+            #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+            kind: Option<&'static str>,
         }
-        self.delta(json!({"tool_calls": [call]}))
+        #[derive(Serialize)]
+        struct CallsDelta<'a> {
+            tool_calls: [Call<'a>; 1],
+        }
+        self.delta(CallsDelta {
+            tool_calls: [Call {
+                index: d.index,
+                function: Function {
+                    arguments: &d.arguments,
+                    name: d.name.as_deref(),
+                },
+                id: d.id.as_deref(),
+                kind: d.id.as_ref().map(|_| "function"),
+            }],
+        })
     }
 
     /// The last chunk with a choice: the finish reason, and the model that answered.
     pub fn finish(&self, reason: &FinishReason, model: &str) -> Bytes {
         self.chunk(
             model,
-            json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason(reason)}]),
+            [ChoiceOut {
+                index: 0,
+                delta: EmptyObject {},
+                logprobs: (),
+                finish_reason: Some(finish_reason(reason)),
+            }],
             None,
         )
     }
 
     /// The usage chunk: no choices, the usage of the whole request.
     pub fn usage(&self, u: &Usage, model: &str) -> Bytes {
-        self.chunk(model, json!([]), Some(usage(u)))
+        self.chunk(model, [(); 0], Some(u))
     }
 }
+
+/// A `chat.completion.chunk` object.
+#[derive(Serialize)]
+struct ChunkOut<'a, C> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    system_fingerprint: (),
+    choices: C,
+    /// Only when the client asked for usage: then `null` but in the usage chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Option<WireUsage>>,
+}
+
+#[derive(Serialize)]
+struct ChoiceOut<D> {
+    index: u32,
+    delta: D,
+    logprobs: (),
+    finish_reason: Option<&'static str>,
+}
+
+/// `{}`.
+#[derive(Serialize)]
+struct EmptyObject {}
 
 /// One SSE event carrying `v`.
 pub fn event(v: &Value) -> Bytes {
@@ -783,3 +1004,285 @@ pub fn event(v: &Value) -> Bytes {
 
 /// The end of a complete stream.
 pub const DONE: &[u8] = b"data: [DONE]\n\n";
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value, json};
+
+    use super::{fast, parse_tree};
+
+    /// Values of every kind, including the edges the parameters check.
+    fn value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            prop_oneof![
+                Just(0i64),
+                Just(1),
+                Just(2),
+                Just(-1),
+                Just(i64::from(u32::MAX)),
+                Just(i64::from(u32::MAX) + 1),
+            ]
+            .prop_map(Value::from),
+            prop_oneof![Just(0.5f64), Just(1.0), Just(2.5), Just(-0.0), Just(1e300)]
+                .prop_map(Value::from),
+            prop_oneof![
+                Just("auto"),
+                Just(" gpt-4o-mini "),
+                Just(""),
+                Just("  "),
+                Just("héllo \u{1F600}"),
+                Just("a\"b\\\\c\\n"),
+            ]
+            .prop_map(Value::from),
+            Just(json!([{"type": "text", "text": "hi"}])),
+            Just(json!({"include_usage": true})),
+            Just(json!({"include_usage": null, "include_obfuscation": false})),
+            Just(json!({"include_usage": 1})),
+            Just(json!({"other": true})),
+        ]
+    }
+
+    fn text() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(json!("Hi")),
+            Just(json!("héllo \u{1F600}")),
+            Just(json!("a\"b\\c\n")),
+            Just(json!("")),
+        ]
+    }
+
+    fn message() -> impl Strategy<Value = Value> {
+        let role = prop_oneof![
+            8 => proptest::sample::select(vec!["system", "developer", "user", "assistant"])
+                .prop_map(Value::from),
+            1 => Just(json!("tool")),
+            1 => value(),
+        ];
+        let content = prop_oneof![8 => text(), 2 => value()];
+        let extra = proptest::option::weighted(
+            0.1,
+            (
+                proptest::sample::select(vec!["name", "tool_call_id", "refusal", "oops"]),
+                value(),
+            ),
+        );
+        (
+            proptest::option::weighted(0.97, role),
+            proptest::option::weighted(0.95, content),
+            extra,
+        )
+            .prop_map(|(role, content, extra)| {
+                let mut m = Map::new();
+                if let Some(r) = role {
+                    m.insert("role".into(), r);
+                }
+                if let Some(c) = content {
+                    m.insert("content".into(), c);
+                }
+                if let Some((k, v)) = extra {
+                    m.insert(k.into(), v);
+                }
+                Value::Object(m)
+            })
+    }
+
+    /// A top-level field, mostly with a value of its type.
+    fn field() -> impl Strategy<Value = (&'static str, Value)> {
+        let typed = prop_oneof![
+            text().prop_map(|v| ("model", v)),
+            prop_oneof![
+                Just(json!("auto")),
+                Just(json!(" gpt-4o-mini ")),
+                Just(json!("  "))
+            ]
+            .prop_map(|v| ("model", v)),
+            (0u64..3).prop_map(|n| ("max_tokens", json!(n))),
+            (0u64..3).prop_map(|n| ("max_completion_tokens", json!(n))),
+            (-1.0f64..3.0).prop_map(|x| ("temperature", json!(x))),
+            (0u8..3).prop_map(|x| ("temperature", json!(x))),
+            (-0.5f64..1.5).prop_map(|x| ("top_p", json!(x))),
+            any::<u64>().prop_map(|n| ("seed", json!(n))),
+            any::<bool>().prop_map(|b| ("stream", json!(b))),
+            any::<bool>().prop_map(|b| ("stream_options", json!({"include_usage": b}))),
+            text().prop_map(|v| ("user", v)),
+        ];
+        let any_field = (proptest::sample::select(FIELDS), value());
+        prop_oneof![8 => typed, 2 => any_field]
+    }
+
+    const FIELDS: &[&str] = &[
+        "model",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "stream",
+        "stream_options",
+        "user",
+        "metadata",
+        "n",
+        "stop",
+        "max_token",
+    ];
+
+    /// Request bodies: mostly well-formed, some with wrong types, unknown fields,
+    /// repeated fields or a byte changed.
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        let fields = proptest::collection::vec(field(), 0..6);
+        let messages = proptest::option::weighted(
+            0.97,
+            prop_oneof![
+                9 => proptest::collection::vec(message(), 0..4).prop_map(Value::from),
+                1 => value(),
+            ],
+        );
+        (fields, messages, 0u8..20, any::<usize>(), any::<u8>()).prop_map(
+            |(fields, messages, twist, at, byte)| {
+                let mut o = Map::new();
+                for (k, v) in fields {
+                    o.insert(k.to_owned(), v);
+                }
+                if let Some(m) = messages {
+                    o.insert("messages".into(), m);
+                }
+                let mut b = Value::Object(o).to_string().into_bytes();
+                match twist {
+                    // A repeated field: the tree keeps the last.
+                    0 => {
+                        b.pop();
+                        b.extend_from_slice(br#","model":"again"}"#);
+                    }
+                    1 if !b.is_empty() => {
+                        let i = at % b.len();
+                        b[i] = byte;
+                    }
+                    _ => {}
+                }
+                b
+            },
+        )
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_the_tree() {
+        let mut runner = proptest::test_runner::TestRunner::new(
+            proptest::test_runner::Config::with_cases(20_000),
+        );
+        let taken = std::cell::Cell::new(0u32);
+        runner
+            .run(&body(), |b| {
+                if let Some(p) = fast::parse(&b) {
+                    taken.set(taken.get() + 1);
+                    let tree = parse_tree(&b);
+                    prop_assert!(
+                        tree.is_ok(),
+                        "{:?} refused: {tree:?}",
+                        String::from_utf8_lossy(&b)
+                    );
+                    prop_assert_eq!(
+                        format!("{:?}", Some(&p)),
+                        format!("{:?}", tree.as_ref().ok())
+                    );
+                }
+                Ok(())
+            })
+            .unwrap();
+        // The generator reaches the fast path often enough for the comparison to mean
+        // something.
+        let taken = taken.get();
+        assert!(taken > 1_000, "only {taken} bodies took the fast path");
+    }
+
+    #[test]
+    fn the_fast_path_takes_the_common_request() {
+        let body = br#"{"model":"gpt-4o-mini","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Hi \u00e9"}],"max_tokens":50,"temperature":0.7,"stream":true,"stream_options":{"include_usage":true},"user":"u1"}"#;
+        let p = fast::parse(body).expect("the fast path takes it");
+        assert_eq!(format!("{p:?}"), format!("{:?}", parse_tree(body).unwrap()));
+        assert!(p.stream && p.include_usage);
+        assert_eq!(p.request.messages[1].content, "Hi é");
+    }
+
+    /// Each chunk, as the client reads it.
+    #[test]
+    fn chunks_have_openais_shape() {
+        use tokenwise::{FinishReason, ToolCallDelta, Usage};
+
+        use super::Chunks;
+        let parse = |b: bytes::Bytes| -> Value {
+            let text = std::str::from_utf8(&b).unwrap();
+            let json = text
+                .strip_prefix("data: ")
+                .unwrap()
+                .strip_suffix("\n\n")
+                .unwrap();
+            serde_json::from_str(json).unwrap()
+        };
+        let head = |usage: bool| {
+            let mut v = json!({"id": "c1", "object": "chat.completion.chunk", "created": 7,
+                "model": "m", "system_fingerprint": null});
+            if usage {
+                v["usage"] = Value::Null;
+            }
+            v
+        };
+        let with = |mut v: Value, choices: Value| {
+            v["choices"] = choices;
+            v
+        };
+        for include_usage in [false, true] {
+            let c = Chunks {
+                id: "c1".into(),
+                created: 7,
+                model: "m".into(),
+                include_usage,
+            };
+            let delta = |d: Value| {
+                with(
+                    head(include_usage),
+                    json!([{"index": 0, "delta": d, "logprobs": null, "finish_reason": null}]),
+                )
+            };
+            assert_eq!(
+                parse(c.role()),
+                delta(json!({"role": "assistant", "content": ""}))
+            );
+            assert_eq!(parse(c.text("a\"b")), delta(json!({"content": "a\"b"})));
+            let mut d = ToolCallDelta::new(1, "{\"x\":");
+            assert_eq!(
+                parse(c.tool_call(&d)),
+                delta(json!({"tool_calls": [{"index": 1, "function": {"arguments": "{\"x\":"}}]}))
+            );
+            d.id = Some("call_1".into());
+            d.name = Some("f".into());
+            assert_eq!(
+                parse(c.tool_call(&d)),
+                delta(
+                    json!({"tool_calls": [{"index": 1, "id": "call_1", "type": "function",
+                    "function": {"arguments": "{\"x\":", "name": "f"}}]})
+                )
+            );
+            let mut fin = with(
+                head(include_usage),
+                json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": "length"}]),
+            );
+            fin["model"] = json!("other");
+            assert_eq!(parse(c.finish(&FinishReason::Length, "other")), fin);
+        }
+        let c = Chunks {
+            id: "c1".into(),
+            created: 7,
+            model: "m".into(),
+            include_usage: true,
+        };
+        let u = Usage::new(10, 3).with_cached_input(4);
+        let mut want = with(head(true), json!([]));
+        want["usage"] = json!({"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13,
+            "prompt_tokens_details": {"cached_tokens": 4},
+            "completion_tokens_details": {"reasoning_tokens": 0}});
+        assert_eq!(parse(c.usage(&u, "m")), want);
+    }
+}

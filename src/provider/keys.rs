@@ -267,6 +267,11 @@ impl fmt::Debug for KeyPool {
 }
 
 impl KeyPool {
+    /// The keys, in the order of their [`KeyLease::index`].
+    pub(crate) fn all_keys(&self) -> &[ApiKey] {
+        &self.inner.keys
+    }
+
     /// A pool of `keys` (1 to [`MAX_KEYS`], none blank), all ready, on tokio's clock.
     pub fn new(keys: impl IntoIterator<Item = ApiKey>) -> Result<Self> {
         let keys: Vec<ApiKey> = keys.into_iter().take(MAX_KEYS + 1).collect();

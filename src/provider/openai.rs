@@ -5,7 +5,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde::ser::{SerializeMap, SerializeSeq};
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{Value, json};
 
 use super::http::{
@@ -191,94 +193,77 @@ impl OpenAiCompatible {
         &self.inner.core
     }
 
+    /// The request body, serialised straight from the borrowed request (no JSON tree in
+    /// between: this runs on every call).
     pub(crate) fn body(&self, call: &ProviderCall<'_>, streaming: bool) -> Result<Vec<u8>> {
         let req = call.request;
         let p = &req.params;
-        let mut messages: Vec<Value> = Vec::with_capacity(req.messages.len() + 1);
         let docs = documents_text(&req.documents);
-        let mut docs_placed = docs.is_none();
-        for m in &req.messages {
-            if !docs_placed && m.role != Role::System {
-                messages.push(json!({"role": "system", "content": docs}));
-                docs_placed = true;
-            }
-            messages.push(wire_message(m));
-        }
-        if !docs_placed {
-            messages.push(json!({"role": "system", "content": docs}));
-        }
-        let mut body = json!({
-            "model": call.model.name,
-            "messages": messages,
-        });
-        let obj = match body.as_object_mut() {
-            Some(o) => o,
-            None => return Err(Error::InvalidRequest("request body".into())),
+        let (max_completion_tokens, max_tokens) = match self.inner.max_tokens_field {
+            MaxTokensField::MaxCompletionTokens => (p.max_tokens, None),
+            MaxTokensField::MaxTokens => (None, p.max_tokens),
         };
-        if let Some(n) = p.max_tokens {
-            let field = match self.inner.max_tokens_field {
-                MaxTokensField::MaxCompletionTokens => "max_completion_tokens",
-                MaxTokensField::MaxTokens => "max_tokens",
-            };
-            obj.insert(field.into(), n.into());
-        }
-        if let Some(t) = p.temperature {
-            obj.insert("temperature".into(), json!(t));
-        }
-        if let Some(t) = p.top_p {
-            obj.insert("top_p".into(), json!(t));
-        }
-        if !p.stop.is_empty() {
-            obj.insert("stop".into(), json!(p.stop));
-        }
-        if let Some(s) = p.seed {
-            obj.insert("seed".into(), s.into());
-        }
-        if let Some(f) = &p.response_format {
-            let v = match f {
-                ResponseFormat::Text => json!({"type": "text"}),
-                ResponseFormat::JsonObject => json!({"type": "json_object"}),
-                ResponseFormat::JsonSchema { name, schema } => json!({
-                    "type": "json_schema",
-                    "json_schema": {"name": name, "schema": schema, "strict": true},
-                }),
-            };
-            obj.insert("response_format".into(), v);
-        }
-        if !p.tools.is_empty() {
-            let tools: Vec<Value> = p
-                .tools
-                .iter()
-                .map(|t| {
-                    let mut f = json!({"name": t.name, "parameters": parameters(&t.parameters)});
-                    if !t.description.is_empty() {
-                        f["description"] = json!(t.description);
-                    }
-                    json!({"type": "function", "function": f})
-                })
-                .collect();
-            obj.insert("tools".into(), tools.into());
-        }
-        if let Some(choice) = &p.tool_choice {
-            let v = match choice.as_str() {
-                "auto" | "none" | "required" => json!(choice),
-                name => json!({"type": "function", "function": {"name": name}}),
-            };
-            obj.insert("tool_choice".into(), v);
-        }
-        if self.inner.prompt_cache_key {
-            if let Some(key) = super::prompt_cache::prompt_cache_key(req) {
-                obj.insert("prompt_cache_key".into(), key.into());
+        let prompt_cache_key = if self.inner.prompt_cache_key {
+            super::prompt_cache::prompt_cache_key(req)
+        } else {
+            None
+        };
+        let body = WireRequest {
+            model: &call.model.name,
+            messages: WireMessages {
+                messages: &req.messages,
+                docs: docs.as_deref(),
+            },
+            max_completion_tokens,
+            max_tokens,
+            temperature: p.temperature,
+            top_p: p.top_p,
+            stop: &p.stop,
+            seed: p.seed,
+            response_format: p.response_format.as_ref().map(WireFormat),
+            tools: WireTools(&p.tools),
+            tool_choice: p.tool_choice.as_deref().map(WireToolChoice),
+            prompt_cache_key,
+            stream: streaming.then_some(true),
+            stream_options: (streaming && self.inner.stream_usage).then_some(StreamOptions {
+                include_usage: true,
+            }),
+        };
+        // Room for the messages and some: one allocation for a typical request.
+        let size = req
+            .messages
+            .iter()
+            .map(|m| m.content.len() + 64)
+            .sum::<usize>()
+            + docs.as_ref().map_or(0, String::len)
+            + 256;
+        let mut out = Vec::with_capacity(size.min(1 << 20));
+        serde_json::to_writer(&mut out, &body)
+            .map_err(|e| Error::InvalidRequest(format!("the request cannot be encoded: {e}")))?;
+        Ok(out)
+    }
+
+    /// The answer in `body`, with the usage the API reported (not yet checked). The
+    /// body is read straight into the answer's shape; a body that does not give an
+    /// answer that way (an error payload, a wrong shape, invalid JSON, no choices) goes
+    /// through a JSON tree, to be classified or reported as
+    /// [`parse_response`](Self::parse_response) does. Fields tokenwise ignores are
+    /// skipped unchecked: a stray byte inside one does not refuse the answer.
+    pub(crate) fn parse_body(
+        &self,
+        call: &ProviderCall<'_>,
+        body: &[u8],
+        status: u16,
+    ) -> std::result::Result<(ChatResponse, Option<Usage>), ProviderError> {
+        if let Ok(w) = serde_json::from_slice::<WireResponse>(body) {
+            if w.error.is_none() {
+                if let Ok(answer) = self.answer(call, w, status) {
+                    return Ok(answer);
+                }
             }
         }
-        if streaming {
-            obj.insert("stream".into(), true.into());
-            if self.inner.stream_usage {
-                obj.insert("stream_options".into(), json!({"include_usage": true}));
-            }
-        }
-        serde_json::to_vec(&body)
-            .map_err(|e| Error::InvalidRequest(format!("the request cannot be encoded: {e}")))
+        let v = self.inner.core.parse_json(status, body)?;
+        self.parse_response(call, v, status)
     }
 
     /// The answer in `v`, with the usage the API reported (not yet checked).
@@ -288,13 +273,29 @@ impl OpenAiCompatible {
         v: Value,
         status: u16,
     ) -> std::result::Result<(ChatResponse, Option<Usage>), ProviderError> {
+        let w: WireResponse = serde_json::from_value(v).map_err(|e| {
+            self.inner
+                .core
+                .error(
+                    ProviderErrorKind::InvalidResponse,
+                    format!("unexpected response shape: {e}"),
+                )
+                .with_status(status)
+        })?;
+        self.answer(call, w, status)
+    }
+
+    fn answer(
+        &self,
+        call: &ProviderCall<'_>,
+        w: WireResponse,
+        status: u16,
+    ) -> std::result::Result<(ChatResponse, Option<Usage>), ProviderError> {
         let core = &self.inner.core;
         let invalid = |m: String| {
             core.error(ProviderErrorKind::InvalidResponse, m)
                 .with_status(status)
         };
-        let w: WireResponse = serde_json::from_value(v)
-            .map_err(|e| invalid(format!("unexpected response shape: {e}")))?;
         let choice = w
             .choices
             .into_iter()
@@ -351,9 +352,8 @@ impl OpenAiCompatible {
         let core = &self.inner.core;
         let status = resp.status().as_u16();
         let bytes = core.read_body(resp, sent).await?;
-        let v = core.parse_json(status, &bytes)?;
+        let (r, reported) = self.parse_body(call, &bytes, status)?;
         drop(bytes);
-        let (r, reported) = self.parse_response(call, v, status)?;
         Ok(core.settle_answer(call, r, reported, sent).await)
     }
 
@@ -555,35 +555,241 @@ impl Provider for OpenAiCompatible {
     }
 }
 
-fn wire_message(m: &crate::types::Message) -> Value {
-    let role = match m.role {
-        Role::System => "system",
-        Role::User => "user",
-        Role::Assistant => "assistant",
-        Role::Tool => "tool",
-    };
-    let mut v = json!({"role": role, "content": m.content});
-    if !m.tool_calls.is_empty() {
-        let calls: Vec<Value> = m
-            .tool_calls
-            .iter()
-            .map(|c| {
-                json!({
-                    "id": c.id,
-                    "type": "function",
-                    "function": {"name": c.name, "arguments": c.arguments},
-                })
-            })
-            .collect();
-        v["tool_calls"] = calls.into();
-        if m.content.is_empty() {
-            v["content"] = Value::Null;
+/// A chat completions request, borrowed from the [`ChatRequest`](crate::ChatRequest).
+#[derive(Serialize)]
+struct WireRequest<'a> {
+    model: &'a str,
+    messages: WireMessages<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_completion_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f32>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<WireFormat<'a>>,
+    #[serde(skip_serializing_if = "WireTools::is_empty")]
+    tools: WireTools<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<WireToolChoice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_cache_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+/// The messages, with the documents as a system message before the first message that
+/// is not one (or last, when all are).
+struct WireMessages<'a> {
+    messages: &'a [crate::types::Message],
+    docs: Option<&'a str>,
+}
+
+impl Serialize for WireMessages<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let docs = self.docs.map(|d| OutMessage {
+            role: "system",
+            content: Some(d),
+            tool_calls: None,
+            tool_call_id: None,
+        });
+        let mut seq = s.serialize_seq(Some(self.messages.len() + usize::from(docs.is_some())))?;
+        let mut docs = docs;
+        for m in self.messages {
+            if m.role != Role::System {
+                if let Some(d) = docs.take() {
+                    seq.serialize_element(&d)?;
+                }
+            }
+            seq.serialize_element(&OutMessage::from(m))?;
+        }
+        if let Some(d) = docs {
+            seq.serialize_element(&d)?;
+        }
+        seq.end()
+    }
+}
+
+#[derive(Serialize)]
+struct OutMessage<'a> {
+    role: &'static str,
+    /// `null` for an assistant message that only calls tools.
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<WireCalls<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_call_id: Option<&'a str>,
+}
+
+impl<'a> From<&'a crate::types::Message> for OutMessage<'a> {
+    fn from(m: &'a crate::types::Message) -> Self {
+        let role = match m.role {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        };
+        let calls = !m.tool_calls.is_empty();
+        OutMessage {
+            role,
+            content: (!calls || !m.content.is_empty()).then_some(m.content.as_str()),
+            tool_calls: calls.then_some(WireCalls(&m.tool_calls)),
+            tool_call_id: m.tool_call_id.as_deref(),
         }
     }
-    if let Some(id) = &m.tool_call_id {
-        v["tool_call_id"] = json!(id);
+}
+
+/// An assistant message's tool calls.
+struct WireCalls<'a>(&'a [ToolCall]);
+
+impl Serialize for WireCalls<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Function<'a> {
+            name: &'a str,
+            arguments: &'a str,
+        }
+        #[derive(Serialize)]
+        struct Call<'a> {
+            id: &'a str,
+            #[serde(rename = "type")]
+            kind: &'static str,
+            function: Function<'a>,
+        }
+        s.collect_seq(self.0.iter().map(|c| Call {
+            id: &c.id,
+            kind: "function",
+            function: Function {
+                name: &c.name,
+                arguments: &c.arguments,
+            },
+        }))
     }
-    v
+}
+
+/// The tools offered.
+struct WireTools<'a>(&'a [crate::types::Tool]);
+
+impl WireTools<'_> {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Serialize for WireTools<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Function<'a> {
+            name: &'a str,
+            #[serde(skip_serializing_if = "str::is_empty")]
+            description: &'a str,
+            parameters: Parameters<'a>,
+        }
+        #[derive(Serialize)]
+        struct Tool<'a> {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            function: Function<'a>,
+        }
+        s.collect_seq(self.0.iter().map(|t| Tool {
+            kind: "function",
+            function: Function {
+                name: &t.name,
+                description: &t.description,
+                parameters: Parameters(&t.parameters),
+            },
+        }))
+    }
+}
+
+/// A tool's parameters, as [`parameters`] gives them, without copying.
+struct Parameters<'a>(&'a Value);
+
+impl Serialize for Parameters<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        if self.0.is_null() {
+            let mut m = s.serialize_map(Some(2))?;
+            m.serialize_entry("type", "object")?;
+            m.serialize_entry("properties", &Empty)?;
+            m.end()
+        } else {
+            self.0.serialize(s)
+        }
+    }
+}
+
+/// `{}`.
+struct Empty;
+
+impl Serialize for Empty {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_map(Some(0))?.end()
+    }
+}
+
+/// `response_format`.
+struct WireFormat<'a>(&'a ResponseFormat);
+
+impl Serialize for WireFormat<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Schema<'a> {
+            name: &'a str,
+            schema: &'a Value,
+            strict: bool,
+        }
+        let mut m = s.serialize_map(None)?;
+        match self.0 {
+            ResponseFormat::Text => m.serialize_entry("type", "text")?,
+            ResponseFormat::JsonObject => m.serialize_entry("type", "json_object")?,
+            ResponseFormat::JsonSchema { name, schema } => {
+                m.serialize_entry("type", "json_schema")?;
+                m.serialize_entry(
+                    "json_schema",
+                    &Schema {
+                        name,
+                        schema,
+                        strict: true,
+                    },
+                )?;
+            }
+        }
+        m.end()
+    }
+}
+
+/// `tool_choice`: a mode, or the function to call.
+struct WireToolChoice<'a>(&'a str);
+
+impl Serialize for WireToolChoice<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Name<'a> {
+            name: &'a str,
+        }
+        match self.0 {
+            mode @ ("auto" | "none" | "required") => s.serialize_str(mode),
+            name => {
+                let mut m = s.serialize_map(Some(2))?;
+                m.serialize_entry("type", "function")?;
+                m.serialize_entry("function", &Name { name })?;
+                m.end()
+            }
+        }
+    }
 }
 
 /// A tool's parameters, defaulting to an object with no properties.
@@ -618,6 +824,9 @@ fn finish_reason(s: &str) -> FinishReason {
 struct WireResponse {
     #[serde(default)]
     choices: Vec<WireChoice>,
+    /// Present and not `null` on an error payload, which is classified instead.
+    #[serde(default)]
+    error: Option<IgnoredAny>,
     #[serde(default)]
     usage: Option<WireUsage>,
 }
@@ -693,6 +902,9 @@ impl WireUsage {
 struct WireChunk {
     #[serde(default, deserialize_with = "null_as_empty")]
     choices: Vec<WireChunkChoice>,
+    /// Present and not `null` on an error payload, which is classified instead.
+    #[serde(default)]
+    error: Option<IgnoredAny>,
     #[serde(default)]
     usage: Option<WireUsage>,
 }
@@ -739,6 +951,38 @@ where
     Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
 }
 
+/// A stream event's chunk, read straight into the chunk's shape; an event that does
+/// not fit it (an error, a wrong shape, invalid JSON) goes through a JSON tree to be
+/// classified or reported. Fields tokenwise ignores are skipped unchecked.
+fn read_chunk(
+    core: &HttpCore,
+    ev: &SseEvent,
+    data: &str,
+) -> std::result::Result<WireChunk, EventError> {
+    if ev.event != "error" {
+        if let Ok(c) = serde_json::from_str::<WireChunk>(data) {
+            if c.error.is_none() {
+                return Ok(c);
+            }
+        }
+    }
+    chunk_through_tree(core, ev, data)
+}
+
+/// [`read_chunk`] through a JSON tree.
+fn chunk_through_tree(
+    core: &HttpCore,
+    ev: &SseEvent,
+    data: &str,
+) -> std::result::Result<WireChunk, EventError> {
+    let v = core.event_json(ev, data)?;
+    if ev.event == "error" || v.get("error").is_some_and(|e| !e.is_null()) {
+        return Err(classify_payload(&core.name, &v).into());
+    }
+    serde_json::from_value(v)
+        .map_err(|e| EventError::Malformed(format!("unexpected stream chunk shape: {e}")))
+}
+
 /// Turns chat completion chunks into stream events.
 struct OpenAiStream {
     asked: Asked,
@@ -763,12 +1007,7 @@ impl Translate for OpenAiStream {
         if data.is_empty() {
             return Ok(false);
         }
-        let v = core.event_json(&ev, data)?;
-        if ev.event == "error" || v.get("error").is_some_and(|e| !e.is_null()) {
-            return Err(classify_payload(&core.name, &v).into());
-        }
-        let chunk: WireChunk = serde_json::from_value(v)
-            .map_err(|e| EventError::Malformed(format!("unexpected stream chunk shape: {e}")))?;
+        let chunk = read_chunk(core, &ev, data)?;
         for choice in chunk.choices {
             if choice.index.unwrap_or(0) != 0 {
                 continue;
@@ -915,10 +1154,25 @@ mod tests {
         let m = cat.require("gpt-4o-mini").unwrap();
         let call = ProviderCall::new(&req, m);
         let core = &p.inner.core;
-        if let Ok(v) = core.parse_json(200, body) {
-            if let Ok((r, _usage)) = p.parse_response(&call, v, 200) {
-                assert!(r.content.len() <= body.len());
+        let through_tree = core
+            .parse_json(200, body)
+            .and_then(|v| p.parse_response(&call, v, 200));
+        if let Ok((r, _usage)) = &through_tree {
+            assert!(r.content.len() <= body.len());
+        }
+        // Reading straight into the answer's shape agrees with going through a tree,
+        // except that it does not check what it skips: a body whose only fault is
+        // inside a field tokenwise ignores (a stray byte, an unpaired surrogate) is
+        // read, where the tree refuses it as invalid JSON.
+        let direct = p.parse_body(&call, body, 200);
+        match (&direct, &through_tree) {
+            (Ok(_), Err(e)) => {
+                assert!(
+                    e.message.starts_with("the response is not valid JSON"),
+                    "{e:?}"
+                );
             }
+            _ => assert_eq!(format!("{direct:?}"), format!("{through_tree:?}")),
         }
         let mut decoder = crate::provider::sse::SseDecoder::with_max_event_bytes(1024);
         let mut events = Vec::new();
@@ -933,6 +1187,18 @@ mod tests {
         let mut out = VecDeque::new();
         for ev in events {
             assert!(ev.data.len() <= 1024);
+            // The direct read agrees with the tree, but for faults inside skipped fields.
+            let data = ev.data.trim();
+            if data != "[DONE]" && !data.is_empty() {
+                let direct = read_chunk(core, &ev, data);
+                let tree = chunk_through_tree(core, &ev, data);
+                match (&direct, &tree) {
+                    (Ok(_), Err(EventError::Malformed(m))) => {
+                        assert!(m.starts_with("a stream event is not valid JSON"), "{m}");
+                    }
+                    _ => assert_eq!(format!("{direct:?}"), format!("{tree:?}")),
+                }
+            }
             if t.event(core, ev, &mut out).is_err() {
                 break;
             }

@@ -28,6 +28,11 @@ const DEFAULT_KEY_REST: Duration = Duration::from_secs(1);
 /// parsed once; paths beyond this many (ones carrying ids) are parsed each time.
 const MAX_CACHED_URLS: usize = 8;
 
+/// `application/json`, made once.
+static JSON: HeaderValue = HeaderValue::from_static("application/json");
+/// `text/event-stream`, made once.
+static EVENT_STREAM: HeaderValue = HeaderValue::from_static("text/event-stream");
+
 /// [`DEFAULT_KEY_REST`] with its jitter.
 fn jittered_rest() -> Duration {
     use rand::Rng;
@@ -40,6 +45,9 @@ pub(crate) struct HttpCore {
     pub(super) client: reqwest::Client,
     pub(super) base_url: String,
     pub(super) auth: Auth,
+    /// The authentication header's value for each key of `keys`, by its index, made
+    /// once (none for a key a header cannot carry).
+    pub(super) auth_values: Box<[Option<HeaderValue>]>,
     pub(super) headers: HeaderMap,
     pub(super) keys: Option<KeyPool>,
     pub(crate) deadlines: Deadlines,
@@ -148,17 +156,13 @@ impl HttpCore {
         streaming: bool,
         tokens: u64,
     ) -> std::result::Result<(reqwest::Response, Sent), ProviderError> {
-        let accept = if streaming {
-            "text/event-stream"
-        } else {
-            "application/json"
-        };
-        self.send(
+        let accept = if streaming { &EVENT_STREAM } else { &JSON };
+        self.send_with(
             reqwest::Method::POST,
             path,
             model,
-            Some(("application/json", body)),
-            accept,
+            Some((JSON.clone(), body)),
+            accept.clone(),
             tokens,
         )
         .await
@@ -174,6 +178,32 @@ impl HttpCore {
         model: &str,
         body: Option<(&str, Vec<u8>)>,
         accept: &str,
+        tokens: u64,
+    ) -> std::result::Result<(reqwest::Response, Sent), ProviderError> {
+        let header = |v: &str| {
+            HeaderValue::from_str(v).map_err(|_| {
+                self.error(
+                    ProviderErrorKind::Connection,
+                    format!("sending the request: invalid header value `{v}`"),
+                )
+            })
+        };
+        let body = match body {
+            Some((content_type, body)) => Some((header(content_type)?, body)),
+            None => None,
+        };
+        self.send_with(method, path, model, body, header(accept)?, tokens)
+            .await
+    }
+
+    /// [`send`](Self::send) with the header values made.
+    async fn send_with(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        model: &str,
+        body: Option<(HeaderValue, Vec<u8>)>,
+        accept: HeaderValue,
         tokens: u64,
     ) -> std::result::Result<(reqwest::Response, Sent), ProviderError> {
         let start = Instant::now();
@@ -201,20 +231,21 @@ impl HttpCore {
             .request(method, url)
             .header(reqwest::header::ACCEPT, accept);
         if let Some(lease) = &sent.key {
-            let (name, value) = match &self.auth {
-                Auth::Bearer => (
-                    reqwest::header::AUTHORIZATION,
-                    format!("Bearer {}", lease.key().expose_secret()),
-                ),
-                Auth::Header(n) => (n.clone(), lease.key().expose_secret().to_owned()),
+            let value = self
+                .auth_values
+                .get(lease.index())
+                .cloned()
+                .flatten()
+                .ok_or_else(|| {
+                    self.error(
+                        ProviderErrorKind::Auth,
+                        "the API key holds characters a header cannot carry",
+                    )
+                })?;
+            let name = match &self.auth {
+                Auth::Bearer => reqwest::header::AUTHORIZATION,
+                Auth::Header(n) => n.clone(),
             };
-            let mut value = HeaderValue::from_str(&value).map_err(|_| {
-                self.error(
-                    ProviderErrorKind::Auth,
-                    "the API key holds characters a header cannot carry",
-                )
-            })?;
-            value.set_sensitive(true);
             req = req.header(name, value);
         }
         for (name, value) in &self.headers {

@@ -250,10 +250,20 @@ impl HttpSettings {
                     .map_err(|e| cfg(format!("HTTP client: {}", e.without_url())))?
             }
         };
+        let auth_values = keys
+            .as_ref()
+            .map(|pool| {
+                pool.all_keys()
+                    .iter()
+                    .map(|k| auth_value(&self.auth, k))
+                    .collect()
+            })
+            .unwrap_or_default();
         Ok(HttpCore {
             name,
             client,
             base_url: base,
+            auth_values,
             auth: self.auth,
             headers: self.headers,
             keys,
@@ -380,3 +390,15 @@ macro_rules! http_builder_methods {
     };
 }
 pub(crate) use http_builder_methods;
+
+/// The header value that carries `key` under `auth`, marked sensitive; none if the key
+/// holds characters a header cannot carry.
+fn auth_value(auth: &Auth, key: &ApiKey) -> Option<HeaderValue> {
+    let mut value = match auth {
+        Auth::Bearer => HeaderValue::from_str(&format!("Bearer {}", key.expose_secret())),
+        Auth::Header(_) => HeaderValue::from_str(key.expose_secret()),
+    }
+    .ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
