@@ -138,14 +138,114 @@ impl TokenCounter for TiktokenCounter {
         if text.is_empty() {
             return 0;
         }
-        let enc = match tokenizer {
-            TokenizerKind::O200k => bpe_openai::o200k_base(),
-            TokenizerKind::Cl100k | TokenizerKind::ClaudeApprox => bpe_openai::cl100k_base(),
-        };
-        let n = enc.count(text) as u64;
+        let n = pieces::count(text, tokenizer);
         match tokenizer {
             TokenizerKind::ClaudeApprox => n + n.div_ceil(10),
             _ => n,
+        }
+    }
+}
+
+/// Counting by pre-tokenised piece, each short piece's count remembered per thread.
+///
+/// tiktoken's encodings split a text into pieces (words with their leading space,
+/// numbers, punctuation runs, whitespace) and encode each piece on its own, so a text's
+/// count is the sum of its pieces' counts. Prompts repeat the same few thousand pieces,
+/// and encoding one costs a backtracking pass with two allocations; a remembered count
+/// costs a hash lookup. The counts are the encoder's own, so the total is exact.
+mod pieces {
+    use std::cell::RefCell;
+
+    use crate::types::TokenizerKind;
+
+    /// Pieces longer than this are counted every time (they rarely repeat).
+    const MAX_PIECE: usize = 24;
+    /// Remembered pieces per encoding and thread; the memo starts over when full.
+    const CAPACITY: usize = 8_192;
+
+    type Memo = hashbrown::HashMap<Box<[u8]>, u32>;
+
+    thread_local! {
+        /// One memo per encoding: o200k_base, cl100k_base.
+        static MEMO: RefCell<[Memo; 2]> = RefCell::new([Memo::default(), Memo::default()]);
+    }
+
+    /// The exact count of `text` in `tokenizer`'s encoding (the approximation's base
+    /// encoding for `ClaudeApprox`).
+    pub(super) fn count(text: &str, tokenizer: TokenizerKind) -> u64 {
+        let (enc, slot) = match tokenizer {
+            TokenizerKind::O200k => (bpe_openai::o200k_base(), 0),
+            TokenizerKind::Cl100k | TokenizerKind::ClaudeApprox => (bpe_openai::cl100k_base(), 1),
+        };
+        let text = enc.normalize(text);
+        let uncounted = |piece: &[u8]| enc.bpe.count(piece) as u64;
+        let memo = MEMO.try_with(|m| {
+            let Ok(mut memos) = m.try_borrow_mut() else {
+                return None;
+            };
+            let memo = &mut memos[slot];
+            let mut n = 0u64;
+            for piece in enc.split(text.as_str()) {
+                let piece = piece.as_bytes();
+                if piece.len() > MAX_PIECE {
+                    n += uncounted(piece);
+                    continue;
+                }
+                if let Some(&c) = memo.get(piece) {
+                    n += u64::from(c);
+                    continue;
+                }
+                let c = uncounted(piece);
+                if memo.len() >= CAPACITY {
+                    memo.clear();
+                }
+                memo.insert(piece.into(), u32::try_from(c).unwrap_or(u32::MAX));
+                n += c;
+            }
+            Some(n)
+        });
+        match memo {
+            Ok(Some(n)) => n,
+            // the thread is ending, or a count is already running on it
+            _ => enc.count(text.as_str()) as u64,
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn remembered_counts_are_the_encoders_own() {
+            let texts = [
+                "Where is my order 12345? It was due on Monday.",
+                "fn main() {\n    println!(\"{}\", 1 + 2);\n}\n",
+                "東京の天気は？ 今日は晴れです。🌤️ 👍🏽",
+                "lots      of     spaces\n\n\n\t\ttabs",
+                "a-very-long-hyphenated-identifier_with_underscores_and_numbers_0123456789",
+            ];
+            for round in 0..3 {
+                for t in texts {
+                    for (kind, enc) in [
+                        (TokenizerKind::O200k, bpe_openai::o200k_base()),
+                        (TokenizerKind::Cl100k, bpe_openai::cl100k_base()),
+                    ] {
+                        assert_eq!(count(t, kind), enc.count(t) as u64, "round {round}: {t:?}");
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn the_memo_stays_bounded() {
+            for i in 0..(CAPACITY + 100) {
+                let t = format!(" w{i}");
+                assert_eq!(
+                    count(&t, TokenizerKind::O200k),
+                    bpe_openai::o200k_base().count(t.as_str()) as u64
+                );
+            }
+            MEMO.with(|m| assert!(m.borrow()[0].len() <= CAPACITY));
         }
     }
 }
