@@ -335,9 +335,6 @@ struct Outcome {
     /// 1.0 for an exact cache hit, below for a semantic one.
     similarity: f32,
     usage: Usage,
-    /// Of `cost`, what was billed on no answer (the weak answers escalations replaced:
-    /// an escalated answer reports its final call's cost), put on the first call.
-    unanswered: Cost,
     /// What the provider's prompt cache saved, in nano-dollars.
     prompt_cache_saved: i128,
     /// Prompt tokens the context budget cut (section budgets, then compression).
@@ -560,8 +557,9 @@ async fn replay_naive(
 }
 
 /// The default ladder: each capability tier's cheapest model first. Tier 1 opens on
-/// `gpt-4.1-nano` (which OpenAI's launch figures put above `gpt-4o-mini` on MMLU, GPQA
-/// and Aider polyglot, at two thirds of its price), with `gpt-4o-mini` as its fallback.
+/// `gpt-4.1-nano` (the same catalogue tier as `gpt-4o-mini`, at two thirds of its
+/// price), with `gpt-4o-mini` as its fallback; `--weak` shows what escalating its weak
+/// answers would cost.
 const LADDER: &str = "gpt-4.1-nano,gpt-4o-mini,gpt-4.1-mini,gpt-4o,claude-sonnet-4-5";
 
 async fn replay_pipeline(
@@ -640,7 +638,6 @@ async fn replay_pipeline(
                             _ => 0.0,
                         },
                         usage: r.usage,
-                        unanswered: Cost::ZERO,
                         prompt_cache_saved: spec
                             .as_deref()
                             .map_or(0, |m| m.pricing.prompt_cache_saving(&r.usage)),
@@ -663,15 +660,16 @@ async fn replay_pipeline(
     for t in tasks {
         out.push(t.await.unwrap_or_default());
     }
-    let report = pipe.usage();
-    // usage records carry the full cost, escalations and hedges included
-    let total = report.totals.cost;
+    // each answer reports everything it was billed (escalations and hedges included),
+    // so the answers add up to the usage records
+    let total = pipe.usage().totals.cost;
     let counted: Cost = out.iter().map(|o| o.cost).sum();
-    if total > counted {
-        if let Some(first) = out.iter_mut().find(|o| o.ok && !o.cache_hit) {
-            first.unanswered = total.saturating_sub(counted);
-            first.cost += first.unanswered;
-        }
+    if total != counted {
+        eprintln!(
+            "warning: the usage records hold ${:.6}, the answers ${:.6}",
+            total.as_dollars_f64(),
+            counted.as_dollars_f64()
+        );
     }
     Ok(out)
 }
@@ -701,7 +699,6 @@ fn prompt_cuts(
 /// (cache hits cost nothing and are left out; escalations count on the final model).
 fn breakdown(items: &[Item], outcomes: &[Outcome]) -> String {
     let mut rows: BTreeMap<(&str, String), (usize, u64)> = BTreeMap::new();
-    let unanswered: u64 = outcomes.iter().map(|o| o.unanswered.as_nanos()).sum();
     for (it, o) in items.iter().zip(outcomes) {
         if !o.ok || o.cache_hit {
             continue;
@@ -717,7 +714,7 @@ fn breakdown(items: &[Item], outcomes: &[Outcome]) -> String {
             .entry((kind, o.model.clone().unwrap_or_default()))
             .or_default();
         row.0 += 1;
-        row.1 += o.cost.saturating_sub(o.unanswered).as_nanos();
+        row.1 += o.cost.as_nanos();
     }
     let n = outcomes.len().max(1) as f64;
     let mut s = format!(
@@ -728,15 +725,6 @@ fn breakdown(items: &[Item], outcomes: &[Outcome]) -> String {
         s.push_str(&format!(
             "{kind:<16} {model:<20} {count:>8} {:>14}\n",
             format!("${:.4}", nanos as f64 / 1e9 * 1_000.0 / n)
-        ));
-    }
-    if unanswered > 0 {
-        s.push_str(&format!(
-            "{:<16} {:<20} {:>8} {:>14}\n",
-            "escalated away",
-            "(weak answers)",
-            "",
-            format!("${:.4}", unanswered as f64 / 1e9 * 1_000.0 / n)
         ));
     }
     s

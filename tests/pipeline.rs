@@ -365,13 +365,23 @@ async fn a_rejected_answer_escalates_once_and_both_costs_are_recorded() {
         }
     ));
     let rec = pipe.recent_usage().pop().unwrap();
-    let cat = pipe.catalog();
-    assert!(
-        rec.cost > cat.require("gpt-4o").unwrap().cost(&r.usage),
-        "both attempts are billed"
+    assert_eq!(
+        (r.cost, r.usage),
+        (rec.cost, rec.usage),
+        "the answer reports everything it was billed, as its record does"
     );
     assert_eq!(spent(&pipe, "ann").await.0, rec.cost);
     assert_eq!(p.calls(), 2);
+    // the cache keeps the answering call's own usage: the record holds more
+    let again = pipe.chat(ask("hard question", "ann")).await.unwrap();
+    assert!(again.served.is_cache_hit());
+    let cat = pipe.catalog();
+    let own = cat.require("gpt-4o").unwrap().cost(&again.usage);
+    assert!(
+        own > Cost::ZERO && rec.cost > own,
+        "both attempts are billed"
+    );
+    assert!(rec.usage.total() > again.usage.total());
 }
 
 async fn collect(mut s: tokenwise::ChatStream) -> (String, Vec<StreamEvent>, Option<Error>) {

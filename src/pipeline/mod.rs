@@ -231,6 +231,10 @@ impl Pipeline {
         if let Some(l) = leader.filter(|_| is_cacheable(&answer)) {
             l.publish(answer.clone()); // for the identical requests that waited
         }
+        // The caller is told everything the answer was billed (an escalated first answer
+        // and hedged calls that lost included), as a stream's end is; the cache keeps
+        // the answering call's own.
+        (answer.usage, answer.cost) = (usage, cost);
         answer.guard_rejected = plan.guard_rejected.take();
         Ok(answer)
     }
@@ -400,6 +404,7 @@ impl Pipeline {
                 if let Some(q) = inner.stored_under(&plan, &response.model) {
                     inner.cache_put(&q, &response).await;
                 }
+                (response.usage, response.cost) = (answer.usage, answer.cost);
                 response.guard_rejected = plan.guard_rejected.take();
                 let mut record = rec(slot);
                 (record.usage, record.cost) = (answer.usage, answer.cost);

@@ -187,12 +187,16 @@ pub struct ChatResponse {
     pub model: String,
     /// The provider that answered (for a cache hit, the one that answered originally).
     pub provider: String,
-    /// Tokens used. For a cache hit, the usage of the original call, which was not spent
-    /// again: the hit's `cost` is zero and [`Served::Cache`] reports what it saved.
+    /// Tokens used: through a pipeline, by every call behind the answer (an escalated
+    /// first answer and hedged calls that lost included). For a cache hit, the usage of
+    /// the original answering call, which was not spent again: the hit's `cost` is zero
+    /// and [`Served::Cache`] reports what it saved.
     pub usage: Usage,
     /// Why generation stopped.
     pub finish_reason: FinishReason,
-    /// What this call cost (zero for a cache hit).
+    /// What this call cost: through a pipeline, every provider call behind the answer
+    /// (an escalated first answer and hedged calls that lost included), as its usage
+    /// record says; zero for a cache hit.
     pub cost: Cost,
     /// How it was served.
     pub served: Served,
