@@ -376,9 +376,11 @@ async fn run() -> Result<(), String> {
         "lookup latency at {} entries in one context: p50_ms={p50:.2} p99_ms={p99:.2} (embedding, search and guards)",
         args.latency_entries
     );
-    println!(
-        "of which the embedding of the question alone: p50_ms={embed_p50:.2} p99_ms={embed_p99:.2}"
-    );
+    if args.latency_entries > 0 {
+        println!(
+            "of which the embedding of the question alone: p50_ms={embed_p50:.2} p99_ms={embed_p99:.2}"
+        );
+    }
     let worst = by_category
         .iter()
         .filter(|(_, t)| t.different > 0)
