@@ -23,7 +23,8 @@
 //! Then the lookup latency: `--latency-entries N` (default 10,000) questions made from
 //! the file's are stored in one context, and every pair's second question is looked up
 //! there, timed from the request to the decision (embedding, index search and guards
-//! included; the embedder's cache of recent vectors is bypassed).
+//! included; the embedder's cache of recent vectors is bypassed), then the time of
+//! embedding each of those questions alone (one call each), the lookup's largest part.
 //!
 //! Before the last line, a `goals` line gives what the goals are checked on: single-turn
 //! same/different rates, the worst different-answer category, multi-turn same/different
@@ -365,11 +366,21 @@ async fn run() -> Result<(), String> {
             f64::from(n) / f64::from(d)
         }
     };
-    let (p50, p99) = latency(&args, &pairs).await?;
+    let Latency {
+        p50,
+        p99,
+        embed_p50,
+        embed_p99,
+    } = latency(&args, &pairs).await?;
     println!(
         "lookup latency at {} entries in one context: p50_ms={p50:.2} p99_ms={p99:.2} (embedding, search and guards)",
         args.latency_entries
     );
+    if args.latency_entries > 0 {
+        println!(
+            "of which the embedding of the question alone: p50_ms={embed_p50:.2} p99_ms={embed_p99:.2}"
+        );
+    }
     let worst = by_category
         .iter()
         .filter(|(_, t)| t.different > 0)
@@ -413,12 +424,23 @@ fn last_text(q: &Question) -> Option<&str> {
     }
 }
 
+/// Lookup latency percentiles, in milliseconds.
+#[derive(Default)]
+struct Latency {
+    p50: f64,
+    p99: f64,
+    /// The same questions embedded on their own (one call each, no cache).
+    embed_p50: f64,
+    embed_p99: f64,
+}
+
 /// Lookup latency with `args.latency_entries` questions stored in one context: the
-/// file's questions, then the same with an order number, until there are enough.
-async fn latency(args: &Args, pairs: &[Pair]) -> Result<(f64, f64), String> {
+/// file's questions, then the same with an order number, until there are enough. Then
+/// the time of embedding each question alone, for the share of the lookup it takes.
+async fn latency(args: &Args, pairs: &[Pair]) -> Result<Latency, String> {
     let n = args.latency_entries;
     if n == 0 {
-        return Ok((0.0, 0.0));
+        return Ok(Latency::default());
     }
     let emb = embedder(&args.embedder)?;
     let mut builder = SemanticCache::builder()
@@ -442,7 +464,7 @@ async fn latency(args: &Args, pairs: &[Pair]) -> Result<(f64, f64), String> {
         .map_err(|e| e.to_string())?;
     let texts: Vec<&str> = pairs.iter().filter_map(|p| last_text(&p.a)).collect();
     if texts.is_empty() {
-        return Ok((0.0, 0.0));
+        return Ok(Latency::default());
     }
     let answer = ChatResponse::new("stored", "m", "p", Usage::new(10, 10), FinishReason::Stop);
     let q = |t: &str| {
@@ -462,24 +484,38 @@ async fn latency(args: &Args, pairs: &[Pair]) -> Result<(f64, f64), String> {
             .map_err(|e| e.to_string())?;
     }
     cache.settled().await;
+    let asked: Vec<&str> = pairs
+        .iter()
+        .take(2_000)
+        .filter_map(|p| last_text(&p.b))
+        .collect();
     let mut lat = Vec::new();
-    for p in pairs.iter().take(2_000) {
-        let Some(t) = last_text(&p.b) else {
-            continue;
-        };
+    for t in &asked {
         let query = q(t)?;
         let started = std::time::Instant::now();
         let found = cache.lookup(&query).await.map_err(|e| e.to_string())?;
         lat.push(started.elapsed().as_secs_f64() * 1e3);
         std::hint::black_box(found);
     }
-    lat.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        lat.get(((lat.len().max(1) - 1) as f64 * p).round() as usize)
+    let mut embed = Vec::new();
+    for t in &asked {
+        let started = std::time::Instant::now();
+        let v = emb.embed(&[t]).await.map_err(|e| e.to_string())?;
+        embed.push(started.elapsed().as_secs_f64() * 1e3);
+        std::hint::black_box(v);
+    }
+    let pct = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(f64::total_cmp);
+        v.get(((v.len().max(1) - 1) as f64 * p).round() as usize)
             .copied()
             .unwrap_or(0.0)
     };
-    Ok((pct(0.5), pct(0.99)))
+    Ok(Latency {
+        p50: pct(&mut lat, 0.5),
+        p99: pct(&mut lat, 0.99),
+        embed_p50: pct(&mut embed, 0.5),
+        embed_p99: pct(&mut embed, 0.99),
+    })
 }
 
 fn read_pairs(path: &str) -> Result<Vec<Pair>, String> {

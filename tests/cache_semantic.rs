@@ -1,6 +1,7 @@
 //! The semantic cache, on its own and through the pipeline: paraphrases served,
 //! near-misses refused and reported, contexts and tenants kept apart, TTLs, invalidation,
-//! capacity, the never-store rules, streamed replay, and one embedding per request.
+//! capacity, the never-store rules, streamed replay, one embedding per request, and one
+//! call for the word vectors of a judged lookup.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,7 +11,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use tokenwise::cache::{
     Cache, CacheEvent, CacheQuery, CacheScope, Embedder, ExactCache, GuardKind, HashingEmbedder,
-    Invalidation, SemanticCache, SemanticCacheBuilder,
+    Invalidation, PairJudge, SemanticCache, SemanticCacheBuilder,
 };
 use tokenwise::provider::SimulatedProvider;
 use tokenwise::{
@@ -661,4 +662,80 @@ async fn a_failing_embedder_degrades_to_exact_matching() {
     assert!(cache.get(&text("Hello there")).await.unwrap().is_some());
     assert!(cache.get(&text("hello there")).await.unwrap().is_none());
     assert!(cache.stats().embed_failures >= 1);
+}
+
+/// Counts the calls made to the embedder (not the texts).
+#[derive(Debug, Default)]
+struct Calls(AtomicU64);
+
+#[async_trait]
+impl Embedder for Calls {
+    fn dimensions(&self) -> usize {
+        384
+    }
+    async fn embed(&self, texts: &[&str]) -> tokenwise::Result<Vec<Vec<f32>>> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        HashingEmbedder::default().embed(texts).await
+    }
+}
+
+fn judged(calls: &Arc<Calls>) -> SemanticCache {
+    SemanticCache::builder()
+        .embedder(calls.clone())
+        .judge(PairJudge::minilm_l6().unwrap())
+        .threshold(0.3)
+        .candidates(4)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_judged_lookup_embeds_the_words_of_all_its_candidates_in_one_call() {
+    let calls = Arc::new(Calls::default());
+    let cache = judged(&calls);
+    for (i, t) in [
+        "how do i reset my password on the portal",
+        "how do i reset my password on the website",
+        "how do i reset my password in the mobile app",
+        "how do i reset my password at the kiosk",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        cache
+            .put(&text(t), &answer(&format!("a{i}")))
+            .await
+            .unwrap();
+    }
+    let before = calls.0.load(Ordering::Relaxed);
+    let found = cache
+        .lookup(&text("how can i recover my login through the helpdesk"))
+        .await
+        .unwrap();
+    // every candidate was judged (none served), each with words of its own
+    assert!(found.answer.is_none());
+    let stats = cache.stats();
+    let refused: u64 = GuardKind::ALL.iter().map(|k| stats.rejected(*k)).sum();
+    assert!(refused >= 2, "{stats:?}");
+    // the question, then one call for the words of every candidate
+    assert_eq!(calls.0.load(Ordering::Relaxed) - before, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn candidates_a_hard_guard_refuses_have_no_words_embedded() {
+    let calls = Arc::new(Calls::default());
+    let cache = judged(&calls);
+    for n in [1182, 1183, 1184] {
+        let t = format!("where is my order {n} right now");
+        cache.put(&text(&t), &answer(&t)).await.unwrap();
+    }
+    let before = calls.0.load(Ordering::Relaxed);
+    let found = cache
+        .lookup(&text("where is my order 77 at the moment"))
+        .await
+        .unwrap();
+    assert!(found.answer.is_none());
+    assert_eq!(cache.stats().rejected(GuardKind::Numbers), 3);
+    // the question only
+    assert_eq!(calls.0.load(Ordering::Relaxed) - before, 1);
 }

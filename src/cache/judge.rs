@@ -429,13 +429,75 @@ impl WordVectors {
     }
 }
 
+impl WordVectors {
+    /// Embeds, in one call, those of `words` not remembered yet, so that the features of
+    /// several pairs read them without a call of their own (each call of a local model
+    /// costs a forward pass, however few its words).
+    pub(crate) async fn prefetch(&self, embedder: &dyn Embedder, words: &[&str]) -> Result<()> {
+        self.get(embedder, words).await.map(drop)
+    }
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
+/// The hard guard (numbers or entities, as `guards` has them on) that refuses the pair.
+fn hard_refusal(guards: &Guards, s: &PairSignals) -> Option<GuardKind> {
+    [GuardKind::Numbers, GuardKind::Entities]
+        .into_iter()
+        .find(|k| guards.is_on(*k) && s.refused[*k as usize])
+}
+
+/// The words whose vectors the features of a pair compare, sorted and without
+/// repeats: each unmatched word of one question and every content word of the other.
+fn compared_words<'s>(
+    only_a: &'s [String],
+    only_b: &'s [String],
+    all_a: &'s [String],
+    all_b: &'s [String],
+) -> Vec<&'s str> {
+    let mut need: Vec<&str> = Vec::new();
+    if !only_a.is_empty() {
+        need.extend(only_a.iter().map(String::as_str));
+        need.extend(all_b.iter().map(String::as_str));
+    }
+    if !only_b.is_empty() {
+        need.extend(only_b.iter().map(String::as_str));
+        need.extend(all_a.iter().map(String::as_str));
+    }
+    need.sort_unstable();
+    need.dedup();
+    need
+}
+
+fn trimmed(v: &[String]) -> Vec<String> {
+    v.iter().take(MAX_WORDS).cloned().collect()
+}
+
+/// The words [`pair_features`] would look up for (`stored`, `asked`), or `None` when a
+/// hard guard refuses the pair (a lookup then needs none of them).
+pub(crate) fn words_for(guards: &Guards, stored: &str, asked: &str) -> Option<Vec<String>> {
+    let s = Guards::signals(stored, asked);
+    if hard_refusal(guards, &s).is_some() {
+        return None;
+    }
+    let (only_a, only_b) = (trimmed(&s.only_stored), trimmed(&s.only_asked));
+    let (all_a, all_b) = (trimmed(&s.stored_words), trimmed(&s.asked_words));
+    Some(
+        compared_words(&only_a, &only_b, &all_a, &all_b)
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
+    )
+}
+
 /// The features of (`stored`, `asked`) whose embeddings are `similarity` apart, using
 /// `embedder` for the vectors of the words without a counterpart. `guards` says which
-/// hard guards (numbers, entities) may refuse.
+/// hard guards (numbers, entities) may refuse. With `stop_at_hard`, a pair a hard guard
+/// refuses is returned at once, its word features left at their values for a pair
+/// without unmatched words (nothing is embedded): a lookup refuses it whatever they
+/// are. Without it every value is computed (for fitting a judge).
 pub(crate) async fn pair_features(
     embedder: &dyn Embedder,
     words: &WordVectors,
@@ -443,28 +505,20 @@ pub(crate) async fn pair_features(
     stored: &str,
     asked: &str,
     similarity: f32,
+    stop_at_hard: bool,
 ) -> Result<PairFeatures> {
     let s: PairSignals = Guards::signals(stored, asked);
-    let hard = [GuardKind::Numbers, GuardKind::Entities]
-        .into_iter()
-        .find(|k| guards.is_on(*k) && s.refused[*k as usize]);
+    let hard = hard_refusal(guards, &s);
     // Each unmatched word against every content word of the other question.
-    let trim = |v: &[String]| -> Vec<String> { v.iter().take(MAX_WORDS).cloned().collect() };
-    let (only_a, only_b) = (trim(&s.only_stored), trim(&s.only_asked));
-    let (all_a, all_b) = (trim(&s.stored_words), trim(&s.asked_words));
+    let (only_a, only_b) = if hard.is_some() && stop_at_hard {
+        (Vec::new(), Vec::new())
+    } else {
+        (trimmed(&s.only_stored), trimmed(&s.only_asked))
+    };
+    let (all_a, all_b) = (trimmed(&s.stored_words), trimmed(&s.asked_words));
     let mut scores: Vec<f32> = Vec::new();
     if !only_a.is_empty() || !only_b.is_empty() {
-        let mut need: Vec<&str> = Vec::new();
-        if !only_a.is_empty() {
-            need.extend(only_a.iter().map(String::as_str));
-            need.extend(all_b.iter().map(String::as_str));
-        }
-        if !only_b.is_empty() {
-            need.extend(only_b.iter().map(String::as_str));
-            need.extend(all_a.iter().map(String::as_str));
-        }
-        need.sort_unstable();
-        need.dedup();
+        let need = compared_words(&only_a, &only_b, &all_a, &all_b);
         let vs = words.get(embedder, &need).await?;
         let vec_of = |w: &str| -> Option<&Arc<[f32]>> {
             need.binary_search(&w)

@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use super::embed::{CachedEmbedder, Embedder, HashingEmbedder};
 use super::guards::{GuardKind, GuardRejection, Guards, is_chatter, strip_lead_chatter};
 use super::index::{IndexConfig, VectorIndex};
-use super::judge::{PairFeatures, PairJudge, WordVectors, pair_features};
+use super::judge::{PairFeatures, PairJudge, WordVectors, pair_features, words_for};
 use super::{
     Cache, CacheKey, CacheLookup, CacheQuery, CachedAnswer, ExactCache, ExactCacheBuilder,
     Invalidation, is_cacheable,
@@ -416,6 +416,9 @@ pub(crate) fn embedding_text(text: &str) -> String {
     }
 }
 
+/// A recalled candidate: index id, similarity, exact key, question, turn of context.
+type Found = (u64, f32, CacheKey, Arc<str>, Option<Arc<str>>);
+
 /// What the index knows of one stored question.
 #[derive(Debug)]
 struct Meta {
@@ -754,7 +757,6 @@ impl SemanticCache {
         let Some(v) = self.embed(&embedded_form(&place)).await else {
             return self.miss(None);
         };
-        type Found = (u64, f32, CacheKey, Arc<str>, Option<Arc<str>>);
         let found: Vec<Found> = {
             let state = self.read();
             let Some(g) = state.groups.get(&place.group) else {
@@ -771,6 +773,9 @@ impl SemanticCache {
                 })
                 .collect()
         };
+        if s.judge.is_some() {
+            self.prefetch_words(&found, &place).await;
+        }
         let mut rejected: Option<GuardRejection> = None;
         let mut gone = Vec::new();
         let mut answer = None;
@@ -846,6 +851,44 @@ impl SemanticCache {
         }
     }
 
+    /// Embeds in one call the words the judge will compare for every candidate it may
+    /// judge (live, of the same shape, refused by no hard guard), so that judging them
+    /// in turn embeds nothing more: a local model's call costs a forward pass however
+    /// few its words. Candidates whose turn of context is compared need their words
+    /// only if the context is judged, which it is only after the question passed; their
+    /// words are fetched too. On failure nothing is remembered and each candidate's
+    /// judging embeds (and fails) as it would have.
+    async fn prefetch_words(&self, found: &[Found], place: &Place<'_>) {
+        let s = &self.inner;
+        let mut all: Vec<String> = Vec::new();
+        for (_, _, key, stored, stored_context) in found {
+            if stored_context.is_some() != place.context.is_some() || !s.exact.is_live(key) {
+                continue;
+            }
+            let Some(question) = words_for(&s.guards, stored, place.text) else {
+                continue;
+            };
+            let context = match stored_context.as_deref().zip(place.context) {
+                Some((stored, asked)) => match words_for(&s.guards, stored, asked) {
+                    Some(w) => w,
+                    None => continue,
+                },
+                None => Vec::new(),
+            };
+            all.extend(question);
+            all.extend(context);
+        }
+        all.sort_unstable();
+        all.dedup();
+        if all.is_empty() {
+            return;
+        }
+        let words: Vec<&str> = all.iter().map(String::as_str).collect();
+        if let Err(e) = s.words.prefetch(s.embedder.inner().as_ref(), &words).await {
+            tracing::debug!(target: "tokenwise::cache", error = %e, "word vectors not prefetched");
+        }
+    }
+
     /// The judge's verdict on a candidate: `question` (stored, asked) recalled at
     /// `similarity`, with its context turns (stored, asked) if it is a follow-up. A
     /// refusal is reported under the hard guard that refused, else under the first
@@ -865,7 +908,7 @@ impl SemanticCache {
             } else {
                 None // the recall compared context and question together
             };
-            let f = match self.features_at(stored, asked, sim).await {
+            let f = match self.features_at(stored, asked, sim, true).await {
                 Ok(f) => f,
                 Err(e) => {
                     bump(&self.inner.counters.embed_failures);
@@ -934,10 +977,10 @@ impl SemanticCache {
             .min(1.0);
         let single = a.context.is_none();
         let question = self
-            .features_at(a.text, b.text, single.then_some(similarity))
+            .features_at(a.text, b.text, single.then_some(similarity), false)
             .await?;
         let context = match a.context.zip(b.context) {
-            Some((x, y)) => Some(self.features_at(x, y, None).await?),
+            Some((x, y)) => Some(self.features_at(x, y, None, false).await?),
             None => None,
         };
         Ok(Some(JudgedPair {
@@ -952,6 +995,7 @@ impl SemanticCache {
         stored: &str,
         asked: &str,
         similarity: Option<f32>,
+        stop_at_hard: bool,
     ) -> Result<PairFeatures> {
         let s = &self.inner;
         let similarity = match similarity {
@@ -973,6 +1017,7 @@ impl SemanticCache {
             stored,
             asked,
             similarity,
+            stop_at_hard,
         )
         .await
     }

@@ -106,8 +106,15 @@ impl MiniLmEmbedder {
             .map_err(|e| load_error(dir, "tokenizer.json", e))?;
         let device = Device::Cpu;
         let weights = read("model.safetensors")?;
-        let vb = VarBuilder::from_buffered_safetensors(weights, DTYPE, &device)
+        let mut tensors = candle_core::safetensors::load_buffer(&weights, &device)
             .map_err(|e| load_error(dir, "model.safetensors", e))?;
+        drop(weights);
+        for (name, t) in tensors.iter_mut() {
+            if t.rank() == 2 && name.ends_with(".weight") && !name.contains("embeddings") {
+                *t = transposed_layout(t).map_err(|e| load_error(dir, name, e))?;
+            }
+        }
+        let vb = VarBuilder::from_tensors(tensors, DTYPE, &device);
         let dims = config.hidden_size;
         // all-MiniLM-L6-v2's shape: BERT, 6 layers, 384 wide, the uncased WordPiece vocabulary
         let minilm_l6 = serde_json::from_slice::<serde_json::Value>(&read("config.json")?)
@@ -161,6 +168,15 @@ impl MiniLmEmbedder {
         }
         Ok(out)
     }
+}
+
+/// The same `(out, in)` weight matrix, held as the transpose of a contiguous `(in, out)`
+/// one. A linear layer computes `x · wᵀ`: with `wᵀ` contiguous, the matrix product reads
+/// the weights in the order its kernel wants, where the file's layout made it repack
+/// every weight matrix on every call (most of the time of a short text's forward pass).
+/// The values and the shape are unchanged.
+fn transposed_layout(t: &Tensor) -> candle_core::Result<Tensor> {
+    t.t()?.contiguous()?.t()
 }
 
 impl Model {
