@@ -1100,16 +1100,11 @@ impl Driver {
 
     /// Settles follower `f` with its leader's answer, as a cache hit.
     async fn share(&mut self, f: usize, leader: &ChatResponse) {
-        let inner = Arc::clone(self.inner());
-        let it = &mut self.items[f];
-        if it.done {
+        if !self.release_item(f).await {
             return;
         }
-        it.done = true;
-        inner.commit(it.reservation.take(), Cost::ZERO).await;
-        if it.charged > 0 {
-            inner.reconcile_tokens(&it.req.meta, it.charged, 0).await;
-        }
+        let inner = Arc::clone(self.inner());
+        let it = &self.items[f];
         let hit = super::cache::served_from_cache(leader.clone(), 1.0);
         let mut rec = it.rec.clone();
         rec.set_answer(&hit);
@@ -1132,16 +1127,11 @@ impl Driver {
             self.withdraw(p).await;
             return;
         }
-        let inner = Arc::clone(self.inner());
-        let it = &mut self.items[p];
-        if it.done {
+        if !self.release_item(p).await {
             return;
         }
-        it.done = true;
-        inner.commit(it.reservation.take(), Cost::ZERO).await;
-        if it.charged > 0 {
-            inner.reconcile_tokens(&it.req.meta, it.charged, 0).await;
-        }
+        let inner = Arc::clone(self.inner());
+        let it = &self.items[p];
         let mut rec = it.rec.clone();
         rec.set_error(&e);
         inner.record(rec, &observe::request_span(&it.req, false), None);
@@ -1209,17 +1199,10 @@ impl Driver {
     /// in its batch): releases what it held. No usage record: the live call wrote the
     /// request's own.
     async fn withdraw(&mut self, p: usize) {
-        let inner = Arc::clone(self.inner());
-        let it = &mut self.items[p];
-        if it.done {
+        if !self.release_item(p).await {
             return;
         }
-        it.done = true;
-        inner.commit(it.reservation.take(), Cost::ZERO).await;
-        if it.charged > 0 {
-            inner.reconcile_tokens(&it.req.meta, it.charged, 0).await;
-        }
-        let index = it.index;
+        let index = self.items[p].index;
         if let Some(c) = self.callers.get_mut(index) {
             c.take();
         }
@@ -1230,6 +1213,22 @@ impl Driver {
             // their callers may still be waiting
             self.promoted.extend(followers);
         }
+    }
+
+    /// Marks item `i` done and gives back what it held, spending nothing: its budget
+    /// reservation and its token charge. `false` if it was already done.
+    async fn release_item(&mut self, i: usize) -> bool {
+        let inner = Arc::clone(self.inner());
+        let it = &mut self.items[i];
+        if it.done {
+            return false;
+        }
+        it.done = true;
+        inner.commit(it.reservation.take(), Cost::ZERO).await;
+        if it.charged > 0 {
+            inner.reconcile_tokens(&it.req.meta, it.charged, 0).await;
+        }
+        true
     }
 
     fn mark_done(&mut self, index: usize) {
