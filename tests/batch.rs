@@ -16,7 +16,8 @@ use tokenwise::context::{ContextBudget, ModelSummarizer, TiktokenCounter, TokenC
 use tokenwise::provider::SimulatedProvider;
 use tokenwise::{
     BatchJournal, BatchOptions, BatchOutcome, Catalog, ChatRequest, Cost, Error, Message,
-    ModelSpec, Pipeline, Pricing, ProviderErrorKind, ScopeKind, TokenizerKind, WarmOptions,
+    ModelSpec, Pipeline, PipelineBuilder, Pricing, ProviderErrorKind, ScopeKind, TokenizerKind,
+    WarmOptions,
 };
 
 const MODEL: &str = "gpt-4o-mini";
@@ -34,11 +35,7 @@ fn options() -> BatchOptions {
 }
 
 fn pipeline(live: &SimulatedProvider, batch: &SimulatedBatch) -> Pipeline {
-    Pipeline::builder()
-        .provider(live.clone())
-        .default_model(MODEL)
-        .batch_provider(batch.clone())
-        .batch_options(options())
+    batching_pipeline(live, batch, options())
         .spend_cap(ScopeKind::User, Cost::from_dollars(10), BudgetWindow::Day)
         .build()
         .unwrap()
@@ -269,13 +266,7 @@ async fn the_batch_quota_holds_later_batches_until_earlier_ones_end() {
     let mut o = options();
     // two requests' worth of tokens (prompt + 200 output each)
     o.max_enqueued_tokens = Some(450);
-    let p = Pipeline::builder()
-        .provider(live.clone())
-        .default_model(MODEL)
-        .batch_provider(batch.clone())
-        .batch_options(o)
-        .build()
-        .unwrap();
+    let p = batching_pipeline(&live, &batch, o).build().unwrap();
     let start = tokio::time::Instant::now();
     let mut handle = p.batch(questions(6)).await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -440,11 +431,7 @@ fn defer_options() -> BatchOptions {
 }
 
 fn defer_pipeline(live: &SimulatedProvider, batch: &SimulatedBatch) -> Pipeline {
-    Pipeline::builder()
-        .provider(live.clone())
-        .default_model(MODEL)
-        .batch_provider(batch.clone())
-        .batch_options(defer_options())
+    batching_pipeline(live, batch, defer_options())
         .build()
         .unwrap()
 }
@@ -702,6 +689,28 @@ async fn identical_items_are_sent_once_and_share_the_answer() {
     assert_eq!(st[0].reserved, Cost::ZERO);
 }
 
+/// A batch API whose batches take five hours: far longer than the callers can wait.
+fn slow_batch() -> Kept {
+    Kept::new(
+        sim_batch()
+            .latency(Duration::from_secs(5 * 3600))
+            .build()
+            .unwrap(),
+    )
+}
+
+/// A pipeline calling `live` and sending batches to `batch` with `o`, to finish building.
+fn batching_pipeline<B>(live: &SimulatedProvider, batch: &B, o: BatchOptions) -> PipelineBuilder
+where
+    B: tokenwise::batch::BatchProvider + Clone + 'static,
+{
+    Pipeline::builder()
+        .provider(live.clone())
+        .default_model(MODEL)
+        .batch_provider(batch.clone())
+        .batch_options(o)
+}
+
 /// The batch API of `SimulatedBatch`, keeping every request submitted.
 #[derive(Debug, Clone)]
 struct Kept {
@@ -876,22 +885,12 @@ async fn batched_and_deferred_requests_are_prepared_and_fitted_like_live_ones() 
 #[tokio::test(start_paused = true)]
 async fn a_deferred_request_answered_live_is_not_billed_again_by_its_batch() {
     let live = SimulatedProvider::new();
-    // batches that take far longer than the callers can wait
-    let batch = Kept::new(
-        sim_batch()
-            .latency(Duration::from_secs(5 * 3600))
-            .build()
-            .unwrap(),
-    );
+    let batch = slow_batch();
     let mut o = defer_options();
     o.defer_batch_size = 2;
     // room for one request in open batches: the second waits for the first batch
     o.max_enqueued_tokens = Some(400);
-    let p = Pipeline::builder()
-        .provider(live.clone())
-        .default_model(MODEL)
-        .batch_provider(batch.clone())
-        .batch_options(o)
+    let p = batching_pipeline(&live, &batch, o)
         .spend_cap(ScopeKind::User, Cost::from_dollars(10), BudgetWindow::Day)
         .build()
         .unwrap();
@@ -931,21 +930,10 @@ async fn a_deferred_request_answered_live_is_not_billed_again_by_its_batch() {
 #[tokio::test(start_paused = true)]
 async fn a_batch_some_caller_still_waits_for_runs_to_its_end() {
     let live = SimulatedProvider::new();
-    let batch = Kept::new(
-        sim_batch()
-            .latency(Duration::from_secs(5 * 3600))
-            .build()
-            .unwrap(),
-    );
+    let batch = slow_batch();
     let mut o = defer_options();
     o.defer_batch_size = 2;
-    let p = Pipeline::builder()
-        .provider(live.clone())
-        .default_model(MODEL)
-        .batch_provider(batch.clone())
-        .batch_options(o)
-        .build()
-        .unwrap();
+    let p = batching_pipeline(&live, &batch, o).build().unwrap();
     let mut qs = questions(2);
     let patient = qs.remove(1).deferrable(Duration::from_secs(10 * 3600));
     let hurried = qs.remove(0).deferrable(Duration::from_secs(3600));
@@ -967,21 +955,10 @@ async fn a_batch_some_caller_still_waits_for_runs_to_its_end() {
 #[tokio::test(start_paused = true)]
 async fn a_batch_is_not_cancelled_while_a_twin_of_its_item_waits() {
     let live = SimulatedProvider::new();
-    let batch = Kept::new(
-        sim_batch()
-            .latency(Duration::from_secs(5 * 3600))
-            .build()
-            .unwrap(),
-    );
+    let batch = slow_batch();
     let mut o = defer_options();
     o.defer_batch_size = 2;
-    let p = Pipeline::builder()
-        .provider(live.clone())
-        .default_model(MODEL)
-        .batch_provider(batch.clone())
-        .batch_options(o)
-        .build()
-        .unwrap();
+    let p = batching_pipeline(&live, &batch, o).build().unwrap();
     // the same question twice: sent once, by the hurried caller's item
     let q = questions(1).remove(0);
     let hurried = q.clone().deferrable(Duration::from_secs(3600));
