@@ -8,6 +8,7 @@
 mod claude_count;
 mod compress;
 mod fit;
+mod split;
 mod summarize;
 
 use std::fmt;
@@ -156,7 +157,29 @@ impl TokenCounter for TiktokenCounter {
 mod pieces {
     use std::cell::RefCell;
 
+    use super::split::{Pattern, ascii_pieces};
     use crate::types::TokenizerKind;
+
+    /// One of two piece iterators.
+    enum Either<A, B> {
+        Ascii(A),
+        Any(B),
+    }
+
+    impl<'a, A, B> Iterator for Either<A, B>
+    where
+        A: Iterator<Item = &'a [u8]>,
+        B: Iterator<Item = &'a [u8]>,
+    {
+        type Item = &'a [u8];
+
+        fn next(&mut self) -> Option<&'a [u8]> {
+            match self {
+                Either::Ascii(a) => a.next(),
+                Either::Any(b) => b.next(),
+            }
+        }
+    }
 
     /// Pieces longer than this are counted every time (they rarely repeat).
     const MAX_PIECE: usize = 24;
@@ -173,9 +196,11 @@ mod pieces {
     /// The exact count of `text` in `tokenizer`'s encoding (the approximation's base
     /// encoding for `ClaudeApprox`).
     pub(super) fn count(text: &str, tokenizer: TokenizerKind) -> u64 {
-        let (enc, slot) = match tokenizer {
-            TokenizerKind::O200k => (bpe_openai::o200k_base(), 0),
-            TokenizerKind::Cl100k | TokenizerKind::ClaudeApprox => (bpe_openai::cl100k_base(), 1),
+        let (enc, slot, pattern) = match tokenizer {
+            TokenizerKind::O200k => (bpe_openai::o200k_base(), 0, Pattern::O200k),
+            TokenizerKind::Cl100k | TokenizerKind::ClaudeApprox => {
+                (bpe_openai::cl100k_base(), 1, Pattern::Cl100k)
+            }
         };
         let text = enc.normalize(text);
         let uncounted = |piece: &[u8]| enc.bpe.count(piece) as u64;
@@ -185,8 +210,13 @@ mod pieces {
             };
             let memo = &mut memos[slot];
             let mut n = 0u64;
-            for piece in enc.split(text.as_str()) {
-                let piece = piece.as_bytes();
+            // ASCII text is split by hand (the same pieces, see `split`), the rest by
+            // the encoder's own pattern.
+            let pieces = match ascii_pieces(text.as_str(), pattern) {
+                Some(p) => Either::Ascii(p),
+                None => Either::Any(enc.split(text.as_str()).map(str::as_bytes)),
+            };
+            for piece in pieces {
                 if piece.len() > MAX_PIECE {
                     n += uncounted(piece);
                     continue;
