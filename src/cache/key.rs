@@ -169,6 +169,19 @@ impl CacheQuery {
     /// chosen model, so an answer from a cheaper model is never served to a request
     /// routed to a better one.
     pub fn for_model(request: &ChatRequest, scope: CacheScope, model: &str) -> Option<CacheQuery> {
+        Self::keyed(request, scope, model, true)
+    }
+
+    /// As [`for_model`](Self::for_model); without `with_context` (for a cache that reads
+    /// the exact key alone, see [`Cache::reads_context`](super::Cache::reads_context)),
+    /// the context and base keys equal the exact key and there is no final user text
+    /// or history. The exact key is the same either way.
+    pub(crate) fn keyed(
+        request: &ChatRequest,
+        scope: CacheScope,
+        model: &str,
+        with_context: bool,
+    ) -> Option<CacheQuery> {
         let meta = &request.meta;
         if meta.cache.mode == CacheMode::Bypass {
             return None;
@@ -211,6 +224,24 @@ impl CacheQuery {
         write_json(&mut buf, &context);
         buf.extend_from_slice(b"}C");
         let context_key = CacheKey(*blake3::hash(&buf).as_bytes());
+        if !with_context {
+            buf.truncate(fields);
+            let key = match last {
+                Some(m) => digest(&mut buf, context_key.as_bytes(), m, b"E"),
+                None => digest(&mut buf, context_key.as_bytes(), &(), b"E"),
+            };
+            return Some(CacheQuery {
+                key,
+                context_key: key,
+                final_user_text: None,
+                base_key: key,
+                history: None,
+                namespace: namespace.to_owned(),
+                partition,
+                ttl: meta.cache.ttl,
+                tags: meta.cache.tags.clone(),
+            });
+        }
         buf.truncate(fields);
         write_json(&mut buf, &SystemOnly(context));
         buf.extend_from_slice(b"}B");
@@ -273,7 +304,14 @@ impl CacheQuery {
     /// assert_eq!(small, q.answered_by("tier:free"));
     /// ```
     #[must_use]
-    pub fn answered_by(mut self, answered_by: &str) -> CacheQuery {
+    pub fn answered_by(self, answered_by: &str) -> CacheQuery {
+        self.narrowed(answered_by, true)
+    }
+
+    /// As [`answered_by`](Self::answered_by); without `context`, only the exact key
+    /// is narrowed and the context and base keys are set to it (a query made without
+    /// them, see [`keyed`](Self::keyed)).
+    pub(crate) fn narrowed(mut self, answered_by: &str, context: bool) -> CacheQuery {
         const PREFIX: &[u8] = b"answered_by\x00";
         let name = answered_by.as_bytes();
         // The digest of `PREFIX, tag, key, name length, name`: hashed from one stack
@@ -305,8 +343,12 @@ impl CacheQuery {
             CacheKey(*h.finalize().as_bytes())
         };
         self.key = narrow(&self.key, b"E");
-        self.context_key = narrow(&self.context_key, b"C");
-        self.base_key = narrow(&self.base_key, b"B");
+        if context {
+            self.context_key = narrow(&self.context_key, b"C");
+            self.base_key = narrow(&self.base_key, b"B");
+        } else {
+            (self.context_key, self.base_key) = (self.key, self.key);
+        }
         self
     }
 }

@@ -73,7 +73,9 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
         Box::pin(async move {
-            let Some(q) = CacheQuery::for_request(&req, layer.scope) else {
+            let model = req.model.as_deref().unwrap_or("auto");
+            let context = layer.cache.reads_context();
+            let Some(q) = CacheQuery::keyed(&req, layer.scope, model, context) else {
                 return inner.call(req).await;
             };
             let mut rejected = None;

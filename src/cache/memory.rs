@@ -275,6 +275,11 @@ fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
 
 #[async_trait]
 impl Cache for ExactCache {
+    /// An exact cache answers by the exact key alone.
+    fn reads_context(&self) -> bool {
+        false
+    }
+
     async fn get(&self, query: &CacheQuery) -> Result<Option<CachedAnswer>> {
         Ok(self.get_now(query))
     }

@@ -217,6 +217,19 @@ pub trait Cache: Send + Sync + fmt::Debug {
     /// Removes entries; returns how many.
     async fn invalidate(&self, what: &Invalidation) -> Result<u64>;
 
+    /// Whether this cache reads more of a query than its exact key, partition,
+    /// namespace, TTL and tags: the [`context_key`](CacheQuery::context_key), the
+    /// [`base_key`](CacheQuery::base_key), the
+    /// [`final_user_text`](CacheQuery::final_user_text) or the
+    /// [`history`](CacheQuery::history), as a semantic cache does. The default says it
+    /// does. A cache that answers by the exact key alone may say it does not: the
+    /// pipeline then skips working them out (two digests and a copy of the user turns
+    /// per request) and hands it queries whose `context_key` and `base_key` equal
+    /// `key` and whose `final_user_text` and `history` are `None`.
+    fn reads_context(&self) -> bool {
+        true
+    }
+
     /// An answer for `query` that expired at most `max_stale` ago, for when every
     /// provider is down. The default keeps no stale entries and finds none.
     async fn get_stale(

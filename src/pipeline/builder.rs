@@ -625,6 +625,7 @@ impl PipelineBuilder {
                 router,
                 providers: self.providers,
                 default_provider: self.default_provider,
+                cache_context: cache.as_ref().is_some_and(|c| c.reads_context()),
                 cache,
                 cache_scope: self.cache_scope,
                 flights: crate::cache::SingleFlight::default(),

@@ -28,16 +28,19 @@ pub(super) struct TierKeys {
     base_key: CacheKey,
     /// The primary target's capability tier.
     pub(super) tier: u8,
+    /// Whether the cache reads the context keys (else only the exact key is narrowed).
+    context: bool,
 }
 
 impl TierKeys {
     /// The keys of `q` (not yet narrowed), for a request whose primary is of `tier`.
-    pub(super) fn of(q: &CacheQuery, tier: u8) -> Self {
+    pub(super) fn of(q: &CacheQuery, tier: u8, context: bool) -> Self {
         TierKeys {
             key: q.key,
             context_key: q.context_key,
             base_key: q.base_key,
             tier,
+            context,
         }
     }
 
@@ -47,7 +50,7 @@ impl TierKeys {
         q.context_key = self.context_key;
         q.base_key = self.base_key;
         let mut buf = [0u8; 8];
-        q.answered_by(tier_tag(tier, &mut buf))
+        q.narrowed(tier_tag(tier, &mut buf), self.context)
     }
 }
 

@@ -94,6 +94,9 @@ pub(crate) struct Inner {
     default_provider: Option<Arc<dyn Provider>>,
     cache: Option<Arc<dyn Cache>>,
     cache_scope: CacheScope,
+    /// Whether the cache reads a query's context (see `Cache::reads_context`): when it
+    /// does not, queries carry the exact key alone.
+    cache_context: bool,
     /// Concurrent identical misses share one call (whole answers, streams).
     flights: SingleFlight<ChatResponse>,
     stream_flights: SingleFlight<Arc<SharedStream>>,

@@ -100,18 +100,23 @@ impl Inner {
         let (cache, cache_tier) = match (&self.cache, req.model.as_deref()) {
             (None, _) => (None, None),
             // A request naming its model is only ever served that model's answers.
-            (Some(_), Some(named)) => (CacheQuery::for_model(req, self.cache_scope, named), None),
+            (Some(_), Some(named)) => (
+                CacheQuery::keyed(req, self.cache_scope, named, self.cache_context),
+                None,
+            ),
             // A routed request is keyed by the capability tier of the model the router
             // chose, never by `auto`: an answer from a weaker model is not served to a
             // request routed to a stronger one (answers of a higher tier may be; see
             // `cache_get`).
-            (Some(_), None) => match CacheQuery::for_model(req, self.cache_scope, ROUTED) {
-                Some(q) => {
-                    let tier = TierKeys::of(&q, primary.tier);
-                    (Some(tier.query(q, primary.tier)), Some(tier))
+            (Some(_), None) => {
+                match CacheQuery::keyed(req, self.cache_scope, ROUTED, self.cache_context) {
+                    Some(q) => {
+                        let tier = TierKeys::of(&q, primary.tier, self.cache_context);
+                        (Some(tier.query(q, primary.tier)), Some(tier))
+                    }
+                    None => (None, None),
                 }
-                None => (None, None),
-            },
+            }
         };
         Ok(Plan {
             route,
