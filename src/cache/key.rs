@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::CacheScope;
+use super::canon::{self, Unserializable};
 use crate::types::{CacheMode, ChatRequest, Document, GenerationParams, Message, Role};
 
 /// A 256-bit BLAKE3 digest of a request's canonical form.
@@ -69,8 +70,8 @@ impl fmt::Debug for CacheKey {
 
 /// Everything that changes an answer but the final user turn, in a fixed order. Field
 /// order is part of the key format: changing it changes every key (bump `v`). Keys are
-/// digests of this view serialized as JSON, written as [`SharedView`] then the
-/// messages; the tests check the two give the same bytes.
+/// digests of this view in its canonical form (see `canon`), written as [`SharedView`]
+/// then the messages; the tests check the two give the same bytes.
 #[cfg(test)]
 #[derive(Serialize, Clone, Copy)]
 struct ContextView<'a, M> {
@@ -94,15 +95,10 @@ struct SharedView<'a> {
     documents: &'a [Document],
 }
 
-/// Appends `value` as JSON. Serializing plain data into memory cannot fail (no maps
-/// with non-string keys, no I/O errors from a vector); were it to, a marker is written.
-fn write_json(buf: &mut Vec<u8>, value: &impl Serialize) {
-    if serde_json::to_writer(&mut *buf, value).is_err() {
-        buf.extend_from_slice(b"\x00unserializable");
-    }
-}
+/// The key format's version: the `v` of [`SharedView`].
+const VERSION: u8 = 3;
 
-/// The system messages of a conversation, serialized as the JSON array of them (the
+/// The system messages of a conversation, serialized as the sequence of them (the
 /// same bytes as a slice of just those messages), without copying them.
 #[derive(Clone, Copy)]
 struct SystemOnly<'a>(&'a [Message]);
@@ -113,14 +109,49 @@ impl Serialize for SystemOnly<'_> {
     }
 }
 
-/// Serializes `value` and hashes the bytes in one update (many small updates, one per
-/// JSON token, cost more than the serialization), after `prefix` and before `suffix`.
-fn digest(buf: &mut Vec<u8>, prefix: &[u8], value: &impl Serialize, suffix: &[u8]) -> CacheKey {
+/// Writes `value` in its canonical form and hashes the bytes in one update, after
+/// `prefix` and before `suffix`.
+fn digest(
+    buf: &mut Vec<u8>,
+    prefix: &[u8],
+    value: &impl Serialize,
+    suffix: &[u8],
+) -> Result<CacheKey, Unserializable> {
     buf.clear();
     buf.extend_from_slice(prefix);
-    write_json(buf, value);
+    canon::write(buf, value)?;
     buf.extend_from_slice(suffix);
-    CacheKey(*blake3::hash(buf).as_bytes())
+    Ok(CacheKey(*blake3::hash(buf).as_bytes()))
+}
+
+thread_local! {
+    /// A buffer for canonical forms, reused by the requests of a thread.
+    static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Buffers kept between requests hold at most this many bytes.
+const KEEP_BUF: usize = 64 * 1024;
+
+/// Runs `f` with this thread's buffer emptied (or a new buffer, when the thread's is
+/// in use or the thread is ending).
+fn with_buf<T>(f: impl FnOnce(&mut Vec<u8>) -> Option<T>) -> Option<T> {
+    let mut f = Some(f);
+    let reused = BUF.try_with(|cell| {
+        let mut buf = cell.try_borrow_mut().ok()?;
+        let f = f.take()?;
+        buf.clear();
+        let out = f(&mut buf);
+        if buf.capacity() > KEEP_BUF {
+            *buf = Vec::new();
+        }
+        Some(out)
+    });
+    match (reused, f) {
+        (Ok(Some(out)), _) => out,
+        (_, Some(f)) => f(&mut Vec::with_capacity(512)),
+        // `f` ran and its answer came back above
+        (_, None) => None,
+    }
 }
 
 /// One request's view of the cache: its keys, partition, namespace, TTL and tags.
@@ -201,35 +232,46 @@ impl CacheQuery {
         };
         // One serialization of the request. The context key digests everything but
         // the final user turn; the exact key digests the context key and that turn, so
-        // it still covers everything. Each input is a self-delimiting JSON value plus a
-        // closing tag (`C`, `E`), so no two requests hash the same bytes.
+        // it still covers everything. Each input is a self-delimiting canonical value
+        // plus a closing tag (`C`, `E`), so no two requests hash the same bytes.
         // The context and base views differ only in their messages, the last field:
         // the fields before it are serialized once, and each view's messages after
-        // them (the same bytes as serializing each whole view).
-        let mut buf = Vec::with_capacity(512);
+        // them (the same bytes as serializing each whole view). A request whose
+        // canonical form cannot be written (no plain data fails) is not cached.
         let shared = SharedView {
-            v: 2,
+            v: VERSION,
             partition: &partition,
             namespace,
             model,
             params: &request.params,
             documents: &request.documents,
         };
-        write_json(&mut buf, &shared);
-        if buf.last() == Some(&b'}') {
-            buf.pop();
-        }
-        buf.extend_from_slice(b",\"messages\":");
-        let fields = buf.len();
-        write_json(&mut buf, &context);
-        buf.extend_from_slice(b"}C");
-        let context_key = CacheKey(*blake3::hash(&buf).as_bytes());
-        if !with_context {
-            buf.truncate(fields);
-            let key = match last {
-                Some(m) => digest(&mut buf, context_key.as_bytes(), m, b"E"),
-                None => digest(&mut buf, context_key.as_bytes(), &(), b"E"),
+        let (key, context_key, base_key) = with_buf(|buf| {
+            canon::write(buf, &shared).ok()?;
+            if buf.last() == Some(&canon::STRUCT_END) {
+                buf.pop();
+            }
+            canon::write_field_name(buf, "messages");
+            let fields = buf.len();
+            canon::write(buf, &context).ok()?;
+            buf.extend_from_slice(&[canon::STRUCT_END, b'C']);
+            let context_key = CacheKey(*blake3::hash(buf).as_bytes());
+            let base_key = if with_context {
+                buf.truncate(fields);
+                canon::write(buf, &SystemOnly(context)).ok()?;
+                buf.extend_from_slice(&[canon::STRUCT_END, b'B']);
+                CacheKey(*blake3::hash(buf).as_bytes())
+            } else {
+                context_key
             };
+            let key = match last {
+                Some(m) => digest(buf, context_key.as_bytes(), m, b"E"),
+                None => digest(buf, context_key.as_bytes(), &(), b"E"),
+            }
+            .ok()?;
+            Some((key, context_key, base_key))
+        })?;
+        if !with_context {
             return Some(CacheQuery {
                 key,
                 context_key: key,
@@ -242,10 +284,6 @@ impl CacheQuery {
                 tags: meta.cache.tags.clone(),
             });
         }
-        buf.truncate(fields);
-        write_json(&mut buf, &SystemOnly(context));
-        buf.extend_from_slice(b"}B");
-        let base_key = CacheKey(*blake3::hash(&buf).as_bytes());
         // Tool traffic, or an assistant turn that names a detail ("Order 1182: two
         // blue mugs"), makes the history part of the question: matched strictly.
         let strict = context.iter().any(|m| {
@@ -261,10 +299,6 @@ impl CacheQuery {
                 .map(|m| cut(&m.content, MAX_HISTORY_BYTES).to_owned())
                 .collect()
         });
-        let key = match last {
-            Some(m) => digest(&mut buf, context_key.as_bytes(), m, b"E"),
-            None => digest(&mut buf, context_key.as_bytes(), &(), b"E"),
-        };
         let final_user_text = last.map(|m| m.content.clone());
         Some(CacheQuery {
             key,
@@ -464,7 +498,7 @@ mod tests {
             .cloned()
             .collect();
         let view = ContextView {
-            v: 2,
+            v: VERSION,
             partition: "",
             namespace: "default",
             model: "auto",
@@ -473,12 +507,51 @@ mod tests {
             messages: &system[..],
         };
         let mut buf = Vec::new();
-        assert_eq!(q(&r).base_key, digest(&mut buf, b"", &view, b"B"));
+        assert_eq!(q(&r).base_key, digest(&mut buf, b"", &view, b"B").unwrap());
         let context = ContextView {
             messages: &r.messages[..4],
             ..view
         };
-        assert_eq!(q(&r).context_key, digest(&mut buf, b"", &context, b"C"));
+        assert_eq!(
+            q(&r).context_key,
+            digest(&mut buf, b"", &context, b"C").unwrap()
+        );
+    }
+
+    #[test]
+    fn the_exact_key_is_the_same_with_or_without_the_context() {
+        for r in [
+            ChatRequest::user_text("hi"),
+            ChatRequest::new()
+                .message(Message::system("be brief"))
+                .message(Message::user("first"))
+                .message(Message::assistant("ok"))
+                .message(Message::user("second"))
+                .temperature(0.2),
+            ChatRequest::new().message(Message::assistant("no user turn last")),
+        ] {
+            let full = CacheQuery::keyed(&r, CacheScope::Global, "m", true).unwrap();
+            let lean = CacheQuery::keyed(&r, CacheScope::Global, "m", false).unwrap();
+            assert_eq!(full.key, lean.key);
+            assert_eq!((lean.context_key, lean.base_key), (lean.key, lean.key));
+            assert!(lean.final_user_text.is_none() && lean.history.is_none());
+            let (full, lean) = (
+                full.narrowed("tier:1", true),
+                lean.narrowed("tier:1", false),
+            );
+            assert_eq!(full.key, lean.key);
+            assert_eq!((lean.context_key, lean.base_key), (lean.key, lean.key));
+        }
+    }
+
+    #[test]
+    fn a_nan_temperature_is_not_keyed_as_none() {
+        let r = ChatRequest::user_text("hi");
+        assert_ne!(q(&r).key, q(&r.clone().temperature(f32::NAN)).key);
+        assert_ne!(
+            q(&r.clone().temperature(0.0)).key,
+            q(&r.temperature(-0.0)).key
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! What is never stored: errors (including 429s), refusals (content filter),
 //! truncated answers (`length`) and broken streams. See [`is_cacheable`].
 
+mod canon;
 mod embed;
 mod flight;
 mod guards;
