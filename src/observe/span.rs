@@ -220,10 +220,8 @@ impl Attempt {
                     .record("gen_ai.usage.input_tokens", r.usage.input_tokens);
                 self.span
                     .record("gen_ai.usage.output_tokens", r.usage.output_tokens);
-                self.span.record(
-                    "gen_ai.response.finish_reasons",
-                    r.finish_reason.to_string().as_str(),
-                );
+                self.span
+                    .record("gen_ai.response.finish_reasons", r.finish_reason.as_str());
                 "ok"
             }
             Ok(None) => "ok",

@@ -67,7 +67,7 @@ impl Inner {
                     rec.outcome = Outcome::CacheHit;
                     rec.model = Some(end.model.clone());
                     rec.provider = Some(end.provider.clone());
-                    inner.record(rec, &span, Some(&end.finish_reason.to_string()));
+                    inner.record(rec, &span, Some(end.finish_reason.as_str()));
                 });
                 (f.wait_with(|s| s.subscribe(Some(on_end))).await, None)
             }

@@ -127,6 +127,6 @@ impl Inner {
         span: &tracing::Span,
     ) {
         rec.set_answer(r);
-        self.record(rec, span, Some(&r.finish_reason.to_string()));
+        self.record(rec, span, Some(r.finish_reason.as_str()));
     }
 }

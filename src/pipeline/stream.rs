@@ -282,7 +282,7 @@ impl Settle {
                 end.served = served;
                 end.guard_rejected = self.guard_rejected.take();
                 rec.outcome = Outcome::Provider;
-                inner.record(rec, &self.span, Some(&end.finish_reason.to_string()));
+                inner.record(rec, &self.span, Some(end.finish_reason.as_str()));
                 Some(end)
             }
             Ending::Failed(reason) => {

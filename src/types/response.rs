@@ -119,16 +119,23 @@ impl FinishReason {
     }
 }
 
+impl FinishReason {
+    /// The reason as written on the wire and in records (`stop`, `length`, ...).
+    pub fn as_str(&self) -> &str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
+            FinishReason::ContentFilter => "content_filter",
+            FinishReason::Truncated => "truncated",
+            FinishReason::Other(s) => s,
+        }
+    }
+}
+
 impl fmt::Display for FinishReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            FinishReason::Stop => f.write_str("stop"),
-            FinishReason::Length => f.write_str("length"),
-            FinishReason::ToolCalls => f.write_str("tool_calls"),
-            FinishReason::ContentFilter => f.write_str("content_filter"),
-            FinishReason::Truncated => f.write_str("truncated"),
-            FinishReason::Other(s) => f.write_str(s),
-        }
+        f.write_str(self.as_str())
     }
 }
 
