@@ -169,6 +169,27 @@ impl<V> Leader<V> {
         self.tx.send_replace(Some(value));
     }
 
+    /// Hands the value `make` gives to every follower, present and future, until the
+    /// leader is dropped; with no follower yet, ends the flight instead (no request can
+    /// join it any more, and `make` is not called): the common case pays no copy.
+    pub(crate) fn publish_with(&self, make: impl FnOnce() -> V) {
+        {
+            // Followers join under this lock, so none can join between the count and
+            // the removal.
+            let mut flights = self.map.lock();
+            if self.slot.waiters.load(Ordering::Acquire) == 0 {
+                if flights
+                    .get(&self.key)
+                    .is_some_and(|s| Arc::ptr_eq(s, &self.slot))
+                {
+                    flights.remove(&self.key);
+                }
+                return;
+            }
+        }
+        self.tx.send_replace(Some(make()));
+    }
+
     /// Followers waiting or reading.
     pub(crate) fn waiters(&self) -> usize {
         self.slot.waiters.load(Ordering::Acquire)
@@ -575,6 +596,27 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn publishing_with_no_follower_ends_the_flight_without_a_copy() {
+        let f = SingleFlight::<u32>::new(8, 8);
+        let Join::Leader(l) = f.join(key(1)) else {
+            panic!("first is the leader")
+        };
+        l.publish_with(|| panic!("no follower: nothing to copy"));
+        assert_eq!(f.in_flight(), 0);
+        // a request after it leads a flight of its own
+        let Join::Leader(l2) = f.join(key(1)) else {
+            panic!("the ended flight is not joined")
+        };
+        drop(l); // the first leader's drop leaves the new flight alone
+        assert_eq!(f.in_flight(), 1);
+        let Join::Follower(w) = f.join(key(1)) else {
+            panic!("a follower of the new flight")
+        };
+        l2.publish_with(|| 7);
+        assert_eq!(w.wait().await, Some(7));
+    }
+
+    #[tokio::test]
     async fn bounded_keys_and_waiters() {
         let f: SingleFlight<u32> = SingleFlight::new(2, 1);
         let Join::Leader(a) = f.join(key(1)) else {

@@ -232,7 +232,7 @@ impl Pipeline {
             inner.cache_put(&q, &answer).await; // a complete answer is stored
         }
         if let Some(l) = leader.filter(|_| is_cacheable(&answer)) {
-            l.publish(answer.clone()); // for the identical requests that waited
+            l.publish_with(|| answer.clone()); // for the identical requests that waited
         }
         // The caller is told everything the answer was billed (an escalated first answer
         // and hedged calls that lost included), as a stream's end is; the cache keeps
