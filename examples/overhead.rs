@@ -259,7 +259,10 @@ async fn run() -> tokenwise::Result<()> {
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let added = |d: Duration, base: Duration| (us(d) - us(base)).max(0.0);
     let miss_p50 = added(percentile(&mut miss, 0.50), bare_p50);
+    let miss_p90 = added(percentile(&mut miss, 0.90), bare_p50);
     let miss_p99 = added(percentile(&mut miss, 0.99), bare_p99);
+    let miss_p999 = added(percentile(&mut miss, 0.999), bare_p99);
+    let hit_p90 = added(percentile(&mut hit, 0.90), bare_p50);
     let hit_p50 = added(percentile(&mut hit, 0.50), bare_p50);
     let hit_p99 = added(percentile(&mut hit, 0.99), bare_p99);
 
@@ -291,8 +294,12 @@ async fn run() -> tokenwise::Result<()> {
         us(bare_p50),
         us(bare_p99)
     );
-    println!("added by the pipeline, miss: p50 {miss_p50:.2} µs, p99 {miss_p99:.2} µs");
-    println!("added by the pipeline, hit:  p50 {hit_p50:.2} µs, p99 {hit_p99:.2} µs");
+    println!(
+        "added by the pipeline, miss: p50 {miss_p50:.2} µs, p90 {miss_p90:.2} µs, p99 {miss_p99:.2} µs, p99.9 {miss_p999:.2} µs"
+    );
+    println!(
+        "added by the pipeline, hit:  p50 {hit_p50:.2} µs, p90 {hit_p90:.2} µs, p99 {hit_p99:.2} µs"
+    );
     println!(
         "throughput: {served} misses in {:.2} s",
         t0.elapsed().as_secs_f64()
