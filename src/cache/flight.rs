@@ -32,9 +32,19 @@ pub const MAX_SHARED_STREAM_EVENTS: usize = 1 << 20;
 /// The most bytes of text and tool-call arguments a shared stream buffers.
 pub const MAX_SHARED_STREAM_BYTES: usize = 32 << 20;
 
+/// One key's flight. Its channel is made by the first follower to join (most flights
+/// have none), under the flights' lock, and taken away by the leader when it ends, which
+/// tells followers still waiting that nothing more will come.
 struct Slot<V> {
-    rx: watch::Receiver<Option<V>>,
+    tx: Mutex<Option<watch::Sender<Option<V>>>>,
     waiters: AtomicUsize,
+}
+
+impl<V> Slot<V> {
+    fn sender(&self) -> MutexGuard<'_, Option<watch::Sender<Option<V>>>> {
+        // One operation per critical section: a poisoned slot is consistent.
+        self.tx.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Flights by key (digests: hashed by their first bytes).
@@ -122,17 +132,27 @@ impl<V> SingleFlight<V> {
                 slot.waiters.fetch_sub(1, Ordering::AcqRel);
                 return Join::Alone;
             }
+            let rx = {
+                let mut tx = slot.sender();
+                match tx.as_ref() {
+                    Some(tx) => tx.subscribe(),
+                    None => {
+                        let (sender, rx) = watch::channel(None);
+                        *tx = Some(sender);
+                        rx
+                    }
+                }
+            };
             return Join::Follower(Follower {
-                rx: slot.rx.clone(),
+                rx,
                 slot: Arc::clone(slot),
             });
         }
         if flights.len() >= self.map.max_keys || self.map.max_waiters == 0 {
             return Join::Alone;
         }
-        let (tx, rx) = watch::channel(None);
         let slot = Arc::new(Slot {
-            rx,
+            tx: Mutex::new(None),
             waiters: AtomicUsize::new(0),
         });
         flights.insert(key, Arc::clone(&slot));
@@ -140,7 +160,6 @@ impl<V> SingleFlight<V> {
             map: Arc::clone(&self.map),
             key,
             slot,
-            tx,
         })
     }
 }
@@ -151,7 +170,6 @@ pub(crate) struct Leader<V> {
     map: Arc<Map<V>>,
     key: CacheKey,
     slot: Arc<Slot<V>>,
-    tx: watch::Sender<Option<V>>,
 }
 
 impl<V> fmt::Debug for Leader<V> {
@@ -166,7 +184,14 @@ impl<V> fmt::Debug for Leader<V> {
 impl<V> Leader<V> {
     /// Hands `value` to every follower, present and future, until the leader is dropped.
     pub(crate) fn publish(&self, value: V) {
-        self.tx.send_replace(Some(value));
+        let mut tx = self.slot.sender();
+        match tx.as_ref() {
+            Some(tx) => {
+                tx.send_replace(Some(value));
+            }
+            // no follower yet: the channel is made with the value in it
+            None => *tx = Some(watch::channel(Some(value)).0),
+        }
     }
 
     /// Hands the value `make` gives to every follower, present and future, until the
@@ -187,7 +212,7 @@ impl<V> Leader<V> {
                 return;
             }
         }
-        self.tx.send_replace(Some(make()));
+        self.publish(make());
     }
 
     /// Followers waiting or reading.
@@ -198,13 +223,18 @@ impl<V> Leader<V> {
 
 impl<V> Drop for Leader<V> {
     fn drop(&mut self) {
-        let mut flights = self.map.lock();
-        if flights
-            .get(&self.key)
-            .is_some_and(|s| Arc::ptr_eq(s, &self.slot))
         {
-            flights.remove(&self.key);
+            let mut flights = self.map.lock();
+            if flights
+                .get(&self.key)
+                .is_some_and(|s| Arc::ptr_eq(s, &self.slot))
+            {
+                flights.remove(&self.key);
+            }
         }
+        // No follower can join any more: closing the channel tells those waiting that
+        // nothing (more) will come.
+        drop(self.slot.sender().take());
     }
 }
 
@@ -614,6 +644,29 @@ mod tests {
         };
         l2.publish_with(|| 7);
         assert_eq!(w.wait().await, Some(7));
+    }
+
+    #[tokio::test]
+    async fn a_follower_after_the_publication_gets_it_at_once_and_one_left_waiting_is_released() {
+        let f = SingleFlight::<u32>::new(8, 8);
+        let Join::Leader(l) = f.join(key(2)) else {
+            panic!("first is the leader")
+        };
+        l.publish(5); // no follower yet
+        let Join::Follower(late) = f.join(key(2)) else {
+            panic!("the flight is still on")
+        };
+        assert_eq!(late.wait().await, Some(5));
+        drop(l);
+        let Join::Leader(l) = f.join(key(3)) else {
+            panic!("a new flight")
+        };
+        let Join::Follower(waiting) = f.join(key(3)) else {
+            panic!("a follower")
+        };
+        let waited = tokio::spawn(waiting.wait());
+        drop(l); // ends without publishing
+        assert_eq!(waited.await.ok(), Some(None));
     }
 
     #[tokio::test]
