@@ -8,7 +8,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use lru::LruCache;
 
-use super::{BuildKeyHasher, Cache, CacheKey, CacheQuery, CachedAnswer, DEFAULT_TTL, Invalidation};
+use super::{
+    BuildKeyHasher, Cache, CacheKey, CacheLookup, CacheQuery, CachedAnswer, DEFAULT_TTL,
+    Invalidation,
+};
 use crate::clock::{Clock, Timestamp, default_clock};
 use crate::types::ChatResponse;
 use crate::{Error, Result};
@@ -282,6 +285,11 @@ impl Cache for ExactCache {
 
     async fn get(&self, query: &CacheQuery) -> Result<Option<CachedAnswer>> {
         Ok(self.get_now(query))
+    }
+
+    /// What `get` finds, in one future (the default would wrap `get`'s).
+    async fn lookup(&self, query: &CacheQuery) -> Result<CacheLookup> {
+        Ok(CacheLookup::found(self.get_now(query)))
     }
 
     async fn put(&self, query: &CacheQuery, response: &ChatResponse) -> Result<()> {
