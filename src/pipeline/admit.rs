@@ -2,6 +2,7 @@
 //! scope of the request at once. What it grants is an [`Admitted`], which gives its
 //! token charge back however the request ends.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::{Inner, Plan, run_detached};
@@ -15,18 +16,22 @@ use crate::{Error, Result};
 /// used; an `Admitted` dropped unsettled (its request abandoned) reconciles it to what
 /// the request is known to have used by then (nothing before dispatch, the prompt
 /// after), so a refusal or a cancellation never keeps tokens it did not use.
-pub(super) struct Admitted {
+///
+/// It borrows the request's identity while the request is at hand (a whole answer's
+/// funnel), and owns a copy once it must outlive it (a stream's settlement, see
+/// [`into_owned`](Self::into_owned)); an abandoned request's copy is made as it drops.
+pub(super) struct Admitted<'m> {
     inner: Arc<Inner>,
     /// Released when the request ends.
     _slot: Option<Slot>,
     charged: u64,
     /// The request's identity, kept only while there is a charge to reconcile.
-    meta: Option<RequestMeta>,
+    meta: Option<Cow<'m, RequestMeta>>,
     /// What the request has used if it is abandoned now.
     on_drop: u64,
 }
 
-impl std::fmt::Debug for Admitted {
+impl std::fmt::Debug for Admitted<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Admitted")
             .field("charged", &self.charged)
@@ -35,16 +40,27 @@ impl std::fmt::Debug for Admitted {
     }
 }
 
-impl Admitted {
+impl<'m> Admitted<'m> {
     /// A charge of `charged` tokens on `meta`'s scopes already made (by the batch path,
     /// which holds charges across a batch's life), to settle like any admission.
-    pub(super) fn carrying(inner: &Arc<Inner>, meta: &RequestMeta, charged: u64) -> Self {
+    pub(super) fn carrying(inner: &Arc<Inner>, meta: &'m RequestMeta, charged: u64) -> Self {
         Admitted {
             inner: Arc::clone(inner),
             _slot: None,
             charged,
-            meta: (charged > 0).then(|| meta.clone()),
+            meta: (charged > 0).then_some(Cow::Borrowed(meta)),
             on_drop: 0,
+        }
+    }
+
+    /// The same admission, owning the request's identity (to outlive the request).
+    pub(super) fn into_owned(mut self) -> Admitted<'static> {
+        Admitted {
+            inner: Arc::clone(&self.inner),
+            _slot: self._slot.take(),
+            charged: self.charged,
+            meta: self.meta.take().map(|m| Cow::Owned(m.into_owned())),
+            on_drop: self.on_drop,
         }
     }
 
@@ -69,9 +85,11 @@ impl Admitted {
     }
 }
 
-impl Drop for Admitted {
+impl Drop for Admitted<'_> {
     fn drop(&mut self) {
-        let Some(meta) = self.meta.take() else { return };
+        let Some(meta) = self.meta.take().map(Cow::into_owned) else {
+            return;
+        };
         let (inner, charged, used) = (Arc::clone(&self.inner), self.charged, self.on_drop);
         run_detached(Box::pin(async move {
             inner.reconcile_tokens(&meta, charged, used).await;
@@ -80,11 +98,11 @@ impl Drop for Admitted {
 }
 
 impl Inner {
-    pub(super) async fn admit(
+    pub(super) async fn admit<'m>(
         self: &Arc<Self>,
-        meta: &RequestMeta,
+        meta: &'m RequestMeta,
         plan: &Plan,
-    ) -> Result<Admitted> {
+    ) -> Result<Admitted<'m>> {
         self.check_identity(meta)?;
         let slot = match &self.concurrency {
             Some(c) => Some(c.acquire(meta).await?),
@@ -108,7 +126,7 @@ impl Inner {
             inner: Arc::clone(self),
             _slot: slot,
             charged,
-            meta: (charged > 0).then(|| meta.clone()),
+            meta: (charged > 0).then_some(Cow::Borrowed(meta)),
             on_drop: 0,
         })
     }

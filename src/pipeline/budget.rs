@@ -96,7 +96,7 @@ impl Inner {
         self: &Arc<Self>,
         req: &ChatRequest,
         plan: &mut Plan,
-        admitted: &mut Admitted,
+        admitted: &mut Admitted<'_>,
         degraded: &mut Option<Degrade>,
     ) -> Result<Held> {
         let reservation = match &self.budget {

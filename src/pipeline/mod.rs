@@ -336,7 +336,8 @@ impl Pipeline {
                 attempts,
                 prior,
             }) => {
-                // settle happens as the stream ends
+                // settle happens as the stream ends, after the request is gone
+                let admitted = admitted.into_owned();
                 let answered = dispatched.answered;
                 let Reply::Stream { first, rest } = answered.reply else {
                     return Err(Error::Config(

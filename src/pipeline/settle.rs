@@ -97,7 +97,7 @@ impl Inner {
     pub(super) async fn settle_use(
         &self,
         held: &mut Held,
-        admitted: &mut Admitted,
+        admitted: &mut Admitted<'_>,
         usage: &Usage,
         cost: Cost,
     ) {

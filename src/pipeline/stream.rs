@@ -66,7 +66,7 @@ pub(super) struct Settle {
     pub(super) held: Held,
     /// The admission: its token charge is reconciled and its concurrency slot held
     /// until the stream ends.
-    pub(super) admitted: Admitted,
+    pub(super) admitted: Admitted<'static>,
     pub(super) cache: Option<CacheQuery>,
     pub(super) model: Arc<ModelSpec>,
     pub(super) provider: String,
