@@ -217,13 +217,20 @@ impl CacheQuery {
         if meta.cache.mode == CacheMode::Bypass {
             return None;
         }
+        // `org:<id>` or `user:<id>`, without the formatting machinery
+        let prefixed = |prefix: &str, id: &str| {
+            let mut s = String::with_capacity(prefix.len() + id.len());
+            s.push_str(prefix);
+            s.push_str(id);
+            s
+        };
         let partition = match scope {
             CacheScope::Global => String::new(),
             CacheScope::Org => match meta.org.as_deref() {
-                Some(org) => format!("org:{org}"),
+                Some(org) => prefixed("org:", org),
                 None => "no-org".to_owned(),
             },
-            CacheScope::User => format!("user:{}", meta.user.as_deref()?),
+            CacheScope::User => prefixed("user:", meta.user.as_deref()?),
         };
         let namespace = meta.cache.namespace();
         let (context, last) = match request.messages.split_last() {
