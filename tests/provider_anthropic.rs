@@ -16,10 +16,7 @@ use tokenwise::{
 const KEY: &str = "sk-ant-api03-secretsecretsecret";
 
 fn builder(server: &Server) -> AnthropicBuilder {
-    Anthropic::builder()
-        .base_url(server.url(""))
-        .api_key(KEY)
-        .http_client(client())
+    Anthropic::builder().base_url(server.url("")).api_key(KEY)
 }
 
 fn provider(server: &Server) -> Anthropic {

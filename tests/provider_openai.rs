@@ -24,7 +24,6 @@ fn builder(server: &Server) -> OpenAiCompatibleBuilder {
     OpenAiCompatible::builder()
         .base_url(server.url("/v1"))
         .api_key(KEY)
-        .http_client(client())
 }
 
 fn provider(server: &Server) -> OpenAiCompatible {
