@@ -327,7 +327,10 @@ impl DirectResponse {
             }
             match &mut self.conn {
                 Some(c) if !c.done => c.drive(cx),
-                _ => return Poll::Pending,
+                // The connection has completed: dropping it drops the body's sender,
+                // so the body ends (or fails) on the next poll rather than never.
+                Some(_) => self.conn = None,
+                None => return Poll::Pending,
             }
         }
         Poll::Pending
