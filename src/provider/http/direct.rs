@@ -60,7 +60,8 @@ impl Pooled {
     }
 }
 
-type Idle = Arc<Mutex<Vec<Pooled>>>;
+/// Idle connections, boxed: a connection is large, and moves in and out of the pool.
+type Idle = Arc<Mutex<Vec<Box<Pooled>>>>;
 
 /// A failure of the direct transport.
 #[derive(Debug)]
@@ -162,7 +163,7 @@ impl Direct {
     }
 
     /// An idle connection, if one is left that has not expired.
-    fn checkout(&self) -> Option<Pooled> {
+    fn checkout(&self) -> Option<Box<Pooled>> {
         let mut idle = match self.idle.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -175,7 +176,7 @@ impl Direct {
         None
     }
 
-    async fn connect(&self) -> Result<Pooled, DirectError> {
+    async fn connect(&self) -> Result<Box<Pooled>, DirectError> {
         let connecting = TcpStream::connect((self.host.as_str(), self.port));
         let tcp = match self.connect_timeout {
             Some(d) => tokio::time::timeout(d, connecting)
@@ -189,12 +190,12 @@ impl Direct {
             .handshake(TokioIo::new(tcp))
             .await
             .map_err(DirectError::Http)?;
-        Ok(Pooled {
+        Ok(Box::new(Pooled {
             send,
             conn,
             done: false,
             since: Instant::now(),
-        })
+        }))
     }
 
     /// Sends `method` to the base URL's path followed by `path`, with `headers` and
@@ -269,7 +270,7 @@ pub(crate) struct DirectResponse {
     status: StatusCode,
     headers: HeaderMap,
     body: Incoming,
-    conn: Option<Pooled>,
+    conn: Option<Box<Pooled>>,
     idle: Idle,
 }
 
