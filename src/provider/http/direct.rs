@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// Idle connections kept per provider, at most.
-const MAX_IDLE: usize = 32;
+const MAX_IDLE: usize = 256;
 /// How long an idle connection is kept: 90 s, as reqwest keeps them.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// The proxy variables reqwest honours; when one is set, requests go through reqwest.
@@ -352,6 +352,15 @@ impl DirectResponse {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
+        // The oldest idle connections are at the front (taken from the back): those
+        // past their time are let go here, so that a pool that is never emptied does
+        // not hold them on.
+        while idle
+            .first()
+            .is_some_and(|old| old.since.elapsed() >= IDLE_TIMEOUT)
+        {
+            idle.remove(0);
+        }
         if idle.len() < MAX_IDLE {
             idle.push(c);
         }
