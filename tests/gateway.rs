@@ -606,6 +606,37 @@ async fn slow_clients_get_408_or_are_disconnected() {
 }
 
 #[tokio::test]
+async fn the_header_timeout_spares_requests_in_progress_and_keeps_alive_between_them() {
+    let slow = SimulatedProvider::builder()
+        .time_to_first_token(Duration::ZERO)
+        .per_token(Duration::from_millis(40))
+        .build()
+        .unwrap();
+    let p = Pipeline::builder()
+        .provider(slow)
+        .default_model("gpt-4o-mini")
+        .build()
+        .unwrap();
+    let gw = Gw::start_with(
+        Gateway::new(p, keys(), "gpt-4o-mini"),
+        Limits {
+            header_read_timeout: Duration::from_millis(150),
+            ..Limits::default()
+        },
+    )
+    .await;
+    // A stream that lasts several header timeouts is written to its end, and the
+    // connection then serves another request.
+    let mut q = ask_streamed("Write a long essay about queues", true);
+    q["max_tokens"] = json!(12);
+    for _ in 0..2 {
+        let r = gw.post(ALICE, &q).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert!(r.text.trim_end().ends_with("data: [DONE]"), "{}", r.text);
+    }
+}
+
+#[tokio::test]
 async fn burst_over_a_users_rate_limit_is_429_with_retry_after() {
     let gw = Gw::start(pipeline().rate_limit(ScopeKind::User, 3).build().unwrap()).await;
     for i in 0..3 {

@@ -6,7 +6,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::{End, Reply, Server, client, done_of, drain, text_of};
+use support::{End, Reply, Server, done_of, drain, text_of};
 use tokenwise::provider::{Anthropic, AnthropicBuilder, Deadlines, Provider, ProviderCall};
 use tokenwise::{
     Catalog, ChatRequest, Error, FinishReason, ManualClock, Message, ProviderErrorKind, RateLimits,
@@ -16,10 +16,7 @@ use tokenwise::{
 const KEY: &str = "sk-ant-api03-secretsecretsecret";
 
 fn builder(server: &Server) -> AnthropicBuilder {
-    Anthropic::builder()
-        .base_url(server.url(""))
-        .api_key(KEY)
-        .http_client(client())
+    Anthropic::builder().base_url(server.url("")).api_key(KEY)
 }
 
 fn provider(server: &Server) -> Anthropic {

@@ -24,7 +24,6 @@ fn builder(server: &Server) -> OpenAiCompatibleBuilder {
     OpenAiCompatible::builder()
         .base_url(server.url("/v1"))
         .api_key(KEY)
-        .http_client(client())
 }
 
 fn provider(server: &Server) -> OpenAiCompatible {
@@ -1058,4 +1057,64 @@ async fn per_key_limits_spread_requests_and_refuse_without_sending() {
             .is_err(),
         "limits need keys"
     );
+}
+
+/// A keep-alive HTTP/1.1 server answering every request with [`WHOLE`] (with
+/// `Connection: close` when `close` is set), counting the connections it accepted.
+async fn keep_alive_server(close: bool) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    let mut res = hyper::Response::new(axum::body::Body::from(WHOLE));
+                    res.headers_mut().insert(
+                        "content-type",
+                        hyper::header::HeaderValue::from_static("application/json"),
+                    );
+                    if close {
+                        res.headers_mut().insert(
+                            "connection",
+                            hyper::header::HeaderValue::from_static("close"),
+                        );
+                    }
+                    Ok::<_, std::convert::Infallible>(res)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (format!("http://{addr}/v1"), accepted)
+}
+
+#[tokio::test]
+async fn plain_http_keeps_its_connection_and_opens_another_when_told_to_close() {
+    use std::sync::atomic::Ordering;
+    for (close, connections) in [(false, 1), (true, 4)] {
+        let (url, accepted) = keep_alive_server(close).await;
+        let p = OpenAiCompatible::builder()
+            .base_url(url)
+            .api_key(KEY)
+            .build()
+            .unwrap();
+        for _ in 0..4 {
+            let r = chat(&p, &request()).await.unwrap();
+            assert_eq!(r.content, "Hello! How can I help?", "close: {close}");
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            connections,
+            "close: {close}"
+        );
+    }
 }

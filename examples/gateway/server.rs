@@ -4,8 +4,16 @@
 //! - At most `max_connections` connections; further ones wait in the listen backlog.
 //! - A header read timeout: a client that opens a connection and trickles (or never
 //!   sends) its request head is disconnected, idle keep-alive connections included.
+//!   One timer per connection, checked when it runs out rather than re-armed for every
+//!   request: arming a timer that runs out before every other one makes tokio wake
+//!   its driver (a system call, and on a multi-threaded runtime another thread), and
+//!   hyper's own header timer did that for every request on a keep-alive connection.
 //! - A write-stall timeout: a client that stops reading its response for that long is
 //!   disconnected, so it cannot pin a connection and a stream forever.
+//! - A connection's task polls itself again at once when it woke itself while being
+//!   polled (hyper's request body does, when the handler first reads it), instead of
+//!   going back to the runtime's queue: on a multi-threaded runtime a task that wakes
+//!   itself also wakes an idle worker, which then looks for work for nothing.
 //! - Graceful shutdown: stop accepting, let requests in flight finish for a grace
 //!   period, then return.
 
@@ -15,19 +23,22 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use hyper::body::Incoming;
+use bytes::Bytes;
+use futures_util::task::AtomicWaker;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tower::Service;
 
 use super::Limits;
@@ -71,17 +82,28 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let io = TokioIo::new(Guarded::new(tcp, limits.write_stall_timeout, permit));
         let app = app.clone();
-        let svc = service_fn(move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(Peer(peer));
-            let mut app = app.clone();
-            async move { Ok::<_, Infallible>(unwrap_infallible(app.call(req.map(Body::new)).await)) }
-        });
-        let mut closed = closed.clone();
         let header_timeout = limits.header_read_timeout;
-        tokio::spawn(async move {
+        let idle = Arc::new(IdleClock::new());
+        let svc = {
+            let idle = Arc::clone(&idle);
+            service_fn(move |mut req: hyper::Request<Incoming>| {
+                req.extensions_mut().insert(Peer(peer));
+                let mut app = app.clone();
+                // Busy from the complete request head until the response body is done
+                // with (written or dropped).
+                let busy = Busy::new(Arc::clone(&idle));
+                async move {
+                    let res = unwrap_infallible(app.call(req.map(Body::new)).await);
+                    Ok::<_, Infallible>(res.map(|body| Body::new(Tracked { body, _busy: busy })))
+                }
+            })
+        };
+        let mut closed = closed.clone();
+        tokio::spawn(Repoll::new(async move {
+            // No header timer of hyper's (it would arm one for every request): the
+            // watchdog below does its work.
             let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
+                .header_read_timeout(None)
                 .serve_connection(io, svc);
             tokio::pin!(conn);
             tokio::select! {
@@ -90,12 +112,15 @@ pub async fn serve(
                         tracing::debug!(error = %e, %peer, "connection ended with an error");
                     }
                 }
+                () = idle.watch(header_timeout) => {
+                    tracing::debug!(%peer, "no complete request head in time; closing");
+                }
                 _ = closed.changed() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
             }
-        });
+        }));
     }
     drop(listener);
     let _ = closing.send(true);
@@ -112,6 +137,168 @@ fn unwrap_infallible<T>(r: Result<T, Infallible>) -> T {
     match r {
         Ok(t) => t,
         Err(never) => match never {},
+    }
+}
+
+/// The most times in a row [`Repoll`] polls its future again before it yields to the
+/// runtime.
+const MAX_REPOLLS: u32 = 8;
+
+/// Polls a future again at once when it woke itself while being polled, up to
+/// [`MAX_REPOLLS`] times in a row; other wake-ups go to the runtime's waker as usual.
+struct Repoll<F> {
+    future: Pin<Box<F>>,
+    state: Arc<RepollWaker>,
+    waker: Waker,
+}
+
+/// The waker [`Repoll`] gives its future.
+struct RepollWaker {
+    /// Whether the future is being polled right now.
+    polling: AtomicBool,
+    /// Whether it was woken since it was last polled.
+    woken: AtomicBool,
+    /// The runtime's waker for the task.
+    outer: AtomicWaker,
+}
+
+impl Wake for RepollWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        if !self.polling.load(Ordering::SeqCst) {
+            self.outer.wake();
+        }
+    }
+}
+
+impl<F: Future> Repoll<F> {
+    fn new(future: F) -> Self {
+        let state = Arc::new(RepollWaker {
+            polling: AtomicBool::new(false),
+            woken: AtomicBool::new(false),
+            outer: AtomicWaker::new(),
+        });
+        Repoll {
+            future: Box::pin(future),
+            waker: Waker::from(Arc::clone(&state)),
+            state,
+        }
+    }
+}
+
+impl<F: Future> Future for Repoll<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        this.state.outer.register(cx.waker());
+        let mut inner = Context::from_waker(&this.waker);
+        for _ in 0..MAX_REPOLLS {
+            this.state.woken.store(false, Ordering::SeqCst);
+            this.state.polling.store(true, Ordering::SeqCst);
+            let r = this.future.as_mut().poll(&mut inner);
+            this.state.polling.store(false, Ordering::SeqCst);
+            if r.is_ready() {
+                return r;
+            }
+            // A wake-up that came while polling did not reach the runtime: poll again.
+            if !this.state.woken.load(Ordering::SeqCst) {
+                return Poll::Pending;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+/// How long a connection has been without a request: since it was opened, or since
+/// its last response body was done with. Shared by the connection's service, its
+/// response bodies and its watchdog (all in the connection's task).
+struct IdleClock {
+    origin: Instant,
+    /// Requests whose response body is not done with yet.
+    busy: AtomicU32,
+    /// When the connection last became idle, in nanoseconds after `origin`.
+    idle_since: AtomicU64,
+}
+
+impl IdleClock {
+    fn new() -> Self {
+        IdleClock {
+            origin: Instant::now(),
+            busy: AtomicU32::new(0),
+            idle_since: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Completes when the connection has been idle for `timeout` without a complete
+    /// request head. The timer is set once per `timeout`, not per request: when it runs
+    /// out early (a request came and went meanwhile), it is set again for the rest.
+    async fn watch(&self, timeout: Duration) {
+        let mut at = self.origin + timeout;
+        loop {
+            tokio::time::sleep_until(at).await;
+            if self.busy.load(Ordering::Acquire) > 0 {
+                at = Instant::now() + timeout;
+                continue;
+            }
+            let since = self.origin + Duration::from_nanos(self.idle_since.load(Ordering::Acquire));
+            match since.checked_add(timeout) {
+                Some(end) if end > Instant::now() => at = end,
+                _ => return,
+            }
+        }
+    }
+}
+
+/// A request in progress on a connection, until dropped.
+struct Busy(Arc<IdleClock>);
+
+impl Busy {
+    fn new(clock: Arc<IdleClock>) -> Self {
+        clock.busy.fetch_add(1, Ordering::AcqRel);
+        Busy(clock)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.idle_since.store(self.0.now(), Ordering::Release);
+        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request [`Busy`] until it is done with.
+struct Tracked {
+    body: Body,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -16,7 +16,7 @@ pub(super) const DEFAULT_MAX_RESULTS_BYTES: u64 = 512 << 20;
 /// the core's body cap.
 pub(super) async fn read_lines(
     core: &HttpCore,
-    resp: &mut reqwest::Response,
+    resp: &mut crate::provider::http::Response,
     sent: &Sent,
     max_bytes: u64,
     mut each: impl FnMut(&[u8]),

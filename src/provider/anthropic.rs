@@ -384,7 +384,7 @@ impl Anthropic {
     async fn whole(
         &self,
         call: &ProviderCall<'_>,
-        resp: &mut reqwest::Response,
+        resp: &mut crate::provider::http::Response,
         sent: &Sent,
     ) -> Result<ChatResponse> {
         let core = &self.core;

@@ -346,7 +346,7 @@ impl OpenAiCompatible {
     async fn whole(
         &self,
         call: &ProviderCall<'_>,
-        resp: &mut reqwest::Response,
+        resp: &mut crate::provider::http::Response,
         sent: &super::http::Sent,
     ) -> Result<ChatResponse> {
         let core = &self.inner.core;

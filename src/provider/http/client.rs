@@ -11,6 +11,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::classify::{classify, classify_payload, rate_limits};
+use super::direct::{Direct, DirectError, DirectResponse};
 use super::settings::{Auth, Deadlines};
 use crate::clock::Clock;
 use crate::context::TokenCounter;
@@ -39,10 +40,76 @@ fn jittered_rest() -> Duration {
     DEFAULT_KEY_REST.mul_f64(rand::rng().random_range(0.5..1.5))
 }
 
+/// How requests are sent: reqwest (a caller's client, `https://`, a proxy), or the
+/// direct transport to a plain `http://` base URL.
+pub(crate) enum Transport {
+    Reqwest(reqwest::Client),
+    Direct(Direct),
+}
+
+/// An answer whose head has arrived.
+#[derive(Debug)]
+pub(crate) enum Response {
+    Reqwest(reqwest::Response),
+    Direct(DirectResponse),
+}
+
+impl Response {
+    pub(crate) fn status(&self) -> reqwest::StatusCode {
+        match self {
+            Response::Reqwest(r) => r.status(),
+            Response::Direct(r) => r.status(),
+        }
+    }
+
+    pub(crate) fn headers(&self) -> &HeaderMap {
+        match self {
+            Response::Reqwest(r) => r.headers(),
+            Response::Direct(r) => r.headers(),
+        }
+    }
+
+    pub(crate) fn content_length(&self) -> Option<u64> {
+        match self {
+            Response::Reqwest(r) => r.content_length(),
+            Response::Direct(r) => r.content_length(),
+        }
+    }
+
+    async fn chunk(&mut self) -> std::result::Result<Option<Bytes>, TransportError> {
+        match self {
+            Response::Reqwest(r) => r.chunk().await.map_err(TransportError::Reqwest),
+            Response::Direct(r) => r.chunk().await.map_err(TransportError::Direct),
+        }
+    }
+}
+
+/// A failure of either transport.
+enum TransportError {
+    Reqwest(reqwest::Error),
+    Direct(DirectError),
+}
+
+impl TransportError {
+    fn is_timeout(&self) -> bool {
+        match self {
+            TransportError::Reqwest(e) => e.is_timeout(),
+            TransportError::Direct(e) => e.is_timeout(),
+        }
+    }
+
+    fn as_error(&self) -> &(dyn std::error::Error + 'static) {
+        match self {
+            TransportError::Reqwest(e) => e,
+            TransportError::Direct(e) => e,
+        }
+    }
+}
+
 /// The shared HTTP machinery of one provider.
 pub(crate) struct HttpCore {
     pub(crate) name: String,
-    pub(super) client: reqwest::Client,
+    pub(super) transport: Transport,
     pub(super) base_url: String,
     pub(super) auth: Auth,
     /// The authentication header's value for each key of `keys`, by its index, made
@@ -155,7 +222,7 @@ impl HttpCore {
         body: Vec<u8>,
         streaming: bool,
         tokens: u64,
-    ) -> std::result::Result<(reqwest::Response, Sent), ProviderError> {
+    ) -> std::result::Result<(Response, Sent), ProviderError> {
         let accept = if streaming { &EVENT_STREAM } else { &JSON };
         self.send_with(
             reqwest::Method::POST,
@@ -179,7 +246,7 @@ impl HttpCore {
         body: Option<(&str, Vec<u8>)>,
         accept: &str,
         tokens: u64,
-    ) -> std::result::Result<(reqwest::Response, Sent), ProviderError> {
+    ) -> std::result::Result<(Response, Sent), ProviderError> {
         let header = |v: &str| {
             HeaderValue::from_str(v).map_err(|_| {
                 self.error(
@@ -205,7 +272,7 @@ impl HttpCore {
         body: Option<(HeaderValue, Vec<u8>)>,
         accept: HeaderValue,
         tokens: u64,
-    ) -> std::result::Result<(reqwest::Response, Sent), ProviderError> {
+    ) -> std::result::Result<(Response, Sent), ProviderError> {
         let start = Instant::now();
         let lease = match &self.keys {
             Some(pool) => match pool.acquire_for_model(model, tokens) {
@@ -225,11 +292,8 @@ impl HttpCore {
             None => None,
         };
         let sent = Sent { start, key: lease };
-        let url = self.url(path)?;
-        let mut req = self
-            .client
-            .request(method, url)
-            .header(reqwest::header::ACCEPT, accept);
+        let mut headers = HeaderMap::with_capacity(4 + self.headers.len());
+        headers.insert(reqwest::header::ACCEPT, accept);
         if let Some(lease) = &sent.key {
             let value = self
                 .auth_values
@@ -246,22 +310,43 @@ impl HttpCore {
                 Auth::Bearer => reqwest::header::AUTHORIZATION,
                 Auth::Header(n) => n.clone(),
             };
-            req = req.header(name, value);
+            headers.insert(name, value);
         }
         for (name, value) in &self.headers {
-            req = req.header(name, value.clone());
+            headers.append(name, value.clone());
         }
-        let req = match body {
-            Some((content_type, body)) => req
-                .header(reqwest::header::CONTENT_TYPE, content_type)
-                .body(body),
-            None => req,
+        let body = match body {
+            Some((content_type, body)) => {
+                headers.insert(reqwest::header::CONTENT_TYPE, content_type);
+                Some(body)
+            }
+            None => None,
+        };
+        let sending = async {
+            match &self.transport {
+                Transport::Reqwest(client) => {
+                    let mut req = client.request(method, self.url(path)?).headers(headers);
+                    if let Some(body) = body {
+                        req = req.body(body);
+                    }
+                    Ok(req
+                        .send()
+                        .await
+                        .map(Response::Reqwest)
+                        .map_err(TransportError::Reqwest))
+                }
+                Transport::Direct(direct) => Ok(direct
+                    .send(method, path, headers, body.unwrap_or_default())
+                    .await
+                    .map(Response::Direct)
+                    .map_err(TransportError::Direct)),
+            }
         };
         let first = after(start, self.deadlines.first_byte);
         let deadline = earliest(first, self.total_deadline(start));
         let resp = match deadline {
-            Some(at) => match tokio::time::timeout_at(at, req.send()).await {
-                Ok(r) => r,
+            Some(at) => match tokio::time::timeout_at(at, sending).await {
+                Ok(r) => r?,
                 Err(_) => {
                     return Err(self.error(
                         ProviderErrorKind::Timeout,
@@ -272,7 +357,7 @@ impl HttpCore {
                     ));
                 }
             },
-            None => req.send().await,
+            None => sending.await?,
         };
         let mut resp = resp.map_err(|e| self.transport_error(&e, "sending the request"))?;
         let limits = rate_limits(resp.headers());
@@ -313,14 +398,15 @@ impl HttpCore {
     }
 
     /// Maps a transport failure to a provider error.
-    fn transport_error(&self, e: &reqwest::Error, doing: &str) -> ProviderError {
+    fn transport_error(&self, e: &TransportError, doing: &str) -> ProviderError {
         let kind = if e.is_timeout() {
             ProviderErrorKind::Timeout
         } else {
             ProviderErrorKind::Connection
         };
+        let e = e.as_error();
         let mut message = format!("{doing}: {e}");
-        let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+        let mut source: Option<&(dyn std::error::Error + 'static)> = e.source();
         let mut depth = 0;
         while let Some(s) = source {
             message.push_str(": ");
@@ -337,7 +423,7 @@ impl HttpCore {
     /// Reads the next chunk of `resp` within the idle and total deadlines.
     pub(crate) async fn next_chunk(
         &self,
-        resp: &mut reqwest::Response,
+        resp: &mut Response,
         sent: &Sent,
         extra: Option<Instant>,
     ) -> std::result::Result<Option<Bytes>, ProviderError> {
@@ -373,7 +459,7 @@ impl HttpCore {
 
     async fn read_limited(
         &self,
-        resp: &mut reqwest::Response,
+        resp: &mut Response,
         sent: &Sent,
         cap: usize,
         truncate: bool,
@@ -411,7 +497,7 @@ impl HttpCore {
     /// Reads a whole success body, within the body cap and the deadlines.
     pub(crate) async fn read_body(
         &self,
-        resp: &mut reqwest::Response,
+        resp: &mut Response,
         sent: &Sent,
     ) -> std::result::Result<Vec<u8>, ProviderError> {
         self.read_limited(resp, sent, self.max_body_bytes, false)
@@ -440,7 +526,7 @@ impl HttpCore {
 
     /// Whether a response to a stream request came back whole, as JSON, rather than as
     /// an event stream (some servers ignore `stream`, or answer errors that way).
-    pub(crate) fn is_json(resp: &reqwest::Response) -> bool {
+    pub(crate) fn is_json(resp: &Response) -> bool {
         resp.headers()
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())

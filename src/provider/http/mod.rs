@@ -5,12 +5,13 @@
 
 mod classify;
 mod client;
+mod direct;
 mod settings;
 mod stream;
 mod usage;
 
 pub(crate) use classify::classify_payload;
-pub(crate) use client::{HttpCore, Sent, documents_text};
+pub(crate) use client::{HttpCore, Response, Sent, documents_text};
 pub(crate) use settings::{Auth, HttpSettings, http_builder_methods};
 pub use settings::{
     DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_RETRY_AFTER, DEFAULT_MAX_STREAM_BYTES, Deadlines,

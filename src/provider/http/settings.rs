@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
-use super::client::HttpCore;
+use super::client::{HttpCore, Transport};
 use crate::clock::{Clock, TokioClock};
 use crate::context::{TiktokenCounter, TokenCounter};
 use crate::provider::keys::{ApiKey, KeyPool};
@@ -239,15 +239,25 @@ impl HttpSettings {
             (None, (None, None)) => None,
             (None, _) => return Err(cfg("per-key limits need API keys".into())),
         };
-        let client = match self.client {
-            Some(c) => c,
-            None => {
+        // A caller's client is used as given; else a plain `http://` base URL gets the
+        // direct transport (unless a proxy variable is set), and anything else a
+        // reqwest client of our own.
+        let direct = match self.client {
+            Some(_) => None,
+            None => super::direct::Direct::for_base(&base, self.deadlines.connect),
+        };
+        let transport = match (self.client, direct) {
+            (Some(c), _) => Transport::Reqwest(c),
+            (None, Some(d)) => Transport::Direct(d),
+            (None, None) => {
                 let mut b = http_client_builder()?;
                 if let Some(d) = self.deadlines.connect {
                     b = b.connect_timeout(d);
                 }
-                b.build()
-                    .map_err(|e| cfg(format!("HTTP client: {}", e.without_url())))?
+                Transport::Reqwest(
+                    b.build()
+                        .map_err(|e| cfg(format!("HTTP client: {}", e.without_url())))?,
+                )
             }
         };
         let auth_values = keys
@@ -261,7 +271,7 @@ impl HttpSettings {
             .unwrap_or_default();
         Ok(HttpCore {
             name,
-            client,
+            transport,
             base_url: base,
             auth_values,
             auth: self.auth,
@@ -353,10 +363,12 @@ macro_rules! http_builder_methods {
             self
         }
 
-        /// Uses this `reqwest` client (for a proxy or custom TLS, say). The connect
-        /// deadline is then the client's own; build it from
+        /// Uses this `reqwest` client (for a proxy or custom TLS, say) for every
+        /// request. The connect deadline is then the client's own; build it from
         /// [`http_client_builder`](crate::provider::http_client_builder) to keep rustls
-        /// on *ring*.
+        /// on *ring*. Without one, a plain `http://` base URL goes through hyper's
+        /// HTTP/1.1 client directly (unless a proxy variable is set), and any other
+        /// through a reqwest client of the provider's own.
         pub fn http_client(mut self, client: reqwest::Client) -> Self {
             self.http.client = Some(client);
             self

@@ -131,7 +131,7 @@ pub(crate) trait Translate: Send + 'static {
 
 struct StreamState<T> {
     core: Arc<HttpCore>,
-    resp: reqwest::Response,
+    resp: crate::provider::http::Response,
     sent: Sent,
     decoder: SseDecoder,
     events: VecDeque<SseEvent>,
@@ -283,7 +283,7 @@ impl<T: Translate> StreamState<T> {
 /// A stream of `resp`'s SSE body, translated by `translator`.
 pub(crate) fn sse_stream<T: Translate>(
     core: Arc<HttpCore>,
-    resp: reqwest::Response,
+    resp: crate::provider::http::Response,
     sent: Sent,
     translator: T,
 ) -> ChatStream {

@@ -1,0 +1,368 @@
+//! The default transport to a plain `http://` base URL: HTTP/1.1 over hyper's client
+//! connections, kept in a small pool, each driven by the task that sends on it.
+//!
+//! reqwest (used for `https://`, behind a proxy, or when the caller supplies a client)
+//! hands every request to a connection task and back, spawns a task per response to
+//! return the connection to its pool, and formats and re-parses the URL twice per
+//! request for its redirect policy. Here the request's own task polls the connection:
+//! while it waits for the answer's head, and while it reads the body; when the body is
+//! done the connection goes back to the pool. An idle connection is not polled until
+//! it is taken again, when it is polled once: one the server closed meanwhile is then
+//! seen closed and replaced, and a request it turned away unsent is sent on a new one.
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::{Body as _, Incoming};
+use hyper::client::conn::http1::{self, Connection, SendRequest};
+use hyper::header::{HOST, HeaderMap, HeaderValue};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Idle connections kept per provider, at most.
+const MAX_IDLE: usize = 256;
+/// How long an idle connection is kept: 90 s, as reqwest keeps them.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// The proxy variables reqwest honours; when one is set, requests go through reqwest.
+const PROXY_VARS: [&str; 6] = [
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
+
+type Conn = Connection<TokioIo<TcpStream>, Full<Bytes>>;
+
+/// A connection and its sender.
+struct Pooled {
+    send: SendRequest<Full<Bytes>>,
+    conn: Conn,
+    /// Whether `conn` has completed (closed or failed): it must not be polled again.
+    done: bool,
+    since: Instant,
+}
+
+impl Pooled {
+    /// Polls the connection once, unless it has completed.
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        if !self.done && Pin::new(&mut self.conn).poll(cx).is_ready() {
+            self.done = true;
+        }
+    }
+}
+
+/// Idle connections, boxed: a connection is large, and moves in and out of the pool.
+type Idle = Arc<Mutex<Vec<Box<Pooled>>>>;
+
+/// A failure of the direct transport.
+#[derive(Debug)]
+pub(crate) enum DirectError {
+    /// Connecting took longer than the connect deadline.
+    ConnectTimeout(Duration),
+    /// Connecting failed.
+    Connect(std::io::Error),
+    /// The request or the answer failed on the connection.
+    Http(hyper::Error),
+    /// The request could not be made (an invalid path, say).
+    Request(String),
+}
+
+impl std::fmt::Display for DirectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DirectError::ConnectTimeout(d) => write!(f, "no connection within {d:?}"),
+            DirectError::Connect(e) => write!(f, "connecting: {e}"),
+            DirectError::Http(e) => write!(f, "{e}"),
+            DirectError::Request(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for DirectError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DirectError::Http(e) => std::error::Error::source(e),
+            _ => None,
+        }
+    }
+}
+
+impl DirectError {
+    pub(crate) fn is_timeout(&self) -> bool {
+        matches!(self, DirectError::ConnectTimeout(_))
+    }
+}
+
+/// Requests to one `http://` origin.
+pub(crate) struct Direct {
+    /// The host to connect to (an IPv6 address without its brackets).
+    host: String,
+    port: u16,
+    /// The `Host` header.
+    authority: HeaderValue,
+    /// The base URL's path, without a trailing `/`.
+    prefix: String,
+    connect_timeout: Option<Duration>,
+    idle: Idle,
+}
+
+impl std::fmt::Debug for Direct {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Direct")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Direct {
+    /// The direct transport for `base`, if it can carry it: a plain `http://` URL
+    /// without credentials, query or fragment, and no proxy variable set.
+    pub(crate) fn for_base(base: &str, connect_timeout: Option<Duration>) -> Option<Direct> {
+        if PROXY_VARS
+            .iter()
+            .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+        {
+            return None;
+        }
+        let url = reqwest::Url::parse(base).ok()?;
+        if url.scheme() != "http"
+            || !url.username().is_empty()
+            || url.password().is_some()
+            || url.query().is_some()
+            || url.fragment().is_some()
+        {
+            return None;
+        }
+        let host = url.host_str()?;
+        let port = url.port_or_known_default()?;
+        let authority = match url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.to_owned(),
+        };
+        Some(Direct {
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port,
+            authority: HeaderValue::from_str(&authority).ok()?,
+            prefix: url.path().trim_end_matches('/').to_owned(),
+            connect_timeout,
+            idle: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    /// An idle connection, if one is left that has not expired.
+    fn checkout(&self) -> Option<Box<Pooled>> {
+        let mut idle = match self.idle.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        while let Some(c) = idle.pop() {
+            if !c.done && !c.send.is_closed() && c.since.elapsed() < IDLE_TIMEOUT {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self) -> Result<Box<Pooled>, DirectError> {
+        let connecting = TcpStream::connect((self.host.as_str(), self.port));
+        let tcp = match self.connect_timeout {
+            Some(d) => tokio::time::timeout(d, connecting)
+                .await
+                .map_err(|_| DirectError::ConnectTimeout(d))?,
+            None => connecting.await,
+        }
+        .map_err(DirectError::Connect)?;
+        let _ = tcp.set_nodelay(true);
+        let (send, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(DirectError::Http)?;
+        Ok(Box::new(Pooled {
+            send,
+            conn,
+            done: false,
+            since: Instant::now(),
+        }))
+    }
+
+    /// Sends `method` to the base URL's path followed by `path`, with `headers` and
+    /// `body`, and returns the answer once its head has arrived.
+    pub(crate) async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: HeaderMap,
+        body: Vec<u8>,
+    ) -> Result<DirectResponse, DirectError> {
+        let uri = Uri::try_from(format!("{}{}", self.prefix, path))
+            .map_err(|e| DirectError::Request(format!("invalid path `{path}`: {e}")))?;
+        let mut req = Request::new(Full::new(Bytes::from(body)));
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        req.headers_mut().insert(HOST, self.authority.clone());
+        let mut req = Some(req);
+        loop {
+            let (mut c, reused) = match self.checkout() {
+                Some(c) => (c, true),
+                None => (self.connect().await?, false),
+            };
+            // An idle connection is polled here first: one the server closed is seen
+            // closed, and replaced.
+            let ready = poll_fn(|cx| {
+                c.drive(cx);
+                c.send.poll_ready(cx)
+            })
+            .await;
+            if let Err(e) = ready {
+                if reused {
+                    continue;
+                }
+                return Err(DirectError::Http(e));
+            }
+            let Some(r) = req.take() else {
+                return Err(DirectError::Request("the request was lost".into()));
+            };
+            let mut answer = std::pin::pin!(c.send.try_send_request(r));
+            let res = poll_fn(|cx| {
+                c.drive(cx);
+                answer.as_mut().poll(cx)
+            })
+            .await;
+            match res {
+                Ok(res) => {
+                    let (parts, body) = res.into_parts();
+                    return Ok(DirectResponse {
+                        status: parts.status,
+                        headers: parts.headers,
+                        body,
+                        conn: Some(c),
+                        idle: Arc::clone(&self.idle),
+                    });
+                }
+                Err(mut e) => match e.take_message() {
+                    // Turned away unsent by a connection that closed meanwhile: send it
+                    // on another.
+                    Some(r) if reused => req = Some(r),
+                    _ => return Err(DirectError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+/// An answer whose head has arrived; reading its body drives its connection, which
+/// goes back to the pool when the body is done.
+pub(crate) struct DirectResponse {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Incoming,
+    conn: Option<Box<Pooled>>,
+    idle: Idle,
+}
+
+impl std::fmt::Debug for DirectResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectResponse")
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DirectResponse {
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub(crate) fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    pub(crate) fn content_length(&self) -> Option<u64> {
+        self.body.size_hint().exact()
+    }
+
+    /// The next piece of the body; none at its end.
+    pub(crate) async fn chunk(&mut self) -> Result<Option<Bytes>, DirectError> {
+        poll_fn(|cx| self.poll_chunk(cx))
+            .await
+            .map_err(DirectError::Http)
+    }
+
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, hyper::Error>> {
+        // The body, then the connection that feeds it, then the body again: most
+        // pieces arrive within one such round; else the connection's wake-up brings
+        // this task back.
+        for _ in 0..2 {
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        if !data.is_empty() {
+                            return Poll::Ready(Ok(Some(data)));
+                        }
+                    }
+                    continue;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    self.conn = None;
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Ready(None) => {
+                    self.release(cx);
+                    return Poll::Ready(Ok(None));
+                }
+                Poll::Pending => {}
+            }
+            match &mut self.conn {
+                Some(c) if !c.done => c.drive(cx),
+                // The connection has completed: dropping it drops the body's sender,
+                // so the body ends (or fails) on the next poll rather than never.
+                Some(_) => self.conn = None,
+                None => return Poll::Pending,
+            }
+        }
+        Poll::Pending
+    }
+
+    /// The body is done: the connection goes back to the pool if it is ready for
+    /// another request.
+    fn release(&mut self, cx: &mut Context<'_>) {
+        let Some(mut c) = self.conn.take() else {
+            return;
+        };
+        c.drive(cx);
+        if c.done || !c.send.is_ready() {
+            return;
+        }
+        c.since = Instant::now();
+        let mut idle = match self.idle.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        // The oldest idle connections are at the front (taken from the back): those
+        // past their time are let go here, so that a pool that is never emptied does
+        // not hold them on.
+        while idle
+            .first()
+            .is_some_and(|old| old.since.elapsed() >= IDLE_TIMEOUT)
+        {
+            idle.remove(0);
+        }
+        if idle.len() < MAX_IDLE {
+            idle.push(c);
+        }
+    }
+}
