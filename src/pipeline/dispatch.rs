@@ -23,7 +23,7 @@ use crate::clock::Timestamp;
 use crate::error::{ProviderError, ProviderErrorKind};
 use crate::observe;
 use crate::provider::{Provider, ProviderCall};
-use crate::resilience::{Admit, Breakers, Hedge};
+use crate::resilience::{Admit, BreakerState, Breakers, Hedge};
 use crate::router::balance::Picked;
 use crate::types::{ChatRequest, ChatResponse, ChatStream, Cost, ModelSpec, StreamEvent};
 use crate::{Error, Result};
@@ -327,10 +327,15 @@ impl Inner {
         self.with_breakers(model, key, |b| b.record_stream_end(key, admit, failed));
     }
 
-    fn with_breakers(&self, model: &ModelSpec, key: &str, record: impl FnOnce(&Breakers)) {
-        if let Some(b) = &self.breakers {
-            record(b);
-            observe::metrics::record_breaker_state(&model.provider, key, b.state(key));
+    /// Records on the breakers, and sets the state gauge when the state is new.
+    fn with_breakers(
+        &self,
+        model: &ModelSpec,
+        key: &str,
+        record: impl FnOnce(&Breakers) -> Option<BreakerState>,
+    ) {
+        if let Some(state) = self.breakers.as_ref().and_then(record) {
+            observe::metrics::record_breaker_state(&model.provider, key, state);
         }
     }
 

@@ -111,6 +111,8 @@ struct Breaker {
     open_until: u64,
     probes_out: u32,
     probes_ok: u32,
+    /// The state last reported by [`Breakers::record`], if any.
+    reported: Option<BreakerState>,
 }
 
 impl Breaker {
@@ -122,7 +124,18 @@ impl Breaker {
             open_until: 0,
             probes_out: 0,
             probes_ok: 0,
+            reported: None,
         }
+    }
+
+    /// The state at `now`: an open breaker whose time is up is half-open.
+    fn state_at(&mut self, now: u64) -> BreakerState {
+        if self.state == BreakerState::Open && now >= self.open_until {
+            self.state = BreakerState::HalfOpen;
+            self.probes_out = 0;
+            self.probes_ok = 0;
+        }
+        self.state
     }
 }
 
@@ -166,14 +179,7 @@ impl Breakers {
         let now = self.clock.now().as_nanos();
         let mut map = self.lock();
         match map.get_mut(target) {
-            Some(b) => {
-                if b.state == BreakerState::Open && now >= b.open_until {
-                    b.state = BreakerState::HalfOpen;
-                    b.probes_out = 0;
-                    b.probes_ok = 0;
-                }
-                b.state
-            }
+            Some(b) => b.state_at(now),
             None => BreakerState::Closed,
         }
     }
@@ -226,12 +232,30 @@ impl Breakers {
         }
     }
 
-    /// Records a call's outcome: `failed` for target failures only.
-    pub(crate) fn record(&self, target: &str, admit: Admit, failed: bool) {
+    /// Records a call's outcome: `failed` for target failures only. Returns the
+    /// breaker's state when it is not the one last returned (its first call's state, then
+    /// each change): what a state gauge needs, without a report on every call.
+    pub(crate) fn record(&self, target: &str, admit: Admit, failed: bool) -> Option<BreakerState> {
         let now = self.clock.now().as_nanos();
         let cfg = self.config;
         let mut map = self.lock();
-        let Some(b) = map.get_mut(target) else { return };
+        let b = map.get_mut(target)?;
+        Self::judge(b, target, cfg, now, admit, failed);
+        let state = b.state_at(now);
+        (b.reported != Some(state)).then(|| {
+            b.reported = Some(state);
+            state
+        })
+    }
+
+    fn judge(
+        b: &mut Breaker,
+        target: &str,
+        cfg: BreakerConfig,
+        now: u64,
+        admit: Admit,
+        failed: bool,
+    ) {
         let bucket_ns = (duration_nanos(cfg.window) / BUCKETS as u64).max(1);
         let start = now / bucket_ns * bucket_ns;
         let slot = &mut b.buckets[((now / bucket_ns) % BUCKETS as u64) as usize];
@@ -286,11 +310,16 @@ impl Breakers {
     /// [`record`](Self::record) for a probe (a normal call's stream is judged only
     /// here). Cut upstream (`failed`), a stream is a failure of its target whatever
     /// admitted it; a probe's clean end adds nothing, its first event was its verdict.
-    pub(crate) fn record_stream_end(&self, target: &str, admit: Admit, failed: bool) {
+    pub(crate) fn record_stream_end(
+        &self,
+        target: &str,
+        admit: Admit,
+        failed: bool,
+    ) -> Option<BreakerState> {
         match admit {
             Admit::Call => self.record(target, Admit::Call, failed),
             Admit::Probe if failed => self.record(target, Admit::Call, true),
-            Admit::Probe => {}
+            Admit::Probe => None,
         }
     }
 
@@ -317,6 +346,22 @@ mod tests {
 
     fn breakers(clock: &ManualClock, cfg: BreakerConfig) -> Breakers {
         Breakers::new(cfg, Arc::new(clock.clone())).unwrap()
+    }
+
+    #[test]
+    fn a_state_is_reported_at_the_first_call_and_then_on_each_change() {
+        let clock = ManualClock::new(Timestamp::from_secs(1_000));
+        let b = breakers(&clock, BreakerConfig::default());
+        let a = b.admit("m").unwrap();
+        assert_eq!(b.record("m", a, false), Some(BreakerState::Closed));
+        let a = b.admit("m").unwrap();
+        assert_eq!(b.record("m", a, false), None, "unchanged: not reported again");
+        let mut reports = Vec::new();
+        while let Ok(a) = b.admit("m") {
+            reports.extend(b.record("m", a, true));
+        }
+        assert_eq!(reports, [BreakerState::Open]);
+        assert_eq!(b.record("unknown", Admit::Call, true), None);
     }
 
     #[test]
