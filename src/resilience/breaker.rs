@@ -355,7 +355,11 @@ mod tests {
         let a = b.admit("m").unwrap();
         assert_eq!(b.record("m", a, false), Some(BreakerState::Closed));
         let a = b.admit("m").unwrap();
-        assert_eq!(b.record("m", a, false), None, "unchanged: not reported again");
+        assert_eq!(
+            b.record("m", a, false),
+            None,
+            "unchanged: not reported again"
+        );
         let mut reports = Vec::new();
         while let Ok(a) = b.admit("m") {
             reports.extend(b.record("m", a, true));
