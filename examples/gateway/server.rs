@@ -10,10 +10,6 @@
 //!   hyper's own header timer did that for every request on a keep-alive connection.
 //! - A write-stall timeout: a client that stops reading its response for that long is
 //!   disconnected, so it cannot pin a connection and a stream forever.
-//! - A connection's task polls itself again at once when it woke itself while being
-//!   polled (hyper's request body does, when the handler first reads it), instead of
-//!   going back to the runtime's queue: on a multi-threaded runtime a task that wakes
-//!   itself also wakes an idle worker, which then looks for work for nothing.
 //! - Graceful shutdown: stop accepting, let requests in flight finish for a grace
 //!   period, then return.
 
@@ -23,14 +19,13 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::task::{Context, Poll, Wake, Waker};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use bytes::Bytes;
-use futures_util::task::AtomicWaker;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -99,7 +94,7 @@ pub async fn serve(
             })
         };
         let mut closed = closed.clone();
-        tokio::spawn(Repoll::new(async move {
+        tokio::spawn(async move {
             // No header timer of hyper's (it would arm one for every request): the
             // watchdog below does its work.
             let conn = http1::Builder::new()
@@ -120,7 +115,7 @@ pub async fn serve(
                     let _ = conn.await;
                 }
             }
-        }));
+        });
     }
     drop(listener);
     let _ = closing.send(true);
@@ -137,81 +132,6 @@ fn unwrap_infallible<T>(r: Result<T, Infallible>) -> T {
     match r {
         Ok(t) => t,
         Err(never) => match never {},
-    }
-}
-
-/// The most times in a row [`Repoll`] polls its future again before it yields to the
-/// runtime.
-const MAX_REPOLLS: u32 = 8;
-
-/// Polls a future again at once when it woke itself while being polled, up to
-/// [`MAX_REPOLLS`] times in a row; other wake-ups go to the runtime's waker as usual.
-struct Repoll<F> {
-    future: Pin<Box<F>>,
-    state: Arc<RepollWaker>,
-    waker: Waker,
-}
-
-/// The waker [`Repoll`] gives its future.
-struct RepollWaker {
-    /// Whether the future is being polled right now.
-    polling: AtomicBool,
-    /// Whether it was woken since it was last polled.
-    woken: AtomicBool,
-    /// The runtime's waker for the task.
-    outer: AtomicWaker,
-}
-
-impl Wake for RepollWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::SeqCst);
-        if !self.polling.load(Ordering::SeqCst) {
-            self.outer.wake();
-        }
-    }
-}
-
-impl<F: Future> Repoll<F> {
-    fn new(future: F) -> Self {
-        let state = Arc::new(RepollWaker {
-            polling: AtomicBool::new(false),
-            woken: AtomicBool::new(false),
-            outer: AtomicWaker::new(),
-        });
-        Repoll {
-            future: Box::pin(future),
-            waker: Waker::from(Arc::clone(&state)),
-            state,
-        }
-    }
-}
-
-impl<F: Future> Future for Repoll<F> {
-    type Output = F::Output;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = &mut *self;
-        this.state.outer.register(cx.waker());
-        let mut inner = Context::from_waker(&this.waker);
-        for _ in 0..MAX_REPOLLS {
-            this.state.woken.store(false, Ordering::SeqCst);
-            this.state.polling.store(true, Ordering::SeqCst);
-            let r = this.future.as_mut().poll(&mut inner);
-            this.state.polling.store(false, Ordering::SeqCst);
-            if r.is_ready() {
-                return r;
-            }
-            // A wake-up that came while polling did not reach the runtime: poll again.
-            if !this.state.woken.load(Ordering::SeqCst) {
-                return Poll::Pending;
-            }
-        }
-        cx.waker().wake_by_ref();
-        Poll::Pending
     }
 }
 
