@@ -55,6 +55,13 @@ impl Canon<'_> {
         self.0.push(t);
     }
 
+    /// A fixed-width value: its tag, then its little-endian bytes.
+    fn fixed(&mut self, tag: u8, le_bytes: &[u8]) -> R {
+        self.tag(tag);
+        self.0.extend_from_slice(le_bytes);
+        Ok(())
+    }
+
     /// A length, as an unsigned LEB128 varint (one byte below 128).
     fn len(&mut self, n: usize) {
         let mut n = n as u64;
@@ -113,15 +120,11 @@ impl<'b> Serializer for &mut Canon<'b> {
     }
 
     fn serialize_i64(self, v: i64) -> R {
-        self.tag(b'i');
-        self.0.extend_from_slice(&v.to_le_bytes());
-        Ok(())
+        self.fixed(b'i', &v.to_le_bytes())
     }
 
     fn serialize_i128(self, v: i128) -> R {
-        self.tag(b'I');
-        self.0.extend_from_slice(&v.to_le_bytes());
-        Ok(())
+        self.fixed(b'I', &v.to_le_bytes())
     }
 
     fn serialize_u8(self, v: u8) -> R {
@@ -137,33 +140,23 @@ impl<'b> Serializer for &mut Canon<'b> {
     }
 
     fn serialize_u64(self, v: u64) -> R {
-        self.tag(b'u');
-        self.0.extend_from_slice(&v.to_le_bytes());
-        Ok(())
+        self.fixed(b'u', &v.to_le_bytes())
     }
 
     fn serialize_u128(self, v: u128) -> R {
-        self.tag(b'W');
-        self.0.extend_from_slice(&v.to_le_bytes());
-        Ok(())
+        self.fixed(b'W', &v.to_le_bytes())
     }
 
     fn serialize_f32(self, v: f32) -> R {
-        self.tag(b'f');
-        self.0.extend_from_slice(&v.to_bits().to_le_bytes());
-        Ok(())
+        self.fixed(b'f', &v.to_bits().to_le_bytes())
     }
 
     fn serialize_f64(self, v: f64) -> R {
-        self.tag(b'd');
-        self.0.extend_from_slice(&v.to_bits().to_le_bytes());
-        Ok(())
+        self.fixed(b'd', &v.to_bits().to_le_bytes())
     }
 
     fn serialize_char(self, v: char) -> R {
-        self.tag(b'c');
-        self.0.extend_from_slice(&u32::from(v).to_le_bytes());
-        Ok(())
+        self.fixed(b'c', &u32::from(v).to_le_bytes())
     }
 
     fn serialize_str(self, v: &str) -> R {
@@ -441,6 +434,49 @@ mod tests {
                 assert_ne!(bytes(x), bytes(y), "{x} vs {y}");
             }
         }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+
+        /// Two requests write the same canonical bytes exactly when they are the same
+        /// request (their JSON, with finite numbers, is the oracle).
+        #[test]
+        fn requests_write_the_same_bytes_only_when_they_are_equal(
+            a in request(),
+            b in request(),
+        ) {
+            let json = |r: &crate::ChatRequest| serde_json::to_value(r).unwrap();
+            proptest::prop_assert_eq!(json(&a) == json(&b), bytes(&a) == bytes(&b));
+            proptest::prop_assert_eq!(bytes(&a), bytes(&a.clone()));
+        }
+    }
+
+    /// Small requests that differ in few places: roles, texts that run into each
+    /// other, optional parameters present or not.
+    fn request() -> impl proptest::strategy::Strategy<Value = crate::ChatRequest> {
+        use crate::types::Message;
+        use proptest::prelude::*;
+        let text = prop_oneof![Just(""), Just("a"), Just("ab"), Just("b"), Just("a,b")];
+        let message = (0..3u8, text.clone()).prop_map(|(role, t)| match role {
+            0 => Message::system(t),
+            1 => Message::user(t),
+            _ => Message::assistant(t),
+        });
+        (
+            proptest::collection::vec(message, 0..3),
+            proptest::option::of(prop_oneof![Just(0.0f32), Just(0.5), Just(1.0)]),
+            proptest::option::of(0..3u32),
+            proptest::collection::vec(text, 0..2),
+        )
+            .prop_map(|(messages, temperature, max_tokens, stop)| {
+                let mut r = crate::ChatRequest::new();
+                r.messages = messages;
+                r.params.temperature = temperature;
+                r.params.max_tokens = max_tokens;
+                r.params.stop = stop.into_iter().map(str::to_owned).collect();
+                r
+            })
     }
 
     #[test]
