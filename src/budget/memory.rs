@@ -354,22 +354,18 @@ impl MemoryBudget {
     }
 
     /// Spent and reserved on account `k` at `now`, without changing it (a rolling
-    /// window is aged on a copy of its steps).
-    fn standing(accounts: &Accounts, k: AccountRef<'_>, now: Timestamp) -> (Cost, Cost) {
-        match accounts.get(&k) {
-            None => (Cost::ZERO, Cost::ZERO),
-            Some(acc) => {
-                let spent = match &acc.ring {
-                    Some(r) => {
-                        let mut r = (**r).clone();
-                        r.advance(now);
-                        r.total()
-                    }
-                    None => acc.spent,
-                };
-                (spent, acc.reserved)
+    /// window is aged on a copy of its steps); `None` when there is no such account.
+    fn standing(accounts: &Accounts, k: AccountRef<'_>, now: Timestamp) -> Option<(Cost, Cost)> {
+        let acc = accounts.get(&k)?;
+        let spent = match &acc.ring {
+            Some(r) => {
+                let mut r = (**r).clone();
+                r.advance(now);
+                r.total()
             }
-        }
+            None => acc.spent,
+        };
+        Some((spent, acc.reserved))
     }
 
     /// Synchronous reserve: what [`Budget::reserve`] does, without a future.
@@ -379,9 +375,13 @@ impl MemoryBudget {
         let mut accounts = self.lock();
         // the cap closest to its limit: its account, spent and reserved
         let mut tightest: Option<(AccountRef<'_>, Cost, Cost, u64)> = None;
+        let mut new = 0;
         for &k in &keys {
             let cap = self.inner.caps[k.cap];
-            let (spent, reserved) = Self::standing(&accounts, k, now);
+            let (spent, reserved) = Self::standing(&accounts, k, now).unwrap_or_else(|| {
+                new += 1;
+                (Cost::ZERO, Cost::ZERO)
+            });
             let committed = spent.saturating_add(reserved);
             if committed.saturating_add(amount) > cap.limit {
                 return Err(Error::BudgetExceeded {
@@ -398,7 +398,6 @@ impl MemoryBudget {
                 tightest = Some((k, spent, reserved, used));
             }
         }
-        let new = keys.iter().filter(|k| !accounts.contains_key(*k)).count();
         if accounts.len() + new > self.inner.max_accounts {
             self.evict(&mut accounts, now);
             if accounts.len() + new > self.inner.max_accounts {

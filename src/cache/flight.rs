@@ -203,12 +203,7 @@ impl<V> Leader<V> {
             // the removal.
             let mut flights = self.map.lock();
             if self.slot.waiters.load(Ordering::Acquire) == 0 {
-                if flights
-                    .get(&self.key)
-                    .is_some_and(|s| Arc::ptr_eq(s, &self.slot))
-                {
-                    flights.remove(&self.key);
-                }
+                self.retire(&mut flights);
                 return;
             }
         }
@@ -219,19 +214,22 @@ impl<V> Leader<V> {
     pub(crate) fn waiters(&self) -> usize {
         self.slot.waiters.load(Ordering::Acquire)
     }
+
+    /// Ends this flight in `flights` (the map, locked), if it is still this leader's:
+    /// no request can join it any more.
+    fn retire(&self, flights: &mut Flights<V>) {
+        if flights
+            .get(&self.key)
+            .is_some_and(|s| Arc::ptr_eq(s, &self.slot))
+        {
+            flights.remove(&self.key);
+        }
+    }
 }
 
 impl<V> Drop for Leader<V> {
     fn drop(&mut self) {
-        {
-            let mut flights = self.map.lock();
-            if flights
-                .get(&self.key)
-                .is_some_and(|s| Arc::ptr_eq(s, &self.slot))
-            {
-                flights.remove(&self.key);
-            }
-        }
+        self.retire(&mut self.map.lock());
         // No follower can join any more: closing the channel tells those waiting that
         // nothing (more) will come.
         drop(self.slot.sender().take());

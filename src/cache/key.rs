@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::CacheScope;
-use super::canon::{self, Unserializable};
+use super::canon;
 use crate::types::{CacheMode, ChatRequest, Document, GenerationParams, Message, Role};
 
 /// A 256-bit BLAKE3 digest of a request's canonical form.
@@ -79,6 +79,9 @@ struct ContextView<'a, M> {
     partition: &'a str,
     namespace: &'a str,
     model: &'a str,
+    /// The capability tier a routed request is keyed for (see `CacheQuery::keyed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tier: Option<u8>,
     params: &'a GenerationParams,
     documents: &'a [Document],
     messages: M,
@@ -91,12 +94,18 @@ struct SharedView<'a> {
     partition: &'a str,
     namespace: &'a str,
     model: &'a str,
+    /// The capability tier a routed request is keyed for (see `CacheQuery::keyed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tier: Option<u8>,
     params: &'a GenerationParams,
     documents: &'a [Document],
 }
 
+/// The model a request that names none is keyed with.
+pub(crate) const AUTO: &str = "auto";
+
 /// The key format's version: the `v` of [`SharedView`].
-const VERSION: u8 = 3;
+const VERSION: u8 = 4;
 
 /// The system messages of a conversation, serialized as the sequence of them (the
 /// same bytes as a slice of just those messages), without copying them.
@@ -111,12 +120,13 @@ impl Serialize for SystemOnly<'_> {
 
 /// Writes `value` in its canonical form and hashes the bytes in one update, after
 /// `prefix` and before `suffix`.
+#[cfg(test)]
 fn digest(
     buf: &mut Vec<u8>,
     prefix: &[u8],
     value: &impl Serialize,
     suffix: &[u8],
-) -> Result<CacheKey, Unserializable> {
+) -> Result<CacheKey, canon::Unserializable> {
     buf.clear();
     buf.extend_from_slice(prefix);
     canon::write(buf, value)?;
@@ -146,12 +156,11 @@ fn with_buf<T>(f: impl FnOnce(&mut Vec<u8>) -> Option<T>) -> Option<T> {
         }
         Some(out)
     });
-    match (reused, f) {
-        (Ok(Some(out)), _) => out,
-        (_, Some(f)) => f(&mut Vec::with_capacity(512)),
-        // `f` ran and its answer came back above
-        (_, None) => None,
+    if let Ok(Some(out)) = reused {
+        return out;
     }
+    // the thread's buffer was in use or gone: `f` has not run
+    f.and_then(|f| f(&mut Vec::with_capacity(512)))
 }
 
 /// One request's view of the cache: its keys, partition, namespace, TTL and tags.
@@ -192,7 +201,7 @@ impl CacheQuery {
     /// names no user (anonymous requests are never cached under a per-user scope).
     /// Under the per-org scope, requests without an org share one partition of their own.
     pub fn for_request(request: &ChatRequest, scope: CacheScope) -> Option<CacheQuery> {
-        Self::for_model(request, scope, request.model.as_deref().unwrap_or("auto"))
+        Self::for_model(request, scope, request.model.as_deref().unwrap_or(AUTO))
     }
 
     /// As [`for_request`](Self::for_request), keyed by `model` instead of the model the
@@ -200,17 +209,21 @@ impl CacheQuery {
     /// chosen model, so an answer from a cheaper model is never served to a request
     /// routed to a better one.
     pub fn for_model(request: &ChatRequest, scope: CacheScope, model: &str) -> Option<CacheQuery> {
-        Self::keyed(request, scope, model, true)
+        Self::keyed(request, scope, model, None, true)
     }
 
-    /// As [`for_model`](Self::for_model); without `with_context` (for a cache that reads
-    /// the exact key alone, see [`Cache::reads_context`](super::Cache::reads_context)),
-    /// the context and base keys equal the exact key and there is no final user text
-    /// or history. The exact key is the same either way.
+    /// As [`for_model`](Self::for_model). With a `tier`, every key also covers that
+    /// capability tier: the pipeline keys a routed request (model `auto`) by the tier
+    /// of the model that is to answer it, or that answered it, in the same one digest
+    /// per key. Without `with_context` (for a cache that reads the exact key alone, see
+    /// [`Cache::reads_context`](super::Cache::reads_context)), the context and base
+    /// keys equal the exact key and there is no final user text or history. The exact
+    /// key is the same either way.
     pub(crate) fn keyed(
         request: &ChatRequest,
         scope: CacheScope,
         model: &str,
+        tier: Option<u8>,
         with_context: bool,
     ) -> Option<CacheQuery> {
         let meta = &request.meta;
@@ -238,18 +251,21 @@ impl CacheQuery {
             _ => (&request.messages[..], None),
         };
         // One serialization of the request. The context key digests everything but
-        // the final user turn; the exact key digests the context key and that turn, so
-        // it still covers everything. Each input is a self-delimiting canonical value
-        // plus a closing tag (`C`, `E`), so no two requests hash the same bytes.
-        // The context and base views differ only in their messages, the last field:
-        // the fields before it are serialized once, and each view's messages after
-        // them (the same bytes as serializing each whole view). A request whose
-        // canonical form cannot be written (no plain data fails) is not cached.
+        // the final user turn (`P`, then `C`); the exact key digests the same bytes
+        // followed by that turn (`P`, `L`, the turn or a unit, `E`), so it covers
+        // everything and is one digest on its own. `P` is a self-delimiting canonical
+        // value and each input ends in its own tag (`C`, `E`, `B`), so no two inputs
+        // are the same bytes. The context and base views differ only in their
+        // messages, the last field: the fields before it are serialized once, and each
+        // view's messages after them (the same bytes as serializing each whole view).
+        // A request whose canonical form cannot be written (no plain data fails) is
+        // not cached.
         let shared = SharedView {
             v: VERSION,
             partition: &partition,
             namespace,
             model,
+            tier,
             params: &request.params,
             documents: &request.documents,
         };
@@ -261,21 +277,31 @@ impl CacheQuery {
             canon::write_field_name(buf, "messages");
             let fields = buf.len();
             canon::write(buf, &context).ok()?;
-            buf.extend_from_slice(&[canon::STRUCT_END, b'C']);
-            let context_key = CacheKey(*blake3::hash(buf).as_bytes());
-            let base_key = if with_context {
-                buf.truncate(fields);
-                canon::write(buf, &SystemOnly(context)).ok()?;
-                buf.extend_from_slice(&[canon::STRUCT_END, b'B']);
-                CacheKey(*blake3::hash(buf).as_bytes())
-            } else {
-                context_key
-            };
-            let key = match last {
-                Some(m) => digest(buf, context_key.as_bytes(), m, b"E"),
-                None => digest(buf, context_key.as_bytes(), &(), b"E"),
+            buf.push(canon::STRUCT_END);
+            let context_end = buf.len();
+            buf.push(b'L');
+            match last {
+                Some(m) => canon::write(buf, m).ok()?,
+                None => canon::write(buf, &()).ok()?,
             }
-            .ok()?;
+            buf.push(b'E');
+            if !with_context {
+                let key = CacheKey(*blake3::hash(buf).as_bytes());
+                return Some((key, key, key));
+            }
+            // `P` hashed once for both keys: an incremental digest equals the one-shot
+            // digest of the same bytes.
+            let mut h = blake3::Hasher::new();
+            h.update(&buf[..context_end]);
+            let mut c = h.clone();
+            c.update(b"C");
+            let context_key = CacheKey(*c.finalize().as_bytes());
+            h.update(&buf[context_end..]);
+            let key = CacheKey(*h.finalize().as_bytes());
+            buf.truncate(fields);
+            canon::write(buf, &SystemOnly(context)).ok()?;
+            buf.extend_from_slice(&[canon::STRUCT_END, b'B']);
+            let base_key = CacheKey(*blake3::hash(buf).as_bytes());
             Some((key, context_key, base_key))
         })?;
         if !with_context {
@@ -345,14 +371,7 @@ impl CacheQuery {
     /// assert_eq!(small, q.answered_by("tier:free"));
     /// ```
     #[must_use]
-    pub fn answered_by(self, answered_by: &str) -> CacheQuery {
-        self.narrowed(answered_by, true)
-    }
-
-    /// As [`answered_by`](Self::answered_by); without `context`, only the exact key
-    /// is narrowed and the context and base keys are set to it (a query made without
-    /// them, see [`keyed`](Self::keyed)).
-    pub(crate) fn narrowed(mut self, answered_by: &str, context: bool) -> CacheQuery {
+    pub fn answered_by(mut self, answered_by: &str) -> CacheQuery {
         const PREFIX: &[u8] = b"answered_by\x00";
         let name = answered_by.as_bytes();
         // The digest of `PREFIX, tag, key, name length, name`: hashed from one stack
@@ -384,12 +403,8 @@ impl CacheQuery {
             CacheKey(*h.finalize().as_bytes())
         };
         self.key = narrow(&self.key, b"E");
-        if context {
-            self.context_key = narrow(&self.context_key, b"C");
-            self.base_key = narrow(&self.base_key, b"B");
-        } else {
-            (self.context_key, self.base_key) = (self.key, self.key);
-        }
+        self.context_key = narrow(&self.context_key, b"C");
+        self.base_key = narrow(&self.base_key, b"B");
         self
     }
 }
@@ -509,6 +524,7 @@ mod tests {
             partition: "",
             namespace: "default",
             model: "auto",
+            tier: None,
             params: &r.params,
             documents: &r.documents,
             messages: &system[..],
@@ -523,6 +539,23 @@ mod tests {
             q(&r).context_key,
             digest(&mut buf, b"", &context, b"C").unwrap()
         );
+        // the exact key: the context view, `L`, the final user turn, `E`
+        let mut turn = Vec::new();
+        canon::write(&mut turn, &r.messages[4]).unwrap();
+        let mut suffix = vec![b'L'];
+        suffix.extend_from_slice(&turn);
+        suffix.push(b'E');
+        assert_eq!(q(&r).key, digest(&mut buf, b"", &context, &suffix).unwrap());
+        // a conversation that does not end with a user turn: a unit in its place
+        let r = ChatRequest::new().message(Message::assistant("no user turn last"));
+        let context = ContextView {
+            messages: &r.messages[..],
+            ..view
+        };
+        let mut unit = vec![b'L'];
+        canon::write(&mut unit, &()).unwrap();
+        unit.push(b'E');
+        assert_eq!(q(&r).key, digest(&mut buf, b"", &context, &unit).unwrap());
     }
 
     #[test]
@@ -537,18 +570,31 @@ mod tests {
                 .temperature(0.2),
             ChatRequest::new().message(Message::assistant("no user turn last")),
         ] {
-            let full = CacheQuery::keyed(&r, CacheScope::Global, "m", true).unwrap();
-            let lean = CacheQuery::keyed(&r, CacheScope::Global, "m", false).unwrap();
-            assert_eq!(full.key, lean.key);
-            assert_eq!((lean.context_key, lean.base_key), (lean.key, lean.key));
-            assert!(lean.final_user_text.is_none() && lean.history.is_none());
-            let (full, lean) = (
-                full.narrowed("tier:1", true),
-                lean.narrowed("tier:1", false),
-            );
-            assert_eq!(full.key, lean.key);
-            assert_eq!((lean.context_key, lean.base_key), (lean.key, lean.key));
+            for tier in [None, Some(1)] {
+                let full = CacheQuery::keyed(&r, CacheScope::Global, "m", tier, true).unwrap();
+                let lean = CacheQuery::keyed(&r, CacheScope::Global, "m", tier, false).unwrap();
+                assert_eq!(full.key, lean.key);
+                assert_eq!((lean.context_key, lean.base_key), (lean.key, lean.key));
+                assert!(lean.final_user_text.is_none() && lean.history.is_none());
+            }
         }
+    }
+
+    #[test]
+    fn a_tier_changes_every_key() {
+        let r = ChatRequest::new()
+            .message(Message::system("be brief"))
+            .message(Message::user("first"))
+            .message(Message::user("second"));
+        let keyed = |tier| CacheQuery::keyed(&r, CacheScope::Global, "auto", tier, true).unwrap();
+        let (none, one, two) = (keyed(None), keyed(Some(1)), keyed(Some(2)));
+        assert_eq!(none, q(&r));
+        for (a, b) in [(&none, &one), (&one, &two), (&none, &two)] {
+            assert_ne!(a.key, b.key);
+            assert_ne!(a.context_key, b.context_key);
+            assert_ne!(a.base_key, b.base_key);
+        }
+        assert_eq!(one, keyed(Some(1)));
     }
 
     #[test]

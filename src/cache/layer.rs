@@ -73,9 +73,9 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
         Box::pin(async move {
-            let model = req.model.as_deref().unwrap_or("auto");
+            let model = req.model.as_deref().unwrap_or(crate::cache::key::AUTO);
             let context = layer.cache.reads_context();
-            let Some(q) = CacheQuery::keyed(&req, layer.scope, model, context) else {
+            let Some(q) = CacheQuery::keyed(&req, layer.scope, model, None, context) else {
                 return inner.call(req).await;
             };
             let mut rejected = None;

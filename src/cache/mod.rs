@@ -22,7 +22,7 @@ mod flight;
 mod guards;
 mod index;
 mod judge;
-mod key;
+pub(crate) mod key;
 mod layer;
 mod memory;
 #[cfg(feature = "redis")]

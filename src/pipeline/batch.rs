@@ -626,7 +626,7 @@ impl Driver {
             Admitted::carrying(&inner, &req.meta, 0)
         };
         if !sent {
-            if let Some(mut hit) = inner.cache_get(&mut plan).await {
+            if let Some(mut hit) = inner.cache_get(req, &mut plan).await {
                 admitted.settle(0).await;
                 rec.set_answer(&hit);
                 let finish = hit.finish_reason.to_string();
@@ -1354,7 +1354,7 @@ impl Pipeline {
         for (i, req) in requests.into_iter().enumerate() {
             match self.inner.plan(&req) {
                 Ok(mut plan) if plan.cache.is_some() => {
-                    if self.inner.cache_get(&mut plan).await.is_some() {
+                    if self.inner.cache_get(&req, &mut plan).await.is_some() {
                         report.already_cached += 1;
                     } else {
                         misses.push((i, req));

@@ -130,8 +130,13 @@ impl Inner {
                 tracing::info!(used, model = %name, "degrade: cheaper model");
                 let model = self.catalog.resolve(&name)?;
                 if plan.cache.is_some() {
-                    plan.cache =
-                        CacheQuery::keyed(req, self.cache_scope, &model.name, self.cache_context);
+                    plan.cache = CacheQuery::keyed(
+                        req,
+                        self.cache_scope,
+                        &model.name,
+                        None,
+                        self.cache_context,
+                    );
                     plan.cache_keyed_tier = None;
                 }
                 plan.route = RoutePlan::new(vec![model]);

@@ -5,54 +5,14 @@
 use std::borrow::Cow;
 
 use super::{Inner, Plan};
-use crate::cache::{CacheKey, CacheQuery, is_cacheable};
-use crate::types::{ChatResponse, Cost, Served};
+use crate::cache::{CacheQuery, is_cacheable};
+use crate::types::{ChatRequest, ChatResponse, Cost, Served};
 
-/// The model name a routed request is keyed with before it is narrowed to a tier.
-pub(super) const ROUTED: &str = "auto";
+/// The model name a routed request is keyed with, beside its capability tier.
+pub(super) const ROUTED: &str = crate::cache::key::AUTO;
 
 /// The capability tiers a lookup tries above the request's own, at most.
 const MAX_HIGHER_TIERS: usize = 3;
-
-/// How a routed request's cache query is keyed: its keys before narrowing, and the
-/// capability tier of its primary target.
-///
-/// A routed request is served answers from models of its primary target's tier or a
-/// higher one: a stronger model's answer is fine for a request the router sent to a
-/// weaker one, never the reverse. Its answer is stored under the tier of the model that
-/// gave it (a fallback or an escalation may be of another tier).
-#[derive(Debug, Clone, Copy)]
-pub(super) struct TierKeys {
-    key: CacheKey,
-    context_key: CacheKey,
-    base_key: CacheKey,
-    /// The primary target's capability tier.
-    pub(super) tier: u8,
-    /// Whether the cache reads the context keys (else only the exact key is narrowed).
-    context: bool,
-}
-
-impl TierKeys {
-    /// The keys of `q` (not yet narrowed), for a request whose primary is of `tier`.
-    pub(super) fn of(q: &CacheQuery, tier: u8, context: bool) -> Self {
-        TierKeys {
-            key: q.key,
-            context_key: q.context_key,
-            base_key: q.base_key,
-            tier,
-            context,
-        }
-    }
-
-    /// `q` (the same request's query, keyed any way) keyed for answers of `tier`.
-    pub(super) fn query(&self, mut q: CacheQuery, tier: u8) -> CacheQuery {
-        q.key = self.key;
-        q.context_key = self.context_key;
-        q.base_key = self.base_key;
-        let mut buf = [0u8; 8];
-        q.narrowed(tier_tag(tier, &mut buf), self.context)
-    }
-}
 
 /// The capability tiers this pipeline has stored a routed answer under, as a bit set
 /// (tiers 0 to 63; higher tiers share the last bit). A routed miss looks in a higher
@@ -93,23 +53,6 @@ impl StoredTiers {
     }
 }
 
-/// `tier:<n>`, written into `buf` (no allocation on the request path).
-fn tier_tag(tier: u8, buf: &mut [u8; 8]) -> &str {
-    buf[..5].copy_from_slice(b"tier:");
-    let mut n = 5;
-    if tier >= 100 {
-        buf[n] = b'0' + tier / 100;
-        n += 1;
-    }
-    if tier >= 10 {
-        buf[n] = b'0' + tier / 10 % 10;
-        n += 1;
-    }
-    buf[n] = b'0' + tier % 10;
-    n += 1;
-    std::str::from_utf8(&buf[..n]).unwrap_or("tier:?")
-}
-
 /// A stored answer as a response served from the cache: what it saved (its original
 /// usage and cost) is reported and it costs nothing. The one conversion used by cache
 /// hits, stale answers and single-flight followers.
@@ -124,7 +67,25 @@ pub(super) fn served_from_cache(mut r: ChatResponse, similarity: f32) -> ChatRes
 }
 
 impl Inner {
-    pub(super) async fn cache_get(&self, plan: &mut Plan) -> Option<ChatResponse> {
+    /// The query of routed request `req` for answers of capability `tier`: keyed with
+    /// the model [`ROUTED`] and the tier (a routed request is served answers of its
+    /// primary target's tier or a higher one, and an answer is stored under the tier of
+    /// the model that gave it, which a fallback or an escalation may change).
+    pub(super) fn tier_query(&self, req: &ChatRequest, tier: u8) -> Option<CacheQuery> {
+        CacheQuery::keyed(
+            req,
+            self.cache_scope,
+            ROUTED,
+            Some(tier),
+            self.cache_context,
+        )
+    }
+
+    pub(super) async fn cache_get(
+        &self,
+        req: &ChatRequest,
+        plan: &mut Plan,
+    ) -> Option<ChatResponse> {
         let (cache, q) = (self.cache.as_ref()?, plan.cache.as_ref()?);
         if !plan.cache_read {
             return None; // `refresh`: skip the read, still write
@@ -142,10 +103,10 @@ impl Inner {
         let hit = match (hit, plan.cache_tier) {
             (Some(hit), _) => hit,
             // a routed request: a stronger model's answer serves it too
-            (None, Some(tiers)) => {
+            (None, Some(own)) => {
                 let mut found = None;
-                for tier in self.cache_tiers.above(tiers.tier) {
-                    let q = tiers.query(q.clone(), tier);
+                for tier in self.cache_tiers.above(own) {
+                    let q = self.tier_query(req, tier)?;
                     match cache.lookup(&q).await {
                         Ok(l) if l.answer.is_some() => {
                             found = l.answer;
@@ -172,22 +133,23 @@ impl Inner {
     /// otherwise the plan's own.
     pub(super) fn stored_under<'p>(
         &self,
+        req: &ChatRequest,
         plan: &'p Plan,
         model: &str,
     ) -> Option<Cow<'p, CacheQuery>> {
         let q = plan.cache.as_ref()?;
-        let Some(tiers) = plan.cache_tier else {
+        let Some(own) = plan.cache_tier else {
             return Some(Cow::Borrowed(q));
         };
-        let tier = self.catalog.get(model).map_or(tiers.tier, |m| m.tier);
+        let tier = self.catalog.get(model).map_or(own, |m| m.tier);
         self.cache_tiers.note(tier);
-        // the plan's own query while it is keyed for this tier; derived afresh
-        // otherwise (another tier, or a degrade mode re-keyed the plan's query for the
-        // cheaper model it switched to)
+        // the plan's own query while it is keyed for this tier; keyed afresh otherwise
+        // (another tier, or a degrade mode re-keyed the plan's query for the cheaper
+        // model it switched to)
         if plan.cache_keyed_tier == Some(tier) {
             return Some(Cow::Borrowed(q));
         }
-        Some(Cow::Owned(tiers.query(q.clone(), tier)))
+        self.tier_query(req, tier).map(Cow::Owned)
     }
 
     pub(super) async fn cache_put(&self, q: &CacheQuery, response: &ChatResponse) {
@@ -236,13 +198,5 @@ mod tests {
         assert_eq!(above(62), [63]);
         assert!(above(63).is_empty());
         assert!(above(255).is_empty());
-    }
-
-    #[test]
-    fn tier_tags() {
-        let mut buf = [0u8; 8];
-        for t in [0u8, 3, 10, 42, 100, 255] {
-            assert_eq!(super::tier_tag(t, &mut buf), format!("tier:{t}"));
-        }
     }
 }

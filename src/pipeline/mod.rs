@@ -197,7 +197,7 @@ impl Pipeline {
         rec.set_route(&plan.route);
         inner.check_max_cost(req, &plan)?; // a whole answer cannot be cut: refuse up front
         let mut admitted = inner.admit(&req.meta, &plan).await?; // admit: slot + rate limits
-        if let Some(hit) = inner.cache_get(&mut plan).await {
+        if let Some(hit) = inner.cache_get(req, &mut plan).await {
             admitted.settle(0).await; // cache: a hit spends no budget and no token quota
             return Ok(hit);
         }
@@ -228,7 +228,7 @@ impl Pipeline {
             Ok(a) => a.response,
             Err(e) => return inner.stale(&plan, &e).await.ok_or(e), // every target down: stale
         };
-        if let Some(q) = inner.stored_under(&plan, &answer.model) {
+        if let Some(q) = inner.stored_under(req, &plan, &answer.model) {
             inner.cache_put(&q, &answer).await; // a complete answer is stored
         }
         if let Some(l) = leader.filter(|_| is_cacheable(&answer)) {
@@ -298,7 +298,7 @@ impl Pipeline {
             r.set_route(&plan.route);
         }
         let mut admitted = inner.admit(&req.meta, &plan).await?; // admit
-        if let Some(hit) = inner.cache_get(&mut plan).await {
+        if let Some(hit) = inner.cache_get(&req, &mut plan).await {
             admitted.settle(0).await; // cache: a hit is replayed as chunks
             inner.record_answer(rec(slot), &hit, span);
             return Ok(stream::replay(&hit));
@@ -347,7 +347,9 @@ impl Pipeline {
                 let mut record = rec(slot);
                 record.set_first_token(answered.at);
                 let model = answered.model;
-                let cache = inner.stored_under(&plan, &model.name).map(Cow::into_owned);
+                let cache = inner
+                    .stored_under(&req, &plan, &model.name)
+                    .map(Cow::into_owned);
                 plan.cache = None; // the stream stores its answer under `cache`
                 let guard_rejected = plan.guard_rejected.take();
                 let prompt_tokens = plan.prompt_tokens(model.tokenizer);
@@ -405,7 +407,7 @@ impl Pipeline {
                     .settle_use(&mut held, &mut admitted, &answer.usage, answer.cost)
                     .await;
                 let mut response = answer.response;
-                if let Some(q) = inner.stored_under(&plan, &response.model) {
+                if let Some(q) = inner.stored_under(&req, &plan, &response.model) {
                     inner.cache_put(&q, &response).await;
                 }
                 (response.usage, response.cost) = (answer.usage, answer.cost);

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use super::Inner;
-use super::cache::{ROUTED, TierKeys};
 use crate::cache::CacheQuery;
 use crate::router::{Counted, PromptTokens, RoutePlan};
 use crate::types::GuardRejection;
@@ -28,9 +27,9 @@ pub(super) struct Plan {
     /// charged, since the provider received the prompt.
     pub(super) prompt_cost: Cost,
     pub(super) cache: Option<CacheQuery>,
-    /// For a routed request, how `cache` was keyed: by the primary target's capability
-    /// tier (see [`TierKeys`]).
-    pub(super) cache_tier: Option<TierKeys>,
+    /// For a routed request, the primary target's capability tier, which `cache` was
+    /// keyed with (see `Inner::tier_query`).
+    pub(super) cache_tier: Option<u8>,
     /// The capability tier `cache` is keyed for, while it is (a degrade mode that
     /// re-keys the query clears it): an answer of that tier is stored under `cache`
     /// itself, with no keys derived again.
@@ -101,22 +100,17 @@ impl Inner {
             (None, _) => (None, None),
             // A request naming its model is only ever served that model's answers.
             (Some(_), Some(named)) => (
-                CacheQuery::keyed(req, self.cache_scope, named, self.cache_context),
+                CacheQuery::keyed(req, self.cache_scope, named, None, self.cache_context),
                 None,
             ),
             // A routed request is keyed by the capability tier of the model the router
-            // chose, never by `auto`: an answer from a weaker model is not served to a
-            // request routed to a stronger one (answers of a higher tier may be; see
-            // `cache_get`).
-            (Some(_), None) => {
-                match CacheQuery::keyed(req, self.cache_scope, ROUTED, self.cache_context) {
-                    Some(q) => {
-                        let tier = TierKeys::of(&q, primary.tier, self.cache_context);
-                        (Some(tier.query(q, primary.tier)), Some(tier))
-                    }
-                    None => (None, None),
-                }
-            }
+            // chose, not by `auto` alone: an answer from a weaker model is not served
+            // to a request routed to a stronger one (answers of a higher tier may be;
+            // see `cache_get`).
+            (Some(_), None) => match self.tier_query(req, primary.tier) {
+                Some(q) => (Some(q), Some(primary.tier)),
+                None => (None, None),
+            },
         };
         Ok(Plan {
             route,
@@ -132,7 +126,7 @@ impl Inner {
             prompt_cost,
             cache,
             cache_tier,
-            cache_keyed_tier: cache_tier.map(|t| t.tier),
+            cache_keyed_tier: cache_tier,
             cache_read: req.meta.cache.mode == CacheMode::Use,
             guard_rejected: None,
             validated,

@@ -62,7 +62,7 @@ impl UsageRecord {
 
     /// Notes how a whole answer ended.
     pub(super) fn set_finished(&mut self, r: &ChatResponse) {
-        self.finish_reason = Some(r.finish_reason.to_string());
+        self.finish_reason = Some(r.finish_reason.as_str().to_owned());
     }
 
     /// Notes whether a cache guard refused a semantic match (the cache stage's result).
