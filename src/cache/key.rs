@@ -69,21 +69,29 @@ impl fmt::Debug for CacheKey {
 }
 
 /// Everything that changes an answer but the final user turn, in a fixed order. Field
-/// order is part of the key format: changing it changes every key (bump `v`). Keys are
+/// order and names are part of the key format: changing them changes every key (bump
+/// `v`). The names are one letter each (distinct, which is all a field name must be
+/// for the canonical form to stay unambiguous), so fewer bytes are hashed. Keys are
 /// digests of this view in its canonical form (see `canon`), written as [`SharedView`]
 /// then the messages; the tests check the two give the same bytes.
 #[cfg(test)]
 #[derive(Serialize, Clone, Copy)]
 struct ContextView<'a, M> {
     v: u8,
+    #[serde(rename = "p")]
     partition: &'a str,
+    #[serde(rename = "n")]
     namespace: &'a str,
+    #[serde(rename = "m")]
     model: &'a str,
     /// The capability tier a routed request is keyed for (see `CacheQuery::keyed`).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "t", skip_serializing_if = "Option::is_none")]
     tier: Option<u8>,
+    #[serde(rename = "g")]
     params: &'a GenerationParams,
+    #[serde(rename = "d")]
     documents: &'a [Document],
+    #[serde(rename = "x")]
     messages: M,
 }
 
@@ -91,13 +99,18 @@ struct ContextView<'a, M> {
 #[derive(Serialize)]
 struct SharedView<'a> {
     v: u8,
+    #[serde(rename = "p")]
     partition: &'a str,
+    #[serde(rename = "n")]
     namespace: &'a str,
+    #[serde(rename = "m")]
     model: &'a str,
     /// The capability tier a routed request is keyed for (see `CacheQuery::keyed`).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "t", skip_serializing_if = "Option::is_none")]
     tier: Option<u8>,
+    #[serde(rename = "g")]
     params: &'a GenerationParams,
+    #[serde(rename = "d")]
     documents: &'a [Document],
 }
 
@@ -274,7 +287,7 @@ impl CacheQuery {
             if buf.last() == Some(&canon::STRUCT_END) {
                 buf.pop();
             }
-            canon::write_field_name(buf, "messages");
+            canon::write_field_name(buf, "x"); // `messages`, as ContextView names it
             let fields = buf.len();
             canon::write(buf, &context).ok()?;
             buf.push(canon::STRUCT_END);

@@ -160,11 +160,15 @@ impl Pipeline {
         let span = observe::request_span(&req, false);
         let inner = &self.inner;
         async move {
+            let mut req = req;
             let _in_flight = observe::InFlight::start();
-            // Written even if the caller drops this future half way (see `Recording`).
+            // Written even if the caller drops this future half way (see `Recording`),
+            // attributed to the request's user, organisation and feature when written:
+            // moved from the request here, copied only by a dropped call.
             let mut recording = Recording {
                 inner,
-                rec: Some(UsageRecord::new(inner.clock.now(), &req.meta, false)),
+                rec: Some(UsageRecord::unattributed(inner.clock.now(), false)),
+                meta: &req.meta,
             };
             let result = match recording.rec.as_mut() {
                 Some(rec) => self.funnel(&req, rec).await,
@@ -173,6 +177,8 @@ impl Pipeline {
             let Some(mut rec) = recording.rec.take() else {
                 return result;
             };
+            drop(recording);
+            rec.attribute_from(&mut req.meta);
             match &result {
                 Ok(r) => {
                     rec.set_answer(r);

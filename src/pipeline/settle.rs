@@ -7,7 +7,7 @@ use super::Inner;
 use super::admit::Admitted;
 use super::budget::Held;
 use crate::observe::{self, Outcome, UsageRecord};
-use crate::types::{ChatResponse, Cost, Usage};
+use crate::types::{ChatResponse, Cost, RequestMeta, Usage};
 
 /// Runs settlement work from a destructor: in-memory backends finish in one poll, here
 /// and now; the rest continues on the tokio runtime.
@@ -30,12 +30,18 @@ pub(crate) fn run_detached(
 /// error with what the call was charged (the prompt, once it was sent).
 pub(super) struct Recording<'a> {
     pub(super) inner: &'a Inner,
+    /// The record, not yet attributed (see [`UsageRecord::unattributed`]).
     pub(super) rec: Option<UsageRecord>,
+    /// The request's identity, which a record written here is attributed to.
+    pub(super) meta: &'a RequestMeta,
 }
 
 impl Drop for Recording<'_> {
     fn drop(&mut self) {
         if let Some(mut rec) = self.rec.take() {
+            rec.user.clone_from(&self.meta.user);
+            rec.org.clone_from(&self.meta.org);
+            rec.feature.clone_from(&self.meta.feature);
             rec.outcome = Outcome::Error("cancelled".into());
             self.inner
                 .record(rec, &tracing::Span::current(), Some("cancelled"));
@@ -44,6 +50,20 @@ impl Drop for Recording<'_> {
 }
 
 impl UsageRecord {
+    /// A record attributed to no one yet: the pipeline attributes it when it is
+    /// written (see [`attribute_from`](Self::attribute_from)).
+    pub(super) fn unattributed(started_at: crate::clock::Timestamp, stream: bool) -> Self {
+        UsageRecord::new(started_at, &RequestMeta::default(), stream)
+    }
+
+    /// Attributes the record to `meta`'s user, organisation and feature, moving them
+    /// out of `meta` (the request is finished with them).
+    pub(super) fn attribute_from(&mut self, meta: &mut RequestMeta) {
+        self.user = meta.user.take();
+        self.org = meta.org.take();
+        self.feature = meta.feature.take();
+    }
+
     /// Notes an answer: who gave it and how it was served (what it used and cost is
     /// set by the funnel, which knows every call behind it).
     pub(super) fn set_answer(&mut self, r: &ChatResponse) {
@@ -108,8 +128,15 @@ impl Inner {
     /// Writes the usage record: its latency, the span, the sink and the in-memory report.
     pub(super) fn record(&self, mut rec: UsageRecord, span: &tracing::Span, finish: Option<&str>) {
         rec.latency = self.clock.now().saturating_since(rec.started_at);
-        if let Some(m) = rec.model.as_deref().and_then(|m| self.catalog.get(m)) {
-            rec.price_prompt_cache(&m.pricing); // what the provider's prompt cache saved
+        // what the provider's prompt cache saved (nothing, with no tokens through it)
+        let cached = rec.usage.cached_input_tokens > 0 || rec.usage.cache_write_tokens > 0;
+        if let Some(m) = rec
+            .model
+            .as_deref()
+            .filter(|_| cached)
+            .and_then(|m| self.catalog.get(m))
+        {
+            rec.price_prompt_cache(&m.pricing);
         }
         observe::finish(span, &mut rec, finish);
         if let Some(s) = &self.sink {
