@@ -182,11 +182,26 @@ impl<'a> AccountRef<'a> {
 
     /// Reads a name written by [`name`](Self::name), borrowing its key.
     fn parse(s: &'a str) -> Option<Self> {
-        let mut it = s.splitn(3, '|');
-        let cap = it.next()?.parse().ok()?;
-        let window = it.next()?.parse().ok()?;
-        let key = it.next()?;
-        Some(AccountRef { cap, key, window })
+        /// A decimal number of at least one digit, then `|`; and what follows it.
+        fn number(b: &[u8]) -> Option<(u64, &[u8])> {
+            let digits = b.iter().take_while(|c| c.is_ascii_digit()).count();
+            let (&sep, rest) = b.get(digits..)?.split_first()?;
+            if digits == 0 || sep != b'|' {
+                return None;
+            }
+            let n = b[..digits].iter().try_fold(0u64, |n, &c| {
+                n.checked_mul(10)?.checked_add(u64::from(c - b'0'))
+            })?;
+            Some((n, rest))
+        }
+        let (cap, rest) = number(s.as_bytes())?;
+        let (window, rest) = number(rest)?;
+        let key = s.get(s.len() - rest.len()..)?;
+        Some(AccountRef {
+            cap: usize::try_from(cap).ok()?,
+            key,
+            window,
+        })
     }
 }
 
@@ -257,6 +272,9 @@ struct Account {
     ring: Option<Box<Ring>>,
     /// Bit i set: threshold i has fired in this window.
     alerted: u8,
+    /// The account's name in a [`Reservation`], made at its first reservation (empty
+    /// until then): copied into each reservation rather than written out again.
+    name: String,
 }
 
 impl Account {
@@ -404,6 +422,7 @@ impl MemoryBudget {
                 return Err(Error::Overloaded { retry_after: None });
             }
         }
+        let mut names = Vec::with_capacity(keys.len());
         for &k in &keys {
             let acc = match accounts.get_mut(&k) {
                 Some(acc) => acc,
@@ -419,12 +438,16 @@ impl MemoryBudget {
                 }
             };
             acc.reserved = acc.reserved.saturating_add(amount);
+            if acc.name.is_empty() {
+                acc.name = k.name();
+            }
+            names.push(acc.name.clone());
         }
         drop(accounts);
         let r = Reservation::new(
             self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             amount,
-            keys.iter().map(|k| k.name()).collect(),
+            names,
         );
         Ok(match tightest {
             Some((k, spent, reserved, _)) => {
@@ -556,6 +579,26 @@ mod tests {
             user: Some(user.into()),
             org: Some("acme".into()),
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn account_names_read_back() {
+        for (cap, window, key) in [(0, 0, ""), (1, 20_425, "user:alice"), (7, u64::MAX, "a|b")] {
+            let k = AccountRef { cap, key, window };
+            assert_eq!(AccountRef::parse(&k.name()), Some(k));
+        }
+        for bad in [
+            "",
+            "1|1",
+            "|1|k",
+            "1||k",
+            "a|1|k",
+            "+1|1|k",
+            "1 |1|k",
+            "99999999999999999999|1|k",
+        ] {
+            assert_eq!(AccountRef::parse(bad), None, "{bad}");
         }
     }
 
