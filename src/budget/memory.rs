@@ -565,6 +565,15 @@ impl Budget for MemoryBudget {
     async fn status(&self, meta: &RequestMeta) -> Result<Vec<CapStatus>> {
         Ok(self.status_now(meta))
     }
+
+    fn reserve_ready(&self, meta: &RequestMeta, amount: Cost) -> Option<Result<Reservation>> {
+        Some(self.reserve_now(meta, amount))
+    }
+
+    fn commit_ready(&self, reservation: &Reservation, actual: Cost) -> Option<Result<()>> {
+        self.commit_now(reservation, actual);
+        Some(Ok(()))
+    }
 }
 
 #[cfg(test)]
@@ -600,6 +609,42 @@ mod tests {
         ] {
             assert_eq!(AccountRef::parse(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn ready_paths_reserve_refuse_and_commit_as_the_futures_do() {
+        use futures_util::FutureExt;
+        let b = MemoryBudget::builder()
+            .cap(ScopeKind::User, Cost::from_cents(10), BudgetWindow::Day)
+            .build()
+            .unwrap();
+        let ann = meta("ann");
+        let r1 = b.reserve_ready(&ann, Cost::from_cents(4)).unwrap().unwrap();
+        let r2 = b
+            .reserve(&ann, Cost::from_cents(4))
+            .now_or_never()
+            .unwrap()
+            .unwrap();
+        let ready = b
+            .reserve_ready(&ann, Cost::from_cents(4))
+            .unwrap()
+            .unwrap_err();
+        let awaited = b
+            .reserve(&ann, Cost::from_cents(4))
+            .now_or_never()
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(ready.to_string(), awaited.to_string());
+        b.commit_ready(&r1, Cost::from_cents(1)).unwrap().unwrap();
+        b.commit(r2, Cost::from_cents(2))
+            .now_or_never()
+            .unwrap()
+            .unwrap();
+        let st = b.status_now(&ann);
+        assert_eq!(
+            (st[0].spent, st[0].reserved),
+            (Cost::from_cents(3), Cost::ZERO)
+        );
     }
 
     #[test]

@@ -284,6 +284,24 @@ pub trait Budget: Send + Sync + fmt::Debug {
 
     /// The standing of every cap that applies to `meta`.
     async fn status(&self, meta: &RequestMeta) -> Result<Vec<CapStatus>>;
+
+    /// What [`reserve`](Self::reserve) would return, decided at once, for a budget that
+    /// never waits to decide (one in memory); `None`, the default, has the caller
+    /// await `reserve` instead. The pipeline asks this first, which spares it a boxed
+    /// future per request. An override must do exactly what `reserve` does.
+    fn reserve_ready(&self, meta: &RequestMeta, amount: Cost) -> Option<Result<Reservation>> {
+        let _ = (meta, amount);
+        None
+    }
+
+    /// What [`commit`](Self::commit) would return for `reservation`, done at once;
+    /// `None`, the default, has the caller await `commit` with the reservation (see
+    /// [`reserve_ready`](Self::reserve_ready)). An override that returns `Some` has
+    /// committed it; one that returns `None` has done nothing.
+    fn commit_ready(&self, reservation: &Reservation, actual: Cost) -> Option<Result<()>> {
+        let _ = (reservation, actual);
+        None
+    }
 }
 
 #[cfg(test)]

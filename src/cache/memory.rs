@@ -297,6 +297,15 @@ impl Cache for ExactCache {
         Ok(())
     }
 
+    fn lookup_ready(&self, query: &CacheQuery) -> Option<Result<CacheLookup>> {
+        Some(Ok(CacheLookup::found(self.get_now(query))))
+    }
+
+    fn put_ready(&self, query: &CacheQuery, response: &ChatResponse) -> Option<Result<()>> {
+        self.put_now(query, response);
+        Some(Ok(()))
+    }
+
     async fn invalidate(&self, what: &Invalidation) -> Result<u64> {
         Ok(self.invalidate_now(what))
     }
@@ -323,6 +332,28 @@ mod tests {
 
     fn query(text: &str) -> CacheQuery {
         CacheQuery::for_request(&ChatRequest::user_text(text), CacheScope::Global).unwrap()
+    }
+
+    #[test]
+    fn ready_paths_store_and_find_what_the_futures_do() {
+        use futures_util::FutureExt;
+        let cache = ExactCache::builder().build().unwrap();
+        let (a, b) = (query("a"), query("b"));
+        let ready = |q: &CacheQuery| cache.lookup_ready(q).unwrap().unwrap().answer;
+        let awaited = |q: &CacheQuery| cache.lookup(q).now_or_never().unwrap().unwrap().answer;
+        assert!(ready(&a).is_none() && awaited(&a).is_none());
+        cache.put_ready(&a, &resp("first")).unwrap().unwrap();
+        cache
+            .put(&b, &resp("second"))
+            .now_or_never()
+            .unwrap()
+            .unwrap();
+        for q in [&a, &b] {
+            let (r, w) = (ready(q).unwrap(), awaited(q).unwrap());
+            assert_eq!(r.response.content, w.response.content);
+        }
+        assert_eq!(ready(&a).unwrap().response.content, "first");
+        assert_eq!(ready(&b).unwrap().response.content, "second");
     }
 
     #[test]

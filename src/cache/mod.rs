@@ -231,6 +231,24 @@ pub trait Cache: Send + Sync + fmt::Debug {
         true
     }
 
+    /// What [`lookup`](Self::lookup) would return, found at once, for a cache that never
+    /// waits to answer (one in memory); `None`, the default, has the caller await
+    /// `lookup` instead. The pipeline asks this first, which spares it a boxed future
+    /// per request. An override must find exactly what `lookup` finds.
+    fn lookup_ready(&self, query: &CacheQuery) -> Option<Result<CacheLookup>> {
+        let _ = query;
+        None
+    }
+
+    /// What [`put`](Self::put) would return, stored at once; `None`, the default, has
+    /// the caller await `put` (see [`lookup_ready`](Self::lookup_ready)). An override
+    /// that returns `Some` has stored the answer; one that returns `None` has done
+    /// nothing.
+    fn put_ready(&self, query: &CacheQuery, response: &ChatResponse) -> Option<Result<()>> {
+        let _ = (query, response);
+        None
+    }
+
     /// An answer for `query` that expired at most `max_stale` ago, for when every
     /// provider is down. The default keeps no stale entries and finds none.
     async fn get_stale(

@@ -368,6 +368,15 @@ impl Limiter for GcraLimiter {
         self.reconcile_now(meta, charged, actual);
         Ok(())
     }
+
+    fn acquire_ready(&self, req: &Admission<'_>) -> Option<Result<()>> {
+        Some(self.check(req.meta, req.tokens))
+    }
+
+    fn reconcile_ready(&self, meta: &RequestMeta, charged: u64, actual: u64) -> Option<Result<()>> {
+        self.reconcile_now(meta, charged, actual);
+        Some(Ok(()))
+    }
 }
 
 #[cfg(test)]
@@ -387,6 +396,36 @@ mod tests {
 
     fn limiter(clock: &ManualClock, b: GcraLimiterBuilder) -> GcraLimiter {
         b.clock(Arc::new(clock.clone())).build().unwrap()
+    }
+
+    #[test]
+    fn ready_paths_admit_refuse_and_refund_as_the_futures_do() {
+        use futures_util::FutureExt;
+        let clock = ManualClock::new(Timestamp::from_secs(1_000));
+        let nz = |n| NonZeroU64::new(n).unwrap();
+        let l = limiter(
+            &clock,
+            GcraLimiter::builder()
+                .requests(
+                    ScopeKind::User,
+                    Quota::per_minute(nz(60)).allow_burst(nz(4)),
+                )
+                .tokens_per_minute(ScopeKind::User, 1_000),
+        );
+        let m = meta("ann");
+        let asked = Admission::new(&m, 300);
+        // the two paths draw on the same allowance
+        l.acquire_ready(&asked).unwrap().unwrap();
+        l.acquire(&asked).now_or_never().unwrap().unwrap();
+        l.acquire_ready(&asked).unwrap().unwrap();
+        let ready = l.acquire_ready(&asked).unwrap().unwrap_err();
+        let awaited = l.acquire(&asked).now_or_never().unwrap().unwrap_err();
+        assert_eq!(ready.to_string(), awaited.to_string());
+        // a refund through either path makes room again
+        l.reconcile_ready(&m, 300, 0).unwrap().unwrap();
+        l.acquire_ready(&asked).unwrap().unwrap();
+        l.reconcile(&m, 300, 0).now_or_never().unwrap().unwrap();
+        assert!(l.acquire_ready(&Admission::new(&m, 300)).unwrap().is_err()); // requests: 4 of 4
     }
 
     #[test]

@@ -197,6 +197,23 @@ pub trait Limiter: Send + Sync + fmt::Debug {
     /// Corrects the token charge of an admitted request from `charged` to `actual`
     /// (a refund when less was used).
     async fn reconcile(&self, meta: &RequestMeta, charged: u64, actual: u64) -> Result<()>;
+
+    /// What [`acquire`](Self::acquire) would return, decided at once, for a limiter
+    /// that never waits to decide (one in memory); `None`, the default, has the caller
+    /// await `acquire` instead. The pipeline asks this first, which spares it a boxed
+    /// future per request. An override must do exactly what `acquire` does.
+    fn acquire_ready(&self, req: &Admission<'_>) -> Option<Result<()>> {
+        let _ = req;
+        None
+    }
+
+    /// What [`reconcile`](Self::reconcile) would return, done at once; `None`, the
+    /// default, has the caller await `reconcile` (see
+    /// [`acquire_ready`](Self::acquire_ready)).
+    fn reconcile_ready(&self, meta: &RequestMeta, charged: u64, actual: u64) -> Option<Result<()>> {
+        let _ = (meta, charged, actual);
+        None
+    }
 }
 
 pub(crate) fn nonzero(n: u64, what: &str) -> Result<NonZeroU64> {

@@ -112,11 +112,15 @@ impl Inner {
         let charged = match &self.limiter {
             Some(l) => {
                 let admission = Admission::new(meta, plan.token_estimate);
-                match self.wait_for_limits {
-                    Some(max_wait) => {
+                match (l.acquire_ready(&admission), self.wait_for_limits) {
+                    (Some(Ok(())), _) => {}
+                    (Some(Err(e)), None) => return Err(e),
+                    // refused with time to wait for the limits (nothing was consumed):
+                    // the waiting loop asks again
+                    (_, Some(max_wait)) => {
                         wait_until_admitted(max_wait, || l.acquire(&admission)).await?
                     }
-                    None => l.acquire(&admission).await?,
+                    (None, None) => l.acquire(&admission).await?,
                 }
                 plan.token_estimate
             }
@@ -152,7 +156,11 @@ impl Inner {
     /// Reconciles a token charge on `meta`'s scopes to `actual`.
     pub(super) async fn reconcile_tokens(&self, meta: &RequestMeta, charged: u64, actual: u64) {
         if let (Some(l), true) = (&self.limiter, charged != actual) {
-            if let Err(e) = l.reconcile(meta, charged, actual).await {
+            let done = match l.reconcile_ready(meta, charged, actual) {
+                Some(done) => done,
+                None => l.reconcile(meta, charged, actual).await,
+            };
+            if let Err(e) = done {
                 tracing::warn!(error = %e, "token reconciliation failed");
             }
         }

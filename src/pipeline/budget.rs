@@ -100,13 +100,19 @@ impl Inner {
         degraded: &mut Option<Degrade>,
     ) -> Result<Held> {
         let reservation = match &self.budget {
-            Some(b) => match b.reserve(&req.meta, plan.worst_case).await {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    admitted.settle(0).await;
-                    return Err(e);
+            Some(b) => {
+                let reserved = match b.reserve_ready(&req.meta, plan.worst_case) {
+                    Some(reserved) => reserved,
+                    None => b.reserve(&req.meta, plan.worst_case).await,
+                };
+                match reserved {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        admitted.settle(0).await;
+                        return Err(e);
+                    }
                 }
-            },
+            }
             None => None,
         };
         let used = reservation.as_ref().map_or(0, Reservation::used_percent);
@@ -158,7 +164,11 @@ impl Inner {
 
     pub(super) async fn commit(&self, reservation: Option<Reservation>, cost: Cost) {
         if let (Some(b), Some(r)) = (&self.budget, reservation) {
-            if let Err(e) = b.commit(r, cost).await {
+            let done = match b.commit_ready(&r, cost) {
+                Some(done) => done,
+                None => b.commit(r, cost).await,
+            };
+            if let Err(e) = done {
                 tracing::error!(error = %e, cost = %cost, "budget commit failed");
             }
         }

@@ -90,7 +90,11 @@ impl Inner {
         if !plan.cache_read {
             return None; // `refresh`: skip the read, still write
         }
-        let hit = match cache.lookup(q).await {
+        let found = match cache.lookup_ready(q) {
+            Some(found) => found,
+            None => cache.lookup(q).await,
+        };
+        let hit = match found {
             Ok(found) => {
                 plan.guard_rejected = found.rejected;
                 found.answer
@@ -157,7 +161,11 @@ impl Inner {
         if !is_cacheable(response) {
             return;
         }
-        if let Err(e) = cache.put(q, response).await {
+        let stored = match cache.put_ready(q, response) {
+            Some(stored) => stored,
+            None => cache.put(q, response).await,
+        };
+        if let Err(e) = stored {
             tracing::warn!(error = %e, "cache write failed");
         }
     }
