@@ -317,35 +317,12 @@ impl CacheQuery {
             let base_key = CacheKey(*blake3::hash(buf).as_bytes());
             Some((key, context_key, base_key))
         })?;
-        if !with_context {
-            return Some(CacheQuery {
-                key,
-                context_key: key,
-                final_user_text: None,
-                base_key: key,
-                history: None,
-                namespace: namespace.to_owned(),
-                partition,
-                ttl: meta.cache.ttl,
-                tags: meta.cache.tags.clone(),
-            });
-        }
-        // Tool traffic, or an assistant turn that names a detail ("Order 1182: two
-        // blue mugs"), makes the history part of the question: matched strictly.
-        let strict = context.iter().any(|m| {
-            m.role == Role::Tool
-                || !m.tool_calls.is_empty()
-                || m.tool_call_id.is_some()
-                || (m.role == Role::Assistant && super::guards::has_details(&m.content))
-        });
-        let history = (!strict).then(|| {
-            let users: Vec<&Message> = context.iter().filter(|m| m.role == Role::User).collect();
-            users[users.len().saturating_sub(MAX_HISTORY_TURNS)..]
-                .iter()
-                .map(|m| cut(&m.content, MAX_HISTORY_BYTES).to_owned())
-                .collect()
-        });
-        let final_user_text = last.map(|m| m.content.clone());
+        // A cache that reads the exact key alone gets no history or final turn.
+        let (history, final_user_text) = if with_context {
+            (history_of(context), last.map(|m| m.content.clone()))
+        } else {
+            (None, None)
+        };
         Some(CacheQuery {
             key,
             context_key,
@@ -358,6 +335,29 @@ impl CacheQuery {
             tags: meta.cache.tags.clone(),
         })
     }
+}
+
+/// The texts of the user turns in `context` (the most recent [`MAX_HISTORY_TURNS`],
+/// each cut to [`MAX_HISTORY_BYTES`]), or `None` when the history is part of the
+/// question: tool traffic, or an assistant turn that names a detail ("Order 1182: two
+/// blue mugs"), which is only ever matched strictly.
+fn history_of(context: &[Message]) -> Option<Vec<String>> {
+    let strict = context.iter().any(|m| {
+        m.role == Role::Tool
+            || !m.tool_calls.is_empty()
+            || m.tool_call_id.is_some()
+            || (m.role == Role::Assistant && super::guards::has_details(&m.content))
+    });
+    if strict {
+        return None;
+    }
+    let users: Vec<&Message> = context.iter().filter(|m| m.role == Role::User).collect();
+    Some(
+        users[users.len().saturating_sub(MAX_HISTORY_TURNS)..]
+            .iter()
+            .map(|m| cut(&m.content, MAX_HISTORY_BYTES).to_owned())
+            .collect(),
+    )
 }
 
 impl CacheQuery {
