@@ -397,6 +397,27 @@ static KEYS: LazyLock<RwLock<hashbrown::HashMap<KeyId, &'static Key>>> =
 static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
 
+impl KeyId {
+    /// A slot of [`RECENT`] for this key: a multiplicative hash of the name's and the
+    /// label values' addresses.
+    fn slot(&self) -> usize {
+        let w = &self.0;
+        let x = w[0] ^ w[4].rotate_left(17) ^ w[8].rotate_left(31) ^ w[12].rotate_left(47);
+        (x as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) as usize >> (usize::BITS - RECENT_BITS)
+    }
+}
+
+/// log2 of the slots in [`RECENT`].
+const RECENT_BITS: u32 = 5;
+
+thread_local! {
+    /// The keys a thread used lately, by [`KeyId::slot`]: found again without the
+    /// shared map's lock or a hash of the whole identity. Each slot holds the last key
+    /// that fell in it; the keys are built once and never freed.
+    static RECENT: std::cell::RefCell<[Option<(KeyId, &'static Key)>; 1 << RECENT_BITS]> =
+        const { std::cell::RefCell::new([None; 1 << RECENT_BITS]) };
+}
+
 /// Runs `f` on the key of `name` with `labels`, built once.
 fn with_key<T>(
     name: &'static str,
@@ -413,21 +434,51 @@ fn with_key<T>(
     let Some(id) = KeyId::of(name, labels) else {
         return f(&build());
     };
-    if let Some(k) = KEYS.read().unwrap_or_else(|p| p.into_inner()).get(&id) {
+    let slot = id.slot();
+    // (`f` runs outside the thread's borrow: a recorder may emit metrics of its own)
+    let recent = RECENT
+        .try_with(|r| {
+            let r = r.try_borrow().ok()?;
+            r.get(slot)?.filter(|(i, _)| *i == id).map(|(_, k)| k)
+        })
+        .ok()
+        .flatten();
+    if let Some(k) = recent {
         return f(k);
+    }
+    let Some(k) = shared_key(id, build) else {
+        return f(&build());
+    };
+    let _ = RECENT.try_with(|r| {
+        if let Some(s) = r
+            .try_borrow_mut()
+            .ok()
+            .as_deref_mut()
+            .and_then(|r| r.get_mut(slot))
+        {
+            *s = Some((id, k));
+        }
+    });
+    f(k)
+}
+
+/// The key of `id` from the shared map, built and added if it is new; `None` once the
+/// map holds [`MAX_KEYS`] keys.
+fn shared_key(id: KeyId, build: impl FnOnce() -> Key) -> Option<&'static Key> {
+    if let Some(k) = KEYS.read().unwrap_or_else(|p| p.into_inner()).get(&id) {
+        return Some(k);
     }
     let mut keys = KEYS.write().unwrap_or_else(|p| p.into_inner());
     if let Some(k) = keys.get(&id) {
-        return f(k);
+        return Some(k);
     }
     if keys.len() >= MAX_KEYS {
-        drop(keys);
-        return f(&build());
+        return None;
     }
     // Bounded above: at most MAX_KEYS keys.
     let k: &'static Key = Box::leak(Box::new(build()));
     keys.insert(id, k);
-    f(k)
+    Some(k)
 }
 
 /// The counter `name` with `labels`, from the recorder in place now.
@@ -663,6 +714,48 @@ pub fn record_budget_status(caps: &[CapStatus]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_found_again_by_a_thread_are_each_their_own() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let provider = provider_label("p-recent");
+        let models: Vec<&'static str> = (0..40)
+            .map(|i| model_label(Some(&format!("m-recent-{i}"))))
+            .collect();
+        // more keys than a thread keeps: slots are shared and overwritten
+        for round in 0..2 {
+            let recorder = DebuggingRecorder::new();
+            let snap = recorder.snapshotter();
+            ::metrics::with_local_recorder(&recorder, || {
+                for _ in 0..=round {
+                    for m in &models {
+                        record_attempt(provider, m, "ok", Duration::from_millis(1));
+                    }
+                }
+            });
+            let counts: Vec<(String, u64)> = snap
+                .snapshot()
+                .into_vec()
+                .into_iter()
+                .filter(|(k, ..)| k.key().name() == ATTEMPTS)
+                .map(|(k, _, _, v)| {
+                    let model = k
+                        .key()
+                        .labels()
+                        .find(|l| l.key() == "model")
+                        .map(|l| l.value().to_owned())
+                        .unwrap_or_default();
+                    let n = match v {
+                        DebugValue::Counter(n) => n,
+                        _ => 0,
+                    };
+                    (model, n)
+                })
+                .collect();
+            assert_eq!(counts.len(), models.len(), "round {round}");
+            assert!(counts.iter().all(|(_, n)| *n == round + 1), "{counts:?}");
+        }
+    }
 
     #[test]
     fn keys_built_once_still_reach_the_recorder_in_place() {
