@@ -594,7 +594,15 @@ pub(crate) fn record_attempt(
         &[
             ("provider", provider),
             ("model", model),
-            ("status", STATUSES.get(status)),
+            // the common case needs no interning
+            (
+                "status",
+                if status == "ok" {
+                    "ok"
+                } else {
+                    STATUSES.get(status)
+                },
+            ),
         ],
     )
     .increment(1);
