@@ -547,5 +547,23 @@ mod tests {
         ]);
         assert_eq!(rate_limits(&h), RateLimits::new(Some(3), Some(100)));
         assert!(rate_limits(&HeaderMap::new()).is_empty());
+        // As a look-up by name: a name's first value counts (trimmed), and one that is
+        // not a number counts as absent; other headers are passed over.
+        let mut h = headers(&[
+            ("content-type", "application/json"),
+            ("x-ratelimit-remaining-requests", "lots"),
+            ("anthropic-ratelimit-requests-remaining", " 7 "),
+            ("x-ratelimit-limit-tokens", "5"),
+            ("anthropic-ratelimit-output-tokens-remaining", "40"),
+        ]);
+        h.append(
+            "x-ratelimit-remaining-requests",
+            HeaderValue::from_static("1"),
+        );
+        h.append(
+            "anthropic-ratelimit-output-tokens-remaining",
+            HeaderValue::from_static("2"),
+        );
+        assert_eq!(rate_limits(&h), RateLimits::new(Some(7), Some(40)));
     }
 }
