@@ -299,7 +299,8 @@ fn json_body(status: StatusCode, body: Vec<u8>) -> Response {
     res
 }
 
-/// Reads at most `limit` bytes of body within `timeout`.
+/// Reads at most `limit` bytes of body within `timeout`. A body that arrives in one
+/// piece (most) is returned as it arrived, uncopied.
 async fn read_body(
     body: Body,
     headers: &HeaderMap,
@@ -322,20 +323,30 @@ async fn read_body(
         return Err(too_large());
     }
     let read = async {
-        let mut buf = bytes::BytesMut::with_capacity(
-            declared.map_or(8 * 1024, |n| usize::try_from(n).unwrap_or(limit).min(limit)),
-        );
+        let room = declared.map_or(8 * 1024, |n| usize::try_from(n).unwrap_or(limit).min(limit));
+        // The first piece, until a second comes; then all of them, copied.
+        let mut first: Option<bytes::Bytes> = None;
+        let mut buf = bytes::BytesMut::new();
         let mut data = body.into_data_stream();
         while let Some(chunk) = data.next().await {
             let chunk = chunk.map_err(|_| {
                 ApiError::invalid("invalid_body", "", "The request body could not be read.")
             })?;
-            if buf.len() + chunk.len() > limit {
+            let have = first.as_ref().map_or(buf.len(), bytes::Bytes::len);
+            if have + chunk.len() > limit {
                 return Err(too_large());
+            }
+            if first.is_none() && buf.is_empty() {
+                first = Some(chunk);
+                continue;
+            }
+            if let Some(f) = first.take() {
+                buf.reserve(room.max(f.len() + chunk.len()));
+                buf.extend_from_slice(&f);
             }
             buf.extend_from_slice(&chunk);
         }
-        Ok(buf.freeze())
+        Ok(first.unwrap_or_else(|| buf.freeze()))
     };
     tokio::time::timeout(timeout, read).await.map_err(|_| {
         ApiError::new(
