@@ -714,30 +714,10 @@ pub fn finish_reason(f: &FinishReason) -> &'static str {
     }
 }
 
-/// A whole answer as a `chat.completion` object, serialised straight from the answer
-/// (no intermediate JSON tree: this runs on every call).
+/// A whole answer as a `chat.completion` object, written straight from the answer: no
+/// intermediate JSON tree, and the fixed parts (names, punctuation) copied as they
+/// are, with only the answer's own strings escaped (this runs on every call).
 pub fn completion(id: &str, created: u64, r: &ChatResponse) -> Vec<u8> {
-    let body = Completion {
-        id,
-        object: "chat.completion",
-        created,
-        model: &r.model,
-        choices: [Choice {
-            index: 0,
-            message: AnswerMessage {
-                role: "assistant",
-                content: (r.tool_calls.is_empty() || !r.content.is_empty())
-                    .then_some(r.content.as_str()),
-                refusal: (),
-                annotations: [],
-                tool_calls: (!r.tool_calls.is_empty()).then_some(WireToolCalls(&r.tool_calls)),
-            },
-            logprobs: (),
-            finish_reason: finish_reason(&r.finish_reason),
-        }],
-        usage: WireUsage::from(&r.usage),
-        system_fingerprint: (),
-    };
     // Room for the whole object at once (the fixed parts are about 330 bytes).
     let size = 384
         + id.len()
@@ -748,40 +728,65 @@ pub fn completion(id: &str, created: u64, r: &ChatResponse) -> Vec<u8> {
             .map(|c| 64 + c.id.len() + c.name.len() + c.arguments.len())
             .sum::<usize>();
     let mut out = Vec::with_capacity(size.min(1 << 20));
-    // Serialising these types cannot fail (string keys, no maps of other keys).
-    match serde_json::to_writer(&mut out, &body) {
-        Ok(()) => out,
-        Err(_) => Vec::new(),
+    out.extend_from_slice(b"{\"id\":");
+    json_str(&mut out, id);
+    out.extend_from_slice(b",\"object\":\"chat.completion\",\"created\":");
+    json_u64(&mut out, created);
+    out.extend_from_slice(b",\"model\":");
+    json_str(&mut out, &r.model);
+    out.extend_from_slice(
+        b",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":",
+    );
+    if r.tool_calls.is_empty() || !r.content.is_empty() {
+        json_str(&mut out, &r.content);
+    } else {
+        out.extend_from_slice(b"null");
     }
+    out.extend_from_slice(b",\"refusal\":null,\"annotations\":[]");
+    if !r.tool_calls.is_empty() {
+        out.extend_from_slice(b",\"tool_calls\":");
+        // Serialising these cannot fail (string keys only).
+        let _ = serde_json::to_writer(&mut out, &WireToolCalls(&r.tool_calls));
+    }
+    out.extend_from_slice(b"},\"logprobs\":null,\"finish_reason\":\"");
+    out.extend_from_slice(finish_reason(&r.finish_reason).as_bytes());
+    let u = &r.usage;
+    out.extend_from_slice(b"\"}],\"usage\":{\"prompt_tokens\":");
+    json_u64(&mut out, u.input_tokens);
+    out.extend_from_slice(b",\"completion_tokens\":");
+    json_u64(&mut out, u.output_tokens);
+    out.extend_from_slice(b",\"total_tokens\":");
+    json_u64(&mut out, u.total());
+    out.extend_from_slice(b",\"prompt_tokens_details\":{\"cached_tokens\":");
+    json_u64(&mut out, u.cached_input_tokens);
+    out.extend_from_slice(
+        b"},\"completion_tokens_details\":{\"reasoning_tokens\":0}},\"system_fingerprint\":null}",
+    );
+    out
 }
 
-#[derive(Serialize)]
-struct Completion<'a> {
-    id: &'a str,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    choices: [Choice<'a>; 1],
-    usage: WireUsage,
-    system_fingerprint: (),
+/// `s` as a JSON string, escaped as `serde_json` escapes it.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a string into a vector cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
 }
 
-#[derive(Serialize)]
-struct Choice<'a> {
-    index: u32,
-    message: AnswerMessage<'a>,
-    logprobs: (),
-    finish_reason: &'static str,
-}
-
-#[derive(Serialize)]
-struct AnswerMessage<'a> {
-    role: &'static str,
-    content: Option<&'a str>,
-    refusal: (),
-    annotations: [(); 0],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tool_calls: Option<WireToolCalls<'a>>,
+/// `n` as a JSON number.
+fn json_u64(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        if let Some(d) = digits.get_mut(at) {
+            *d = b'0' + (n % 10) as u8;
+        }
+        n /= 10;
+        if n == 0 || at == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(digits.get(at..).unwrap_or_default());
 }
 
 struct WireToolCalls<'a>(&'a [ToolCall]);
@@ -1204,6 +1209,97 @@ mod tests {
         assert_eq!(format!("{p:?}"), format!("{:?}", parse_tree(body).unwrap()));
         assert!(p.stream && p.include_usage);
         assert_eq!(p.request.messages[1].content, "Hi é");
+    }
+
+    /// The hand-written `chat.completion` object is, byte for byte, what serialising
+    /// its shape with serde gives.
+    #[test]
+    fn completions_have_openais_shape() {
+        use serde::Serialize;
+        use tokenwise::{ChatResponse, FinishReason, ToolCall, Usage};
+
+        use super::{WireToolCalls, WireUsage, completion, finish_reason};
+
+        #[derive(Serialize)]
+        struct Completion<'a> {
+            id: &'a str,
+            object: &'static str,
+            created: u64,
+            model: &'a str,
+            choices: [Choice<'a>; 1],
+            usage: WireUsage,
+            system_fingerprint: (),
+        }
+        #[derive(Serialize)]
+        struct Choice<'a> {
+            index: u32,
+            message: AnswerMessage<'a>,
+            logprobs: (),
+            finish_reason: &'static str,
+        }
+        #[derive(Serialize)]
+        struct AnswerMessage<'a> {
+            role: &'static str,
+            content: Option<&'a str>,
+            refusal: (),
+            annotations: [(); 0],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            tool_calls: Option<WireToolCalls<'a>>,
+        }
+        let reference = |id: &str, created: u64, r: &ChatResponse| {
+            serde_json::to_vec(&Completion {
+                id,
+                object: "chat.completion",
+                created,
+                model: &r.model,
+                choices: [Choice {
+                    index: 0,
+                    message: AnswerMessage {
+                        role: "assistant",
+                        content: (r.tool_calls.is_empty() || !r.content.is_empty())
+                            .then_some(r.content.as_str()),
+                        refusal: (),
+                        annotations: [],
+                        tool_calls: (!r.tool_calls.is_empty())
+                            .then_some(WireToolCalls(&r.tool_calls)),
+                    },
+                    logprobs: (),
+                    finish_reason: finish_reason(&r.finish_reason),
+                }],
+                usage: WireUsage::from(&r.usage),
+                system_fingerprint: (),
+            })
+            .unwrap()
+        };
+        let mut r = ChatResponse::new(
+            "A \"quoted\"\n\u{1}\u{7f} é answer\\",
+            "gpt-4o-mini",
+            "openai",
+            Usage::new(12, 4).with_cached_input(3),
+            FinishReason::Length,
+        );
+        for created in [0, 7, 1_700_000_000, u64::MAX] {
+            let got = completion("chatcmpl-1", created, &r);
+            assert_eq!(
+                String::from_utf8(got).unwrap(),
+                String::from_utf8(reference("chatcmpl-1", created, &r)).unwrap()
+            );
+        }
+        r.tool_calls = vec![ToolCall {
+            id: "call_1".into(),
+            name: "f".into(),
+            arguments: "{\"x\":1}".into(),
+        }];
+        for content in ["", "and text"] {
+            r.content = content.into();
+            r.usage = Usage::new(u64::MAX / 2, 0);
+            r.finish_reason = FinishReason::ToolCalls;
+            let got = completion("c\"2", 1, &r);
+            assert_eq!(
+                String::from_utf8(got).unwrap(),
+                String::from_utf8(reference("c\"2", 1, &r)).unwrap()
+            );
+        }
     }
 
     /// Each chunk, as the client reads it.

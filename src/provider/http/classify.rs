@@ -29,20 +29,51 @@ fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
     header_str(headers, name).and_then(|v| v.parse().ok())
 }
 
+/// The remaining-quota headers [`rate_limits`] reads, in the order of its slots.
+const QUOTA_HEADERS: [&str; 6] = [
+    "x-ratelimit-remaining-requests",
+    "anthropic-ratelimit-requests-remaining",
+    "x-ratelimit-remaining-tokens",
+    "anthropic-ratelimit-tokens-remaining",
+    "anthropic-ratelimit-input-tokens-remaining",
+    "anthropic-ratelimit-output-tokens-remaining",
+];
+
 /// The remaining-quota headers of OpenAI and Anthropic.
+///
+/// Read in one pass over the answer's header names (every answer's, so it must be
+/// cheap): a look-up by name for each of the six would parse and hash each name, for
+/// answers that mostly carry none of them. As a look-up would, only the first value of
+/// a name counts.
 pub(crate) fn rate_limits(headers: &HeaderMap) -> RateLimits {
-    let requests = header_u64(headers, "x-ratelimit-remaining-requests")
-        .or_else(|| header_u64(headers, "anthropic-ratelimit-requests-remaining"));
-    let tokens = header_u64(headers, "x-ratelimit-remaining-tokens")
-        .or_else(|| header_u64(headers, "anthropic-ratelimit-tokens-remaining"))
-        .or_else(|| {
-            let input = header_u64(headers, "anthropic-ratelimit-input-tokens-remaining");
-            let output = header_u64(headers, "anthropic-ratelimit-output-tokens-remaining");
-            match (input, output) {
-                (Some(i), Some(o)) => Some(i.min(o)),
-                (i, o) => i.or(o),
-            }
-        });
+    // For each of `QUOTA_HEADERS`: unseen, or seen with its first value (if a number).
+    let mut seen: [Option<Option<u64>>; 6] = [None; 6];
+    for (name, value) in headers {
+        let name = name.as_str();
+        if !(name.starts_with("x-ratelimit-") || name.starts_with("anthropic-ratelimit-")) {
+            continue;
+        }
+        let slot = QUOTA_HEADERS
+            .iter()
+            .position(|h| *h == name)
+            .and_then(|i| seen.get_mut(i));
+        if let Some(slot @ None) = slot {
+            *slot = Some(value.to_str().ok().and_then(|v| v.trim().parse().ok()));
+        }
+    }
+    let [
+        requests,
+        anthropic_requests,
+        tokens,
+        anthropic_tokens,
+        input,
+        output,
+    ] = seen.map(Option::flatten);
+    let requests = requests.or(anthropic_requests);
+    let tokens = tokens.or(anthropic_tokens).or(match (input, output) {
+        (Some(i), Some(o)) => Some(i.min(o)),
+        (i, o) => i.or(o),
+    });
     RateLimits::new(requests, tokens)
 }
 
@@ -516,5 +547,23 @@ mod tests {
         ]);
         assert_eq!(rate_limits(&h), RateLimits::new(Some(3), Some(100)));
         assert!(rate_limits(&HeaderMap::new()).is_empty());
+        // As a look-up by name: a name's first value counts (trimmed), and one that is
+        // not a number counts as absent; other headers are passed over.
+        let mut h = headers(&[
+            ("content-type", "application/json"),
+            ("x-ratelimit-remaining-requests", "lots"),
+            ("anthropic-ratelimit-requests-remaining", " 7 "),
+            ("x-ratelimit-limit-tokens", "5"),
+            ("anthropic-ratelimit-output-tokens-remaining", "40"),
+        ]);
+        h.append(
+            "x-ratelimit-remaining-requests",
+            HeaderValue::from_static("1"),
+        );
+        h.append(
+            "anthropic-ratelimit-output-tokens-remaining",
+            HeaderValue::from_static("2"),
+        );
+        assert_eq!(rate_limits(&h), RateLimits::new(Some(7), Some(40)));
     }
 }

@@ -457,13 +457,16 @@ impl HttpCore {
         }
     }
 
+    /// Reads the body of `resp`, up to `cap` bytes: cut there if `truncate`, else
+    /// refused if longer. A body that arrives in one piece (most) is returned as it
+    /// arrived, uncopied.
     async fn read_limited(
         &self,
         resp: &mut Response,
         sent: &Sent,
         cap: usize,
         truncate: bool,
-    ) -> std::result::Result<Vec<u8>, ProviderError> {
+    ) -> std::result::Result<Bytes, ProviderError> {
         let too_big = |n: u64| {
             self.error(
                 ProviderErrorKind::InvalidResponse,
@@ -477,21 +480,38 @@ impl HttpCore {
                 }
             }
         }
-        // Room for the declared length up front (within reason: it may lie).
+        // Room for the declared length up front when the body comes in pieces (within
+        // reason: it may lie).
         let declared = resp.content_length().unwrap_or(0).min(256 << 10);
-        let mut body = Vec::with_capacity(usize::try_from(declared).unwrap_or(0).min(cap));
+        let room = usize::try_from(declared).unwrap_or(0).min(cap);
+        // The first piece, until a second comes; then all of them, copied.
+        let mut first: Option<Bytes> = None;
+        let mut body: Vec<u8> = Vec::new();
+        let gather = |first: &mut Option<Bytes>, body: &mut Vec<u8>| {
+            if let Some(f) = first.take() {
+                body.reserve(room.max(f.len()));
+                body.extend_from_slice(&f);
+            }
+        };
         while let Some(chunk) = self.next_chunk(resp, sent, None).await? {
-            if body.len().saturating_add(chunk.len()) > cap {
+            let have = first.as_ref().map_or(body.len(), Bytes::len);
+            if have.saturating_add(chunk.len()) > cap {
                 if truncate {
-                    let room = cap.saturating_sub(body.len());
-                    body.extend_from_slice(chunk.get(..room).unwrap_or_default());
+                    gather(&mut first, &mut body);
+                    let left = cap.saturating_sub(have);
+                    body.extend_from_slice(chunk.get(..left).unwrap_or_default());
                     break;
                 }
-                return Err(too_big((body.len() + chunk.len()) as u64));
+                return Err(too_big((have + chunk.len()) as u64));
             }
-            body.extend_from_slice(&chunk);
+            if first.is_none() && body.is_empty() {
+                first = Some(chunk);
+            } else {
+                gather(&mut first, &mut body);
+                body.extend_from_slice(&chunk);
+            }
         }
-        Ok(body)
+        Ok(first.unwrap_or_else(|| Bytes::from(body)))
     }
 
     /// Reads a whole success body, within the body cap and the deadlines.
@@ -499,7 +519,7 @@ impl HttpCore {
         &self,
         resp: &mut Response,
         sent: &Sent,
-    ) -> std::result::Result<Vec<u8>, ProviderError> {
+    ) -> std::result::Result<Bytes, ProviderError> {
         self.read_limited(resp, sent, self.max_body_bytes, false)
             .await
             .map_err(|e| e.with_status(resp.status().as_u16()))

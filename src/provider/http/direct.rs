@@ -9,14 +9,24 @@
 //! done the connection goes back to the pool. An idle connection is not polled until
 //! it is taken again, when it is polled once: one the server closed meanwhile is then
 //! seen closed and replaced, and a request it turned away unsent is sent on a new one.
+//!
+//! The connection, the answer's head and its body signal one another as they are polled
+//! (a request sent wakes the connection; a head or a piece of body read wakes the
+//! answer), and all are polled by the request's task: such a wake-up would send the
+//! task back through the scheduler to be polled again, which on a multi-threaded
+//! runtime also wakes another worker to take it. They are polled with a waker of their
+//! own instead ([`Inline`]): a wake-up that arrives while they are being polled has them
+//! polled again at once; one that arrives later wakes the task.
 
 use std::future::poll_fn;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http_body_util::Full;
 use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http1::{self, Connection, SendRequest};
@@ -26,6 +36,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+/// Request URIs kept per path: the few fixed paths a provider posts to are made once;
+/// paths beyond this many (ones carrying ids) are made each time.
+const MAX_CACHED_URIS: usize = 8;
 /// Idle connections kept per provider, at most.
 const MAX_IDLE: usize = 256;
 /// How long an idle connection is kept: 90 s, as reqwest keeps them.
@@ -42,6 +55,86 @@ const PROXY_VARS: [&str; 6] = [
 
 type Conn = Connection<TokioIo<TcpStream>, Full<Bytes>>;
 
+/// How many times in a row the futures of a request are polled again for wake-ups that
+/// arrived while they were being polled, before the task is woken instead.
+const MAX_INLINE_POLLS: usize = 4;
+
+/// Not being polled.
+const IDLE: u8 = 0;
+/// Being polled.
+const POLLING: u8 = 1;
+/// Being polled, and woken meanwhile.
+const WOKEN: u8 = 2;
+
+/// The waker a request's task polls its connection, answer and body with (see the
+/// module's documentation).
+struct Inline {
+    state: AtomicU8,
+    /// The task to wake for a wake-up that arrives while nothing is being polled.
+    task: AtomicWaker,
+}
+
+impl Wake for Inline {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        match self
+            .state
+            .compare_exchange(POLLING, WOKEN, Ordering::AcqRel, Ordering::Acquire)
+        {
+            // Noted: the poll under way polls again.
+            Ok(_) | Err(WOKEN) => {}
+            Err(_) => self.task.wake(),
+        }
+    }
+}
+
+/// An [`Inline`] and a waker of it.
+#[derive(Clone)]
+struct InlineWaker {
+    inline: Arc<Inline>,
+    waker: Waker,
+}
+
+impl InlineWaker {
+    fn new() -> Self {
+        let inline = Arc::new(Inline {
+            state: AtomicU8::new(IDLE),
+            task: AtomicWaker::new(),
+        });
+        InlineWaker {
+            waker: Waker::from(Arc::clone(&inline)),
+            inline,
+        }
+    }
+
+    /// Polls `f` with this waker for the task of `cx`, again while it was woken during
+    /// the poll (up to [`MAX_INLINE_POLLS`] times; then the task is woken). A wake-up
+    /// during a poll that completes is dropped: whatever it was for is polled again by
+    /// the next poll (every future polled with this waker belongs to one request, whose
+    /// task polls them all whenever it polls one).
+    fn poll<T>(
+        &self,
+        cx: &mut Context<'_>,
+        mut f: impl FnMut(&mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        self.inline.task.register(cx.waker());
+        let mut inner = Context::from_waker(&self.waker);
+        for _ in 0..MAX_INLINE_POLLS {
+            self.inline.state.store(POLLING, Ordering::Release);
+            let r = f(&mut inner);
+            let was = self.inline.state.swap(IDLE, Ordering::AcqRel);
+            if r.is_ready() || was != WOKEN {
+                return r;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
 /// A connection and its sender.
 struct Pooled {
     send: SendRequest<Full<Bytes>>,
@@ -49,6 +142,8 @@ struct Pooled {
     /// Whether `conn` has completed (closed or failed): it must not be polled again.
     done: bool,
     since: Instant,
+    /// The waker the connection and its answers are polled with.
+    waker: InlineWaker,
 }
 
 impl Pooled {
@@ -113,6 +208,9 @@ pub(crate) struct Direct {
     prefix: String,
     connect_timeout: Option<Duration>,
     idle: Idle,
+    /// `prefix` followed by each path sent to, as a request URI (at most
+    /// [`MAX_CACHED_URIS`]).
+    uris: RwLock<Vec<(Box<str>, Uri)>>,
 }
 
 impl std::fmt::Debug for Direct {
@@ -159,7 +257,35 @@ impl Direct {
             prefix: url.path().trim_end_matches('/').to_owned(),
             connect_timeout,
             idle: Arc::new(Mutex::new(Vec::new())),
+            uris: RwLock::new(Vec::new()),
         })
+    }
+
+    /// The request URI for `path`: the base URL's path followed by `path`, made once
+    /// per path (a request takes a cheap copy).
+    fn uri(&self, path: &str) -> Result<Uri, DirectError> {
+        let cached = |uris: &[(Box<str>, Uri)]| {
+            uris.iter()
+                .find(|(p, _)| **p == *path)
+                .map(|(_, u)| u.clone())
+        };
+        let found = match self.uris.read() {
+            Ok(uris) => cached(&uris),
+            Err(p) => cached(&p.into_inner()),
+        };
+        if let Some(u) = found {
+            return Ok(u);
+        }
+        let uri = Uri::try_from(format!("{}{}", self.prefix, path))
+            .map_err(|e| DirectError::Request(format!("invalid path `{path}`: {e}")))?;
+        let mut uris = match self.uris.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if uris.len() < MAX_CACHED_URIS && cached(&uris).is_none() {
+            uris.push((path.into(), uri.clone()));
+        }
+        Ok(uri)
     }
 
     /// An idle connection, if one is left that has not expired.
@@ -195,6 +321,7 @@ impl Direct {
             conn,
             done: false,
             since: Instant::now(),
+            waker: InlineWaker::new(),
         }))
     }
 
@@ -207,8 +334,7 @@ impl Direct {
         headers: HeaderMap,
         body: Vec<u8>,
     ) -> Result<DirectResponse, DirectError> {
-        let uri = Uri::try_from(format!("{}{}", self.prefix, path))
-            .map_err(|e| DirectError::Request(format!("invalid path `{path}`: {e}")))?;
+        let uri = self.uri(path)?;
         let mut req = Request::new(Full::new(Bytes::from(body)));
         *req.method_mut() = method;
         *req.uri_mut() = uri;
@@ -222,9 +348,12 @@ impl Direct {
             };
             // An idle connection is polled here first: one the server closed is seen
             // closed, and replaced.
+            let waker = c.waker.clone();
             let ready = poll_fn(|cx| {
-                c.drive(cx);
-                c.send.poll_ready(cx)
+                waker.poll(cx, |cx| {
+                    c.drive(cx);
+                    c.send.poll_ready(cx)
+                })
             })
             .await;
             if let Err(e) = ready {
@@ -238,8 +367,10 @@ impl Direct {
             };
             let mut answer = std::pin::pin!(c.send.try_send_request(r));
             let res = poll_fn(|cx| {
-                c.drive(cx);
-                answer.as_mut().poll(cx)
+                waker.poll(cx, |cx| {
+                    c.drive(cx);
+                    answer.as_mut().poll(cx)
+                })
             })
             .await;
             match res {
@@ -251,6 +382,7 @@ impl Direct {
                         body,
                         conn: Some(c),
                         idle: Arc::clone(&self.idle),
+                        waker,
                     });
                 }
                 Err(mut e) => match e.take_message() {
@@ -272,6 +404,8 @@ pub(crate) struct DirectResponse {
     body: Incoming,
     conn: Option<Box<Pooled>>,
     idle: Idle,
+    /// The connection's waker, which the body is polled with too.
+    waker: InlineWaker,
 }
 
 impl std::fmt::Debug for DirectResponse {
@@ -297,7 +431,8 @@ impl DirectResponse {
 
     /// The next piece of the body; none at its end.
     pub(crate) async fn chunk(&mut self) -> Result<Option<Bytes>, DirectError> {
-        poll_fn(|cx| self.poll_chunk(cx))
+        let waker = self.waker.clone();
+        poll_fn(|cx| waker.poll(cx, |cx| self.poll_chunk(cx)))
             .await
             .map_err(DirectError::Http)
     }
