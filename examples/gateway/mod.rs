@@ -496,7 +496,7 @@ async fn handle_chat(
             .model
             .clone()
             .unwrap_or_else(|| gw.default_model.clone());
-        let stream = boxed(gw.pipeline.stream(req))
+        let stream = boxed(|| gw.pipeline.stream(req))
             .await
             .map_err(|e| fail(ApiError::from_pipeline(&e, &redact)))?;
         let started = sse::start(
@@ -539,7 +539,7 @@ async fn handle_chat(
         tracing::debug!(request_id = %id, user = %who.user, cache, "stream started");
         return Ok(res);
     }
-    let answer = boxed(gw.pipeline.chat(req))
+    let answer = boxed(|| gw.pipeline.chat(req))
         .await
         .map_err(|e| fail(ApiError::from_pipeline(&e, &redact)))?;
     let mut res = json_body(StatusCode::OK, wire::completion(id, created, &answer));
@@ -565,14 +565,15 @@ async fn handle_chat(
     Ok(res)
 }
 
-/// `f` on the heap. The pipeline's futures are large (kilobytes), and the handler's
-/// future is moved on its way into the server: boxed, they are moved once. Boxed here,
-/// in a plain function, rather than with `Box::pin` inside the handler: a future made
-/// in an async function, even one moved straight into a box, keeps room in that
-/// function's own future across the await (the handler's future was 9 KB with it,
-/// 1.4 KB without), which every move of it then copies.
-fn boxed<F: Future>(f: F) -> Pin<Box<F>> {
-    Box::pin(f)
+/// The future `make` makes, made in its place on the heap. The pipeline's futures are
+/// large (kilobytes), and the handler's future is moved on its way into the server:
+/// boxed, they are not moved at all (written into the box, not made on the stack and
+/// copied there). Boxed here, in a plain function, rather than with `Box::pin` inside
+/// the handler: a future made in an async function, even one moved straight into a
+/// box, keeps room in that function's own future across the await (the handler's
+/// future was 9 KB with it, 1.4 KB without), which every move of it then copies.
+fn boxed<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
 }
 
 /// `Cache-Control: no-store` skips the cache; `no-cache` asks the model again and
