@@ -407,13 +407,13 @@ impl KeyId {
     }
 }
 
-/// log2 of the slots in [`RECENT`].
-const RECENT_BITS: u32 = 5;
+/// log2 of the slots in [`RECENT`] (sets of two).
+const RECENT_BITS: u32 = 6;
 
 thread_local! {
-    /// The keys a thread used lately, by [`KeyId::slot`]: found again without the
-    /// shared map's lock or a hash of the whole identity. Each slot holds the last key
-    /// that fell in it; the keys are built once and never freed.
+    /// The keys a thread used lately, in sets of two slots by [`KeyId::slot`]: found
+    /// again without the shared map's lock or a hash of the whole identity. The keys
+    /// are built once and never freed.
     static RECENT: std::cell::RefCell<[Option<(KeyId, &'static Key)>; 1 << RECENT_BITS]> =
         const { std::cell::RefCell::new([None; 1 << RECENT_BITS]) };
 }
@@ -434,12 +434,17 @@ fn with_key<T>(
     let Some(id) = KeyId::of(name, labels) else {
         return f(&build());
     };
-    let slot = id.slot();
+    // the two slots of the key's set
+    let set = id.slot() & !1;
     // (`f` runs outside the thread's borrow: a recorder may emit metrics of its own)
     let recent = RECENT
         .try_with(|r| {
             let r = r.try_borrow().ok()?;
-            r.get(slot)?.filter(|(i, _)| *i == id).map(|(_, k)| k)
+            r.get(set..set + 2)?
+                .iter()
+                .flatten()
+                .find(|(i, _)| *i == id)
+                .map(|(_, k)| *k)
         })
         .ok()
         .flatten();
@@ -450,13 +455,14 @@ fn with_key<T>(
         return f(&build());
     };
     let _ = RECENT.try_with(|r| {
-        if let Some(s) = r
-            .try_borrow_mut()
-            .ok()
-            .as_deref_mut()
-            .and_then(|r| r.get_mut(slot))
-        {
-            *s = Some((id, k));
+        let Ok(mut r) = r.try_borrow_mut() else {
+            return;
+        };
+        if let Some(pair) = r.get_mut(set..set + 2) {
+            // an empty slot of the set, else the second: the first keeps the key that
+            // came first, so two keys sharing a set both stay once both are in
+            let at = usize::from(pair[0].is_some());
+            pair[at] = Some((id, k));
         }
     });
     f(k)
