@@ -376,7 +376,7 @@ fn main() {
         std::hint::black_box(read(&shared).search(q, 1));
         during.push(t.elapsed().as_secs_f64() * 1e6);
         k += 1;
-        if k % 100 == 0 {
+        if k.is_multiple_of(100) {
             let z = g.latent();
             let v = g.embed(&z);
             let t = Instant::now();

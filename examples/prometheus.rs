@@ -180,13 +180,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let k = i * WORKERS + w;
                 let q = QUESTIONS[(k * 7 + k / 3) % QUESTIONS.len()];
                 // half the traffic repeats a question; the other half is new
-                let text = if k % 2 == 0 {
+                let text = if k.is_multiple_of(2) {
                     q.to_owned()
                 } else {
                     format!("{q} (case {k})")
                 };
                 let mut req = ChatRequest::user_text(text)
-                    .user(if k % 13 == 0 {
+                    .user(if k.is_multiple_of(13) {
                         "batch-bot".to_owned() // bursts past its rate limit
                     } else {
                         format!("user{}", k % 50)
@@ -194,10 +194,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .org(ORGS[k % ORGS.len()])
                     .feature(FEATURES[(k / 5) % FEATURES.len()])
                     .max_tokens(120);
-                if k % 11 == 0 {
+                if k.is_multiple_of(11) {
                     req = req.model("gpt-4o"); // asked by name: no fallback
                 }
-                if k % 7 == 0 {
+                if k.is_multiple_of(7) {
                     if let Ok(mut s) = pipeline.stream(req).await {
                         while let Some(Ok(_)) = s.next().await {}
                     }

@@ -306,7 +306,7 @@ impl BatchProvider for SimulatedBatch {
         let mut out = BatchResults::default();
         for (pos, (custom_id, req, model)) in b.items.iter().enumerate() {
             let nth = pos as u64 + 1;
-            let every = |n: Option<u32>| n.is_some_and(|n| nth % u64::from(n) == 0);
+            let every = |n: Option<u32>| n.is_some_and(|n| nth.is_multiple_of(u64::from(n)));
             if every(cfg.malformed_every) || !known.contains_key(custom_id.as_str()) {
                 out.malformed += 1;
                 continue;
