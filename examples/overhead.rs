@@ -11,10 +11,11 @@
 //! the usage report. Misses are unique questions (cache misses that reach the
 //! provider); hits repeat one question. The exact cache has the default capacity
 //! (10,000 answers) and is full when misses are timed, so each timed miss also evicts
-//! the oldest answer: the steady state of a service that has run for a while. A line
-//! above the last one gives the misses of a cache still filling (200,000 answers, all
-//! but a few thousand free), where storing an answer also touches memory the process
-//! has never used (page faults). The last line:
+//! the oldest answer, and so is the cache of token counts (65,536 texts by default),
+//! which every new text passes through: the steady state of a service that has run for
+//! a while. A line above the last one gives the misses of caches still filling
+//! (200,000 answers, all but a few thousand free), where storing an answer or a count
+//! also touches memory the process has never used (page faults). The last line:
 //! `miss_p50_us=… miss_p99_us=… hit_p99_us=… throughput_rps=… allocs_per_miss=… allocs_per_hit=…`,
 //! where the latencies are the time added over the bare call, throughput is misses per
 //! second through the pipeline with 64 concurrent callers on a two-thread runtime, and
@@ -24,8 +25,8 @@
 //! switched on only for the sequential phases.
 //!
 //! `cargo run --release --example overhead -- profile miss` (or `hit`) runs only
-//! 20,000 sequential misses (or hits) through the pipeline, untimed, after 10,000
-//! misses that fill the cache, for a profiler:
+//! 20,000 sequential misses (or hits) through the pipeline, untimed, after the misses
+//! that fill both caches, for a profiler:
 //! `valgrind --tool=callgrind --collect-atstart=no --toggle-collect='*Profiled*'
 //! target/release/examples/overhead profile miss` counts just those calls, and
 //! `callgrind_annotate` gives the instructions per call by function.
@@ -132,6 +133,10 @@ fn percentile(v: &mut [Duration], p: f64) -> Duration {
 /// The exact cache's capacity: the default.
 const CACHE: usize = 10_000;
 
+/// Misses that fill the pipeline's cache of token counts (its default capacity is
+/// 65,536 texts, one a question here) and the exact cache, with a margin.
+const WARM: usize = 65_536 + 2_000;
+
 fn pipeline() -> tokenwise::Result<Pipeline> {
     pipeline_with_cache(CACHE)
 }
@@ -184,8 +189,8 @@ async fn profile(mode: Option<&str>) -> tokenwise::Result<()> {
             ));
         }
     };
-    for i in 0..CACHE {
-        pipe.chat(question(1_000_000 + i)).await?; // the cache filled, as in the timed run
+    for i in 0..WARM {
+        pipe.chat(question(1_000_000 + i)).await?; // the caches filled, as in the timed run
     }
     let hot = question(7);
     pipe.chat(hot.clone()).await?;
@@ -244,8 +249,9 @@ async fn run() -> tokenwise::Result<()> {
     let provider = Instant0;
     let pipe = pipeline()?;
 
-    // warm up: tokenizer tables, allocator, and the cache filled (a timed miss evicts)
-    for i in 0..CACHE + 2_000 {
+    // warm up: tokenizer tables, allocator, and both caches filled (a timed miss
+    // evicts an answer and a count)
+    for i in 0..WARM {
         let req = question(1_000_000 + i);
         provider.chat(ProviderCall::new(&req, &model)).await?;
         pipe.chat(req).await?;
@@ -360,7 +366,7 @@ async fn run() -> tokenwise::Result<()> {
         "added by the pipeline, miss: p50 {miss_p50:.2} µs, p90 {miss_p90:.2} µs, p99 {miss_p99:.2} µs, p99.9 {miss_p999:.2} µs"
     );
     println!(
-        "added by the pipeline, miss while the cache fills: p50 {filling_p50:.2} µs, p99 {filling_p99:.2} µs"
+        "added by the pipeline, miss while the caches fill: p50 {filling_p50:.2} µs, p99 {filling_p99:.2} µs"
     );
     println!(
         "added by the pipeline, hit:  p50 {hit_p50:.2} µs, p90 {hit_p90:.2} µs, p99 {hit_p99:.2} µs"
