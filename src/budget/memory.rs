@@ -496,11 +496,14 @@ impl MemoryBudget {
                     None => acc.spent = acc.spent.saturating_add(actual),
                 }
                 let spent = acc.spent(now);
-                let pct =
-                    u128::from(spent.as_nanos()) * 100 / u128::from(cap.limit.as_nanos()).max(1);
+                // `spent` is at least `t` per cent of the limit: the whole per cent
+                // (rounded down) reaches `t` exactly when this product does, and a
+                // product needs no division
+                let spent100 = u128::from(spent.as_nanos()) * 100;
+                let limit = u128::from(cap.limit.as_nanos()).max(1);
                 for (i, t) in self.inner.thresholds.iter().enumerate() {
                     let bit = 1u8 << i;
-                    if pct >= u128::from(*t) {
+                    if spent100 >= u128::from(*t) * limit {
                         if acc.alerted & bit == 0 {
                             acc.alerted |= bit;
                             alerts.push(BudgetAlert {

@@ -156,10 +156,10 @@ impl Inner {
     /// Reconciles a token charge on `meta`'s scopes to `actual`.
     pub(super) async fn reconcile_tokens(&self, meta: &RequestMeta, charged: u64, actual: u64) {
         if let (Some(l), true) = (&self.limiter, charged != actual) {
-            let done = match l.reconcile_ready(meta, charged, actual) {
-                Some(done) => done,
-                None => l.reconcile(meta, charged, actual).await,
-            };
+            let done = ready_or!(
+                l.reconcile_ready(meta, charged, actual),
+                l.reconcile(meta, charged, actual)
+            );
             if let Err(e) = done {
                 tracing::warn!(error = %e, "token reconciliation failed");
             }

@@ -101,10 +101,10 @@ impl Inner {
     ) -> Result<Held> {
         let reservation = match &self.budget {
             Some(b) => {
-                let reserved = match b.reserve_ready(&req.meta, plan.worst_case) {
-                    Some(reserved) => reserved,
-                    None => b.reserve(&req.meta, plan.worst_case).await,
-                };
+                let reserved = ready_or!(
+                    b.reserve_ready(&req.meta, plan.worst_case),
+                    b.reserve(&req.meta, plan.worst_case)
+                );
                 match reserved {
                     Ok(r) => Some(r),
                     Err(e) => {
@@ -164,10 +164,7 @@ impl Inner {
 
     pub(super) async fn commit(&self, reservation: Option<Reservation>, cost: Cost) {
         if let (Some(b), Some(r)) = (&self.budget, reservation) {
-            let done = match b.commit_ready(&r, cost) {
-                Some(done) => done,
-                None => b.commit(r, cost).await,
-            };
+            let done = ready_or!(b.commit_ready(&r, cost), b.commit(r, cost));
             if let Err(e) = done {
                 tracing::error!(error = %e, cost = %cost, "budget commit failed");
             }

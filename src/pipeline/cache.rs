@@ -90,10 +90,7 @@ impl Inner {
         if !plan.cache_read {
             return None; // `refresh`: skip the read, still write
         }
-        let found = match cache.lookup_ready(q) {
-            Some(found) => found,
-            None => cache.lookup(q).await,
-        };
+        let found = ready_or!(cache.lookup_ready(q), cache.lookup(q));
         let hit = match found {
             Ok(found) => {
                 plan.guard_rejected = found.rejected;
@@ -161,10 +158,7 @@ impl Inner {
         if !is_cacheable(response) {
             return;
         }
-        let stored = match cache.put_ready(q, response) {
-            Some(stored) => stored,
-            None => cache.put(q, response).await,
-        };
+        let stored = ready_or!(cache.put_ready(q, response), cache.put(q, response));
         if let Err(e) = stored {
             tracing::warn!(error = %e, "cache write failed");
         }

@@ -28,6 +28,17 @@
 //! request refused at any stage consumes nothing of the stages after it, and a token
 //! charge made by admission is refunded when a later stage refuses.
 
+/// What a backend's `*_ready` method answers at once, else what its future gives: the
+/// in-memory backends answer without a boxed future (see [`Limiter::acquire_ready`]).
+macro_rules! ready_or {
+    ($ready:expr, $fut:expr) => {
+        match $ready {
+            Some(done) => done,
+            None => $fut.await,
+        }
+    };
+}
+
 mod admit;
 mod batch;
 mod budget;

@@ -155,8 +155,13 @@ impl Price {
     /// The cost of `tokens` tokens at this price, rounded up to the next nano-dollar
     /// so that sums never under-count.
     pub fn cost_of(self, tokens: u64) -> Cost {
-        let n = u128::from(tokens) * u128::from(self.0);
-        let c = n.div_ceil(1_000_000);
+        // In 64 bits whenever the product fits (any real count at any real price), where
+        // dividing by a constant is a multiplication; a 128-bit division is a call to a
+        // routine that divides in hardware, tens of cycles, on every request.
+        if let Some(n) = tokens.checked_mul(self.0) {
+            return Cost(n.div_ceil(1_000_000));
+        }
+        let c = (u128::from(tokens) * u128::from(self.0)).div_ceil(1_000_000);
         Cost(u64::try_from(c).unwrap_or(u64::MAX))
     }
 }
@@ -301,6 +306,40 @@ mod tests {
         );
         assert!(Price::per_mtok(-1.0).is_none());
         assert!(Price::per_mtok(f64::NAN).is_none());
+    }
+
+    proptest::proptest! {
+        /// The 64-bit path and the 128-bit one agree wherever the product fits, and a
+        /// product past 64 bits still rounds up (or saturates) exactly.
+        #[test]
+        fn cost_of_is_the_exact_product_rounded_up(
+            tokens in proptest::prop_oneof![0..10_000_000u64, proptest::num::u64::ANY],
+            nanos in proptest::prop_oneof![0..100_000_000_000u64, proptest::num::u64::ANY],
+        ) {
+            let exact = (u128::from(tokens) * u128::from(nanos)).div_ceil(1_000_000);
+            let want = Cost::from_nanos(u64::try_from(exact).unwrap_or(u64::MAX));
+            proptest::prop_assert_eq!(Price::from_nanos_per_mtok(nanos).cost_of(tokens), want);
+        }
+    }
+
+    #[test]
+    fn cost_of_at_the_edges_of_64_bits() {
+        let p = Price::from_nanos_per_mtok(u64::MAX);
+        assert_eq!(p.cost_of(0), Cost::ZERO);
+        assert_eq!(p.cost_of(1), Cost::from_nanos(u64::MAX.div_ceil(1_000_000)));
+        assert_eq!(p.cost_of(1_000_000), Cost::from_nanos(u64::MAX));
+        assert_eq!(p.cost_of(u64::MAX), Cost::from_nanos(u64::MAX), "saturates");
+        // the largest product that fits, and the first that does not
+        let fits = Price::from_nanos_per_mtok(u64::MAX / 3);
+        assert_eq!(
+            fits.cost_of(3),
+            Cost::from_nanos((u64::MAX / 3 * 3).div_ceil(1_000_000))
+        );
+        let over = u128::from(u64::MAX / 3) * 4;
+        assert_eq!(
+            fits.cost_of(4),
+            Cost::from_nanos(u64::try_from(over.div_ceil(1_000_000)).unwrap())
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! within the deadlines, and keeping secrets out of messages.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use super::classify::{classify, classify_payload, rate_limits};
 use super::direct::{Direct, DirectError, DirectResponse};
+use super::paths::PathCache;
 use super::settings::{Auth, Deadlines};
 use crate::clock::Clock;
 use crate::context::TokenCounter;
@@ -24,10 +25,6 @@ const MAX_ERROR_BODY_BYTES: usize = 64 << 10;
 /// Retry-After: one second on average, drawn evenly from half to one and a half, so
 /// that callers sharing the key do not all come back at once.
 const DEFAULT_KEY_REST: Duration = Duration::from_secs(1);
-
-/// Parsed request URLs kept per path: the few fixed paths a provider posts to are
-/// parsed once; paths beyond this many (ones carrying ids) are parsed each time.
-const MAX_CACHED_URLS: usize = 8;
 
 /// `application/json`, made once.
 static JSON: HeaderValue = HeaderValue::from_static("application/json");
@@ -125,9 +122,8 @@ pub(crate) struct HttpCore {
     pub(super) clock: Arc<dyn Clock>,
     pub(super) max_retry_after: Duration,
     pub(super) last_rate_limits: Mutex<Option<RateLimits>>,
-    /// `base_url` joined with each path posted to, parsed (at most
-    /// [`MAX_CACHED_URLS`]).
-    pub(super) urls: RwLock<Vec<(Box<str>, reqwest::Url)>>,
+    /// `base_url` joined with each path posted to, parsed.
+    pub(super) urls: PathCache<reqwest::Url>,
 }
 
 impl fmt::Debug for HttpCore {
@@ -183,33 +179,15 @@ impl HttpCore {
     /// `base_url` followed by `path`, parsed once per path (the parse costs more than
     /// the rest of building a request).
     fn url(&self, path: &str) -> std::result::Result<reqwest::Url, ProviderError> {
-        let cached = |urls: &[(Box<str>, reqwest::Url)]| {
-            urls.iter()
-                .find(|(p, _)| **p == *path)
-                .map(|(_, u)| u.clone())
-        };
-        let found = match self.urls.read() {
-            Ok(urls) => cached(&urls),
-            Err(p) => cached(&p.into_inner()),
-        };
-        if let Some(u) = found {
-            return Ok(u);
-        }
-        let joined = format!("{}{}", self.base_url, path);
-        let url = reqwest::Url::parse(&joined).map_err(|e| {
-            self.error(
-                ProviderErrorKind::Connection,
-                format!("sending the request: invalid URL `{joined}`: {e}"),
-            )
-        })?;
-        let mut urls = match self.urls.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        if urls.len() < MAX_CACHED_URLS && cached(&urls).is_none() {
-            urls.push((path.into(), url.clone()));
-        }
-        Ok(url)
+        self.urls.get_or_make(path, |path| {
+            let joined = format!("{}{}", self.base_url, path);
+            reqwest::Url::parse(&joined).map_err(|e| {
+                self.error(
+                    ProviderErrorKind::Connection,
+                    format!("sending the request: invalid URL `{joined}`: {e}"),
+                )
+            })
+        })
     }
 
     /// Posts `body` (JSON) for `model` to `path` and returns the response if its status

@@ -21,7 +21,7 @@
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
@@ -36,9 +36,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// Request URIs kept per path: the few fixed paths a provider posts to are made once;
-/// paths beyond this many (ones carrying ids) are made each time.
-const MAX_CACHED_URIS: usize = 8;
+use super::paths::PathCache;
+
 /// Idle connections kept per provider, at most.
 const MAX_IDLE: usize = 256;
 /// How long an idle connection is kept: 90 s, as reqwest keeps them.
@@ -208,9 +207,8 @@ pub(crate) struct Direct {
     prefix: String,
     connect_timeout: Option<Duration>,
     idle: Idle,
-    /// `prefix` followed by each path sent to, as a request URI (at most
-    /// [`MAX_CACHED_URIS`]).
-    uris: RwLock<Vec<(Box<str>, Uri)>>,
+    /// `prefix` followed by each path sent to, as a request URI.
+    uris: PathCache<Uri>,
 }
 
 impl std::fmt::Debug for Direct {
@@ -257,35 +255,17 @@ impl Direct {
             prefix: url.path().trim_end_matches('/').to_owned(),
             connect_timeout,
             idle: Arc::new(Mutex::new(Vec::new())),
-            uris: RwLock::new(Vec::new()),
+            uris: PathCache::default(),
         })
     }
 
     /// The request URI for `path`: the base URL's path followed by `path`, made once
     /// per path (a request takes a cheap copy).
     fn uri(&self, path: &str) -> Result<Uri, DirectError> {
-        let cached = |uris: &[(Box<str>, Uri)]| {
-            uris.iter()
-                .find(|(p, _)| **p == *path)
-                .map(|(_, u)| u.clone())
-        };
-        let found = match self.uris.read() {
-            Ok(uris) => cached(&uris),
-            Err(p) => cached(&p.into_inner()),
-        };
-        if let Some(u) = found {
-            return Ok(u);
-        }
-        let uri = Uri::try_from(format!("{}{}", self.prefix, path))
-            .map_err(|e| DirectError::Request(format!("invalid path `{path}`: {e}")))?;
-        let mut uris = match self.uris.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        if uris.len() < MAX_CACHED_URIS && cached(&uris).is_none() {
-            uris.push((path.into(), uri.clone()));
-        }
-        Ok(uri)
+        self.uris.get_or_make(path, |path| {
+            Uri::try_from(format!("{}{}", self.prefix, path))
+                .map_err(|e| DirectError::Request(format!("invalid path `{path}`: {e}")))
+        })
     }
 
     /// An idle connection, if one is left that has not expired.

@@ -6,6 +6,7 @@
 mod classify;
 mod client;
 mod direct;
+mod paths;
 mod settings;
 mod stream;
 mod usage;

@@ -1,11 +1,12 @@
 //! The settings both HTTP providers share: deadlines, size limits, keys and the client.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 use super::client::{HttpCore, Transport};
+use super::paths::PathCache;
 use crate::clock::{Clock, TokioClock};
 use crate::context::{TiktokenCounter, TokenCounter};
 use crate::provider::keys::{ApiKey, KeyPool};
@@ -287,7 +288,7 @@ impl HttpSettings {
             clock,
             max_retry_after: self.max_retry_after,
             last_rate_limits: Mutex::new(None),
-            urls: RwLock::new(Vec::new()),
+            urls: PathCache::default(),
         })
     }
 }
