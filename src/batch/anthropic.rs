@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use super::lines::{DEFAULT_MAX_RESULTS_BYTES, Gather, malformed, read_lines};
 use super::openai::valid_path_part;
 use super::{BatchCall, BatchLimits, BatchProvider, BatchResults, BatchState, BatchStatus};
-use super::{ItemResult, valid_custom_id};
+use super::ItemResult;
 use crate::error::{ProviderError, ProviderErrorKind};
 use crate::provider::Anthropic;
 use crate::provider::http::classify_payload;
@@ -168,17 +168,10 @@ impl BatchProvider for AnthropicBatch {
     }
 
     fn encode(&self, call: &BatchCall<'_>) -> Result<Vec<u8>> {
-        if !valid_custom_id(call.custom_id) {
-            return Err(Error::InvalidRequest(format!(
-                "invalid batch custom_id `{}`",
-                call.custom_id
-            )));
-        }
-        let params = self.provider.body(&call.provider_call(), false)?;
-        let params: Value = serde_json::from_slice(&params)
-            .map_err(|e| Error::InvalidRequest(format!("the request cannot be encoded: {e}")))?;
-        serde_json::to_vec(&json!({ "custom_id": call.custom_id, "params": params }))
-            .map_err(|e| Error::InvalidRequest(format!("the request cannot be encoded: {e}")))
+        call.encode_with(
+            |c| self.provider.body(c, false),
+            |id, params| json!({ "custom_id": id, "params": params }),
+        )
     }
 
     async fn submit(&self, calls: &[BatchCall<'_>]) -> Result<String> {

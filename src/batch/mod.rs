@@ -89,6 +89,28 @@ impl<'a> BatchCall<'a> {
     pub(crate) fn provider_call(&self) -> crate::provider::ProviderCall<'a> {
         crate::provider::ProviderCall::new(self.request, self.model)
     }
+
+    /// One line of a batch file: the provider's request body for this call (from
+    /// `body`, as the provider writes it for a single call) placed by `line`, after the
+    /// custom id is checked.
+    pub(crate) fn encode_with(
+        &self,
+        body: impl FnOnce(&crate::provider::ProviderCall<'a>) -> Result<Vec<u8>>,
+        line: impl FnOnce(&str, serde_json::Value) -> serde_json::Value,
+    ) -> Result<Vec<u8>> {
+        if !valid_custom_id(self.custom_id) {
+            return Err(Error::InvalidRequest(format!(
+                "invalid batch custom_id `{}`",
+                self.custom_id
+            )));
+        }
+        let unencodable = |e: serde_json::Error| {
+            Error::InvalidRequest(format!("the request cannot be encoded: {e}"))
+        };
+        let body = body(&self.provider_call())?;
+        let body = serde_json::from_slice(&body).map_err(unencodable)?;
+        serde_json::to_vec(&line(self.custom_id, body)).map_err(unencodable)
+    }
 }
 
 /// Whether `id` is a valid [`BatchCall::custom_id`].

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::lines::{DEFAULT_MAX_RESULTS_BYTES, Gather, malformed, read_lines};
 use super::{BatchCall, BatchLimits, BatchProvider, BatchResults, BatchState, BatchStatus};
-use super::{ItemResult, valid_custom_id};
+use super::ItemResult;
 use crate::error::{ProviderError, ProviderErrorKind};
 use crate::provider::OpenAiCompatible;
 use crate::provider::http::classify_payload;
@@ -240,22 +240,17 @@ impl BatchProvider for OpenAiBatch {
     }
 
     fn encode(&self, call: &BatchCall<'_>) -> Result<Vec<u8>> {
-        if !valid_custom_id(call.custom_id) {
-            return Err(Error::InvalidRequest(format!(
-                "invalid batch custom_id `{}`",
-                call.custom_id
-            )));
-        }
-        let body = self.provider.body(&call.provider_call(), false)?;
-        let body: Value = serde_json::from_slice(&body)
-            .map_err(|e| Error::InvalidRequest(format!("the request cannot be encoded: {e}")))?;
-        serde_json::to_vec(&json!({
-            "custom_id": call.custom_id,
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": body,
-        }))
-        .map_err(|e| Error::InvalidRequest(format!("the request cannot be encoded: {e}")))
+        call.encode_with(
+            |c| self.provider.body(c, false),
+            |id, body| {
+                json!({
+                    "custom_id": id,
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": body,
+                })
+            },
+        )
     }
 
     async fn submit(&self, calls: &[BatchCall<'_>]) -> Result<String> {
@@ -387,6 +382,7 @@ fn with_usage(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batch::valid_custom_id;
 
     #[test]
     fn the_multipart_boundary_never_occurs_in_the_file() {

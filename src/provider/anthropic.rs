@@ -836,22 +836,8 @@ mod tests {
     }
 
     fn fuzz(cases: u32) {
-        use proptest::test_runner::{Config, RngAlgorithm, TestRunner};
         let p = Anthropic::builder().api_key("k").build().unwrap();
-        let strategy = (
-            crate::provider::http::arbitrary::body(),
-            crate::provider::http::arbitrary::stream(),
-        );
-        let config = Config {
-            rng_algorithm: RngAlgorithm::XorShift,
-            ..Config::with_cases(cases)
-        };
-        TestRunner::new(config)
-            .run(&strategy, |(body, stream)| {
-                feed(&p, &body, &stream);
-                Ok(())
-            })
-            .unwrap();
+        crate::provider::http::arbitrary::run(cases, |body, stream| feed(&p, body, stream));
     }
 
     #[test]

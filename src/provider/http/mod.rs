@@ -136,6 +136,23 @@ pub(crate) mod arbitrary {
         })
     }
 
+    /// Runs `feed` on `cases` (body, stream) pairs from [`body`] and [`stream`], the
+    /// same pairs on every run (a fixed seed), failing the test if `feed` panics.
+    pub(crate) fn run(cases: u32, feed: impl Fn(&[u8], &[u8])) {
+        use proptest::test_runner::{Config, RngAlgorithm, TestRunner};
+        let config = Config {
+            rng_algorithm: RngAlgorithm::XorShift,
+            ..Config::with_cases(cases)
+        };
+        let outcome = TestRunner::new(config).run(&(body(), stream()), |(body, stream)| {
+            feed(&body, &stream);
+            Ok(())
+        });
+        if let Err(e) = outcome {
+            panic!("{e}");
+        }
+    }
+
     /// Bytes: arbitrary, or JSON (whole, or cut short, or with a byte changed).
     pub(crate) fn body() -> impl Strategy<Value = Vec<u8>> {
         prop_oneof![
