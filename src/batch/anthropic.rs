@@ -6,10 +6,10 @@ use reqwest::Method;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::ItemResult;
 use super::lines::{DEFAULT_MAX_RESULTS_BYTES, Gather, malformed, read_lines};
 use super::openai::valid_path_part;
 use super::{BatchCall, BatchLimits, BatchProvider, BatchResults, BatchState, BatchStatus};
-use super::ItemResult;
 use crate::error::{ProviderError, ProviderErrorKind};
 use crate::provider::Anthropic;
 use crate::provider::http::classify_payload;

@@ -587,9 +587,15 @@ impl Inner {
             let has_next = i + 1 < tier.len();
             let outcome = match self.hedge.filter(|_| has_next) {
                 Some(h) => {
-                    let r = self
-                        .hedged(call, (&tier[i], &tier[i + 1]), i + 2 < tier.len(), h)
-                        .await;
+                    // boxed: two attempts side by side inside it made every whole
+                    // answer's future a third larger (8.3 KB, now 6.2 KB), hedged or not
+                    let r = Box::pin(self.hedged(
+                        call,
+                        (&tier[i], &tier[i + 1]),
+                        i + 2 < tier.len(),
+                        h,
+                    ))
+                    .await;
                     let at = i;
                     i += 1; // both were tried
                     r.map(|(a, second, extra)| (a, at + usize::from(second), extra))
