@@ -25,11 +25,14 @@
 //! switched on only for the sequential phases.
 //!
 //! `cargo run --release --example overhead -- profile miss` (or `hit`) runs only
-//! 20,000 sequential misses (or hits) through the pipeline, untimed, after the misses
-//! that fill both caches, for a profiler:
+//! 20,000 sequential misses (or hits; a third argument sets how many, up to 500,000)
+//! through the pipeline, untimed, after the misses that fill both caches, for a
+//! profiler:
 //! `valgrind --tool=callgrind --collect-atstart=no --toggle-collect='*Profiled*'
 //! target/release/examples/overhead profile miss` counts just those calls, and
-//! `callgrind_annotate` gives the instructions per call by function.
+//! `callgrind_annotate` gives the instructions per call by function; for time rather
+//! than instructions, `perf record -D 1000 target/release/examples/overhead profile hit
+//! 500000` samples the calls (the delay skips most of the warm-up).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
@@ -170,22 +173,37 @@ fn main() -> tokenwise::Result<()> {
         .map_err(|e| tokenwise::Error::Config(e.to_string()))?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("profile") => rt.block_on(profile(args.get(1).map(String::as_str))),
+        Some("profile") => rt.block_on(profile(
+            args.get(1).map(String::as_str),
+            args.get(2).map(String::as_str),
+        )),
         _ => rt.block_on(run()),
     }
 }
 
-/// 20,000 sequential misses (`miss`) or hits (`hit`), untimed, with the heap
-/// allocations per call: for a profiler.
-async fn profile(mode: Option<&str>) -> tokenwise::Result<()> {
-    const N: usize = 20_000;
+/// The most calls `profile` makes: its hits all come from one user, whose rate limit in
+/// this pipeline is a million a minute.
+const MAX_PROFILED: usize = 500_000;
+
+/// `n` (default 20,000) sequential misses (`miss`) or hits (`hit`), untimed, with the
+/// heap allocations per call: for a profiler.
+async fn profile(mode: Option<&str>, n: Option<&str>) -> tokenwise::Result<()> {
+    let n = match n.map(str::parse::<usize>) {
+        None => 20_000,
+        Some(Ok(n)) if (1..=MAX_PROFILED).contains(&n) => n,
+        Some(_) => {
+            return Err(tokenwise::Error::Config(format!(
+                "usage: overhead profile miss|hit [calls, 1 to {MAX_PROFILED}]"
+            )));
+        }
+    };
     let pipe = pipeline()?;
     let hits = match mode {
         Some("miss") => false,
         Some("hit") => true,
         _ => {
             return Err(tokenwise::Error::Config(
-                "usage: overhead profile miss|hit".into(),
+                "usage: overhead profile miss|hit [calls]".into(),
             ));
         }
     };
@@ -196,11 +214,11 @@ async fn profile(mode: Option<&str>) -> tokenwise::Result<()> {
     pipe.chat(hot.clone()).await?;
     let a0 = allocs_counted();
     COUNTING.store(true, Ordering::Relaxed);
-    Profiled(Box::pin(profiled_calls(&pipe, &hot, hits, N))).await?;
+    Profiled(Box::pin(profiled_calls(&pipe, &hot, hits, n))).await?;
     COUNTING.store(false, Ordering::Relaxed);
-    let per_call = (allocs_counted() - a0) as f64 / N as f64;
+    let per_call = (allocs_counted() - a0) as f64 / n as f64;
     println!(
-        "{N} {} through the pipeline, {per_call:.1} heap allocations per call (the request built inside the loop included)",
+        "{n} {} through the pipeline, {per_call:.1} heap allocations per call (the request built inside the loop included)",
         if hits { "hits" } else { "misses" }
     );
     Ok(())
