@@ -1,6 +1,6 @@
 //! The in-memory usage report.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Mutex, MutexGuard};
 
@@ -197,7 +197,100 @@ impl Tallies {
 #[derive(Debug, Default)]
 struct MemoryState {
     tallies: Tallies,
-    recent: VecDeque<UsageRecord>,
+    recent: Recent,
+}
+
+/// The most recent records, a ring: once full, the oldest record's slot is written
+/// over in place, its strings' buffers reused (see [`overwrite`]), so keeping a record
+/// neither allocates nor frees memory last touched a thousand requests ago.
+#[derive(Debug, Default)]
+struct Recent {
+    slots: Vec<UsageRecord>,
+    /// The oldest slot, once the ring is full.
+    oldest: usize,
+}
+
+impl Recent {
+    /// Keeps `r`, dropping the oldest record when `cap` are kept.
+    fn keep(&mut self, cap: usize, r: &UsageRecord) {
+        if cap == 0 {
+            return;
+        }
+        if self.slots.len() < cap {
+            self.slots.push(r.clone());
+            return;
+        }
+        // (a smaller `cap` than before is not possible: it is fixed at construction)
+        if let Some(slot) = self.slots.get_mut(self.oldest) {
+            overwrite(slot, r);
+        }
+        self.oldest = (self.oldest + 1) % self.slots.len();
+    }
+
+    /// The records, oldest first.
+    fn to_vec(&self) -> Vec<UsageRecord> {
+        let (newer, older) = self.slots.split_at(self.oldest.min(self.slots.len()));
+        older.iter().chain(newer).cloned().collect()
+    }
+}
+
+/// Makes `slot` equal to `r`, reusing the buffers of `slot`'s strings.
+fn overwrite(slot: &mut UsageRecord, r: &UsageRecord) {
+    // Every field, named: a field added to `UsageRecord` fails to compile here until
+    // it is copied too.
+    let UsageRecord {
+        started_at,
+        latency,
+        time_to_first_token,
+        user,
+        org,
+        feature,
+        model,
+        provider,
+        route,
+        usage,
+        cost,
+        saved,
+        prompt_cache_saved,
+        prompt_cache_write_premium,
+        attempts,
+        fallbacks,
+        escalated,
+        similarity,
+        guard_rejections,
+        degrade_mode,
+        refusal_scope,
+        finish_reason,
+        stream,
+        outcome,
+    } = r;
+    slot.started_at = *started_at;
+    slot.latency = *latency;
+    slot.time_to_first_token = *time_to_first_token;
+    slot.user.clone_from(user);
+    slot.org.clone_from(org);
+    slot.feature.clone_from(feature);
+    slot.model.clone_from(model);
+    slot.provider.clone_from(provider);
+    slot.route.clone_from(route);
+    slot.usage = *usage;
+    slot.cost = *cost;
+    slot.saved = *saved;
+    slot.prompt_cache_saved = *prompt_cache_saved;
+    slot.prompt_cache_write_premium = *prompt_cache_write_premium;
+    slot.attempts = *attempts;
+    slot.fallbacks = *fallbacks;
+    slot.escalated = *escalated;
+    slot.similarity = *similarity;
+    slot.guard_rejections = *guard_rejections;
+    slot.degrade_mode.clone_from(degrade_mode);
+    slot.refusal_scope = *refusal_scope;
+    slot.finish_reason.clone_from(finish_reason);
+    slot.stream = *stream;
+    match (&mut slot.outcome, outcome) {
+        (Outcome::Error(to), Outcome::Error(from)) => to.clone_from(from),
+        (to, from) => *to = from.clone(),
+    }
 }
 
 /// An in-memory sink: totals by model, user, organisation and feature, errors by
@@ -256,7 +349,7 @@ impl MemoryUsage {
 
     /// The most recent records, oldest first.
     pub fn recent(&self) -> Vec<UsageRecord> {
-        self.lock().recent.iter().cloned().collect()
+        self.lock().recent.to_vec()
     }
 }
 
@@ -271,12 +364,19 @@ fn bucket<T: Default>(map: &mut Breakdown<T>, key: &str, max: usize, add: impl F
 }
 
 impl MemoryUsage {
-    /// Records `r`, keeping it (not a copy) among the recent records: what the
-    /// pipeline calls, since it owns each record once it is finished.
+    /// Records `r`, which it takes: what the pipeline calls, since it owns each record
+    /// once it is finished. Until the ring of recent records is full, `r` itself is
+    /// kept; after, its contents are copied into the oldest record's slot and `r` is
+    /// dropped here, its memory still warm.
     pub fn record_owned(&self, r: UsageRecord) {
         let mut st = self.lock();
         self.add(&mut st, &r);
-        self.keep(&mut st, r);
+        if st.recent.slots.len() < self.recent {
+            st.recent.slots.push(r);
+        } else {
+            st.recent.keep(self.recent, &r);
+            drop(st);
+        }
     }
 
     fn add(&self, st: &mut MemoryState, r: &UsageRecord) {
@@ -295,24 +395,13 @@ impl MemoryUsage {
             bucket(&mut rep.errors_by_reason, reason, max, |n| *n += 1);
         }
     }
-
-    fn keep(&self, st: &mut MemoryState, r: UsageRecord) {
-        if self.recent > 0 {
-            if st.recent.len() >= self.recent {
-                st.recent.pop_front();
-            }
-            st.recent.push_back(r);
-        }
-    }
 }
 
 impl UsageSink for MemoryUsage {
     fn record(&self, r: &UsageRecord) {
         let mut st = self.lock();
         self.add(&mut st, r);
-        if self.recent > 0 {
-            self.keep(&mut st, r.clone());
-        }
+        st.recent.keep(self.recent, r);
     }
 }
 
@@ -352,6 +441,52 @@ mod tests {
         let text = rep.to_string();
         assert!(text.starts_with("5 requests, 0 cache hits"), "{text}");
         assert!(text.contains("by org"), "{text}");
+    }
+
+    #[test]
+    fn the_ring_keeps_the_last_records_whole_in_order() {
+        // Records that differ in every field that owns memory, so that an overwritten
+        // slot keeps nothing of its earlier record.
+        let record = |i: u32| {
+            let meta = RequestMeta {
+                user: (i % 3 != 0).then(|| format!("user-{i}-{}", "x".repeat(i as usize % 7))),
+                org: (i % 2 == 0).then(|| format!("org{i}")),
+                feature: (i % 5 != 0).then(|| "f".repeat(1 + i as usize % 40)),
+                ..Default::default()
+            };
+            let mut r = UsageRecord::new(Timestamp::from_secs(u64::from(i)), &meta, i % 2 == 1);
+            r.model = (i % 4 != 0).then(|| format!("model-{i}"));
+            r.provider = (i % 3 != 1).then(|| "p".repeat(i as usize % 11));
+            r.route = (0..i % 4).map(|k| format!("m{k}-{i}")).collect();
+            r.degrade_mode = (i % 6 == 0).then(|| "cheaper".to_owned());
+            r.finish_reason = (i % 2 == 0).then(|| ["stop", "length"][i as usize % 2].to_owned());
+            r.outcome = match i % 3 {
+                0 => Outcome::Provider,
+                1 => Outcome::CacheHit,
+                _ => Outcome::Error(format!("reason-{i}")),
+            };
+            r.cost = Cost::from_nanos(u64::from(i));
+            r.attempts = i;
+            r.similarity = (i % 2 == 1).then_some(i as f32 / 100.0);
+            r
+        };
+        for cap in [1usize, 2, 7] {
+            let owned = MemoryUsage::new(10, cap);
+            let borrowed = MemoryUsage::new(10, cap);
+            for i in 0..40u32 {
+                owned.record_owned(record(i));
+                borrowed.record(&record(i));
+                let from = (i as usize + 1).saturating_sub(cap) as u32;
+                let want: Vec<UsageRecord> = (from..=i).map(record).collect();
+                assert_eq!(owned.recent(), want, "cap {cap}, after {i}");
+                assert_eq!(borrowed.recent(), want, "cap {cap}, after {i}");
+            }
+        }
+        assert!(MemoryUsage::new(10, 0).recent().is_empty());
+        let none = MemoryUsage::new(10, 0);
+        none.record_owned(record(1));
+        assert!(none.recent().is_empty());
+        assert_eq!(none.report().totals.requests, 1);
     }
 
     #[test]

@@ -164,14 +164,13 @@ impl Pipeline {
     }
 
     /// Asks for a whole answer.
-    pub async fn chat(&self, req: ChatRequest) -> Result<ChatResponse> {
+    pub async fn chat(&self, mut req: ChatRequest) -> Result<ChatResponse> {
         if self.defers(&req) {
             return self.chat_deferred(req).await; // may wait for a provider batch
         }
         let span = observe::request_span(&req, false);
         let inner = &self.inner;
         async move {
-            let mut req = req;
             let _in_flight = observe::InFlight::start();
             // Written even if the caller drops this future half way (see `Recording`),
             // attributed to the request's user, organisation and feature when written:
