@@ -449,17 +449,20 @@ mod tests {
         // slot keeps nothing of its earlier record.
         let record = |i: u32| {
             let meta = RequestMeta {
-                user: (i % 3 != 0).then(|| format!("user-{i}-{}", "x".repeat(i as usize % 7))),
-                org: (i % 2 == 0).then(|| format!("org{i}")),
-                feature: (i % 5 != 0).then(|| "f".repeat(1 + i as usize % 40)),
+                user: (!i.is_multiple_of(3))
+                    .then(|| format!("user-{i}-{}", "x".repeat(i as usize % 7))),
+                org: i.is_multiple_of(2).then(|| format!("org{i}")),
+                feature: (!i.is_multiple_of(5)).then(|| "f".repeat(1 + i as usize % 40)),
                 ..Default::default()
             };
             let mut r = UsageRecord::new(Timestamp::from_secs(u64::from(i)), &meta, i % 2 == 1);
-            r.model = (i % 4 != 0).then(|| format!("model-{i}"));
+            r.model = (!i.is_multiple_of(4)).then(|| format!("model-{i}"));
             r.provider = (i % 3 != 1).then(|| "p".repeat(i as usize % 11));
             r.route = (0..i % 4).map(|k| format!("m{k}-{i}")).collect();
-            r.degrade_mode = (i % 6 == 0).then(|| "cheaper".to_owned());
-            r.finish_reason = (i % 2 == 0).then(|| ["stop", "length"][i as usize % 2].to_owned());
+            r.degrade_mode = i.is_multiple_of(6).then(|| "cheaper".to_owned());
+            r.finish_reason = i
+                .is_multiple_of(2)
+                .then(|| ["stop", "length"][i as usize / 2 % 2].to_owned());
             r.outcome = match i % 3 {
                 0 => Outcome::Provider,
                 1 => Outcome::CacheHit,
