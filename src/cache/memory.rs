@@ -27,6 +27,39 @@ struct Entry {
     tags: Vec<String>,
 }
 
+impl Entry {
+    /// Makes this entry `response`'s, stored for `query` until `expires_at`, reusing
+    /// the buffers of its strings.
+    fn refill(&mut self, query: &CacheQuery, response: &ChatResponse, expires_at: Timestamp) {
+        // Every field, named: a field added to `ChatResponse` fails to compile here
+        // until it is copied too.
+        let ChatResponse {
+            content,
+            tool_calls,
+            model,
+            provider,
+            usage,
+            finish_reason,
+            cost,
+            served,
+            guard_rejected,
+        } = response;
+        let r = &mut self.response;
+        r.content.clone_from(content);
+        r.tool_calls.clone_from(tool_calls);
+        r.model.clone_from(model);
+        r.provider.clone_from(provider);
+        r.usage = *usage;
+        r.finish_reason.clone_from(finish_reason);
+        r.cost = *cost;
+        r.served.clone_from(served);
+        r.guard_rejected.clone_from(guard_rejected);
+        self.expires_at = expires_at;
+        self.namespace.clone_from(&query.namespace);
+        self.tags.clone_from(&query.tags);
+    }
+}
+
 /// Builds an [`ExactCache`].
 #[derive(Debug, Clone)]
 #[must_use]
@@ -222,11 +255,29 @@ impl ExactCache {
         if ttl.is_zero() || !super::is_cacheable(response) {
             return;
         }
-        let entry = Entry {
-            response: response.clone(),
-            expires_at: self.clock.now().saturating_add(ttl),
-            namespace: query.namespace.clone(),
-            tags: query.tags.clone(),
+        let expires_at = self.clock.now().saturating_add(ttl);
+        // The entry this one will evict, taken out first so that its memory (last
+        // touched long ago) is written over rather than freed, and the new answer
+        // copied outside the lock.
+        let spare = {
+            let mut map = self.lock(&query.key);
+            if map.len() >= map.cap().get() && !map.contains(&query.key) {
+                map.pop_lru().map(|(_, e)| e)
+            } else {
+                None
+            }
+        };
+        let entry = match spare {
+            Some(mut e) => {
+                e.refill(query, response, expires_at);
+                e
+            }
+            None => Entry {
+                response: response.clone(),
+                expires_at,
+                namespace: query.namespace.clone(),
+                tags: query.tags.clone(),
+            },
         };
         let evicted = self.lock(&query.key).push(query.key, entry);
         drop(evicted); // outside the lock
@@ -399,6 +450,69 @@ mod tests {
         assert_eq!(cache.len(), 2);
         assert!(cache.get_now(&query("b")).is_none());
         assert!(cache.get_now(&query("a")).is_some());
+    }
+
+    #[test]
+    fn an_evicted_entrys_slot_holds_the_new_answer_whole() {
+        // Each answer differs from the one whose slot it takes in every field that owns
+        // memory (longer and shorter texts, tool calls or none, other namespaces and
+        // tags), so a field copied badly or kept from the old answer shows.
+        let answer = |i: usize| {
+            let calls = (0..i % 3)
+                .map(|k| crate::types::ToolCall {
+                    id: format!("call-{i}-{k}"),
+                    name: "n".repeat(1 + (i + k) % 9),
+                    arguments: format!("{{\"i\":{i}}}"),
+                })
+                .collect();
+            let mut r = ChatResponse::new(
+                "answer ".repeat(1 + i % 13),
+                format!("model-{}", "m".repeat(i % 5)),
+                "p".repeat(1 + i % 4),
+                Usage::new(i as u64, 2 * i as u64),
+                if i.is_multiple_of(3) {
+                    FinishReason::ToolCalls
+                } else {
+                    FinishReason::Stop
+                },
+            )
+            .with_tool_calls(calls);
+            r.cost = crate::Cost::from_nanos(i as u64);
+            r
+        };
+        let asked = |i: usize| {
+            let mut req = ChatRequest::user_text(format!("question {i}"))
+                .cache_namespace(format!("ns{}", i % 4));
+            for t in 0..i % 3 {
+                req = req.cache_tag(format!("tag{t}-{}", i % 5));
+            }
+            CacheQuery::for_request(&req, CacheScope::Global).unwrap()
+        };
+        let cache = ExactCache::builder().max_entries(3).build().unwrap();
+        for i in 0..30 {
+            cache.put_now(&asked(i), &answer(i));
+            assert!(cache.len() <= 3);
+            for j in i.saturating_sub(2)..=i {
+                let got = cache.get_now(&asked(j)).expect("one of the last three");
+                assert_eq!(got.response, answer(j), "answer {j} after {i}");
+            }
+            if i >= 3 {
+                assert!(cache.get_now(&asked(i - 3)).is_none());
+            }
+        }
+        // namespaces and tags are the new answers': invalidation finds them
+        assert_eq!(
+            cache.invalidate_now(&Invalidation::Namespace("ns1".into())),
+            1 // 29 (27 and 28 are in ns3 and ns0)
+        );
+        assert!(cache.get_now(&asked(29)).is_none());
+        assert_eq!(cache.invalidate_now(&Invalidation::Tag("tag0-4".into())), 0); // 29's, gone
+        assert_eq!(cache.invalidate_now(&Invalidation::Tag("tag0-3".into())), 1); // 28
+        assert_eq!(
+            cache.invalidate_now(&Invalidation::Namespace("ns3".into())),
+            1
+        ); // 27
+        assert_eq!(cache.len(), 0);
     }
 
     #[test]
