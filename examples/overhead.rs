@@ -26,8 +26,8 @@
 //!
 //! `cargo run --release --example overhead -- profile miss` (or `hit`) runs only
 //! 20,000 sequential misses (or hits; a third argument sets how many, up to 500,000)
-//! through the pipeline, untimed, after the misses that fill both caches, for a
-//! profiler:
+//! through the pipeline after the misses that fill both caches, and prints their mean
+//! time per call (for comparing two builds, run alternately), for a profiler:
 //! `valgrind --tool=callgrind --collect-atstart=no --toggle-collect='*Profiled*'
 //! target/release/examples/overhead profile miss` counts just those calls, and
 //! `callgrind_annotate` gives the instructions per call by function; for time rather
@@ -185,8 +185,9 @@ fn main() -> tokenwise::Result<()> {
 /// this pipeline is a million a minute.
 const MAX_PROFILED: usize = 500_000;
 
-/// `n` (default 20,000) sequential misses (`miss`) or hits (`hit`), untimed, with the
-/// heap allocations per call: for a profiler.
+/// `n` (default 20,000) sequential misses (`miss`) or hits (`hit`), with the heap
+/// allocations and the mean time per call: for a profiler, or to compare two builds
+/// (the mean of many calls in a row, run alternately).
 async fn profile(mode: Option<&str>, n: Option<&str>) -> tokenwise::Result<()> {
     let n = match n.map(str::parse::<usize>) {
         None => 20_000,
@@ -214,12 +215,15 @@ async fn profile(mode: Option<&str>, n: Option<&str>) -> tokenwise::Result<()> {
     pipe.chat(hot.clone()).await?;
     let a0 = allocs_counted();
     COUNTING.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
     Profiled(Box::pin(profiled_calls(&pipe, &hot, hits, n))).await?;
+    let took = t0.elapsed();
     COUNTING.store(false, Ordering::Relaxed);
     let per_call = (allocs_counted() - a0) as f64 / n as f64;
     println!(
-        "{n} {} through the pipeline, {per_call:.1} heap allocations per call (the request built inside the loop included)",
-        if hits { "hits" } else { "misses" }
+        "{n} {} through the pipeline, {per_call:.1} heap allocations per call (the request built inside the loop included), {:.0} ns per call (the loop's own work and the allocation counter included)",
+        if hits { "hits" } else { "misses" },
+        took.as_nanos() as f64 / n as f64
     );
     Ok(())
 }

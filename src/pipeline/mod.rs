@@ -175,19 +175,23 @@ impl Pipeline {
             // Written even if the caller drops this future half way (see `Recording`),
             // attributed to the request's user, organisation and feature when written:
             // moved from the request here, copied only by a dropped call.
+            // The record stays in this future's state (written in place, never moved).
+            let mut slot = Some(UsageRecord::unattributed(inner.clock.now(), false));
             let mut recording = Recording {
                 inner,
-                rec: Some(UsageRecord::unattributed(inner.clock.now(), false)),
+                rec: &mut slot,
                 meta: &req.meta,
+                armed: true,
             };
             let result = match recording.rec.as_mut() {
                 Some(rec) => self.funnel(&req, rec).await,
                 None => Err(Error::InvalidRequest("no usage record".into())),
             };
-            let Some(mut rec) = recording.rec.take() else {
+            recording.armed = false;
+            drop(recording);
+            let Some(rec) = slot.as_mut() else {
                 return result;
             };
-            drop(recording);
             rec.attribute_from(&mut req.meta);
             match &result {
                 Ok(r) => {
@@ -196,7 +200,7 @@ impl Pipeline {
                 }
                 Err(e) => rec.set_error(e),
             }
-            inner.record(rec, &tracing::Span::current(), None);
+            inner.record_in_place(rec, &tracing::Span::current(), None);
             result
         }
         .instrument(span)

@@ -30,14 +30,20 @@ pub(crate) fn run_detached(
 /// error with what the call was charged (the prompt, once it was sent).
 pub(super) struct Recording<'a> {
     pub(super) inner: &'a Inner,
-    /// The record, not yet attributed (see [`UsageRecord::unattributed`]).
-    pub(super) rec: Option<UsageRecord>,
+    /// The record, not yet attributed (see [`UsageRecord::unattributed`]): it stays
+    /// where `chat` keeps it, which writes it in place when the funnel returns.
+    pub(super) rec: &'a mut Option<UsageRecord>,
     /// The request's identity, which a record written here is attributed to.
     pub(super) meta: &'a RequestMeta,
+    /// Whether the call is still under way (a drop now is the caller's).
+    pub(super) armed: bool,
 }
 
 impl Drop for Recording<'_> {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         if let Some(mut rec) = self.rec.take() {
             rec.user.clone_from(&self.meta.user);
             rec.org.clone_from(&self.meta.org);
@@ -127,6 +133,25 @@ impl Inner {
 
     /// Writes the usage record: its latency, the span, the sink and the in-memory report.
     pub(super) fn record(&self, mut rec: UsageRecord, span: &tracing::Span, finish: Option<&str>) {
+        self.complete(&mut rec, span, finish);
+        self.usage.record_owned(rec);
+    }
+
+    /// [`record`](Self::record) for a record its caller keeps (in place, not moved
+    /// about: the in-memory report copies what it keeps).
+    pub(super) fn record_in_place(
+        &self,
+        rec: &mut UsageRecord,
+        span: &tracing::Span,
+        finish: Option<&str>,
+    ) {
+        self.complete(rec, span, finish);
+        crate::observe::UsageSink::record(&*self.usage, rec);
+    }
+
+    /// Completes a record (latency, prompt-cache savings, span, metrics) and gives it
+    /// to the caller's sink, if any.
+    fn complete(&self, rec: &mut UsageRecord, span: &tracing::Span, finish: Option<&str>) {
         rec.latency = self.clock.now().saturating_since(rec.started_at);
         // what the provider's prompt cache saved (nothing, with no tokens through it)
         let cached = rec.usage.cached_input_tokens > 0 || rec.usage.cache_write_tokens > 0;
@@ -138,11 +163,10 @@ impl Inner {
         {
             rec.price_prompt_cache(&m.pricing);
         }
-        observe::finish(span, &mut rec, finish);
+        observe::finish(span, rec, finish);
         if let Some(s) = &self.sink {
-            s.record(&rec);
+            s.record(rec);
         }
-        self.usage.record_owned(rec);
     }
 
     /// Records an answer served to a stream from the cache, a stale entry or a
