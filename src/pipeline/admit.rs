@@ -2,7 +2,6 @@
 //! scope of the request at once. What it grants is an [`Admitted`], which gives its
 //! token charge back however the request ends.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::{Inner, Plan, run_detached};
@@ -26,9 +25,32 @@ pub(super) struct Admitted<'m> {
     _slot: Option<Slot>,
     charged: u64,
     /// The request's identity, kept only while there is a charge to reconcile.
-    meta: Option<Cow<'m, RequestMeta>>,
+    meta: Option<Identity<'m>>,
     /// What the request has used if it is abandoned now.
     on_drop: u64,
+}
+
+/// A request's identity, borrowed or owned on the heap: a pointer either way, so that
+/// an admission moves cheaply.
+enum Identity<'m> {
+    Borrowed(&'m RequestMeta),
+    Owned(Box<RequestMeta>),
+}
+
+impl Identity<'_> {
+    fn get(&self) -> &RequestMeta {
+        match self {
+            Identity::Borrowed(m) => m,
+            Identity::Owned(m) => m,
+        }
+    }
+
+    fn into_owned(self) -> Box<RequestMeta> {
+        match self {
+            Identity::Borrowed(m) => Box::new(m.clone()),
+            Identity::Owned(m) => m,
+        }
+    }
 }
 
 impl std::fmt::Debug for Admitted<'_> {
@@ -48,7 +70,7 @@ impl<'m> Admitted<'m> {
             inner: Arc::clone(inner),
             _slot: None,
             charged,
-            meta: (charged > 0).then_some(Cow::Borrowed(meta)),
+            meta: (charged > 0).then_some(Identity::Borrowed(meta)),
             on_drop: 0,
         }
     }
@@ -59,7 +81,7 @@ impl<'m> Admitted<'m> {
             inner: Arc::clone(&self.inner),
             _slot: self._slot.take(),
             charged: self.charged,
-            meta: self.meta.take().map(|m| Cow::Owned(m.into_owned())),
+            meta: self.meta.take().map(|m| Identity::Owned(m.into_owned())),
             on_drop: self.on_drop,
         }
     }
@@ -81,13 +103,15 @@ impl<'m> Admitted<'m> {
     pub(super) async fn settle(&mut self, actual: u64) {
         let Some(meta) = self.meta.take() else { return };
         let charged = std::mem::take(&mut self.charged);
-        self.inner.reconcile_tokens(&meta, charged, actual).await;
+        self.inner
+            .reconcile_tokens(meta.get(), charged, actual)
+            .await;
     }
 }
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
-        let Some(meta) = self.meta.take().map(Cow::into_owned) else {
+        let Some(meta) = self.meta.take().map(Identity::into_owned) else {
             return;
         };
         let (inner, charged, used) = (Arc::clone(&self.inner), self.charged, self.on_drop);
@@ -130,7 +154,7 @@ impl Inner {
             inner: Arc::clone(self),
             _slot: slot,
             charged,
-            meta: (charged > 0).then_some(Cow::Borrowed(meta)),
+            meta: (charged > 0).then_some(Identity::Borrowed(meta)),
             on_drop: 0,
         })
     }
