@@ -170,6 +170,8 @@ impl Pipeline {
         }
         let span = observe::request_span(&req, false);
         let inner = &self.inner;
+        // borrowed by the instrumented block, not moved into it (a copy saved)
+        let req = &mut req;
         async move {
             let _in_flight = observe::InFlight::start();
             // Written even if the caller drops this future half way (see `Recording`),
@@ -184,7 +186,7 @@ impl Pipeline {
                 armed: true,
             };
             let result = match recording.rec.as_mut() {
-                Some(rec) => self.funnel(&req, rec).await,
+                Some(rec) => self.funnel(req, rec).await,
                 None => Err(Error::InvalidRequest("no usage record".into())),
             };
             recording.armed = false;
