@@ -258,7 +258,10 @@ impl ExactCache {
         let expires_at = self.clock.now().saturating_add(ttl);
         // The entry this one will evict, taken out first so that its memory (last
         // touched long ago) is written over rather than freed, and the new answer
-        // copied outside the lock.
+        // copied outside the lock. Between the two locks, a concurrent store into the
+        // same full shard may take out an entry of its own: the shard is then one
+        // under its capacity until the next store (never over it: `push` evicts by
+        // itself when full), and an entry is evicted early, as LRU order allows.
         let spare = {
             let mut map = self.lock(&query.key);
             if map.len() >= map.cap().get() && !map.contains(&query.key) {

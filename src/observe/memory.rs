@@ -201,8 +201,10 @@ struct MemoryState {
 }
 
 /// The most recent records, a ring: once full, the oldest record's slot is written
-/// over in place, its strings' buffers reused (see [`overwrite`]), so keeping a record
-/// neither allocates nor frees memory last touched a thousand requests ago.
+/// over in place, its strings' buffers reused where they are long enough (see
+/// [`overwrite`]), so keeping a record mostly writes over old memory rather than
+/// freeing it and allocating anew. (A string the new record lacks is still freed, and
+/// a longer one reallocated; while the ring fills, a borrowed record is cloned.)
 #[derive(Debug, Default)]
 struct Recent {
     slots: Vec<UsageRecord>,
@@ -364,10 +366,11 @@ fn bucket<T: Default>(map: &mut Breakdown<T>, key: &str, max: usize, add: impl F
 }
 
 impl MemoryUsage {
-    /// Records `r`, which it takes: what the pipeline calls, since it owns each record
-    /// once it is finished. Until the ring of recent records is full, `r` itself is
-    /// kept; after, its contents are copied into the oldest record's slot and `r` is
-    /// dropped here, its memory still warm.
+    /// Records `r`, which it takes (the pipeline's streams, batches and cancelled calls
+    /// hand their records over this way; a whole answer's record, kept in its call,
+    /// goes through [`UsageSink::record`]). Until the ring of recent records is full,
+    /// `r` itself is kept; after, its contents are copied into the oldest record's slot
+    /// and `r` is dropped here, its memory still warm.
     pub fn record_owned(&self, r: UsageRecord) {
         let mut st = self.lock();
         self.add(&mut st, &r);
