@@ -33,6 +33,10 @@
 //! - `--workers N`: the runtime's worker threads (default 2); 1 runs the gateway on a
 //!   single-threaded runtime, which spares it the wake-ups between workers (each
 //!   request wakes the idle worker once) at the price of one core at most.
+//! - `--busy-poll-us N`: after each request starts or finishes, keep polling the sockets
+//!   for N microseconds before the runtime may sleep (default off, or the
+//!   configuration's `busy_poll_us`): lower latency where waking an idle CPU is slow,
+//!   for up to N microseconds of CPU time after each request while traffic is sparse.
 //! - `--self-check`: once serving, send a whole request, a streamed one and a model
 //!   list to itself over loopback, check the answers' shapes, and exit (non-zero on a
 //!   failure) unless `--serve-for` says to keep serving.
@@ -61,9 +65,10 @@ struct Options {
     serve_for: Option<Duration>,
     self_check: bool,
     workers: usize,
+    busy_poll_us: Option<u64>,
 }
 
-const USAGE: &str = "usage: gateway [--config FILE] [--check] [--port N] [--upstream URL] [--model NAME] [--catalog FILE] [--fallback PRIMARY=FALLBACK]... [--keys FILE] [--serve-for SECS] [--workers N] [--self-check]";
+const USAGE: &str = "usage: gateway [--config FILE] [--check] [--port N] [--upstream URL] [--model NAME] [--catalog FILE] [--fallback PRIMARY=FALLBACK]... [--keys FILE] [--serve-for SECS] [--workers N] [--busy-poll-us N] [--self-check]";
 
 fn options() -> Result<Options, String> {
     let mut o = Options {
@@ -78,6 +83,7 @@ fn options() -> Result<Options, String> {
         serve_for: None,
         self_check: false,
         workers: 2,
+        busy_poll_us: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -101,6 +107,12 @@ fn options() -> Result<Options, String> {
                     Ok(n) if n > 0 => n,
                     _ => return Err("--workers: a number of threads, 1 or more".into()),
                 };
+            }
+            "--busy-poll-us" => {
+                let n: u64 = value()?
+                    .parse()
+                    .map_err(|e| format!("--busy-poll-us: {e}"))?;
+                o.busy_poll_us = Some(n);
             }
             "--help" | "-h" => return Err(String::new()),
             other => return Err(format!("unknown option {other}")),
@@ -139,9 +151,17 @@ fn key_table(path: Option<&str>) -> Result<(KeyTable, String, bool), String> {
     ))
 }
 
-/// What to serve, from the configuration file or the command line, and the file's
-/// keys path and port.
-fn plan(o: &Options) -> Result<(Plan, Option<String>, Option<u16>), String> {
+/// What the configuration file says beyond the plan (the command line wins).
+#[derive(Default)]
+struct FileSays {
+    keys: Option<String>,
+    port: Option<u16>,
+    busy_poll_us: Option<u64>,
+}
+
+/// What to serve, from the configuration file or the command line, and what else the
+/// file says.
+fn plan(o: &Options) -> Result<(Plan, FileSays), String> {
     let mut catalog = Catalog::builtin();
     if let Some(path) = &o.catalog {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
@@ -165,7 +185,14 @@ fn plan(o: &Options) -> Result<(Plan, Option<String>, Option<u16>), String> {
                     _ => k.clone(),
                 }
             });
-            Ok((plan, keys, cfg.port))
+            Ok((
+                plan,
+                FileSays {
+                    keys,
+                    port: cfg.port,
+                    busy_poll_us: cfg.busy_poll_us,
+                },
+            ))
         }
         None => {
             let key = std::env::var("OPENAI_API_KEY")
@@ -175,7 +202,7 @@ fn plan(o: &Options) -> Result<(Plan, Option<String>, Option<u16>), String> {
             let model = o.model.as_deref().unwrap_or("gpt-4o-mini");
             let plan =
                 Plan::from_options(&catalog, o.upstream.as_deref(), key, model, &o.fallbacks)?;
-            Ok((plan, None, None))
+            Ok((plan, FileSays::default()))
         }
     }
 }
@@ -207,7 +234,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 async fn run(opts: Options) -> Result<(), Box<dyn std::error::Error>> {
     gateway::init_logging();
 
-    let (plan, file_keys, file_port) = match plan(&opts) {
+    let (plan, file) = match plan(&opts) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("{e}");
@@ -215,7 +242,7 @@ async fn run(opts: Options) -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let (keys, keys_said, demo_keys) =
-        match key_table(opts.keys.as_deref().or(file_keys.as_deref())) {
+        match key_table(opts.keys.as_deref().or(file.keys.as_deref())) {
             Ok(k) => k,
             Err(e) => {
                 eprintln!("{e}");
@@ -229,14 +256,27 @@ async fn run(opts: Options) -> Result<(), Box<dyn std::error::Error>> {
             std::process::exit(2);
         }
     };
+    let limits = Limits {
+        busy_poll: opts
+            .busy_poll_us
+            .or(file.busy_poll_us)
+            .filter(|&us| us > 0)
+            .map(Duration::from_micros),
+        ..Limits::default()
+    };
+    let busy_said = match limits.busy_poll {
+        Some(w) => format!("busy polling: {} us after each request", w.as_micros()),
+        None => "busy polling: off".to_owned(),
+    };
     if opts.check {
         println!("{}", plan.describe());
         println!("keys: {keys_said}");
+        println!("{busy_said}");
         println!("configuration OK");
         return Ok(());
     }
-    let port = opts.port.or(file_port).unwrap_or(8080);
-    let mut gw = Gateway::new(pipeline, keys, &plan.default_model).limits(Limits::default());
+    let port = opts.port.or(file.port).unwrap_or(8080);
+    let mut gw = Gateway::new(pipeline, keys, &plan.default_model).limits(limits);
     for s in &plan.secrets {
         gw = gw.secret(s.clone());
     }
@@ -254,6 +294,7 @@ async fn run(opts: Options) -> Result<(), Box<dyn std::error::Error>> {
     println!("tokenwise gateway on http://{addr}/v1");
     println!("{}", plan.describe());
     println!("keys: {keys_said}");
+    println!("{busy_said}");
     let key = if demo_keys {
         keys::DEMO_KEYS[0].0
     } else {

@@ -7,6 +7,7 @@
 //! cargo run --release --example gateway_bench                # defaults below
 //! cargo run --release --example gateway_bench -- 5000 32 3   # calls, clients, seconds
 //! cargo run --release --example gateway_bench -- --layout shared
+//! cargo run --release --example gateway_bench -- --busy-poll-us 200
 //! valgrind --tool=callgrind target/release/examples/gateway_bench profile gateway 1500
 //! ```
 //!
@@ -19,7 +20,9 @@
 //! workers (`--gateway-workers N`; 1 for a single-threaded one), as the gateway example
 //! does, and the load generator and the upstream each on a single-threaded runtime of
 //! its own thread, as three processes would be; `shared` runs all three on one
-//! multi-threaded runtime of two workers. `profile gateway|upstream N` makes N
+//! multi-threaded runtime of two workers. `--busy-poll-us N` turns on the gateway's
+//! busy polling (`Limits::busy_poll`, as `gateway --busy-poll-us N` does) for a window
+//! of N microseconds. `profile gateway|upstream N` makes N
 //! sequential calls to one target and exits, for instruction counts under callgrind.
 //!
 //! See docs/performance.md for figures taken with it.
@@ -116,7 +119,7 @@ enum Layout {
     Shared,
 }
 
-const USAGE: &str = "usage: gateway_bench [--layout split|shared] [--gateway-workers N] [calls] [clients] [seconds]\n       gateway_bench [--layout split|shared] [--gateway-workers N] profile gateway|upstream N";
+const USAGE: &str = "usage: gateway_bench [--layout split|shared] [--gateway-workers N] [--busy-poll-us N] [calls] [clients] [seconds]\n       gateway_bench [--layout split|shared] [--gateway-workers N] [--busy-poll-us N] profile gateway|upstream N";
 
 /// A thread's (or the process's) name and CPU time so far, user and system, from a
 /// Linux `stat` file.
@@ -186,7 +189,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         raw.drain(i..i + 2);
     }
-    let layout = (layout, workers);
+    // The gateway's busy-polling window, if any.
+    let mut busy_poll = None;
+    if let Some(i) = raw.iter().position(|a| a == "--busy-poll-us") {
+        busy_poll = match raw.get(i + 1).and_then(|n| n.parse().ok()) {
+            Some(n) => Some(Duration::from_micros(n)),
+            None => return Err(USAGE.into()),
+        };
+        raw.drain(i..i + 2);
+    }
+    let layout = (layout, workers, busy_poll);
     match layout.0 {
         Layout::Split => single_threaded()?.block_on(run(raw, layout)),
         Layout::Shared => tokio::runtime::Builder::new_multi_thread()
@@ -209,13 +221,20 @@ fn bench_gateway(upstream: std::net::SocketAddr) -> Result<Arc<Gateway>, String>
     )))
 }
 
-async fn serve_gateway(gw: Arc<Gateway>, listener: std::net::TcpListener) {
+async fn serve_gateway(
+    gw: Arc<Gateway>,
+    listener: std::net::TcpListener,
+    busy_poll: Option<Duration>,
+) {
     match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => {
             gateway::serve(
                 l,
                 gateway::router(gw),
-                Limits::default(),
+                Limits {
+                    busy_poll,
+                    ..Limits::default()
+                },
                 std::future::pending::<()>(),
             )
             .await;
@@ -233,7 +252,7 @@ async fn serve_upstream(listener: std::net::TcpListener) {
 
 async fn run(
     mut raw: Vec<String>,
-    (layout, workers): (Layout, usize),
+    (layout, workers, busy_poll): (Layout, usize, Option<Duration>),
 ) -> Result<(), Box<dyn std::error::Error>> {
     // `profile TARGET N`: N sequential calls to one target and nothing else, for
     // instruction counts under callgrind (see docs/performance.md).
@@ -287,7 +306,7 @@ async fn run(
                 match bench_gateway(up_addr) {
                     Ok(gw) => {
                         let _ = tx.send(Ok(Arc::clone(&gw)));
-                        serve_gateway(gw, gw_listener).await;
+                        serve_gateway(gw, gw_listener, busy_poll).await;
                     }
                     Err(e) => {
                         let _ = tx.send(Err(e));
@@ -299,7 +318,7 @@ async fn run(
         Layout::Shared => {
             tokio::spawn(serve_upstream(up));
             let gw = bench_gateway(up_addr)?;
-            tokio::spawn(serve_gateway(Arc::clone(&gw), gw_listener));
+            tokio::spawn(serve_gateway(Arc::clone(&gw), gw_listener, busy_poll));
             gw
         }
     };
@@ -315,6 +334,12 @@ async fn run(
         Layout::Shared => {
             println!("layout: shared (one multi-threaded runtime of two workers for all three)");
         }
+    }
+    if let Some(w) = busy_poll {
+        println!(
+            "gateway busy polling: {} us after each request",
+            w.as_micros()
+        );
     }
     let alone = Arc::new(Target {
         url: format!("http://{up_addr}/v1/chat/completions").parse()?,

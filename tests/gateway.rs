@@ -636,6 +636,37 @@ async fn the_header_timeout_spares_requests_in_progress_and_keeps_alive_between_
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_busy_polling_answers_streams_and_cache_hits_are_unchanged() {
+    let gw = Gw::start_with(
+        Gateway::new(pipeline().build().unwrap(), keys(), "gpt-4o-mini"),
+        Limits {
+            busy_poll: Some(Duration::from_micros(200)),
+            ..Limits::default()
+        },
+    )
+    .await;
+    for i in 0..20 {
+        let q = ask(&format!("busy polling question {i}"));
+        let r = gw.post(ALICE, &q).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.header("x-tokenwise-cache"), Some("miss"));
+        let again = gw.post(ALICE, &q).await;
+        assert_eq!(again.header("x-tokenwise-cache"), Some("hit"));
+        assert_eq!(
+            r.json()["choices"][0]["message"],
+            again.json()["choices"][0]["message"]
+        );
+    }
+    let r = gw
+        .post(ALICE, &ask_streamed("Explain busy polling", true))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let data = sse_data(&r.text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    assert!(!streamed_text(&chunks(&data)).is_empty());
+}
+
 #[tokio::test]
 async fn burst_over_a_users_rate_limit_is_429_with_retry_after() {
     let gw = Gw::start(pipeline().rate_limit(ScopeKind::User, 3).build().unwrap()).await;
@@ -1279,6 +1310,14 @@ fn configurations_are_checked() {
     assert!(plan(&ok, &[], false).unwrap_err().contains("PRIMARY_KEY"));
     let checked = plan(&ok, &[], true).unwrap();
     assert!(checked.describe().contains("$PRIMARY_KEY is not set"));
+    // Busy polling is a top-level number of microseconds, off when absent.
+    assert_eq!(GatewayConfig::from_toml(&ok).unwrap().busy_poll_us, None);
+    let busy = format!("busy_poll_us = 200\n{ok}");
+    assert_eq!(
+        GatewayConfig::from_toml(&busy).unwrap().busy_poll_us,
+        Some(200)
+    );
+    assert!(GatewayConfig::from_toml(&format!("busy_poll_us = -1\n{ok}")).is_err());
     for (text, fallbacks, says) in [
         (
             ok.replace("upstream = \"local\"", "upstream = \"nowhere\""),

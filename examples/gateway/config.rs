@@ -24,6 +24,9 @@ use tokenwise::{Catalog, Cost, ModelSpec, Pipeline, ScopeKind};
 pub struct GatewayConfig {
     /// The port on 127.0.0.1 (the command line's `--port` wins).
     pub port: Option<u16>,
+    /// Busy polling after each request, in microseconds (0 or absent: off; the command
+    /// line's `--busy-poll-us` wins). See `docs/gateway.md`.
+    pub busy_poll_us: Option<u64>,
     /// The model for requests that name none or `auto`.
     pub default_model: Option<String>,
     /// The gateway's own client keys (the command line's `--keys` wins).

@@ -95,6 +95,13 @@ pub struct Limits {
     pub sse_buffer: usize,
     /// On shutdown, how long requests in flight may take to finish (default 5 s).
     pub shutdown_grace: Duration,
+    /// Not a bound but a latency option (default off): after each request starts or
+    /// finishes, keep polling the sockets for this long before the runtime may sleep.
+    /// Where waking an idle CPU is slow (virtual machines whose idle vCPUs halt), this
+    /// takes that wake-up off the gateway's two hops, at the price of up to this much
+    /// CPU time after each request while traffic is sparse (none while idle). See
+    /// `docs/gateway.md`.
+    pub busy_poll: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -107,6 +114,7 @@ impl Default for Limits {
             max_connections: 1_024,
             sse_buffer: 32,
             shutdown_grace: Duration::from_secs(5),
+            busy_poll: None,
         }
     }
 }

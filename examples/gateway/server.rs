@@ -12,6 +12,10 @@
 //!   disconnected, so it cannot pin a connection and a stream forever.
 //! - Graceful shutdown: stop accepting, let requests in flight finish for a grace
 //!   period, then return.
+//! - Optional busy polling (`Limits::busy_poll`): a task that keeps the runtime polling
+//!   its sockets for a short window after each request starts or finishes, so that the
+//!   next event on the gateway's hops is seen without the runtime's thread going to
+//!   sleep and being woken again.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,7 +23,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,7 +36,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::{Instant, Sleep};
 use tower::Service;
 
@@ -53,6 +57,10 @@ pub async fn serve(
     let max = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS);
     let permits = Arc::new(Semaphore::new(max));
     let (closing, closed) = watch::channel(false);
+    let spinner = limits
+        .busy_poll
+        .filter(|w| !w.is_zero())
+        .map(Spinner::start);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -79,6 +87,7 @@ pub async fn serve(
         let app = app.clone();
         let header_timeout = limits.header_read_timeout;
         let idle = Arc::new(IdleClock::new());
+        let spin = spinner.as_ref().map(|s| Arc::clone(&s.0));
         let svc = {
             let idle = Arc::clone(&idle);
             service_fn(move |mut req: hyper::Request<Incoming>| {
@@ -86,7 +95,7 @@ pub async fn serve(
                 let mut app = app.clone();
                 // Busy from the complete request head until the response body is done
                 // with (written or dropped).
-                let busy = Busy::new(Arc::clone(&idle));
+                let busy = Busy::new(Arc::clone(&idle), spin.clone());
                 async move {
                     let res = unwrap_infallible(app.call(req.map(Body::new)).await);
                     Ok::<_, Infallible>(res.map(|body| Body::new(Tracked { body, _busy: busy })))
@@ -118,6 +127,7 @@ pub async fn serve(
         });
     }
     drop(listener);
+    drop(spinner);
     let _ = closing.send(true);
     let all = u32::try_from(max).unwrap_or(u32::MAX);
     if tokio::time::timeout(limits.shutdown_grace, permits.acquire_many(all))
@@ -180,12 +190,15 @@ impl IdleClock {
 }
 
 /// A request in progress on a connection, until dropped.
-struct Busy(Arc<IdleClock>);
+struct Busy(Arc<IdleClock>, Option<Arc<Spin>>);
 
 impl Busy {
-    fn new(clock: Arc<IdleClock>) -> Self {
+    fn new(clock: Arc<IdleClock>, spin: Option<Arc<Spin>>) -> Self {
         clock.busy.fetch_add(1, Ordering::AcqRel);
-        Busy(clock)
+        if let Some(s) = &spin {
+            s.touch();
+        }
+        Busy(clock, spin)
     }
 }
 
@@ -193,6 +206,83 @@ impl Drop for Busy {
     fn drop(&mut self) {
         self.0.idle_since.store(self.0.now(), Ordering::Release);
         self.0.busy.fetch_sub(1, Ordering::AcqRel);
+        if let Some(s) = &self.1 {
+            s.touch();
+        }
+    }
+}
+
+/// The busy-polling task's shared state: when a request last started or finished, and
+/// how to wake the task when it sleeps.
+struct Spin {
+    origin: std::time::Instant,
+    /// The window, in nanoseconds.
+    window: u64,
+    /// The last request event, in nanoseconds after `origin`.
+    last: AtomicU64,
+    /// Whether the task is polling now (a touch then needs no wake-up).
+    polling: AtomicBool,
+    wake: Notify,
+}
+
+impl Spin {
+    fn now(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// A request started or finished: poll for another window from now.
+    fn touch(&self) {
+        self.last.store(self.now(), Ordering::Release);
+        if !self.polling.load(Ordering::Acquire) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Sleeps until a request event, then yields to the runtime until a whole window
+    /// passes without one, and again. Each yield sends the runtime's thread back to
+    /// its I/O driver with a zero timeout: it polls the sockets instead of sleeping
+    /// in `epoll_wait`, so the next event needs no wake-up. Real time, not tokio's:
+    /// the point is the CPU's.
+    async fn run(self: Arc<Self>) {
+        loop {
+            self.wake.notified().await;
+            self.polling.store(true, Ordering::Release);
+            loop {
+                while self.now().saturating_sub(self.last.load(Ordering::Acquire)) < self.window {
+                    tokio::task::yield_now().await;
+                }
+                self.polling.store(false, Ordering::Release);
+                // A touch between the last check and the store saw `polling` set and
+                // sent no wake-up: look once more before sleeping.
+                if self.now().saturating_sub(self.last.load(Ordering::Acquire)) >= self.window {
+                    break;
+                }
+                self.polling.store(true, Ordering::Release);
+            }
+        }
+    }
+}
+
+/// The busy-polling task, stopped when dropped.
+struct Spinner(Arc<Spin>, tokio::task::JoinHandle<()>);
+
+impl Spinner {
+    fn start(window: Duration) -> Self {
+        let spin = Arc::new(Spin {
+            origin: std::time::Instant::now(),
+            window: u64::try_from(window.as_nanos()).unwrap_or(u64::MAX),
+            last: AtomicU64::new(0),
+            polling: AtomicBool::new(false),
+            wake: Notify::new(),
+        });
+        let task = tokio::spawn(Arc::clone(&spin).run());
+        Spinner(spin, task)
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        self.1.abort();
     }
 }
 
@@ -311,5 +401,73 @@ impl AsyncWrite for Guarded {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let r = Pin::new(&mut self.io).poll_shutdown(cx);
         self.progressed(r, cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A spinner whose clock started `ago` before now, so that a test can put the last
+    /// request event as far back as it needs by storing into `last`, without waiting.
+    fn spinner(window: Duration, ago: Duration) -> Spinner {
+        let origin = std::time::Instant::now()
+            .checked_sub(ago)
+            .unwrap_or_else(std::time::Instant::now);
+        let spin = Arc::new(Spin {
+            origin,
+            window: u64::try_from(window.as_nanos()).unwrap_or(u64::MAX),
+            last: AtomicU64::new(0),
+            polling: AtomicBool::new(false),
+            wake: Notify::new(),
+        });
+        let task = tokio::spawn(Arc::clone(&spin).run());
+        Spinner(spin, task)
+    }
+
+    /// Yields until `f` holds, at most a bounded number of times.
+    async fn until(f: impl Fn() -> bool) -> bool {
+        for _ in 0..10_000 {
+            if f() {
+                return true;
+            }
+            tokio::task::yield_now().await;
+        }
+        f()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn busy_polling_runs_only_after_a_request_event_and_stops_when_idle() {
+        let s = spinner(Duration::from_secs(60), Duration::from_secs(3_600));
+        let spin = Arc::clone(&s.0);
+        // Idle from the start: the task sleeps.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!spin.polling.load(Ordering::Acquire));
+        // A request event: the task polls (a minute's window, far longer than this test).
+        spin.touch();
+        assert!(until(|| spin.polling.load(Ordering::Acquire)).await);
+        // More events while it polls need no wake-up and keep it polling.
+        spin.touch();
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(spin.polling.load(Ordering::Acquire));
+        // The last event an hour back: the window is over and the task sleeps again.
+        spin.last.store(0, Ordering::Release);
+        assert!(until(|| !spin.polling.load(Ordering::Acquire)).await);
+        // And the next event wakes it once more.
+        spin.touch();
+        assert!(until(|| spin.polling.load(Ordering::Acquire)).await);
+        // Dropping the spinner stops the task.
+        let task_done = {
+            drop(s);
+            until(|| Arc::strong_count(&spin) == 1).await
+        };
+        assert!(
+            task_done,
+            "the polling task holds its state after the spinner is dropped"
+        );
     }
 }
