@@ -12,7 +12,8 @@
 //! ```
 //!
 //! 1. Latency at one client: `calls` requests to the upstream alone and as many through
-//!    the gateway, interleaved, after a warm-up; p50 and p99 of each and the difference.
+//!    the gateway, interleaved, after a warm-up; p50 and p99 of each and the difference,
+//!    and the gateway's CPU time over the phase.
 //! 2. Throughput: `clients` concurrent clients for `seconds` against each in turn, with
 //!    the CPU time a call (of the process, and in the split layout of each part).
 //!
@@ -22,7 +23,9 @@
 //! its own thread, as three processes would be; `shared` runs all three on one
 //! multi-threaded runtime of two workers. `--busy-poll-us N` turns on the gateway's
 //! busy polling (`Limits::busy_poll`, as `gateway --busy-poll-us N` does) for a window
-//! of N microseconds. `profile gateway|upstream N` makes N
+//! of N microseconds. `--block N` makes the one-client phase alternate N calls to each
+//! target instead of one (default 1), so that the upstream alone is timed while the
+//! gateway is idle, busy polling or not. `profile gateway|upstream N` makes N
 //! sequential calls to one target and exits, for instruction counts under callgrind.
 //!
 //! See docs/performance.md for figures taken with it.
@@ -119,7 +122,7 @@ enum Layout {
     Shared,
 }
 
-const USAGE: &str = "usage: gateway_bench [--layout split|shared] [--gateway-workers N] [--busy-poll-us N] [calls] [clients] [seconds]\n       gateway_bench [--layout split|shared] [--gateway-workers N] [--busy-poll-us N] profile gateway|upstream N";
+const USAGE: &str = "usage: gateway_bench [--layout split|shared] [--gateway-workers N] [--busy-poll-us N] [--block N] [calls] [clients] [seconds]\n       gateway_bench [--layout split|shared] [--gateway-workers N] [--busy-poll-us N] profile gateway|upstream N";
 
 /// A thread's (or the process's) name and CPU time so far, user and system, from a
 /// Linux `stat` file.
@@ -198,7 +201,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         raw.drain(i..i + 2);
     }
-    let layout = (layout, workers, busy_poll);
+    // One-client phase: calls to each target in turn, this many at a time.
+    let mut block = 1u64;
+    if let Some(i) = raw.iter().position(|a| a == "--block") {
+        block = match raw.get(i + 1).and_then(|n| n.parse().ok()) {
+            Some(n) if n > 0 => n,
+            _ => return Err(USAGE.into()),
+        };
+        raw.drain(i..i + 2);
+    }
+    let layout = (layout, workers, busy_poll, block);
     match layout.0 {
         Layout::Split => single_threaded()?.block_on(run(raw, layout)),
         Layout::Shared => tokio::runtime::Builder::new_multi_thread()
@@ -252,7 +264,7 @@ async fn serve_upstream(listener: std::net::TcpListener) {
 
 async fn run(
     mut raw: Vec<String>,
-    (layout, workers, busy_poll): (Layout, usize, Option<Duration>),
+    (layout, workers, busy_poll, block): (Layout, usize, Option<Duration>, u64),
 ) -> Result<(), Box<dyn std::error::Error>> {
     // `profile TARGET N`: N sequential calls to one target and nothing else, for
     // instruction counts under callgrind (see docs/performance.md).
@@ -375,14 +387,25 @@ async fn run(
     }
     let mut a = Vec::with_capacity(calls as usize);
     let mut g = Vec::with_capacity(calls as usize);
-    for _ in 0..calls {
-        let t = Instant::now();
-        call(&client, &alone, unique()).await?;
-        a.push(t.elapsed());
-        let t = Instant::now();
-        call(&client, &through, unique()).await?;
-        g.push(t.elapsed());
+    let (_, one0) = cpu_times();
+    let one_began = Instant::now();
+    let mut done = 0;
+    while done < calls {
+        let n = block.min(calls - done);
+        for _ in 0..n {
+            let t = Instant::now();
+            call(&client, &alone, unique()).await?;
+            a.push(t.elapsed());
+        }
+        for _ in 0..n {
+            let t = Instant::now();
+            call(&client, &through, unique()).await?;
+            g.push(t.elapsed());
+        }
+        done += n;
     }
+    let one_wall = one_began.elapsed();
+    let (_, one1) = cpu_times();
     a.sort_unstable();
     g.sort_unstable();
     let (a50, a99) = (percentile(&a, 0.5), percentile(&a, 0.99));
@@ -403,6 +426,20 @@ async fn run(
         us(g50) - us(a50),
         us(g99) - us(a99)
     );
+    if layout == Layout::Split {
+        // The gateway's threads over the whole phase, the upstream-alone calls between
+        // its own included: what busy polling spends shows here.
+        let d = one1
+            .get("gateway")
+            .copied()
+            .unwrap_or_default()
+            .saturating_sub(one0.get("gateway").copied().unwrap_or_default());
+        println!(
+            "  gateway CPU:      {:.1} us a call through it ({:.0} % busy)",
+            us(d) / calls as f64,
+            100.0 * d.as_secs_f64() / one_wall.as_secs_f64()
+        );
+    }
 
     // 2. Throughput.
     let next = Arc::new(AtomicU64::new(1 << 40));
