@@ -174,42 +174,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // As `examples/gateway.rs` logs.
     gateway::init_logging();
     let mut raw: Vec<String> = std::env::args().skip(1).collect();
-    let mut layout = Layout::Split;
-    if let Some(i) = raw.iter().position(|a| a == "--layout") {
-        layout = match raw.get(i + 1).map(String::as_str) {
-            Some("split") => Layout::Split,
-            Some("shared") => Layout::Shared,
-            _ => return Err(USAGE.into()),
-        };
-        raw.drain(i..i + 2);
-    }
+    let layout = match option(&mut raw, "--layout")?.as_deref() {
+        None | Some("split") => Layout::Split,
+        Some("shared") => Layout::Shared,
+        Some(_) => return Err(USAGE.into()),
+    };
     // In the split layout: the gateway's worker threads; 1 is a single-threaded runtime.
-    let mut workers = 2usize;
-    if let Some(i) = raw.iter().position(|a| a == "--gateway-workers") {
-        workers = match raw.get(i + 1).and_then(|n| n.parse().ok()) {
-            Some(n) if n > 0 => n,
-            _ => return Err(USAGE.into()),
-        };
-        raw.drain(i..i + 2);
-    }
+    let workers = number(&mut raw, "--gateway-workers")?.unwrap_or(2);
     // The gateway's busy-polling window, if any.
-    let mut busy_poll = None;
-    if let Some(i) = raw.iter().position(|a| a == "--busy-poll-us") {
-        busy_poll = match raw.get(i + 1).and_then(|n| n.parse().ok()) {
-            Some(n) => Some(Duration::from_micros(n)),
-            None => return Err(USAGE.into()),
-        };
-        raw.drain(i..i + 2);
-    }
+    let busy_poll = match option(&mut raw, "--busy-poll-us")? {
+        Some(n) => Some(Duration::from_micros(n.parse().map_err(|_| USAGE)?)),
+        None => None,
+    };
     // One-client phase: calls to each target in turn, this many at a time.
-    let mut block = 1u64;
-    if let Some(i) = raw.iter().position(|a| a == "--block") {
-        block = match raw.get(i + 1).and_then(|n| n.parse().ok()) {
-            Some(n) if n > 0 => n,
-            _ => return Err(USAGE.into()),
-        };
-        raw.drain(i..i + 2);
-    }
+    let block = number(&mut raw, "--block")?.unwrap_or(1) as u64;
     let layout = (layout, workers, busy_poll, block);
     match layout.0 {
         Layout::Split => single_threaded()?.block_on(run(raw, layout)),
@@ -218,6 +196,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .enable_all()
             .build()?
             .block_on(run(raw, layout)),
+    }
+}
+
+/// Takes `name` and the value after it out of `raw`.
+fn option(raw: &mut Vec<String>, name: &str) -> Result<Option<String>, &'static str> {
+    let Some(i) = raw.iter().position(|a| a == name) else {
+        return Ok(None);
+    };
+    let value = raw.get(i + 1).cloned().ok_or(USAGE)?;
+    raw.drain(i..i + 2);
+    Ok(Some(value))
+}
+
+/// Takes `name` and the number of 1 or more after it out of `raw`.
+fn number(raw: &mut Vec<String>, name: &str) -> Result<Option<usize>, &'static str> {
+    match option(raw, name)? {
+        Some(v) => match v.parse() {
+            Ok(n) if n > 0 => Ok(Some(n)),
+            _ => Err(USAGE),
+        },
+        None => Ok(None),
     }
 }
 

@@ -268,8 +268,13 @@ struct Spinner(Arc<Spin>, tokio::task::JoinHandle<()>);
 
 impl Spinner {
     fn start(window: Duration) -> Self {
+        Self::start_with_origin(window, std::time::Instant::now())
+    }
+
+    /// With its clock started at `origin` (tests put it in the past).
+    fn start_with_origin(window: Duration, origin: std::time::Instant) -> Self {
         let spin = Arc::new(Spin {
-            origin: std::time::Instant::now(),
+            origin,
             window: u64::try_from(window.as_nanos()).unwrap_or(u64::MAX),
             last: AtomicU64::new(0),
             polling: AtomicBool::new(false),
@@ -414,15 +419,7 @@ mod tests {
         let origin = std::time::Instant::now()
             .checked_sub(ago)
             .unwrap_or_else(std::time::Instant::now);
-        let spin = Arc::new(Spin {
-            origin,
-            window: u64::try_from(window.as_nanos()).unwrap_or(u64::MAX),
-            last: AtomicU64::new(0),
-            polling: AtomicBool::new(false),
-            wake: Notify::new(),
-        });
-        let task = tokio::spawn(Arc::clone(&spin).run());
-        Spinner(spin, task)
+        Spinner::start_with_origin(window, origin)
     }
 
     /// Yields until `f` holds, at most a bounded number of times.
