@@ -30,13 +30,14 @@
 //!   configuration's `keys_file`; else JSON from `TOKENWISE_GATEWAY_KEYS`; else the
 //!   built-in demo keys.
 //! - `--serve-for SECS`: stop by itself after SECS seconds.
-//! - `--workers N`: the runtime's worker threads (default 2); 1 runs the gateway on a
+//! - `--workers N`: the runtime's worker threads (default 2, or 1 with busy polling); 1 runs the gateway on a
 //!   single-threaded runtime, which spares it the wake-ups between workers (each
 //!   request wakes the idle worker once) at the price of one core at most.
 //! - `--busy-poll-us N`: after each request starts or finishes, keep polling the sockets
 //!   for N microseconds before the runtime may sleep (default off, or the
-//!   configuration's `busy_poll_us`): lower latency where waking an idle CPU is slow,
-//!   for up to N microseconds of CPU time after each request while traffic is sparse.
+//!   configuration's `busy_poll_us`; at most 10,000): lower latency where waking an idle
+//!   CPU is slow, for up to N microseconds of CPU time after each request while traffic
+//!   is sparse. It runs the gateway on one thread (`--workers` above 1 is refused).
 //! - `--self-check`: once serving, send a whole request, a streamed one and a model
 //!   list to itself over loopback, check the answers' shapes, and exit (non-zero on a
 //!   failure) unless `--serve-for` says to keep serving.
@@ -64,7 +65,8 @@ struct Options {
     keys: Option<String>,
     serve_for: Option<Duration>,
     self_check: bool,
-    workers: usize,
+    /// As given; the default (2, or 1 with busy polling) is settled in `main`.
+    workers: Option<usize>,
     busy_poll_us: Option<u64>,
 }
 
@@ -82,7 +84,7 @@ fn options() -> Result<Options, String> {
         keys: None,
         serve_for: None,
         self_check: false,
-        workers: 2,
+        workers: None,
         busy_poll_us: None,
     };
     let mut args = std::env::args().skip(1);
@@ -104,7 +106,7 @@ fn options() -> Result<Options, String> {
             "--self-check" => o.self_check = true,
             "--workers" => {
                 o.workers = match value()?.parse() {
-                    Ok(n) if n > 0 => n,
+                    Ok(n) if n > 0 => Some(n),
                     _ => return Err("--workers: a number of threads, 1 or more".into()),
                 };
             }
@@ -156,7 +158,6 @@ fn key_table(path: Option<&str>) -> Result<(KeyTable, String, bool), String> {
 struct FileSays {
     keys: Option<String>,
     port: Option<u16>,
-    busy_poll_us: Option<u64>,
 }
 
 /// What to serve, from the configuration file or the command line, and what else the
@@ -190,7 +191,6 @@ fn plan(o: &Options) -> Result<(Plan, FileSays), String> {
                 FileSays {
                     keys,
                     port: cfg.port,
-                    busy_poll_us: cfg.busy_poll_us,
                 },
             ))
         }
@@ -207,8 +207,39 @@ fn plan(o: &Options) -> Result<(Plan, FileSays), String> {
     }
 }
 
+/// The busy-polling window in microseconds (the command line's, else the
+/// configuration file's; 0 is off) and the runtime's worker threads: busy polling runs
+/// the gateway on one thread, where it polls the sockets itself (see `docs/gateway.md`).
+fn threads(o: &Options) -> Result<(Option<u64>, usize), String> {
+    let from_file = match (&o.config, o.busy_poll_us) {
+        (Some(path), None) => {
+            GatewayConfig::load(path)
+                .map_err(|e| format!("{path}: {e}"))?
+                .busy_poll_us
+        }
+        _ => None,
+    };
+    let busy = o.busy_poll_us.or(from_file).filter(|&us| us > 0);
+    let max = gateway::server::MAX_BUSY_POLL.as_micros();
+    if let Some(us) = busy.filter(|&us| u128::from(us) > max) {
+        return Err(format!(
+            "busy polling for {us} us: at most {max} us (it spends that much CPU time after each request)"
+        ));
+    }
+    let workers = match (busy, o.workers) {
+        (Some(_), Some(n)) if n > 1 => {
+            return Err(format!(
+                "busy polling runs the gateway on one thread: --workers {n} does not go with it"
+            ));
+        }
+        (Some(_), _) => 1,
+        (None, n) => n.unwrap_or(2),
+    };
+    Ok((busy, workers))
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let opts = match options() {
+    let mut opts = match options() {
         Ok(o) => o,
         Err(e) => {
             if !e.is_empty() {
@@ -218,13 +249,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::process::exit(2);
         }
     };
-    let runtime = if opts.workers == 1 {
+    let (busy, workers) = match threads(&opts) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    opts.busy_poll_us = busy;
+    opts.workers = Some(workers);
+    let runtime = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
     } else {
         tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(opts.workers)
+            .worker_threads(workers)
             .enable_all()
             .build()?
     };
@@ -257,15 +297,14 @@ async fn run(opts: Options) -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let limits = Limits {
-        busy_poll: opts
-            .busy_poll_us
-            .or(file.busy_poll_us)
-            .filter(|&us| us > 0)
-            .map(Duration::from_micros),
+        busy_poll: opts.busy_poll_us.map(Duration::from_micros),
         ..Limits::default()
     };
     let busy_said = match limits.busy_poll {
-        Some(w) => format!("busy polling: {} us after each request", w.as_micros()),
+        Some(w) => format!(
+            "busy polling: {} us after each request, on one thread",
+            w.as_micros()
+        ),
         None => "busy polling: off".to_owned(),
     };
     if opts.check {

@@ -23,7 +23,8 @@
 //! its own thread, as three processes would be; `shared` runs all three on one
 //! multi-threaded runtime of two workers. `--busy-poll-us N` turns on the gateway's
 //! busy polling (`Limits::busy_poll`, as `gateway --busy-poll-us N` does) for a window
-//! of N microseconds. `--block N` makes the one-client phase alternate N calls to each
+//! of N microseconds, on one thread (`--gateway-workers 1`, the default with it).
+//! `--block N` makes the one-client phase alternate N calls to each
 //! target instead of one (default 1), so that the upstream alone is timed while the
 //! gateway is idle, busy polling or not. `profile gateway|upstream N` makes N
 //! sequential calls to one target and exits, for instruction counts under callgrind.
@@ -179,12 +180,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("shared") => Layout::Shared,
         Some(_) => return Err(USAGE.into()),
     };
-    // In the split layout: the gateway's worker threads; 1 is a single-threaded runtime.
-    let workers = number(&mut raw, "--gateway-workers")?.unwrap_or(2);
-    // The gateway's busy-polling window, if any.
+    // The gateway's busy-polling window, if any (0 is none).
     let busy_poll = match option(&mut raw, "--busy-poll-us")? {
         Some(n) => Some(Duration::from_micros(n.parse().map_err(|_| USAGE)?)),
         None => None,
+    }
+    .filter(|w| !w.is_zero());
+    // In the split layout: the gateway's worker threads; 1 is a single-threaded runtime,
+    // which busy polling needs (as `gateway --busy-poll-us` runs it).
+    let workers = number(&mut raw, "--gateway-workers")?;
+    let workers = match (busy_poll, workers, layout) {
+        (Some(_), Some(2..), _) | (Some(_), _, Layout::Shared) => {
+            return Err("busy polling runs the gateway on one thread of its own: not with --gateway-workers above 1 or --layout shared".into());
+        }
+        (Some(_), _, _) => 1,
+        (None, n, _) => n.unwrap_or(2),
     };
     // One-client phase: calls to each target in turn, this many at a time.
     let block = number(&mut raw, "--block")?.unwrap_or(1) as u64;

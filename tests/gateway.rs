@@ -636,7 +636,9 @@ async fn the_header_timeout_spares_requests_in_progress_and_keeps_alive_between_
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Busy polling runs on a single-threaded runtime (on a multi-threaded one it is left
+// off), as `gateway --workers 1 --busy-poll-us N` runs it.
+#[tokio::test(flavor = "current_thread")]
 async fn with_busy_polling_answers_streams_and_cache_hits_are_unchanged() {
     let gw = Gw::start_with(
         Gateway::new(pipeline().build().unwrap(), keys(), "gpt-4o-mini"),

@@ -46,21 +46,49 @@ use super::Limits;
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
 
+/// The longest busy-polling window taken; a longer one is taken as this.
+pub const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
+
 /// Serves `app` on `listener` until `shutdown` completes, then drains connections for
 /// up to `limits.shutdown_grace`.
+///
+/// Busy polling (`limits.busy_poll`) needs a single-threaded runtime: on a
+/// multi-threaded one the polling worker seldom holds the I/O driver (an idle worker
+/// waits in it), so it would spend a core without polling the sockets. There it is
+/// left off, with a warning.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
+    let spinner = match limits.busy_poll.filter(|w| !w.is_zero()) {
+        Some(_)
+            if tokio::runtime::Handle::current().runtime_flavor()
+                != tokio::runtime::RuntimeFlavor::CurrentThread =>
+        {
+            tracing::warn!(
+                "busy polling needs a single-threaded runtime (gateway --workers 1); it is off"
+            );
+            None
+        }
+        Some(w) => Some(Spinner::start(w)),
+        None => None,
+    };
+    serve_with(listener, app, limits, shutdown, spinner).await;
+}
+
+/// [`serve`] with its busy-polling task, if any, made.
+async fn serve_with(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+    spinner: Option<Spinner>,
+) {
     let max = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS);
     let permits = Arc::new(Semaphore::new(max));
     let (closing, closed) = watch::channel(false);
-    let spinner = limits
-        .busy_poll
-        .filter(|w| !w.is_zero())
-        .map(Spinner::start);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -231,11 +259,22 @@ impl Spin {
     }
 
     /// A request started or finished: poll for another window from now.
+    ///
+    /// `last` and `polling` are written and read in opposite orders here and in
+    /// [`Spin::run`], so both sides use `SeqCst`: with weaker orderings each side could
+    /// read the other's old value, and a touch would send no wake-up to a task that is
+    /// going to sleep.
     fn touch(&self) {
-        self.last.store(self.now(), Ordering::Release);
-        if !self.polling.load(Ordering::Acquire) {
+        // Two requests touching at once must not move `last` back.
+        self.last.fetch_max(self.now(), Ordering::SeqCst);
+        if !self.polling.load(Ordering::SeqCst) {
             self.wake.notify_one();
         }
+    }
+
+    /// Whether a whole window has passed since the last request event.
+    fn window_over(&self) -> bool {
+        self.now().saturating_sub(self.last.load(Ordering::SeqCst)) >= self.window
     }
 
     /// Sleeps until a request event, then yields to the runtime until a whole window
@@ -246,18 +285,18 @@ impl Spin {
     async fn run(self: Arc<Self>) {
         loop {
             self.wake.notified().await;
-            self.polling.store(true, Ordering::Release);
+            self.polling.store(true, Ordering::SeqCst);
             loop {
-                while self.now().saturating_sub(self.last.load(Ordering::Acquire)) < self.window {
+                while !self.window_over() {
                     tokio::task::yield_now().await;
                 }
-                self.polling.store(false, Ordering::Release);
+                self.polling.store(false, Ordering::SeqCst);
                 // A touch between the last check and the store saw `polling` set and
                 // sent no wake-up: look once more before sleeping.
-                if self.now().saturating_sub(self.last.load(Ordering::Acquire)) >= self.window {
+                if self.window_over() {
                     break;
                 }
-                self.polling.store(true, Ordering::Release);
+                self.polling.store(true, Ordering::SeqCst);
             }
         }
     }
@@ -267,8 +306,9 @@ impl Spin {
 struct Spinner(Arc<Spin>, tokio::task::JoinHandle<()>);
 
 impl Spinner {
+    /// Polling windows of `window`, at most [`MAX_BUSY_POLL`].
     fn start(window: Duration) -> Self {
-        Self::start_with_origin(window, std::time::Instant::now())
+        Self::start_with_origin(window.min(MAX_BUSY_POLL), std::time::Instant::now())
     }
 
     /// With its clock started at `origin` (tests put it in the past).
@@ -435,7 +475,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn busy_polling_runs_only_after_a_request_event_and_stops_when_idle() {
-        let s = spinner(Duration::from_secs(60), Duration::from_secs(3_600));
+        let s = spinner(Duration::from_secs(60), Duration::from_secs(120));
         let spin = Arc::clone(&s.0);
         // Idle from the start: the task sleeps.
         for _ in 0..100 {
@@ -451,7 +491,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert!(spin.polling.load(Ordering::Acquire));
-        // The last event an hour back: the window is over and the task sleeps again.
+        // The last event two minutes back: the window is over and the task sleeps again.
         spin.last.store(0, Ordering::Release);
         assert!(until(|| !spin.polling.load(Ordering::Acquire)).await);
         // And the next event wakes it once more.
@@ -466,5 +506,42 @@ mod tests {
             task_done,
             "the polling task holds its state after the spinner is dropped"
         );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_server_marks_each_request_for_busy_polling_and_stops_it_on_shutdown() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let s = spinner(Duration::from_secs(60), Duration::from_secs(120));
+        let spin = Arc::clone(&s.0);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_with(
+            listener,
+            app,
+            Limits::default(),
+            async {
+                let _ = stopped.await;
+            },
+            Some(s),
+        ));
+        assert_eq!(spin.last.load(Ordering::SeqCst), 0, "no request yet");
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        tcp.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.ends_with("ok"), "{out}");
+        // The request's start and end moved the last event on (the clock began two
+        // minutes back), and the task is polling for its window.
+        assert!(spin.last.load(Ordering::SeqCst) >= 120_000_000_000);
+        assert!(until(|| spin.polling.load(Ordering::SeqCst)).await);
+        // Shutdown stops the task.
+        stop.send(()).unwrap();
+        server.await.unwrap();
+        assert!(until(|| Arc::strong_count(&spin) == 1).await);
     }
 }
