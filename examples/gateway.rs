@@ -219,23 +219,7 @@ fn threads(o: &Options) -> Result<(Option<u64>, usize), String> {
         }
         _ => None,
     };
-    let busy = o.busy_poll_us.or(from_file).filter(|&us| us > 0);
-    let max = gateway::server::MAX_BUSY_POLL.as_micros();
-    if let Some(us) = busy.filter(|&us| u128::from(us) > max) {
-        return Err(format!(
-            "busy polling for {us} us: at most {max} us (it spends that much CPU time after each request)"
-        ));
-    }
-    let workers = match (busy, o.workers) {
-        (Some(_), Some(n)) if n > 1 => {
-            return Err(format!(
-                "busy polling runs the gateway on one thread: --workers {n} does not go with it"
-            ));
-        }
-        (Some(_), _) => 1,
-        (None, n) => n.unwrap_or(2),
-    };
-    Ok((busy, workers))
+    gateway::server::busy_poll_threads(o.busy_poll_us.or(from_file), o.workers)
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

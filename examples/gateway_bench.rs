@@ -181,21 +181,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(_) => return Err(USAGE.into()),
     };
     // The gateway's busy-polling window, if any (0 is none).
-    let busy_poll = match option(&mut raw, "--busy-poll-us")? {
-        Some(n) => Some(Duration::from_micros(n.parse().map_err(|_| USAGE)?)),
+    let busy_us = match option(&mut raw, "--busy-poll-us")? {
+        Some(n) => Some(n.parse::<u64>().map_err(|_| USAGE)?),
         None => None,
-    }
-    .filter(|w| !w.is_zero());
+    };
     // In the split layout: the gateway's worker threads; 1 is a single-threaded runtime,
     // which busy polling needs (as `gateway --busy-poll-us` runs it).
     let workers = number(&mut raw, "--gateway-workers")?;
-    let workers = match (busy_poll, workers, layout) {
-        (Some(_), Some(2..), _) | (Some(_), _, Layout::Shared) => {
-            return Err("busy polling runs the gateway on one thread of its own: not with --gateway-workers above 1 or --layout shared".into());
-        }
-        (Some(_), _, _) => 1,
-        (None, n, _) => n.unwrap_or(2),
-    };
+    let (busy_us, workers) = gateway::server::busy_poll_threads(busy_us, workers)?;
+    let busy_poll = busy_us.map(Duration::from_micros);
+    if busy_poll.is_some() && layout == Layout::Shared {
+        return Err(
+            "busy polling runs the gateway on one thread of its own: not with --layout shared"
+                .into(),
+        );
+    }
     // One-client phase: calls to each target in turn, this many at a time.
     let block = number(&mut raw, "--block")?.unwrap_or(1) as u64;
     let layout = (layout, workers, busy_poll, block);

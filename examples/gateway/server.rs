@@ -49,6 +49,33 @@ pub struct Peer(pub SocketAddr);
 /// The longest busy-polling window taken; a longer one is taken as this.
 pub const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
 
+/// Settles busy polling and the runtime's worker threads from what was asked: the
+/// window in microseconds (`None` or 0: off) and the workers (`None`: the default, 2).
+/// Busy polling runs the gateway on one thread, so it takes 1 worker by default and
+/// refuses more; a window over [`MAX_BUSY_POLL`] is refused, not cut.
+pub fn busy_poll_threads(
+    busy_us: Option<u64>,
+    workers: Option<usize>,
+) -> Result<(Option<u64>, usize), String> {
+    let busy = busy_us.filter(|&us| us > 0);
+    let max = MAX_BUSY_POLL.as_micros();
+    if let Some(us) = busy.filter(|&us| u128::from(us) > max) {
+        return Err(format!(
+            "busy polling for {us} us: at most {max} us (it spends that much CPU time after each request)"
+        ));
+    }
+    let workers = match (busy, workers) {
+        (Some(_), Some(n)) if n > 1 => {
+            return Err(format!(
+                "busy polling runs the gateway on one thread: --workers {n} does not go with it"
+            ));
+        }
+        (Some(_), _) => 1,
+        (None, n) => n.unwrap_or(2),
+    };
+    Ok((busy, workers))
+}
+
 /// Serves `app` on `listener` until `shutdown` completes, then drains connections for
 /// up to `limits.shutdown_grace`.
 ///
@@ -506,6 +533,21 @@ mod tests {
             task_done,
             "the polling task holds its state after the spinner is dropped"
         );
+    }
+
+    #[test]
+    fn busy_polling_takes_one_thread_and_a_bounded_window() {
+        assert_eq!(busy_poll_threads(None, None), Ok((None, 2)));
+        assert_eq!(busy_poll_threads(None, Some(4)), Ok((None, 4)));
+        // 0 is off, whatever the workers.
+        assert_eq!(busy_poll_threads(Some(0), Some(3)), Ok((None, 3)));
+        assert_eq!(busy_poll_threads(Some(200), None), Ok((Some(200), 1)));
+        assert_eq!(busy_poll_threads(Some(200), Some(1)), Ok((Some(200), 1)));
+        assert_eq!(busy_poll_threads(Some(10_000), None), Ok((Some(10_000), 1)));
+        let e = busy_poll_threads(Some(200), Some(2)).unwrap_err();
+        assert!(e.contains("--workers 2"), "{e}");
+        let e = busy_poll_threads(Some(10_001), None).unwrap_err();
+        assert!(e.contains("at most 10000 us"), "{e}");
     }
 
     #[tokio::test(flavor = "current_thread")]
