@@ -99,7 +99,9 @@ pub struct Limits {
     /// finishes, keep polling the sockets for this long before the runtime may sleep.
     /// Where waking an idle CPU is slow (virtual machines whose idle vCPUs halt), this
     /// takes that wake-up off the gateway's two hops, at the price of up to this much
-    /// CPU time after each request while traffic is sparse (none while idle). See
+    /// CPU time after each request while traffic is sparse (none while idle). It needs
+    /// a single-threaded runtime (`serve` leaves it off, with a warning, on a
+    /// multi-threaded one) and is taken as at most `server::MAX_BUSY_POLL` (10 ms). See
     /// `docs/gateway.md`.
     pub busy_poll: Option<Duration>,
 }
