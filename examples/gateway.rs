@@ -65,7 +65,7 @@ struct Options {
     keys: Option<String>,
     serve_for: Option<Duration>,
     self_check: bool,
-    /// As given; the default (2, or 1 with busy polling) is settled in `main`.
+    /// As given; the default (2, or 1 with busy polling) is settled by `threads`.
     workers: Option<usize>,
     busy_poll_us: Option<u64>,
 }
@@ -223,7 +223,7 @@ fn threads(o: &Options) -> Result<(Option<u64>, usize), String> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut opts = match options() {
+    let opts = match options() {
         Ok(o) => o,
         Err(e) => {
             if !e.is_empty() {
@@ -240,8 +240,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::process::exit(2);
         }
     };
-    opts.busy_poll_us = busy;
-    opts.workers = Some(workers);
     let runtime = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -252,10 +250,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .enable_all()
             .build()?
     };
-    runtime.block_on(run(opts))
+    runtime.block_on(run(opts, busy))
 }
 
-async fn run(opts: Options) -> Result<(), Box<dyn std::error::Error>> {
+/// Serves as `opts` say, busy polling for `busy_us` microseconds after each request
+/// if set (as settled by `threads`).
+async fn run(opts: Options, busy_us: Option<u64>) -> Result<(), Box<dyn std::error::Error>> {
     gateway::init_logging();
 
     let (plan, file) = match plan(&opts) {
@@ -281,7 +281,7 @@ async fn run(opts: Options) -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let limits = Limits {
-        busy_poll: opts.busy_poll_us.map(Duration::from_micros),
+        busy_poll: busy_us.map(Duration::from_micros),
         ..Limits::default()
     };
     let busy_said = match limits.busy_poll {
